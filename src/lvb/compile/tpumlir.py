@@ -1,0 +1,65 @@
+"""One ONNX net to one bmodel with tpu-mlir's model_transform.py and model_deploy.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lvb.toolchain import Toolchain
+
+CHIPS = ("bm1684x",)
+# --quantize values of model_deploy.py, by lvb's names.
+QUANTIZE = {"int4": "W4BF16", "int8": "W8BF16", "bf16": "BF16"}
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    quantize: str  # a key of QUANTIZE
+    chip: str = "bm1684x"
+    group_size: int = 64  # only for int4 / int8
+    # Extra model_deploy.py flags, e.g. ("--disable_layer_group",) where the
+    # default layer grouping miscompiles a net on this chip.
+    extra: tuple[str, ...] = ()
+
+    def args(self) -> list[str]:
+        args = ["--quantize", QUANTIZE[self.quantize], "--chip", self.chip]
+        if self.quantize in ("int4", "int8"):
+            args += ["--q_group_size", str(self.group_size)]
+        return args + list(self.extra)
+
+
+def shapes_arg(shapes: list[tuple[int, ...]]) -> str:
+    return "[" + ",".join("[" + ",".join(str(d) for d in s) + "]" for s in shapes) + "]"
+
+
+def transform(toolchain: Toolchain, onnx_path: Path, work: Path, name: str, input_shapes, log: Path) -> Path:
+    """ONNX -> top-level MLIR (quantization-independent, so cached apart from deploy)."""
+    mlir = work / f"{name}.mlir"
+    toolchain.run(
+        [str(toolchain.tool("model_transform.py")), "--model_name", name, "--model_def", str(onnx_path.resolve()),
+         "--input_shapes", shapes_arg(input_shapes), "--mlir", mlir.name],
+        cwd=work,
+        log=log,
+    )
+    return mlir
+
+
+def deploy(toolchain: Toolchain, mlir: Path, work: Path, bmodel_name: str, options: DeployOptions, log: Path) -> Path:
+    """Top-level MLIR -> bmodel for one quantization."""
+    bmodel = work / bmodel_name
+    toolchain.run(
+        [str(toolchain.tool("model_deploy.py")), "--mlir", mlir.name, "--model", bmodel.name, *options.args()],
+        cwd=work,
+        log=log,
+    )
+    return bmodel
+
+
+def combine(toolchain: Toolchain, bmodels: list[Path], out: Path, log: Path) -> Path:
+    """Join nets into one bmodel; nets with identical weights share them."""
+    toolchain.run(
+        [str(toolchain.tool("model_tool")), "--combine", *map(str, bmodels), "-o", str(out)],
+        cwd=out.parent,
+        log=log,
+    )
+    return out

@@ -1,0 +1,101 @@
+"""The BM1684X simulator (cmodel) as an Engine: a worker process in tpu-mlir's
+Python loads the bmodel once through pyruntime_bm and runs its nets on request."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+import lvb
+from lvb.runtime.engine import Engine, EngineError, NetInfo, Resident, TensorInfo
+from lvb.runtime.wire import receive, send
+from lvb.toolchain import Toolchain, find_toolchain
+
+_DTYPES = {"f32": "float32", "i32": "int32", "bf16": "float32", "f16": "float32", "u16": "uint16", "i8": "int8",
+           "u8": "uint8", "u32": "uint32", "i16": "int16"}
+
+
+class CmodelEngine(Engine):
+    backend = "cmodel"
+
+    def __init__(self, bmodel: str | Path, toolchain: Toolchain | None = None):
+        bmodel = Path(bmodel)
+        if not bmodel.is_file():
+            raise EngineError(f"{bmodel}: no such bmodel; run `lvb compile` first")
+        toolchain = toolchain or find_toolchain()
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            [*map(str, toolchain.library_dirs), env.get("LD_LIBRARY_PATH", "")]
+        )
+        # The worker imports lvb's lean modules from this checkout, whatever is installed there.
+        package_parent = str(Path(lvb.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join([package_parent, env.get("PYTHONPATH", "")])
+        env["PATH"] = os.pathsep.join([str(toolchain.bin_dir), env.get("PATH", "")])
+        env.setdefault("OMP_NUM_THREADS", "1")
+        self._log = tempfile.NamedTemporaryFile(prefix="lvb-cmodel-", suffix=".log", delete=False)
+        self._process = subprocess.Popen(
+            [str(toolchain.python), "-m", "lvb.runtime.cmodel_worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+        )
+        info = self._call({"op": "load", "bmodel": str(bmodel.resolve())})
+        self._nets = {
+            name: NetInfo(
+                name,
+                tuple(TensorInfo(t["name"], tuple(t["shape"]), _DTYPES.get(t["dtype"], t["dtype"])) for t in net["inputs"]),
+                tuple(TensorInfo(t["name"], tuple(t["shape"]), _DTYPES.get(t["dtype"], t["dtype"])) for t in net["outputs"]),
+            )
+            for name, net in info.items()
+        }
+
+    def _log_tail(self, lines: int = 12) -> str:
+        try:
+            return "\n".join(Path(self._log.name).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def _call(self, request: dict):
+        try:
+            send(self._process.stdin, request)
+            reply = receive(self._process.stdout)
+        except (BrokenPipeError, EOFError, OSError) as e:
+            raise EngineError(f"the simulator worker died ({e}); its log {self._log.name} ends:\n{self._log_tail()}") from e
+        if not reply["ok"]:
+            raise EngineError(f"simulator: {reply['error']}")
+        return reply["result"]
+
+    @property
+    def nets(self) -> dict[str, NetInfo]:
+        return self._nets
+
+    def allocate(self, buffer: str, shape, dtype: str = "float32") -> None:
+        self._call({"op": "allocate", "buffer": buffer, "shape": list(shape), "dtype": dtype})
+
+    def read(self, buffer: str) -> np.ndarray:
+        return self._call({"op": "read", "buffer": buffer})
+
+    def run(self, net: str, feeds: Mapping[str, np.ndarray | Resident], store: Mapping[int, Resident] | None = None):
+        if net not in self._nets:
+            raise EngineError(f"the bmodel has no net {net!r}; it has {', '.join(sorted(self._nets))}")
+        wire_feeds = {
+            name: vars(value) if isinstance(value, Resident) else np.asarray(value) for name, value in feeds.items()
+        }
+        wire_store = {str(index): vars(target) for index, target in (store or {}).items()}
+        return self._call({"op": "run", "net": net, "feeds": wire_feeds, "store": wire_store})
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            try:
+                self._call({"op": "close"})
+                self._process.wait(timeout=30)
+            except (EngineError, subprocess.TimeoutExpired):
+                self._process.kill()
+        self._log.close()
+        os.unlink(self._log.name)

@@ -1,0 +1,126 @@
+"""One interface over the three places a net can run: the BM1684X (sail), its
+simulator (cmodel) and onnxruntime on the CPU.
+
+Nets are addressed by name; inputs by name; outputs by position (a bmodel
+renames its outputs after the last op that made them, so only the order is
+stable). Buffers that stay on the backend between calls, the KV caches and
+hidden states, are named *resident* buffers: a feed may be a `Resident`
+instead of an array, and an output may be stored into one instead of
+coming back, so a device backend never copies the cache to the host.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class EngineError(RuntimeError):
+    """A backend that cannot load or run; the message names the net or file."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, d: dict) -> TensorInfo:
+        return cls(d["name"], tuple(d["shape"]), d["dtype"])
+
+
+@dataclass(frozen=True)
+class NetInfo:
+    name: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A buffer that lives in the engine. As a feed: rows [start, start+count) of
+    axis 1 (all rows when count is None). As a store target: where an output's
+    first `count` rows along axis 1 are written."""
+
+    buffer: str
+    start: int = 0
+    count: int | None = None
+
+
+class Engine(ABC):
+    backend: str
+
+    @property
+    @abstractmethod
+    def nets(self) -> dict[str, NetInfo]: ...
+
+    @abstractmethod
+    def allocate(self, buffer: str, shape: tuple[int, ...], dtype: str = "float32") -> None:
+        """Create (or reset to zeros) a resident buffer."""
+
+    @abstractmethod
+    def read(self, buffer: str) -> np.ndarray: ...
+
+    @abstractmethod
+    def run(
+        self,
+        net: str,
+        feeds: Mapping[str, np.ndarray | Resident],
+        store: Mapping[int, Resident] | None = None,
+    ) -> list[np.ndarray | None]:
+        """Run one net; outputs in order, None for those written to a resident buffer."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class HostBuffers:
+    """Resident buffers kept as numpy arrays, for the backends that run on the host
+    (onnxruntime, and the simulator's worker process)."""
+
+    def __init__(self):
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def allocate(self, buffer: str, shape, dtype: str = "float32") -> None:
+        self.buffers[buffer] = np.zeros(tuple(shape), dtype=dtype)
+
+    def read(self, buffer: str) -> np.ndarray:
+        return self.buffers[buffer].copy()
+
+    def resolve(self, value) -> np.ndarray:
+        if not isinstance(value, Resident):
+            return value
+        data = self.buffers[value.buffer]
+        if value.start == 0 and value.count is None:
+            return data
+        stop = data.shape[1] if value.count is None else value.start + value.count
+        return data[:, value.start : stop]
+
+    def store(self, output: np.ndarray, target: Resident) -> None:
+        data = self.buffers[target.buffer]
+        count = output.shape[1] if target.count is None else target.count
+        data[:, target.start : target.start + count] = output[:, :count].astype(data.dtype, copy=False)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(a @ b / (na * nb))

@@ -1,0 +1,74 @@
+"""onnxruntime on the CPU as an Engine, over the exported ONNX nets."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from lvb.runtime.engine import Engine, EngineError, HostBuffers, NetInfo, Resident, TensorInfo
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(int32)": "int32", "tensor(int64)": "int64"}
+
+
+class OnnxEngine(Engine):
+    backend = "onnxruntime"
+
+    def __init__(self, files: Mapping[str, str | Path], threads: int | None = None):
+        try:
+            import onnxruntime
+        except ImportError as e:
+            raise EngineError("the onnxruntime backend needs onnxruntime: pip install onnxruntime") from e
+        self._ort = onnxruntime
+        self._files = {name: Path(path) for name, path in files.items()}
+        missing = [str(p) for p in self._files.values() if not p.is_file()]
+        if missing:
+            raise EngineError(f"missing ONNX files: {', '.join(missing)}; run `lvb export` again")
+        self._threads = threads
+        self._sessions = {}
+        self._buffers = HostBuffers()
+        self._nets = {name: self._info(name) for name in self._files}
+
+    def _session(self, name: str):
+        if name not in self._sessions:
+            options = self._ort.SessionOptions()
+            if self._threads:
+                options.intra_op_num_threads = self._threads
+            options.log_severity_level = 3
+            self._sessions[name] = self._ort.InferenceSession(str(self._files[name]), options)
+        return self._sessions[name]
+
+    def _info(self, name: str) -> NetInfo:
+        session = self._session(name)
+
+        def describe(args):
+            return tuple(TensorInfo(a.name, tuple(a.shape), _ORT_TYPES.get(a.type, a.type)) for a in args)
+
+        return NetInfo(name, describe(session.get_inputs()), describe(session.get_outputs()))
+
+    @property
+    def nets(self) -> dict[str, NetInfo]:
+        return self._nets
+
+    def allocate(self, buffer: str, shape, dtype: str = "float32") -> None:
+        self._buffers.allocate(buffer, shape, dtype)
+
+    def read(self, buffer: str) -> np.ndarray:
+        return self._buffers.read(buffer)
+
+    def run(self, net: str, feeds: Mapping[str, np.ndarray | Resident], store: Mapping[int, Resident] | None = None):
+        if net not in self._nets:
+            raise EngineError(f"no ONNX net {net!r}; have {', '.join(sorted(self._nets))}")
+        info = self._nets[net]
+        inputs = {t.name: np.ascontiguousarray(self._buffers.resolve(feeds[t.name]), dtype=t.dtype) for t in info.inputs}
+        outputs = self._session(net).run(None, inputs)
+        result: list[np.ndarray | None] = []
+        for index, output in enumerate(outputs):
+            target = (store or {}).get(index)
+            if target is None:
+                result.append(output)
+            else:
+                self._buffers.store(output, target)
+                result.append(None)
+        return result

@@ -1,0 +1,56 @@
+"""The CLI through Typer's CliRunner, and doctor's real end-to-end toolchain check."""
+
+import stat
+
+from typer.testing import CliRunner
+
+import lvb
+from lvb.cli import app
+from lvb.toolchain import find_toolchain
+
+runner = CliRunner()
+
+
+def test_help_lists_the_stages():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "doctor" in result.output
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and lvb.__version__ in result.output
+
+
+def test_doctor_with_a_missing_toolchain_names_it(tmp_path):
+    missing = tmp_path / "no-such-toolchain"
+    result = runner.invoke(app, ["doctor", "--toolchain", str(missing)])
+    assert result.exit_code == 1
+    assert str(missing) in result.output and "model_transform.py" in result.output
+
+
+def executable(path, text):
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def test_doctor_with_a_broken_toolchain_names_the_tool(tmp_path):
+    """A toolchain whose model_transform.py fails: doctor reports that tool, exit 1."""
+    real = find_toolchain()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("model_deploy.py", "model_tool"):
+        (bin_dir / tool).symlink_to(real.tool(tool))
+    executable(bin_dir / "python", f'#!/bin/sh\nexec {real.python} "$@"\n')
+    executable(bin_dir / "model_transform.py", "#!/bin/sh\necho 'Segmentation fault' >&2\nexit 139\n")
+    result = runner.invoke(app, ["doctor", "--toolchain", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "model_transform.py failed" in result.output
+
+
+def test_doctor_proves_the_real_toolchain(monkeypatch):
+    """The real thing: compile W4BF16, run on the simulator, compare with onnxruntime."""
+    monkeypatch.delenv("LVB_TOOLCHAIN", raising=False)
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    assert "toolchain works" in result.output and "cosine 0.99" in result.output
