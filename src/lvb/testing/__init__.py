@@ -1,0 +1,1 @@
+"""Test checkpoints that lvb builds itself (no model hub is needed)."""
