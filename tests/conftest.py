@@ -23,3 +23,24 @@ def checkpoint_factory(tmp_path_factory):
 @pytest.fixture(params=sorted(GEOMETRIES))
 def checkpoint(request, checkpoint_factory):
     return checkpoint_factory(request.param)
+
+
+# Small enough for the simulator, long enough for a few turns with an image.
+SEQ, CHUNK = 160, 32
+
+
+@pytest.fixture(scope="session")
+def export_factory(tmp_path_factory, checkpoint_factory):
+    """name -> work directory holding that checkpoint's export (made once per session)."""
+    from lvb.export.exporter import export
+
+    done: dict[str, object] = {}
+
+    def make(name: str):
+        if name not in done:
+            work = tmp_path_factory.mktemp(f"work-{name}")
+            export(checkpoint_factory(name), work, seq=SEQ, chunk=CHUNK)
+            done[name] = work
+        return done[name]
+
+    return make

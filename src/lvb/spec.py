@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lvb.errors import LvbError
 
-class SpecError(ValueError):
+
+class SpecError(LvbError, ValueError):
     """A config that lvb cannot use; the message names the field and the fix."""
 
 

@@ -9,20 +9,28 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import lvb
+from lvb.errors import LvbError
 
 TOOLCHAIN_ENV = "LVB_TOOLCHAIN"
 TRANSFORM = "model_transform.py"
 SETUP_HINT = "run `make setup`, or point --toolchain / LVB_TOOLCHAIN at a tpu-mlir environment"
 
 
-class ToolchainError(RuntimeError):
+# Tools running right now, so that a failed or interrupted compile can stop them all.
+_LIVE: set[subprocess.Popen] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+class ToolchainError(LvbError, RuntimeError):
     """The toolchain is missing, broken or failed; the message says what to do."""
 
 
@@ -101,9 +109,26 @@ class Toolchain:
         with open(log, "a") as out:
             out.write(f"$ {' '.join(args)}\n")
             out.flush()
-            code = subprocess.run(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=self.env()).returncode
+            # Its own process group: the tools start helpers of their own, and kill_all must reach them.
+            process = subprocess.Popen(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True)
+            with _LIVE_LOCK:
+                _LIVE.add(process)
+            try:
+                code = process.wait()
+            finally:
+                with _LIVE_LOCK:
+                    _LIVE.discard(process)
         if code != 0:
             raise ToolFailed(Path(args[0]).name, code, log)
+
+    @staticmethod
+    def kill_all() -> None:
+        with _LIVE_LOCK:
+            for process in _LIVE:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
 
 class ToolFailed(ToolchainError):

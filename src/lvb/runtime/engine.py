@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lvb.errors import LvbError
 
-class EngineError(RuntimeError):
+
+class EngineError(LvbError, RuntimeError):
     """A backend that cannot load or run; the message names the net or file."""
 
 

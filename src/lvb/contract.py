@@ -1,0 +1,123 @@
+"""The nets: names, inputs, outputs, shapes and dtypes. The single source of truth
+for the exporter, the compiler, the runtime and the checks.
+
+Shapes use S = the compiled sequence (KV-cache slots), C = the prefill chunk,
+D = text hidden size, KV = key/value heads, d = head dim, V = vision tokens
+of one image (tiles x patches per tile), T = max tiles, I = tile side.
+
+Prefill is chunked: `block_{i}` takes C new tokens against the whole cache
+(S slots, masked to the filled ones), so the first prompt and every later
+turn use the same nets, and a short turn costs C tokens, not S.
+`block_cache_{i}` is the same computation for one token. Cross-attention
+K/V stay at KV heads; the nets repeat them to the query heads inside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from lvb.runtime.engine import TensorInfo
+from lvb.spec import ModelSpec
+
+# Added to attention scores that must be ignored. Large enough that exp()
+# underflows to 0 in fp32 and bf16, finite so that bf16 hardware and
+# tpu-mlir's comparisons stay clear of infinities.
+MASK_VALUE = -10000.0
+
+
+class Kind(str, Enum):
+    VISION = "vision"
+    EMBED = "embed"
+    EMBED_CACHE = "embed_cache"
+    SELF_PREFILL = "self_prefill"
+    SELF_DECODE = "self_decode"
+    CROSS_PREFILL = "cross_prefill"
+    CROSS_DECODE = "cross_decode"
+    LM_HEAD = "lm_head"
+    GREEDY_HEAD = "greedy_head"
+
+    @property
+    def is_block(self) -> bool:
+        return self in (Kind.SELF_PREFILL, Kind.SELF_DECODE, Kind.CROSS_PREFILL, Kind.CROSS_DECODE)
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    name: str
+    kind: Kind
+    layer: int | None
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "kind": self.kind.value,
+            "layer": self.layer,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+        }
+
+
+def _t(name: str, *shape: int, dtype: str = "float32") -> TensorInfo:
+    return TensorInfo(name, tuple(shape), dtype)
+
+
+def block_name(layer: int, decode: bool) -> str:
+    return f"block_cache_{layer}" if decode else f"block_{layer}"
+
+
+def plan(spec: ModelSpec, seq: int, chunk: int) -> list[NetSpec]:
+    """Every net of a model compiled for `seq` cache slots and `chunk`-token prefill."""
+    if not 1 <= chunk <= seq:
+        raise ValueError(f"chunk {chunk} must be between 1 and seq {seq}")
+    t, v = spec.text, spec.vision
+    D, KV, d, V, T, I = t.hidden_size, t.num_kv_heads, t.head_dim, v.tokens_per_image, v.max_num_tiles, v.image_size
+    S = seq
+    nets = [
+        NetSpec(
+            "vision",
+            Kind.VISION,
+            None,
+            (
+                _t("pixel_values", 1, 1, T, v.num_channels, I, I),
+                _t("aspect_ratio_ids", 1, 1, dtype="int32"),
+                _t("aspect_ratio_mask", 1, 1, T, dtype="int32"),
+            ),
+            (_t("cross_states", 1, V, D),),
+        ),
+        NetSpec("embed", Kind.EMBED, None, (_t("input_ids", 1, chunk, dtype="int32"),), (_t("hidden_states", 1, chunk, D),)),
+        NetSpec("embed_cache", Kind.EMBED_CACHE, None, (_t("input_ids", 1, 1, dtype="int32"),), (_t("hidden_states", 1, 1, D),)),
+    ]
+    for layer in range(t.num_layers):
+        for decode in (False, True):
+            C = 1 if decode else chunk
+            if t.is_cross(layer):
+                kind = Kind.CROSS_DECODE if decode else Kind.CROSS_PREFILL
+                image = (_t("cross_k", 1, V, KV, d), _t("cross_v", 1, V, KV, d)) if decode else (_t("cross_states", 1, V, D),)
+                inputs = (
+                    _t("hidden_states", 1, C, D),
+                    *image,
+                    _t("cross_attention_mask", 1, 1, C, V),
+                    _t("text_row_mask", 1, 1, C, 1),
+                )
+                outputs = (_t("hidden_states", 1, C, D),) + (
+                    () if decode else (_t("cross_k", 1, V, KV, d), _t("cross_v", 1, V, KV, d))
+                )
+            else:
+                kind = Kind.SELF_DECODE if decode else Kind.SELF_PREFILL
+                inputs = (
+                    _t("hidden_states", 1, C, D),
+                    _t("position_ids", 1, C, dtype="int32"),
+                    _t("attention_mask", 1, 1, C, S + C),
+                    _t("past_k", 1, S, KV, d),
+                    _t("past_v", 1, S, KV, d),
+                )
+                outputs = (_t("hidden_states", 1, C, D), _t("k", 1, C, KV, d), _t("v", 1, C, KV, d))
+            nets.append(NetSpec(block_name(layer, decode), kind, layer, inputs, outputs))
+    nets += [
+        NetSpec("lm_head", Kind.LM_HEAD, None, (_t("hidden_states", 1, 1, D),), (_t("logits", 1, t.vocab_size),)),
+        NetSpec("greedy_head", Kind.GREEDY_HEAD, None, (_t("logits", 1, t.vocab_size),), (_t("token", 1, 1, dtype="int32"),)),
+    ]
+    return nets

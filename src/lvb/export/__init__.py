@@ -1,0 +1,1 @@
+"""ONNX export of every part, streamed one layer at a time."""

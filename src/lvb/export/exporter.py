@@ -1,0 +1,262 @@
+"""`lvb export`: every net of the contract to ONNX, one layer's weights at a time,
+each checked against PyTorch on the spot.
+
+Layout of the work directory:
+
+    export/manifest.json      what was exported, from what, with which settings
+    export/<net>/<net>.onnx   the net (plus external weight files if > 2 GB)
+    export/<net>/check.npz    the inputs it was checked on and onnxruntime's outputs
+
+A net folder appears (by rename) only after its check passed, and the
+manifest names it only after that, so an interrupted export never leaves a
+net that a later run would trust. A net whose weights, settings and tool
+versions are unchanged is not exported again.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+import lvb
+from lvb.contract import Kind, NetSpec, plan
+from lvb.errors import LvbError
+from lvb.export.weights import CheckpointWeights
+from lvb.runtime.engine import cosine
+from lvb.spec import ModelSpec
+
+OPSET = 17  # tpu-mlir rejects the opset-18 graphs of the dynamo exporter
+MANIFEST_VERSION = 1
+
+
+class ExportError(LvbError, RuntimeError):
+    """An export that cannot go on; the message names the net or setting."""
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    seq: int
+    chunk: int
+
+    def to_json(self) -> dict:
+        return {"seq": self.seq, "chunk": self.chunk, "opset": OPSET}
+
+
+def exporter_versions() -> dict[str, str]:
+    return {name: metadata.version(name) for name in ("torch", "transformers", "onnx", "onnxruntime")} | {
+        "lvb": lvb.__version__
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def load_manifest(work: Path) -> dict:
+    path = work / "export" / "manifest.json"
+    if not path.is_file():
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    return manifest if manifest.get("version") == MANIFEST_VERSION else {}
+
+
+def net_key(net: NetSpec, versions: dict, weights_digest: str) -> str:
+    """What an exported net depends on: its shapes (so seq and chunk only where they matter),
+    the tools, the patches and its weights' content."""
+    from lvb.patches import PATCHES
+
+    payload = json.dumps([net.to_json(), OPSET, versions, weights_digest, [p.attribute for p in PATCHES]], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def compare(reference: list[np.ndarray], got: list[np.ndarray]) -> dict:
+    """Worst cosine and largest error over a net's outputs, relative to the reference's scale."""
+    cosines, errors, relative = [], [], []
+    for ref, out in zip(reference, got):
+        ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+        cosines.append(cosine(out, ref))
+        error = float(np.max(np.abs(out - ref))) if ref.size else 0.0
+        errors.append(error)
+        relative.append(error / max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0))
+    return {"cosine": min(cosines), "max_abs_err": max(errors), "max_rel_err": max(relative)}
+
+
+def minimum_sequence(model_dir: Path) -> int:
+    """Tokens of the shortest useful chat: an image and a one-word question, plus one to answer."""
+    from lvb.runtime.text import ChatTemplate, Tokenizer
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    prompt = ChatTemplate.from_dir(model_dir).render(messages, add_generation_prompt=True)
+    return len(Tokenizer.from_dir(model_dir).encode_prompt(prompt)) + 1
+
+
+def _export_onnx(module, net: NetSpec, inputs: dict[str, np.ndarray], path: Path) -> None:
+    import torch
+
+    args = tuple(torch.from_numpy(inputs[t.name]) for t in net.inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer chatter about shapes that are constant here by design
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=[t.name for t in net.inputs],
+            output_names=[f"out_{t.name}" for t in net.outputs],
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+
+
+def _run_torch(module, net: NetSpec, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        outputs = module(*(torch.from_numpy(inputs[t.name]) for t in net.inputs))
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    return [o.numpy() for o in outputs]
+
+
+def _run_onnxruntime(path: Path, net: NetSpec, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(str(path), options)
+    return session.run(None, {t.name: inputs[t.name] for t in net.inputs})
+
+
+class Exporter:
+    def __init__(self, model_dir: Path, work: Path, settings: ExportSettings):
+        self.model_dir, self.work, self.settings = Path(model_dir), Path(work), settings
+        self.spec = ModelSpec.from_dir(self.model_dir)
+        needed = minimum_sequence(self.model_dir)
+        if settings.seq < needed:
+            raise ExportError(
+                f"--seq {settings.seq} is too short: an image and a one-word question already take "
+                f"{needed - 1} tokens, plus one to answer; use --seq {needed} or more (512 is typical)"
+            )
+        if not 1 <= settings.chunk <= settings.seq:
+            raise ExportError(f"--chunk {settings.chunk} must be between 1 and --seq {settings.seq}")
+        self.out = self.work / "export"
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.manifest = load_manifest(self.work)
+        self.weights = CheckpointWeights(self.model_dir, self.manifest.get("weight_digests", {}))
+        self.versions = exporter_versions()
+        self.nets = plan(self.spec, settings.seq, settings.chunk)
+        self.manifest.update(
+            version=MANIFEST_VERSION,
+            model={"dir": str(self.model_dir.resolve()), "name": self.model_dir.resolve().name},
+            settings=settings.to_json(),
+            versions=self.versions,
+            weight_digests=self.weights.digest_cache,
+        )
+        previous = self.manifest.get("nets", {})
+        self.manifest["nets"] = {name: entry for name, entry in previous.items() if name in {n.name for n in self.nets}}
+
+    def _save_manifest(self) -> None:
+        _write_json(self.out / "manifest.json", self.manifest)
+
+    def _config(self):
+        from transformers import MllamaConfig
+
+        config = MllamaConfig.from_pretrained(self.model_dir)
+        for sub in (config, config.text_config, config.vision_config):
+            sub._attn_implementation = "eager"  # one plain graph; sdpa does not export to opset 17 cleanly
+        return config
+
+    def _is_current(self, net: NetSpec, key: str) -> bool:
+        entry = self.manifest["nets"].get(net.name)
+        return bool(entry) and entry["key"] == key and (self.out / entry["file"]).is_file()
+
+    def run(self, progress: Callable[[str, int, int], None] | None = None) -> dict:
+        from lvb.export.parts import PARTS
+        from lvb.patches import patched
+
+        keys = {
+            net.name: net_key(
+                net, self.versions,
+                hashlib.sha256("".join(self.weights.digest(p) for p in PARTS[net.kind].weight_prefixes(net, self.spec)).encode()).hexdigest(),
+            )
+            for net in self.nets
+        }
+        todo = [net for net in self.nets if not self._is_current(net, keys[net.name])]
+        for net in todo:  # forget stale entries first: the manifest never names a net being replaced
+            self.manifest["nets"].pop(net.name, None)
+        self._save_manifest()
+        config = self._config() if todo else None
+        done = len(self.nets) - len(todo)
+        # Nets of one layer share their weights: build the module once for both.
+        groups: dict[tuple, list[NetSpec]] = {}
+        for net in todo:
+            same_module = net.kind in (Kind.SELF_PREFILL, Kind.SELF_DECODE, Kind.EMBED, Kind.EMBED_CACHE)
+            groups.setdefault((net.layer, net.kind.is_block, same_module) if same_module else (net.name,), []).append(net)
+        with patched():
+            for nets in groups.values():
+                started = time.perf_counter()
+                part = PARTS[nets[0].kind]
+                module = part.build(nets[0], config, self.weights)
+                build_seconds = time.perf_counter() - started
+                for net in nets:
+                    if progress:
+                        progress(net.name, done, len(self.nets))
+                    if net is not nets[0] and net.kind in (Kind.CROSS_PREFILL, Kind.CROSS_DECODE):
+                        module = part.build(net, config, self.weights)
+                    self._export_one(net, module, part, keys[net.name], build_seconds / len(nets))
+                    done += 1
+                del module
+                gc.collect()
+        if progress:
+            progress("", done, len(self.nets))
+        return self.manifest
+
+    def _export_one(self, net: NetSpec, module, part, key: str, build_seconds: float) -> None:
+        started = time.perf_counter()
+        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(net.name.encode()).digest()[:4], "little"))
+        inputs = part.dummy_inputs(net, self.spec, rng)
+        final = self.out / net.name
+        tmp = self.out / f".{net.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        onnx_path = tmp / f"{net.name}.onnx"
+        expected = _run_torch(module, net, inputs)
+        _export_onnx(module, net, inputs, onnx_path)
+        got = _run_onnxruntime(onnx_path, net, inputs)
+        check = compare(expected, got)
+        if check["cosine"] < part.min_cosine or check["max_rel_err"] > part.max_relative_error:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ExportError(
+                f"{net.name}: onnxruntime disagrees with PyTorch (cosine {check['cosine']:.6f}, max error "
+                f"{check['max_abs_err']:.3g}; need cosine >= {part.min_cosine} and relative error <= {part.max_relative_error})"
+            )
+        np.savez(tmp / "check.npz", **{f"in.{k}": v for k, v in inputs.items()}, **{f"out.{i}": v for i, v in enumerate(got)})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        self.manifest["nets"][net.name] = net.to_json() | {
+            "file": f"{net.name}/{net.name}.onnx",
+            "key": key,
+            "check": check,
+            "seconds": round(time.perf_counter() - started + build_seconds, 3),
+        }
+        self._save_manifest()
+
+
+def export(model_dir: Path, work: Path, seq: int, chunk: int | None = None, progress=None) -> dict:
+    settings = ExportSettings(seq=seq, chunk=min(seq, chunk or 128))
+    return Exporter(model_dir, work, settings).run(progress)

@@ -1,0 +1,150 @@
+"""Streaming access to a checkpoint's safetensors: one part's tensors at a time.
+
+The files are memory-mapped and only the tensors a part asks for are read,
+so exporting never holds the whole model. Each tensor also has a content
+digest (of its raw bytes), cached per file state, so that an unchanged part
+is recognised without being exported again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from lvb.errors import LvbError
+
+# The same tensors are named differently by Meta's checkpoints / transformers 4
+# (left, which is what lvb uses) and by transformers 5's in-memory layout (right).
+NAME_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("vision_model.", "model.vision_model."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+)
+
+
+class WeightsError(LvbError, ValueError):
+    """Missing, truncated or incomplete weights; the message names the file."""
+
+
+def canonical(name: str) -> str:
+    for ours, theirs in NAME_PREFIXES:
+        if name.startswith(theirs):
+            return ours + name[len(theirs) :]
+    return name
+
+
+class _File:
+    """One safetensors file: its header, checked against its size."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                (header_size,) = struct.unpack("<Q", f.read(8))
+                if header_size > size - 8:
+                    raise ValueError
+                header = json.loads(f.read(header_size))
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            raise WeightsError(f"{path} is not a readable safetensors file; download it again") from e
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_size
+        self.tensors = header
+        end = max((t["data_offsets"][1] for t in header.values()), default=0)
+        if self.data_start + end > size:
+            raise WeightsError(
+                f"{path} is truncated ({size} bytes, its header needs {self.data_start + end}); download it again"
+            )
+        self.stat = [size, path.stat().st_mtime_ns]
+
+    def digests(self) -> dict[str, str]:
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            result = {}
+            for name, meta in self.tensors.items():
+                begin, end = meta["data_offsets"]
+                digest = hashlib.blake2b(digest_size=16)
+                digest.update(f"{meta['dtype']}{meta['shape']}".encode())
+                digest.update(memoryview(data)[self.data_start + begin : self.data_start + end])
+                result[name] = digest.hexdigest()
+            return result
+
+
+class CheckpointWeights:
+    def __init__(self, model_dir: str | Path, digest_cache: dict | None = None):
+        model_dir = Path(model_dir)
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise WeightsError(f"{index} is not a safetensors index; download it again") from e
+            files = sorted(set(weight_map.values()))
+        elif (model_dir / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise WeightsError(f"{model_dir} has no model.safetensors or model.safetensors.index.json; lvb reads safetensors checkpoints")
+        self.files: dict[str, _File] = {}
+        self.location: dict[str, str] = {}  # canonical tensor name -> file name
+        for name in files:
+            path = model_dir / name
+            if not path.is_file():
+                raise WeightsError(f"{path} is missing (listed in the index); download it again")
+            self.files[name] = _File(path)
+            for tensor in self.files[name].tensors:
+                self.location[canonical(tensor)] = name
+        self._raw_names = {canonical(t): t for f in self.files.values() for t in f.tensors}
+        # {file: {"stat": [size, mtime_ns], "tensors": {raw name: digest}}}, kept in the export manifest
+        self.digest_cache = digest_cache if digest_cache is not None else {}
+
+    def names(self, prefix: str) -> list[str]:
+        return sorted(n for n in self.location if n.startswith(prefix))
+
+    def shape(self, name: str) -> list[int]:
+        return self.files[self.location[name]].tensors[self._raw_names[name]]["shape"]
+
+    def load(self, prefix: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Every tensor under `prefix`, with the prefix removed, read from the mapped files."""
+        names = self.names(prefix)
+        if not names:
+            raise WeightsError(f"the checkpoint has no tensors under {prefix!r}; is it a complete mllama checkpoint?")
+        result = {}
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.location[name], []).append(name)
+        for file_name, file_names in by_file.items():
+            with safe_open(self.files[file_name].path, framework="pt") as f:
+                for name in file_names:
+                    result[name[len(prefix) :]] = f.get_tensor(self._raw_names[name]).to(dtype)
+        return result
+
+    def digest(self, prefix: str) -> str:
+        """A content digest of every tensor under `prefix`."""
+        combined = hashlib.blake2b(digest_size=16)
+        for name in self.names(prefix):
+            file_name = self.location[name]
+            cached = self.digest_cache.get(file_name)
+            stat = self.files[file_name].stat
+            if not cached or cached["stat"] != stat:
+                cached = self.digest_cache[file_name] = {"stat": stat, "tensors": self.files[file_name].digests()}
+            combined.update(name.encode() + cached["tensors"][self._raw_names[name]].encode())
+        return combined.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def replace_atomically(tmp: Path, final: Path) -> None:
+    os.replace(tmp, final)

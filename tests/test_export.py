@@ -1,0 +1,194 @@
+"""`lvb export`: every net, checked against PyTorch, streamed, cached, and safe to interrupt."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import CHUNK, SEQ
+from lvb.cli import app
+from lvb.contract import plan
+from lvb.export import exporter
+from lvb.export.exporter import export
+from lvb.export.weights import CheckpointWeights
+from lvb.spec import ModelSpec
+from lvb.testing.checkpoints import GEOMETRIES
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_every_net_is_exported_and_matches_pytorch(name, export_factory, checkpoint_factory):
+    work = export_factory(name)
+    manifest = json.loads((work / "export" / "manifest.json").read_text())
+    spec = ModelSpec.from_dir(checkpoint_factory(name))
+    expected = plan(spec, SEQ, CHUNK)
+    assert list(manifest["nets"]) == [n.name for n in expected]
+    for net in expected:
+        entry = manifest["nets"][net.name]
+        assert entry["kind"] == net.kind.value and entry["layer"] == net.layer
+        assert entry["inputs"] == [t.to_json() for t in net.inputs]
+        assert entry["outputs"] == [t.to_json() for t in net.outputs]
+        assert (work / "export" / entry["file"]).is_file()
+        assert entry["check"]["cosine"] >= 0.99999, net.name
+    # Cross-attention K/V stay at the KV heads, never repeated to the query heads.
+    for layer in spec.text.cross_attention_layers:
+        cross_k = manifest["nets"][f"block_{layer}"]["outputs"][1]
+        assert cross_k["shape"] == [1, spec.vision.tokens_per_image, spec.text.num_kv_heads, spec.text.head_dim]
+
+
+def test_check_catches_a_wrong_export(checkpoint_factory, tmp_path, monkeypatch):
+    """The on-the-spot check is real: an ONNX file that computes something else stops the export, naming the net."""
+    real_export = exporter._export_onnx
+
+    def broken(module, net, inputs, path):
+        real_export(module, net, inputs, path)
+        if net.name == "block_cache_0":
+            import onnx
+
+            model = onnx.load(path)
+            for init in model.graph.initializer:  # perturb the weights after export
+                if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2:
+                    array = onnx.numpy_helper.to_array(init) * 1.5
+                    init.CopyFrom(onnx.numpy_helper.from_array(array, init.name))
+            onnx.save(model, path)
+
+    monkeypatch.setattr(exporter, "_export_onnx", broken)
+    with pytest.raises(exporter.ExportError, match="block_cache_0: onnxruntime disagrees"):
+        export(checkpoint_factory("mha-cross-first"), tmp_path, seq=SEQ, chunk=CHUNK)
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert "block_cache_0" not in manifest["nets"] and not (tmp_path / "export" / "block_cache_0").exists()
+
+
+def test_unchanged_nets_are_not_exported_again(checkpoint_factory, tmp_path, monkeypatch):
+    model = checkpoint_factory("gqa2-cross-last")
+    export(model, tmp_path, seq=SEQ, chunk=CHUNK)
+    calls = []
+    monkeypatch.setattr(exporter, "_export_onnx", lambda *a: calls.append(a[1].name))
+    export(model, tmp_path, seq=SEQ, chunk=CHUNK)
+    assert calls == []
+    # Another chunk size changes the chunked nets and nothing else.
+    monkeypatch.undo()
+    before = json.loads((tmp_path / "export" / "manifest.json").read_text())["nets"]
+    export(model, tmp_path, seq=SEQ, chunk=CHUNK // 2)
+    after = json.loads((tmp_path / "export" / "manifest.json").read_text())["nets"]
+    changed = {n for n in after if after[n]["key"] != before[n]["key"]}
+    assert changed == {"embed"} | {f"block_{i}" for i in range(4)}
+
+
+def test_interrupted_export_leaves_only_finished_nets(checkpoint_factory, tmp_path, monkeypatch):
+    model = checkpoint_factory("mha-cross-first")
+    real = exporter.Exporter._export_one
+    finished = []
+
+    def dies_on_the_fourth(self, net, *args):
+        if len(finished) == 3:
+            raise KeyboardInterrupt
+        real(self, net, *args)
+        finished.append(net.name)
+
+    monkeypatch.setattr(exporter.Exporter, "_export_one", dies_on_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        export(model, tmp_path, seq=SEQ, chunk=CHUNK)
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert list(manifest["nets"]) == finished
+    leftovers = [p.name for p in (tmp_path / "export").iterdir() if p.is_dir() and p.name not in finished]
+    assert all(name.startswith(".") for name in leftovers)  # temporaries only, never trusted
+    monkeypatch.undo()
+    exported = []
+    real_export = exporter._export_onnx
+    monkeypatch.setattr(exporter, "_export_onnx", lambda module, net, *a: (exported.append(net.name), real_export(module, net, *a)))
+    export(model, tmp_path, seq=SEQ, chunk=CHUNK)
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert set(exported) == set(manifest["nets"]) - set(finished)  # resumed, nothing done twice
+
+
+def test_streaming_reads_one_layer_at_a_time(checkpoint_factory, tmp_path, monkeypatch):
+    model = checkpoint_factory("gqa4-cross-pair")
+    spec = ModelSpec.from_dir(model)
+    weights = CheckpointWeights(model)
+    total = sum(np.prod(weights.shape(n)) for n in weights.location)
+    loads = []
+    real = CheckpointWeights.load
+
+    def recording(self, prefix, dtype=torch.float32):
+        tensors = real(self, prefix, dtype)
+        loads.append((prefix, sum(t.numel() for t in tensors.values())))
+        return tensors
+
+    monkeypatch.setattr(CheckpointWeights, "load", recording)
+    export(model, tmp_path, seq=SEQ, chunk=CHUNK)
+    layer_prefixes = [p for p, _ in loads if ".layers." in p and p.startswith("language_model")]
+    assert sorted(set(layer_prefixes)) == sorted(f"language_model.model.layers.{i}." for i in range(spec.text.num_layers))
+    assert max(n for _, n in loads) < total / 2  # never the whole model, or anything near it
+
+
+def test_patches_are_reversible(checkpoint_factory):
+    from transformers import MllamaForConditionalGeneration
+    from transformers.models.mllama import modeling_mllama
+
+    from lvb.patches import PATCHES, patched
+
+    model = MllamaForConditionalGeneration.from_pretrained(checkpoint_factory("gqa2-cross-last")).eval()
+    originals = {p.attribute: getattr(modeling_mllama, p.attribute) for p in PATCHES}
+    vision = model.model.vision_model
+    pixels = torch.randn(1, 1, 4, 3, 32, 32)
+    ids = torch.tensor([[2]])
+    mask = torch.tensor([[[1, 1, 0, 0]]])
+    with torch.no_grad():
+        before = vision(pixel_values=pixels, aspect_ratio_ids=ids, aspect_ratio_mask=mask).last_hidden_state
+        with patched():
+            assert all(getattr(modeling_mllama, a) is not f for a, f in originals.items())
+            inside = vision(pixel_values=pixels, aspect_ratio_ids=ids, aspect_ratio_mask=mask).last_hidden_state
+        after = vision(pixel_values=pixels, aspect_ratio_ids=ids, aspect_ratio_mask=mask).last_hidden_state
+    assert all(getattr(modeling_mllama, a) is f for a, f in originals.items())
+    assert torch.equal(before, after)
+    assert torch.allclose(before, inside, atol=1e-6)  # the patch changes how, not what
+
+
+def test_patches_are_restored_after_an_error():
+    from transformers.models.mllama import modeling_mllama
+
+    from lvb.patches import PATCHES, patched
+
+    originals = {p.attribute: getattr(modeling_mllama, p.attribute) for p in PATCHES}
+    with pytest.raises(RuntimeError):
+        with patched():
+            raise RuntimeError("boom")
+    assert all(getattr(modeling_mllama, a) is f for a, f in originals.items())
+
+
+def _cli_error(args):
+    result = runner.invoke(app, ["export", *args])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [l for l in result.output.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1
+    return result.output
+
+
+def test_bad_input_gives_one_line(tmp_path, checkpoint_factory):
+    out = tmp_path / "work"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no config.json" in _cli_error(["--model", str(empty), "--out", str(out)])
+
+    not_mllama = tmp_path / "llama"
+    not_mllama.mkdir()
+    (not_mllama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert "not 'mllama'" in _cli_error(["--model", str(not_mllama), "--out", str(out)])
+
+    model = checkpoint_factory("mha-cross-first")
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for f in model.iterdir():
+        (truncated / f.name).write_bytes(f.read_bytes())
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    output = _cli_error(["--model", str(truncated), "--out", str(out), "--seq", str(SEQ)])
+    assert "model.safetensors is truncated" in output
+
+    assert "--seq 8 is too short" in _cli_error(["--model", str(model), "--out", str(out), "--seq", "8"])
+    assert not (out / "export" / "manifest.json").exists() or not json.loads((out / "export" / "manifest.json").read_text()).get("nets")
