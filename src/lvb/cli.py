@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 import lvb
+from lvb.errors import LvbError
 
 app = typer.Typer(
     name="lvb",
@@ -77,6 +78,262 @@ def doctor(toolchain: ToolchainOption = None) -> None:
         f"[bold green]✓ lvb doctor: toolchain works[/] (tpu-mlir {report.toolchain.tpu_mlir_version}: "
         f"W4BF16 bm1684x on the simulator matches onnxruntime, cosine {report.cosine:.6f})"
     )
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[detail]}"), console=console, transient=False,
+    )
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Option("--model", help="Checkpoint folder (config.json, safetensors, tokenizer).")],
+    out: Annotated[Path, typer.Option("--out", help="Work directory; the nets go to OUT/export.")],
+    seq: Annotated[int, typer.Option(help="Sequence length the KV cache holds (prompt + answer, all turns).")] = 512,
+    chunk: Annotated[int, typer.Option(help="Tokens per prefill call; at most --seq.")] = 128,
+) -> None:
+    """Export every part to ONNX (opset 17), one layer at a time, each checked against PyTorch."""
+    from lvb.export.exporter import export as run_export
+
+    with _progress() as progress:
+        task = progress.add_task("exporting", total=None, detail="")
+
+        def report(net: str, done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total, detail=net)
+
+        try:
+            manifest = run_export(model, out, seq=seq, chunk=chunk, progress=report)
+        except LvbError as e:
+            raise fail(str(e))
+    nets = manifest["nets"]
+    worst = min(nets.values(), key=lambda n: n["check"]["cosine"])
+    console.print(
+        f"[bold green]✓[/] {len(nets)} nets in {out / 'export'}; worst onnxruntime-vs-PyTorch cosine "
+        f"{worst['check']['cosine']:.6f} ({worst['name']})"
+    )
+
+
+@app.command(name="compile")
+def compile_(
+    work: Annotated[Path, typer.Option("--work", help="Work directory of `lvb export`.")],
+    quant: Annotated[str, typer.Option(help="Decoder blocks: int4 (W4BF16), int8 (W8BF16) or bf16.")] = "int4",
+    seq: Annotated[Optional[int], typer.Option(help="Must match the export (default: the export's).")] = None,
+    group_size: Annotated[int, typer.Option(help="INT4/INT8 weights share one scale per this many inputs.")] = 64,
+    chip: Annotated[str, typer.Option(help="Target chip.")] = "bm1684x",
+    jobs: Annotated[Optional[int], typer.Option(help="Parallel compile jobs (default: from cores and free memory).")] = None,
+    vision_quant: Annotated[str, typer.Option(help="Vision tower: bf16, int8 or int4.")] = "bf16",
+    embed_quant: Annotated[str, typer.Option(help="Embedding: bf16, int8 or int4.")] = "bf16",
+    head_quant: Annotated[str, typer.Option(help="LM head: bf16, int8 or int4.")] = "bf16",
+    check: Annotated[bool, typer.Option(help="Run every net on the simulator against onnxruntime.")] = True,
+    toolchain: ToolchainOption = None,
+) -> None:
+    """Compile every exported net with tpu-mlir, check it on the simulator, combine into one bmodel."""
+    from lvb.compile.compiler import CompileSettings, Compiler, NetFailed
+    from lvb.toolchain import find_toolchain
+
+    settings = CompileSettings(quant=quant, group_size=group_size, chip=chip, vision_quant=vision_quant,
+                               embed_quant=embed_quant, head_quant=head_quant, check=check)
+    try:
+        compiler = Compiler(work, settings, find_toolchain(toolchain), seq=seq)
+        with _progress() as progress:
+            task = progress.add_task("compiling", total=len(compiler.jobs), detail="")
+
+            def report(done: int, total: int, running: list[str]) -> None:
+                progress.update(task, completed=done, detail=", ".join(running))
+
+            manifest = compiler.run(jobs=jobs, progress=report)
+    except NetFailed as e:
+        if e.log_tail:
+            errors.print(e.log_tail, highlight=False, markup=False)
+        raise fail(str(e))
+    except LvbError as e:
+        raise fail(str(e))
+    retried = [f"{name} {' '.join(r['options'])}" for name, r in manifest["nets"].items() if r["options"]]
+    console.print(f"[bold green]✓[/] {work / manifest['bmodel']}")
+    if retried:
+        console.print(f"  compiled with safer options: {', '.join(retried)}")
+
+
+@app.command()
+def inspect(
+    bmodel: Annotated[Path, typer.Argument(help="A bmodel made by `lvb compile`.")],
+    toolchain: ToolchainOption = None,
+) -> None:
+    """List a bmodel's nets, their tensors and weights, and the bytes one decode step reads."""
+    from lvb.compile.inspect import inspect_bmodel
+    from lvb.toolchain import find_toolchain
+
+    try:
+        info = inspect_bmodel(bmodel, find_toolchain(toolchain))
+    except LvbError as e:
+        raise fail(str(e))
+    table = Table(title=f"{bmodel.name} ({info.chip})")
+    for column in ("net", "inputs", "outputs", "weights"):
+        table.add_column(column)
+    describe = lambda ts: "\n".join(f"{t.name} {list(t.shape)} {t.dtype}" for t in ts)  # noqa: E731
+    for net in info.nets.values():
+        table.add_row(net.name, describe(net.inputs), describe(net.outputs), _bytes(net.weight_bytes))
+    console.print(table)
+    step = info.decode_step()
+    console.print(
+        f"weights on the device: {_bytes(info.device_weight_bytes)} (shared between nets)\n"
+        f"one decode step reads {_bytes(step['total'])}: weights {_bytes(step['weights'])}, "
+        f"KV cache {_bytes(step['kv_cache'])}, cross-attention K/V {_bytes(step['cross_kv'])}"
+    )
+
+
+def _open_session(model: Path, bmodel: Optional[Path], onnx: Optional[Path], backend: Optional[str],
+                  toolchain: Optional[Path], truncate_history: bool = False):
+    from lvb.runtime.backends import default_backend, open_engine
+    from lvb.runtime.pipeline import Checkpoint, Session
+    from lvb.toolchain import find_toolchain
+
+    checkpoint = Checkpoint.load(model)
+    backend = backend or default_backend(bmodel, onnx)
+    engine = open_engine(backend, bmodel=bmodel, onnx_work=onnx,
+                         toolchain=find_toolchain(toolchain) if backend == "cmodel" else None)
+    try:
+        return Session(checkpoint, engine, truncate_history=truncate_history)
+    except BaseException:
+        engine.close()
+        raise
+
+
+def _sampling(checkpoint, sample, temperature, top_k, top_p, repetition_penalty, seed):
+    from lvb.runtime.sampling import SamplingConfig
+
+    return SamplingConfig.from_generation_config(
+        checkpoint.generation_config, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, seed=seed,
+    )
+
+
+def _print_stats(reply) -> None:
+    s = reply.stats
+    errors.print(
+        f"[dim]first token {s.first_token_seconds:.3f} s · prompt {s.prompt_tokens} tokens ({s.prefilled_tokens} prefilled) · "
+        f"{s.generated_tokens} generated · {s.tokens_per_second:.2f} tokens/s · {reply.stop_reason}[/]",
+        highlight=False,
+    )
+
+
+ModelOption = Annotated[Path, typer.Option("--model", help="Checkpoint folder: config, tokenizer, chat template, processor.")]
+BmodelOption = Annotated[Optional[Path], typer.Option("--bmodel", help="Combined bmodel from `lvb compile`.")]
+OnnxOption = Annotated[Optional[Path], typer.Option("--onnx", help="Work directory of `lvb export` (onnxruntime backend).")]
+BackendOption = Annotated[Optional[str], typer.Option(help="sail (device), cmodel (simulator) or onnxruntime; default: sail where sophon.sail imports, else cmodel, or onnxruntime with --onnx.")]
+SampleOption = Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Sample or take the most likely token (default: the checkpoint's generation_config).")]
+
+
+@app.command()
+def run(
+    model: ModelOption,
+    prompt: Annotated[str, typer.Option("--prompt", help="The question.")],
+    image: Annotated[Optional[Path], typer.Option("--image", help="A picture to ask about.")] = None,
+    bmodel: BmodelOption = None,
+    onnx: OnnxOption = None,
+    backend: BackendOption = None,
+    stats: Annotated[bool, typer.Option("--stats", help="Print first-token latency, prompt tokens and tokens/s to stderr.")] = False,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Stop after this many tokens.")] = None,
+    sample: SampleOption = None,
+    temperature: Annotated[Optional[float], typer.Option()] = None,
+    top_k: Annotated[Optional[int], typer.Option()] = None,
+    top_p: Annotated[Optional[float], typer.Option()] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option()] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    toolchain: ToolchainOption = None,
+) -> None:
+    """Answer one question (about one picture) and print the answer on stdout."""
+    try:
+        session = _open_session(model, bmodel, onnx, backend, toolchain)
+        with session.engine:
+            sampling = _sampling(session.checkpoint, sample, temperature, top_k, top_p, repetition_penalty, seed)
+            reply = session.ask(prompt, image=image, sampling=sampling, max_new_tokens=max_new_tokens,
+                                on_text=lambda piece: print(piece, end="", flush=True))
+            print()
+    except LvbError as e:
+        raise fail(str(e))
+    for notice in reply.notices:
+        errors.print(f"[yellow]note:[/] {notice}", highlight=False)
+    if stats:
+        _print_stats(reply)
+
+
+CHAT_HELP = "commands: /image PATH (picture for your next message), /reset (new chat), /quit"
+
+
+@app.command()
+def chat(
+    model: ModelOption,
+    image: Annotated[Optional[Path], typer.Option("--image", help="A picture for the first message.")] = None,
+    bmodel: BmodelOption = None,
+    onnx: OnnxOption = None,
+    backend: BackendOption = None,
+    truncate_history: Annotated[bool, typer.Option(help="Drop the oldest exchanges when the chat outgrows the sequence.")] = False,
+    max_new_tokens: Annotated[Optional[int], typer.Option()] = None,
+    sample: SampleOption = None,
+    temperature: Annotated[Optional[float], typer.Option()] = None,
+    top_k: Annotated[Optional[int], typer.Option()] = None,
+    top_p: Annotated[Optional[float], typer.Option()] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option()] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    toolchain: ToolchainOption = None,
+) -> None:
+    """Multi-turn chat; a new picture can come with any message. Errors are reported and the chat goes on."""
+    try:
+        session = _open_session(model, bmodel, onnx, backend, toolchain, truncate_history)
+        sampling = _sampling(session.checkpoint, sample, temperature, top_k, top_p, repetition_penalty, seed)
+    except LvbError as e:
+        raise fail(str(e))
+    console.print(f"[dim]{session.engine.backend} · seq {session.seq} · {CHAT_HELP}[/]")
+    pending_image = image
+    with session.engine:
+        while True:
+            try:
+                line = console.input("[bold cyan]you>[/] ").strip()
+            except (EOFError, KeyboardInterrupt):
+                console.print()
+                return
+            if not line:
+                continue
+            if line in ("/quit", "/exit"):
+                return
+            if line == "/reset":
+                session.reset()
+                console.print("[dim]new chat[/]")
+                continue
+            if line.startswith("/image"):
+                pending_image = Path(line[len("/image"):].strip()) if line[len("/image"):].strip() else None
+                console.print(f"[dim]next message comes with {pending_image}[/]" if pending_image else f"[dim]{CHAT_HELP}[/]")
+                continue
+            if line.startswith("/"):
+                console.print(f"[dim]{CHAT_HELP}[/]")
+                continue
+            console.print("[bold magenta]lvb>[/] ", end="")
+            try:
+                reply = session.ask(line, image=pending_image, sampling=sampling, max_new_tokens=max_new_tokens,
+                                    on_text=lambda piece: console.print(piece, end="", markup=False, highlight=False))
+            except LvbError as e:
+                console.print()
+                errors.print(f"[bold red]error:[/] {e}", highlight=False)
+                continue
+            finally:
+                pending_image = None
+            console.print()
+            for notice in reply.notices:
+                errors.print(f"[yellow]note:[/] {notice}", highlight=False)
+            _print_stats(reply)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from lvb.toolchain import Toolchain
 
 CHIPS = ("bm1684x",)
 # --quantize values of model_deploy.py, by lvb's names.
-QUANTIZE = {"int4": "W4BF16", "int8": "W8BF16", "bf16": "BF16"}
+QUANTIZE = {"int4": "W4BF16", "int8": "W8BF16", "bf16": "BF16", "f32": "F32"}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,105 @@
+"""`lvb inspect BMODEL`: the nets, their tensors, their weights, and what one decode step reads.
+
+Read from tpu-mlir's own `model_tool --info` and `--weight`, so it describes
+the file as the runtime will see it.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lvb.toolchain import Toolchain, ToolchainError
+
+_DTYPE_BYTES = {"float32": 4, "int32": 4, "uint32": 4, "bfloat16": 2, "float16": 2, "uint16": 2, "int16": 2,
+                "int8": 1, "uint8": 1}
+_NET = re.compile(r"^net \d+: \[(?P<name>[^\]]+)\]")
+_TENSOR = re.compile(r"^(?P<io>input|output): (?P<name>[^,]+), \[(?P<shape>[^\]]*)\], (?P<dtype>\w+)")
+_WEIGHT_NET = re.compile(r'^net \d+ : "(?P<name>[^"]+)"')
+_RANGE = re.compile(r"\[0x(?P<begin>[0-9a-f]+), 0x(?P<end>[0-9a-f]+)\)")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def bytes(self) -> int:
+        count = 1
+        for d in self.shape:
+            count *= d
+        return count * _DTYPE_BYTES.get(self.dtype, 4)
+
+
+@dataclass
+class Net:
+    name: str
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+    weight_bytes: int = 0
+
+
+@dataclass
+class BmodelInfo:
+    path: Path
+    chip: str
+    nets: dict[str, Net]
+    device_weight_bytes: int  # shared weights counted once
+
+    def decode_step(self) -> dict[str, int]:
+        """Bytes one generated token reads: the decode nets' weights (one embedding row),
+        the self-attention KV cache and the cross-attention K/V."""
+        weights = kv = cross = 0
+        for net in self.nets.values():
+            if net.name == "embed_cache":
+                weights += net.outputs[0].bytes  # a gather reads one row of the table
+            elif net.name.startswith("block_cache_") or net.name in ("lm_head", "greedy_head"):
+                weights += net.weight_bytes
+                for t in net.inputs:
+                    if t.name in ("past_k", "past_v"):
+                        kv += t.bytes
+                    elif t.name in ("cross_k", "cross_v"):
+                        cross += t.bytes
+        return {"weights": weights, "kv_cache": kv, "cross_kv": cross, "total": weights + kv + cross}
+
+
+def _model_tool(toolchain: Toolchain, *args: str) -> str:
+    try:
+        return subprocess.run(
+            [str(toolchain.tool("model_tool")), *args], capture_output=True, text=True, check=True, env=toolchain.env()
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise ToolchainError(f"model_tool {' '.join(args)} failed ({e}); is it a bmodel?") from e
+
+
+def inspect_bmodel(path: Path, toolchain: Toolchain) -> BmodelInfo:
+    if not Path(path).is_file():
+        raise ToolchainError(f"{path}: no such bmodel; run `lvb compile` first")
+    info = _model_tool(toolchain, "--info", str(path))
+    nets: dict[str, Net] = {}
+    chip, device_weight = "?", 0
+    current = None
+    for line in info.splitlines():
+        line = line.strip()
+        if line.startswith("chip:"):
+            chip = line.split(":", 1)[1].strip()
+        elif m := _NET.match(line):
+            current = nets.setdefault(m["name"], Net(m["name"]))
+        elif (m := _TENSOR.match(line)) and current is not None:
+            shape = tuple(int(d) for d in m["shape"].split(",") if d.strip())
+            (current.inputs if m["io"] == "input" else current.outputs).append(Tensor(m["name"], shape, m["dtype"]))
+        elif line.startswith("device mem size:") and (w := re.search(r"weight: (\d+)", line)):
+            device_weight = int(w.group(1))
+    current = None
+    for line in _model_tool(toolchain, "--weight", str(path)).splitlines():
+        if m := _WEIGHT_NET.match(line.strip()):
+            current = nets.get(m["name"])
+        elif current is not None and (r := _RANGE.search(line)):
+            current.weight_bytes += int(r["end"], 16) - int(r["begin"], 16)
+    if not nets:
+        raise ToolchainError(f"{path}: model_tool found no nets; is it a bmodel?")
+    return BmodelInfo(Path(path), chip, nets, device_weight)

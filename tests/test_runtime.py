@@ -1,0 +1,185 @@
+"""The lean runtime on onnxruntime (fp32): greedy tokens equal transformers' generate,
+over multi-turn chats with and without an image, with the cache reused between turns."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import CHUNK, SEQ
+from lvb.cli import app
+from lvb.runtime.backends import open_engine
+from lvb.runtime.masks import cross_attention_mask
+from lvb.runtime.pipeline import ChatError, Checkpoint, Session
+from lvb.testing.checkpoints import GEOMETRIES
+
+runner = CliRunner()
+NEW_TOKENS = 10
+
+
+def picture(seed: int, size=(90, 50)) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype(np.uint8))
+
+
+class Reference:
+    """transformers itself on the whole conversation, as a user would run it."""
+
+    def __init__(self, model_dir):
+        from transformers import AutoProcessor, MllamaForConditionalGeneration
+
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.model = MllamaForConditionalGeneration.from_pretrained(model_dir).eval()
+
+    def inputs(self, messages, images):
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return self.processor(text=text, images=images or None, return_tensors="pt", add_special_tokens=False)
+
+    def generate(self, messages, images) -> list[int]:
+        inputs = self.inputs(messages, images)
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module", params=sorted(GEOMETRIES))
+def setup(request, export_factory, checkpoint_factory):
+    model = checkpoint_factory(request.param)
+    engine = open_engine("onnxruntime", onnx_work=export_factory(request.param))
+    yield Checkpoint.load(model), engine, Reference(model)
+    engine.close()
+
+
+def converse(session, reference, turns):
+    """turns: [(text, image or None)]; compare every answer with transformers."""
+    session.reset()
+    messages, images, replies = [], [], []
+    for text, image in turns:
+        reply = session.ask(text, image=image, max_new_tokens=NEW_TOKENS)
+        content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": text}]
+        messages.append({"role": "user", "content": content})
+        images += [image] if image is not None else []
+        expected = reference.generate(messages, images)
+        assert reply.tokens == expected[: len(reply.tokens)] and len(reply.tokens) == len(expected), (text, reply.tokens, expected)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": reply.text}]})
+        replies.append(reply)
+    return replies
+
+
+def test_image_then_text_turns(setup):
+    checkpoint, engine, reference = setup
+    session = Session(checkpoint, engine)
+    replies = converse(session, reference, [("What is in the picture?", picture(1)), ("Tell me more.", None), ("And?", None)])
+    for before, reply in zip(replies, replies[1:]):  # at least the previous prompt comes from the cache
+        assert reply.stats.prefilled_tokens <= reply.stats.prompt_tokens - before.stats.prompt_tokens
+
+
+def test_text_only_turns(setup):
+    checkpoint, engine, reference = setup
+    converse(Session(checkpoint, engine), reference, [("Hello there", None), ("What can you do?", None)])
+
+
+def test_image_arriving_in_a_later_turn(setup):
+    checkpoint, engine, reference = setup
+    converse(Session(checkpoint, engine), reference, [("Hi", None), ("Look at this", picture(2, (40, 120)))])
+
+
+def test_cross_attention_mask_equals_transformers(setup):
+    """Our masks against transformers' own, text before the image token included."""
+    from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
+
+    checkpoint, _, reference = setup
+    spec = checkpoint.spec
+    for size in ((30, 30), (200, 40), (40, 200)):
+        messages = [{"role": "user", "content": [{"type": "text", "text": "Before "}, {"type": "image"}, {"type": "text", "text": "after"}]}]
+        inputs = reference.inputs(messages, [picture(3, size)])
+        theirs, their_rows = _prepare_cross_attention_mask(
+            inputs["cross_attention_mask"], num_vision_tokens=spec.vision.patches_per_tile, dtype=torch.float32)
+        ids = inputs["input_ids"][0].tolist()
+        sees = np.arange(len(ids)) >= ids.index(checkpoint.tokenizer.image_id)
+        tiles = int(inputs["aspect_ratio_mask"].sum())
+        ours, rows = cross_attention_mask(sees, tiles, spec.vision.max_num_tiles, spec.vision.patches_per_tile)
+        assert np.array_equal(ours < -1, theirs.numpy() < -1)  # the same entries masked
+        assert np.array_equal(ours[ours > -1], theirs.numpy()[theirs.numpy() > -1])  # the rest exactly 0
+        assert np.array_equal(rows, their_rows.numpy())
+
+
+def test_prompt_longer_than_the_sequence_is_an_error(setup):
+    checkpoint, engine, _ = setup
+    session = Session(checkpoint, engine)
+    with pytest.raises(ChatError, match=rf"the prompt is \d+ tokens and the model holds {SEQ}"):
+        session.ask("word " * SEQ)
+    assert session.messages == []  # the conversation is as it was
+
+
+def test_full_conversation_truncates_whole_exchanges_only_when_allowed(setup):
+    checkpoint, engine, _ = setup
+    strict = Session(checkpoint, engine)
+    long_turn = "tell me about " + "many things " * 3
+    strict.ask(long_turn, image=picture(4), max_new_tokens=4)
+    with pytest.raises(ChatError, match="conversation is"):
+        for _ in range(20):
+            strict.ask(long_turn, max_new_tokens=4)
+    allowed = Session(checkpoint, engine, truncate_history=True)
+    allowed.ask("first " + long_turn, image=picture(4), max_new_tokens=4)
+    notices = []
+    for _ in range(20):
+        notices += allowed.ask(long_turn, max_new_tokens=4).notices
+    assert any("dropped the" in n for n in notices)
+    assert allowed.messages[0]["role"] == "user" and allowed.messages[-1]["role"] == "assistant"
+    assert all(m["role"] == ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(allowed.messages))
+    assert all(not (isinstance(m["content"], list) and m["content"][0].get("text", "").startswith("first")) for m in allowed.messages)
+
+
+def test_streamed_text_is_utf8_safe(setup):
+    checkpoint, engine, _ = setup
+    session = Session(checkpoint, engine)
+    pieces = []
+    reply = session.ask("Say something", image=picture(5), max_new_tokens=40, on_text=pieces.append)
+    assert "".join(pieces) == reply.text == checkpoint.tokenizer.decode(reply.tokens)
+    if "\ufffd" not in reply.text:
+        assert not any("\ufffd" in p for p in pieces)
+
+
+def test_sampling_is_seeded(setup):
+    from lvb.runtime.sampling import SamplingConfig
+
+    checkpoint, engine, _ = setup
+    session = Session(checkpoint, engine)
+    config = SamplingConfig(do_sample=True, temperature=1.5, top_k=20, top_p=0.95, seed=7)
+    first = session.ask("Hi", max_new_tokens=12, sampling=config).tokens
+    session.reset()
+    assert session.ask("Hi", max_new_tokens=12, sampling=config).tokens == first
+
+
+def test_model_file_for_another_checkpoint_is_refused(export_factory, checkpoint_factory):
+    engine = open_engine("onnxruntime", onnx_work=export_factory("gqa2-cross-last"))
+    with pytest.raises(ChatError, match="built for another checkpoint"):
+        Session(Checkpoint.load(checkpoint_factory("gqa4-cross-pair")), engine)
+
+
+def test_run_cli_answers_and_fails_cleanly(export_factory, checkpoint_factory, tmp_path):
+    model, work = checkpoint_factory("gqa2-cross-last"), export_factory("gqa2-cross-last")
+    photo = tmp_path / "p.png"
+    picture(6).save(photo)
+    ok = runner.invoke(app, ["run", "--model", str(model), "--onnx", str(work), "--image", str(photo),
+                             "--prompt", "What is it?", "--stats", "--max-new-tokens", "5"])
+    assert ok.exit_code == 0, ok.output
+    assert "tokens/s" in ok.output and "first token" in ok.output
+    missing = runner.invoke(app, ["run", "--model", str(model), "--onnx", str(work), "--image", str(tmp_path / "nope.png"),
+                                  "--prompt", "hi"])
+    assert missing.exit_code == 1 and "nope.png" in missing.output and "Traceback" not in missing.output
+    too_long = runner.invoke(app, ["run", "--model", str(model), "--onnx", str(work), "--prompt", "word " * SEQ])
+    assert too_long.exit_code == 1 and "the prompt is" in too_long.output
+
+
+def test_chat_cli_reports_errors_and_goes_on(export_factory, checkpoint_factory, tmp_path):
+    model, work = checkpoint_factory("gqa2-cross-last"), export_factory("gqa2-cross-last")
+    photo = tmp_path / "p.png"
+    picture(7).save(photo)
+    lines = [f"/image {tmp_path / 'missing.png'}", "what is this?", f"/image {photo}", "what is this?", "and now?", "/quit"]
+    result = runner.invoke(app, ["chat", "--model", str(model), "--onnx", str(work), "--max-new-tokens", "4"],
+                           input="\n".join(lines) + "\n")
+    assert result.exit_code == 0, result.output
+    assert "missing.png" in result.output  # reported ...
+    assert result.output.count("tokens/s") == 2  # ... and the chat went on
