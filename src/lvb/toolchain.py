@@ -121,6 +121,21 @@ class Toolchain:
         if code != 0:
             raise ToolFailed(Path(args[0]).name, code, log)
 
+    def python_tool(self, tool: str, args: list[str], cwd: Path, log: Path, server: ToolServer | None = None) -> None:
+        """Run model_transform.py or model_deploy.py, from a warm ToolServer when given one."""
+        if server is not None:
+            server.run(tool, args, cwd, log)
+        else:
+            self.run([str(self.tool(tool)), *args], cwd, log)
+
+    def worker_env(self) -> dict[str, str]:
+        """For our own processes in the toolchain's Python: tpu-mlir's libraries must be on
+        LD_LIBRARY_PATH when the process starts, and lvb's lean modules importable."""
+        env = self.env()
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([*map(str, self.library_dirs), env.get("LD_LIBRARY_PATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(lvb.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+        return env
+
     @staticmethod
     def kill_all() -> None:
         with _LIVE_LOCK:
@@ -169,3 +184,46 @@ def find_toolchain(explicit: str | Path | None = None) -> Toolchain:
         bin_dir = Path(on_path).parent
         return Toolchain(bin_dir=bin_dir, python=Path(shutil.which("python3") or sys.executable), source="PATH")
     raise ToolchainError(f"no tpu-mlir toolchain found (no .venv-tpu, {TOOLCHAIN_ENV} unset, {TRANSFORM} not on PATH); {SETUP_HINT}")
+
+
+class ToolServer:
+    """tpu-mlir's Python tools run from warm imports (lvb.compile.toolserver), one at a time."""
+
+    def __init__(self, toolchain: Toolchain):
+        root = toolchain.probe.get("tpu_mlir_root")
+        if not root:
+            raise ToolchainError("tpu-mlir's install folder is unknown; cannot start the tool server")
+        self.tools = Path(root) / "python" / "tools"
+        self.process = subprocess.Popen(
+            [str(toolchain.python), "-m", "lvb.compile.toolserver"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            env=toolchain.worker_env(), start_new_session=True,
+        )
+        with _LIVE_LOCK:
+            _LIVE.add(self.process)
+        if not self.process.stdout.readline():
+            raise ToolchainError(f"the tool server did not start in {toolchain.python}; {SETUP_HINT}")
+
+    def run(self, tool: str, args: list[str], cwd: Path, log: Path) -> None:
+        with open(log, "a") as out:
+            out.write(f"$ {tool} {' '.join(args)}\n")
+        request = {"script": str(self.tools / tool), "argv": args, "cwd": str(cwd), "log": str(log)}
+        try:
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            reply = self.process.stdout.readline()
+        except (BrokenPipeError, OSError):
+            reply = ""
+        code = json.loads(reply)["code"] if reply else -9
+        if code != 0:
+            raise ToolFailed(tool, code, log)
+
+    def close(self) -> None:
+        with _LIVE_LOCK:
+            _LIVE.discard(self.process)
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()

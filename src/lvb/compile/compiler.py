@@ -33,7 +33,7 @@ from lvb.contract import Kind
 from lvb.errors import LvbError
 from lvb.runtime.engine import cosine
 from lvb.spec import ModelSpec
-from lvb.toolchain import Toolchain, ToolFailed
+from lvb.toolchain import Toolchain, ToolchainError, ToolFailed, ToolServer
 
 MANIFEST_VERSION = 1
 # Simulator vs onnxruntime, worst output of a net, by the quantization applied to
@@ -184,7 +184,7 @@ class Compiler:
 
     # -- one net ---------------------------------------------------------------
 
-    def _mlir(self, job: NetJob, log: Path) -> Path:
+    def _mlir(self, job: NetJob, log: Path, server: ToolServer | None) -> Path:
         folder = self.out / job.name / f"mlir-{_key(job.export_key, self.toolchain_version)}"
         mlir = folder / f"{job.name}.mlir"
         if mlir.is_file():
@@ -192,7 +192,7 @@ class Compiler:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        transform(self.toolchain, job.onnx, tmp, job.name, job.input_shapes, log)
+        transform(self.toolchain, job.onnx, tmp, job.name, job.input_shapes, log, server)
         os.replace(tmp, folder)
         return mlir
 
@@ -210,7 +210,7 @@ class Compiler:
             result["cosine"] = 1.0 if np.array_equal(np.asarray(got[0]), expected[0]) else 0.0
         return result
 
-    def _compile(self, job: NetJob, log_dir: Path) -> dict:
+    def _compile(self, job: NetJob, log_dir: Path, server: ToolServer | None) -> dict:
         """Deploy with the first option set whose bmodel passes the simulator check."""
         threshold = MIN_COSINE[job.quant]
         tried = []
@@ -225,14 +225,14 @@ class Compiler:
                 tried.append(result)
                 continue
             log = log_dir / f"{job.name}.log"
-            mlir = self._mlir(job, log)
+            mlir = self._mlir(job, log, server)
             tmp = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             for needed in mlir.parent.iterdir():  # deploy reads the MLIR's weight file from its own folder
                 (tmp / needed.name).symlink_to(needed)
             started = time.perf_counter()
-            bmodel = deploy(self.toolchain, mlir, tmp, f"{job.name}.bmodel", options, log)
+            bmodel = deploy(self.toolchain, mlir, tmp, f"{job.name}.bmodel", options, log, server)
             seconds = time.perf_counter() - started
             check = self._simulate(job, bmodel) if self.settings.check else None
             passed = check is None or check["cosine"] >= threshold
@@ -279,6 +279,19 @@ class Compiler:
         running: list[str] = []
         done = 0
         lock = threading.Lock()
+        local = threading.local()
+        servers: list[ToolServer] = []
+
+        def server() -> ToolServer | None:
+            """One warm tool server per pool thread; plain subprocesses if it cannot start."""
+            if not hasattr(local, "server"):
+                try:
+                    local.server = ToolServer(self.toolchain)
+                    with lock:
+                        servers.append(local.server)
+                except ToolchainError:
+                    local.server = None
+            return local.server
 
         def one(job: NetJob) -> dict:
             nonlocal done
@@ -289,7 +302,7 @@ class Compiler:
                 if progress:
                     progress(done, len(self.jobs), list(running))
             try:
-                job.result = self._compile(job, log_dir)
+                job.result = self._compile(job, log_dir, server())
             except ToolFailed as e:
                 raise NetFailed(job.name, f"{e.tool} failed (exit {e.code}); log: {e.log}", e.tail()) from e
             finally:
@@ -300,16 +313,24 @@ class Compiler:
                         progress(done, len(self.jobs), list(running))
             return job.result
 
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(one, job) for job in self.jobs]
-            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [f for f in finished if f.exception()]
-            if failed:
-                self._cancel.set()
-                for future in futures:
-                    future.cancel()
-                self.toolchain.kill_all()
-                raise failed[0].exception()
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(one, job) for job in self.jobs]
+                finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                failed = [f for f in finished if f.exception()]
+                if failed:
+                    self._cancel.set()
+                    for future in futures:
+                        future.cancel()
+                    self.toolchain.kill_all()
+                    raise failed[0].exception()
+        except KeyboardInterrupt:
+            self._cancel.set()
+            self.toolchain.kill_all()
+            raise
+        finally:
+            for s in servers:
+                s.close()
         return self._combine(workers)
 
     def _combine(self, workers: int) -> dict:

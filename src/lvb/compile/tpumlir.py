@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lvb.toolchain import Toolchain
+from lvb.toolchain import Toolchain, ToolServer
 
 CHIPS = ("bm1684x",)
 # --quantize values of model_deploy.py, by lvb's names.
@@ -32,26 +32,21 @@ def shapes_arg(shapes: list[tuple[int, ...]]) -> str:
     return "[" + ",".join("[" + ",".join(str(d) for d in s) + "]" for s in shapes) + "]"
 
 
-def transform(toolchain: Toolchain, onnx_path: Path, work: Path, name: str, input_shapes, log: Path) -> Path:
+def transform(toolchain: Toolchain, onnx_path: Path, work: Path, name: str, input_shapes, log: Path,
+              server: ToolServer | None = None) -> Path:
     """ONNX -> top-level MLIR (quantization-independent, so cached apart from deploy)."""
     mlir = work / f"{name}.mlir"
-    toolchain.run(
-        [str(toolchain.tool("model_transform.py")), "--model_name", name, "--model_def", str(onnx_path.resolve()),
-         "--input_shapes", shapes_arg(input_shapes), "--mlir", mlir.name],
-        cwd=work,
-        log=log,
-    )
+    args = ["--model_name", name, "--model_def", str(onnx_path.resolve()), "--input_shapes", shapes_arg(input_shapes),
+            "--mlir", mlir.name]
+    toolchain.python_tool("model_transform.py", args, work, log, server)
     return mlir
 
 
-def deploy(toolchain: Toolchain, mlir: Path, work: Path, bmodel_name: str, options: DeployOptions, log: Path) -> Path:
+def deploy(toolchain: Toolchain, mlir: Path, work: Path, bmodel_name: str, options: DeployOptions, log: Path,
+           server: ToolServer | None = None) -> Path:
     """Top-level MLIR -> bmodel for one quantization."""
     bmodel = work / bmodel_name
-    toolchain.run(
-        [str(toolchain.tool("model_deploy.py")), "--mlir", mlir.name, "--model", bmodel.name, *options.args()],
-        cwd=work,
-        log=log,
-    )
+    toolchain.python_tool("model_deploy.py", ["--mlir", mlir.name, "--model", bmodel.name, *options.args()], work, log, server)
     return bmodel
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 
-import lvb
 from lvb.runtime.engine import Engine, EngineError, NetInfo, Resident, TensorInfo
 from lvb.runtime.wire import receive, send
 from lvb.toolchain import Toolchain, find_toolchain
@@ -28,15 +27,7 @@ class CmodelEngine(Engine):
         if not bmodel.is_file():
             raise EngineError(f"{bmodel}: no such bmodel; run `lvb compile` first")
         toolchain = toolchain or find_toolchain()
-        env = dict(os.environ)
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            [*map(str, toolchain.library_dirs), env.get("LD_LIBRARY_PATH", "")]
-        )
-        # The worker imports lvb's lean modules from this checkout, whatever is installed there.
-        package_parent = str(Path(lvb.__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join([package_parent, env.get("PYTHONPATH", "")])
-        env["PATH"] = os.pathsep.join([str(toolchain.bin_dir), env.get("PATH", "")])
-        env.setdefault("OMP_NUM_THREADS", "1")
+        env = toolchain.worker_env()
         self._log = tempfile.NamedTemporaryFile(prefix="lvb-cmodel-", suffix=".log", delete=False)
         self._process = subprocess.Popen(
             [str(toolchain.python), "-m", "lvb.runtime.cmodel_worker"],
