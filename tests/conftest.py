@@ -14,7 +14,7 @@ def checkpoint_factory(tmp_path_factory):
 
     def make(name: str):
         if name not in written:
-            written[name] = write_checkpoint(tmp_path_factory.mktemp(name), name)
+            written[name] = write_checkpoint(tmp_path_factory.mktemp("checkpoints") / name, name)
         return written[name]
 
     return make
@@ -42,5 +42,24 @@ def export_factory(tmp_path_factory, checkpoint_factory):
             export(checkpoint_factory(name), work, seq=SEQ, chunk=CHUNK)
             done[name] = work
         return done[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def compile_factory(export_factory):
+    """(name, quant) -> combined bmodel, compiled once per session into the export's work dir."""
+    from lvb.compile.compiler import CompileSettings, Compiler
+    from lvb.toolchain import find_toolchain
+
+    done: dict[tuple, object] = {}
+
+    def make(name: str, quant: str):
+        if (name, quant) not in done:
+            work = export_factory(name)
+            compiler = Compiler(work, CompileSettings(quant=quant), find_toolchain())
+            compiler.run()
+            done[name, quant] = compiler.bmodel
+        return done[name, quant]
 
     return make

@@ -5,7 +5,7 @@ Layout under the work directory:
 
     compile/<net>/mlir-<key>/       model_transform.py's output (shared by all quantizations)
     compile/<net>/<key>/            one deploy: the bmodel, its log and result.json
-    compile/manifest.json           the last compile: settings, nets, checks, bmodel
+    compile/<bmodel name>.json      one per combined bmodel: settings, nets, checks
     <model>_<quant>_..._<chip>.bmodel   the combined bmodel
 
 A job folder is renamed into place only when its bmodel passed its check, so a
@@ -36,9 +36,11 @@ from lvb.spec import ModelSpec
 from lvb.toolchain import Toolchain, ToolchainError, ToolFailed, ToolServer
 
 MANIFEST_VERSION = 1
-# Simulator vs onnxruntime, worst output of a net, by the quantization applied to
-# it. Chosen from measurements on the fixtures and the toy (README, "Thresholds").
-MIN_COSINE = {"f32": 0.9999, "bf16": 0.999, "int8": 0.99, "int4": 0.9}
+# Simulator vs onnxruntime (for int4/int8 nets: onnxruntime with the same weight
+# quantization, see lvb.compile.reference), worst output of a net. What remains is
+# bf16 arithmetic; the README's "Thresholds" table gives the measured range. A
+# miscompile (0.97 for the vision tower with layer grouping) fails.
+MIN_COSINE = {"f32": 0.9999, "bf16": 0.995, "int8": 0.995, "int4": 0.995}
 # Options to try, in order, when a net misses its threshold. tpu-mlir's layer
 # grouping miscompiles some nets (the vision tower, measured), so that one
 # starts without it.
@@ -102,6 +104,26 @@ def _write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
+
+
+def _scratch(folder: Path) -> Path:
+    """A fresh folder to build `folder` in, private to this process: a killed run's
+    leftover tools may still be writing into theirs."""
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _remove_stale_scratch(root: Path) -> None:
+    for tmp in root.glob("*/*.tmp-*"):
+        pid = int(tmp.name.rsplit("-", 1)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass
 
 
 def _key(*parts) -> str:
@@ -189,25 +211,28 @@ class Compiler:
         mlir = folder / f"{job.name}.mlir"
         if mlir.is_file():
             return mlir
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = _scratch(folder)
         transform(self.toolchain, job.onnx, tmp, job.name, job.input_shapes, log, server)
         os.replace(tmp, folder)
         return mlir
 
     def _simulate(self, job: NetJob, bmodel: Path) -> dict:
+        """The bmodel on the simulator against onnxruntime on the export's check inputs."""
+        from lvb.compile.reference import BITS, quantized_reference
         from lvb.export.exporter import compare
         from lvb.runtime.cmodel import CmodelEngine
 
         check = np.load(job.check_file)
         feeds = {k[3:]: check[k] for k in check.files if k.startswith("in.")}
-        expected = [check[f"out.{i}"] for i in range(sum(k.startswith("out.") for k in check.files))]
+        fp32 = [check[f"out.{i}"] for i in range(sum(k.startswith("out.") for k in check.files))]
         with CmodelEngine(bmodel, self.toolchain) as simulator:
             got = simulator.run(job.name, feeds)
-        result = compare(expected, got)
         if job.kind is Kind.GREEDY_HEAD:  # a token id: right or wrong
-            result["cosine"] = 1.0 if np.array_equal(np.asarray(got[0]), expected[0]) else 0.0
+            same = np.array_equal(np.asarray(got[0]), fp32[0])
+            return {"cosine": float(same), "max_abs_err": 0.0 if same else 1.0, "cosine_fp32": float(same)}
+        expected = quantized_reference(job.onnx, feeds, job.quant, job.options.group_size) if job.quant in BITS else fp32
+        result = compare(expected, got)
+        result["cosine_fp32"] = compare(fp32, got)["cosine"]  # what the quantization itself costs
         return result
 
     def _compile(self, job: NetJob, log_dir: Path, server: ToolServer | None) -> dict:
@@ -226,9 +251,7 @@ class Compiler:
                 continue
             log = log_dir / f"{job.name}.log"
             mlir = self._mlir(job, log, server)
-            tmp = folder.with_name(folder.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            tmp = _scratch(folder)
             for needed in mlir.parent.iterdir():  # deploy reads the MLIR's weight file from its own folder
                 (tmp / needed.name).symlink_to(needed)
             started = time.perf_counter()
@@ -262,7 +285,8 @@ class Compiler:
         return previous.get("key") == self._combined_key() and previous.get("bmodel") == self.bmodel.name
 
     def _manifest_path(self) -> Path:
-        return self.out / "manifest.json"
+        """One manifest per combined bmodel, so switching --quant back and forth stays cached."""
+        return self.out / f"{self.bmodel.stem}.json"
 
     def _combined_key(self) -> str:
         return _key([(j.name, j.export_key) for j in self.jobs], vars(self.settings), self.toolchain_version, lvb.__version__)
@@ -270,6 +294,7 @@ class Compiler:
     def run(self, jobs: int | None = None, progress: Callable[[int, int, list[str]], None] | None = None) -> dict:
         if self.cached():
             return json.loads(self._manifest_path().read_text())
+        _remove_stale_scratch(self.out)
         log_dir = self.out / "logs"
         log_dir.mkdir(exist_ok=True)
         for stale in log_dir.glob("*.log"):

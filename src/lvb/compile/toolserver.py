@@ -24,8 +24,21 @@ def _preload() -> None:
     from tools import model_deploy  # noqa: F401
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent goes, so a killed `lvb compile`
+    does not leave tools running into its next run."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _child(request: dict) -> None:
     code = 1
+    _die_with_parent()
     try:
         os.chdir(request["cwd"])
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -48,6 +61,7 @@ def _child(request: dict) -> None:
 
 
 def main() -> None:
+    _die_with_parent()
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     _preload()

@@ -156,6 +156,8 @@ class Exporter:
             raise ExportError(f"--chunk {settings.chunk} must be between 1 and --seq {settings.seq}")
         self.out = self.work / "export"
         self.out.mkdir(parents=True, exist_ok=True)
+        for leftover in self.out.glob(".*.tmp-*"):  # from an interrupted run; never trusted
+            shutil.rmtree(leftover, ignore_errors=True)
         self.manifest = load_manifest(self.work)
         self.weights = CheckpointWeights(self.model_dir, self.manifest.get("weight_digests", {}))
         self.versions = exporter_versions()
@@ -231,7 +233,7 @@ class Exporter:
         rng = np.random.default_rng(int.from_bytes(hashlib.sha256(net.name.encode()).digest()[:4], "little"))
         inputs = part.dummy_inputs(net, self.spec, rng)
         final = self.out / net.name
-        tmp = self.out / f".{net.name}.tmp"
+        tmp = self.out / f".{net.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         onnx_path = tmp / f"{net.name}.onnx"
