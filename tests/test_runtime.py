@@ -183,3 +183,27 @@ def test_chat_cli_reports_errors_and_goes_on(export_factory, checkpoint_factory,
     assert result.exit_code == 0, result.output
     assert "missing.png" in result.output  # reported ...
     assert result.output.count("tokens/s") == 2  # ... and the chat went on
+
+
+def test_device_style_token_picking_gives_the_same_tokens(setup):
+    """The sail path keeps logits on the device and picks greedy tokens with the greedy head."""
+    checkpoint, engine, _ = setup
+    on_host = Session(checkpoint, engine).ask("What is in the picture?", image=picture(8), max_new_tokens=8).tokens
+    engine.logits_on_host = False
+    try:
+        on_device = Session(checkpoint, engine).ask("What is in the picture?", image=picture(8), max_new_tokens=8).tokens
+    finally:
+        engine.logits_on_host = True
+    assert on_device == on_host
+
+
+def test_simulator_backend_runs_a_chat(compile_factory, checkpoint_factory):
+    """The same session on the BM1684X simulator, through the compiled bmodel."""
+    bmodel = compile_factory("gqa2-cross-last", "int8")
+    with open_engine("cmodel", bmodel=bmodel) as engine:
+        session = Session(Checkpoint.load(checkpoint_factory("gqa2-cross-last")), engine)
+        first = session.ask("What is in the picture?", image=picture(9), max_new_tokens=3)
+        second = session.ask("More?", max_new_tokens=2)
+    assert len(first.tokens) == 3 and len(second.tokens) == 2
+    assert second.stats.prefilled_tokens <= second.stats.prompt_tokens - first.stats.prompt_tokens
+    assert first.stats.first_token_seconds > 0

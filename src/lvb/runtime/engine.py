@@ -58,6 +58,10 @@ class Resident:
 
 class Engine(ABC):
     backend: str
+    # Where the logits already are: on the host (onnxruntime, the simulator's worker),
+    # picking the token there saves a net call; on a device, the greedy head saves
+    # copying the logits out.
+    logits_on_host: bool = True
 
     @property
     @abstractmethod

@@ -304,6 +304,8 @@ class Session:
                     0: Resident(hidden), 1: Resident(f"k{layer}", past, count), 2: Resident(f"v{layer}", past, count)})
 
     def _next_token(self, hidden: Resident, sampler: Sampler, history: Sequence[int]) -> int:
+        if self.engine.logits_on_host:
+            return sampler(self.engine.run("lm_head", {"hidden_states": hidden})[0][0], history)
         self.engine.run("lm_head", {"hidden_states": hidden}, store={0: Resident("logits")})
         config = sampler.config
         if not config.do_sample and config.repetition_penalty == 1.0:

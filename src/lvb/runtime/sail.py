@@ -102,6 +102,7 @@ class _Slot:
 
 class SailEngine(Engine):
     backend = "sail"
+    logits_on_host = False
 
     def __init__(self, bmodel: str | Path, device_id: int = 0):
         try:
