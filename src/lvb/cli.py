@@ -328,6 +328,53 @@ def chat(
             _print_stats(reply)
 
 
+@app.command()
+def verify(
+    model: ModelOption,
+    work: Annotated[Path, typer.Option("--work", help="Work directory of `lvb export` and `lvb compile`.")],
+    quant: Annotated[str, typer.Option(help="Which compiled bmodel to check: int4, int8 or bf16.")] = "int4",
+    backend: Annotated[str, typer.Option(help="cmodel (simulator), sail (device) or onnxruntime (the ONNX nets only).")] = "cmodel",
+    pictures: Annotated[int, typer.Option(help="Fresh pictures for the task accuracy, when the checkpoint has a task.")] = 100,
+    toolchain: ToolchainOption = None,
+) -> None:
+    """Check every hop (PyTorch, onnxruntime, bmodel) per net and whole answers; write report.json and report.html."""
+    from lvb.toolchain import find_toolchain
+    from lvb.verify import verify as run_verify
+
+    try:
+        with _progress() as progress:
+            task = progress.add_task("verifying", total=None, detail="")
+            data = run_verify(model, work, quant=quant, backend=backend, pictures=pictures,
+                              toolchain=find_toolchain(toolchain) if backend == "cmodel" else None,
+                              progress=lambda what, i, t: progress.update(task, completed=i, total=t, detail=what))
+    except LvbError as e:
+        raise fail(str(e))
+    table = Table(title=f"per net: cosine similarity ({data['backend']}{', ' + data['bmodel'] if data['bmodel'] else ''})")
+    for column in ("net", "quant", "PyTorch vs ORT", "ORT vs bmodel", "bmodel vs fp32"):
+        table.add_column(column)
+    fmt = lambda v: "-" if v is None else f"{v:.6f}"  # noqa: E731
+    for part in data["parts"]:
+        style = "red" if part["misses"] else None
+        table.add_row(part["net"], part["quant"] or "-", fmt(part["torch_vs_onnx"]), fmt(part["onnx_vs_bmodel"]),
+                      fmt(part["bmodel_vs_fp32"]), style=style)
+    console.print(table)
+    answers = Table(title=f"answers vs transformers' generate: agreement {data['agreement']:.2f} (needs {data['min_agreement']})")
+    for column in ("prompt", "agreement", "answer"):
+        answers.add_column(column)
+    for answer in data["answers"]:
+        answers.add_row(answer["name"], fmt(answer["agreement"]), answer["text"][:60])
+    console.print(answers)
+    if data["task"]:
+        t = data["task"]
+        console.print(f"task accuracy: {t['correct']}/{t['pictures']} = {t['accuracy']:.1%} (needs {t['min_accuracy']:.0%})")
+    console.print(f"reports: {data['directory']}/report.json, report.html{' (cached: nothing changed)' if data.get('cached') else ''}")
+    if data["misses"]:
+        for miss in data["misses"]:
+            errors.print(f"[bold red]✗[/] {miss}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
+    console.print("[bold green]✓ lvb verify: every threshold met[/]")
+
+
 def _bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":

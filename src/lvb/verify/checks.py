@@ -1,0 +1,231 @@
+"""The checks `lvb verify` runs: every hop of every net, then whole answers.
+
+Per net: PyTorch (transformers' layers, streamed from the checkpoint) against
+onnxruntime, and onnxruntime (with the bmodel's weight quantization, see
+lvb.compile.reference) against the bmodel on the chosen backend, on the
+inputs the export checked it with. End to end: greedy answers of the runtime
+against transformers' generate over fixed prompts and pictures, and task
+accuracy when the checkpoint declares a task (the toy does).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lvb.compile.compiler import MIN_COSINE
+from lvb.contract import Kind
+from lvb.errors import LvbError
+
+# Token agreement (mean share of each reference answer reproduced before the first
+# difference) with transformers' fp32 generate, by what runs the blocks. Chosen
+# from the toy's measurements (README, "Thresholds").
+MIN_AGREEMENT = {"onnxruntime": 1.0, "bf16": 0.9, "int8": 0.8, "int4": 0.6}
+NEW_TOKENS = 16
+
+
+class VerifyError(LvbError):
+    pass
+
+
+@dataclass
+class PartResult:
+    net: str
+    kind: str
+    layer: int | None
+    quant: str | None
+    torch_vs_onnx: float
+    onnx_vs_bmodel: float | None = None
+    bmodel_vs_fp32: float | None = None
+    max_abs_err: float | None = None
+    misses: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AnswerResult:
+    name: str
+    reference: list[int]
+    got: list[int]
+    agreement: float | None  # None: the prompt did not fit the compiled sequence
+    text: str
+
+
+@dataclass
+class Report:
+    model: str
+    backend: str
+    bmodel: str | None
+    quant: str | None
+    parts: list[PartResult] = field(default_factory=list)
+    answers: list[AnswerResult] = field(default_factory=list)
+    agreement: float | None = None
+    min_agreement: float | None = None
+    task: dict | None = None
+    misses: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.misses
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"ok": self.ok}
+
+
+def _compare(reference, got) -> dict:
+    from lvb.export.exporter import compare
+
+    return compare(reference, got)
+
+
+def check_parts(model_dir: Path, work: Path, engine, compiled: dict | None, progress=None) -> list[PartResult]:
+    """Both hops of every exported net, on the inputs the export checked it with."""
+    import gc
+
+    import onnxruntime
+    from transformers import MllamaConfig
+
+    from lvb.compile.reference import BITS, quantized_reference
+    from lvb.contract import NetSpec
+    from lvb.export.parts import PARTS
+    from lvb.export.weights import CheckpointWeights
+    from lvb.patches import patched
+    from lvb.runtime.engine import TensorInfo
+    from lvb.spec import ModelSpec
+
+    export = json.loads((work / "export" / "manifest.json").read_text())["nets"]
+    spec = ModelSpec.from_dir(model_dir)
+    config = MllamaConfig.from_pretrained(model_dir)
+    for sub in (config, config.text_config, config.vision_config):
+        sub._attn_implementation = "eager"
+    weights = CheckpointWeights(model_dir)
+    results = []
+    with patched():
+        for index, (name, entry) in enumerate(export.items()):
+            if progress:
+                progress(name, index, len(export))
+            net = NetSpec(name, Kind(entry["kind"]), entry["layer"],
+                          tuple(TensorInfo.from_json(t) for t in entry["inputs"]),
+                          tuple(TensorInfo.from_json(t) for t in entry["outputs"]))
+            check = np.load(work / "export" / name / "check.npz")
+            feeds = {k[3:]: check[k] for k in check.files if k.startswith("in.")}
+            part = PARTS[net.kind]
+            module = part.build(net, config, weights)
+            import torch
+
+            with torch.no_grad():
+                expected = module(*(torch.from_numpy(feeds[t.name]) for t in net.inputs))
+            expected = [o.numpy() for o in (expected if isinstance(expected, tuple) else (expected,))]
+            del module
+            gc.collect()
+            onnx_path = work / "export" / entry["file"]
+            options = onnxruntime.SessionOptions()
+            options.log_severity_level = 3
+            fp32 = onnxruntime.InferenceSession(str(onnx_path), options).run(None, feeds)
+            hop1 = _compare(expected, fp32)
+            result = PartResult(name, net.kind.value, net.layer, None, hop1["cosine"])
+            if hop1["cosine"] < part.min_cosine:
+                result.misses.append(f"{name}: PyTorch vs onnxruntime cosine {hop1['cosine']:.6f} < {part.min_cosine}")
+            if compiled is not None:
+                quant = compiled["nets"][name]["quant"]
+                got = engine.run(name, feeds)
+                reference = quantized_reference(onnx_path, feeds, quant, compiled["settings"]["group_size"]) if quant in BITS else fp32
+                if net.kind is Kind.GREEDY_HEAD:
+                    hop2 = {"cosine": float(np.array_equal(np.asarray(got[0]).ravel(), np.asarray(fp32[0]).ravel())), "max_abs_err": 0.0}
+                else:
+                    hop2 = _compare(reference, got)
+                result.quant = quant
+                result.onnx_vs_bmodel = hop2["cosine"]
+                result.max_abs_err = hop2["max_abs_err"]
+                result.bmodel_vs_fp32 = hop2["cosine"] if net.kind is Kind.GREEDY_HEAD else _compare(fp32, got)["cosine"]
+                if hop2["cosine"] < MIN_COSINE[quant]:
+                    result.misses.append(
+                        f"{name}: onnxruntime vs bmodel ({quant}) cosine {hop2['cosine']:.6f} < {MIN_COSINE[quant]}")
+            results.append(result)
+    return results
+
+
+def _pictures():
+    """A real photograph and a synthetic picture, the same every run."""
+    from PIL import Image
+
+    import skimage.data
+    from lvb.testing.shapes import draw
+
+    photo = Image.open(Path(skimage.data.__file__).parent / "astronaut.png").convert("RGB")
+    synthetic, _ = draw(np.random.default_rng(7))
+    return {"photo": photo, "synthetic": synthetic}
+
+
+def conversations(question: str):
+    pictures = _pictures()
+    return {
+        "photo": [(question, pictures["photo"])],
+        "synthetic": [(question, pictures["synthetic"])],
+        "text only": [("Hello, how are you today?", None)],
+        "two turns": [(question, pictures["synthetic"]), ("Tell me more.", None)],
+    }
+
+
+def check_answers(model_dir: Path, session, question: str) -> list[AnswerResult]:
+    """Greedy answers of the runtime against transformers' generate, turn by turn."""
+    import torch
+    from transformers import AutoProcessor, MllamaForConditionalGeneration
+
+    from lvb.runtime.pipeline import ChatError
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = MllamaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    results = []
+    for name, turns in conversations(question).items():
+        session.reset()
+        messages, images = [], []
+        for index, (text, image) in enumerate(turns):
+            label = name if len(turns) == 1 else f"{name}, turn {index + 1}"
+            try:
+                reply = session.ask(text, image=image, max_new_tokens=NEW_TOKENS)
+            except ChatError as e:  # a short --seq: reported, not a numerical miss
+                results.append(AnswerResult(label, [], [], None, f"skipped: {e}"))
+                break
+            messages.append({"role": "user", "content": ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]})
+            images += [image] if image else []
+            prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+            inputs = processor(text=prompt, images=images or None, return_tensors="pt", add_special_tokens=False)
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+            reference = out[0, inputs["input_ids"].shape[1]:].tolist()
+            same = 0
+            while same < min(len(reference), len(reply.tokens)) and reference[same] == reply.tokens[same]:
+                same += 1
+            results.append(AnswerResult(label, reference, reply.tokens, same / max(1, len(reference)), reply.text))
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": reply.text}]})
+    del model
+    return results
+
+
+def read_task(model_dir: Path) -> dict | None:
+    """A checkpoint that knows a task says so in lvb-task.json (the toy does)."""
+    path = Path(model_dir) / "lvb-task.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def task_accuracy(session, task: dict, pictures: int, seed: int = 20261125, progress=None) -> dict:
+    """Exact-answer accuracy on freshly drawn pictures (lvb.testing.shapes)."""
+    from lvb.testing.shapes import sample
+
+    if task.get("kind") != "shapes":
+        raise VerifyError(f"lvb-task.json names the task {task.get('kind')!r}; lvb knows 'shapes'")
+    correct, wrong = 0, []
+    for index, (image, answer) in enumerate(sample(pictures, seed)):
+        if progress:
+            progress(index, pictures)
+        session.reset()
+        got = session.ask(task["question"], image=image, max_new_tokens=task.get("max_new_tokens", 8)).text.strip()
+        if got == answer:
+            correct += 1
+        elif len(wrong) < 10:
+            wrong.append({"expected": answer, "got": got})
+    return {"pictures": pictures, "correct": correct, "accuracy": correct / pictures,
+            "min_accuracy": task.get("min_accuracy", 0.95), "examples_wrong": wrong}
