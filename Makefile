@@ -29,7 +29,7 @@ test: setup
 	$(VENV)/bin/python -m pytest
 
 demo: setup
-	$(VENV)/bin/lvb doctor
+	scripts/demo.sh
 
 clean:
-	rm -rf $(VENV) $(TPU_VENV)
+	rm -rf $(VENV) $(TPU_VENV) work

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The conversion pipeline a team runs on its checkpoint, stage by stage:
+# export, compile, verify. On a runner with an SC7 PCIe card BACKEND=sail runs
+# the bmodel on the card; our CPU CI runs the same script with BACKEND=cmodel
+# (the BM1684X simulator inside tpu-mlir). Any stage that misses a threshold
+# exits non-zero and stops the pipeline.
+#
+#   MODEL=path/to/checkpoint ci/pipeline.sh
+#
+# Settings (environment): MODEL (required), WORK (default work/<model name>),
+# QUANT (int4), SEQ (512), CHUNK (128), BACKEND (sail), PICTURES (100, for a
+# checkpoint that declares a task), LVB (the lvb command, default .venv/bin/lvb).
+set -euo pipefail
+
+: "${MODEL:?set MODEL to the checkpoint folder}"
+WORK=${WORK:-work/$(basename "$MODEL")}
+QUANT=${QUANT:-int4}
+SEQ=${SEQ:-512}
+CHUNK=${CHUNK:-128}
+BACKEND=${BACKEND:-sail}
+PICTURES=${PICTURES:-100}
+LVB=${LVB:-.venv/bin/lvb}
+
+"$LVB" export --model "$MODEL" --out "$WORK" --seq "$SEQ" --chunk "$CHUNK"
+"$LVB" compile --work "$WORK" --quant "$QUANT" --seq "$SEQ"
+"$LVB" verify --model "$MODEL" --work "$WORK" --quant "$QUANT" --backend "$BACKEND" --pictures "$PICTURES"
