@@ -1,0 +1,52 @@
+"""`lvb verify`: the report, the thresholds, every miss listed."""
+
+import json
+import shutil
+
+import onnx
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+from lvb.cli import app
+
+runner = CliRunner()
+
+
+def test_onnxruntime_verify_passes_and_writes_reports(export_factory, checkpoint_factory):
+    model, work = checkpoint_factory("gqa4-cross-pair"), export_factory("gqa4-cross-pair")
+    args = ["verify", "--model", str(model), "--work", str(work), "--backend", "onnxruntime"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((work / "verify" / "onnxruntime" / "report.json").read_text())
+    assert report["ok"] and report["agreement"] == 1.0
+    assert [p["net"] for p in report["parts"]] == list(json.loads((work / "export" / "manifest.json").read_text())["nets"])
+    html = (work / "verify" / "onnxruntime" / "report.html").read_text()
+    assert "<svg" in html and "block_cache_4" in html and "http" not in html.replace("http://www.w3.org/2000/svg", "")
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "cached" in again.output
+
+
+def test_every_miss_is_listed(export_factory, checkpoint_factory, tmp_path):
+    """A wrong net: its own check fails and so do the answers; both are reported, exit 1."""
+    model = checkpoint_factory("gqa2-cross-last")
+    work = tmp_path / "work"
+    shutil.copytree(export_factory("gqa2-cross-last") / "export", work / "export")
+    path = work / "export" / "block_cache_0" / "block_cache_0.onnx"
+    broken = onnx.load(path)
+    for init in broken.graph.initializer:
+        if len(init.dims) == 2:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+    onnx.save(broken, path)
+    result = runner.invoke(app, ["verify", "--model", str(model), "--work", str(work), "--backend", "onnxruntime"])
+    assert result.exit_code == 1
+    assert "block_cache_0: PyTorch vs onnxruntime cosine" in result.output
+    assert "token agreement with transformers" in result.output
+    report = json.loads((work / "verify" / "onnxruntime" / "report.json").read_text())
+    assert len(report["misses"]) >= 2 and not report["ok"]
+
+
+def test_verify_without_a_compile_names_the_fix(export_factory, checkpoint_factory, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(export_factory("mha-cross-first") / "export", work / "export")
+    result = runner.invoke(app, ["verify", "--model", str(checkpoint_factory("mha-cross-first")), "--work", str(work)])
+    assert result.exit_code == 1 and "holds no int4 bmodel; run `lvb compile" in result.output
