@@ -207,7 +207,7 @@ class ToolServer:
     def run(self, tool: str, args: list[str], cwd: Path, log: Path) -> None:
         with open(log, "a") as out:
             out.write(f"$ {tool} {' '.join(args)}\n")
-        request = {"script": str(self.tools / tool), "argv": args, "cwd": str(cwd), "log": str(log)}
+        request = {"script": str(self.tools / tool), "argv": args, "cwd": str(Path(cwd).resolve()), "log": str(Path(log).resolve())}
         try:
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()

@@ -166,7 +166,7 @@ class Compiler:
     def __init__(self, work: Path, settings: CompileSettings, toolchain: Toolchain, seq: int | None = None):
         from lvb.export.exporter import load_manifest
 
-        self.work, self.settings, self.toolchain = Path(work), settings, toolchain
+        self.work, self.settings, self.toolchain = Path(work).resolve(), settings, toolchain
         if settings.chip not in CHIPS:
             raise CompileError(f"--chip {settings.chip} is not supported; lvb targets {', '.join(CHIPS)}")
         for option, value in (("--quant", settings.quant), ("--vision-quant", settings.vision_quant),
