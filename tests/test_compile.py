@@ -77,8 +77,10 @@ def test_killed_halfway_resumes_to_the_same_result(export_factory, compile_facto
     clean = compile_factory(name, "int4")
     work = tmp_path / "work"
     shutil.copytree(export_factory(name) / "export", work / "export")
-    command = [sys.executable, "-m", "lvb.cli", "compile", "--work", str(work), "--quant", "int4", "--jobs", "2"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # A relative --work, as in ci/pipeline.sh: the tool server's children change directory.
+    command = [sys.executable, "-m", "lvb.cli", "compile", "--work", "work", "--quant", "int4", "--jobs", "2"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
     deadline = time.time() + 600
     while len(list((work / "compile").glob("*/*/result.json"))) < 4 and time.time() < deadline:
         time.sleep(0.2)
@@ -86,7 +88,7 @@ def test_killed_halfway_resumes_to_the_same_result(export_factory, compile_facto
     process.wait()
     finished = len(list((work / "compile").glob("*/*/result.json")))
     assert 4 <= finished < len(json.loads((work / "export" / "manifest.json").read_text())["nets"])
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     resumed = work / clean.name
     assert bmodel_digest(resumed) == bmodel_digest(clean)
