@@ -35,7 +35,7 @@ def test_every_net_is_exported_and_matches_pytorch(name, export_factory, checkpo
         assert entry["check"]["cosine"] >= 0.99999, net.name
     # Cross-attention K/V stay at the KV heads, never repeated to the query heads.
     for layer in spec.text.cross_attention_layers:
-        cross_k = manifest["nets"][f"block_{layer}"]["outputs"][1]
+        cross_k = manifest["nets"][f"cross_kv_{layer}"]["outputs"][0]
         assert cross_k["shape"] == [1, spec.vision.tokens_per_image, spec.text.num_kv_heads, spec.text.head_dim]
 
 
@@ -80,7 +80,7 @@ def test_unchanged_nets_are_not_exported_again(checkpoint_factory, tmp_path, mon
 
 def test_interrupted_export_leaves_only_finished_nets(checkpoint_factory, tmp_path, monkeypatch):
     model = checkpoint_factory("mha-cross-first")
-    real = exporter.Exporter._export_one
+    real = exporter.Exporter._check_and_keep
     finished = []
 
     def dies_on_the_fourth(self, net, *args):
@@ -89,7 +89,7 @@ def test_interrupted_export_leaves_only_finished_nets(checkpoint_factory, tmp_pa
         real(self, net, *args)
         finished.append(net.name)
 
-    monkeypatch.setattr(exporter.Exporter, "_export_one", dies_on_the_fourth)
+    monkeypatch.setattr(exporter.Exporter, "_check_and_keep", dies_on_the_fourth)
     with pytest.raises(KeyboardInterrupt):
         export(model, tmp_path, seq=SEQ, chunk=CHUNK)
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
@@ -120,8 +120,8 @@ def test_streaming_reads_one_layer_at_a_time(checkpoint_factory, tmp_path, monke
 
     monkeypatch.setattr(CheckpointWeights, "load", recording)
     export(model, tmp_path, seq=SEQ, chunk=CHUNK)
-    layer_prefixes = [p for p, _ in loads if ".layers." in p and p.startswith("language_model")]
-    assert sorted(set(layer_prefixes)) == sorted(f"language_model.model.layers.{i}." for i in range(spec.text.num_layers))
+    layers = {int(p.split(".layers.")[1].split(".")[0]) for p, _ in loads if p.startswith("language_model.model.layers.")}
+    assert layers == set(range(spec.text.num_layers))  # every layer read by a prefix of its own
     assert max(n for _, n in loads) < total / 2  # never the whole model, or anything near it
 
 
@@ -192,3 +192,28 @@ def test_bad_input_gives_one_line(tmp_path, checkpoint_factory):
 
     assert "--seq 8 is too short" in _cli_error(["--model", str(model), "--out", str(out), "--seq", "8"])
     assert not (out / "export" / "manifest.json").exists() or not json.loads((out / "export" / "manifest.json").read_text()).get("nets")
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_vision_chain_equals_the_whole_transformers_tower(name, export_factory, checkpoint_factory):
+    """The per-layer vision nets, run in a chain by onnxruntime, give transformers' tower + projector."""
+    from PIL import Image
+    from transformers import AutoProcessor, MllamaForConditionalGeneration
+
+    from lvb.runtime.backends import open_engine
+    from lvb.runtime.pipeline import Checkpoint, Session
+
+    model_dir = checkpoint_factory(name)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = MllamaForConditionalGeneration.from_pretrained(model_dir).eval()
+    picture = Image.fromarray((np.random.default_rng(3).random((40, 150, 3)) * 255).astype(np.uint8))
+    inputs = processor(images=picture, return_tensors="pt")
+    with torch.no_grad():
+        states = model.model.vision_model(pixel_values=inputs["pixel_values"], aspect_ratio_ids=inputs["aspect_ratio_ids"],
+                                          aspect_ratio_mask=inputs["aspect_ratio_mask"]).last_hidden_state
+        expected = model.model.multi_modal_projector(states).reshape(1, -1, model.config.text_config.hidden_size).numpy()
+    with open_engine("onnxruntime", onnx_work=export_factory(name)) as engine:
+        session = Session(Checkpoint.load(model_dir), engine)
+        session._run_vision(session._process_image(picture))
+        got = engine.read("cross_states")
+    assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())

@@ -3,13 +3,19 @@ for the exporter, the compiler, the runtime and the checks.
 
 Shapes use S = the compiled sequence (KV-cache slots), C = the prefill chunk,
 D = text hidden size, KV = key/value heads, d = head dim, V = vision tokens
-of one image (tiles x patches per tile), T = max tiles, I = tile side.
+of one image (tiles x patches per tile), T = max tiles, I = tile side,
+W = vision hidden size, N = T x patches per tile padded as the tower pads them.
+
+The vision tower is a chain of nets, one per encoder layer, so that it streams
+like the text layers: `vision_embed`, `vision_layer_{j}`, `vision_post`,
+`vision_global_{j}`, `vision_head` (which also applies the projector).
 
 Prefill is chunked: `block_{i}` takes C new tokens against the whole cache
 (S slots, masked to the filled ones), so the first prompt and every later
 turn use the same nets, and a short turn costs C tokens, not S.
-`block_cache_{i}` is the same computation for one token. Cross-attention
-K/V stay at KV heads; the nets repeat them to the query heads inside.
+`block_cache_{i}` is the same computation for one token. A cross-attention
+layer's K/V depend only on the image: `cross_kv_{i}` computes them once per
+image, at KV heads, and its blocks repeat them to the query heads inside.
 """
 
 from __future__ import annotations
@@ -27,19 +33,29 @@ MASK_VALUE = -10000.0
 
 
 class Kind(str, Enum):
-    VISION = "vision"
+    VISION_EMBED = "vision_embed"
+    VISION_LAYER = "vision_layer"
+    VISION_POST = "vision_post"
+    VISION_GLOBAL = "vision_global"
+    VISION_HEAD = "vision_head"
     EMBED = "embed"
     EMBED_CACHE = "embed_cache"
     SELF_PREFILL = "self_prefill"
     SELF_DECODE = "self_decode"
+    CROSS_KV = "cross_kv"
     CROSS_PREFILL = "cross_prefill"
     CROSS_DECODE = "cross_decode"
     LM_HEAD = "lm_head"
     GREEDY_HEAD = "greedy_head"
 
     @property
-    def is_block(self) -> bool:
-        return self in (Kind.SELF_PREFILL, Kind.SELF_DECODE, Kind.CROSS_PREFILL, Kind.CROSS_DECODE)
+    def is_vision(self) -> bool:
+        return self.value.startswith("vision")
+
+    @property
+    def is_decoder(self) -> bool:
+        """Part of a decoder layer: quantized with --quant."""
+        return self in (Kind.SELF_PREFILL, Kind.SELF_DECODE, Kind.CROSS_KV, Kind.CROSS_PREFILL, Kind.CROSS_DECODE)
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,26 @@ def _t(name: str, *shape: int, dtype: str = "float32") -> TensorInfo:
     return TensorInfo(name, tuple(shape), dtype)
 
 
+def padded_patches(patches_per_tile: int) -> int:
+    """transformers' vision tower pads each tile's patches to a multiple of 8."""
+    return patches_per_tile + (8 - patches_per_tile % 8) % 8
+
+
+def vision_nets(spec: ModelSpec) -> list[NetSpec]:
+    t, v = spec.text, spec.vision
+    T, I, W = v.max_num_tiles, v.image_size, v.hidden_size
+    N = T * padded_patches(v.patches_per_tile)
+    ids, tiles = _t("aspect_ratio_ids", 1, 1, dtype="int32"), _t("aspect_ratio_mask", 1, 1, T, dtype="int32")
+    hidden = _t("hidden_states", 1, N, W)
+    nets = [NetSpec("vision_embed", Kind.VISION_EMBED, None, (_t("pixel_values", 1, 1, T, v.num_channels, I, I), ids), (hidden,))]
+    nets += [NetSpec(f"vision_layer_{j}", Kind.VISION_LAYER, j, (hidden, tiles), (hidden,)) for j in range(v.num_layers)]
+    nets.append(NetSpec("vision_post", Kind.VISION_POST, None, (hidden, ids), (hidden,)))
+    nets += [NetSpec(f"vision_global_{j}", Kind.VISION_GLOBAL, j, (hidden, tiles), (hidden,)) for j in range(v.num_global_layers)]
+    intermediate = tuple(_t(f"layer_{j}", 1, N, W) for j in v.intermediate_layers_indices)
+    nets.append(NetSpec("vision_head", Kind.VISION_HEAD, None, (hidden, *intermediate), (_t("cross_states", 1, v.tokens_per_image, t.hidden_size),)))
+    return nets
+
+
 def block_name(layer: int, decode: bool) -> str:
     return f"block_cache_{layer}" if decode else f"block_{layer}"
 
@@ -73,20 +109,15 @@ def plan(spec: ModelSpec, seq: int, chunk: int) -> list[NetSpec]:
     if not 1 <= chunk <= seq:
         raise ValueError(f"chunk {chunk} must be between 1 and seq {seq}")
     t, v = spec.text, spec.vision
-    D, KV, d, V, T, I = t.hidden_size, t.num_kv_heads, t.head_dim, v.tokens_per_image, v.max_num_tiles, v.image_size
+    D, KV, d, V = t.hidden_size, t.num_kv_heads, t.head_dim, v.tokens_per_image
     S = seq
-    nets = [
-        NetSpec(
-            "vision",
-            Kind.VISION,
-            None,
-            (
-                _t("pixel_values", 1, 1, T, v.num_channels, I, I),
-                _t("aspect_ratio_ids", 1, 1, dtype="int32"),
-                _t("aspect_ratio_mask", 1, 1, T, dtype="int32"),
-            ),
-            (_t("cross_states", 1, V, D),),
-        ),
+    nets = vision_nets(spec)
+    nets += [
+        NetSpec(f"cross_kv_{layer}", Kind.CROSS_KV, layer, (_t("cross_states", 1, V, D),),
+                (_t("cross_k", 1, V, KV, d), _t("cross_v", 1, V, KV, d)))
+        for layer in t.cross_attention_layers
+    ]
+    nets += [
         NetSpec("embed", Kind.EMBED, None, (_t("input_ids", 1, chunk, dtype="int32"),), (_t("hidden_states", 1, chunk, D),)),
         NetSpec("embed_cache", Kind.EMBED_CACHE, None, (_t("input_ids", 1, 1, dtype="int32"),), (_t("hidden_states", 1, 1, D),)),
     ]
@@ -95,16 +126,14 @@ def plan(spec: ModelSpec, seq: int, chunk: int) -> list[NetSpec]:
             C = 1 if decode else chunk
             if t.is_cross(layer):
                 kind = Kind.CROSS_DECODE if decode else Kind.CROSS_PREFILL
-                image = (_t("cross_k", 1, V, KV, d), _t("cross_v", 1, V, KV, d)) if decode else (_t("cross_states", 1, V, D),)
                 inputs = (
                     _t("hidden_states", 1, C, D),
-                    *image,
+                    _t("cross_k", 1, V, KV, d),
+                    _t("cross_v", 1, V, KV, d),
                     _t("cross_attention_mask", 1, 1, C, V),
                     _t("text_row_mask", 1, 1, C, 1),
                 )
-                outputs = (_t("hidden_states", 1, C, D),) + (
-                    () if decode else (_t("cross_k", 1, V, KV, d), _t("cross_v", 1, V, KV, d))
-                )
+                outputs = (_t("hidden_states", 1, C, D),)
             else:
                 kind = Kind.SELF_DECODE if decode else Kind.SELF_PREFILL
                 inputs = (

@@ -45,7 +45,13 @@ MIN_COSINE = {"f32": 0.9999, "bf16": 0.995, "int8": 0.995, "int4": 0.995}
 # grouping miscompiles some nets (the vision tower, measured), so that one
 # starts without it.
 LADDER: tuple[tuple[str, ...], ...] = ((), ("--disable_layer_group",))
-START = {Kind.VISION: 1}
+# model_transform.py options by net kind. Its ONNX simplifier holds ~11 bytes per
+# weight byte: ~24 GB for an 11B vocabulary table (bench/transform_memory.py);
+# these nets are a gather and a matmul with nothing to simplify. Other nets need it.
+TRANSFORM_OPTIONS: dict[Kind, tuple[str, ...]] = {
+    kind: ("--do_onnx_sim", "") for kind in (Kind.EMBED, Kind.EMBED_CACHE, Kind.LM_HEAD)
+}
+START = {kind: 1 for kind in Kind if kind.is_vision}
 
 
 class CompileError(LvbError, RuntimeError):
@@ -69,10 +75,11 @@ class CompileSettings:
     check: bool = True
 
     def quant_of(self, kind: Kind) -> str:
-        if kind.is_block:
+        if kind.is_decoder:
             return self.quant
+        if kind.is_vision:
+            return self.vision_quant
         return {
-            Kind.VISION: self.vision_quant,
             Kind.EMBED: self.embed_quant,
             Kind.EMBED_CACHE: self.embed_quant,
             Kind.LM_HEAD: self.head_quant,
@@ -130,16 +137,17 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def default_jobs(largest_net_bytes: int) -> int:
-    """As many jobs as cores, fewer when free memory cannot hold them: tpu-mlir
-    holds a net's weights several times over (fp32 npz, quantized copies)."""
+def default_jobs(largest_job_bytes: int) -> int:
+    """As many jobs as cores, fewer when free memory cannot hold them. A job's need is
+    estimated from its ONNX size: tpu-mlir's transform peaks at ~11 bytes per byte of
+    fp32 weights, ~5 without the simplifier (bench/README.md)."""
     cores = os.cpu_count() or 1
     try:
         with open("/proc/meminfo") as f:
             available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
     except (OSError, StopIteration):
         return max(1, cores // 2)
-    per_job = 4 * largest_net_bytes + (1 << 30)
+    per_job = largest_job_bytes + (1 << 30)
     return max(1, min(cores, available // per_job))
 
 
@@ -207,12 +215,13 @@ class Compiler:
     # -- one net ---------------------------------------------------------------
 
     def _mlir(self, job: NetJob, log: Path, server: ToolServer | None) -> Path:
-        folder = self.out / job.name / f"mlir-{_key(job.export_key, self.toolchain_version)}"
+        options = TRANSFORM_OPTIONS.get(job.kind, ())
+        folder = self.out / job.name / f"mlir-{_key(job.export_key, self.toolchain_version, options)}"
         mlir = folder / f"{job.name}.mlir"
         if mlir.is_file():
             return mlir
         tmp = _scratch(folder)
-        transform(self.toolchain, job.onnx, tmp, job.name, job.input_shapes, log, server)
+        transform(self.toolchain, job.onnx, tmp, job.name, job.input_shapes, log, server, options)
         os.replace(tmp, folder)
         return mlir
 
@@ -299,8 +308,8 @@ class Compiler:
         log_dir.mkdir(exist_ok=True)
         for stale in log_dir.glob("*.log"):
             stale.unlink()
-        largest = max(j.onnx.stat().st_size + sum(p.stat().st_size for p in j.onnx.parent.glob("*.data")) for j in self.jobs)
-        workers = jobs or default_jobs(largest)
+        workers = jobs or default_jobs(max(
+            (5 if j.kind in TRANSFORM_OPTIONS else 12) * sum(p.stat().st_size for p in j.onnx.parent.iterdir()) for j in self.jobs))
         running: list[str] = []
         done = 0
         lock = threading.Lock()

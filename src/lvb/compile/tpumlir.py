@@ -33,11 +33,11 @@ def shapes_arg(shapes: list[tuple[int, ...]]) -> str:
 
 
 def transform(toolchain: Toolchain, onnx_path: Path, work: Path, name: str, input_shapes, log: Path,
-              server: ToolServer | None = None) -> Path:
+              server: ToolServer | None = None, extra: tuple[str, ...] = ()) -> Path:
     """ONNX -> top-level MLIR (quantization-independent, so cached apart from deploy)."""
     mlir = work / f"{name}.mlir"
     args = ["--model_name", name, "--model_def", str(onnx_path.resolve()), "--input_shapes", shapes_arg(input_shapes),
-            "--mlir", mlir.name]
+            "--mlir", mlir.name, *extra]
     toolchain.python_tool("model_transform.py", args, work, log, server)
     return mlir
 

@@ -204,42 +204,49 @@ class Exporter:
         self._save_manifest()
         config = self._config() if todo else None
         done = len(self.nets) - len(todo)
-        # Nets of one layer share their weights: build the module once for both.
+        # The nets of one part that share a module (a layer's prefill and decode, the two
+        # embeddings) are built from the streamed weights once.
         groups: dict[tuple, list[NetSpec]] = {}
         for net in todo:
-            same_module = net.kind in (Kind.SELF_PREFILL, Kind.SELF_DECODE, Kind.EMBED, Kind.EMBED_CACHE)
-            groups.setdefault((net.layer, net.kind.is_block, same_module) if same_module else (net.name,), []).append(net)
+            part = PARTS[net.kind]
+            groups.setdefault((part.__class__, net.layer, None if part.shared_module else net.kind), []).append(net)
         with patched():
             for nets in groups.values():
                 started = time.perf_counter()
                 part = PARTS[nets[0].kind]
-                module = part.build(nets[0], config, self.weights)
-                build_seconds = time.perf_counter() - started
+                module = part.build(nets[0], self.spec, config, self.weights)
+                traced = []
                 for net in nets:
                     if progress:
                         progress(net.name, done, len(self.nets))
-                    if net is not nets[0] and net.kind in (Kind.CROSS_PREFILL, Kind.CROSS_DECODE):
-                        module = part.build(net, config, self.weights)
-                    self._export_one(net, module, part, keys[net.name], build_seconds / len(nets))
-                    done += 1
+                    traced.append(self._trace(net, module, part))
+                # The weights go before onnxruntime loads its own copy: at 11B widths an
+                # embedding table is 2 GB in each.
                 del module
                 gc.collect()
+                seconds = (time.perf_counter() - started) / len(nets)
+                for pending in traced:
+                    self._check_and_keep(*pending, part, keys[pending[0].name], seconds)
+                    done += 1
         if progress:
             progress("", done, len(self.nets))
         return self.manifest
 
-    def _export_one(self, net: NetSpec, module, part, key: str, build_seconds: float) -> None:
-        started = time.perf_counter()
+    def _trace(self, net: NetSpec, module, part) -> tuple:
+        """PyTorch's outputs on the check inputs, and the ONNX file in a scratch folder."""
         rng = np.random.default_rng(int.from_bytes(hashlib.sha256(net.name.encode()).digest()[:4], "little"))
         inputs = part.dummy_inputs(net, self.spec, rng)
-        final = self.out / net.name
         tmp = self.out / f".{net.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        onnx_path = tmp / f"{net.name}.onnx"
         expected = _run_torch(module, net, inputs)
-        _export_onnx(module, net, inputs, onnx_path)
-        got = _run_onnxruntime(onnx_path, net, inputs)
+        _export_onnx(module, net, inputs, tmp / f"{net.name}.onnx")
+        return net, tmp, inputs, expected
+
+    def _check_and_keep(self, net: NetSpec, tmp: Path, inputs, expected, part, key: str, seconds: float) -> None:
+        """onnxruntime against PyTorch; only a net that passes is moved into place and named."""
+        started = time.perf_counter()
+        got = _run_onnxruntime(tmp / f"{net.name}.onnx", net, inputs)
         check = compare(expected, got)
         if check["cosine"] < part.min_cosine or check["max_rel_err"] > part.max_relative_error:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -248,13 +255,14 @@ class Exporter:
                 f"{check['max_abs_err']:.3g}; need cosine >= {part.min_cosine} and relative error <= {part.max_relative_error})"
             )
         np.savez(tmp / "check.npz", **{f"in.{k}": v for k, v in inputs.items()}, **{f"out.{i}": v for i, v in enumerate(got)})
+        final = self.out / net.name
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         self.manifest["nets"][net.name] = net.to_json() | {
             "file": f"{net.name}/{net.name}.onnx",
             "key": key,
             "check": check,
-            "seconds": round(time.perf_counter() - started + build_seconds, 3),
+            "seconds": round(time.perf_counter() - started + seconds, 3),
         }
         self._save_manifest()
 

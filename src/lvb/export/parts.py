@@ -58,16 +58,77 @@ def _head_major(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2)
 
 
-class VisionTower(nn.Module):
-    def __init__(self, vision, projector, hidden_size: int):
-        super().__init__()
-        self.vision, self.projector, self.hidden_size = vision, projector, hidden_size
+# The vision tower, one net per encoder layer. transformers' MllamaVisionModel.forward
+# runs them all in one call; the glue between its submodules is restated here step
+# for step (same modules, same order) so that each layer streams on its own, and
+# tests/test_export.py checks the chain against the whole transformers tower.
 
-    def forward(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
-        states = self.vision(
-            pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids.long(), aspect_ratio_mask=aspect_ratio_mask.long()
-        ).last_hidden_state
-        return self.projector(states).reshape(1, -1, self.hidden_size)
+
+class VisionEmbed(nn.Module):
+    """Patches, tile and position embeddings, class token, pre-norm, padding."""
+
+    def __init__(self, parts: nn.Module, tiles: int, padded: int):
+        super().__init__()
+        self.parts, self.tiles, self.padded = parts, tiles, padded
+
+    def forward(self, pixel_values, aspect_ratio_ids):
+        p = self.parts
+        ids = aspect_ratio_ids.reshape(1, -1).long()
+        _, _, tiles, channels, height, width = pixel_values.shape
+        patches = p.patch_embedding(pixel_values.reshape(tiles, channels, height, width)).flatten(2).transpose(1, 2)
+        dim = patches.shape[-1]
+        hidden = p.pre_tile_positional_embedding(patches.reshape(1, tiles, -1, dim), ids)
+        hidden = hidden.reshape(tiles, -1, dim)
+        hidden = torch.cat([p.class_embedding.expand(tiles, 1, dim), hidden], dim=1)
+        hidden = p.gated_positional_embedding(hidden.reshape(1, tiles, -1, dim), ids)
+        hidden = p.layernorm_pre(hidden)
+        hidden = nn.functional.pad(hidden, (0, 0, 0, self.padded - hidden.shape[2]), mode="constant", value=0)
+        return hidden.reshape(1, -1, dim)
+
+
+class VisionLayer(nn.Module):
+    """One local or global encoder layer; the tile mask is rebuilt from the tile flags."""
+
+    def __init__(self, layer: nn.Module, patches: int, padded: int):
+        super().__init__()
+        self.layer, self.patches, self.padded = layer, patches, padded
+
+    def forward(self, hidden_states, aspect_ratio_mask):
+        from transformers.models.mllama import modeling_mllama
+
+        mask = modeling_mllama._prepare_aspect_ratio_attention_mask(
+            aspect_ratio_mask.reshape(1, -1).long(), num_patches=self.patches, target_length=self.padded,
+            dtype=hidden_states.dtype,
+        )
+        return self.layer(hidden_states, attention_mask=mask)
+
+
+class VisionPost(nn.Module):
+    """Post-norm and the tile embedding before the global layers."""
+
+    def __init__(self, parts: nn.Module, tiles: int, padded: int):
+        super().__init__()
+        self.parts, self.tiles, self.padded = parts, tiles, padded
+
+    def forward(self, hidden_states, aspect_ratio_ids):
+        hidden = self.parts.layernorm_post(hidden_states)
+        hidden = hidden.reshape(1, self.tiles, self.padded, -1)
+        hidden = self.parts.post_tile_positional_embedding(hidden, aspect_ratio_ids.reshape(1, -1).long())
+        return hidden.reshape(1, self.tiles * self.padded, -1)
+
+
+class VisionHead(nn.Module):
+    """Drop the padding, join the intermediate layers' outputs, project to the text width."""
+
+    def __init__(self, projector: nn.Linear, tiles: int, patches: int, padded: int, text_hidden: int):
+        super().__init__()
+        self.projector, self.tiles, self.patches, self.padded, self.text_hidden = projector, tiles, patches, padded, text_hidden
+
+    def forward(self, hidden_states, *intermediate):
+        final = hidden_states.reshape(1, self.tiles, self.padded, -1)[:, :, : self.patches]
+        stacked = torch.stack(intermediate, dim=-1).reshape(1, self.tiles, self.padded, -1)[:, :, : self.patches]
+        states = torch.cat([final, stacked], dim=-1)
+        return self.projector(states).reshape(1, -1, self.text_hidden)
 
 
 class Embedding(nn.Module):
@@ -97,25 +158,29 @@ class SelfAttentionBlock(nn.Module):
         return hidden_states, _head_major(cache.new_k), _head_major(cache.new_v)
 
 
-class CrossAttentionPrefill(nn.Module):
-    def __init__(self, layer: nn.Module):
+class CrossKV(nn.Module):
+    """A cross-attention layer's K/V of one image, computed by transformers' own
+    attention module (its query side runs on a dummy token and is pruned from
+    the graph, since no output depends on it)."""
+
+    def __init__(self, attention: nn.Module, hidden_size: int):
         super().__init__()
-        self.layer = layer
+        self.attention, self.hidden_size = attention, hidden_size
 
-    def forward(self, hidden_states, cross_states, cross_attention_mask, text_row_mask):
-        cache = _KVCache(self.layer.layer_idx)
-        hidden_states = self.layer(
-            hidden_states,
+    def forward(self, cross_states):
+        cache = _KVCache(self.attention.layer_idx)
+        self.attention(
+            hidden_states=cross_states[:, :1],
             cross_attention_states=cross_states,
-            cross_attention_mask=cross_attention_mask,
-            attention_mask=None,
-            full_text_row_masked_out_mask=text_row_mask,
             cache=cache,
+            attention_mask=None,
         )
-        return hidden_states, _head_major(cache.new_k), _head_major(cache.new_v)
+        return _head_major(cache.new_k), _head_major(cache.new_v)
 
 
-class CrossAttentionDecode(nn.Module):
+class CrossAttentionBlock(nn.Module):
+    """C tokens (a prefill chunk) or one (decode) against the image's cached K/V."""
+
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer = layer
@@ -148,6 +213,8 @@ class GreedyHead(nn.Module):
 
 class Part:
     kinds: ClassVar[tuple[Kind, ...]]
+    # Whether the nets of one layer (all its kinds) are the same module at other shapes.
+    shared_module: ClassVar[bool] = True
     # onnxruntime vs PyTorch, both fp32: what "the same" means for this part.
     min_cosine: ClassVar[float] = 0.99999
     max_relative_error: ClassVar[float] = 1e-3  # of the largest reference magnitude
@@ -155,7 +222,7 @@ class Part:
     def weight_prefixes(self, net: NetSpec, spec: ModelSpec) -> tuple[str, ...]:
         raise NotImplementedError
 
-    def build(self, net: NetSpec, config, weights: CheckpointWeights) -> nn.Module:
+    def build(self, net: NetSpec, spec: ModelSpec, config, weights: CheckpointWeights) -> nn.Module:
         raise NotImplementedError
 
     def dummy_inputs(self, net: NetSpec, spec: ModelSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -163,31 +230,119 @@ class Part:
         return {t.name: rng.standard_normal(t.shape).astype(t.dtype) for t in net.inputs}
 
 
-class VisionPart(Part):
-    kinds = (Kind.VISION,)
+VISION = "vision_model."
 
-    def weight_prefixes(self, net, spec):
-        return ("vision_model.", "multi_modal_projector.")
 
-    def build(self, net, config, weights):
-        from transformers.models.mllama.modeling_mllama import MllamaVisionModel
+class _VisionGeometry:
+    @staticmethod
+    def sizes(spec: ModelSpec) -> tuple[int, int, int]:
+        from lvb.contract import padded_patches
 
-        vision = _load(_on_meta(lambda: MllamaVisionModel(config.vision_config)), weights.load("vision_model."))
-        projector_weights = weights.load("multi_modal_projector.")
-        out_dim, in_dim = projector_weights["weight"].shape
-        projector = _load(_on_meta(lambda: nn.Linear(in_dim, out_dim, bias=True)), projector_weights)
-        return VisionTower(vision, projector, config.text_config.hidden_size)
+        v = spec.vision
+        return v.max_num_tiles, v.patches_per_tile, padded_patches(v.patches_per_tile)
 
-    def dummy_inputs(self, net, spec, rng):
-        inputs = super().dummy_inputs(net, spec, rng)
+    @staticmethod
+    def tile_inputs(net: NetSpec, spec: ModelSpec, inputs: dict) -> dict:
+        """An image that fills some but not all tiles exercises the tile masks."""
         ratios = spec.vision.supported_aspect_ratios
-        # An image that fills some but not all tiles exercises the tile masks.
         partial = [i for i, (rows, cols) in enumerate(ratios) if rows * cols < spec.vision.max_num_tiles]
         index = partial[-1] if partial else len(ratios) - 1
         tiles = ratios[index][0] * ratios[index][1]
-        inputs["aspect_ratio_ids"] = np.array([[index + 1]], dtype=np.int32)
-        inputs["aspect_ratio_mask"] = (np.arange(spec.vision.max_num_tiles) < tiles).astype(np.int32)[None, None]
+        if "aspect_ratio_ids" in inputs:
+            inputs["aspect_ratio_ids"] = np.array([[index + 1]], dtype=np.int32)
+        if "aspect_ratio_mask" in inputs:
+            inputs["aspect_ratio_mask"] = (np.arange(spec.vision.max_num_tiles) < tiles).astype(np.int32)[None, None]
         return inputs
+
+
+def _vision_parts(config, weights: CheckpointWeights, names: tuple[str, ...]) -> nn.Module:
+    """The tower's small submodules named in `names`, built by transformers itself
+    (a tower without encoder layers), holding only their own weights."""
+    from transformers.models.mllama.modeling_mllama import MllamaVisionModel
+
+    vision = config.vision_config
+    without_layers = vision.__class__(**(vision.to_dict() | {"num_hidden_layers": 0, "num_global_layers": 0}))
+    without_layers._attn_implementation = "eager"
+    with torch.device("meta"):
+        tower = MllamaVisionModel(without_layers)
+    holder = nn.Module()
+    state = {}
+    for name in names:
+        part = getattr(tower, name)
+        if isinstance(part, nn.Parameter):
+            holder.register_parameter(name, part)
+            state[name] = weights.load(VISION + name)[""]
+        else:
+            holder.add_module(name, part)
+            state |= {f"{name}.{key}": value for key, value in weights.load(f"{VISION}{name}.").items()}
+    return _load(holder, state)
+
+
+class VisionEmbedPart(Part, _VisionGeometry):
+    kinds = (Kind.VISION_EMBED,)
+    NAMES = ("patch_embedding", "class_embedding", "pre_tile_positional_embedding", "gated_positional_embedding", "layernorm_pre")
+
+    def weight_prefixes(self, net, spec):
+        return tuple(VISION + n for n in self.NAMES)
+
+    def build(self, net, spec, config, weights):
+        tiles, _, padded = self.sizes(spec)
+        return VisionEmbed(_vision_parts(config, weights, self.NAMES), tiles, padded)
+
+    def dummy_inputs(self, net, spec, rng):
+        return self.tile_inputs(net, spec, super().dummy_inputs(net, spec, rng))
+
+
+class VisionLayerPart(Part, _VisionGeometry):
+    kinds = (Kind.VISION_LAYER, Kind.VISION_GLOBAL)
+    shared_module = False  # local layer j and global layer j are different layers
+
+    def _prefix(self, net):
+        return f"{VISION}{'transformer' if net.kind is Kind.VISION_LAYER else 'global_transformer'}.layers.{net.layer}."
+
+    def weight_prefixes(self, net, spec):
+        return (self._prefix(net),)
+
+    def build(self, net, spec, config, weights):
+        from transformers.models.mllama.modeling_mllama import MllamaVisionEncoderLayer
+
+        vision = config.vision_config
+        layer = _load(_on_meta(lambda: MllamaVisionEncoderLayer(vision, is_gated=net.kind is Kind.VISION_GLOBAL)),
+                      weights.load(self._prefix(net)))
+        _, patches, padded = self.sizes(spec)
+        return VisionLayer(layer, patches, padded)
+
+    def dummy_inputs(self, net, spec, rng):
+        return self.tile_inputs(net, spec, super().dummy_inputs(net, spec, rng))
+
+
+class VisionPostPart(Part, _VisionGeometry):
+    kinds = (Kind.VISION_POST,)
+    NAMES = ("layernorm_post", "post_tile_positional_embedding")
+
+    def weight_prefixes(self, net, spec):
+        return tuple(VISION + n for n in self.NAMES)
+
+    def build(self, net, spec, config, weights):
+        tiles, _, padded = self.sizes(spec)
+        return VisionPost(_vision_parts(config, weights, self.NAMES), tiles, padded)
+
+    def dummy_inputs(self, net, spec, rng):
+        return self.tile_inputs(net, spec, super().dummy_inputs(net, spec, rng))
+
+
+class VisionHeadPart(Part, _VisionGeometry):
+    kinds = (Kind.VISION_HEAD,)
+
+    def weight_prefixes(self, net, spec):
+        return ("multi_modal_projector.",)
+
+    def build(self, net, spec, config, weights):
+        projector_weights = weights.load("multi_modal_projector.")
+        out_dim, in_dim = projector_weights["weight"].shape
+        projector = _load(_on_meta(lambda: nn.Linear(in_dim, out_dim, bias=True)), projector_weights)
+        tiles, patches, padded = self.sizes(spec)
+        return VisionHead(projector, tiles, patches, padded, config.text_config.hidden_size)
 
 
 class EmbeddingPart(Part):
@@ -196,7 +351,7 @@ class EmbeddingPart(Part):
     def weight_prefixes(self, net, spec):
         return (TEXT + "embed_tokens.",)
 
-    def build(self, net, config, weights):
+    def build(self, net, spec, config, weights):
         return Embedding(weights.load(TEXT + "embed_tokens.")["weight"]).eval()
 
     def dummy_inputs(self, net, spec, rng):
@@ -212,7 +367,7 @@ class SelfAttentionPart(Part):
     def weight_prefixes(self, net, spec):
         return (f"{TEXT}layers.{net.layer}.",)
 
-    def build(self, net, config, weights):
+    def build(self, net, spec, config, weights):
         from transformers.models.mllama.modeling_mllama import MllamaRotaryEmbedding, MllamaSelfAttentionDecoderLayer
 
         text = config.text_config
@@ -229,18 +384,33 @@ class SelfAttentionPart(Part):
         return inputs
 
 
+class CrossKVPart(Part):
+    kinds = (Kind.CROSS_KV,)
+
+    def weight_prefixes(self, net, spec):
+        return (f"{TEXT}layers.{net.layer}.cross_attn.",)
+
+    def build(self, net, spec, config, weights):
+        from transformers.models.mllama.modeling_mllama import MllamaTextCrossAttention
+
+        text = config.text_config
+        attention = _load(_on_meta(lambda: MllamaTextCrossAttention(text, net.layer)),
+                          weights.load(f"{TEXT}layers.{net.layer}.cross_attn."))
+        return CrossKV(attention, text.hidden_size)
+
+
 class CrossAttentionPart(Part):
     kinds = (Kind.CROSS_PREFILL, Kind.CROSS_DECODE)
 
     def weight_prefixes(self, net, spec):
         return (f"{TEXT}layers.{net.layer}.",)
 
-    def build(self, net, config, weights):
+    def build(self, net, spec, config, weights):
         from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer
 
         text = config.text_config
         layer = _load(_on_meta(lambda: MllamaCrossAttentionDecoderLayer(text, net.layer)), weights.load(f"{TEXT}layers.{net.layer}."))
-        return CrossAttentionPrefill(layer) if net.kind is Kind.CROSS_PREFILL else CrossAttentionDecode(layer)
+        return CrossAttentionBlock(layer)
 
     def dummy_inputs(self, net, spec, rng):
         inputs = super().dummy_inputs(net, spec, rng)
@@ -260,7 +430,7 @@ class LmHeadPart(Part):
     def weight_prefixes(self, net, spec):
         return (TEXT + "norm.", "language_model.lm_head.")
 
-    def build(self, net, config, weights):
+    def build(self, net, spec, config, weights):
         from transformers.models.mllama.modeling_mllama import MllamaTextRMSNorm
 
         text = config.text_config
@@ -279,10 +449,10 @@ class GreedyHeadPart(Part):
     def weight_prefixes(self, net, spec):
         return ()
 
-    def build(self, net, config, weights):
+    def build(self, net, spec, config, weights):
         return GreedyHead()
 
 
 PARTS: dict[Kind, Part] = {kind: part for part in (
-    VisionPart(), EmbeddingPart(), SelfAttentionPart(), CrossAttentionPart(), LmHeadPart(), GreedyHeadPart()
+    VisionEmbedPart(), VisionLayerPart(), VisionPostPart(), VisionHeadPart(), CrossKVPart(), EmbeddingPart(), SelfAttentionPart(), CrossAttentionPart(), LmHeadPart(), GreedyHeadPart()
 ) for kind in part.kinds}

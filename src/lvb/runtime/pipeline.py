@@ -141,6 +141,9 @@ class Session:
             for name in (f"ck{layer}", f"cv{layer}"):
                 self.engine.allocate(name, (1, v.tokens_per_image, t.num_kv_heads, t.head_dim))
         self.engine.allocate("cross_states", (1, v.tokens_per_image, t.hidden_size))
+        vision_shape = self.nets["vision_embed"].outputs[0].shape
+        for name in ["vision", *(f"vision_layer_{j}" for j in v.intermediate_layers_indices)]:
+            self.engine.allocate(name, vision_shape)
         self.engine.allocate("hidden", (1, self.chunk, t.hidden_size))
         self.engine.allocate("hidden1", (1, 1, t.hidden_size))
         self.engine.allocate("logits", (1, t.vocab_size))
@@ -258,15 +261,30 @@ class Session:
     # -- nets --------------------------------------------------------------------
 
     def _run_vision(self, image: ProcessedImage) -> None:
-        self.engine.run(
-            "vision",
-            {
-                "pixel_values": image.pixel_values.astype(np.float32),
-                "aspect_ratio_ids": image.aspect_ratio_ids.astype(np.int32),
-                "aspect_ratio_mask": image.aspect_ratio_mask.astype(np.int32),
-            },
-            store={0: Resident("cross_states")},
-        )
+        """The vision tower, layer by layer, then the image's cross-attention K/V for every
+        cross-attention layer, once per image."""
+        v = self.spec.vision
+        ids = image.aspect_ratio_ids.astype(np.int32)
+        tiles = image.aspect_ratio_mask.astype(np.int32)
+        self.engine.run("vision_embed", {"pixel_values": image.pixel_values.astype(np.float32), "aspect_ratio_ids": ids},
+                        store={0: Resident("vision")})
+        current = "vision"
+        for j in range(v.num_layers):
+            # The layers the head reads later keep their outputs in buffers of their own.
+            target = f"vision_layer_{j}" if j in v.intermediate_layers_indices else "vision"
+            self.engine.run(f"vision_layer_{j}", {"hidden_states": Resident(current), "aspect_ratio_mask": tiles},
+                            store={0: Resident(target)})
+            current = target
+        self.engine.run("vision_post", {"hidden_states": Resident(current), "aspect_ratio_ids": ids},
+                        store={0: Resident("vision")})
+        for j in range(v.num_global_layers):
+            self.engine.run(f"vision_global_{j}", {"hidden_states": Resident("vision"), "aspect_ratio_mask": tiles},
+                            store={0: Resident("vision")})
+        head = {"hidden_states": Resident("vision")} | {f"layer_{j}": Resident(f"vision_layer_{j}") for j in v.intermediate_layers_indices}
+        self.engine.run("vision_head", head, store={0: Resident("cross_states")})
+        for layer in self.cross_layers:
+            self.engine.run(f"cross_kv_{layer}", {"cross_states": Resident("cross_states")},
+                            store={0: Resident(f"ck{layer}"), 1: Resident(f"cv{layer}")})
 
     def _sees_image(self, ids: Sequence[int], positions: range) -> np.ndarray:
         image_positions = [i for i, t in enumerate(ids) if t == self.checkpoint.tokenizer.image_id]
@@ -290,13 +308,9 @@ class Session:
             if layer in self.cross_layers:
                 if self.image is None:
                     continue  # no image in the conversation: transformers skips these layers too
-                feeds = {"hidden_states": Resident(hidden), "cross_attention_mask": cross_mask, "text_row_mask": row_mask}
-                if decode:
-                    feeds |= {"cross_k": Resident(f"ck{layer}"), "cross_v": Resident(f"cv{layer}")}
-                    self.engine.run(name, feeds, store={0: Resident(hidden)})
-                else:
-                    feeds["cross_states"] = Resident("cross_states")
-                    self.engine.run(name, feeds, store={0: Resident(hidden), 1: Resident(f"ck{layer}"), 2: Resident(f"cv{layer}")})
+                feeds = {"hidden_states": Resident(hidden), "cross_k": Resident(f"ck{layer}"),
+                         "cross_v": Resident(f"cv{layer}"), "cross_attention_mask": cross_mask, "text_row_mask": row_mask}
+                self.engine.run(name, feeds, store={0: Resident(hidden)})
             else:
                 feeds = {"hidden_states": Resident(hidden), "position_ids": positions, "attention_mask": mask,
                          "past_k": Resident(f"k{layer}"), "past_v": Resident(f"v{layer}")}

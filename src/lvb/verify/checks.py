@@ -112,7 +112,7 @@ def check_parts(model_dir: Path, work: Path, engine, compiled: dict | None, prog
             check = np.load(work / "export" / name / "check.npz")
             feeds = {k[3:]: check[k] for k in check.files if k.startswith("in.")}
             part = PARTS[net.kind]
-            module = part.build(net, config, weights)
+            module = part.build(net, spec, config, weights)
             import torch
 
             with torch.no_grad():
