@@ -31,6 +31,7 @@ FILES = (
     "processor_config.json",
     "preprocessor_config.json",
     "README.md",
+    "lvb-task.json",
 )
 TEST_SEED = 3000
 PICTURES = 200
@@ -40,7 +41,12 @@ PICTURES = 200
 def toy():
     processor = AutoProcessor.from_pretrained(TOY_DIR)
     model = MllamaForConditionalGeneration.from_pretrained(TOY_DIR).eval()
-    return processor, model
+    # One thread: the tensors are tiny, and on a busy machine OpenMP threads that
+    # spin-wait for each other make every op many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield processor, model
+    torch.set_num_threads(threads)
 
 
 def test_folder_is_complete_and_small():

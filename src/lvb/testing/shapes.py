@@ -15,6 +15,9 @@ numpy and pillow only: this module must import without torch.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from itertools import islice
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -32,8 +35,8 @@ RGB = {
 }
 JITTER = 25
 MIN_SIDE, MAX_SIDE = 30, 300
-# The shape's width as a fraction of the canvas's short side. Shapes below ~15 px
-# after the processor's resize (a 14-px patch) are where a tiny model still errs.
+# The shape's width as a fraction of the canvas's short side. The smallest shapes
+# (~15-30 px after the processor's resize) are where a tiny model errs.
 SIZE = (0.6, 0.95)
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: smooth edges
 
@@ -96,7 +99,13 @@ def draw(rng: np.random.Generator) -> tuple[Image.Image, str]:
     return image, f"a {colour} {shape}"
 
 
+def pictures(seed: int) -> Iterator[tuple[Image.Image, str]]:
+    """An endless seeded stream of (picture, answer); sample(n, seed) is its first n."""
+    rng = np.random.default_rng(seed)
+    while True:
+        yield draw(rng)
+
+
 def sample(n: int, seed: int) -> list[tuple[Image.Image, str]]:
     """n pictures with their answers, the same for the same seed."""
-    rng = np.random.default_rng(seed)
-    return [draw(rng) for _ in range(n)]
+    return list(islice(pictures(seed), n))

@@ -1,0 +1,234 @@
+"""Helpers shared by the bench scripts: the 11B-width geometry, a streaming
+checkpoint writer, a config-only checkpoint folder, and machine facts.
+
+The checkpoint writer never holds the model: it builds MllamaForConditionalGeneration
+on the meta device (names and shapes only), then draws each group of tensors
+(one text layer, the embedding, the head, the vision tower) in bfloat16 and
+writes it as its own safetensors shard, plus model.safetensors.index.json last.
+Peak memory is about twice the largest group (the 128264 x 4096 embedding,
+1.05 GB in bfloat16), whatever the layer count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+OUT = BENCH / "out"
+LVB = REPO / ".venv" / "bin" / "lvb"
+
+# Llama-3.2-11B-Vision (tests/data/llama-3.2-11b-vision.config.json).
+FULL = {
+    "text_layers": 40,
+    "cross_layers": (3, 8, 13, 18, 23, 28, 33, 38),
+    "vision_layers": 32,
+    "global_layers": 8,
+    "intermediate_indices": (3, 7, 15, 23, 30),
+}
+
+
+def cross_layers_for(layers: int) -> tuple[int, ...]:
+    """Where the cross-attention layers go in a short text stack: the 11B's pattern
+    (3, 8, 13, ...) when it fits, else the middle layer."""
+    pattern = tuple(i for i in FULL["cross_layers"] if i < layers)
+    return pattern or (layers // 2,)
+
+
+def geometry_11b(layers: int = 3, vision_layers: int = 2, global_layers: int = 1, cross: tuple[int, ...] | None = None):
+    """The real 11B widths with a short stack. Five intermediate vision indices, as the
+    11B has, so the projector is the real 7680 -> 4096 (indices repeat when the local
+    stack is shorter than 31 layers; transformers stacks them as listed)."""
+    from lvb.testing.checkpoints import Geometry
+
+    indices = tuple(min(vision_layers - 1, i * vision_layers // FULL["vision_layers"]) for i in FULL["intermediate_indices"])
+    return Geometry(
+        name=f"11b-widths-L{layers}-V{vision_layers}+{global_layers}",
+        description="Llama-3.2-11B-Vision widths, short stacks, synthetic bfloat16 weights",
+        text_layers=layers,
+        cross_layers=cross if cross is not None else cross_layers_for(layers),
+        hidden=4096,
+        intermediate=14336,
+        heads=32,
+        kv_heads=8,
+        tile=560,
+        patch=14,
+        max_tiles=4,
+        vision_layers=vision_layers,
+        global_layers=global_layers,
+        intermediate_indices=indices,
+        vision_hidden=1280,
+        vision_heads=16,
+        vision_intermediate=5120,
+        rope="llama3",
+        vocab_size=128256,
+        init_std=0.02,  # the 11B config's initializer_range; 0.25 at width 4096 overflows activations
+        gate=0.8,
+    )
+
+
+def geometry_tiny(layers: int = 3, vision_layers: int = 2, global_layers: int = 1):
+    """A small geometry with the same structure, to try the scripts in a minute."""
+    from lvb.testing.checkpoints import Geometry
+
+    return Geometry(
+        name=f"tiny-L{layers}", text_layers=layers, cross_layers=cross_layers_for(layers), hidden=128, intermediate=256,
+        heads=4, kv_heads=2, tile=56, patch=14, max_tiles=4, vision_layers=vision_layers, global_layers=global_layers,
+        intermediate_indices=(0, vision_layers - 1), vision_hidden=64, vision_heads=4, vision_intermediate=128,
+        init_std=0.02,
+    )
+
+
+def _group(name: str) -> str:
+    """Which shard a tensor goes to: one per text layer, the embedding, the head, the vision side."""
+    if name.startswith("language_model.model.layers."):
+        return f"layer-{int(name.split('.')[3]):03d}"
+    if name.startswith("language_model.model.embed_tokens."):
+        return "embed"
+    if name.startswith(("language_model.model.norm.", "language_model.lm_head.")):
+        return "head"
+    return "vision"
+
+
+def _init(name: str, shape, std: float, gate: float, generator):
+    import torch
+
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate", "cross_attn_mlp_gate"):
+        return torch.full(shape, gate, dtype=torch.bfloat16)
+    if leaf == "bias":
+        return torch.zeros(shape, dtype=torch.bfloat16)
+    if "norm" in name and leaf == "weight":  # RMSNorm / LayerNorm scales, q_norm / k_norm
+        return torch.ones(shape, dtype=torch.bfloat16)
+    return torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, std, generator=generator)
+
+
+def checkpoint_complete(directory: Path) -> bool:
+    index = directory / "model.safetensors.index.json"
+    if not index.is_file() or not (directory / "config.json").is_file() or not (directory / "tokenizer.json").is_file():
+        return False
+    files = set(json.loads(index.read_text())["weight_map"].values())
+    return all((directory / f).is_file() for f in files)
+
+
+def write_streaming_checkpoint(directory: Path, geometry, seed: int = 0) -> dict:
+    """Write a loadable mllama checkpoint group by group; returns what it wrote."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig, MllamaForConditionalGeneration
+
+    from lvb.export.weights import canonical
+    from lvb.testing.checkpoints import mllama_config, save_processor
+
+    directory.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    config = mllama_config(geometry)
+    with torch.device("meta"):
+        model = MllamaForConditionalGeneration(config)
+    shapes = {canonical(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    del model
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        groups.setdefault(_group(name), []).append(name)
+    generator = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    for group in sorted(groups):
+        file = f"model-{group}.safetensors"
+        tensors = {n: _init(n, shapes[n], geometry.init_std, geometry.gate, generator) for n in sorted(groups[group])}
+        tmp = directory / (file + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, directory / file)
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({n: file for n in tensors})
+        del tensors
+    config.save_pretrained(directory)
+    text = config.text_config
+    GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id,
+                     do_sample=False).save_pretrained(directory)
+    save_processor(directory, geometry)
+    index = directory / "model.safetensors.index.json"  # last: its presence means "complete"
+    tmp = index.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    os.replace(tmp, index)
+    return {"seconds": round(time.perf_counter() - started, 1), "bytes": total, "tensors": len(weight_map),
+            "shards": len(groups)}
+
+
+def check_loads(directory: Path) -> dict:
+    """What lvb reads: the spec and every tensor's name and shape, against transformers' model."""
+    import torch
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    from lvb.export.weights import CheckpointWeights, canonical
+    from lvb.spec import ModelSpec
+
+    spec = ModelSpec.from_dir(directory)
+    weights = CheckpointWeights(directory)
+    with torch.device("meta"):
+        model = MllamaForConditionalGeneration(MllamaConfig.from_pretrained(directory))
+    expected = {canonical(k): list(v.shape) for k, v in model.state_dict().items()}
+    got = {n: weights.shape(n) for n in weights.location}
+    if expected != got:
+        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        wrong = sorted(n for n in set(expected) & set(got) if expected[n] != got[n])
+        raise SystemExit(f"{directory}: checkpoint does not match the config: missing {missing[:5]}, extra {extra[:5]}, "
+                         f"wrong shape {wrong[:5]}")
+    return {"spec": spec, "parameters": sum(int(torch.Size(s).numel()) for s in expected.values())}
+
+
+def write_config_only(directory: Path, geometry) -> Path:
+    """config.json, tokenizer, chat template and processor config: what lvb's runtime reads, no weights."""
+    from transformers import GenerationConfig
+
+    from lvb.testing.checkpoints import mllama_config, save_processor
+
+    if (directory / "config.json").is_file() and (directory / "tokenizer.json").is_file():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    config = mllama_config(geometry)
+    config.save_pretrained(directory)
+    text = config.text_config
+    GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id,
+                     do_sample=True, temperature=0.6, top_p=0.9).save_pretrained(directory)
+    save_processor(directory, geometry)
+    return directory
+
+
+def machine() -> dict:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                ram = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_bytes": ram, "python": platform.python_version(),
+            "kernel": platform.release()}
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    """A plain fixed-width table (also valid Markdown)."""
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])
