@@ -43,9 +43,9 @@ def test_90b_by_hand():
 
 # Hand-computed for each fixture geometry: (tile // patch)^2 + 1 patches per tile.
 FIXTURES = {
-    "mha-cross-first": dict(cross=(0,), selfs=(1, 2), head_dim=16, groups=1, patches=5, tokens=10, ratios=3),
-    "gqa2-cross-last": dict(cross=(1, 3), selfs=(0, 2), head_dim=16, groups=2, patches=17, tokens=68, ratios=8),
-    "gqa4-cross-pair": dict(cross=(2, 3), selfs=(0, 1, 4), head_dim=16, groups=4, patches=10, tokens=30, ratios=5),
+    "mha-cross-first": dict(cross=(0,), selfs=(1, 2), head_dim=16, groups=1, patches=5, tokens=10, ratios=3, kept=(0,)),
+    "gqa2-cross-last": dict(cross=(1, 3), selfs=(0, 2), head_dim=16, groups=2, patches=17, tokens=68, ratios=8, kept=(2, 0)),
+    "gqa4-cross-pair": dict(cross=(2, 3), selfs=(0, 1, 4), head_dim=16, groups=4, patches=10, tokens=30, ratios=5, kept=(1,)),
 }
 
 
@@ -59,6 +59,7 @@ def test_fixture_by_hand(name, checkpoint_factory):
     assert spec.vision.patches_per_tile == expected["patches"]
     assert spec.vision.tokens_per_image == expected["tokens"]
     assert spec.num_aspect_ratio_ids == expected["ratios"]
+    assert spec.vision.kept_layers == expected["kept"]
     assert spec.cross_kv_shape == (1, expected["tokens"], spec.text.num_kv_heads, expected["head_dim"])
 
 

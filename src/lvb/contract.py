@@ -95,7 +95,7 @@ def vision_nets(spec: ModelSpec) -> list[NetSpec]:
     nets += [NetSpec(f"vision_layer_{j}", Kind.VISION_LAYER, j, (hidden, tiles), (hidden,)) for j in range(v.num_layers)]
     nets.append(NetSpec("vision_post", Kind.VISION_POST, None, (hidden, ids), (hidden,)))
     nets += [NetSpec(f"vision_global_{j}", Kind.VISION_GLOBAL, j, (hidden, tiles), (hidden,)) for j in range(v.num_global_layers)]
-    intermediate = tuple(_t(f"layer_{j}", 1, N, W) for j in v.intermediate_layers_indices)
+    intermediate = tuple(_t(f"layer_{j}", 1, N, W) for j in v.kept_layers)
     nets.append(NetSpec("vision_head", Kind.VISION_HEAD, None, (hidden, *intermediate), (_t("cross_states", 1, v.tokens_per_image, t.hidden_size),)))
     return nets
 

@@ -158,6 +158,9 @@ class VisionSpec:
     norm_eps: float
     patches_per_tile: int = field(init=False)  # including the class token
     tokens_per_image: int = field(init=False)  # what one image adds to cross-attention
+    # The layers whose outputs the projector reads, each once (transformers allows an index
+    # to repeat, and any order).
+    kept_layers: tuple[int, ...] = field(init=False)
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -183,6 +186,7 @@ class VisionSpec:
         patches = (self.image_size // self.patch_size) ** 2 + 1
         object.__setattr__(self, "patches_per_tile", patches)
         object.__setattr__(self, "tokens_per_image", self.max_num_tiles * patches)
+        object.__setattr__(self, "kept_layers", tuple(dict.fromkeys(self.intermediate_layers_indices)))
 
 
 @dataclass(frozen=True)

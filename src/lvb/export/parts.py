@@ -118,15 +118,19 @@ class VisionPost(nn.Module):
 
 
 class VisionHead(nn.Module):
-    """Drop the padding, join the intermediate layers' outputs, project to the text width."""
+    """Drop the padding, join the intermediate layers' outputs, project to the text width.
 
-    def __init__(self, projector: nn.Linear, tiles: int, patches: int, padded: int, text_hidden: int):
+    Takes each kept layer's output once; `picks` orders (and repeats) them as the config's
+    intermediate_layers_indices do."""
+
+    def __init__(self, projector: nn.Linear, tiles: int, patches: int, padded: int, text_hidden: int, picks: tuple[int, ...]):
         super().__init__()
         self.projector, self.tiles, self.patches, self.padded, self.text_hidden = projector, tiles, patches, padded, text_hidden
+        self.picks = picks
 
-    def forward(self, hidden_states, *intermediate):
+    def forward(self, hidden_states, *kept):
         final = hidden_states.reshape(1, self.tiles, self.padded, -1)[:, :, : self.patches]
-        stacked = torch.stack(intermediate, dim=-1).reshape(1, self.tiles, self.padded, -1)[:, :, : self.patches]
+        stacked = torch.stack([kept[i] for i in self.picks], dim=-1).reshape(1, self.tiles, self.padded, -1)[:, :, : self.patches]
         states = torch.cat([final, stacked], dim=-1)
         return self.projector(states).reshape(1, -1, self.text_hidden)
 
@@ -342,7 +346,9 @@ class VisionHeadPart(Part, _VisionGeometry):
         out_dim, in_dim = projector_weights["weight"].shape
         projector = _load(_on_meta(lambda: nn.Linear(in_dim, out_dim, bias=True)), projector_weights)
         tiles, patches, padded = self.sizes(spec)
-        return VisionHead(projector, tiles, patches, padded, config.text_config.hidden_size)
+        v = spec.vision
+        picks = tuple(v.kept_layers.index(j) for j in v.intermediate_layers_indices)
+        return VisionHead(projector, tiles, patches, padded, config.text_config.hidden_size, picks)
 
 
 class EmbeddingPart(Part):

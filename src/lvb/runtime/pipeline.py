@@ -142,7 +142,7 @@ class Session:
                 self.engine.allocate(name, (1, v.tokens_per_image, t.num_kv_heads, t.head_dim))
         self.engine.allocate("cross_states", (1, v.tokens_per_image, t.hidden_size))
         vision_shape = self.nets["vision_embed"].outputs[0].shape
-        for name in ["vision", *(f"vision_layer_{j}" for j in v.intermediate_layers_indices)]:
+        for name in ["vision", *(f"vision_layer_{j}" for j in v.kept_layers)]:
             self.engine.allocate(name, vision_shape)
         self.engine.allocate("hidden", (1, self.chunk, t.hidden_size))
         self.engine.allocate("hidden1", (1, 1, t.hidden_size))
@@ -271,7 +271,7 @@ class Session:
         current = "vision"
         for j in range(v.num_layers):
             # The layers the head reads later keep their outputs in buffers of their own.
-            target = f"vision_layer_{j}" if j in v.intermediate_layers_indices else "vision"
+            target = f"vision_layer_{j}" if j in v.kept_layers else "vision"
             self.engine.run(f"vision_layer_{j}", {"hidden_states": Resident(current), "aspect_ratio_mask": tiles},
                             store={0: Resident(target)})
             current = target
@@ -280,7 +280,7 @@ class Session:
         for j in range(v.num_global_layers):
             self.engine.run(f"vision_global_{j}", {"hidden_states": Resident("vision"), "aspect_ratio_mask": tiles},
                             store={0: Resident("vision")})
-        head = {"hidden_states": Resident("vision")} | {f"layer_{j}": Resident(f"vision_layer_{j}") for j in v.intermediate_layers_indices}
+        head = {"hidden_states": Resident("vision")} | {f"layer_{j}": Resident(f"vision_layer_{j}") for j in v.kept_layers}
         self.engine.run("vision_head", head, store={0: Resident("cross_states")})
         for layer in self.cross_layers:
             self.engine.run(f"cross_kv_{layer}", {"cross_states": Resident("cross_states")},
