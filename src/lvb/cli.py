@@ -226,6 +226,12 @@ BmodelOption = Annotated[Optional[Path], typer.Option("--bmodel", help="Combined
 OnnxOption = Annotated[Optional[Path], typer.Option("--onnx", help="Work directory of `lvb export` (onnxruntime backend).")]
 BackendOption = Annotated[Optional[str], typer.Option(help="sail (device), cmodel (simulator) or onnxruntime; default: sail where sophon.sail imports, else cmodel, or onnxruntime with --onnx.")]
 SampleOption = Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Sample or take the most likely token (default: the checkpoint's generation_config).")]
+MaxNewTokensOption = Annotated[Optional[int], typer.Option(help="Stop an answer after this many tokens.")]
+TemperatureOption = Annotated[Optional[float], typer.Option(help="Divide the logits by this when sampling.")]
+TopKOption = Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens (0: all).")]
+TopPOption = Annotated[Optional[float], typer.Option(help="Sample among the most likely tokens that hold this much probability.")]
+RepetitionPenaltyOption = Annotated[Optional[float], typer.Option(help="Penalize tokens already in the chat (1.0: off).")]
+SeedOption = Annotated[Optional[int], typer.Option(help="Seed of the sampler, for repeatable answers.")]
 
 
 @app.command()
@@ -237,13 +243,13 @@ def run(
     onnx: OnnxOption = None,
     backend: BackendOption = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print first-token latency, prompt tokens and tokens/s to stderr.")] = False,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Stop after this many tokens.")] = None,
+    max_new_tokens: MaxNewTokensOption = None,
     sample: SampleOption = None,
-    temperature: Annotated[Optional[float], typer.Option()] = None,
-    top_k: Annotated[Optional[int], typer.Option()] = None,
-    top_p: Annotated[Optional[float], typer.Option()] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option()] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
+    temperature: TemperatureOption = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    seed: SeedOption = None,
     toolchain: ToolchainOption = None,
 ) -> None:
     """Answer one question (about one picture) and print the answer on stdout."""
@@ -273,13 +279,13 @@ def chat(
     onnx: OnnxOption = None,
     backend: BackendOption = None,
     truncate_history: Annotated[bool, typer.Option(help="Drop the oldest exchanges when the chat outgrows the sequence.")] = False,
-    max_new_tokens: Annotated[Optional[int], typer.Option()] = None,
+    max_new_tokens: MaxNewTokensOption = None,
     sample: SampleOption = None,
-    temperature: Annotated[Optional[float], typer.Option()] = None,
-    top_k: Annotated[Optional[int], typer.Option()] = None,
-    top_p: Annotated[Optional[float], typer.Option()] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option()] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
+    temperature: TemperatureOption = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    seed: SeedOption = None,
     toolchain: ToolchainOption = None,
 ) -> None:
     """Multi-turn chat; a new picture can come with any message. Errors are reported and the chat goes on."""

@@ -14,18 +14,8 @@ import traceback
 
 import numpy as np
 
-from lvb.runtime.engine import HostBuffers, Resident
+from lvb.runtime.engine import HostBuffers, Resident, from_bf16_bits, to_bf16_bits
 from lvb.runtime.wire import receive, send
-
-
-def _bf16_bits(x: np.ndarray) -> np.ndarray:
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = bits + 0x7FFF + ((bits >> 16) & 1)  # round to nearest even
-    return (rounded >> 16).astype(np.uint16)
-
-
-def _from_bf16(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def _load_runtime(bmodel: str):
@@ -71,12 +61,12 @@ class Worker:
                 value = self.buffers.resolve(Resident(**value))
             value = np.asarray(value)
             if tensor.dtype == "bf16":
-                value = _bf16_bits(value)
+                value = to_bf16_bits(value)
             tensor.data.reshape(-1)[:] = value.reshape(-1).astype(tensor.data.dtype, copy=False)
         net.forward()
         outputs = []
         for index, tensor in enumerate(net.outputs):
-            data = _from_bf16(tensor.data) if tensor.dtype == "bf16" else np.array(tensor.data)
+            data = from_bf16_bits(tensor.data) if tensor.dtype == "bf16" else np.array(tensor.data)
             target = store.get(str(index))
             if target is not None:
                 self.buffers.store(data, Resident(**target))

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lvb.runtime.engine import Engine, EngineError, NetInfo, Resident, TensorInfo
+from lvb.runtime.engine import Engine, EngineError, NetInfo, Resident, TensorInfo, from_bf16_bits, to_bf16_bits
 
 # sail.Dtype member -> (numpy dtype of its bytes, numpy dtype callers give and get).
 _KINDS = {
@@ -44,16 +44,6 @@ _BUFFER_KINDS = {"float32": "BM_FLOAT32", "float16": "BM_FLOAT16", "int32": "BM_
                  "int16": "BM_INT16", "uint16": "BM_UINT16", "int8": "BM_INT8", "uint8": "BM_UINT8"}
 
 
-def _bf16_bits(x: np.ndarray) -> np.ndarray:
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = bits + 0x7FFF + ((bits >> 16) & 1)  # round to nearest even
-    return (rounded >> 16).astype(np.uint16)
-
-
-def _from_bf16(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
 @dataclass(frozen=True)
 class _Kind:
     name: str  # of the sail.Dtype member
@@ -63,7 +53,7 @@ class _Kind:
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         if self.name == "BM_BFLOAT16":
-            return _bf16_bits(x)
+            return to_bf16_bits(x)
         if self.name == "BM_FLOAT16":  # update_data takes float16 as a uint16 view (sail.Tensor.rst)
             return np.ascontiguousarray(x, dtype=np.float16).view(np.uint16)
         return np.ascontiguousarray(x, dtype=self.raw)
@@ -73,7 +63,7 @@ class _Kind:
         # bits of 16-bit tensors as uint16 (and uint32 as int32), so reinterpret by the byte layout.
         data = np.ascontiguousarray(raw).view(self.raw)
         if self.name == "BM_BFLOAT16":
-            return _from_bf16(data)
+            return from_bf16_bits(data)
         return data.astype(self.host)  # a copy, even when the dtype is the same
 
 
