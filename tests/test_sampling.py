@@ -93,6 +93,19 @@ def test_top_p_matches_transformers(seed, top_p):
     assert_same_scores(top_p_filter(logits.astype(np.float64), top_p), ref)
 
 
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.999999])
+@pytest.mark.parametrize("spread", [0.3, 4.0])
+def test_top_p_over_a_large_vocabulary_matches_transformers(seed, top_p, spread):
+    # Past TOP_P_HEAD tokens lvb sorts only the head when the tail surely goes (peaked
+    # logits, spread 4) and the whole vocabulary when it may not (flat logits, spread 0.3).
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal(128256) * spread).astype(np.float32)
+    logits[rng.integers(0, logits.size, 2000)] = 3.0  # ties across the head's edge
+    ref = reference([TopPLogitsWarper(top_p)], logits, [0])
+    assert_same_scores(top_p_filter(logits.astype(np.float64), top_p), ref)
+
+
 def test_top_p_keeps_at_least_the_best_token():
     logits = np.array([0.0, 20.0, 1.0], dtype=np.float32)  # the best token alone is > top_p
     ref = reference([TopPLogitsWarper(0.01)], logits, [0])

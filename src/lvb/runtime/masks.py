@@ -39,7 +39,7 @@ def cross_attention_mask(
     sees_image = np.asarray(sees_image, dtype=bool)
     tiles = np.arange(max_tiles) < num_tiles
     allowed = np.repeat(tiles, patches_per_tile)  # tile-major, as the vision output
-    mask = np.where(sees_image[:, None] & allowed[None, :], np.float32(0), np.float32(MASK_VALUE))
-    mask[~sees_image] = 0.0  # transformers zeroes fully masked rows
+    mask = np.zeros((sees_image.size, allowed.size), dtype=np.float32)  # transformers zeroes fully masked rows
+    mask[sees_image] = np.where(allowed, np.float32(0), np.float32(MASK_VALUE))  # one row, broadcast
     row = sees_image.astype(np.float32)[:, None]
     return mask[None, None], row[None, None]
