@@ -19,14 +19,11 @@ What it does:
    tpu-mlir tool, `compile/NET/mlir-*` = model_transform, `compile/NET/<key>` = model_deploy).
 3. Reads per-net seconds from export/manifest.json ("seconds") and the compile manifest
    (compile/<bmodel>.json, "seconds" = model_deploy only; transform time comes from the
-   sampler), prints a table per net kind, and extrapolates to the full model
-   (32 self-attention + 8 cross-attention text layers, 32 + 8 vision layers):
-   time = sum over net kinds of (measured seconds per net x nets in the full model), the
-   vision net scaled by its layer count (its time is dominated by per-layer work at
-   6404 tokens; this overestimates the fixed part). Peak RAM: every text net of the full
-   model has the shape of one measured here, so streaming keeps their peak flat; the
-   vision net is one net whose weights grow with its layers, so its peak is extrapolated
-   from the measured peak plus (bytes held per weight byte) x (extra fp32 weight bytes).
+   sampler), prints a table per net, and extrapolates to the full model. lvb makes one
+   net per layer (text and vision alike), so every net of the real 11B has the shape of
+   a net measured here: the full model's time is, per net kind, the measured mean times
+   the number of nets of that kind in the 11B's plan (lvb.contract.plan on the published
+   config), and its peak RAM is the worst measured net's.
 
 Everything is cached under --out: the checkpoint is reused when complete, lvb's own
 caches make a rerun of export/compile resume where it stopped, and measured stages are
@@ -54,13 +51,8 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import FULL, LVB, OUT, REPO, check_loads, checkpoint_complete, gb, geometry_11b, geometry_tiny, machine, table  # noqa: E402
+from common import LVB, OUT, REPO, check_loads, checkpoint_complete, gb, geometry_11b, geometry_tiny, machine, table  # noqa: E402
 from common import write_streaming_checkpoint  # noqa: E402
-
-FULL_TEXT_CROSS = len(FULL["cross_layers"])
-FULL_TEXT_SELF = FULL["text_layers"] - FULL_TEXT_CROSS
-FULL_VISION = FULL["vision_layers"] + FULL["global_layers"]
-
 
 # ----------------------------------------------------------------------------- sampling
 
@@ -215,41 +207,40 @@ def run_measured(name: str, argv: list[str], work: Path, out: Path, min_availabl
 
 # ----------------------------------------------------------------------------- analysis
 
+FULL_CONFIG = REPO / "tests" / "data" / "llama-3.2-11b-vision.config.json"
+STAGES = ("export_peak_rss", "transform_peak_rss", "deploy_peak_rss")
+# Kinds whose weights the combined bmodel holds once per layer (block_i and block_cache_i
+# share theirs, embed and embed_cache share the table, so only one of each pair counts).
+WEIGHT_KINDS = ("vision_layer", "vision_global", "cross_kv", "self_prefill", "cross_prefill")
 
-def kind_of(name: str, manifest_nets: dict) -> str:
-    return manifest_nets[name]["kind"]
 
+def full_counts(seq: int, chunk: int) -> dict[str, int]:
+    """Nets of each kind in the real 11B's plan, from its published config."""
+    from lvb.contract import plan
+    from lvb.spec import ModelSpec
 
-def full_count(kind: str, measured: dict[str, int], vision_scale: float) -> float:
-    """How many nets of this kind the full 11B model has, relative to one measured net."""
-    return {
-        "self_prefill": FULL_TEXT_SELF,
-        "self_decode": FULL_TEXT_SELF,
-        "cross_prefill": FULL_TEXT_CROSS,
-        "cross_decode": FULL_TEXT_CROSS,
-        "vision": vision_scale,  # one net, scaled by its layer count
-    }.get(kind, 1)
+    counts: dict[str, int] = {}
+    for net in plan(ModelSpec.from_config(json.loads(FULL_CONFIG.read_text())), seq, chunk):
+        counts[net.kind.value] = counts.get(net.kind.value, 0) + 1
+    return counts
 
 
 def onnx_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != "check.npz")
 
 
-def analyse(results: dict, work: Path, geometry, args) -> dict:
-    export_manifest = json.loads((work / "export" / "manifest.json").read_text())
-    nets = export_manifest["nets"]
+def analyse(results: dict, work: Path, args) -> dict:
+    """Per-net figures, and the full 11B: every net of the 11B has the shape of a measured
+    net of its kind, so its time is (mean seconds of the kind) x (nets of the kind in the
+    11B) and its peak RAM is the measured peak of the kind."""
+    nets = json.loads((work / "export" / "manifest.json").read_text())["nets"]
     compile_manifest = {}
     for path in (work / "compile").glob("*.json"):
         data = json.loads(path.read_text())
-        if data.get("settings", {}).get("quant") == "int4" and data.get("settings", {}).get("vision_quant") == "bf16":
+        if data.get("settings", {}).get("quant") == "int4":
             compile_manifest = data
     export_labels = results.get("export", {}).get("labels", {})
-    plain = results.get("compile_int4", {})
-    compile_labels = {}
-    for stage in ("compile_int4", "compile_int4_rest", "compile_int4_final"):  # later runs redo what earlier ones did not finish
-        compile_labels.update(results.get(stage, {}).get("labels", {}))
-    vision_layers = geometry.vision_layers + geometry.global_layers
-    vision_scale = FULL_VISION / vision_layers
+    compile_labels = results.get("compile_int4", {}).get("labels", {})
 
     per_net = []
     for name, entry in nets.items():
@@ -264,7 +255,6 @@ def analyse(results: dict, work: Path, geometry, args) -> dict:
             "transform_s": compile_labels.get(f"transform:{name}", {}).get("seconds", 0.0),
             "transform_peak_rss": compile_labels.get(f"transform:{name}", {}).get("peak_rss", 0),
             "deploy_s": c.get("seconds", 0.0),
-            "deploy_sampled_s": compile_labels.get(f"deploy:{name}", {}).get("seconds", 0.0),
             "deploy_peak_rss": compile_labels.get(f"deploy:{name}", {}).get("peak_rss", 0),
             "options": c.get("options", []),
             "bmodel_bytes": (work / c["bmodel"]).stat().st_size if c.get("bmodel") and (work / c["bmodel"]).is_file() else 0,
@@ -272,76 +262,42 @@ def analyse(results: dict, work: Path, geometry, args) -> dict:
     kinds: dict[str, list[dict]] = {}
     for row in per_net:
         kinds.setdefault(row["kind"], []).append(row)
-    measured_counts = {k: len(v) for k, v in kinds.items()}
+    counts = full_counts(args.seq, args.chunk)
 
     def mean(rows, key):
         return sum(r[key] for r in rows) / len(rows)
 
-    extrapolated = {}
+    by_kind = {}
     for kind, rows in kinds.items():
-        n_full = full_count(kind, measured_counts, vision_scale)
-        extrapolated[kind] = {
+        n_full = counts.get(kind, 0)
+        by_kind[kind] = {
             "measured_nets": len(rows),
             "full_nets": n_full,
             "export_s": mean(rows, "export_s") * n_full,
             "compile_s": (mean(rows, "transform_s") + mean(rows, "deploy_s")) * n_full,
+            **{stage: max(r[stage] for r in rows) for stage in STAGES},
         }
-    export_wall = results.get("export", {}).get("wall_seconds", 0.0)
-    finished = plain if plain.get("exit_code") == 0 else results.get("compile_int4_final", {})
-    combine_s = compile_labels.get("combine", {}).get("seconds", 0.0)  # in whichever run combined
-    # What is not inside a net: process start and imports (constant), the exporter's content
-    # digest of every tensor (grows with the checkpoint's bytes), tpu-mlir's combine (grows
-    # with the bmodel's bytes).
-    ckpt_bytes = results.get("checkpoint", {}).get("bytes", 0)
-    digest_rate = results.get("digest_bytes_per_s") or 1e9
-    digest_s = ckpt_bytes / digest_rate
-    digest_full_s = args.full_checkpoint_bytes / digest_rate
-    export_overhead = max(0.0, export_wall - sum(r["export_s"] for r in per_net) - digest_s)
-    if plain.get("exit_code") == 0:
-        compile_overhead = max(0.0, plain["wall_seconds"] - sum(r["transform_s"] + r["deploy_s"] for r in per_net) - combine_s)
-    else:  # the final lvb compile found every net and the combined bmodel cached: its wall time is start-up
-        compile_overhead = finished.get("wall_seconds", 0.0)
-    # The combined bmodel stores weights shared by nets once (block_i and block_cache_i, embed and
-    # embed_cache): grow it by the prefill nets' bmodels (their weights) for the layers the 11B adds.
+    missing = sorted(set(counts) - set(kinds))
+    export = results.get("export", {})
+    compiled = results.get("compile_int4", {})
+    combine_s = compile_labels.get("combine", {}).get("seconds", 0.0)
+    # Outside the nets: process start and imports (constant), the exporter's content digest
+    # of every tensor (grows with the checkpoint's bytes), the combine (grows with the bmodel).
+    digest_rate_ = results.get("digest_bytes_per_s") or 1e9
+    digest_s = results.get("checkpoint", {}).get("bytes", 0) / digest_rate_
+    digest_full_s = args.full_checkpoint_bytes / digest_rate_
+    export_overhead = max(0.0, export.get("wall_seconds", 0.0) - sum(r["export_s"] for r in per_net) - digest_s)
+    compile_overhead = max(0.0, compiled.get("wall_seconds", 0.0)
+                           - sum(r["transform_s"] + r["deploy_s"] for r in per_net) - combine_s)
     combined = work / compile_manifest["bmodel"] if compile_manifest.get("bmodel") else None
     bmodel_measured = combined.stat().st_size if combined and combined.is_file() else sum(r["bmodel_bytes"] for r in per_net)
-    vision_param_ratio = vision_params(FULL["vision_layers"], FULL["global_layers"]) / vision_params(geometry.vision_layers,
-                                                                                                      geometry.global_layers)
-    bmodel_full = bmodel_measured + sum(
-        (full_count(k, measured_counts, vision_scale) - len(rows)) * sum(r["bmodel_bytes"] for r in rows) / len(rows)
-        for k, rows in kinds.items() if k in ("self_prefill", "cross_prefill"))
-    bmodel_full += sum(r["bmodel_bytes"] for r in kinds.get("vision", [])) * (vision_param_ratio - 1)  # its weights grow, not its fixed part
+    bmodel_full = bmodel_measured + sum((by_kind[k]["full_nets"] - by_kind[k]["measured_nets"]) * mean(kinds[k], "bmodel_bytes")
+                                        for k in WEIGHT_KINDS if k in kinds)
     combine_full_s = combine_s * (bmodel_full / bmodel_measured if bmodel_measured else 1.0)
-    full_export = sum(e["export_s"] for e in extrapolated.values()) + export_overhead + digest_full_s
-    full_compile = sum(e["compile_s"] for e in extrapolated.values()) + compile_overhead + combine_full_s
-
-    # Peak RAM: what each net needs is a function of its own size; text nets of the full
-    # model are the same size as measured ones. The vision net grows with its layers.
-    vision = kinds.get("vision", [{}])[0]
-    vision_params_measured = vision_params(geometry.vision_layers, geometry.global_layers)
-    vision_params_full = vision_params(FULL["vision_layers"], FULL["global_layers"])
-    extra_fp32 = 4 * (vision_params_full - vision_params_measured)
-    # Bytes held per fp32 weight byte above the stage's floor (its smallest net's peak), the
-    # worst over the nets that are mostly weights: how many copies of a net's weights a stage
-    # holds at once.
-    copies, floors = {}, {}
-    for stage in ("export_peak_rss", "transform_peak_rss", "deploy_peak_rss"):
-        peaks = [r[stage] for r in per_net if r[stage]]
-        floors[stage] = min(peaks) if peaks else 0
-        ratios = [(r[stage] - floors[stage]) / r["onnx_bytes"] for r in per_net
-                  if r["kind"] in ("lm_head", "embed", "self_prefill", "self_decode", "cross_prefill", "cross_decode")
-                  and r["onnx_bytes"] and r[stage]]
-        copies[stage] = max(ratios, default=0.0)
-    vision_full_peak = {
-        stage: (vision.get(stage, 0) + copies.get(stage, 0) * extra_fp32) for stage in ("export_peak_rss", "transform_peak_rss", "deploy_peak_rss")
-    }
-    text_peaks = {
-        stage: max((r[stage] for r in per_net if r["kind"] != "vision"), default=0)
-        for stage in ("export_peak_rss", "transform_peak_rss", "deploy_peak_rss")
-    }
     return {
         "per_net": per_net,
-        "extrapolated": extrapolated,
+        "by_kind": by_kind,
+        "missing_kinds": missing,
         "export_overhead_s": export_overhead,
         "compile_overhead_s": compile_overhead,
         "digest_s": digest_s,
@@ -350,32 +306,11 @@ def analyse(results: dict, work: Path, geometry, args) -> dict:
         "combine_full_s": combine_full_s,
         "bmodel_bytes": bmodel_measured,
         "bmodel_full_bytes": bmodel_full,
-        "floors": floors,
-        "full_export_s": full_export,
-        "full_compile_s": full_compile,
-        "vision_scale": vision_scale,
-        "copies_per_weight_byte": copies,
-        "vision_extra_fp32_bytes": extra_fp32,
-        "vision_full_peak": vision_full_peak,
-        "text_peaks": text_peaks,
-        "plain_compile": {"exit_code": plain.get("exit_code"), "killed_for_memory": plain.get("killed_for_memory"),
-                          "peak_rss": plain.get("peak_rss_sum"), "during": plain.get("peak_rss_during"),
-                          "wall_seconds": plain.get("wall_seconds")},
-        "no_onnxsim_for": args.no_onnxsim_for if plain.get("exit_code") not in (0, None) else "",
+        "full_export_s": sum(e["export_s"] for e in by_kind.values()) + export_overhead + digest_full_s,
+        "full_compile_s": sum(e["compile_s"] for e in by_kind.values()) + compile_overhead + combine_full_s,
+        "full_peak": {stage: max(e[stage] for e in by_kind.values()) for stage in STAGES},
         "bmodel": compile_manifest.get("bmodel"),
-        "jobs": compile_manifest.get("settings", {}).get("jobs"),
     }
-
-
-def vision_params(local: int, global_: int, hidden: int = 1280, inter: int = 5120) -> int:
-    """Parameters of the vision tower + projector at 11B widths for a given stack."""
-    layer = 4 * hidden * hidden + 2 * hidden * inter + inter + hidden + 4 * hidden  # attn, mlp (+biases), 2 layernorms
-    gated = layer + 2
-    patches = (560 // 14) ** 2 + 1
-    fixed = (3 * 14 * 14 * hidden + hidden + patches * hidden + 1 + 9 * 4 * patches * hidden
-             + 2 * (9 * 4 * hidden + 1) + 4 * hidden)
-    projector = 7680 * 4096 + 4096
-    return fixed + local * layer + global_ * gated + projector
 
 
 def digest_rate(checkpoint: Path) -> float:
@@ -389,11 +324,6 @@ def digest_rate(checkpoint: Path) -> float:
     return target.stat().st_size / max(1e-6, time.perf_counter() - started)
 
 
-def transform_fits() -> dict:
-    path = OUT / "transform_memory" / "results.json"
-    return json.loads(path.read_text()).get("fits", {}) if path.is_file() else {}
-
-
 def hms(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
@@ -404,16 +334,15 @@ def hms(seconds: float) -> str:
 def report(results: dict, analysis: dict, geometry, args) -> None:
     m = results["machine"]
     print("\n" + "=" * 100)
-    print(f"machine: {m['cpu']}, {m['cores']} cores, {gb(m['ram_bytes'])} RAM (shared with other work)")
+    print(f"machine: {m['cpu']}, {m['cores']} cores, {gb(m['ram_bytes'])} RAM")
     ck = results.get("checkpoint", {})
     print(f"checkpoint: {geometry.name}: {geometry.text_layers} text layers (cross at {list(geometry.cross_layers)}), "
           f"vision {geometry.vision_layers}+{geometry.global_layers} layers, {ck.get('parameters', 0) / 1e9:.2f} B parameters, "
           f"{gb(ck.get('bytes', 0))} bf16 in {ck.get('shards', '?')} shards")
     rows = []
-    for stage, label in (("checkpoint", "write checkpoint (bench/common.py)"), ("export", f"lvb export --seq {args.seq}"),
-                         ("compile_int4", f"lvb compile --quant int4 --seq {args.seq} --no-check --jobs {args.jobs}"),
-                         ("compile_int4_rest", f"  then lvb's Compiler, --do_onnx_sim '' for {args.no_onnxsim_for}"),
-                         ("compile_int4_final", "  then lvb compile again (all cached: combine)")):
+    for stage, label in (("checkpoint", "write checkpoint (bench/common.py)"),
+                         ("export", f"lvb export --seq {args.seq} --chunk {args.chunk}"),
+                         ("compile_int4", f"lvb compile --quant int4 --seq {args.seq} --no-check --jobs {args.jobs}")):
         r = results.get(stage)
         if not r:
             continue
@@ -422,130 +351,44 @@ def report(results: dict, analysis: dict, geometry, args) -> None:
         elif r.get("exit_code") not in (0, None):
             label += f" -- FAILED (exit {r['exit_code']})"
         rows.append([label, hms(r.get("wall_seconds", r.get("seconds", 0))), gb(r.get("peak_rss_sum", 0)),
-                     gb(r.get("peak_pss_sum", 0)) if r.get("peak_pss_sum") else "-", r.get("peak_rss_during", "-"),
-                     gb(r.get("min_mem_available", 0)) if r.get("min_mem_available") else "-"])
+                     gb(r.get("peak_pss_sum", 0)) if r.get("peak_pss_sum") else "-", r.get("peak_rss_during", "-")])
     print("\nMeasured (this checkpoint):")
-    print(table(rows, ["stage", "wall", "peak RSS (tree)", "peak PSS (tree)", "peak during", "min MemAvailable"]))
+    print(table(rows, ["stage", "wall", "peak RSS (tree)", "peak PSS (tree)", "peak during"]))
 
-    rows = []
-    for r in analysis["per_net"]:
-        rows.append([r["net"], r["kind"], gb(r["onnx_bytes"]), f"{r['export_s']:.1f}", gb(r["export_peak_rss"]),
-                     f"{r['transform_s']:.1f}", gb(r["transform_peak_rss"]), f"{r['deploy_s']:.1f}", gb(r["deploy_peak_rss"]),
-                     " ".join(r["options"]) or "-"])
+    rows = [[r["net"], r["kind"], gb(r["onnx_bytes"]), f"{r['export_s']:.1f}", gb(r["export_peak_rss"]),
+             f"{r['transform_s']:.1f}", gb(r["transform_peak_rss"]), f"{r['deploy_s']:.1f}", gb(r["deploy_peak_rss"]),
+             " ".join(r["options"]) or "-"] for r in analysis["per_net"]]
     print("\nPer net (export s from export/manifest.json; deploy s from the compile manifest; transform s and peaks from sampling):")
     print(table(rows, ["net", "kind", "onnx", "export s", "export peak", "transform s", "transform peak", "deploy s",
                        "deploy peak", "deploy options"]))
 
-    rows = []
-    for kind, e in analysis["extrapolated"].items():
-        rows.append([kind, e["measured_nets"], f"{e['full_nets']:.4g}", hms(e["export_s"]), hms(e["compile_s"])])
-    rows.append(["start-up and imports (constant)", "", "", hms(analysis["export_overhead_s"]), hms(analysis["compile_overhead_s"])])
-    rows.append([f"export: digest of every tensor (x checkpoint bytes); compile: combine (x bmodel bytes)", "", "",
+    rows = [[kind, e["measured_nets"], e["full_nets"], hms(e["export_s"]), hms(e["compile_s"]), gb(e["export_peak_rss"]),
+             gb(e["transform_peak_rss"]), gb(e["deploy_peak_rss"])] for kind, e in analysis["by_kind"].items()]
+    rows.append(["start-up and imports (constant)", "", "", hms(analysis["export_overhead_s"]), hms(analysis["compile_overhead_s"]),
+                 "", "", ""])
+    rows.append(["export: digest of every tensor (x checkpoint bytes); compile: combine (x bmodel bytes)", "", "",
                  f"{hms(analysis['digest_s'])} -> {hms(analysis['digest_full_s'])}",
-                 f"{hms(analysis['combine_s'])} -> {hms(analysis['combine_full_s'])}"])
-    rows.append(["TOTAL full 11B", "", "", hms(analysis["full_export_s"]), hms(analysis["full_compile_s"])])
-    print(f"\nExtrapolated to the full 11B ({FULL_TEXT_SELF} self + {FULL_TEXT_CROSS} cross text layers, "
-          f"{FULL['vision_layers']}+{FULL['global_layers']} vision layers = vision x{analysis['vision_scale']:.1f}), "
-          f"jobs={args.jobs}:")
-    print(table(rows, ["net kind", "measured nets", "nets in 11B", "export", "compile (transform+deploy)"]))
+                 f"{hms(analysis['combine_s'])} -> {hms(analysis['combine_full_s'])}", "", "", ""])
+    peak = analysis["full_peak"]
+    rows.append(["TOTAL full 11B", "", "", hms(analysis["full_export_s"]), hms(analysis["full_compile_s"]),
+                 gb(peak["export_peak_rss"]), gb(peak["transform_peak_rss"]), gb(peak["deploy_peak_rss"])])
+    print(f"\nExtrapolated to the full 11B (its plan from {FULL_CONFIG.name}; every net has the shape of a measured net of "
+          f"its kind), jobs={args.jobs}:")
+    print(table(rows, ["net kind", "measured nets", "nets in 11B", "export", "compile (transform+deploy)", "export peak",
+                       "transform peak", "deploy peak"]))
+    if analysis["missing_kinds"]:
+        print(f"  not measured here (so not in the totals): {', '.join(analysis['missing_kinds'])}")
     total = analysis["full_export_s"] + analysis["full_compile_s"]
-    print(f"  => whole 11B conversion (export + int4 compile, no simulator check): about {hms(total)} on this machine")
-
-    per = analysis["per_net"]
-
-    def worst(kinds_, stage):
-        return max((r[stage] for r in per if r["kind"] in kinds_), default=0)
-
-    layer_kinds = ("self_prefill", "self_decode", "cross_prefill", "cross_decode")
-    vocab_kinds = ("embed", "embed_cache", "lm_head")
-    vp = analysis["vision_full_peak"]
-    plain = analysis.get("plain_compile", {})
-    fits = transform_fits()
-    vocab_default = max((f["full_peak"] for k, f in fits.items() if k.endswith("|transform")), default=0)
-    failed = plain.get("exit_code") not in (0, None)
-    vocab_transform = (f"{gb(worst(vocab_kinds, 'transform_peak_rss'))} with --do_onnx_sim ''; lvb as is: "
-                       f">{gb(plain.get('peak_rss') or 0)} (stopped), ~{gb(vocab_default)} by the fit"
-                       if failed else gb(worst(vocab_kinds, "transform_peak_rss")))
-    print("\nPeak RAM (RSS of the process tree) by net family; text and vocabulary nets are the same size in the 11B:")
-    rows = [
-        [f"decoder layer nets ({sum(1 for r in per if r['kind'] in layer_kinds)} measured)", gb(worst(layer_kinds, "export_peak_rss")),
-         gb(worst(layer_kinds, "transform_peak_rss")), gb(worst(layer_kinds, "deploy_peak_rss")), "same"],
-        ["embed, embed_cache, lm_head (2.1 GB fp32 each)", gb(worst(vocab_kinds, "export_peak_rss")), vocab_transform,
-         gb(worst(vocab_kinds, "deploy_peak_rss")), "same"],
-        ["vision tower, measured (3 of 40 layers)", gb(worst(("vision",), "export_peak_rss")),
-         gb(worst(("vision",), "transform_peak_rss")), gb(worst(("vision",), "deploy_peak_rss")), ""],
-        ["vision tower, 11B (estimate)", gb(vp["export_peak_rss"]), gb(vp["transform_peak_rss"]), gb(vp["deploy_peak_rss"]),
-         "+ (bytes per weight byte) x extra weights"],
-    ]
-    print(table(rows, ["nets", "export", "model_transform", "model_deploy", "in the 11B"]))
-    copies = analysis["copies_per_weight_byte"]
-    print(f"  vision tower 11B vs measured: +{gb(analysis['vision_extra_fp32_bytes'])} of fp32 weights; bytes held per "
-          f"weight byte above each stage's floor (worst text/vocabulary net): "
-          + ", ".join(f"{k.replace('_peak_rss', '')} {v:.1f}" for k, v in copies.items()))
-    if failed:
-        print(f"  lvb compile as it is: {'stopped by the memory guard' if plain.get('killed_for_memory') else 'failed'} after "
-              f"{hms(plain.get('wall_seconds') or 0)} at {gb(plain.get('peak_rss') or 0)} during {plain.get('during')}; "
-              f"the rest was compiled with --do_onnx_sim '' for {analysis['no_onnxsim_for']} (bench/transform_memory.py).")
-    text_peak = max(worst(layer_kinds + vocab_kinds, s_) for s_ in ("export_peak_rss", "transform_peak_rss", "deploy_peak_rss"))
-    full_peak = max(max(vp.values()), text_peak, vocab_default if failed else 0)
-    print(f"  => peak RAM of the whole 11B conversion with lvb as it is: about {gb(full_peak)} "
-          f"({'within' if full_peak < 16e9 else 'OVER'} the 16 GB target; Sophgo's guide asks for 40-64 GB); the text nets alone "
-          f"peak at {gb(text_peak)}{' with the vocabulary nets simplifier-free' if failed else ''}.")
+    worst = max(peak.values())
+    print(f"  => whole 11B conversion (export + int4 compile, no simulator check): about {hms(total)} on this machine, "
+          f"peak RAM {gb(worst)} ({'within' if worst < 16e9 else 'OVER'} the 16 GB target; Sophgo's guide asks for 40-64 GB)")
     print(f"  bmodel: {gb(analysis['bmodel_bytes'])} combined here; the 11B's int4 bmodel: about {gb(analysis['bmodel_full_bytes'])}")
-    print("  Text nets: one layer per net, so their peak does not grow with the layer count (measured: every "
-          "layer net of a kind peaks at the same RSS, see the per-net table).")
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def wait_for_memory(gigabytes: float, max_wait: float) -> None:
-    started = time.perf_counter()
-    said = False
-    while available_memory() < gigabytes * 1e9 and time.perf_counter() - started < max_wait:
-        if not said:
-            print(f"  waiting for {gigabytes:g} GB of available memory (now {gb(available_memory())}; the machine is shared) ...",
-                  flush=True)
-            said = True
-        time.sleep(30)
-    if said:
-        print(f"  waited {time.perf_counter() - started:.0f} s; available now {gb(available_memory())}", flush=True)
-
-
-def compile_rest(argv: list[str]) -> int:
-    """lvb's Compiler on every exported net, model_transform with --do_onnx_sim '' for some nets."""
-    parser = argparse.ArgumentParser(prog="convert_scale.py _compile")
-    parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--no-onnxsim-for", default="")
-    parser.add_argument("--quant", default="int4")
-    args = parser.parse_args(argv)
-    import lvb.compile.compiler as compiler
-    from lvb.compile.tpumlir import shapes_arg
-    from lvb.toolchain import find_toolchain
-
-    skip = {n for n in args.no_onnxsim_for.split(",") if n}
-    original = compiler.transform
-
-    def transform(toolchain, onnx_path, work, name, input_shapes, log, server=None):
-        if name not in skip:
-            return original(toolchain, onnx_path, work, name, input_shapes, log, server)
-        mlir = work / f"{name}.mlir"
-        toolchain.python_tool("model_transform.py", ["--model_name", name, "--model_def", str(onnx_path.resolve()),
-                                                     "--input_shapes", shapes_arg(input_shapes), "--mlir", mlir.name,
-                                                     "--do_onnx_sim", ""], work, log, server)
-        return mlir
-
-    compiler.transform = transform
-    settings = compiler.CompileSettings(quant=args.quant, check=False)
-    manifest = compiler.Compiler(args.work, settings, find_toolchain()).run(jobs=args.jobs)
-    print(f"compiled {len(manifest['nets'])} nets into {manifest['bmodel']}")
-    return 0
-
-
 def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "_compile":
-        return compile_rest(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=3, help="text layers (one cross-attention layer among them)")
     parser.add_argument("--vision-layers", type=int, default=2, help="local vision layers")
@@ -559,11 +402,6 @@ def main() -> int:
                         help="measure this stage again from scratch (deletes its cached output)")
     parser.add_argument("--min-available", type=float, default=1.5,
                         help="GB of MemAvailable below which a stage is stopped (protects a shared machine)")
-    parser.add_argument("--no-onnxsim-for", default="embed,embed_cache,lm_head",
-                        help="when lvb compile cannot finish: nets whose model_transform runs with --do_onnx_sim ''")
-    parser.add_argument("--wait-memory", type=float, default=0.0,
-                        help="GB of MemAvailable to wait for before a heavy stage, on a shared machine (0: do not wait)")
-    parser.add_argument("--max-wait", type=float, default=7200, help="seconds to wait for that memory at most")
     parser.add_argument("--full-checkpoint-bytes", type=float, default=21.3e9,
                         help="bytes of the real 11B checkpoint (bf16), to scale fixed per-byte costs")
     args = parser.parse_args()
@@ -624,44 +462,18 @@ def main() -> int:
     compile_cmd = [LVB, "compile", "--work", work, "--quant", "int4", "--seq", str(args.seq), "--no-check", "--jobs", str(args.jobs)]
     if "compile_int4" in args.remeasure:
         shutil.rmtree(work / "compile", ignore_errors=True)
-        for stage in ("compile_int4", "compile_int4_rest", "compile_int4_final"):
-            results.pop(stage, None)
-    if "compile_int4" not in results:
-        wait_for_memory(args.wait_memory, args.max_wait)
+        results.pop("compile_int4", None)
+    if "compile_int4" not in results or results["compile_int4"].get("exit_code") != 0:
+        resumed = any((work / "compile").glob("*/*/result.json"))
         results["compile_int4"] = run_measured("compile_int4", compile_cmd, work, out, min_available)
-        results["compile_int4"]["resumed"] = any((work / "compile").glob("*/*/result.json"))
+        results["compile_int4"]["resumed"] = resumed
         save()
+        if results["compile_int4"]["exit_code"] != 0:
+            return results["compile_int4"]["exit_code"] or 1
     else:
-        print(f"lvb compile: measured before ({results['compile_int4']['wall_seconds']} s, exit "
-              f"{results['compile_int4']['exit_code']}); --remeasure compile_int4 to redo")
-    if results["compile_int4"]["exit_code"] != 0:
-        # 4. lvb's own Compiler for every net, with model_transform's ONNX simplifier off for the
-        # vocabulary-sized nets only (their transform needs ~11x their weights with it; see
-        # bench/transform_memory.py). Everything else exactly as lvb compiles it.
-        print(f"\nlvb compile did not finish ({'stopped by the memory guard' if results['compile_int4'].get('killed_for_memory') else 'failed'}); "
-              f"compiling the rest with --do_onnx_sim '' for {args.no_onnxsim_for}")
-        rest = results.get("compile_int4_rest")
-        if not rest or rest.get("exit_code") != 0:
-            wait_for_memory(args.wait_memory, args.max_wait)
-            new = run_measured("compile_int4_rest", [sys.executable, str(Path(__file__).resolve()), "_compile", "--work", str(work),
-                                                     "--jobs", str(args.jobs), "--no-onnxsim-for", args.no_onnxsim_for],
-                               work, out, min_available)
-            if rest:  # an earlier attempt did some nets: keep what it sampled for them
-                new["labels"] = {**rest.get("labels", {}), **new["labels"]}
-                new["attempts"] = rest.get("attempts", 1) + 1
-                new["wall_seconds_all_attempts"] = rest.get("wall_seconds_all_attempts", rest["wall_seconds"]) + new["wall_seconds"]
-            results["compile_int4_rest"] = new
-            save()
-            if new["exit_code"] != 0:
-                return new["exit_code"] or 1
-        # 5. lvb compile again: every net is cached now, so this is its combine step
-        if results.get("compile_int4_final", {}).get("exit_code") != 0:
-            results["compile_int4_final"] = run_measured("compile_int4_final", compile_cmd, work, out, min_available)
-            save()
-            if results["compile_int4_final"]["exit_code"] != 0:
-                return results["compile_int4_final"]["exit_code"] or 1
+        print(f"lvb compile: measured before ({results['compile_int4']['wall_seconds']} s); --remeasure compile_int4 to redo")
 
-    analysis = analyse(results, work, geometry, args)
+    analysis = analyse(results, work, args)
     results["analysis"] = analysis
     results["work"] = str(work)
     results["checkpoint_dir"] = str(checkpoint)
