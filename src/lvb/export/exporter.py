@@ -4,7 +4,8 @@ each checked against PyTorch on the spot.
 Layout of the work directory:
 
     export/manifest.json      what was exported, from what, with which settings
-    export/<net>/<net>.onnx   the net (plus external weight files if > 2 GB)
+    export/<net>/<net>.onnx   the net's graph
+    export/<net>/<net>.weights its weights (ONNX external data, page-aligned)
     export/<net>/check.npz    the inputs it was checked on and onnxruntime's outputs
 
 A net folder appears (by rename) only after its check passed, and the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import time
@@ -124,6 +126,61 @@ def _export_onnx(module, net: NetSpec, inputs: dict[str, np.ndarray], path: Path
         )
 
 
+def _move_weights_out(path: Path, threshold: int = 1024) -> None:
+    """Put every initializer of `threshold` bytes or more into `<net>.weights` beside the
+    graph, each at a page-aligned offset, so that onnxruntime maps them from the file
+    instead of copying them (at 11B widths an embedding is 2 GB, and a copy doubled the
+    exporter's peak). tpu-mlir and onnx.load read external data as well."""
+    import onnx
+
+    model = onnx.load(str(path))  # also reads any external files torch wrote for a net > 2 GB
+    weights = path.with_suffix(".weights")
+    with open(weights, "wb") as out:
+        for tensor in model.graph.initializer:
+            if len(tensor.raw_data) < threshold:
+                continue
+            offset = -out.tell() % mmap.ALLOCATIONGRANULARITY + out.tell()
+            out.seek(offset)
+            data = tensor.raw_data
+            out.write(data)
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", weights.name), ("offset", str(offset)), ("length", str(len(data)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            del data
+    onnx.save(model, str(path))
+    for leftover in path.parent.iterdir():  # torch's own external files, now copied into <net>.weights
+        if leftover not in (path, weights):
+            leftover.unlink()
+
+
+def _free_weights(module) -> None:
+    """Release a traced module's weights now. torch.onnx.export keeps a reference to large
+    weight tensors after it returns (pytorch/pytorch#130115), so dropping the module is not
+    enough: empty their storages."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        storage = tensor.untyped_storage()
+        if storage.resizable():  # not one that safetensors maps from the file
+            storage.resize_(0)
+    _release_heap()
+
+
+def _release_heap() -> None:
+    """Collect, then hand freed heap back to the OS, which glibc would otherwise keep:
+    the exporter's footprint would creep up net by net."""
+    import ctypes
+    import ctypes.util
+
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        try:
+            ctypes.CDLL(libc).malloc_trim(0)
+        except AttributeError:  # not glibc
+            pass
+
+
 def _run_torch(module, net: NetSpec, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     import torch
 
@@ -220,10 +277,10 @@ class Exporter:
                     if progress:
                         progress(net.name, done, len(self.nets))
                     traced.append(self._trace(net, module, part))
-                # The weights go before onnxruntime loads its own copy: at 11B widths an
-                # embedding table is 2 GB in each.
+                    _release_heap()
+                # The weights go before the check: at 11B widths an embedding table is 2 GB.
+                _free_weights(module)
                 del module
-                gc.collect()
                 seconds = (time.perf_counter() - started) / len(nets)
                 for pending in traced:
                     self._check_and_keep(*pending, part, keys[pending[0].name], seconds)
@@ -246,6 +303,7 @@ class Exporter:
     def _check_and_keep(self, net: NetSpec, tmp: Path, inputs, expected, part, key: str, seconds: float) -> None:
         """onnxruntime against PyTorch; only a net that passes is moved into place and named."""
         started = time.perf_counter()
+        _move_weights_out(tmp / f"{net.name}.onnx")
         got = _run_onnxruntime(tmp / f"{net.name}.onnx", net, inputs)
         check = compare(expected, got)
         if check["cosine"] < part.min_cosine or check["max_rel_err"] > part.max_relative_error:
