@@ -289,7 +289,7 @@ def main() -> int:
     samplers = [
         ("sampling: greedy", SamplingConfig()),
         ("sampling: T 0.6, top-k 50, top-p 0.9 (11B defaults)", SamplingConfig(do_sample=True, temperature=0.6, top_k=50, top_p=0.9, seed=0)),
-        ("sampling: T 0.6, top-p 0.9, no top-k (full sort)", SamplingConfig(do_sample=True, temperature=0.6, top_k=0, top_p=0.9, seed=0)),
+        ("sampling: T 0.6, top-p 0.9, no top-k", SamplingConfig(do_sample=True, temperature=0.6, top_k=0, top_p=0.9, seed=0)),
         ("sampling: greedy + repetition penalty 1.1 over 512", SamplingConfig(repetition_penalty=1.1)),
     ]
     for label, config in samplers:
@@ -340,7 +340,7 @@ def main() -> int:
 
     print("\n" + table(rows, ["host work", "lvb median µs", "reference-style µs", "ratio", "how the reference does it"]))
     m = machine()
-    print(f"\nmachine: {m['cpu']}, {m['cores']} cores (shared); Python {m['python']}, numpy {np.__version__}")
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, numpy {np.__version__}")
     print(f"image preprocessing (1000x750 photo -> {v.max_num_tiles} tiles of {v.image_size} px): "
           f"{preprocess_s * 1e3:.1f} ms per image; first turn end to end with the null engine: {first_turn * 1e3:.0f} ms")
     device_step = 1 / 7.5

@@ -224,7 +224,7 @@ def main() -> int:
         print(table(work_rows, ["net", "onnx", "transform s (lvb)", "peak (lvb)", "transform s (no sim)", "peak (no sim)",
                                 "deploy", "deploy s", "deploy peak", "same bmodel size"]))
     m = machine()
-    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, {gb(m['ram_bytes'])} RAM (shared)")
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, {gb(m['ram_bytes'])} RAM")
     results["fits"] = {f"{k}|{s}": v for (k, s), v in fits.items()}
     results_path.write_text(json.dumps(results, indent=1, default=str))
     return 0
