@@ -125,6 +125,24 @@ def test_streaming_reads_one_layer_at_a_time(checkpoint_factory, tmp_path, monke
     assert max(n for _, n in loads) < total / 2  # never the whole model, or anything near it
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_tables_stream_into_external_data_unchanged(tmp_path, dtype, transpose):
+    from safetensors.torch import save_file
+
+    table = torch.randn(37, 11).to(dtype)
+    save_file({"language_model.lm_head.weight": table}, tmp_path / "model.safetensors")
+    weights = CheckpointWeights(tmp_path)
+    with open(tmp_path / "out.bin", "wb") as out:
+        out.write(b"head")  # the table goes at the file's position, not at 0
+        # five rows a slab: eight slabs, the last one short
+        length = weights.write_float32("language_model.lm_head.weight", out, transpose=transpose, slab_bytes=5 * 11 * 4)
+        assert out.tell() == 4 + length == 4 + table.numel() * 4
+    written = np.fromfile(tmp_path / "out.bin", np.float32, offset=4)
+    expected = weights.load("language_model.lm_head.")["weight"].numpy()
+    np.testing.assert_array_equal(written, (expected.T if transpose else expected).ravel())
+
+
 def test_patches_are_reversible(checkpoint_factory):
     from transformers import MllamaForConditionalGeneration
     from transformers.models.mllama import modeling_mllama

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import itertools
 import json
 import mmap
 import os
@@ -126,32 +127,84 @@ def _export_onnx(module, net: NetSpec, inputs: dict[str, np.ndarray], path: Path
         )
 
 
-def _move_weights_out(path: Path, threshold: int = 1024) -> None:
+@dataclass(frozen=True)
+class StandIn:
+    """A vocabulary-sized weight traced as a few rows. The TorchScript exporter copies every
+    weight several times while it builds and serializes the graph (pytorch/pytorch#61263),
+    2 GB per copy for an 11B embedding, so the real tensor goes straight from the
+    checkpoint into the net's external data afterwards."""
+
+    tensor: str  # checkpoint name
+    shape: tuple[int, int]  # the real [rows, columns]
+    rows: int  # the stand-in's rows, a count no dimension of the net has
+
+
+def _swap_in_stand_ins(module, parameters: dict[str, str], nets: list[NetSpec]) -> list[StandIn]:
+    """Replace each named parameter of `module` by a stand-in of a few rows."""
+    import torch
+
+    taken = {d for net in nets for t in (*net.inputs, *net.outputs) for d in t.shape}
+    stand_ins = []
+    for parameter, tensor in parameters.items():
+        owner_name, _, attribute = parameter.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        real = getattr(owner, attribute)
+        taken |= set(real.shape)
+        rows = next(n for n in itertools.count(3) if n not in taken)
+        taken.add(rows)
+        setattr(owner, attribute, torch.nn.Parameter(torch.linspace(-1, 1, rows * real.shape[1]).reshape(rows, -1), requires_grad=False))
+        stand_ins.append(StandIn(tensor, tuple(real.shape), rows))
+        if real.untyped_storage().resizable():
+            real.untyped_storage().resize_(0)
+    _release_heap()
+    return stand_ins
+
+
+def _move_weights_out(path: Path, stand_ins: list[StandIn] = (), weights: CheckpointWeights | None = None,
+                      threshold: int = 1024) -> None:
     """Put every initializer of `threshold` bytes or more into `<net>.weights` beside the
     graph, each at a page-aligned offset, so that onnxruntime maps them from the file
     instead of copying them (at 11B widths an embedding is 2 GB, and a copy doubled the
-    exporter's peak). tpu-mlir and onnx.load read external data as well."""
+    exporter's peak). tpu-mlir and onnx.load read external data as well. A stand-in's
+    place is filled from the checkpoint, transposed where the exporter folded a transpose."""
     import onnx
 
     model = onnx.load(str(path))  # also reads any external files torch wrote for a net > 2 GB
-    weights = path.with_suffix(".weights")
-    with open(weights, "wb") as out:
+    weights_file = path.with_suffix(".weights")
+    found = set()
+    with open(weights_file, "wb") as out:
         for tensor in model.graph.initializer:
-            if len(tensor.raw_data) < threshold:
+            dims = tuple(tensor.dims)
+            stand_in = next((s for s in stand_ins if dims in ((s.rows, s.shape[1]), (s.shape[1], s.rows))), None)
+            if stand_in is None and len(tensor.raw_data) < threshold:
                 continue
             offset = -out.tell() % mmap.ALLOCATIONGRANULARITY + out.tell()
             out.seek(offset)
-            data = tensor.raw_data
-            out.write(data)
+            if stand_in is None:
+                length = out.write(tensor.raw_data)
+            else:
+                transposed = dims[0] != stand_in.rows
+                length = weights.write_float32(stand_in.tensor, out, transpose=transposed)
+                tensor.ClearField("dims")
+                tensor.dims.extend(stand_in.shape[::-1] if transposed else stand_in.shape)
+                found.add(stand_in)
             tensor.ClearField("raw_data")
             tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", weights.name), ("offset", str(offset)), ("length", str(len(data)))):
+            for key, value in (("location", weights_file.name), ("offset", str(offset)), ("length", str(length))):
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, value
-            del data
+    if missing := [s.tensor for s in stand_ins if s not in found]:
+        raise ExportError(f"{path.stem}: the traced graph has no plain initializer for {', '.join(missing)}; "
+                          "the part's stand_ins do not match how the exporter wrote it")
+    if stand_ins:  # the outputs were traced with the stand-ins' row counts
+        real_rows = {s.rows: s.shape[0] for s in stand_ins}
+        for output in model.graph.output:
+            for dim in output.type.tensor_type.shape.dim:
+                dim.dim_value = real_rows.get(dim.dim_value, dim.dim_value)
+        model.graph.ClearField("value_info")  # shapes inferred from the stand-ins; optional in ONNX
     onnx.save(model, str(path))
     for leftover in path.parent.iterdir():  # torch's own external files, now copied into <net>.weights
-        if leftover not in (path, weights):
+        if leftover not in (path, weights_file):
             leftover.unlink()
 
 
@@ -272,38 +325,46 @@ class Exporter:
                 started = time.perf_counter()
                 part = PARTS[nets[0].kind]
                 module = part.build(nets[0], self.spec, config, self.weights)
-                traced = []
+                references = []
                 for net in nets:
                     if progress:
                         progress(net.name, done, len(self.nets))
-                    traced.append(self._trace(net, module, part))
-                    _release_heap()
+                    references.append(self._reference(net, module, part))
+                stand_ins = _swap_in_stand_ins(module, part.stand_ins, nets)
+                traced = [(*reference, self._export(reference[0], module, reference[1], stand_ins)) for reference in references]
                 # The weights go before the check: at 11B widths an embedding table is 2 GB.
                 _free_weights(module)
                 del module
                 seconds = (time.perf_counter() - started) / len(nets)
-                for pending in traced:
-                    self._check_and_keep(*pending, part, keys[pending[0].name], seconds)
+                for net, inputs, expected, tmp in traced:
+                    self._check_and_keep(net, tmp, inputs, expected, stand_ins, part, keys[net.name], seconds)
                     done += 1
         if progress:
             progress("", done, len(self.nets))
         return self.manifest
 
-    def _trace(self, net: NetSpec, module, part) -> tuple:
-        """PyTorch's outputs on the check inputs, and the ONNX file in a scratch folder."""
+    def _reference(self, net: NetSpec, module, part) -> tuple:
+        """The net's check inputs and PyTorch's outputs on them, with the real weights."""
         rng = np.random.default_rng(int.from_bytes(hashlib.sha256(net.name.encode()).digest()[:4], "little"))
         inputs = part.dummy_inputs(net, self.spec, rng)
+        return net, inputs, _run_torch(module, net, inputs)
+
+    def _export(self, net: NetSpec, module, inputs: dict[str, np.ndarray], stand_ins: list[StandIn]) -> Path:
+        """The ONNX file in a scratch folder."""
         tmp = self.out / f".{net.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        expected = _run_torch(module, net, inputs)
+        if stand_ins:  # ids must index a stand-in's few rows; the graph does not depend on their values
+            inputs = {name: np.zeros_like(v) if v.dtype.kind in "iu" else v for name, v in inputs.items()}
         _export_onnx(module, net, inputs, tmp / f"{net.name}.onnx")
-        return net, tmp, inputs, expected
+        _release_heap()
+        return tmp
 
-    def _check_and_keep(self, net: NetSpec, tmp: Path, inputs, expected, part, key: str, seconds: float) -> None:
+    def _check_and_keep(self, net: NetSpec, tmp: Path, inputs, expected, stand_ins: list[StandIn], part, key: str,
+                        seconds: float) -> None:
         """onnxruntime against PyTorch; only a net that passes is moved into place and named."""
         started = time.perf_counter()
-        _move_weights_out(tmp / f"{net.name}.onnx")
+        _move_weights_out(tmp / f"{net.name}.onnx", stand_ins, self.weights)
         got = _run_onnxruntime(tmp / f"{net.name}.onnx", net, inputs)
         check = compare(expected, got)
         if check["cosine"] < part.min_cosine or check["max_rel_err"] > part.max_relative_error:

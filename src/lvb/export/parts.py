@@ -222,6 +222,9 @@ class Part:
     # onnxruntime vs PyTorch, both fp32: what "the same" means for this part.
     min_cosine: ClassVar[float] = 0.99999
     max_relative_error: ClassVar[float] = 1e-3  # of the largest reference magnitude
+    # Vocabulary-sized parameters (module name -> checkpoint name) traced as a stand-in of a
+    # few rows and written from the checkpoint afterwards (lvb.export.exporter.StandIn).
+    stand_ins: ClassVar[dict[str, str]] = {}
 
     def weight_prefixes(self, net: NetSpec, spec: ModelSpec) -> tuple[str, ...]:
         raise NotImplementedError
@@ -353,6 +356,7 @@ class VisionHeadPart(Part, _VisionGeometry):
 
 class EmbeddingPart(Part):
     kinds = (Kind.EMBED, Kind.EMBED_CACHE)
+    stand_ins = {"table.weight": TEXT + "embed_tokens.weight"}
 
     def weight_prefixes(self, net, spec):
         return (TEXT + "embed_tokens.",)
@@ -432,6 +436,7 @@ class CrossAttentionPart(Part):
 
 class LmHeadPart(Part):
     kinds = (Kind.LM_HEAD,)
+    stand_ins = {"head.weight": "language_model.lm_head.weight"}
 
     def weight_prefixes(self, net, spec):
         return (TEXT + "norm.", "language_model.lm_head.")

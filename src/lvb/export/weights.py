@@ -14,11 +14,14 @@ import mmap
 import os
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
 from lvb.errors import LvbError
+from lvb.runtime.engine import from_bf16_bits
 
 # The same tensors are named differently by Meta's checkpoints / transformers 4
 # (left, which is what lvb uses) and by transformers 5's in-memory layout (right).
@@ -28,6 +31,14 @@ NAME_PREFIXES: tuple[tuple[str, str], ...] = (
     ("language_model.model.", "model.language_model."),
     ("language_model.lm_head.", "lm_head."),
 )
+
+
+# safetensors dtype -> (bytes per value, raw bytes -> float32 array)
+_FLOAT_READERS = {
+    "F32": (4, lambda raw: np.frombuffer(raw, np.float32)),
+    "F16": (2, lambda raw: np.frombuffer(raw, np.float16).astype(np.float32)),
+    "BF16": (2, lambda raw: from_bf16_bits(np.frombuffer(raw, np.uint16))),
+}
 
 
 class WeightsError(LvbError, ValueError):
@@ -124,6 +135,32 @@ class CheckpointWeights:
                 for name in file_names:
                     result[name[len(prefix) :]] = f.get_tensor(self._raw_names[name]).to(dtype)
         return result
+
+    def write_float32(self, name: str, out: BinaryIO, transpose: bool = False, slab_bytes: int = 64 << 20) -> int:
+        """Write 2-D tensor `name` as float32 (transposed if asked) at `out`'s position, a slab
+        of rows at a time with plain reads and writes, so that a vocabulary-sized table is
+        never whole in memory, neither as a tensor nor as mapped pages. Returns the bytes written."""
+        file = self.files[self.location[name]]
+        meta = file.tensors[self._raw_names[name]]
+        if meta["dtype"] not in _FLOAT_READERS or len(meta["shape"]) != 2:
+            raise WeightsError(f"{name} is {meta['dtype']}{meta['shape']}; lvb streams 2-D BF16, F16 or F32 tables")
+        rows, cols = meta["shape"]
+        itemsize, to_float32 = _FLOAT_READERS[meta["dtype"]]
+        step = max(1, slab_bytes // (4 * cols))
+        start = out.tell()
+        out.flush()
+        with open(file.path, "rb") as source:
+            for first in range(0, rows, step):
+                count = min(step, rows - first)
+                source.seek(file.data_start + meta["data_offsets"][0] + first * cols * itemsize)
+                slab = to_float32(source.read(count * cols * itemsize)).reshape(count, cols)
+                if not transpose:
+                    os.pwrite(out.fileno(), slab.tobytes(), start + first * cols * 4)
+                    continue
+                for column, values in enumerate(np.ascontiguousarray(slab.T)):  # row `column` of the transpose
+                    os.pwrite(out.fileno(), values.tobytes(), start + (column * rows + first) * 4)
+        out.seek(start + rows * cols * 4)
+        return rows * cols * 4
 
     def digest(self, prefix: str) -> str:
         """A content digest of every tensor under `prefix`."""
