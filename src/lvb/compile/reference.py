@@ -33,8 +33,9 @@ def fake_quantize(weight: np.ndarray, bits: int, group_size: int) -> np.ndarray:
 
 def quantized_reference(onnx_path: Path, feeds: dict[str, np.ndarray], quant: str, group_size: int) -> list[np.ndarray]:
     import onnx
-    import onnxruntime
     from onnx import numpy_helper
+
+    from lvb.runtime.onnx import run_once
 
     model = onnx.load(str(onnx_path))
     constants = {init.name: init for init in model.graph.initializer}
@@ -44,7 +45,4 @@ def quantized_reference(onnx_path: Path, feeds: dict[str, np.ndarray], quant: st
             continue
         weight = numpy_helper.to_array(init)
         init.CopyFrom(numpy_helper.from_array(fake_quantize(weight, BITS[quant], group_size), init.name))
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(model.SerializeToString(), options)
-    return session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
+    return run_once(model.SerializeToString(), feeds)

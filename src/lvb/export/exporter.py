@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -37,6 +37,7 @@ from lvb.contract import Kind, NetSpec, plan
 from lvb.errors import LvbError
 from lvb.export.weights import CheckpointWeights
 from lvb.runtime.engine import cosine
+from lvb.runtime.onnx import run_once
 from lvb.spec import ModelSpec
 
 OPSET = 17  # tpu-mlir rejects the opset-18 graphs of the dynamo exporter
@@ -160,7 +161,7 @@ def _swap_in_stand_ins(module, parameters: dict[str, str], nets: list[NetSpec]) 
     return stand_ins
 
 
-def _move_weights_out(path: Path, stand_ins: list[StandIn] = (), weights: CheckpointWeights | None = None,
+def _move_weights_out(path: Path, stand_ins: Sequence[StandIn] = (), weights: CheckpointWeights | None = None,
                       threshold: int = 1024) -> None:
     """Put every initializer of `threshold` bytes or more into `<net>.weights` beside the
     graph, each at a page-aligned offset, so that onnxruntime maps them from the file
@@ -243,15 +244,6 @@ def _run_torch(module, net: NetSpec, inputs: dict[str, np.ndarray]) -> list[np.n
     return [o.numpy() for o in outputs]
 
 
-def _run_onnxruntime(path: Path, net: NetSpec, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(str(path), options)
-    return session.run(None, {t.name: inputs[t.name] for t in net.inputs})
-
-
 class Exporter:
     def __init__(self, model_dir: Path, work: Path, settings: ExportSettings):
         self.model_dir, self.work, self.settings = Path(model_dir), Path(work), settings
@@ -331,7 +323,7 @@ class Exporter:
                         progress(net.name, done, len(self.nets))
                     references.append(self._reference(net, module, part))
                 stand_ins = _swap_in_stand_ins(module, part.stand_ins, nets)
-                traced = [(*reference, self._export(reference[0], module, reference[1], stand_ins)) for reference in references]
+                traced = [(net, inputs, expected, self._export(net, module, inputs, stand_ins)) for net, inputs, expected in references]
                 # The weights go before the check: at 11B widths an embedding table is 2 GB.
                 _free_weights(module)
                 del module
@@ -365,7 +357,7 @@ class Exporter:
         """onnxruntime against PyTorch; only a net that passes is moved into place and named."""
         started = time.perf_counter()
         _move_weights_out(tmp / f"{net.name}.onnx", stand_ins, self.weights)
-        got = _run_onnxruntime(tmp / f"{net.name}.onnx", net, inputs)
+        got = run_once(tmp / f"{net.name}.onnx", inputs)
         check = compare(expected, got)
         if check["cosine"] < part.min_cosine or check["max_rel_err"] > part.max_relative_error:
             shutil.rmtree(tmp, ignore_errors=True)

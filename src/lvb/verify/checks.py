@@ -84,7 +84,6 @@ def check_parts(model_dir: Path, work: Path, engine, compiled: dict | None, prog
     """Both hops of every exported net, on the inputs the export checked it with."""
     import gc
 
-    import onnxruntime
     from transformers import MllamaConfig
 
     from lvb.compile.reference import BITS, quantized_reference
@@ -93,6 +92,7 @@ def check_parts(model_dir: Path, work: Path, engine, compiled: dict | None, prog
     from lvb.export.weights import CheckpointWeights
     from lvb.patches import patched
     from lvb.runtime.engine import TensorInfo
+    from lvb.runtime.onnx import run_once
     from lvb.spec import ModelSpec
 
     export = json.loads((work / "export" / "manifest.json").read_text())["nets"]
@@ -121,9 +121,7 @@ def check_parts(model_dir: Path, work: Path, engine, compiled: dict | None, prog
             del module
             gc.collect()
             onnx_path = work / "export" / entry["file"]
-            options = onnxruntime.SessionOptions()
-            options.log_severity_level = 3
-            fp32 = onnxruntime.InferenceSession(str(onnx_path), options).run(None, feeds)
+            fp32 = run_once(onnx_path, feeds)
             hop1 = _compare(expected, fp32)
             result = PartResult(name, net.kind.value, net.layer, None, hop1["cosine"])
             if hop1["cosine"] < part.min_cosine:
