@@ -76,6 +76,7 @@ class TreeSampler(threading.Thread):
         self.samples = 0
         self.started = time.perf_counter()
         self._previous = 0.0
+        self._held: list[tuple[float, int, int]] = []  # samples not yet known to belong to a net
         self._csv = open(csv_path, "w", newline="") if csv_path else None
         self._writer = csv.writer(self._csv) if self._csv else None
         if self._writer:
@@ -108,6 +109,31 @@ class TreeSampler(threading.Thread):
             pass
         return "other"
 
+    def _charge(self, label: str, now: float, rss: int, pss: int) -> None:
+        """Book a sample. Between two nets the exporter builds the next net's module from the
+        checkpoint and runs PyTorch on it before that net's scratch folder exists, so an
+        unlabelled sample is held and booked to the export net whose folder appears next."""
+        if label == "other":
+            self._held.append((now, rss, pss))
+            return
+        owner = label if label.startswith("export:") else "other"
+        for sample in self._held:
+            self._book(owner, *sample)
+        self._held = []
+        self._book(label, now, rss, pss)
+
+    def _book(self, label: str, now: float, rss: int, pss: int) -> None:
+        entry = self.labels.setdefault(label, {"first": now, "last": now, "samples": 0, "peak_rss": 0, "peak_pss": 0,
+                                               "busy": 0.0})
+        entry["busy"] += now - self._previous  # time since the previous sample, charged to what runs now
+        self._previous = now
+        entry["last"] = now
+        entry["samples"] += 1
+        entry["peak_rss"] = max(entry["peak_rss"], rss)
+        entry["peak_pss"] = max(entry["peak_pss"], pss)
+        if rss >= self.peak_rss:
+            self.peak_rss_label = label
+
     def run(self) -> None:
         try:
             root = psutil.Process(self.pid)
@@ -134,17 +160,9 @@ class TreeSampler(threading.Thread):
             now = time.perf_counter() - self.started
             avail = available_memory()
             self.min_seen_available = min(self.min_seen_available, avail)
-            if rss > self.peak_rss:
-                self.peak_rss, self.peak_rss_label = rss, label
+            self.peak_rss = max(self.peak_rss, rss)
             self.peak_pss = max(self.peak_pss, pss)
-            entry = self.labels.setdefault(label, {"first": now, "last": now, "samples": 0, "peak_rss": 0, "peak_pss": 0,
-                                                   "busy": 0.0})
-            entry["busy"] += now - self._previous  # time since the previous sample, charged to what runs now
-            self._previous = now
-            entry["last"] = now
-            entry["samples"] += 1
-            entry["peak_rss"] = max(entry["peak_rss"], rss)
-            entry["peak_pss"] = max(entry["peak_pss"], pss)
+            self._charge(label, now, rss, pss)
             if self._writer:
                 self._writer.writerow([f"{now:.2f}", rss, pss if with_pss else "", len(procs), label, avail])
             self.samples += 1
@@ -158,6 +176,8 @@ class TreeSampler(threading.Thread):
                     except psutil.Error:
                         pass
             self.stop.wait(self.interval)
+        for sample in self._held:  # after the last net
+            self._book("other", *sample)
         if self._csv:
             self._csv.close()
 
