@@ -9,6 +9,7 @@ import numpy as np
 
 from lvb.runtime.engine import Engine, EngineError, HostBuffers, NetInfo, Resident, TensorInfo
 
+
 def run_once(model: Path | bytes, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """One run of a graph, as the checks make it: quiet, and without weight prepacking,
     which keeps a second copy of every MatMul weight (2.1 GB for an 11B LM head) to save
