@@ -157,7 +157,8 @@ def _swap_in_stand_ins(module, parameters: dict[str, str], nets: list[NetSpec]) 
         stand_ins.append(StandIn(tensor, tuple(real.shape), rows))
         if real.untyped_storage().resizable():
             real.untyped_storage().resize_(0)
-    _release_heap()
+    if stand_ins:  # most parts have none, and nothing was freed
+        _release_heap()
     return stand_ins
 
 
