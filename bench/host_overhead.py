@@ -13,7 +13,7 @@ storing a net's K/V output into the cache costs a real copy. A `lvb.runtime.pipe
 runs on it; everything it does besides running nets is host overhead.
 
 Measured (time.perf_counter, median over --reps repetitions after a warm-up):
-  * masks: lvb.runtime.masks.self_attention_mask and cross_attention_mask for one
+  * masks: lvb.masks.self_attention_mask and cross_attention_mask for one
     prefill chunk (C x (S+C), C x 6404) and one decode step (1 x (S+1), 1 x 6404),
     and Session._sees_image (which tokens come after the image);
   * KV bookkeeping: storing one chunk's / one token's K and V of every self-attention
@@ -50,8 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import FULL, OUT, geometry_11b, machine, table, write_config_only  # noqa: E402
 
 from lvb.contract import MASK_VALUE, plan  # noqa: E402
-from lvb.runtime.engine import Engine, HostBuffers, NetInfo, Resident  # noqa: E402
-from lvb.runtime.masks import cross_attention_mask, self_attention_mask  # noqa: E402
+from lvb.contract import NetInfo  # noqa: E402
+from lvb.runtime.engine import Engine, HostBuffers, Resident  # noqa: E402
+from lvb.masks import cross_attention_mask, self_attention_mask  # noqa: E402
 from lvb.runtime.pipeline import Checkpoint, Session  # noqa: E402
 from lvb.runtime.sampling import Sampler, SamplingConfig  # noqa: E402
 

@@ -68,7 +68,7 @@ def export_onnx(kind: str, rows: int, path: Path) -> int:
 
 def run_work_nets(args, out: Path, results: dict, results_path: Path, tpu_python: Path) -> list[list]:
     """Transform nets of a convert_scale.py work dir with --do_onnx_sim '' and deploy them with lvb's options."""
-    from lvb.compile.compiler import LADDER, START, CompileSettings
+    from lvb.compile.compiler import CompileSettings
     from lvb.compile.tpumlir import DeployOptions, shapes_arg
     from lvb.contract import Kind
 
@@ -89,7 +89,7 @@ def run_work_nets(args, out: Path, results: dict, results_path: Path, tpu_python
         entry = manifest["nets"][net]
         kind = Kind(entry["kind"])
         quant = settings.quant_of(kind)
-        extra = LADDER[START.get(kind, 0)]
+        extra = kind.policy.ladder[0]
         options = DeployOptions(quantize=quant, group_size=settings.group_size, extra=extra)
         key = f"work-{net}-no-onnxsim"
         folder = out / key

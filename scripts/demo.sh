@@ -19,7 +19,7 @@ PHOTO=$(.venv/bin/python -c "import pathlib, skimage.data; print(pathlib.Path(sk
 SYNTHETIC=$WORK/synthetic.png
 .venv/bin/python -c "
 import sys, numpy as np
-from lvb.testing.shapes import draw
+from lvb.tasks import draw
 image, answer = draw(np.random.default_rng(2026))
 image.save(sys.argv[1])
 print(f'synthetic picture: {answer}')" "$SYNTHETIC"

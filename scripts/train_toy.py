@@ -1,7 +1,7 @@
 """Train the toy mllama checkpoint (models/toy) on the CPU.
 
 The model is lvb.testing.checkpoints.TOY, trained from scratch with plain
-PyTorch AdamW to answer lvb.testing.shapes.QUESTION about a synthetic picture
+PyTorch AdamW to answer lvb.tasks.QUESTION about a synthetic picture
 with the exact short answer ("a red circle"). Every training example goes
 through the checkpoint's own processor and chat template, exactly as a user's
 prompt would: user turn = [image, QUESTION], assistant reply = the answer, and
@@ -44,7 +44,7 @@ import transformers  # noqa: E402
 from transformers import AutoProcessor, MllamaForConditionalGeneration  # noqa: E402
 
 from lvb.testing.checkpoints import TOY, build_model, save_processor, write_checkpoint  # noqa: E402
-from lvb.testing.shapes import QUESTION, pictures, sample  # noqa: E402
+from lvb.tasks import QUESTION, pictures, sample  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 USER = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
@@ -294,7 +294,7 @@ def write_readme(out, args, parameters, determinism, timing, results, reloaded, 
 
 A {parameters:,}-parameter `MllamaForConditionalGeneration` trained from scratch on the CPU
 to answer **"{QUESTION}"** about a synthetic picture (one red, green, blue or yellow
-circle, square or triangle on a grey background; `lvb.testing.shapes`) with the exact
+circle, square or triangle on a grey background; `lvb.tasks`) with the exact
 short answer, e.g. `a red circle`. It is small enough to commit and to compile quickly,
 and it really looks at the picture, so a port that breaks the vision path, the
 tiling, the cross-attention or the quantization gets the answers wrong.
@@ -316,7 +316,7 @@ accuracy to reach on fresh pictures.
 
 ## Recipe
 
-- Data: {args.pictures:,} pictures from `lvb.testing.shapes.sample({args.pictures}, seed={TRAIN_SEED})`,
+- Data: {args.pictures:,} pictures from `lvb.tasks.sample({args.pictures}, seed={TRAIN_SEED})`,
   drawn once: 12 classes (4 colours × 3 shapes), random size (60–95% of the short side)
   and position, canvases 30–300 px a side (40% very wide or very tall, 3:1 to 8:1), so
   the processor's tile grid (all 8 of 1×1 … 4×1, 1×4, 2×2) changes from picture to picture.

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from conftest import CHUNK, SEQ
 from lvb.cli import app
-from lvb.compile.compiler import MIN_COSINE, CompileSettings, Compiler
+from lvb.check import ONNX_VS_BMODEL
+from lvb.compile.compiler import CompileSettings, Compiler
 from lvb.compile.inspect import inspect_bmodel
 from lvb.testing.checkpoints import GEOMETRIES
 from lvb.toolchain import Toolchain, find_toolchain
@@ -44,7 +45,7 @@ def test_every_net_compiles_and_matches_onnxruntime_on_the_simulator(name, quant
     compiled = manifest(bmodel)["nets"]
     assert list(compiled) == list(exported)
     for net, result in compiled.items():
-        assert result["passed"] and result["check"]["cosine"] >= MIN_COSINE[result["quant"]], net
+        assert result["passed"] and result["check"]["cosine"] >= ONNX_VS_BMODEL[result["quant"]], net
         decoder = net.startswith(("block_", "cross_kv_"))
         assert result["quant"] == (quant if decoder else ("f32" if net == "greedy_head" else "bf16"))
     info = inspect_bmodel(bmodel, find_toolchain())

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from conftest import CHUNK, SEQ
 from lvb.cli import app
 from lvb.runtime.backends import open_engine
-from lvb.runtime.masks import cross_attention_mask
+from lvb.masks import cross_attention_mask
 from lvb.runtime.pipeline import ChatError, Checkpoint, Session
 from lvb.testing.checkpoints import GEOMETRIES
 

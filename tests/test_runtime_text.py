@@ -1,4 +1,4 @@
-"""lvb.runtime.text against transformers' MllamaProcessor for the same checkpoint."""
+"""lvb.text against transformers' MllamaProcessor for the same checkpoint."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer
 
-from lvb.runtime.text import ChatTemplate, StreamDecoder, TextError, Tokenizer
+from lvb.text import ChatTemplate, StreamDecoder, TextError, Tokenizer
 
 GEOMETRIES = ["mha-cross-first", "gqa2-cross-last"]
 IMAGE = Image.new("RGB", (40, 30), (200, 30, 30))

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from lvb.runtime.engine import EngineError, HostBuffers, Resident, TensorInfo
+from lvb.contract import TensorInfo
+from lvb.runtime.engine import EngineError, HostBuffers, Resident
 
 # -- the stand-in SDK ----------------------------------------------------------
 

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoProcessor, MllamaForConditionalGeneration
 
 from lvb.testing.checkpoints import TOY
-from lvb.testing.shapes import ANSWERS, QUESTION, sample
+from lvb.tasks import ANSWERS, QUESTION, sample
 
 TOY_DIR = Path(__file__).resolve().parent.parent / "models" / "toy"
 FILES = (
@@ -68,7 +68,7 @@ def test_folder_has_the_toy_geometry():
 
 
 def test_shapes_imports_without_torch():
-    code = "import sys, lvb.testing.shapes; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    code = "import sys, lvb.tasks; assert 'torch' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

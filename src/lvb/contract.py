@@ -23,13 +23,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from lvb.runtime.engine import TensorInfo
 from lvb.spec import ModelSpec
 
 # Added to attention scores that must be ignored. Large enough that exp()
 # underflows to 0 in fp32 and bf16, finite so that bf16 hardware and
 # tpu-mlir's comparisons stay clear of infinities.
 MASK_VALUE = -10000.0
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, d: dict) -> TensorInfo:
+        return cls(d["name"], tuple(d["shape"]), d["dtype"])
+
+
+@dataclass(frozen=True)
+class NetInfo:
+    name: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
 
 
 class Kind(str, Enum):
@@ -49,13 +69,62 @@ class Kind(str, Enum):
     GREEDY_HEAD = "greedy_head"
 
     @property
-    def is_vision(self) -> bool:
-        return self.value.startswith("vision")
+    def policy(self) -> KindPolicy:
+        return POLICY[self]
+
+
+class QuantGroup(str, Enum):
+    """Which `lvb compile` option sets a net's quantization."""
+
+    DECODER = "quant"  # --quant
+    VISION = "vision_quant"  # --vision-quant
+    EMBED = "embed_quant"  # --embed-quant
+    HEAD = "head_quant"  # --head-quant
+    F32 = "f32"  # always float32
+
+
+# tpu-mlir's layer grouping miscompiles some nets (the vision tower, measured), so a net that
+# misses its threshold is compiled again without it.
+SAFER = ("--disable_layer_group",)
+
+
+@dataclass(frozen=True)
+class KindPolicy:
+    """How a kind of net is compiled."""
+
+    quant: QuantGroup
+    # model_transform.py options. Its ONNX simplifier holds ~11 bytes per weight byte: ~24 GB
+    # for an 11B vocabulary table (bench/transform_memory.py); a gather or a matmul has nothing
+    # to simplify. Other nets need it.
+    transform_options: tuple[str, ...] = ()
+    # model_deploy.py options to try, in order, until the bmodel passes its check.
+    ladder: tuple[tuple[str, ...], ...] = ((), SAFER)
 
     @property
-    def is_decoder(self) -> bool:
-        """Part of a decoder layer: quantized with --quant."""
-        return self in (Kind.SELF_PREFILL, Kind.SELF_DECODE, Kind.CROSS_KV, Kind.CROSS_PREFILL, Kind.CROSS_DECODE)
+    def simplified(self) -> bool:
+        return "--do_onnx_sim" not in self.transform_options
+
+
+_NO_SIMPLIFIER = ("--do_onnx_sim", "")
+_VISION = KindPolicy(QuantGroup.VISION, ladder=(SAFER,))  # starts without layer grouping
+_DECODER = KindPolicy(QuantGroup.DECODER)
+
+POLICY: dict[Kind, KindPolicy] = {
+    Kind.VISION_EMBED: _VISION,
+    Kind.VISION_LAYER: _VISION,
+    Kind.VISION_POST: _VISION,
+    Kind.VISION_GLOBAL: _VISION,
+    Kind.VISION_HEAD: _VISION,
+    Kind.EMBED: KindPolicy(QuantGroup.EMBED, _NO_SIMPLIFIER),
+    Kind.EMBED_CACHE: KindPolicy(QuantGroup.EMBED, _NO_SIMPLIFIER),
+    Kind.SELF_PREFILL: _DECODER,
+    Kind.SELF_DECODE: _DECODER,
+    Kind.CROSS_KV: _DECODER,
+    Kind.CROSS_PREFILL: _DECODER,
+    Kind.CROSS_DECODE: _DECODER,
+    Kind.LM_HEAD: KindPolicy(QuantGroup.HEAD, _NO_SIMPLIFIER),
+    Kind.GREEDY_HEAD: KindPolicy(QuantGroup.F32),  # an argmax: no weights, and no reason to round the logits
+}
 
 
 @dataclass(frozen=True)
@@ -74,6 +143,11 @@ class NetSpec:
             "inputs": [t.to_json() for t in self.inputs],
             "outputs": [t.to_json() for t in self.outputs],
         }
+
+    @classmethod
+    def from_json(cls, d: dict) -> NetSpec:
+        return cls(d["name"], Kind(d["kind"]), d["layer"], tuple(TensorInfo.from_json(t) for t in d["inputs"]),
+                   tuple(TensorInfo.from_json(t) for t in d["outputs"]))
 
 
 def _t(name: str, *shape: int, dtype: str = "float32") -> TensorInfo:

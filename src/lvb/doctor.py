@@ -95,7 +95,7 @@ def end_to_end(toolchain: Toolchain, work: Path) -> float:
     """Compile the check graph and return its simulator-vs-onnxruntime cosine."""
     from lvb.compile.tpumlir import DeployOptions, deploy, transform
     from lvb.runtime.cmodel import CmodelEngine
-    from lvb.runtime.engine import cosine
+    from lvb.numerics import cosine
     from lvb.runtime.onnx import OnnxEngine
 
     onnx_path = work / "doctor.onnx"

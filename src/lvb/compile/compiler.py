@@ -1,21 +1,13 @@
 """`lvb compile`: every exported net to a bmodel, in a bounded pool, cached,
 resumable, each checked on the simulator against onnxruntime, then combined.
 
-Layout under the work directory:
-
-    compile/<net>/mlir-<key>/       model_transform.py's output (shared by all quantizations)
-    compile/<net>/<key>/            one deploy: the bmodel, its log and result.json
-    compile/<bmodel name>.json      one per combined bmodel: settings, nets, checks
-    <model>_<quant>_..._<chip>.bmodel   the combined bmodel
-
+What it writes under the work directory is described in lvb.workdir.
 A job folder is renamed into place only when its bmodel passed its check, so a
 run killed at any point resumes where it stopped and ends with the same nets.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import threading
@@ -25,34 +17,15 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 
 import lvb
 from lvb.compile.tpumlir import CHIPS, QUANTIZE, DeployOptions, combine, deploy, transform
-from lvb.contract import Kind
+from lvb.check import ONNX_VS_BMODEL, load_check, onnx_vs_bmodel
+from lvb.contract import Kind, NetSpec, QuantGroup
 from lvb.errors import LvbError
-from lvb.runtime.engine import cosine
 from lvb.spec import ModelSpec
 from lvb.toolchain import Toolchain, ToolchainError, ToolFailed, ToolServer
-
-MANIFEST_VERSION = 1
-# Simulator vs onnxruntime (for int4/int8 nets: onnxruntime with the same weight
-# quantization, see lvb.compile.reference), worst output of a net. What remains is
-# bf16 arithmetic; the README's "Thresholds" table gives the measured range. A
-# miscompile (0.97 for the vision tower with layer grouping) fails.
-MIN_COSINE = {"f32": 0.9999, "bf16": 0.995, "int8": 0.995, "int4": 0.995}
-# Options to try, in order, when a net misses its threshold. tpu-mlir's layer
-# grouping miscompiles some nets (the vision tower, measured), so that one
-# starts without it.
-LADDER: tuple[tuple[str, ...], ...] = ((), ("--disable_layer_group",))
-# model_transform.py options by net kind. Its ONNX simplifier holds ~11 bytes per
-# weight byte: ~24 GB for an 11B vocabulary table (bench/transform_memory.py);
-# these nets are a gather and a matmul with nothing to simplify. Other nets need it.
-TRANSFORM_OPTIONS: dict[Kind, tuple[str, ...]] = {
-    kind: ("--do_onnx_sim", "") for kind in (Kind.EMBED, Kind.EMBED_CACHE, Kind.LM_HEAD)
-}
-START = {kind: 1 for kind in Kind if kind.is_vision}
-
+from lvb.workdir import COMPILE_VERSION, WorkDir, WorkDirError, cache_key, matches_record, read_manifest, record_file, write_json
 
 class CompileError(LvbError, RuntimeError):
     """A compile that cannot go on; the message names the net or setting."""
@@ -75,16 +48,8 @@ class CompileSettings:
     check: bool = True
 
     def quant_of(self, kind: Kind) -> str:
-        if kind.is_decoder:
-            return self.quant
-        if kind.is_vision:
-            return self.vision_quant
-        return {
-            Kind.EMBED: self.embed_quant,
-            Kind.EMBED_CACHE: self.embed_quant,
-            Kind.LM_HEAD: self.head_quant,
-            Kind.GREEDY_HEAD: "f32",  # an argmax: no weights, and no reason to round the logits
-        }[kind]
+        group = kind.policy.quant
+        return "f32" if group is QuantGroup.F32 else getattr(self, group.value)
 
     def tag(self) -> str:
         parts = [self.quant] + ([f"g{self.group_size}"] if self.quant in ("int4", "int8") else [])
@@ -96,21 +61,25 @@ class CompileSettings:
 
 @dataclass
 class NetJob:
-    name: str
-    kind: Kind
+    net: NetSpec
     onnx: Path
     check_file: Path
-    input_shapes: list[tuple[int, ...]]
     export_key: str
     quant: str
     options: DeployOptions
     result: dict = field(default_factory=dict)
 
+    @property
+    def name(self) -> str:
+        return self.net.name
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    @property
+    def kind(self) -> Kind:
+        return self.net.kind
+
+    @property
+    def input_shapes(self) -> list[tuple[int, ...]]:
+        return [t.shape for t in self.net.inputs]
 
 
 def _scratch(folder: Path) -> Path:
@@ -131,10 +100,6 @@ def _remove_stale_scratch(root: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         except PermissionError:
             pass
-
-
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def default_jobs(largest_job_bytes: int) -> int:
@@ -172,8 +137,6 @@ def validate_group_size(spec: ModelSpec, settings: CompileSettings) -> None:
 
 class Compiler:
     def __init__(self, work: Path, settings: CompileSettings, toolchain: Toolchain, seq: int | None = None):
-        from lvb.export.exporter import load_manifest
-
         self.work, self.settings, self.toolchain = Path(work).resolve(), settings, toolchain
         if settings.chip not in CHIPS:
             raise CompileError(f"--chip {settings.chip} is not supported; lvb targets {', '.join(CHIPS)}")
@@ -181,32 +144,32 @@ class Compiler:
                               ("--embed-quant", settings.embed_quant), ("--head-quant", settings.head_quant)):
             if value not in QUANTIZE:
                 raise CompileError(f"{option} {value} is not one of {', '.join(k for k in QUANTIZE if k != 'f32')}")
-        self.export = load_manifest(self.work)
-        if not self.export.get("nets"):
-            raise CompileError(f"{self.work} holds no export; run `lvb export --model DIR --out {self.work}` first")
+        self.dir = WorkDir(self.work)
+        try:
+            self.export = self.dir.require_export()
+        except WorkDirError as e:
+            raise CompileError(str(e)) from None
         exported_seq = self.export["settings"]["seq"]
         if seq is not None and seq != exported_seq:
             raise CompileError(f"the export in {self.work} is for --seq {exported_seq}, not {seq}; run `lvb export --seq {seq}` first")
         self.seq, self.chunk = exported_seq, self.export["settings"]["chunk"]
         self.spec = ModelSpec.from_dir(self.export["model"]["dir"])
         validate_group_size(self.spec, settings)
-        self.out = self.work / "compile"
+        self.out = self.dir.compile
         self.out.mkdir(parents=True, exist_ok=True)
         self.toolchain_version = toolchain.tpu_mlir_version
         self.jobs = [self._job(name, entry) for name, entry in self.export["nets"].items()]
         model_name = self.export["model"]["name"]
-        self.bmodel = self.work / f"{model_name}_{settings.tag()}_seq{self.seq}_chunk{self.chunk}_{settings.chip}.bmodel"
+        self.bmodel = self.dir.bmodel(f"{model_name}_{settings.tag()}_seq{self.seq}_chunk{self.chunk}_{settings.chip}.bmodel")
         self._cancel = threading.Event()
 
     def _job(self, name: str, entry: dict) -> NetJob:
-        kind = Kind(entry["kind"])
-        quant = self.settings.quant_of(kind)
+        net = NetSpec.from_json(entry)
+        quant = self.settings.quant_of(net.kind)
         return NetJob(
-            name=name,
-            kind=kind,
-            onnx=self.work / "export" / entry["file"],
-            check_file=self.work / "export" / name / "check.npz",
-            input_shapes=[tuple(t["shape"]) for t in entry["inputs"]],
+            net=net,
+            onnx=self.dir.onnx(entry),
+            check_file=self.dir.check_file(name),
             export_key=entry["key"],
             quant=quant,
             options=DeployOptions(quantize=quant, chip=self.settings.chip, group_size=self.settings.group_size),
@@ -215,8 +178,8 @@ class Compiler:
     # -- one net ---------------------------------------------------------------
 
     def _mlir(self, job: NetJob, log: Path, server: ToolServer | None) -> Path:
-        options = TRANSFORM_OPTIONS.get(job.kind, ())
-        folder = self.out / job.name / f"mlir-{_key(job.export_key, self.toolchain_version, options)}"
+        options = job.kind.policy.transform_options
+        folder = self.dir.compile_net(job.name) / f"mlir-{cache_key(job.export_key, self.toolchain_version, options)}"
         mlir = folder / f"{job.name}.mlir"
         if mlir.is_file():
             return mlir
@@ -227,33 +190,24 @@ class Compiler:
 
     def _simulate(self, job: NetJob, bmodel: Path) -> dict:
         """The bmodel on the simulator against onnxruntime on the export's check inputs."""
-        from lvb.compile.reference import BITS, quantized_reference
-        from lvb.export.exporter import compare
         from lvb.runtime.cmodel import CmodelEngine
 
-        check = np.load(job.check_file)
-        feeds = {k[3:]: check[k] for k in check.files if k.startswith("in.")}
-        fp32 = [check[f"out.{i}"] for i in range(sum(k.startswith("out.") for k in check.files))]
+        feeds, fp32 = load_check(job.check_file)
         with CmodelEngine(bmodel, self.toolchain) as simulator:
             got = simulator.run(job.name, feeds)
-        if job.kind is Kind.GREEDY_HEAD:  # a token id: right or wrong
-            same = np.array_equal(np.asarray(got[0]), fp32[0])
-            return {"cosine": float(same), "max_abs_err": 0.0 if same else 1.0, "cosine_fp32": float(same)}
-        expected = quantized_reference(job.onnx, feeds, job.quant, job.options.group_size) if job.quant in BITS else fp32
-        result = compare(expected, got)
-        result["cosine_fp32"] = compare(fp32, got)["cosine"]  # what the quantization itself costs
-        return result
+        check, _ = onnx_vs_bmodel(job.net, job.onnx, feeds, fp32, got, job.quant, job.options.group_size)
+        return check
 
     def _compile(self, job: NetJob, log_dir: Path, server: ToolServer | None) -> dict:
         """Deploy with the first option set whose bmodel passes the simulator check."""
-        threshold = MIN_COSINE[job.quant]
+        threshold = ONNX_VS_BMODEL[job.quant]
         tried = []
-        for extra in LADDER[START.get(job.kind, 0):]:
+        for extra in job.kind.policy.ladder:
             options = replace(job.options, extra=extra)
-            folder = self.out / job.name / _key(job.export_key, self.toolchain_version, vars(options), self.settings.check)
+            folder = self.dir.compile_net(job.name) / cache_key(job.export_key, self.toolchain_version, vars(options), self.settings.check)
             done = folder / "result.json"
-            if done.is_file():
-                result = json.loads(done.read_text())
+            result = read_manifest(done, COMPILE_VERSION)
+            if result and matches_record(self.work / result["bmodel"], result.get("file")) is None:
                 if result["passed"]:
                     return result
                 tried.append(result)
@@ -268,13 +222,13 @@ class Compiler:
             seconds = time.perf_counter() - started
             check = self._simulate(job, bmodel) if self.settings.check else None
             passed = check is None or check["cosine"] >= threshold
-            result = {"net": job.name, "quant": job.quant, "options": list(extra), "check": check,
+            result = {"version": COMPILE_VERSION, "net": job.name, "quant": job.quant, "options": list(extra), "check": check,
                       "threshold": threshold, "passed": passed, "seconds": round(seconds, 2),
-                      "bmodel": str((folder / bmodel.name).relative_to(self.work))}
+                      "bmodel": str((folder / bmodel.name).relative_to(self.work)), "file": record_file(bmodel)}
             for link in [p for p in tmp.iterdir() if p.is_symlink()]:
                 link.unlink()
             shutil.copy(log, tmp / "compile.log")
-            _write_json(tmp / "result.json", result)
+            write_json(tmp / "result.json", result)
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
             if passed:
@@ -287,29 +241,26 @@ class Compiler:
 
     def cached(self) -> bool:
         """True when the combined bmodel of exactly these settings and nets exists."""
-        manifest = self._manifest_path()
-        if not self.bmodel.is_file() or not manifest.is_file():
-            return False
-        previous = json.loads(manifest.read_text())
-        return previous.get("key") == self._combined_key() and previous.get("bmodel") == self.bmodel.name
+        previous = read_manifest(self._manifest_path(), COMPILE_VERSION)
+        return (previous.get("key") == self._combined_key() and previous.get("bmodel") == self.bmodel.name
+                and matches_record(self.bmodel, previous.get("file")) is None)
 
     def _manifest_path(self) -> Path:
-        """One manifest per combined bmodel, so switching --quant back and forth stays cached."""
-        return self.out / f"{self.bmodel.stem}.json"
+        return self.dir.compile_manifest(self.bmodel)
 
     def _combined_key(self) -> str:
-        return _key([(j.name, j.export_key) for j in self.jobs], vars(self.settings), self.toolchain_version, lvb.__version__)
+        return cache_key([(j.name, j.export_key) for j in self.jobs], vars(self.settings), self.toolchain_version, lvb.__version__)
 
     def run(self, jobs: int | None = None, progress: Callable[[int, int, list[str]], None] | None = None) -> dict:
         if self.cached():
-            return json.loads(self._manifest_path().read_text())
+            return read_manifest(self._manifest_path(), COMPILE_VERSION)
         _remove_stale_scratch(self.out)
-        log_dir = self.out / "logs"
+        log_dir = self.dir.logs
         log_dir.mkdir(exist_ok=True)
         for stale in log_dir.glob("*.log"):
             stale.unlink()
         workers = jobs or default_jobs(max(
-            (5 if j.kind in TRANSFORM_OPTIONS else 12) * sum(p.stat().st_size for p in j.onnx.parent.iterdir()) for j in self.jobs))
+            (12 if j.kind.policy.simplified else 5) * sum(p.stat().st_size for p in j.onnx.parent.iterdir()) for j in self.jobs))
         running: list[str] = []
         done = 0
         lock = threading.Lock()
@@ -368,18 +319,19 @@ class Compiler:
         return self._combine(workers)
 
     def _combine(self, workers: int) -> dict:
-        log = self.out / "logs" / "combine.log"
+        log = self.dir.logs / "combine.log"
         tmp = self.bmodel.with_name(self.bmodel.name + ".tmp")
         combine(self.toolchain, [self.work / j.result["bmodel"] for j in self.jobs], tmp, log)
         os.replace(tmp, self.bmodel)
         manifest = {
-            "version": MANIFEST_VERSION,
+            "version": COMPILE_VERSION,
             "key": self._combined_key(),
             "bmodel": self.bmodel.name,
+            "file": record_file(self.bmodel),
             "model": self.export["model"],
             "settings": vars(self.settings) | {"seq": self.seq, "chunk": self.chunk, "jobs": workers},
             "toolchain": {"tpu_mlir": self.toolchain_version, "source": self.toolchain.source},
             "nets": {j.name: j.result for j in self.jobs},
         }
-        _write_json(self._manifest_path(), manifest)
+        write_json(self._manifest_path(), manifest)
         return manifest

@@ -1,13 +1,7 @@
 """`lvb export`: every net of the contract to ONNX, one layer's weights at a time,
 each checked against PyTorch on the spot.
 
-Layout of the work directory:
-
-    export/manifest.json      what was exported, from what, with which settings
-    export/<net>/<net>.onnx   the net's graph
-    export/<net>/<net>.weights its weights (ONNX external data, page-aligned)
-    export/<net>/check.npz    the inputs it was checked on and onnxruntime's outputs
-
+What it writes under the work directory's export/ is described in lvb.workdir.
 A net folder appears (by rename) only after its check passed, and the
 manifest names it only after that, so an interrupted export never leaves a
 net that a later run would trust. A net whose weights, settings and tool
@@ -19,7 +13,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import itertools
-import json
 import mmap
 import os
 import shutil
@@ -33,15 +26,14 @@ from pathlib import Path
 import numpy as np
 
 import lvb
-from lvb.contract import Kind, NetSpec, plan
+from lvb.check import run_once, run_torch, save_check, torch_vs_onnx
+from lvb.contract import NetSpec, plan
 from lvb.errors import LvbError
 from lvb.export.weights import CheckpointWeights
-from lvb.runtime.engine import cosine
-from lvb.runtime.onnx import run_once
 from lvb.spec import ModelSpec
+from lvb.workdir import CHECK_FILE, EXPORT_VERSION, WorkDir, cache_key, write_json
 
 OPSET = 17  # tpu-mlir rejects the opset-18 graphs of the dynamo exporter
-MANIFEST_VERSION = 1
 
 
 class ExportError(LvbError, RuntimeError):
@@ -63,47 +55,17 @@ def exporter_versions() -> dict[str, str]:
     }
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
-def load_manifest(work: Path) -> dict:
-    path = work / "export" / "manifest.json"
-    if not path.is_file():
-        return {}
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return {}
-    return manifest if manifest.get("version") == MANIFEST_VERSION else {}
-
-
 def net_key(net: NetSpec, versions: dict, weights_digest: str) -> str:
     """What an exported net depends on: its shapes (so seq and chunk only where they matter),
     the tools, the patches and its weights' content."""
     from lvb.patches import PATCHES
 
-    payload = json.dumps([net.to_json(), OPSET, versions, weights_digest, [p.attribute for p in PATCHES]], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def compare(reference: list[np.ndarray], got: list[np.ndarray]) -> dict:
-    """Worst cosine and largest error over a net's outputs, relative to the reference's scale."""
-    cosines, errors, relative = [], [], []
-    for ref, out in zip(reference, got):
-        ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
-        cosines.append(cosine(out, ref))
-        error = float(np.max(np.abs(out - ref))) if ref.size else 0.0
-        errors.append(error)
-        relative.append(error / max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0))
-    return {"cosine": min(cosines), "max_abs_err": max(errors), "max_rel_err": max(relative)}
+    return cache_key(net.to_json(), OPSET, versions, weights_digest, [p.attribute for p in PATCHES])
 
 
 def minimum_sequence(model_dir: Path) -> int:
     """Tokens of the shortest useful chat: an image and a one-word question, plus one to answer."""
-    from lvb.runtime.text import ChatTemplate, Tokenizer
+    from lvb.text import ChatTemplate, Tokenizer
 
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
     prompt = ChatTemplate.from_dir(model_dir).render(messages, add_generation_prompt=True)
@@ -236,13 +198,14 @@ def _release_heap() -> None:
             pass
 
 
-def _run_torch(module, net: NetSpec, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import torch
+def eager_config(model_dir: Path):
+    """The checkpoint's config with eager attention, as every part is built for export and its checks."""
+    from transformers import MllamaConfig
 
-    with torch.no_grad():
-        outputs = module(*(torch.from_numpy(inputs[t.name]) for t in net.inputs))
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    return [o.numpy() for o in outputs]
+    config = MllamaConfig.from_pretrained(model_dir)
+    for sub in (config, config.text_config, config.vision_config):
+        sub._attn_implementation = "eager"  # one plain graph; sdpa does not export to opset 17 cleanly
+    return config
 
 
 class Exporter:
@@ -257,16 +220,17 @@ class Exporter:
             )
         if not 1 <= settings.chunk <= settings.seq:
             raise ExportError(f"--chunk {settings.chunk} must be between 1 and --seq {settings.seq}")
-        self.out = self.work / "export"
+        self.dir = WorkDir(self.work)
+        self.out = self.dir.export
         self.out.mkdir(parents=True, exist_ok=True)
         for leftover in self.out.glob(".*.tmp-*"):  # from an interrupted run; never trusted
             shutil.rmtree(leftover, ignore_errors=True)
-        self.manifest = load_manifest(self.work)
+        self.manifest = self.dir.read_export()
         self.weights = CheckpointWeights(self.model_dir, self.manifest.get("weight_digests", {}))
         self.versions = exporter_versions()
         self.nets = plan(self.spec, settings.seq, settings.chunk)
         self.manifest.update(
-            version=MANIFEST_VERSION,
+            version=EXPORT_VERSION,
             model={"dir": str(self.model_dir.resolve()), "name": self.model_dir.resolve().name},
             settings=settings.to_json(),
             versions=self.versions,
@@ -276,19 +240,11 @@ class Exporter:
         self.manifest["nets"] = {name: entry for name, entry in previous.items() if name in {n.name for n in self.nets}}
 
     def _save_manifest(self) -> None:
-        _write_json(self.out / "manifest.json", self.manifest)
-
-    def _config(self):
-        from transformers import MllamaConfig
-
-        config = MllamaConfig.from_pretrained(self.model_dir)
-        for sub in (config, config.text_config, config.vision_config):
-            sub._attn_implementation = "eager"  # one plain graph; sdpa does not export to opset 17 cleanly
-        return config
+        write_json(self.dir.export_manifest, self.manifest)
 
     def _is_current(self, net: NetSpec, key: str) -> bool:
         entry = self.manifest["nets"].get(net.name)
-        return bool(entry) and entry["key"] == key and (self.out / entry["file"]).is_file()
+        return bool(entry) and entry["key"] == key and self.dir.onnx(entry).is_file()
 
     def run(self, progress: Callable[[str, int, int], None] | None = None) -> dict:
         from lvb.export.parts import PARTS
@@ -297,7 +253,7 @@ class Exporter:
         keys = {
             net.name: net_key(
                 net, self.versions,
-                hashlib.sha256("".join(self.weights.digest(p) for p in PARTS[net.kind].weight_prefixes(net, self.spec)).encode()).hexdigest(),
+                cache_key([self.weights.digest(p) for p in PARTS[net.kind].weight_prefixes(net, self.spec)]),
             )
             for net in self.nets
         }
@@ -305,7 +261,7 @@ class Exporter:
         for net in todo:  # forget stale entries first: the manifest never names a net being replaced
             self.manifest["nets"].pop(net.name, None)
         self._save_manifest()
-        config = self._config() if todo else None
+        config = eager_config(self.model_dir) if todo else None
         done = len(self.nets) - len(todo)
         # The nets of one part that share a module (a layer's prefill and decode, the two
         # embeddings) are built from the streamed weights once.
@@ -330,7 +286,7 @@ class Exporter:
                 del module
                 seconds = (time.perf_counter() - started) / len(nets)
                 for net, inputs, expected, tmp in traced:
-                    self._check_and_keep(net, tmp, inputs, expected, stand_ins, part, keys[net.name], seconds)
+                    self._check_and_keep(net, tmp, inputs, expected, stand_ins, keys[net.name], seconds)
                     done += 1
         if progress:
             progress("", done, len(self.nets))
@@ -340,7 +296,7 @@ class Exporter:
         """The net's check inputs and PyTorch's outputs on them, with the real weights."""
         rng = np.random.default_rng(int.from_bytes(hashlib.sha256(net.name.encode()).digest()[:4], "little"))
         inputs = part.dummy_inputs(net, self.spec, rng)
-        return net, inputs, _run_torch(module, net, inputs)
+        return net, inputs, run_torch(module, net, inputs)
 
     def _export(self, net: NetSpec, module, inputs: dict[str, np.ndarray], stand_ins: list[StandIn]) -> Path:
         """The ONNX file in a scratch folder."""
@@ -353,25 +309,22 @@ class Exporter:
         _release_heap()
         return tmp
 
-    def _check_and_keep(self, net: NetSpec, tmp: Path, inputs, expected, stand_ins: list[StandIn], part, key: str,
+    def _check_and_keep(self, net: NetSpec, tmp: Path, inputs, expected, stand_ins: list[StandIn], key: str,
                         seconds: float) -> None:
         """onnxruntime against PyTorch; only a net that passes is moved into place and named."""
         started = time.perf_counter()
         _move_weights_out(tmp / f"{net.name}.onnx", stand_ins, self.weights)
         got = run_once(tmp / f"{net.name}.onnx", inputs)
-        check = compare(expected, got)
-        if check["cosine"] < part.min_cosine or check["max_rel_err"] > part.max_relative_error:
+        check, miss = torch_vs_onnx(net, expected, got)
+        if miss:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise ExportError(
-                f"{net.name}: onnxruntime disagrees with PyTorch (cosine {check['cosine']:.6f}, max error "
-                f"{check['max_abs_err']:.3g}; need cosine >= {part.min_cosine} and relative error <= {part.max_relative_error})"
-            )
-        np.savez(tmp / "check.npz", **{f"in.{k}": v for k, v in inputs.items()}, **{f"out.{i}": v for i, v in enumerate(got)})
-        final = self.out / net.name
+            raise ExportError(miss)
+        save_check(tmp / CHECK_FILE, inputs, got)
+        final = self.dir.net_dir(net.name)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         self.manifest["nets"][net.name] = net.to_json() | {
-            "file": f"{net.name}/{net.name}.onnx",
+            "file": self.dir.onnx_entry(net.name),
             "key": key,
             "check": check,
             "seconds": round(time.perf_counter() - started + seconds, 3),

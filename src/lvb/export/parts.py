@@ -1,6 +1,6 @@
 """One small declarative class per exported part: which weights it reads, the
 PyTorch module it exports (transformers' own layers), the inputs it is
-checked on, and how close onnxruntime must come to PyTorch.
+checked on (how close onnxruntime must come to PyTorch is lvb.check's table).
 
 Adding a part is adding a class here and a NetSpec in lvb.contract.
 """
@@ -15,7 +15,7 @@ from torch import nn
 
 from lvb.contract import Kind, NetSpec
 from lvb.export.weights import CheckpointWeights
-from lvb.runtime.masks import cross_attention_mask, self_attention_mask
+from lvb.masks import cross_attention_mask, self_attention_mask
 from lvb.spec import ModelSpec
 
 TEXT = "language_model.model."
@@ -219,9 +219,6 @@ class Part:
     kinds: ClassVar[tuple[Kind, ...]]
     # Whether the nets of one layer (all its kinds) are the same module at other shapes.
     shared_module: ClassVar[bool] = True
-    # onnxruntime vs PyTorch, both fp32: what "the same" means for this part.
-    min_cosine: ClassVar[float] = 0.99999
-    max_relative_error: ClassVar[float] = 1e-3  # of the largest reference magnitude
     # Vocabulary-sized parameters (module name -> checkpoint name) traced as a stand-in of a
     # few rows and written from the checkpoint afterwards (lvb.export.exporter.StandIn).
     stand_ins: ClassVar[dict[str, str]] = {}
@@ -454,8 +451,6 @@ class LmHeadPart(Part):
 
 class GreedyHeadPart(Part):
     kinds = (Kind.GREEDY_HEAD,)
-    min_cosine = 1.0
-    max_relative_error = 0.0
 
     def weight_prefixes(self, net, spec):
         return ()

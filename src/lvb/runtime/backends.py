@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lvb.runtime.engine import Engine, EngineError
+from lvb.workdir import WorkDir
 
 BACKENDS = ("cmodel", "sail", "onnxruntime")
 
@@ -27,13 +27,13 @@ def open_engine(backend: str, bmodel: Path | None = None, onnx_work: Path | None
     if backend == "onnxruntime":
         if onnx_work is None:
             raise EngineError("the onnxruntime backend runs the exported ONNX nets: pass --onnx WORKDIR")
-        manifest = Path(onnx_work) / "export" / "manifest.json"
-        if not manifest.is_file():
+        work = WorkDir(onnx_work)
+        nets = work.read_export().get("nets")
+        if not nets:
             raise EngineError(f"{onnx_work} holds no export; run `lvb export --out {onnx_work}` first")
         from lvb.runtime.onnx import OnnxEngine
 
-        nets = json.loads(manifest.read_text())["nets"]
-        return OnnxEngine({name: Path(onnx_work) / "export" / entry["file"] for name, entry in nets.items()})
+        return OnnxEngine({name: work.onnx(entry) for name, entry in nets.items()})
     if bmodel is None:
         raise EngineError(f"the {backend} backend runs a bmodel: pass --bmodel FILE")
     if backend == "cmodel":

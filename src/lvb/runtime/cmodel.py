@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lvb.runtime.engine import Engine, EngineError, NetInfo, Resident, TensorInfo
+from lvb.contract import NetInfo, TensorInfo
+from lvb.runtime.engine import Engine, EngineError, Resident
 from lvb.runtime.wire import receive, send
 from lvb.toolchain import Toolchain, find_toolchain
 

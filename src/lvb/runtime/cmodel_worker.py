@@ -14,7 +14,8 @@ import traceback
 
 import numpy as np
 
-from lvb.runtime.engine import HostBuffers, Resident, from_bf16_bits, to_bf16_bits
+from lvb.numerics import from_bf16_bits, to_bf16_bits
+from lvb.runtime.engine import HostBuffers, Resident
 from lvb.runtime.wire import receive, send
 
 

@@ -17,32 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lvb.contract import NetInfo
 from lvb.errors import LvbError
 
 
 class EngineError(LvbError, RuntimeError):
     """A backend that cannot load or run; the message names the net or file."""
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # numpy dtype name
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_json(cls, d: dict) -> TensorInfo:
-        return cls(d["name"], tuple(d["shape"]), d["dtype"])
-
-
-@dataclass(frozen=True)
-class NetInfo:
-    name: str
-    inputs: tuple[TensorInfo, ...]
-    outputs: tuple[TensorInfo, ...]
 
 
 @dataclass(frozen=True)
@@ -119,25 +99,3 @@ class HostBuffers:
         data = self.buffers[target.buffer]
         count = output.shape[1] if target.count is None else target.count
         data[:, target.start : target.start + count] = output[:, :count].astype(data.dtype, copy=False)
-
-
-def to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even, for nets with bf16 I/O."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
-    return (rounded >> 16).astype(np.uint16)
-
-
-def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = np.asarray(a, np.float64).ravel()
-    b = np.asarray(b, np.float64).ravel()
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0 and nb == 0:
-        return 1.0
-    if na == 0 or nb == 0:
-        return 0.0
-    return float(a @ b / (na * nb))

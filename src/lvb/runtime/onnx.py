@@ -7,21 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lvb.runtime.engine import Engine, EngineError, HostBuffers, NetInfo, Resident, TensorInfo
-
-
-def run_once(model: Path | bytes, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """One run of a graph, as the checks make it: quiet, and without weight prepacking,
-    which keeps a second copy of every MatMul weight (2.1 GB for an 11B LM head) to save
-    time that a single run never gets back."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    session = onnxruntime.InferenceSession(model if isinstance(model, bytes) else str(model), options)
-    return session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
-
+from lvb.contract import NetInfo, TensorInfo
+from lvb.runtime.engine import Engine, EngineError, HostBuffers, Resident
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(int32)": "int32", "tensor(int64)": "int64"}
 

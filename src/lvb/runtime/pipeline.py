@@ -28,9 +28,9 @@ from lvb.contract import NetSpec, block_name, plan
 from lvb.errors import LvbError
 from lvb.runtime.engine import Engine, Resident
 from lvb.runtime.image import ImageProcessorConfig, ProcessedImage, load_image, preprocess
-from lvb.runtime.masks import cross_attention_mask, self_attention_mask
+from lvb.masks import cross_attention_mask, self_attention_mask
 from lvb.runtime.sampling import Sampler, SamplingConfig
-from lvb.runtime.text import ChatTemplate, Tokenizer
+from lvb.text import ChatTemplate, Tokenizer
 from lvb.spec import ModelSpec
 
 

@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from lvb.runtime.engine import Engine, EngineError, NetInfo, Resident, TensorInfo, from_bf16_bits, to_bf16_bits
+from lvb.contract import NetInfo, TensorInfo
+from lvb.numerics import from_bf16_bits, to_bf16_bits
+from lvb.runtime.engine import Engine, EngineError, Resident
 
 # sail.Dtype member -> (numpy dtype of its bytes, numpy dtype callers give and get).
 _KINDS = {

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+from lvb.tasks import COLOURS, SHAPES
+
 # Llama 3's special tokens in Llama 3's order; the tokenizer puts them right
 # after the regular tokens, and <|image|> right after them, at vocab_size
 # (outside the LM head, inside the embedding's 8 extra rows), as Llama 3.2 Vision does.
@@ -54,8 +56,6 @@ BOS, EOT, END_OF_TEXT, EOM, PAD = (
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-COLOURS = ("red", "green", "blue", "yellow")
-SHAPES = ("circle", "square", "triangle")
 
 # Text the tokenizer's merges are learnt from: the toy task's words many times
 # over, plus ordinary English so that any prompt tokenizes to something sensible.

@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import lvb
-from lvb.verify.checks import MIN_AGREEMENT, Report, VerifyError, check_answers, check_parts, read_task, task_accuracy
-from lvb.verify.report import write_reports
+from lvb.check import MIN_AGREEMENT
+from lvb.verify.checks import Report, VerifyError, check_answers, check_parts, read_task, task_accuracy
+from lvb.verify.report import REPORT_VERSION, write_reports
+from lvb.workdir import COMPILE_VERSION, WorkDir, cache_key, read_manifest
 
 
 def find_compiled(work: Path, quant: str) -> dict:
     """The newest compile of `quant` in the work directory."""
     candidates = []
-    for path in (work / "compile").glob("*.json"):
-        data = json.loads(path.read_text())
+    for path in WorkDir(work).compile_manifests():
+        data = read_manifest(path, COMPILE_VERSION)
         if data.get("settings", {}).get("quant") == quant and (work / data.get("bmodel", "")).is_file():
             candidates.append((path.stat().st_mtime, data))
     if not candidates:
         raise VerifyError(f"{work} holds no {quant} bmodel; run `lvb compile --work {work} --quant {quant}` first")
     return max(candidates, key=lambda c: c[0])[1]
-
-
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def verify(model_dir: Path, work: Path, quant: str = "int4", backend: str = "cmodel", pictures: int = 100,
@@ -36,23 +32,21 @@ def verify(model_dir: Path, work: Path, quant: str = "int4", backend: str = "cmo
     model_dir, work = Path(model_dir), Path(work)
     if backend not in BACKENDS:
         raise VerifyError(f"--backend {backend} is not one of {', '.join(BACKENDS)}")
-    export_path = work / "export" / "manifest.json"
-    if not export_path.is_file():
+    directory = WorkDir(work)
+    export = directory.read_export()
+    if not export.get("nets"):
         raise VerifyError(f"{work} holds no export; run `lvb export --model {model_dir} --out {work}` first")
-    export = json.loads(export_path.read_text())
     compiled = find_compiled(work, quant) if backend != "onnxruntime" else None
-    bmodel = work / compiled["bmodel"] if compiled else None
-    out = work / "verify" / (bmodel.stem if bmodel else "onnxruntime")
+    bmodel = directory.bmodel(compiled["bmodel"]) if compiled else None
+    out = directory.verify_dir(bmodel)
     checkpoint = Checkpoint.load(model_dir)
     task = read_task(model_dir)
-    key = _key(lvb.__version__, backend, pictures, [n["key"] for n in export["nets"].values()],
+    key = cache_key(lvb.__version__, backend, pictures, [n["key"] for n in export["nets"].values()],
                compiled and compiled["key"], bmodel and bmodel.stat().st_mtime_ns,
                (model_dir / "config.json").read_text(), task)
-    cached = out / "report.json"
-    if cached.is_file():
-        data = json.loads(cached.read_text())
-        if data.get("key") == key:
-            return data | {"cached": True}
+    data = read_manifest(directory.report(bmodel), REPORT_VERSION)
+    if data.get("key") == key:
+        return data | {"cached": True}
 
     engine = open_engine(backend, bmodel=bmodel, onnx_work=work, toolchain=toolchain)
     report = Report(model=model_dir.name, backend=backend, bmodel=bmodel.name if bmodel else None,
@@ -78,7 +72,5 @@ def verify(model_dir: Path, work: Path, quant: str = "int4", backend: str = "cmo
         report.misses.append(f"token agreement with transformers {report.agreement:.2f} < {report.min_agreement}")
     if report.task and report.task["accuracy"] < report.task["min_accuracy"]:
         report.misses.append(f"task accuracy {report.task['accuracy']:.1%} < {report.task['min_accuracy']:.0%}")
-    write_reports(report, out)
-    data = report.to_json() | {"key": key, "directory": str(out)}
-    (out / "report.json").write_text(json.dumps(data, indent=1))
+    data = write_reports(report, out, {"version": REPORT_VERSION, "key": key, "directory": str(out)})
     return data | {"cached": False}

@@ -1,9 +1,9 @@
 """The checks `lvb verify` runs: every hop of every net, then whole answers.
 
-Per net: PyTorch (transformers' layers, streamed from the checkpoint) against
-onnxruntime, and onnxruntime (with the bmodel's weight quantization, see
-lvb.compile.reference) against the bmodel on the chosen backend, on the
-inputs the export checked it with. End to end: greedy answers of the runtime
+Per net (lvb.check, the same check and thresholds as export and compile):
+PyTorch (transformers' layers, streamed from the checkpoint) against
+onnxruntime, and onnxruntime (with the bmodel's weight quantization) against
+the bmodel on the chosen backend, on the inputs the export checked it with. End to end: greedy answers of the runtime
 against transformers' generate over fixed prompts and pictures, and task
 accuracy when the checkpoint declares a task (the toy does).
 """
@@ -16,14 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lvb.compile.compiler import MIN_COSINE
-from lvb.contract import Kind
 from lvb.errors import LvbError
 
-# Token agreement (mean share of each reference answer reproduced before the first
-# difference) with transformers' fp32 generate, by what runs the blocks. Chosen
-# from the toy's measurements (README, "Thresholds").
-MIN_AGREEMENT = {"onnxruntime": 1.0, "bf16": 0.9, "int8": 0.8, "int4": 0.6}
 NEW_TOKENS = 16
 
 
@@ -74,73 +68,49 @@ class Report:
         return asdict(self) | {"ok": self.ok}
 
 
-def _compare(reference, got) -> dict:
-    from lvb.export.exporter import compare
-
-    return compare(reference, got)
-
-
 def check_parts(model_dir: Path, work: Path, engine, compiled: dict | None, progress=None) -> list[PartResult]:
     """Both hops of every exported net, on the inputs the export checked it with."""
     import gc
 
-    from transformers import MllamaConfig
-
-    from lvb.compile.reference import BITS, quantized_reference
+    from lvb.check import load_check, onnx_vs_bmodel, run_once, run_torch, torch_vs_onnx
     from lvb.contract import NetSpec
+    from lvb.export.exporter import eager_config
     from lvb.export.parts import PARTS
     from lvb.export.weights import CheckpointWeights
     from lvb.patches import patched
-    from lvb.runtime.engine import TensorInfo
-    from lvb.runtime.onnx import run_once
     from lvb.spec import ModelSpec
+    from lvb.workdir import WorkDir
 
-    export = json.loads((work / "export" / "manifest.json").read_text())["nets"]
+    directory = WorkDir(work)
+    export = directory.read_export()["nets"]
     spec = ModelSpec.from_dir(model_dir)
-    config = MllamaConfig.from_pretrained(model_dir)
-    for sub in (config, config.text_config, config.vision_config):
-        sub._attn_implementation = "eager"
+    config = eager_config(model_dir)
     weights = CheckpointWeights(model_dir)
     results = []
     with patched():
         for index, (name, entry) in enumerate(export.items()):
             if progress:
                 progress(name, index, len(export))
-            net = NetSpec(name, Kind(entry["kind"]), entry["layer"],
-                          tuple(TensorInfo.from_json(t) for t in entry["inputs"]),
-                          tuple(TensorInfo.from_json(t) for t in entry["outputs"]))
-            check = np.load(work / "export" / name / "check.npz")
-            feeds = {k[3:]: check[k] for k in check.files if k.startswith("in.")}
-            part = PARTS[net.kind]
-            module = part.build(net, spec, config, weights)
-            import torch
-
-            with torch.no_grad():
-                expected = module(*(torch.from_numpy(feeds[t.name]) for t in net.inputs))
-            expected = [o.numpy() for o in (expected if isinstance(expected, tuple) else (expected,))]
+            net = NetSpec.from_json(entry)
+            feeds, _ = load_check(directory.check_file(name))
+            module = PARTS[net.kind].build(net, spec, config, weights)
+            expected = run_torch(module, net, feeds)
             del module
             gc.collect()
-            onnx_path = work / "export" / entry["file"]
+            onnx_path = directory.onnx(entry)
             fp32 = run_once(onnx_path, feeds)
-            hop1 = _compare(expected, fp32)
+            hop1, miss = torch_vs_onnx(net, expected, fp32)
             result = PartResult(name, net.kind.value, net.layer, None, hop1["cosine"])
-            if hop1["cosine"] < part.min_cosine:
-                result.misses.append(f"{name}: PyTorch vs onnxruntime cosine {hop1['cosine']:.6f} < {part.min_cosine}")
+            result.misses += [miss] if miss else []
             if compiled is not None:
                 quant = compiled["nets"][name]["quant"]
                 got = engine.run(name, feeds)
-                reference = quantized_reference(onnx_path, feeds, quant, compiled["settings"]["group_size"]) if quant in BITS else fp32
-                if net.kind is Kind.GREEDY_HEAD:
-                    hop2 = {"cosine": float(np.array_equal(np.asarray(got[0]).ravel(), np.asarray(fp32[0]).ravel())), "max_abs_err": 0.0}
-                else:
-                    hop2 = _compare(reference, got)
+                hop2, miss = onnx_vs_bmodel(net, onnx_path, feeds, fp32, got, quant, compiled["settings"]["group_size"])
                 result.quant = quant
                 result.onnx_vs_bmodel = hop2["cosine"]
                 result.max_abs_err = hop2["max_abs_err"]
-                result.bmodel_vs_fp32 = hop2["cosine"] if net.kind is Kind.GREEDY_HEAD else _compare(fp32, got)["cosine"]
-                if hop2["cosine"] < MIN_COSINE[quant]:
-                    result.misses.append(
-                        f"{name}: onnxruntime vs bmodel ({quant}) cosine {hop2['cosine']:.6f} < {MIN_COSINE[quant]}")
+                result.bmodel_vs_fp32 = hop2["cosine_fp32"]
+                result.misses += [miss] if miss else []
             results.append(result)
     return results
 
@@ -150,7 +120,7 @@ def _pictures():
     from PIL import Image
 
     import skimage.data
-    from lvb.testing.shapes import draw
+    from lvb.tasks import draw
 
     photo = Image.open(Path(skimage.data.__file__).parent / "astronaut.png").convert("RGB")
     synthetic, _ = draw(np.random.default_rng(7))
@@ -210,8 +180,8 @@ def read_task(model_dir: Path) -> dict | None:
 
 
 def task_accuracy(session, task: dict, pictures: int, seed: int = 20261125, progress=None) -> dict:
-    """Exact-answer accuracy on freshly drawn pictures (lvb.testing.shapes)."""
-    from lvb.testing.shapes import sample
+    """Exact-answer accuracy on freshly drawn pictures (lvb.tasks)."""
+    from lvb.tasks import sample
 
     if task.get("kind") != "shapes":
         raise VerifyError(f"lvb-task.json names the task {task.get('kind')!r}; lvb knows 'shapes'")

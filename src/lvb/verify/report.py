@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 from lvb.verify.checks import Report
+from lvb.workdir import REPORT_FILE, write_json
+
+# report.json's layout; a cached report of another version is not reused.
+REPORT_VERSION = 1
 
 _WIDTH, _BAR, _GAP = 760, 14, 4
 
@@ -40,11 +43,10 @@ def _chart(report: Report) -> str:
             f"{ticks}{''.join(rows)}</svg>")
 
 
-def write_reports(report: Report, directory: Path) -> tuple[Path, Path]:
+def write_reports(report: Report, directory: Path, extra: dict | None = None) -> dict:
+    """report.html, then report.json (the report and `extra`, e.g. its cache key); returns report.json's content."""
     directory.mkdir(parents=True, exist_ok=True)
-    data = report.to_json()
-    json_path = directory / "report.json"
-    json_path.write_text(json.dumps(data, indent=1))
+    data = report.to_json() | (extra or {})
     part_rows = "".join(
         f"<tr{' class=miss' if p.misses else ''}><td>{html.escape(p.net)}</td><td>{p.kind}</td><td>{'' if p.layer is None else p.layer}</td>"
         f"<td>{p.quant or ''}</td><td>{p.torch_vs_onnx:.6f}</td>"
@@ -77,5 +79,8 @@ Result: <b>{"all thresholds met" if report.ok else f"{len(report.misses)} thresh
 {task}
 </body></html>"""
     html_path = directory / "report.html"
-    html_path.write_text(page)
-    return json_path, html_path
+    tmp = html_path.with_name(f"{html_path.name}.tmp")
+    tmp.write_text(page)
+    tmp.replace(html_path)
+    write_json(directory / REPORT_FILE, data)  # last: a report.json names a finished verify
+    return data

@@ -1,4 +1,6 @@
-"""Seeded synthetic pictures for the toy checkpoint: one coloured shape on a grey background.
+"""The task `lvb verify` measures a checkpoint on when its lvb-task.json names one
+(`"kind": "shapes"`, the toy's), and the toy was trained on: seeded synthetic
+pictures, one coloured shape on a grey background.
 
 Each picture holds exactly one shape (circle, square or triangle) in one colour
 (red, green, blue or yellow), drawn anti-aliased at a random size (60-95% of the
@@ -21,7 +23,8 @@ from itertools import islice
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lvb.testing.checkpoints import COLOURS, SHAPES
+COLOURS = ("red", "green", "blue", "yellow")
+SHAPES = ("circle", "square", "triangle")
 
 QUESTION = "What is in the picture?"
 ANSWERS = tuple(f"a {c} {s}" for c in COLOURS for s in SHAPES)

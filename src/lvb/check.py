@@ -1,0 +1,154 @@
+"""The per-net check, one for every stage: PyTorch against onnxruntime (export,
+verify) and onnxruntime against a bmodel (compile on the simulator, verify on
+any backend), on the inputs the export checked the net with, judged by one
+table of thresholds.
+
+For INT4/INT8 nets the onnxruntime side is the exported ONNX with its matmul
+weights quantized the way tpu-mlir's W4BF16/W8BF16 do. Comparing the bmodel with
+fp32 mixes two things: the quantization's own error (large for random weights,
+small for trained ones) and miscompiles. Against this reference only the
+compile's own rounding (bf16 activations) remains, so one tight threshold
+catches miscompiles for every model and quantization. Measured: cosine >=
+0.99987 for W4BF16 and W8BF16 blocks of every fixture.
+
+torch, onnx and onnxruntime are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lvb.contract import Kind, NetSpec
+from lvb.numerics import compare, same_tokens
+
+
+@dataclass(frozen=True)
+class Closeness:
+    """onnxruntime against PyTorch, both fp32: what "the same" means for a net."""
+
+    min_cosine: float = 0.99999
+    max_relative_error: float = 1e-3  # of the largest reference magnitude
+
+
+# The thresholds, all of them; the README's "Checks and thresholds" table is tested against these.
+# PyTorch vs onnxruntime, by net kind.
+TORCH_VS_ONNX: dict[Kind, Closeness] = {kind: Closeness() for kind in Kind} | {
+    Kind.GREEDY_HEAD: Closeness(min_cosine=1.0, max_relative_error=0.0),  # a token id: exact
+}
+# bmodel vs onnxruntime (with the same weight quantization), worst output of a net, by the
+# net's quantization. What remains is bf16 arithmetic; a miscompile (0.97 for the vision
+# tower with layer grouping) fails.
+ONNX_VS_BMODEL: dict[str, float] = {"f32": 0.9999, "bf16": 0.995, "int8": 0.995, "int4": 0.995}
+# Whole answers: token agreement (mean share of each reference answer reproduced before the
+# first difference) with transformers' fp32 generate, by what runs the blocks. Chosen from
+# the toy's measurements.
+MIN_AGREEMENT: dict[str, float] = {"onnxruntime": 1.0, "bf16": 0.9, "int8": 0.8, "int4": 0.6}
+
+BITS = {"int4": 4, "int8": 8}
+
+
+# -- check inputs ---------------------------------------------------------------
+
+
+def save_check(path: Path, inputs: Mapping[str, np.ndarray], outputs: list[np.ndarray]) -> None:
+    """The inputs a net was checked on and onnxruntime's fp32 outputs on them."""
+    np.savez(path, **{f"in.{k}": v for k, v in inputs.items()}, **{f"out.{i}": v for i, v in enumerate(outputs)})
+
+
+def load_check(path: Path) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """(inputs, onnxruntime's outputs) of save_check."""
+    with np.load(path) as check:
+        feeds = {k[3:]: check[k] for k in check.files if k.startswith("in.")}
+        outputs = [check[f"out.{i}"] for i in range(sum(k.startswith("out.") for k in check.files))]
+    return feeds, outputs
+
+
+# -- the three runs ----------------------------------------------------------------
+
+
+def run_torch(module, net: NetSpec, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        outputs = module(*(torch.from_numpy(inputs[t.name]) for t in net.inputs))
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    return [o.numpy() for o in outputs]
+
+
+def run_once(model: Path | bytes, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """One run of a graph, as the checks make it: quiet, and without weight prepacking,
+    which keeps a second copy of every MatMul weight (2.1 GB for an 11B LM head) to save
+    time that a single run never gets back."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    session = onnxruntime.InferenceSession(model if isinstance(model, bytes) else str(model), options)
+    return session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
+
+
+def fake_quantize(weight: np.ndarray, bits: int, group_size: int) -> np.ndarray:
+    """Asymmetric, one scale and zero point per `group_size` consecutive inputs (rows of
+    ONNX's [in, out] MatMul weight), tpu-mlir's default for W4/W8 (no --q_symmetric)."""
+    rows, cols = weight.shape
+    groups = weight.reshape(rows // group_size, group_size, cols).astype(np.float64)
+    low, high = groups.min(axis=1, keepdims=True), groups.max(axis=1, keepdims=True)
+    top = 2**bits - 1
+    scale = (high - low) / top
+    scale[scale == 0] = 1.0
+    zero = np.round(-low / scale)
+    quantized = np.clip(np.round(groups / scale) + zero, 0, top)
+    return ((quantized - zero) * scale).reshape(rows, cols).astype(np.float32)
+
+
+def quantized_reference(onnx_path: Path, feeds: Mapping[str, np.ndarray], quant: str, group_size: int) -> list[np.ndarray]:
+    """What a correctly compiled `quant` net computes: the ONNX with its matmul weights
+    quantized as tpu-mlir does, run by onnxruntime."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    constants = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        init = constants.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if init is None or len(init.dims) != 2 or init.dims[0] % group_size:
+            continue
+        weight = numpy_helper.to_array(init)
+        init.CopyFrom(numpy_helper.from_array(fake_quantize(weight, BITS[quant], group_size), init.name))
+    return run_once(model.SerializeToString(), feeds)
+
+
+# -- the two hops ----------------------------------------------------------------------
+
+
+def torch_vs_onnx(net: NetSpec, torch_outputs: list[np.ndarray], onnx_outputs: list[np.ndarray]) -> tuple[dict, str | None]:
+    """(comparison, the miss in one line or None)."""
+    result = compare(torch_outputs, onnx_outputs)
+    need = TORCH_VS_ONNX[net.kind]
+    if result["cosine"] >= need.min_cosine and result["max_rel_err"] <= need.max_relative_error:
+        return result, None
+    return result, (f"{net.name}: onnxruntime disagrees with PyTorch (cosine {result['cosine']:.6f}, max error "
+                    f"{result['max_abs_err']:.3g}; need cosine >= {need.min_cosine} and relative error <= "
+                    f"{need.max_relative_error})")
+
+
+def onnx_vs_bmodel(net: NetSpec, onnx_path: Path, feeds: Mapping[str, np.ndarray], fp32: list[np.ndarray],
+                   got: list[np.ndarray], quant: str, group_size: int) -> tuple[dict, str | None]:
+    """A bmodel's outputs against onnxruntime with the same weight quantization; `cosine_fp32`
+    says what the quantization itself costs. (comparison, the miss in one line or None)."""
+    if net.kind is Kind.GREEDY_HEAD:  # a token id: right or wrong
+        result = same_tokens(fp32[0], got[0])
+        result["cosine_fp32"] = result["cosine"]
+    else:
+        expected = quantized_reference(onnx_path, feeds, quant, group_size) if quant in BITS else fp32
+        result = compare(expected, got)
+        result["cosine_fp32"] = compare(fp32, got)["cosine"]
+    threshold = ONNX_VS_BMODEL[quant]
+    if result["cosine"] >= threshold:
+        return result, None
+    return result, f"{net.name}: onnxruntime vs bmodel ({quant}) cosine {result['cosine']:.6f} < {threshold}"

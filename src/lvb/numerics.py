@@ -1,0 +1,49 @@
+"""Numbers shared by every stage: bf16 bit patterns and how close two outputs are.
+
+Depends on numpy alone, so the lean runtime, the exporter, the compiler and
+the checks can all use it without importing each other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even, for nets with bf16 I/O."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (rounded >> 16).astype(np.uint16)
+
+
+def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(a @ b / (na * nb))
+
+
+def compare(reference: list[np.ndarray], got: list[np.ndarray]) -> dict:
+    """Worst cosine and largest error over a net's outputs, relative to the reference's scale."""
+    cosines, errors, relative = [], [], []
+    for ref, out in zip(reference, got):
+        ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+        cosines.append(cosine(out, ref))
+        error = float(np.max(np.abs(out - ref))) if ref.size else 0.0
+        errors.append(error)
+        relative.append(error / max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0))
+    return {"cosine": min(cosines), "max_abs_err": max(errors), "max_rel_err": max(relative)}
+
+
+def same_tokens(reference: np.ndarray, got: np.ndarray) -> dict:
+    """A net whose output is a token id is right or wrong; said in compare()'s terms."""
+    same = bool(np.array_equal(np.asarray(got).ravel(), np.asarray(reference).ravel()))
+    return {"cosine": float(same), "max_abs_err": 0.0 if same else 1.0, "max_rel_err": 0.0 if same else 1.0}

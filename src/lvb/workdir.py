@@ -1,0 +1,158 @@
+"""The work directory: the on-disk layout that is the API between the stages.
+
+    export/manifest.json            what was exported, from what, with which settings
+    export/<net>/<net>.onnx         a net's graph, <net>.weights its weights
+    export/<net>/check.npz          the inputs it was checked on and onnxruntime's outputs
+    compile/<net>/mlir-<key>/       model_transform.py's output (shared by all quantizations)
+    compile/<net>/<key>/            one deploy: the bmodel, its log and result.json
+    compile/logs/                   one log per job of the last run
+    compile/<bmodel stem>.json      the manifest of one combined bmodel
+    <model>_<tag>_seq<S>_chunk<C>_<chip>.bmodel   a combined bmodel
+    verify/<bmodel stem or onnxruntime>/report.json, report.html
+
+Every file here is written to a temporary name and renamed into place, so a
+killed run leaves either the old file or the new one. Every manifest carries a
+version and is checked on every read: one of another version reads as absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from lvb.errors import LvbError
+
+EXPORT_VERSION = 1
+COMPILE_VERSION = 1
+# Files up to this size are hashed when recorded and checked; larger ones (bmodels at
+# 11B widths are gigabytes) by size alone.
+HASH_LIMIT = 64 << 20
+CHECK_FILE = "check.npz"
+REPORT_FILE = "report.json"
+
+
+class WorkDirError(LvbError):
+    pass
+
+
+class WorkDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # export
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def export_manifest(self) -> Path:
+        return self.export / "manifest.json"
+
+    def net_dir(self, net: str) -> Path:
+        return self.export / net
+
+    def onnx_entry(self, net: str) -> str:
+        """The manifest's `file` of a net, relative to export/."""
+        return f"{net}/{net}.onnx"
+
+    def onnx(self, entry: dict) -> Path:
+        return self.export / entry["file"]
+
+    def check_file(self, net: str) -> Path:
+        return self.net_dir(net) / CHECK_FILE
+
+    # compile
+    @property
+    def compile(self) -> Path:
+        return self.root / "compile"
+
+    @property
+    def logs(self) -> Path:
+        return self.compile / "logs"
+
+    def compile_net(self, net: str) -> Path:
+        return self.compile / net
+
+    def compile_manifest(self, bmodel: Path) -> Path:
+        """One per combined bmodel, so switching --quant back and forth stays cached."""
+        return self.compile / f"{bmodel.stem}.json"
+
+    def compile_manifests(self) -> list[Path]:
+        return sorted(self.compile.glob("*.json"))
+
+    def bmodel(self, name: str) -> Path:
+        return self.root / name
+
+    # verify
+    def verify_dir(self, bmodel: Path | None) -> Path:
+        return self.root / "verify" / (bmodel.stem if bmodel else "onnxruntime")
+
+    def report(self, bmodel: Path | None) -> Path:
+        return self.verify_dir(bmodel) / REPORT_FILE
+
+    # manifests
+    def read_export(self) -> dict:
+        """The export manifest, or {} when there is none of this version."""
+        return read_manifest(self.export_manifest, EXPORT_VERSION)
+
+    def require_export(self, model_hint: str = "DIR") -> dict:
+        manifest = self.read_export()
+        if not manifest.get("nets"):
+            raise WorkDirError(f"{self.root} holds no export; run `lvb export --model {model_hint} --out {self.root}` first")
+        return manifest
+
+
+def write_json(path: Path, data) -> None:
+    """Atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def read_manifest(path: Path, version: int) -> dict:
+    """A manifest of `version`, or {} when it is missing, unreadable or of another version."""
+    try:
+        manifest = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return manifest if isinstance(manifest, dict) and manifest.get("version") == version else {}
+
+
+def cache_key(*parts) -> str:
+    """What a cached result depends on, as one digest."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def record_file(path: Path) -> dict:
+    """What a later run checks before it trusts `path` again: its size, and its digest when cheap."""
+    path = Path(path)
+    size = path.stat().st_size
+    record = {"size": size}
+    if size <= HASH_LIMIT:
+        record["sha256"] = _digest(path)
+    return record
+
+
+def matches_record(path: Path, record: dict | None) -> str | None:
+    """None when `path` is the file `record` describes; else why not, in a few words."""
+    path = Path(path)
+    if not record:
+        return f"{path.name} has no record"
+    if not path.is_file():
+        return f"{path.name} is missing"
+    size = path.stat().st_size
+    if size != record.get("size"):
+        return f"{path.name} is {size} bytes, not the {record.get('size')} recorded"
+    if "sha256" in record and _digest(path) != record["sha256"]:
+        return f"{path.name} changed since it was recorded"
+    return None
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
