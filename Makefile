@@ -1,13 +1,11 @@
-# Two environments (design.md §2): .venv runs lvb, .venv-tpu runs tpu-mlir.
+# Two environments (README, "Environments"): .venv runs lvb, .venv-tpu runs tpu-mlir.
 # Each is rebuilt only when pyproject.toml (where every pin lives) changes.
 PYTHON311 ?= python3.11
 PYTHON310 ?= $(shell PYENV_VERSION=3.10.13 pyenv which python3.10 2>/dev/null || command -v python3.10)
 VENV := .venv
 TPU_VENV := .venv-tpu
-# tpu-mlir's wheel bundles Ubuntu 22.04's glibc, which breaks against this host's.
-BUNDLED_GLIBC := libc.so.6 libm.so.6 libpthread.so.0
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-fast demo clean
 
 setup: $(VENV)/.installed $(TPU_VENV)/.installed
 
@@ -22,11 +20,17 @@ $(TPU_VENV)/.installed: pyproject.toml scripts/pins.py
 	$(PYTHON311) scripts/pins.py toolchain > $(TPU_VENV)/requirements.txt
 	$(TPU_VENV)/bin/pip install --quiet -r $(TPU_VENV)/requirements.txt
 	$(TPU_VENV)/bin/pip install --quiet --no-deps -e .
-	cd $(TPU_VENV)/lib/python3.10/site-packages/tpu_mlir/lib/third_party && rm -f $(BUNDLED_GLIBC)
+	# tpu-mlir's bundled glibc breaks against this host's; lvb.toolchain.BUNDLED_GLIBC lists it.
+	cd $(TPU_VENV)/lib/python3.10/site-packages/tpu_mlir/lib/third_party && rm -f $$($(CURDIR)/$(TPU_VENV)/bin/python -m lvb.toolchain)
 	touch $@
 
 test: setup
 	$(VENV)/bin/python -m pytest
+
+# The inner loop: everything that needs neither tpu-mlir's simulator nor a whole pipeline
+# (markers in pyproject.toml); `make test` stays the full suite CI runs.
+test-fast: setup
+	$(VENV)/bin/python -m pytest -m "not toolchain and not slow"
 
 demo: setup
 	scripts/demo.sh

@@ -15,7 +15,7 @@ runs on it; everything it does besides running nets is host overhead.
 Measured (time.perf_counter, median over --reps repetitions after a warm-up):
   * masks: lvb.masks.self_attention_mask and cross_attention_mask for one
     prefill chunk (C x (S+C), C x 6404) and one decode step (1 x (S+1), 1 x 6404),
-    and Session._sees_image (which tokens come after the image);
+    and Runner.sees_image (which tokens come after the image);
   * KV bookkeeping: storing one chunk's / one token's K and V of every self-attention
     layer into the resident cache (HostBuffers.store), plus the hidden state;
   * sampling over the full 128256-token vocabulary (lvb.runtime.sampling.Sampler):
@@ -240,8 +240,8 @@ def main() -> int:
     assert np.array_equal(ref_cross_mask_elements(sees_chunk, num_tiles, v.max_num_tiles, v.patches_per_tile),
                           cross_attention_mask(sees_chunk, num_tiles, v.max_num_tiles, v.patches_per_tile)[0][0, 0])
     ids = session.cached + [1] * 200
-    sees_prefill = median_seconds(lambda: session._sees_image(ids, range(len(ids) - C, len(ids))), args.reps)
-    sees_decode = median_seconds(lambda: session._sees_image(ids, range(len(ids), len(ids) + 1)), args.reps)
+    sees_prefill = median_seconds(lambda: session.runner.sees_image(ids, range(len(ids) - C, len(ids))), args.reps)
+    sees_decode = median_seconds(lambda: session.runner.sees_image(ids, range(len(ids), len(ids) + 1)), args.reps)
 
     add(f"self-attention mask, prefill chunk [{C} x {S + C}]", lvb_self_prefill, ref_self_prefill, "nested loops, every element")
     add(f"self-attention mask, decode [1 x {S + 1}]", lvb_self_decode, ref_self_decode, "loop, every element")
@@ -250,8 +250,8 @@ def main() -> int:
     add(f"cross-attention mask, decode [1 x {V}]", lvb_cross_decode, ref_cross_decode, "loop, every element")
     add(f"  (reference: whole-prompt mask [{S} x {S}], once per prompt)", lvb_self_prefill * (S // C), ref_prompt,
         f"lvb: {S // C} chunk masks")
-    add(f"which tokens see the image (Session._sees_image), per chunk", sees_prefill)
-    add(f"which tokens see the image (Session._sees_image), per step", sees_decode)
+    add(f"which tokens see the image (Runner.sees_image), per chunk", sees_prefill)
+    add(f"which tokens see the image (Runner.sees_image), per step", sees_decode)
 
     # -- KV bookkeeping --------------------------------------------------------------------
     hb = engine._host
@@ -275,7 +275,7 @@ def main() -> int:
     add(f"KV bookkeeping, decode step", median_seconds(store_one, args.reps))
     cross_kv = np.zeros((1, V, t.num_kv_heads, t.head_dim), np.float32)
 
-    def store_cross():  # what Session._run_vision stores for every cross layer, once per image
+    def store_cross():  # what Runner.encode_image stores for every cross layer, once per image
         for layer in t.cross_attention_layers:
             hb.store(cross_kv, Resident(f"ck{layer}"))
             hb.store(cross_kv, Resident(f"cv{layer}"))

@@ -1,10 +1,22 @@
-"""Shared fixtures: test checkpoints are written once per session, per geometry."""
+"""Shared fixtures (test checkpoints, exports and bmodels, each made once per session)
+and the test tiers: `toolchain` marks what needs tpu-mlir or its simulator, `slow`
+a full pipeline; `make test-fast` runs neither, `make test` everything."""
 
 from __future__ import annotations
 
 import pytest
 
+from helpers import CHUNK, SEQ
 from lvb.testing.checkpoints import GEOMETRIES, write_checkpoint
+
+# Fixtures whose users need the toolchain: they are marked without being named twice.
+TOOLCHAIN_FIXTURES = {"compile_factory"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TOOLCHAIN_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.toolchain)
 
 
 @pytest.fixture(scope="session")
@@ -23,10 +35,6 @@ def checkpoint_factory(tmp_path_factory):
 @pytest.fixture(params=sorted(GEOMETRIES))
 def checkpoint(request, checkpoint_factory):
     return checkpoint_factory(request.param)
-
-
-# Small enough for the simulator, long enough for a few turns with an image.
-SEQ, CHUNK = 160, 32
 
 
 @pytest.fixture(scope="session")

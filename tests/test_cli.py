@@ -2,6 +2,7 @@
 
 import stat
 
+import pytest
 from typer.testing import CliRunner
 
 import lvb
@@ -34,6 +35,7 @@ def executable(path, text):
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
+@pytest.mark.toolchain
 def test_doctor_with_a_broken_toolchain_names_the_tool(tmp_path):
     """A toolchain whose model_transform.py fails: doctor reports that tool, exit 1."""
     real = find_toolchain()
@@ -48,6 +50,7 @@ def test_doctor_with_a_broken_toolchain_names_the_tool(tmp_path):
     assert "model_transform.py failed" in result.output
 
 
+@pytest.mark.toolchain
 def test_doctor_proves_the_real_toolchain(monkeypatch):
     """The real thing: compile W4BF16, run on the simulator, compare with onnxruntime."""
     monkeypatch.delenv("LVB_TOOLCHAIN", raising=False)

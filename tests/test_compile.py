@@ -13,7 +13,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from conftest import CHUNK, SEQ
+from helpers import CHUNK, SEQ, one_error_line
 from lvb.cli import app
 from lvb.check import ONNX_VS_BMODEL
 from lvb.compile.compiler import CompileSettings, Compiler
@@ -22,6 +22,7 @@ from lvb.testing.checkpoints import GEOMETRIES
 from lvb.toolchain import Toolchain, find_toolchain
 
 runner = CliRunner()
+pytestmark = pytest.mark.toolchain  # every test here runs tpu-mlir or its simulator
 _BUILD_TIME = re.compile(rb"[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}")
 
 
@@ -96,23 +97,15 @@ def test_killed_halfway_resumes_to_the_same_result(export_factory, compile_facto
     assert bmodel_digest(resumed) == bmodel_digest(clean)
 
 
-def _one_error_line(args):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    assert sum(line.startswith("error:") for line in result.output.splitlines()) == 1
-    return result.output
-
-
 def test_bad_input(export_factory, tmp_path):
     work = str(export_factory("gqa2-cross-last"))
-    assert "holds no export" in _one_error_line(["compile", "--work", str(tmp_path)])
-    assert "no-such-toolchain" in _one_error_line(["compile", "--work", work, "--toolchain", str(tmp_path / "no-such-toolchain")])
-    assert "--chip bm1688 is not supported" in _one_error_line(["compile", "--work", work, "--chip", "bm1688"])
-    assert "--quant int3 is not one of" in _one_error_line(["compile", "--work", work, "--quant", "int3"])
-    output = _one_error_line(["compile", "--work", work, "--group-size", "48"])
+    assert "holds no export" in one_error_line(["compile", "--work", str(tmp_path)])
+    assert "no-such-toolchain" in one_error_line(["compile", "--work", work, "--toolchain", str(tmp_path / "no-such-toolchain")])
+    assert "--chip bm1688 is not supported" in one_error_line(["compile", "--work", work, "--chip", "bm1688"])
+    assert "--quant int3 is not one of" in one_error_line(["compile", "--work", work, "--quant", "int3"])
+    output = one_error_line(["compile", "--work", work, "--group-size", "48"])
     assert "--group-size 48 does not divide text hidden_size 64" in output and "--group-size 64" in output
-    assert "is for --seq 160, not 512" in _one_error_line(["compile", "--work", work, "--seq", "512"])
+    assert "is for --seq 160, not 512" in one_error_line(["compile", "--work", work, "--seq", "512"])
 
 
 def test_a_failing_net_stops_the_pool_and_is_named(export_factory, tmp_path):

@@ -5,18 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from conftest import CHUNK, SEQ
-from lvb.cli import app
+from helpers import CHUNK, SEQ, one_error_line, scale_weights
 from lvb.contract import plan
 from lvb.export import exporter
 from lvb.export.exporter import export
 from lvb.export.weights import CheckpointWeights
 from lvb.spec import ModelSpec
 from lvb.testing.checkpoints import GEOMETRIES
-
-runner = CliRunner()
 
 
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
@@ -46,14 +41,7 @@ def test_check_catches_a_wrong_export(checkpoint_factory, tmp_path, monkeypatch)
     def broken(module, net, inputs, path):
         real_export(module, net, inputs, path)
         if net.name == "block_cache_0":
-            import onnx
-
-            model = onnx.load(path)
-            for init in model.graph.initializer:  # perturb the weights after export
-                if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2:
-                    array = onnx.numpy_helper.to_array(init) * 1.5
-                    init.CopyFrom(onnx.numpy_helper.from_array(array, init.name))
-            onnx.save(model, path)
+            scale_weights(path)  # perturb the weights after export
 
     monkeypatch.setattr(exporter, "_export_onnx", broken)
     with pytest.raises(exporter.ExportError, match="block_cache_0: onnxruntime disagrees"):
@@ -178,25 +166,16 @@ def test_patches_are_restored_after_an_error():
     assert all(getattr(modeling_mllama, a) is f for a, f in originals.items())
 
 
-def _cli_error(args):
-    result = runner.invoke(app, ["export", *args])
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [l for l in result.output.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1
-    return result.output
-
-
 def test_bad_input_gives_one_line(tmp_path, checkpoint_factory):
     out = tmp_path / "work"
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "no config.json" in _cli_error(["--model", str(empty), "--out", str(out)])
+    assert "no config.json" in one_error_line(["export", "--model", str(empty), "--out", str(out)])
 
     not_mllama = tmp_path / "llama"
     not_mllama.mkdir()
     (not_mllama / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    assert "not 'mllama'" in _cli_error(["--model", str(not_mllama), "--out", str(out)])
+    assert "not 'mllama'" in one_error_line(["export", "--model", str(not_mllama), "--out", str(out)])
 
     model = checkpoint_factory("mha-cross-first")
     truncated = tmp_path / "truncated"
@@ -205,10 +184,10 @@ def test_bad_input_gives_one_line(tmp_path, checkpoint_factory):
         (truncated / f.name).write_bytes(f.read_bytes())
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    output = _cli_error(["--model", str(truncated), "--out", str(out), "--seq", str(SEQ)])
+    output = one_error_line(["export", "--model", str(truncated), "--out", str(out), "--seq", str(SEQ)])
     assert "model.safetensors is truncated" in output
 
-    assert "--seq 8 is too short" in _cli_error(["--model", str(model), "--out", str(out), "--seq", "8"])
+    assert "--seq 8 is too short" in one_error_line(["export", "--model", str(model), "--out", str(out), "--seq", "8"])
     assert not (out / "export" / "manifest.json").exists() or not json.loads((out / "export" / "manifest.json").read_text()).get("nets")
 
 
@@ -219,7 +198,9 @@ def test_vision_chain_equals_the_whole_transformers_tower(name, export_factory, 
     from transformers import AutoProcessor, MllamaForConditionalGeneration
 
     from lvb.runtime.backends import open_engine
-    from lvb.runtime.pipeline import Checkpoint, Session
+    from lvb.runtime.image import preprocess
+    from lvb.runtime.pipeline import Checkpoint
+    from lvb.runtime.runner import Buffers, Runner
 
     model_dir = checkpoint_factory(name)
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -231,7 +212,7 @@ def test_vision_chain_equals_the_whole_transformers_tower(name, export_factory, 
                                           aspect_ratio_mask=inputs["aspect_ratio_mask"]).last_hidden_state
         expected = model.model.multi_modal_projector(states).reshape(1, -1, model.config.text_config.hidden_size).numpy()
     with open_engine("onnxruntime", onnx_work=export_factory(name)) as engine:
-        session = Session(Checkpoint.load(model_dir), engine)
-        session._run_vision(session._process_image(picture))
-        got = engine.read("cross_states")
+        checkpoint = Checkpoint.load(model_dir)
+        Runner(checkpoint.spec, engine, checkpoint.tokenizer.image_id).encode_image(preprocess(picture, checkpoint.image_config))
+        got = engine.read(Buffers.CROSS_STATES)
     assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())

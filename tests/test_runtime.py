@@ -7,12 +7,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import CHUNK, SEQ
+from helpers import CHUNK, SEQ
 from lvb.cli import app
 from lvb.runtime.backends import open_engine
 from lvb.masks import cross_attention_mask
 from lvb.runtime.pipeline import ChatError, Checkpoint, Session
 from lvb.testing.checkpoints import GEOMETRIES
+from lvb.verify.checks import TransformersChat
 
 runner = CliRunner()
 NEW_TOKENS = 10
@@ -22,31 +23,11 @@ def picture(seed: int, size=(90, 50)) -> Image.Image:
     return Image.fromarray((np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype(np.uint8))
 
 
-class Reference:
-    """transformers itself on the whole conversation, as a user would run it."""
-
-    def __init__(self, model_dir):
-        from transformers import AutoProcessor, MllamaForConditionalGeneration
-
-        self.processor = AutoProcessor.from_pretrained(model_dir)
-        self.model = MllamaForConditionalGeneration.from_pretrained(model_dir).eval()
-
-    def inputs(self, messages, images):
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        return self.processor(text=text, images=images or None, return_tensors="pt", add_special_tokens=False)
-
-    def generate(self, messages, images) -> list[int]:
-        inputs = self.inputs(messages, images)
-        with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-        return out[0, inputs["input_ids"].shape[1]:].tolist()
-
-
 @pytest.fixture(scope="module", params=sorted(GEOMETRIES))
 def setup(request, export_factory, checkpoint_factory):
     model = checkpoint_factory(request.param)
     engine = open_engine("onnxruntime", onnx_work=export_factory(request.param))
-    yield Checkpoint.load(model), engine, Reference(model)
+    yield Checkpoint.load(model), engine, TransformersChat(model)
     engine.close()
 
 
@@ -59,7 +40,7 @@ def converse(session, reference, turns):
         content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": text}]
         messages.append({"role": "user", "content": content})
         images += [image] if image is not None else []
-        expected = reference.generate(messages, images)
+        expected = reference.generate(messages, images, NEW_TOKENS)
         assert reply.tokens == expected[: len(reply.tokens)] and len(reply.tokens) == len(expected), (text, reply.tokens, expected)
         messages.append({"role": "assistant", "content": [{"type": "text", "text": reply.text}]})
         replies.append(reply)

@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 import lvb
+from lvb.compile.tpumlir import DEFAULT_GROUP_SIZE
+from lvb.contract import DEFAULT_CHUNK, DEFAULT_SEQ
 from lvb.errors import LvbError
 
 app = typer.Typer(
@@ -93,8 +95,8 @@ def _progress():
 def export(
     model: Annotated[Path, typer.Option("--model", help="Checkpoint folder (config.json, safetensors, tokenizer).")],
     out: Annotated[Path, typer.Option("--out", help="Work directory; the nets go to OUT/export.")],
-    seq: Annotated[int, typer.Option(help="Sequence length the KV cache holds (prompt + answer, all turns).")] = 512,
-    chunk: Annotated[int, typer.Option(help="Tokens per prefill call; at most --seq.")] = 128,
+    seq: Annotated[int, typer.Option(help="Sequence length the KV cache holds (prompt + answer, all turns).")] = DEFAULT_SEQ,
+    chunk: Annotated[int, typer.Option(help="Tokens per prefill call; at most --seq.")] = DEFAULT_CHUNK,
 ) -> None:
     """Export every part to ONNX (opset 17), one layer at a time, each checked against PyTorch."""
     from lvb.export.exporter import export as run_export
@@ -122,7 +124,7 @@ def compile_(
     work: Annotated[Path, typer.Option("--work", help="Work directory of `lvb export`.")],
     quant: Annotated[str, typer.Option(help="Decoder blocks: int4 (W4BF16), int8 (W8BF16) or bf16.")] = "int4",
     seq: Annotated[Optional[int], typer.Option(help="Must match the export (default: the export's).")] = None,
-    group_size: Annotated[int, typer.Option(help="INT4/INT8 weights share one scale per this many inputs.")] = 64,
+    group_size: Annotated[int, typer.Option(help="INT4/INT8 weights share one scale per this many inputs.")] = DEFAULT_GROUP_SIZE,
     chip: Annotated[str, typer.Option(help="Target chip.")] = "bm1684x",
     jobs: Annotated[Optional[int], typer.Option(help="Parallel compile jobs (default: from cores and free memory).")] = None,
     vision_quant: Annotated[str, typer.Option(help="Vision tower: bf16, int8 or int4.")] = "bf16",

@@ -20,10 +20,15 @@ image, at KV heads, and its blocks repeat them to the query heads inside.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 
 from lvb.spec import ModelSpec
+
+# What `lvb export` builds unless told otherwise: KV-cache slots and prefill chunk.
+DEFAULT_SEQ = 512
+DEFAULT_CHUNK = 128
 
 # Added to attention scores that must be ignored. Large enough that exp()
 # underflows to 0 in fp32 and bf16, finite so that bf16 hardware and
@@ -127,6 +132,58 @@ POLICY: dict[Kind, KindPolicy] = {
 }
 
 
+class Names:
+    """The nets' input and output names, for everything that feeds or reads them."""
+
+    PIXEL_VALUES = "pixel_values"
+    ASPECT_RATIO_IDS = "aspect_ratio_ids"
+    ASPECT_RATIO_MASK = "aspect_ratio_mask"
+    HIDDEN = "hidden_states"
+    CROSS_STATES = "cross_states"
+    CROSS_K, CROSS_V = "cross_k", "cross_v"
+    INPUT_IDS = "input_ids"
+    POSITION_IDS = "position_ids"
+    ATTENTION_MASK = "attention_mask"
+    CROSS_MASK = "cross_attention_mask"
+    TEXT_ROW_MASK = "text_row_mask"
+    PAST_K, PAST_V = "past_k", "past_v"
+    K, V = "k", "v"
+    LOGITS = "logits"
+    TOKEN = "token"
+
+    @staticmethod
+    def kept_layer(j: int) -> str:
+        """vision_head's input for the output of vision layer j."""
+        return f"layer_{j}"
+
+
+# How the nets that exist once per layer are named; the others are named after their kind.
+_LAYER_NAMES = {
+    Kind.VISION_LAYER: "vision_layer_{}",
+    Kind.VISION_GLOBAL: "vision_global_{}",
+    Kind.CROSS_KV: "cross_kv_{}",
+    Kind.SELF_PREFILL: "block_{}",
+    Kind.CROSS_PREFILL: "block_{}",
+    Kind.SELF_DECODE: "block_cache_{}",
+    Kind.CROSS_DECODE: "block_cache_{}",
+}
+
+
+def net_name(kind: Kind, layer: int | None = None) -> str:
+    """The net of `kind` (for `layer`)."""
+    return _LAYER_NAMES[kind].format(layer) if kind in _LAYER_NAMES else kind.value
+
+
+def kinds_named(name: str) -> set[Kind]:
+    """The kinds a net of this name can be (a block is a self- or a cross-attention layer)."""
+    once = {kind for kind in Kind if kind not in _LAYER_NAMES and kind.value == name}
+    return once | {kind for kind, template in _LAYER_NAMES.items() if re.fullmatch(template.format(r"\d+"), name)}
+
+
+def block_name(layer: int, decode: bool) -> str:
+    return net_name(Kind.SELF_DECODE if decode else Kind.SELF_PREFILL, layer)
+
+
 @dataclass(frozen=True)
 class NetSpec:
     name: str
@@ -160,40 +217,43 @@ def padded_patches(patches_per_tile: int) -> int:
 
 
 def vision_nets(spec: ModelSpec) -> list[NetSpec]:
-    t, v = spec.text, spec.vision
+    t, v, n = spec.text, spec.vision, Names
     T, I, W = v.max_num_tiles, v.image_size, v.hidden_size
     N = T * padded_patches(v.patches_per_tile)
-    ids, tiles = _t("aspect_ratio_ids", 1, 1, dtype="int32"), _t("aspect_ratio_mask", 1, 1, T, dtype="int32")
-    hidden = _t("hidden_states", 1, N, W)
-    nets = [NetSpec("vision_embed", Kind.VISION_EMBED, None, (_t("pixel_values", 1, 1, T, v.num_channels, I, I), ids), (hidden,))]
-    nets += [NetSpec(f"vision_layer_{j}", Kind.VISION_LAYER, j, (hidden, tiles), (hidden,)) for j in range(v.num_layers)]
-    nets.append(NetSpec("vision_post", Kind.VISION_POST, None, (hidden, ids), (hidden,)))
-    nets += [NetSpec(f"vision_global_{j}", Kind.VISION_GLOBAL, j, (hidden, tiles), (hidden,)) for j in range(v.num_global_layers)]
-    intermediate = tuple(_t(f"layer_{j}", 1, N, W) for j in v.kept_layers)
-    nets.append(NetSpec("vision_head", Kind.VISION_HEAD, None, (hidden, *intermediate), (_t("cross_states", 1, v.tokens_per_image, t.hidden_size),)))
+    ids, tiles = _t(n.ASPECT_RATIO_IDS, 1, 1, dtype="int32"), _t(n.ASPECT_RATIO_MASK, 1, 1, T, dtype="int32")
+    hidden = _t(n.HIDDEN, 1, N, W)
+
+    def net(kind: Kind, layer: int | None, inputs, outputs) -> NetSpec:
+        return NetSpec(net_name(kind, layer), kind, layer, tuple(inputs), tuple(outputs))
+
+    nets = [net(Kind.VISION_EMBED, None, (_t(n.PIXEL_VALUES, 1, 1, T, v.num_channels, I, I), ids), (hidden,))]
+    nets += [net(Kind.VISION_LAYER, j, (hidden, tiles), (hidden,)) for j in range(v.num_layers)]
+    nets.append(net(Kind.VISION_POST, None, (hidden, ids), (hidden,)))
+    nets += [net(Kind.VISION_GLOBAL, j, (hidden, tiles), (hidden,)) for j in range(v.num_global_layers)]
+    intermediate = tuple(_t(n.kept_layer(j), 1, N, W) for j in v.kept_layers)
+    nets.append(net(Kind.VISION_HEAD, None, (hidden, *intermediate), (_t(n.CROSS_STATES, 1, v.tokens_per_image, t.hidden_size),)))
     return nets
-
-
-def block_name(layer: int, decode: bool) -> str:
-    return f"block_cache_{layer}" if decode else f"block_{layer}"
 
 
 def plan(spec: ModelSpec, seq: int, chunk: int) -> list[NetSpec]:
     """Every net of a model compiled for `seq` cache slots and `chunk`-token prefill."""
     if not 1 <= chunk <= seq:
         raise ValueError(f"chunk {chunk} must be between 1 and seq {seq}")
-    t, v = spec.text, spec.vision
+    t, v, n = spec.text, spec.vision, Names
     D, KV, d, V = t.hidden_size, t.num_kv_heads, t.head_dim, v.tokens_per_image
     S = seq
+
+    def net(kind: Kind, layer: int | None, inputs, outputs) -> NetSpec:
+        return NetSpec(net_name(kind, layer), kind, layer, tuple(inputs), tuple(outputs))
+
     nets = vision_nets(spec)
     nets += [
-        NetSpec(f"cross_kv_{layer}", Kind.CROSS_KV, layer, (_t("cross_states", 1, V, D),),
-                (_t("cross_k", 1, V, KV, d), _t("cross_v", 1, V, KV, d)))
+        net(Kind.CROSS_KV, layer, (_t(n.CROSS_STATES, 1, V, D),), (_t(n.CROSS_K, 1, V, KV, d), _t(n.CROSS_V, 1, V, KV, d)))
         for layer in t.cross_attention_layers
     ]
     nets += [
-        NetSpec("embed", Kind.EMBED, None, (_t("input_ids", 1, chunk, dtype="int32"),), (_t("hidden_states", 1, chunk, D),)),
-        NetSpec("embed_cache", Kind.EMBED_CACHE, None, (_t("input_ids", 1, 1, dtype="int32"),), (_t("hidden_states", 1, 1, D),)),
+        net(Kind.EMBED, None, (_t(n.INPUT_IDS, 1, chunk, dtype="int32"),), (_t(n.HIDDEN, 1, chunk, D),)),
+        net(Kind.EMBED_CACHE, None, (_t(n.INPUT_IDS, 1, 1, dtype="int32"),), (_t(n.HIDDEN, 1, 1, D),)),
     ]
     for layer in range(t.num_layers):
         for decode in (False, True):
@@ -201,26 +261,26 @@ def plan(spec: ModelSpec, seq: int, chunk: int) -> list[NetSpec]:
             if t.is_cross(layer):
                 kind = Kind.CROSS_DECODE if decode else Kind.CROSS_PREFILL
                 inputs = (
-                    _t("hidden_states", 1, C, D),
-                    _t("cross_k", 1, V, KV, d),
-                    _t("cross_v", 1, V, KV, d),
-                    _t("cross_attention_mask", 1, 1, C, V),
-                    _t("text_row_mask", 1, 1, C, 1),
+                    _t(n.HIDDEN, 1, C, D),
+                    _t(n.CROSS_K, 1, V, KV, d),
+                    _t(n.CROSS_V, 1, V, KV, d),
+                    _t(n.CROSS_MASK, 1, 1, C, V),
+                    _t(n.TEXT_ROW_MASK, 1, 1, C, 1),
                 )
-                outputs = (_t("hidden_states", 1, C, D),)
+                outputs = (_t(n.HIDDEN, 1, C, D),)
             else:
                 kind = Kind.SELF_DECODE if decode else Kind.SELF_PREFILL
                 inputs = (
-                    _t("hidden_states", 1, C, D),
-                    _t("position_ids", 1, C, dtype="int32"),
-                    _t("attention_mask", 1, 1, C, S + C),
-                    _t("past_k", 1, S, KV, d),
-                    _t("past_v", 1, S, KV, d),
+                    _t(n.HIDDEN, 1, C, D),
+                    _t(n.POSITION_IDS, 1, C, dtype="int32"),
+                    _t(n.ATTENTION_MASK, 1, 1, C, S + C),
+                    _t(n.PAST_K, 1, S, KV, d),
+                    _t(n.PAST_V, 1, S, KV, d),
                 )
-                outputs = (_t("hidden_states", 1, C, D), _t("k", 1, C, KV, d), _t("v", 1, C, KV, d))
-            nets.append(NetSpec(block_name(layer, decode), kind, layer, inputs, outputs))
+                outputs = (_t(n.HIDDEN, 1, C, D), _t(n.K, 1, C, KV, d), _t(n.V, 1, C, KV, d))
+            nets.append(net(kind, layer, inputs, outputs))
     nets += [
-        NetSpec("lm_head", Kind.LM_HEAD, None, (_t("hidden_states", 1, 1, D),), (_t("logits", 1, t.vocab_size),)),
-        NetSpec("greedy_head", Kind.GREEDY_HEAD, None, (_t("logits", 1, t.vocab_size),), (_t("token", 1, 1, dtype="int32"),)),
+        net(Kind.LM_HEAD, None, (_t(n.HIDDEN, 1, 1, D),), (_t(n.LOGITS, 1, t.vocab_size),)),
+        net(Kind.GREEDY_HEAD, None, (_t(n.LOGITS, 1, t.vocab_size),), (_t(n.TOKEN, 1, 1, dtype="int32"),)),
     ]
     return nets

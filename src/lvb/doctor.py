@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lvb.toolchain import Toolchain, ToolchainError, ToolFailed, find_toolchain
+from lvb.toolchain import BUNDLED_GLIBC, Toolchain, ToolchainError, ToolFailed, find_toolchain
 
 PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "tpu_mlir")
 # W4BF16 of a 64x64 matmul: measured cosine 0.99999 on the simulator.
@@ -63,7 +63,7 @@ def toolchain_problems(toolchain: Toolchain) -> list[Problem]:
         if not versions.get(package):
             problems.append(Problem(f"{package} is missing from the toolchain ({why})", f"{toolchain.python} -m pip install {package}"))
     for directory in toolchain.library_dirs[2:]:
-        bundled = [p.name for p in directory.glob("lib*.so*") if p.name in ("libc.so.6", "libm.so.6", "libpthread.so.0")]
+        bundled = [p.name for p in directory.glob("lib*.so*") if p.name in BUNDLED_GLIBC]
         if bundled:
             problems.append(
                 Problem(f"tpu-mlir bundles an old glibc ({', '.join(bundled)}) that breaks every tool here",

@@ -23,6 +23,10 @@ from lvb.errors import LvbError
 TOOLCHAIN_ENV = "LVB_TOOLCHAIN"
 TRANSFORM = "model_transform.py"
 SETUP_HINT = "run `make setup`, or point --toolchain / LVB_TOOLCHAIN at a tpu-mlir environment"
+# tpu-mlir's wheel bundles Ubuntu 22.04's glibc in tpu_mlir/lib/third_party, which breaks
+# against a newer host's; `make setup` deletes these (`python -m lvb.toolchain` lists them)
+# and `lvb doctor` reports any that remain.
+BUNDLED_GLIBC = ("libc.so.6", "libm.so.6", "libpthread.so.0")
 
 
 # Tools running right now, so that a failed or interrupted compile can stop them all.
@@ -227,3 +231,7 @@ class ToolServer:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+
+
+if __name__ == "__main__":
+    print(" ".join(BUNDLED_GLIBC))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 import lvb
-from lvb.compile.tpumlir import CHIPS, QUANTIZE, DeployOptions, combine, deploy, transform
+from lvb.compile.tpumlir import CHIPS, DEFAULT_GROUP_SIZE, QUANTIZE, DeployOptions, combine, deploy, transform
 from lvb.check import ONNX_VS_BMODEL, load_check, onnx_vs_bmodel
 from lvb.contract import Kind, NetSpec, QuantGroup
 from lvb.errors import LvbError
@@ -40,7 +40,7 @@ class NetFailed(CompileError):
 @dataclass(frozen=True)
 class CompileSettings:
     quant: str  # for the decoder blocks
-    group_size: int = 64
+    group_size: int = DEFAULT_GROUP_SIZE
     chip: str = "bm1684x"
     vision_quant: str = "bf16"
     embed_quant: str = "bf16"

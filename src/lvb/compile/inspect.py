@@ -11,6 +11,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lvb.contract import Kind, Names, kinds_named
 from lvb.toolchain import Toolchain, ToolchainError
 
 _DTYPE_BYTES = {"float32": 4, "int32": 4, "uint32": 4, "bfloat16": 2, "float16": 2, "uint16": 2, "int16": 2,
@@ -19,6 +20,8 @@ _NET = re.compile(r"^net \d+: \[(?P<name>[^\]]+)\]")
 _TENSOR = re.compile(r"^(?P<io>input|output): (?P<name>[^,]+), \[(?P<shape>[^\]]*)\], (?P<dtype>\w+)")
 _WEIGHT_NET = re.compile(r'^net \d+ : "(?P<name>[^"]+)"')
 _RANGE = re.compile(r"\[0x(?P<begin>[0-9a-f]+), 0x(?P<end>[0-9a-f]+)\)")
+# The nets one generated token runs besides the embedding (which reads one row of its table).
+_DECODE_STEP = {Kind.SELF_DECODE, Kind.CROSS_DECODE, Kind.LM_HEAD, Kind.GREEDY_HEAD}
 
 
 @dataclass(frozen=True)
@@ -55,14 +58,15 @@ class BmodelInfo:
         the self-attention KV cache and the cross-attention K/V."""
         weights = kv = cross = 0
         for net in self.nets.values():
-            if net.name == "embed_cache":
+            kinds = kinds_named(net.name)
+            if Kind.EMBED_CACHE in kinds:
                 weights += net.outputs[0].bytes  # a gather reads one row of the table
-            elif net.name.startswith("block_cache_") or net.name in ("lm_head", "greedy_head"):
+            elif kinds & _DECODE_STEP:
                 weights += net.weight_bytes
                 for t in net.inputs:
-                    if t.name in ("past_k", "past_v"):
+                    if t.name in (Names.PAST_K, Names.PAST_V):
                         kv += t.bytes
-                    elif t.name in ("cross_k", "cross_v"):
+                    elif t.name in (Names.CROSS_K, Names.CROSS_V):
                         cross += t.bytes
         return {"weights": weights, "kv_cache": kv, "cross_kv": cross, "total": weights + kv + cross}
 

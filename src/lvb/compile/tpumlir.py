@@ -10,13 +10,15 @@ from lvb.toolchain import Toolchain, ToolServer
 CHIPS = ("bm1684x",)
 # --quantize values of model_deploy.py, by lvb's names.
 QUANTIZE = {"int4": "W4BF16", "int8": "W8BF16", "bf16": "BF16", "f32": "F32"}
+# INT4/INT8 weights share one scale and zero point per this many inputs.
+DEFAULT_GROUP_SIZE = 64
 
 
 @dataclass(frozen=True)
 class DeployOptions:
     quantize: str  # a key of QUANTIZE
     chip: str = "bm1684x"
-    group_size: int = 64  # only for int4 / int8
+    group_size: int = DEFAULT_GROUP_SIZE  # only for int4 / int8
     # Extra model_deploy.py flags, e.g. ("--disable_layer_group",) where the
     # default layer grouping miscompiles a net on this chip.
     extra: tuple[str, ...] = ()

@@ -27,7 +27,7 @@ import numpy as np
 
 import lvb
 from lvb.check import run_once, run_torch, save_check, torch_vs_onnx
-from lvb.contract import NetSpec, plan
+from lvb.contract import DEFAULT_CHUNK, DEFAULT_SEQ, NetSpec, plan
 from lvb.errors import LvbError
 from lvb.export.weights import CheckpointWeights
 from lvb.spec import ModelSpec
@@ -216,7 +216,7 @@ class Exporter:
         if settings.seq < needed:
             raise ExportError(
                 f"--seq {settings.seq} is too short: an image and a one-word question already take "
-                f"{needed - 1} tokens, plus one to answer; use --seq {needed} or more (512 is typical)"
+                f"{needed - 1} tokens, plus one to answer; use --seq {needed} or more ({DEFAULT_SEQ} is typical)"
             )
         if not 1 <= settings.chunk <= settings.seq:
             raise ExportError(f"--chunk {settings.chunk} must be between 1 and --seq {settings.seq}")
@@ -273,7 +273,7 @@ class Exporter:
             for nets in groups.values():
                 started = time.perf_counter()
                 part = PARTS[nets[0].kind]
-                module = part.build(nets[0], self.spec, config, self.weights)
+                module = part.module(nets[0], self.spec, config, self.weights)
                 references = []
                 for net in nets:
                     if progress:
@@ -333,5 +333,5 @@ class Exporter:
 
 
 def export(model_dir: Path, work: Path, seq: int, chunk: int | None = None, progress=None) -> dict:
-    settings = ExportSettings(seq=seq, chunk=min(seq, chunk or 128))
+    settings = ExportSettings(seq=seq, chunk=min(seq, chunk or DEFAULT_CHUNK))
     return Exporter(model_dir, work, settings).run(progress)

@@ -2,7 +2,8 @@
 PyTorch module it exports (transformers' own layers), the inputs it is
 checked on (how close onnxruntime must come to PyTorch is lvb.check's table).
 
-Adding a part is adding a class here and a NetSpec in lvb.contract.
+Adding a part is adding a class here, registered with @part for its kinds of
+net, and its nets in lvb.contract (README, "Adding a kind of net").
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ class GreedyHead(nn.Module):
 
 
 class Part:
-    kinds: ClassVar[tuple[Kind, ...]]
+    kinds: ClassVar[tuple[Kind, ...]]  # set by @part
     # Whether the nets of one layer (all its kinds) are the same module at other shapes.
     shared_module: ClassVar[bool] = True
     # Vocabulary-sized parameters (module name -> checkpoint name) traced as a stand-in of a
@@ -224,14 +225,38 @@ class Part:
     stand_ins: ClassVar[dict[str, str]] = {}
 
     def weight_prefixes(self, net: NetSpec, spec: ModelSpec) -> tuple[str, ...]:
+        """The checkpoint prefixes of the net's weights: what it loads, and what its cache key digests."""
+        return ()
+
+    def build(self, net: NetSpec, spec: ModelSpec, config, tensors: list[dict[str, torch.Tensor]]) -> nn.Module:
+        """The module, from the tensors under each of weight_prefixes (in that order, prefix removed)."""
         raise NotImplementedError
 
-    def build(self, net: NetSpec, spec: ModelSpec, config, weights: CheckpointWeights) -> nn.Module:
-        raise NotImplementedError
+    def module(self, net: NetSpec, spec: ModelSpec, config, weights: CheckpointWeights) -> nn.Module:
+        """The net's PyTorch module with its weights, read from the checkpoint once."""
+        return self.build(net, spec, config, [weights.load(prefix) for prefix in self.weight_prefixes(net, spec)])
 
     def dummy_inputs(self, net: NetSpec, spec: ModelSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Random values of the net's shapes, with masks, ids and positions that make sense."""
         return {t.name: rng.standard_normal(t.shape).astype(t.dtype) for t in net.inputs}
+
+
+PARTS: dict[Kind, Part] = {}
+
+
+def part(*kinds: Kind):
+    """Register a Part class as the exporter of `kinds` of net."""
+
+    def register(cls: type[Part]) -> type[Part]:
+        cls.kinds = kinds
+        instance = cls()
+        for kind in kinds:
+            if kind in PARTS:
+                raise TypeError(f"{cls.__name__}: {kind.value} is already exported by {type(PARTS[kind]).__name__}")
+            PARTS[kind] = instance
+        return cls
+
+    return register
 
 
 VISION = "vision_model."
@@ -259,9 +284,10 @@ class _VisionGeometry:
         return inputs
 
 
-def _vision_parts(config, weights: CheckpointWeights, names: tuple[str, ...]) -> nn.Module:
+def _vision_parts(config, names: tuple[str, ...], tensors: list[dict[str, torch.Tensor]]) -> nn.Module:
     """The tower's small submodules named in `names`, built by transformers itself
-    (a tower without encoder layers), holding only their own weights."""
+    (a tower without encoder layers), holding only their own weights: tensors[i] are
+    those under VISION + names[i]."""
     from transformers.models.mllama.modeling_mllama import MllamaVisionModel
 
     vision = config.vision_config
@@ -271,34 +297,33 @@ def _vision_parts(config, weights: CheckpointWeights, names: tuple[str, ...]) ->
         tower = MllamaVisionModel(without_layers)
     holder = nn.Module()
     state = {}
-    for name in names:
-        part = getattr(tower, name)
-        if isinstance(part, nn.Parameter):
-            holder.register_parameter(name, part)
-            state[name] = weights.load(VISION + name)[""]
+    for name, loaded in zip(names, tensors, strict=True):
+        submodule = getattr(tower, name)
+        if isinstance(submodule, nn.Parameter):
+            holder.register_parameter(name, submodule)
         else:
-            holder.add_module(name, part)
-            state |= {f"{name}.{key}": value for key, value in weights.load(f"{VISION}{name}.").items()}
+            holder.add_module(name, submodule)
+        state |= {name + key: value for key, value in loaded.items()}  # keys are "" or ".<tensor>"
     return _load(holder, state)
 
 
+@part(Kind.VISION_EMBED)
 class VisionEmbedPart(Part, _VisionGeometry):
-    kinds = (Kind.VISION_EMBED,)
     NAMES = ("patch_embedding", "class_embedding", "pre_tile_positional_embedding", "gated_positional_embedding", "layernorm_pre")
 
     def weight_prefixes(self, net, spec):
         return tuple(VISION + n for n in self.NAMES)
 
-    def build(self, net, spec, config, weights):
+    def build(self, net, spec, config, tensors):
         tiles, _, padded = self.sizes(spec)
-        return VisionEmbed(_vision_parts(config, weights, self.NAMES), tiles, padded)
+        return VisionEmbed(_vision_parts(config, self.NAMES, tensors), tiles, padded)
 
     def dummy_inputs(self, net, spec, rng):
         return self.tile_inputs(net, spec, super().dummy_inputs(net, spec, rng))
 
 
+@part(Kind.VISION_LAYER, Kind.VISION_GLOBAL)
 class VisionLayerPart(Part, _VisionGeometry):
-    kinds = (Kind.VISION_LAYER, Kind.VISION_GLOBAL)
     shared_module = False  # local layer j and global layer j are different layers
 
     def _prefix(self, net):
@@ -307,12 +332,11 @@ class VisionLayerPart(Part, _VisionGeometry):
     def weight_prefixes(self, net, spec):
         return (self._prefix(net),)
 
-    def build(self, net, spec, config, weights):
+    def build(self, net, spec, config, tensors):
         from transformers.models.mllama.modeling_mllama import MllamaVisionEncoderLayer
 
         vision = config.vision_config
-        layer = _load(_on_meta(lambda: MllamaVisionEncoderLayer(vision, is_gated=net.kind is Kind.VISION_GLOBAL)),
-                      weights.load(self._prefix(net)))
+        layer = _load(_on_meta(lambda: MllamaVisionEncoderLayer(vision, is_gated=net.kind is Kind.VISION_GLOBAL)), tensors[0])
         _, patches, padded = self.sizes(spec)
         return VisionLayer(layer, patches, padded)
 
@@ -320,29 +344,28 @@ class VisionLayerPart(Part, _VisionGeometry):
         return self.tile_inputs(net, spec, super().dummy_inputs(net, spec, rng))
 
 
+@part(Kind.VISION_POST)
 class VisionPostPart(Part, _VisionGeometry):
-    kinds = (Kind.VISION_POST,)
     NAMES = ("layernorm_post", "post_tile_positional_embedding")
 
     def weight_prefixes(self, net, spec):
         return tuple(VISION + n for n in self.NAMES)
 
-    def build(self, net, spec, config, weights):
+    def build(self, net, spec, config, tensors):
         tiles, _, padded = self.sizes(spec)
-        return VisionPost(_vision_parts(config, weights, self.NAMES), tiles, padded)
+        return VisionPost(_vision_parts(config, self.NAMES, tensors), tiles, padded)
 
     def dummy_inputs(self, net, spec, rng):
         return self.tile_inputs(net, spec, super().dummy_inputs(net, spec, rng))
 
 
+@part(Kind.VISION_HEAD)
 class VisionHeadPart(Part, _VisionGeometry):
-    kinds = (Kind.VISION_HEAD,)
-
     def weight_prefixes(self, net, spec):
         return ("multi_modal_projector.",)
 
-    def build(self, net, spec, config, weights):
-        projector_weights = weights.load("multi_modal_projector.")
+    def build(self, net, spec, config, tensors):
+        (projector_weights,) = tensors
         out_dim, in_dim = projector_weights["weight"].shape
         projector = _load(_on_meta(lambda: nn.Linear(in_dim, out_dim, bias=True)), projector_weights)
         tiles, patches, padded = self.sizes(spec)
@@ -351,15 +374,16 @@ class VisionHeadPart(Part, _VisionGeometry):
         return VisionHead(projector, tiles, patches, padded, config.text_config.hidden_size, picks)
 
 
+@part(Kind.EMBED, Kind.EMBED_CACHE)
 class EmbeddingPart(Part):
-    kinds = (Kind.EMBED, Kind.EMBED_CACHE)
-    stand_ins = {"table.weight": TEXT + "embed_tokens.weight"}
+    PREFIX = TEXT + "embed_tokens."
+    stand_ins = {"table.weight": PREFIX + "weight"}
 
     def weight_prefixes(self, net, spec):
-        return (TEXT + "embed_tokens.",)
+        return (self.PREFIX,)
 
-    def build(self, net, spec, config, weights):
-        return Embedding(weights.load(TEXT + "embed_tokens.")["weight"]).eval()
+    def build(self, net, spec, config, tensors):
+        return Embedding(tensors[0]["weight"]).eval()
 
     def dummy_inputs(self, net, spec, rng):
         shape = net.inputs[0].shape
@@ -368,17 +392,17 @@ class EmbeddingPart(Part):
         return {"input_ids": ids}
 
 
+@part(Kind.SELF_PREFILL, Kind.SELF_DECODE)
 class SelfAttentionPart(Part):
-    kinds = (Kind.SELF_PREFILL, Kind.SELF_DECODE)
 
     def weight_prefixes(self, net, spec):
         return (f"{TEXT}layers.{net.layer}.",)
 
-    def build(self, net, spec, config, weights):
+    def build(self, net, spec, config, tensors):
         from transformers.models.mllama.modeling_mllama import MllamaRotaryEmbedding, MllamaSelfAttentionDecoderLayer
 
         text = config.text_config
-        layer = _load(_on_meta(lambda: MllamaSelfAttentionDecoderLayer(text, net.layer)), weights.load(f"{TEXT}layers.{net.layer}."))
+        layer = _load(_on_meta(lambda: MllamaSelfAttentionDecoderLayer(text, net.layer)), tensors[0])
         return SelfAttentionBlock(layer, MllamaRotaryEmbedding(text).eval())
 
     def dummy_inputs(self, net, spec, rng):
@@ -391,32 +415,31 @@ class SelfAttentionPart(Part):
         return inputs
 
 
+@part(Kind.CROSS_KV)
 class CrossKVPart(Part):
-    kinds = (Kind.CROSS_KV,)
 
     def weight_prefixes(self, net, spec):
         return (f"{TEXT}layers.{net.layer}.cross_attn.",)
 
-    def build(self, net, spec, config, weights):
+    def build(self, net, spec, config, tensors):
         from transformers.models.mllama.modeling_mllama import MllamaTextCrossAttention
 
         text = config.text_config
-        attention = _load(_on_meta(lambda: MllamaTextCrossAttention(text, net.layer)),
-                          weights.load(f"{TEXT}layers.{net.layer}.cross_attn."))
+        attention = _load(_on_meta(lambda: MllamaTextCrossAttention(text, net.layer)), tensors[0])
         return CrossKV(attention, text.hidden_size)
 
 
+@part(Kind.CROSS_PREFILL, Kind.CROSS_DECODE)
 class CrossAttentionPart(Part):
-    kinds = (Kind.CROSS_PREFILL, Kind.CROSS_DECODE)
 
     def weight_prefixes(self, net, spec):
         return (f"{TEXT}layers.{net.layer}.",)
 
-    def build(self, net, spec, config, weights):
+    def build(self, net, spec, config, tensors):
         from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer
 
         text = config.text_config
-        layer = _load(_on_meta(lambda: MllamaCrossAttentionDecoderLayer(text, net.layer)), weights.load(f"{TEXT}layers.{net.layer}."))
+        layer = _load(_on_meta(lambda: MllamaCrossAttentionDecoderLayer(text, net.layer)), tensors[0])
         return CrossAttentionBlock(layer)
 
     def dummy_inputs(self, net, spec, rng):
@@ -431,34 +454,26 @@ class CrossAttentionPart(Part):
         return inputs
 
 
+@part(Kind.LM_HEAD)
 class LmHeadPart(Part):
-    kinds = (Kind.LM_HEAD,)
-    stand_ins = {"head.weight": "language_model.lm_head.weight"}
+    HEAD = "language_model.lm_head."
+    stand_ins = {"head.weight": HEAD + "weight"}
 
     def weight_prefixes(self, net, spec):
-        return (TEXT + "norm.", "language_model.lm_head.")
+        return (TEXT + "norm.", self.HEAD)
 
-    def build(self, net, spec, config, weights):
+    def build(self, net, spec, config, tensors):
         from transformers.models.mllama.modeling_mllama import MllamaTextRMSNorm
 
         text = config.text_config
-        norm = _load(_on_meta(lambda: MllamaTextRMSNorm(text.hidden_size, eps=text.rms_norm_eps)), weights.load(TEXT + "norm."))
-        head_weights = weights.load("language_model.lm_head.")
+        norm_weights, head_weights = tensors
+        norm = _load(_on_meta(lambda: MllamaTextRMSNorm(text.hidden_size, eps=text.rms_norm_eps)), norm_weights)
         vocab, hidden = head_weights["weight"].shape
         head = _load(_on_meta(lambda: nn.Linear(hidden, vocab, bias=False)), head_weights)
         return LmHead(norm, head)
 
 
+@part(Kind.GREEDY_HEAD)
 class GreedyHeadPart(Part):
-    kinds = (Kind.GREEDY_HEAD,)
-
-    def weight_prefixes(self, net, spec):
-        return ()
-
-    def build(self, net, spec, config, weights):
+    def build(self, net, spec, config, tensors):
         return GreedyHead()
-
-
-PARTS: dict[Kind, Part] = {kind: part for part in (
-    VisionEmbedPart(), VisionLayerPart(), VisionPostPart(), VisionHeadPart(), CrossKVPart(), EmbeddingPart(), SelfAttentionPart(), CrossAttentionPart(), LmHeadPart(), GreedyHeadPart()
-) for kind in part.kinds}

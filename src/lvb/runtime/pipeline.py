@@ -1,5 +1,6 @@
-"""Multi-turn image chat over any Engine: preprocessing, chat template, masks,
-KV bookkeeping, sampling, streaming detokenization and timing.
+"""Multi-turn image chat over any Engine: preprocessing, chat template, which
+tokens the cache holds, sampling, streaming detokenization and timing. Running
+the nets (masks, buffers, their order) is lvb.runtime.runner's.
 
 The KV cache lives in the engine for the whole conversation. A new turn is
 rendered with the checkpoint's own template and tokenized; the tokens that
@@ -18,24 +19,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from lvb.contract import NetSpec, block_name, plan
-from lvb.errors import LvbError
-from lvb.runtime.engine import Engine, Resident
+from lvb.runtime.engine import Engine
 from lvb.runtime.image import ImageProcessorConfig, ProcessedImage, load_image, preprocess
-from lvb.masks import cross_attention_mask, self_attention_mask
+from lvb.runtime.runner import ChatError, Runner
 from lvb.runtime.sampling import Sampler, SamplingConfig
-from lvb.text import ChatTemplate, Tokenizer
 from lvb.spec import ModelSpec
+from lvb.text import ChatTemplate, Tokenizer
 
-
-class ChatError(LvbError):
-    """A turn that cannot be answered (too long, bad image, wrong bmodel); the session goes on."""
+__all__ = ["ChatError", "Checkpoint", "Reply", "Session", "Stats"]
 
 
 @dataclass(frozen=True)
@@ -92,61 +87,13 @@ class Reply:
     notices: list[str] = field(default_factory=list)
 
 
-def discover_shapes(engine: Engine) -> tuple[int, int]:
-    """(seq, chunk) the engine's nets were built for."""
-    try:
-        chunk = engine.nets["embed"].inputs[0].shape[1]
-        decode = next(n for name, n in engine.nets.items() if name.startswith("block_cache_")
-                      and any(t.name == "past_k" for t in n.inputs))
-        seq = next(t for t in decode.inputs if t.name == "past_k").shape[1]
-    except (KeyError, StopIteration, IndexError) as e:
-        raise ChatError("the model file lacks lvb's nets (embed, block_cache_*); build it with `lvb compile`") from e
-    return seq, chunk
-
-
-def check_contract(engine: Engine, nets: list[NetSpec]) -> None:
-    """The engine must hold every net of this checkpoint's contract, with its input shapes."""
-    for net in nets:
-        found = engine.nets.get(net.name)
-        if found is None:
-            raise ChatError(f"the model file has no net {net.name}: it was built for another checkpoint")
-        have = {t.name: t.shape for t in found.inputs}
-        for tensor in net.inputs:
-            if have.get(tensor.name) != tensor.shape:
-                raise ChatError(
-                    f"net {net.name} input {tensor.name} is {list(have.get(tensor.name) or [])}, this checkpoint needs "
-                    f"{list(tensor.shape)}: the model file was built for another checkpoint or sequence length"
-                )
-
-
 class Session:
     def __init__(self, checkpoint: Checkpoint, engine: Engine, truncate_history: bool = False):
         self.checkpoint, self.engine, self.truncate_history = checkpoint, engine, truncate_history
         self.spec = checkpoint.spec
-        self.seq, self.chunk = discover_shapes(engine)
-        self.nets = {n.name: n for n in plan(self.spec, self.seq, self.chunk)}
-        check_contract(engine, list(self.nets.values()))
-        text = self.spec.text
-        self.self_layers = text.self_attention_layers
-        self.cross_layers = text.cross_attention_layers
-        self._allocate()
+        self.runner = Runner(self.spec, engine, checkpoint.tokenizer.image_id, checkpoint.tokenizer.pad_id or 0)
+        self.seq, self.chunk = self.runner.seq, self.runner.chunk
         self.reset()
-
-    def _allocate(self) -> None:
-        t, v = self.spec.text, self.spec.vision
-        for layer in self.self_layers:
-            for name in (f"k{layer}", f"v{layer}"):
-                self.engine.allocate(name, (1, self.seq, t.num_kv_heads, t.head_dim))
-        for layer in self.cross_layers:
-            for name in (f"ck{layer}", f"cv{layer}"):
-                self.engine.allocate(name, (1, v.tokens_per_image, t.num_kv_heads, t.head_dim))
-        self.engine.allocate("cross_states", (1, v.tokens_per_image, t.hidden_size))
-        vision_shape = self.nets["vision_embed"].outputs[0].shape
-        for name in ["vision", *(f"vision_layer_{j}" for j in v.kept_layers)]:
-            self.engine.allocate(name, vision_shape)
-        self.engine.allocate("hidden", (1, self.chunk, t.hidden_size))
-        self.engine.allocate("hidden1", (1, 1, t.hidden_size))
-        self.engine.allocate("logits", (1, t.vocab_size))
 
     def reset(self) -> None:
         """Forget the conversation (the buffers stay allocated)."""
@@ -183,7 +130,7 @@ class Session:
             while keep < min(len(self.cached), len(ids) - 1) and self.cached[keep] == ids[keep]:
                 keep += 1
         if new_image is not None:
-            self._run_vision(new_image)
+            self.runner.encode_image(new_image)
         self.image, self.image_turn = image, image_turn
         self.cached = self.cached[:keep]
         stats = Stats(prompt_tokens=len(ids), prefilled_tokens=len(ids) - keep)
@@ -258,91 +205,17 @@ class Session:
                            + (", and with them the image" if lost_image else ""))
         return messages, image_turn, ids, notices
 
-    # -- nets --------------------------------------------------------------------
+    # -- tokens into the cache ------------------------------------------------------
 
-    def _run_vision(self, image: ProcessedImage) -> None:
-        """The vision tower, layer by layer, then the image's cross-attention K/V for every
-        cross-attention layer, once per image."""
-        v = self.spec.vision
-        ids = image.aspect_ratio_ids.astype(np.int32)
-        tiles = image.aspect_ratio_mask.astype(np.int32)
-        self.engine.run("vision_embed", {"pixel_values": image.pixel_values.astype(np.float32), "aspect_ratio_ids": ids},
-                        store={0: Resident("vision")})
-        current = "vision"
-        for j in range(v.num_layers):
-            # The layers the head reads later keep their outputs in buffers of their own.
-            target = f"vision_layer_{j}" if j in v.kept_layers else "vision"
-            self.engine.run(f"vision_layer_{j}", {"hidden_states": Resident(current), "aspect_ratio_mask": tiles},
-                            store={0: Resident(target)})
-            current = target
-        self.engine.run("vision_post", {"hidden_states": Resident(current), "aspect_ratio_ids": ids},
-                        store={0: Resident("vision")})
-        for j in range(v.num_global_layers):
-            self.engine.run(f"vision_global_{j}", {"hidden_states": Resident("vision"), "aspect_ratio_mask": tiles},
-                            store={0: Resident("vision")})
-        head = {"hidden_states": Resident("vision")} | {f"layer_{j}": Resident(f"vision_layer_{j}") for j in v.kept_layers}
-        self.engine.run("vision_head", head, store={0: Resident("cross_states")})
-        for layer in self.cross_layers:
-            self.engine.run(f"cross_kv_{layer}", {"cross_states": Resident("cross_states")},
-                            store={0: Resident(f"ck{layer}"), 1: Resident(f"cv{layer}")})
-
-    def _sees_image(self, ids: Sequence[int], positions: range) -> np.ndarray:
-        image_positions = [i for i, t in enumerate(ids) if t == self.checkpoint.tokenizer.image_id]
-        first = image_positions[0] if image_positions else len(ids) + self.seq
-        return np.array([p >= first for p in positions], dtype=bool)
-
-    def _cross_masks(self, sees: np.ndarray):
-        v = self.spec.vision
-        return cross_attention_mask(sees, self.image.num_tiles, v.max_num_tiles, v.patches_per_tile)
-
-    def _layers(self, hidden: str, past: int, count: int, width: int, sees: np.ndarray) -> None:
-        """Run every layer on `count` tokens at positions past.. (padded to `width`)."""
-        decode = width == 1
-        positions = (past + np.arange(width, dtype=np.int32))[None]
-        mask = self_attention_mask(past, width, self.seq)
-        cross_mask = row_mask = None
-        if self.image is not None:
-            cross_mask, row_mask = self._cross_masks(np.concatenate([sees, np.repeat(sees[-1:], width - len(sees))]))
-        for layer in range(self.spec.text.num_layers):
-            name = block_name(layer, decode)
-            if layer in self.cross_layers:
-                if self.image is None:
-                    continue  # no image in the conversation: transformers skips these layers too
-                feeds = {"hidden_states": Resident(hidden), "cross_k": Resident(f"ck{layer}"),
-                         "cross_v": Resident(f"cv{layer}"), "cross_attention_mask": cross_mask, "text_row_mask": row_mask}
-                self.engine.run(name, feeds, store={0: Resident(hidden)})
-            else:
-                feeds = {"hidden_states": Resident(hidden), "position_ids": positions, "attention_mask": mask,
-                         "past_k": Resident(f"k{layer}"), "past_v": Resident(f"v{layer}")}
-                self.engine.run(name, feeds, store={
-                    0: Resident(hidden), 1: Resident(f"k{layer}", past, count), 2: Resident(f"v{layer}", past, count)})
-
-    def _next_token(self, hidden: Resident, sampler: Sampler, history: Sequence[int]) -> int:
-        if self.engine.logits_on_host:
-            return sampler(self.engine.run("lm_head", {"hidden_states": hidden})[0][0], history)
-        self.engine.run("lm_head", {"hidden_states": hidden}, store={0: Resident("logits")})
-        config = sampler.config
-        if not config.do_sample and config.repetition_penalty == 1.0:
-            return int(np.asarray(self.engine.run("greedy_head", {"logits": Resident("logits")})[0]).ravel()[0])
-        return sampler(self.engine.read("logits")[0], history)
+    def _tiles(self) -> int | None:
+        return self.image.num_tiles if self.image is not None else None
 
     def _prefill(self, ids: list[int], start: int, sampler: Sampler) -> int:
-        pad = self.checkpoint.tokenizer.pad_id or 0
-        position = start
-        count = 0
-        while position < len(ids):
-            count = min(self.chunk, len(ids) - position)
-            chunk_ids = np.full((1, self.chunk), pad, dtype=np.int32)
-            chunk_ids[0, :count] = ids[position : position + count]
-            self.engine.run("embed", {"input_ids": chunk_ids}, store={0: Resident("hidden")})
-            self._layers("hidden", position, count, self.chunk, self._sees_image(ids, range(position, position + count)))
-            self.cached += ids[position : position + count]
-            position += count
-        return self._next_token(Resident("hidden", count - 1, 1), sampler, ids)
+        hidden = self.runner.prefill(ids, start, self._tiles())
+        self.cached = list(ids)
+        return self.runner.next_token(hidden, sampler, ids)
 
     def _decode(self, token: int, history: list[int], sampler: Sampler) -> int:
-        position = len(self.cached)
-        self.engine.run("embed_cache", {"input_ids": np.array([[token]], dtype=np.int32)}, store={0: Resident("hidden1")})
-        self._layers("hidden1", position, 1, 1, np.array([self.image is not None]))
+        hidden = self.runner.decode(token, len(self.cached), self._tiles())
         self.cached.append(token)
-        return self._next_token(Resident("hidden1"), sampler, history)
+        return self.runner.next_token(hidden, sampler, history)

@@ -93,7 +93,7 @@ def check_parts(model_dir: Path, work: Path, engine, compiled: dict | None, prog
                 progress(name, index, len(export))
             net = NetSpec.from_json(entry)
             feeds, _ = load_check(directory.check_file(name))
-            module = PARTS[net.kind].build(net, spec, config, weights)
+            module = PARTS[net.kind].module(net, spec, config, weights)
             expected = run_torch(module, net, feeds)
             del module
             gc.collect()
@@ -137,15 +137,36 @@ def conversations(question: str):
     }
 
 
+class TransformersChat:
+    """transformers itself on a whole conversation, as a user would run it: the fp32
+    reference for whole answers."""
+
+    def __init__(self, model_dir: Path):
+        import torch
+        from transformers import AutoProcessor, MllamaForConditionalGeneration
+
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.model = MllamaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def inputs(self, messages: list[dict], images: list):
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return self.processor(text=prompt, images=images or None, return_tensors="pt", add_special_tokens=False)
+
+    def generate(self, messages: list[dict], images: list, max_new_tokens: int) -> list[int]:
+        """The greedy answer's token ids."""
+        import torch
+
+        inputs = self.inputs(messages, images)
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
 def check_answers(model_dir: Path, session, question: str) -> list[AnswerResult]:
     """Greedy answers of the runtime against transformers' generate, turn by turn."""
-    import torch
-    from transformers import AutoProcessor, MllamaForConditionalGeneration
-
     from lvb.runtime.pipeline import ChatError
 
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = MllamaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    reference = TransformersChat(model_dir)
     results = []
     for name, turns in conversations(question).items():
         session.reset()
@@ -159,17 +180,13 @@ def check_answers(model_dir: Path, session, question: str) -> list[AnswerResult]
                 break
             messages.append({"role": "user", "content": ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]})
             images += [image] if image else []
-            prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-            inputs = processor(text=prompt, images=images or None, return_tensors="pt", add_special_tokens=False)
-            with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-            reference = out[0, inputs["input_ids"].shape[1]:].tolist()
+            expected = reference.generate(messages, images, NEW_TOKENS)
             same = 0
-            while same < min(len(reference), len(reply.tokens)) and reference[same] == reply.tokens[same]:
+            while same < min(len(expected), len(reply.tokens)) and expected[same] == reply.tokens[same]:
                 same += 1
-            results.append(AnswerResult(label, reference, reply.tokens, same / max(1, len(reference)), reply.text))
+            results.append(AnswerResult(label, expected, reply.tokens, same / max(1, len(expected)), reply.text))
             messages.append({"role": "assistant", "content": [{"type": "text", "text": reply.text}]})
-    del model
+    del reference
     return results
 
 

@@ -1,0 +1,197 @@
+"""The nets of the contract, run in order on an Engine: the vision tower and an
+image's cross-attention K/V, prefill chunks, decode steps and the next token.
+
+The runner owns the resident buffers the nets share: each self-attention
+layer's KV cache (S slots), each cross-attention layer's K/V of the image in
+play, the vision tower's hidden states, the hidden states of a chunk and of one
+token, and the logits. It knows nothing of chats: `Session` (lvb.runtime.pipeline)
+keeps the conversation and the tokens the cache holds, and calls it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from lvb.contract import Kind, Names, NetSpec, block_name, net_name, plan
+from lvb.errors import LvbError
+from lvb.masks import cross_attention_mask, self_attention_mask
+from lvb.runtime.engine import Engine, Resident
+from lvb.runtime.image import ProcessedImage
+from lvb.runtime.sampling import Sampler
+from lvb.spec import ModelSpec
+
+
+class ChatError(LvbError):
+    """A turn that cannot be answered (too long, bad image, wrong bmodel); the session goes on."""
+
+
+class Buffers:
+    """The resident buffers' names."""
+
+    VISION = "vision"  # the vision tower's hidden states, layer to layer
+    CROSS_STATES = "cross_states"  # the image's tokens at the text width
+    HIDDEN = "hidden"  # a prefill chunk's hidden states
+    HIDDEN1 = "hidden1"  # one token's
+    LOGITS = "logits"
+
+    @staticmethod
+    def k(layer: int) -> str:
+        return f"k{layer}"
+
+    @staticmethod
+    def v(layer: int) -> str:
+        return f"v{layer}"
+
+    @staticmethod
+    def cross_k(layer: int) -> str:
+        return f"ck{layer}"
+
+    @staticmethod
+    def cross_v(layer: int) -> str:
+        return f"cv{layer}"
+
+    @staticmethod
+    def kept(j: int) -> str:
+        """The output of vision layer j, which the vision head reads later."""
+        return net_name(Kind.VISION_LAYER, j)
+
+
+def discover_shapes(engine: Engine) -> tuple[int, int]:
+    """(seq, chunk) the engine's nets were built for."""
+    try:
+        chunk = engine.nets[net_name(Kind.EMBED)].inputs[0].shape[1]
+        seq = next(t.shape[1] for net in engine.nets.values() for t in net.inputs if t.name == Names.PAST_K)
+    except (KeyError, StopIteration, IndexError) as e:
+        raise ChatError("the model file lacks lvb's nets (embed, block_cache_*); build it with `lvb compile`") from e
+    return seq, chunk
+
+
+def check_contract(engine: Engine, nets: list[NetSpec]) -> None:
+    """The engine must hold every net of this checkpoint's contract, with its input shapes."""
+    for net in nets:
+        found = engine.nets.get(net.name)
+        if found is None:
+            raise ChatError(f"the model file has no net {net.name}: it was built for another checkpoint")
+        have = {t.name: t.shape for t in found.inputs}
+        for tensor in net.inputs:
+            if have.get(tensor.name) != tensor.shape:
+                raise ChatError(
+                    f"net {net.name} input {tensor.name} is {list(have.get(tensor.name) or [])}, this checkpoint needs "
+                    f"{list(tensor.shape)}: the model file was built for another checkpoint or sequence length"
+                )
+
+
+class Runner:
+    def __init__(self, spec: ModelSpec, engine: Engine, image_token_id: int, pad_id: int = 0):
+        self.spec, self.engine = spec, engine
+        self.image_token_id, self.pad_id = image_token_id, pad_id
+        self.seq, self.chunk = discover_shapes(engine)
+        self.nets = {n.name: n for n in plan(spec, self.seq, self.chunk)}
+        check_contract(engine, list(self.nets.values()))
+        self._allocate()
+
+    def _allocate(self) -> None:
+        t, v, b = self.spec.text, self.spec.vision, Buffers
+        for layer in t.self_attention_layers:
+            for name in (b.k(layer), b.v(layer)):
+                self.engine.allocate(name, (1, self.seq, t.num_kv_heads, t.head_dim))
+        for layer in t.cross_attention_layers:
+            for name in (b.cross_k(layer), b.cross_v(layer)):
+                self.engine.allocate(name, (1, v.tokens_per_image, t.num_kv_heads, t.head_dim))
+        self.engine.allocate(b.CROSS_STATES, (1, v.tokens_per_image, t.hidden_size))
+        vision_shape = self.nets[net_name(Kind.VISION_EMBED)].outputs[0].shape
+        for name in [b.VISION, *(b.kept(j) for j in v.kept_layers)]:
+            self.engine.allocate(name, vision_shape)
+        self.engine.allocate(b.HIDDEN, (1, self.chunk, t.hidden_size))
+        self.engine.allocate(b.HIDDEN1, (1, 1, t.hidden_size))
+        self.engine.allocate(b.LOGITS, (1, t.vocab_size))
+
+    def encode_image(self, image: ProcessedImage) -> None:
+        """The vision tower, layer by layer, then the image's cross-attention K/V for every
+        cross-attention layer, once per image."""
+        v, n, b, run = self.spec.vision, Names, Buffers, self.engine.run
+        ids = image.aspect_ratio_ids.astype(np.int32)
+        tiles = image.aspect_ratio_mask.astype(np.int32)
+        run(net_name(Kind.VISION_EMBED), {n.PIXEL_VALUES: image.pixel_values.astype(np.float32), n.ASPECT_RATIO_IDS: ids},
+            store={0: Resident(b.VISION)})
+        current = b.VISION
+        for j in range(v.num_layers):
+            # The layers the head reads later keep their outputs in buffers of their own.
+            target = b.kept(j) if j in v.kept_layers else b.VISION
+            run(net_name(Kind.VISION_LAYER, j), {n.HIDDEN: Resident(current), n.ASPECT_RATIO_MASK: tiles},
+                store={0: Resident(target)})
+            current = target
+        run(net_name(Kind.VISION_POST), {n.HIDDEN: Resident(current), n.ASPECT_RATIO_IDS: ids}, store={0: Resident(b.VISION)})
+        for j in range(v.num_global_layers):
+            run(net_name(Kind.VISION_GLOBAL, j), {n.HIDDEN: Resident(b.VISION), n.ASPECT_RATIO_MASK: tiles},
+                store={0: Resident(b.VISION)})
+        head = {n.HIDDEN: Resident(b.VISION)} | {n.kept_layer(j): Resident(b.kept(j)) for j in v.kept_layers}
+        run(net_name(Kind.VISION_HEAD), head, store={0: Resident(b.CROSS_STATES)})
+        for layer in self.spec.text.cross_attention_layers:
+            run(net_name(Kind.CROSS_KV, layer), {n.CROSS_STATES: Resident(b.CROSS_STATES)},
+                store={0: Resident(b.cross_k(layer)), 1: Resident(b.cross_v(layer))})
+
+    def sees_image(self, ids: Sequence[int], positions: range) -> np.ndarray:
+        """Which of `positions` come at or after the first image token of `ids`."""
+        image_positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        first = image_positions[0] if image_positions else len(ids) + self.seq
+        return np.array([p >= first for p in positions], dtype=bool)
+
+    def _layers(self, hidden: str, past: int, count: int, width: int, sees: np.ndarray, tiles: int | None) -> None:
+        """Run every layer on `count` tokens at positions past.. (padded to `width`); `tiles`:
+        the real tiles of the image in play, None without one."""
+        n, b, v = Names, Buffers, self.spec.vision
+        decode = width == 1
+        positions = (past + np.arange(width, dtype=np.int32))[None]
+        mask = self_attention_mask(past, width, self.seq)
+        cross_mask = row_mask = None
+        if tiles is not None:
+            padded = np.concatenate([sees, np.repeat(sees[-1:], width - len(sees))])
+            cross_mask, row_mask = cross_attention_mask(padded, tiles, v.max_num_tiles, v.patches_per_tile)
+        cross_layers = self.spec.text.cross_attention_layers
+        for layer in range(self.spec.text.num_layers):
+            name = block_name(layer, decode)
+            if layer in cross_layers:
+                if tiles is None:
+                    continue  # no image in the conversation: transformers skips these layers too
+                feeds = {n.HIDDEN: Resident(hidden), n.CROSS_K: Resident(b.cross_k(layer)),
+                         n.CROSS_V: Resident(b.cross_v(layer)), n.CROSS_MASK: cross_mask, n.TEXT_ROW_MASK: row_mask}
+                self.engine.run(name, feeds, store={0: Resident(hidden)})
+            else:
+                feeds = {n.HIDDEN: Resident(hidden), n.POSITION_IDS: positions, n.ATTENTION_MASK: mask,
+                         n.PAST_K: Resident(b.k(layer)), n.PAST_V: Resident(b.v(layer))}
+                self.engine.run(name, feeds, store={
+                    0: Resident(hidden), 1: Resident(b.k(layer), past, count), 2: Resident(b.v(layer), past, count)})
+
+    def prefill(self, ids: Sequence[int], start: int, tiles: int | None) -> Resident:
+        """ids[start:] into cache slots start.., a chunk at a time; the last token's hidden state."""
+        position = start
+        count = 0
+        while position < len(ids):
+            count = min(self.chunk, len(ids) - position)
+            chunk_ids = np.full((1, self.chunk), self.pad_id, dtype=np.int32)
+            chunk_ids[0, :count] = ids[position : position + count]
+            self.engine.run(net_name(Kind.EMBED), {Names.INPUT_IDS: chunk_ids}, store={0: Resident(Buffers.HIDDEN)})
+            self._layers(Buffers.HIDDEN, position, count, self.chunk, self.sees_image(ids, range(position, position + count)), tiles)
+            position += count
+        return Resident(Buffers.HIDDEN, count - 1, 1)
+
+    def decode(self, token: int, position: int, tiles: int | None) -> Resident:
+        """One token into cache slot `position`; its hidden state."""
+        self.engine.run(net_name(Kind.EMBED_CACHE), {Names.INPUT_IDS: np.array([[token]], dtype=np.int32)},
+                        store={0: Resident(Buffers.HIDDEN1)})
+        self._layers(Buffers.HIDDEN1, position, 1, 1, np.array([tiles is not None]), tiles)
+        return Resident(Buffers.HIDDEN1)
+
+    def next_token(self, hidden: Resident, sampler: Sampler, history: Sequence[int]) -> int:
+        lm_head, feeds = net_name(Kind.LM_HEAD), {Names.HIDDEN: hidden}
+        if self.engine.logits_on_host:
+            return sampler(self.engine.run(lm_head, feeds)[0][0], history)
+        self.engine.run(lm_head, feeds, store={0: Resident(Buffers.LOGITS)})
+        config = sampler.config
+        if not config.do_sample and config.repetition_penalty == 1.0:
+            greedy = self.engine.run(net_name(Kind.GREEDY_HEAD), {Names.LOGITS: Resident(Buffers.LOGITS)})
+            return int(np.asarray(greedy[0]).ravel()[0])
+        return sampler(self.engine.read(Buffers.LOGITS)[0], history)

@@ -1,0 +1,38 @@
+"""What several test files share: the compiled shapes of the fixtures, the CLI's
+one-line errors, and a way to break an exported net."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+# Small enough for the simulator, long enough for a few turns with an image.
+SEQ, CHUNK = 160, 32
+
+runner = CliRunner()
+
+
+def one_error_line(args: list[str]) -> str:
+    """Run `lvb ARGS`, which must fail with exit 1 and exactly one `error:` line and no
+    traceback; returns the whole output."""
+    from lvb.cli import app
+
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert sum(line.startswith("error:") for line in result.output.splitlines()) == 1, result.output
+    return result.output
+
+
+def scale_weights(path: Path, factor: float = 1.5) -> None:
+    """Multiply every 2-D float weight of an ONNX file by `factor`: a net that computes
+    something else, for the checks to catch."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * factor, init.name))
+    onnx.save(model, str(path))
