@@ -5,6 +5,7 @@ work directory) never depends on a stage, and the runtime never on the exporter.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,11 @@ def test_the_chat_commands_import_without_heavy_packages():
     code = ("import sys, lvb.cli, lvb.runtime.pipeline, lvb.runtime.backends, lvb.runtime.onnx, lvb.runtime.cmodel; "
             f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}); assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_readme_shows_this_table():
+    readme = (SRC.parent.parent / "README.md").read_text()
+    body = readme[readme.index("\n## Developing lvb\n"):]
+    rows = [line for line in body.splitlines() if re.match(r"\| \d+ \|", line)]
+    stated = [tuple(re.findall(r"`(lvb[\w.]*)`", row.split("|")[2])) for row in rows]
+    assert stated == [tuple(name for name in layer if name != "lvb") for layer in LAYERS]

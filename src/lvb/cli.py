@@ -6,6 +6,10 @@ Heavy imports (torch, transformers, onnx) happen inside the commands, so
 
 from __future__ import annotations
 
+import functools
+import typing
+from inspect import Parameter, Signature, signature
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -188,32 +192,6 @@ def inspect(
     )
 
 
-def _open_session(model: Path, bmodel: Optional[Path], onnx: Optional[Path], backend: Optional[str],
-                  toolchain: Optional[Path], truncate_history: bool = False):
-    from lvb.runtime.backends import default_backend, open_engine
-    from lvb.runtime.pipeline import Checkpoint, Session
-    from lvb.toolchain import find_toolchain
-
-    checkpoint = Checkpoint.load(model)
-    backend = backend or default_backend(bmodel, onnx)
-    engine = open_engine(backend, bmodel=bmodel, onnx_work=onnx,
-                         toolchain=find_toolchain(toolchain) if backend == "cmodel" else None)
-    try:
-        return Session(checkpoint, engine, truncate_history=truncate_history)
-    except BaseException:
-        engine.close()
-        raise
-
-
-def _sampling(checkpoint, sample, temperature, top_k, top_p, repetition_penalty, seed):
-    from lvb.runtime.sampling import SamplingConfig
-
-    return SamplingConfig.from_generation_config(
-        checkpoint.generation_config, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, seed=seed,
-    )
-
-
 def _print_stats(reply) -> None:
     s = reply.stats
     errors.print(
@@ -236,30 +214,79 @@ RepetitionPenaltyOption = Annotated[Optional[float], typer.Option(help="Penalize
 SeedOption = Annotated[Optional[int], typer.Option(help="Seed of the sampler, for repeatable answers.")]
 
 
+@dataclass(frozen=True)
+class ChatOptions:
+    """The options `run` and `chat` share: where the nets run and how tokens are picked."""
+
+    bmodel: BmodelOption = None
+    onnx: OnnxOption = None
+    backend: BackendOption = None
+    max_new_tokens: MaxNewTokensOption = None
+    sample: SampleOption = None
+    temperature: TemperatureOption = None
+    top_k: TopKOption = None
+    top_p: TopPOption = None
+    repetition_penalty: RepetitionPenaltyOption = None
+    seed: SeedOption = None
+    toolchain: ToolchainOption = None
+
+    def open_session(self, model: Path, truncate_history: bool = False):
+        from lvb.runtime.backends import default_backend, open_engine
+        from lvb.runtime.pipeline import Checkpoint, Session
+        from lvb.toolchain import find_toolchain
+
+        checkpoint = Checkpoint.load(model)
+        backend = self.backend or default_backend(self.bmodel, self.onnx)
+        engine = open_engine(backend, bmodel=self.bmodel, onnx_work=self.onnx,
+                             toolchain=find_toolchain(self.toolchain) if backend == "cmodel" else None)
+        try:
+            return Session(checkpoint, engine, truncate_history=truncate_history)
+        except BaseException:
+            engine.close()
+            raise
+
+    def sampling(self, checkpoint):
+        from lvb.runtime.sampling import SamplingConfig
+
+        return SamplingConfig.from_generation_config(
+            checkpoint.generation_config, do_sample=self.sample, temperature=self.temperature, top_k=self.top_k,
+            top_p=self.top_p, repetition_penalty=self.repetition_penalty, seed=self.seed,
+        )
+
+
+def with_chat_options(command):
+    """Give a command ChatOptions' fields as its own options; they arrive as `options`."""
+    own = [p for p in signature(command, eval_str=True).parameters.values() if p.name != "options"]
+    hints = typing.get_type_hints(ChatOptions, include_extras=True)
+    shared = [Parameter(f.name, Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+              for f in fields(ChatOptions)]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        options = ChatOptions(**{f.name: kwargs.pop(f.name) for f in fields(ChatOptions)})
+        return command(**kwargs, options=options)
+
+    parameters = [p.replace(kind=Parameter.KEYWORD_ONLY) for p in own] + shared
+    wrapper.__signature__ = Signature(parameters)
+    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+    return wrapper
+
+
 @app.command()
+@with_chat_options
 def run(
     model: ModelOption,
     prompt: Annotated[str, typer.Option("--prompt", help="The question.")],
+    options: ChatOptions,
     image: Annotated[Optional[Path], typer.Option("--image", help="A picture to ask about.")] = None,
-    bmodel: BmodelOption = None,
-    onnx: OnnxOption = None,
-    backend: BackendOption = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print first-token latency, prompt tokens and tokens/s to stderr.")] = False,
-    max_new_tokens: MaxNewTokensOption = None,
-    sample: SampleOption = None,
-    temperature: TemperatureOption = None,
-    top_k: TopKOption = None,
-    top_p: TopPOption = None,
-    repetition_penalty: RepetitionPenaltyOption = None,
-    seed: SeedOption = None,
-    toolchain: ToolchainOption = None,
 ) -> None:
     """Answer one question (about one picture) and print the answer on stdout."""
     try:
-        session = _open_session(model, bmodel, onnx, backend, toolchain)
+        session = options.open_session(model)
         with session.engine:
-            sampling = _sampling(session.checkpoint, sample, temperature, top_k, top_p, repetition_penalty, seed)
-            reply = session.ask(prompt, image=image, sampling=sampling, max_new_tokens=max_new_tokens,
+            sampling = options.sampling(session.checkpoint)
+            reply = session.ask(prompt, image=image, sampling=sampling, max_new_tokens=options.max_new_tokens,
                                 on_text=lambda piece: print(piece, end="", flush=True))
             print()
     except LvbError as e:
@@ -274,26 +301,17 @@ CHAT_HELP = "commands: /image PATH (picture for your next message), /reset (new 
 
 
 @app.command()
+@with_chat_options
 def chat(
     model: ModelOption,
+    options: ChatOptions,
     image: Annotated[Optional[Path], typer.Option("--image", help="A picture for the first message.")] = None,
-    bmodel: BmodelOption = None,
-    onnx: OnnxOption = None,
-    backend: BackendOption = None,
     truncate_history: Annotated[bool, typer.Option(help="Drop the oldest exchanges when the chat outgrows the sequence.")] = False,
-    max_new_tokens: MaxNewTokensOption = None,
-    sample: SampleOption = None,
-    temperature: TemperatureOption = None,
-    top_k: TopKOption = None,
-    top_p: TopPOption = None,
-    repetition_penalty: RepetitionPenaltyOption = None,
-    seed: SeedOption = None,
-    toolchain: ToolchainOption = None,
 ) -> None:
     """Multi-turn chat; a new picture can come with any message. Errors are reported and the chat goes on."""
     try:
-        session = _open_session(model, bmodel, onnx, backend, toolchain, truncate_history)
-        sampling = _sampling(session.checkpoint, sample, temperature, top_k, top_p, repetition_penalty, seed)
+        session = options.open_session(model, truncate_history)
+        sampling = options.sampling(session.checkpoint)
     except LvbError as e:
         raise fail(str(e))
     console.print(f"[dim]{session.engine.backend} · seq {session.seq} · {CHAT_HELP}[/]")
@@ -322,7 +340,7 @@ def chat(
                 continue
             console.print("[bold magenta]lvb>[/] ", end="")
             try:
-                reply = session.ask(line, image=pending_image, sampling=sampling, max_new_tokens=max_new_tokens,
+                reply = session.ask(line, image=pending_image, sampling=sampling, max_new_tokens=options.max_new_tokens,
                                     on_text=lambda piece: console.print(piece, end="", markup=False, highlight=False))
             except LvbError as e:
                 console.print()

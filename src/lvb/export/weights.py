@@ -173,15 +173,3 @@ class CheckpointWeights:
                 cached = self.digest_cache[file_name] = {"stat": stat, "tensors": self.files[file_name].digests()}
             combined.update(name.encode() + cached["tensors"][self._raw_names[name]].encode())
         return combined.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def replace_atomically(tmp: Path, final: Path) -> None:
-    os.replace(tmp, final)
