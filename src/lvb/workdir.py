@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 from lvb.errors import LvbError
@@ -104,9 +105,37 @@ class WorkDir:
         return manifest
 
 
+def _temporary(final: Path) -> Path:
+    """Where this process builds `final` before renaming it into place."""
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def scratch(final: Path) -> Path:
+    """A fresh folder to build `final` in, private to this process (a killed run's leftover
+    tools may still be writing into theirs); the caller renames it into place when done."""
+    tmp = _temporary(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def remove_stale_scratch(root: Path, levels: int = 0) -> None:
+    """Delete the temporaries `levels` folders below `root` whose process is gone."""
+    for tmp in root.glob("*/" * levels + ".*.tmp-*"):
+        try:
+            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
+        except (PermissionError, ValueError):
+            continue
+        except ProcessLookupError:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
 def write_json(path: Path, data) -> None:
     """Atomically: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary(path)
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
 

@@ -25,7 +25,8 @@ from lvb.contract import Kind, NetSpec, QuantGroup
 from lvb.errors import LvbError
 from lvb.spec import ModelSpec
 from lvb.toolchain import Toolchain, ToolchainError, ToolFailed, ToolServer
-from lvb.workdir import COMPILE_VERSION, WorkDir, WorkDirError, cache_key, matches_record, read_manifest, record_file, write_json
+from lvb.workdir import (COMPILE_VERSION, WorkDir, WorkDirError, cache_key, matches_record, read_manifest, record_file,
+                         remove_stale_scratch, scratch, write_json)
 
 class CompileError(LvbError, RuntimeError):
     """A compile that cannot go on; the message names the net or setting."""
@@ -80,26 +81,6 @@ class NetJob:
     @property
     def input_shapes(self) -> list[tuple[int, ...]]:
         return [t.shape for t in self.net.inputs]
-
-
-def _scratch(folder: Path) -> Path:
-    """A fresh folder to build `folder` in, private to this process: a killed run's
-    leftover tools may still be writing into theirs."""
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _remove_stale_scratch(root: Path) -> None:
-    for tmp in root.glob("*/*.tmp-*"):
-        pid = int(tmp.name.rsplit("-", 1)[1])
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except PermissionError:
-            pass
 
 
 def default_jobs(largest_job_bytes: int) -> int:
@@ -183,7 +164,7 @@ class Compiler:
         mlir = folder / f"{job.name}.mlir"
         if mlir.is_file():
             return mlir
-        tmp = _scratch(folder)
+        tmp = scratch(folder)
         transform(self.toolchain, job.onnx, tmp, job.name, job.input_shapes, log, server, options)
         os.replace(tmp, folder)
         return mlir
@@ -214,7 +195,7 @@ class Compiler:
                 continue
             log = log_dir / f"{job.name}.log"
             mlir = self._mlir(job, log, server)
-            tmp = _scratch(folder)
+            tmp = scratch(folder)
             for needed in mlir.parent.iterdir():  # deploy reads the MLIR's weight file from its own folder
                 (tmp / needed.name).symlink_to(needed)
             started = time.perf_counter()
@@ -254,7 +235,7 @@ class Compiler:
     def run(self, jobs: int | None = None, progress: Callable[[int, int, list[str]], None] | None = None) -> dict:
         if self.cached():
             return read_manifest(self._manifest_path(), COMPILE_VERSION)
-        _remove_stale_scratch(self.out)
+        remove_stale_scratch(self.out, levels=1)
         log_dir = self.dir.logs
         log_dir.mkdir(exist_ok=True)
         for stale in log_dir.glob("*.log"):

@@ -31,7 +31,8 @@ from lvb.contract import DEFAULT_CHUNK, DEFAULT_SEQ, NetSpec, plan
 from lvb.errors import LvbError
 from lvb.export.weights import CheckpointWeights
 from lvb.spec import ModelSpec
-from lvb.workdir import CHECK_FILE, EXPORT_VERSION, WorkDir, cache_key, write_json
+from lvb.workdir import (CHECK_FILE, EXPORT_VERSION, WorkDir, cache_key, matches_record, record_file, remove_stale_scratch,
+                         scratch, write_json)
 
 OPSET = 17  # tpu-mlir rejects the opset-18 graphs of the dynamo exporter
 
@@ -223,8 +224,7 @@ class Exporter:
         self.dir = WorkDir(self.work)
         self.out = self.dir.export
         self.out.mkdir(parents=True, exist_ok=True)
-        for leftover in self.out.glob(".*.tmp-*"):  # from an interrupted run; never trusted
-            shutil.rmtree(leftover, ignore_errors=True)
+        remove_stale_scratch(self.out)  # an interrupted run's; never trusted
         self.manifest = self.dir.read_export()
         self.weights = CheckpointWeights(self.model_dir, self.manifest.get("weight_digests", {}))
         self.versions = exporter_versions()
@@ -244,7 +244,10 @@ class Exporter:
 
     def _is_current(self, net: NetSpec, key: str) -> bool:
         entry = self.manifest["nets"].get(net.name)
-        return bool(entry) and entry["key"] == key and self.dir.onnx(entry).is_file()
+        if not entry or entry["key"] != key or not self.dir.onnx(entry).is_file():
+            return False
+        folder, files = self.dir.net_dir(net.name), entry.get("files")
+        return bool(files) and all(matches_record(folder / name, record) is None for name, record in files.items())
 
     def run(self, progress: Callable[[str, int, int], None] | None = None) -> dict:
         from lvb.export.parts import PARTS
@@ -300,9 +303,7 @@ class Exporter:
 
     def _export(self, net: NetSpec, module, inputs: dict[str, np.ndarray], stand_ins: list[StandIn]) -> Path:
         """The ONNX file in a scratch folder."""
-        tmp = self.out / f".{net.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = scratch(self.dir.net_dir(net.name))
         if stand_ins:  # ids must index a stand-in's few rows; the graph does not depend on their values
             inputs = {name: np.zeros_like(v) if v.dtype.kind in "iu" else v for name, v in inputs.items()}
         _export_onnx(module, net, inputs, tmp / f"{net.name}.onnx")
@@ -325,6 +326,7 @@ class Exporter:
         os.replace(tmp, final)
         self.manifest["nets"][net.name] = net.to_json() | {
             "file": self.dir.onnx_entry(net.name),
+            "files": {path.name: record_file(path) for path in sorted(final.iterdir())},
             "key": key,
             "check": check,
             "seconds": round(time.perf_counter() - started + seconds, 3),
