@@ -44,7 +44,7 @@ def test_check_catches_a_wrong_export(checkpoint_factory, tmp_path, monkeypatch)
             scale_weights(path)  # perturb the weights after export
 
     monkeypatch.setattr(exporter, "_export_onnx", broken)
-    with pytest.raises(exporter.ExportError, match="block_cache_0: onnxruntime disagrees"):
+    with pytest.raises(exporter.ExportError, match="block_cache_0: PyTorch vs onnxruntime cosine"):
         export(checkpoint_factory("mha-cross-first"), tmp_path, seq=SEQ, chunk=CHUNK)
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert "block_cache_0" not in manifest["nets"] and not (tmp_path / "export" / "block_cache_0").exists()
