@@ -47,6 +47,9 @@ ONNX_VS_BMODEL: dict[str, float] = {"f32": 0.9999, "bf16": 0.995, "int8": 0.995,
 # first difference) with transformers' fp32 generate, by what runs the blocks. Chosen from
 # the toy's measurements.
 MIN_AGREEMENT: dict[str, float] = {"onnxruntime": 1.0, "bf16": 0.9, "int8": 0.8, "int4": 0.6}
+# `lvb doctor`'s proof of the toolchain: a W4BF16 64x64 matmul on the simulator against fp32
+# onnxruntime (measured 0.99999).
+DOCTOR_MIN_COSINE = 0.99
 
 BITS = {"int4": 4, "int8": 8}
 

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from lvb.check import DOCTOR_MIN_COSINE
 from lvb.toolchain import BUNDLED_GLIBC, Toolchain, ToolchainError, ToolFailed, find_toolchain
 
 PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "tpu_mlir")
-# W4BF16 of a 64x64 matmul: measured cosine 0.99999 on the simulator.
-MIN_COSINE = 0.99
 
 
 @dataclass
@@ -137,9 +136,9 @@ def run_doctor(toolchain_arg: str | None = None, status=None) -> Report:
         except Exception as e:  # any failure of the chain is the finding, reported in one line
             report.problems.append(Problem(f"the end-to-end check failed: {type(e).__name__}: {e}".splitlines()[0], "run `make setup` to rebuild .venv-tpu"))
             return report
-    if report.cosine < MIN_COSINE:
+    if report.cosine < DOCTOR_MIN_COSINE:
         report.problems.append(
-            Problem(f"the simulator disagrees with onnxruntime (cosine {report.cosine:.4f} < {MIN_COSINE})",
+            Problem(f"the simulator disagrees with onnxruntime (cosine {report.cosine:.4f} < {DOCTOR_MIN_COSINE})",
                     "reinstall tpu-mlir (`make clean setup`)")
         )
     return report
