@@ -17,7 +17,6 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-
 import lvb
 from lvb.compile.tpumlir import CHIPS, DEFAULT_GROUP_SIZE, QUANTIZE, DeployOptions, combine, deploy, transform
 from lvb.check import ONNX_VS_BMODEL, load_check, onnx_vs_bmodel
@@ -27,6 +26,7 @@ from lvb.spec import ModelSpec
 from lvb.toolchain import Toolchain, ToolchainError, ToolFailed, ToolServer
 from lvb.workdir import (COMPILE_VERSION, WorkDir, WorkDirError, cache_key, matches_record, read_manifest, record_file,
                          remove_stale_scratch, scratch, write_json)
+
 
 class CompileError(LvbError, RuntimeError):
     """A compile that cannot go on; the message names the net or setting."""
