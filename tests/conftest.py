@@ -11,12 +11,18 @@ from lvb.testing.checkpoints import GEOMETRIES, write_checkpoint
 
 # Fixtures whose users need the toolchain: they are marked without being named twice.
 TOOLCHAIN_FIXTURES = {"compile_factory"}
+# A test parametrized over the fixture geometries runs for this one in the fast tier, for
+# all of them in the full suite: one export instead of three for the inner loop.
+FAST_GEOMETRY = "gqa2-cross-last"
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if TOOLCHAIN_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.toolchain)
+        params = item.callspec.params.values() if hasattr(item, "callspec") else ()
+        if any(isinstance(value, str) and value in GEOMETRIES and value != FAST_GEOMETRY for value in params):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

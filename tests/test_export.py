@@ -34,6 +34,7 @@ def test_every_net_is_exported_and_matches_pytorch(name, export_factory, checkpo
         assert cross_k["shape"] == [1, spec.vision.tokens_per_image, spec.text.num_kv_heads, spec.text.head_dim]
 
 
+@pytest.mark.slow  # exports a whole checkpoint of its own
 def test_check_catches_a_wrong_export(checkpoint_factory, tmp_path, monkeypatch):
     """The on-the-spot check is real: an ONNX file that computes something else stops the export, naming the net."""
     real_export = exporter._export_onnx
@@ -50,6 +51,7 @@ def test_check_catches_a_wrong_export(checkpoint_factory, tmp_path, monkeypatch)
     assert "block_cache_0" not in manifest["nets"] and not (tmp_path / "export" / "block_cache_0").exists()
 
 
+@pytest.mark.slow  # exports a whole checkpoint of its own
 def test_unchanged_nets_are_not_exported_again(checkpoint_factory, tmp_path, monkeypatch):
     model = checkpoint_factory("gqa2-cross-last")
     export(model, tmp_path, seq=SEQ, chunk=CHUNK)
@@ -66,6 +68,7 @@ def test_unchanged_nets_are_not_exported_again(checkpoint_factory, tmp_path, mon
     assert changed == {"embed"} | {f"block_{i}" for i in range(4)}
 
 
+@pytest.mark.slow  # exports a whole checkpoint of its own
 def test_interrupted_export_leaves_only_finished_nets(checkpoint_factory, tmp_path, monkeypatch):
     model = checkpoint_factory("mha-cross-first")
     real = exporter.Exporter._check_and_keep
@@ -93,6 +96,7 @@ def test_interrupted_export_leaves_only_finished_nets(checkpoint_factory, tmp_pa
     assert set(exported) == set(manifest["nets"]) - set(finished)  # resumed, nothing done twice
 
 
+@pytest.mark.slow  # exports a whole checkpoint of its own
 def test_streaming_reads_one_layer_at_a_time(checkpoint_factory, tmp_path, monkeypatch):
     model = checkpoint_factory("gqa4-cross-pair")
     spec = ModelSpec.from_dir(model)

@@ -84,6 +84,7 @@ def test_pictures_are_seeded_and_vary():
 
 
 @torch.no_grad()
+@pytest.mark.slow  # a few hundred generate calls
 def test_answers_fresh_pictures(toy):
     processor, model = toy
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]

@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import pytest
 from typer.testing import CliRunner
 
 from helpers import scale_weights
@@ -11,6 +12,7 @@ from lvb.cli import app
 runner = CliRunner()
 
 
+@pytest.mark.slow  # every net through PyTorch again, and transformers' generate
 def test_onnxruntime_verify_passes_and_writes_reports(export_factory, checkpoint_factory):
     model, work = checkpoint_factory("gqa4-cross-pair"), export_factory("gqa4-cross-pair")
     args = ["verify", "--model", str(model), "--work", str(work), "--backend", "onnxruntime"]
@@ -25,6 +27,7 @@ def test_onnxruntime_verify_passes_and_writes_reports(export_factory, checkpoint
     assert again.exit_code == 0 and "cached" in again.output
 
 
+@pytest.mark.slow  # every net through PyTorch again, and transformers' generate
 def test_every_miss_is_listed(export_factory, checkpoint_factory, tmp_path):
     """A wrong net: its own check fails and so do the answers; both are reported, exit 1."""
     model = checkpoint_factory("gqa2-cross-last")
@@ -41,6 +44,6 @@ def test_every_miss_is_listed(export_factory, checkpoint_factory, tmp_path):
 
 def test_verify_without_a_compile_names_the_fix(export_factory, checkpoint_factory, tmp_path):
     work = tmp_path / "work"
-    shutil.copytree(export_factory("mha-cross-first") / "export", work / "export")
-    result = runner.invoke(app, ["verify", "--model", str(checkpoint_factory("mha-cross-first")), "--work", str(work)])
+    shutil.copytree(export_factory("gqa2-cross-last") / "export", work / "export")
+    result = runner.invoke(app, ["verify", "--model", str(checkpoint_factory("gqa2-cross-last")), "--work", str(work)])
     assert result.exit_code == 1 and "holds no int4 bmodel; run `lvb compile" in result.output
