@@ -42,8 +42,8 @@ def verify(model_dir: Path, work: Path, quant: str = "int4", backend: str = "cmo
     checkpoint = Checkpoint.load(model_dir)
     task = read_task(model_dir)
     key = cache_key(lvb.__version__, backend, pictures, [n["key"] for n in export["nets"].values()],
-               compiled and compiled["key"], bmodel and bmodel.stat().st_mtime_ns,
-               (model_dir / "config.json").read_text(), task)
+                    compiled and compiled["key"], bmodel and bmodel.stat().st_mtime_ns,
+                    (model_dir / "config.json").read_text(), task)
     data = read_manifest(directory.report(bmodel), REPORT_VERSION)
     if data.get("key") == key:
         return data | {"cached": True}

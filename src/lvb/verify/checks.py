@@ -3,9 +3,10 @@
 Per net (lvb.check, the same check and thresholds as export and compile):
 PyTorch (transformers' layers, streamed from the checkpoint) against
 onnxruntime, and onnxruntime (with the bmodel's weight quantization) against
-the bmodel on the chosen backend, on the inputs the export checked it with. End to end: greedy answers of the runtime
-against transformers' generate over fixed prompts and pictures, and task
-accuracy when the checkpoint declares a task (the toy does).
+the bmodel on the chosen backend, on the inputs the export checked it with.
+End to end: greedy answers of the runtime against transformers' generate over
+fixed prompts and pictures, and task accuracy when the checkpoint declares a
+task (the toy does).
 """
 
 from __future__ import annotations
