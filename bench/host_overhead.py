@@ -52,6 +52,7 @@ from common import FULL, OUT, geometry_11b, machine, table, write_config_only  #
 from lvb.contract import MASK_VALUE, plan  # noqa: E402
 from lvb.contract import NetInfo  # noqa: E402
 from lvb.runtime.engine import Engine, HostBuffers, Resident  # noqa: E402
+from lvb.runtime.runner import Buffers  # noqa: E402
 from lvb.masks import cross_attention_mask, self_attention_mask  # noqa: E402
 from lvb.runtime.pipeline import Checkpoint, Session  # noqa: E402
 from lvb.runtime.sampling import Sampler, SamplingConfig  # noqa: E402
@@ -261,15 +262,15 @@ def main() -> int:
 
     def store_chunk():
         for layer in t.self_attention_layers:
-            hb.store(k_chunk, Resident(f"k{layer}", past - C, C))
-            hb.store(k_chunk, Resident(f"v{layer}", past - C, C))
-        hb.store(hidden_chunk, Resident("hidden"))
+            for name in Buffers.kv(layer):
+                hb.store(k_chunk, Resident(name, past - C, C))
+        hb.store(hidden_chunk, Resident(Buffers.HIDDEN))
 
     def store_one():
         for layer in t.self_attention_layers:
-            hb.store(k_one, Resident(f"k{layer}", past, 1))
-            hb.store(k_one, Resident(f"v{layer}", past, 1))
-        hb.store(hidden_chunk[:, :1], Resident("hidden1"))
+            for name in Buffers.kv(layer):
+                hb.store(k_one, Resident(name, past, 1))
+        hb.store(hidden_chunk[:, :1], Resident(Buffers.HIDDEN1))
 
     add(f"KV bookkeeping, prefill chunk ({len(t.self_attention_layers)} layers' K+V rows + hidden)", median_seconds(store_chunk, args.reps))
     add(f"KV bookkeeping, decode step", median_seconds(store_one, args.reps))
@@ -277,8 +278,8 @@ def main() -> int:
 
     def store_cross():  # what Runner.encode_image stores for every cross layer, once per image
         for layer in t.cross_attention_layers:
-            hb.store(cross_kv, Resident(f"ck{layer}"))
-            hb.store(cross_kv, Resident(f"cv{layer}"))
+            for name in Buffers.cross_kv(layer):
+                hb.store(cross_kv, Resident(name))
 
     add(f"cross K/V stored per image ({len(t.cross_attention_layers)} layers x K+V, "
         f"{2 * len(t.cross_attention_layers) * cross_kv.nbytes / 1e6:.0f} MB)", median_seconds(store_cross, max(10, args.reps // 10)),

@@ -41,15 +41,10 @@ class WorkDirError(LvbError):
 class WorkDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
-
-    # export
-    @property
-    def export(self) -> Path:
-        return self.root / "export"
-
-    @property
-    def export_manifest(self) -> Path:
-        return self.export / "manifest.json"
+        self.export = self.root / "export"
+        self.export_manifest = self.export / "manifest.json"
+        self.compile = self.root / "compile"
+        self.logs = self.compile / "logs"
 
     def net_dir(self, net: str) -> Path:
         return self.export / net
@@ -63,15 +58,6 @@ class WorkDir:
 
     def check_file(self, net: str) -> Path:
         return self.net_dir(net) / CHECK_FILE
-
-    # compile
-    @property
-    def compile(self) -> Path:
-        return self.root / "compile"
-
-    @property
-    def logs(self) -> Path:
-        return self.compile / "logs"
 
     def compile_net(self, net: str) -> Path:
         return self.compile / net

@@ -37,20 +37,14 @@ class Buffers:
     LOGITS = "logits"
 
     @staticmethod
-    def k(layer: int) -> str:
-        return f"k{layer}"
+    def kv(layer: int) -> tuple[str, str]:
+        """A self-attention layer's KV cache."""
+        return f"k{layer}", f"v{layer}"
 
     @staticmethod
-    def v(layer: int) -> str:
-        return f"v{layer}"
-
-    @staticmethod
-    def cross_k(layer: int) -> str:
-        return f"ck{layer}"
-
-    @staticmethod
-    def cross_v(layer: int) -> str:
-        return f"cv{layer}"
+    def cross_kv(layer: int) -> tuple[str, str]:
+        """A cross-attention layer's K/V of the image in play."""
+        return f"ck{layer}", f"cv{layer}"
 
     @staticmethod
     def kept(j: int) -> str:
@@ -95,10 +89,10 @@ class Runner:
     def _allocate(self) -> None:
         t, v, b = self.spec.text, self.spec.vision, Buffers
         for layer in t.self_attention_layers:
-            for name in (b.k(layer), b.v(layer)):
+            for name in b.kv(layer):
                 self.engine.allocate(name, (1, self.seq, t.num_kv_heads, t.head_dim))
         for layer in t.cross_attention_layers:
-            for name in (b.cross_k(layer), b.cross_v(layer)):
+            for name in b.cross_kv(layer):
                 self.engine.allocate(name, (1, v.tokens_per_image, t.num_kv_heads, t.head_dim))
         self.engine.allocate(b.CROSS_STATES, (1, v.tokens_per_image, t.hidden_size))
         vision_shape = self.nets[net_name(Kind.VISION_EMBED)].outputs[0].shape
@@ -130,8 +124,9 @@ class Runner:
         head = {n.HIDDEN: Resident(b.VISION)} | {n.kept_layer(j): Resident(b.kept(j)) for j in v.kept_layers}
         run(net_name(Kind.VISION_HEAD), head, store={0: Resident(b.CROSS_STATES)})
         for layer in self.spec.text.cross_attention_layers:
+            cross_k, cross_v = b.cross_kv(layer)
             run(net_name(Kind.CROSS_KV, layer), {n.CROSS_STATES: Resident(b.CROSS_STATES)},
-                store={0: Resident(b.cross_k(layer)), 1: Resident(b.cross_v(layer))})
+                store={0: Resident(cross_k), 1: Resident(cross_v)})
 
     def sees_image(self, ids: Sequence[int], positions: range) -> np.ndarray:
         """Which of `positions` come at or after the first image token of `ids`."""
@@ -142,28 +137,29 @@ class Runner:
     def _layers(self, hidden: str, past: int, count: int, width: int, sees: np.ndarray, tiles: int | None) -> None:
         """Run every layer on `count` tokens at positions past.. (padded to `width`); `tiles`:
         the real tiles of the image in play, None without one."""
-        n, b, v = Names, Buffers, self.spec.vision
+        n, b, vision = Names, Buffers, self.spec.vision
         decode = width == 1
         positions = (past + np.arange(width, dtype=np.int32))[None]
         mask = self_attention_mask(past, width, self.seq)
         cross_mask = row_mask = None
         if tiles is not None:
             padded = np.concatenate([sees, np.repeat(sees[-1:], width - len(sees))])
-            cross_mask, row_mask = cross_attention_mask(padded, tiles, v.max_num_tiles, v.patches_per_tile)
+            cross_mask, row_mask = cross_attention_mask(padded, tiles, vision.max_num_tiles, vision.patches_per_tile)
         cross_layers = self.spec.text.cross_attention_layers
         for layer in range(self.spec.text.num_layers):
             name = block_name(layer, decode)
             if layer in cross_layers:
                 if tiles is None:
                     continue  # no image in the conversation: transformers skips these layers too
-                feeds = {n.HIDDEN: Resident(hidden), n.CROSS_K: Resident(b.cross_k(layer)),
-                         n.CROSS_V: Resident(b.cross_v(layer)), n.CROSS_MASK: cross_mask, n.TEXT_ROW_MASK: row_mask}
+                k, v = b.cross_kv(layer)
+                feeds = {n.HIDDEN: Resident(hidden), n.CROSS_K: Resident(k), n.CROSS_V: Resident(v),
+                         n.CROSS_MASK: cross_mask, n.TEXT_ROW_MASK: row_mask}
                 self.engine.run(name, feeds, store={0: Resident(hidden)})
             else:
+                k, v = b.kv(layer)
                 feeds = {n.HIDDEN: Resident(hidden), n.POSITION_IDS: positions, n.ATTENTION_MASK: mask,
-                         n.PAST_K: Resident(b.k(layer)), n.PAST_V: Resident(b.v(layer))}
-                self.engine.run(name, feeds, store={
-                    0: Resident(hidden), 1: Resident(b.k(layer), past, count), 2: Resident(b.v(layer), past, count)})
+                         n.PAST_K: Resident(k), n.PAST_V: Resident(v)}
+                self.engine.run(name, feeds, store={0: Resident(hidden), 1: Resident(k, past, count), 2: Resident(v, past, count)})
 
     def prefill(self, ids: Sequence[int], start: int, tiles: int | None) -> Resident:
         """ids[start:] into cache slots start.., a chunk at a time; the last token's hidden state."""
