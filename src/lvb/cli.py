@@ -101,13 +101,14 @@ def export(
     chunk: Annotated[int, typer.Option(help="Tokens per prefill call; at most --seq.")] = 128,
 ) -> None:
     """Export every part to ONNX (opset 17), one layer at a time, each checked against PyTorch."""
-    from lvb.export.exporter import export as run_export
     from lvb.hub import resolve_model
 
     try:
         source = resolve_model(model, revision, weights=True)
     except LvbError as e:
         raise fail(str(e))
+    from lvb.export.exporter import export as run_export  # torch: only once the checkpoint is there
+
     with _progress() as progress:
         task = progress.add_task("exporting", total=None, detail="")
 
