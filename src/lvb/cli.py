@@ -297,7 +297,7 @@ RuntimeModelOption = Annotated[Optional[str], typer.Option("--model", help="Chec
 PackageOption = Annotated[Optional[Path], typer.Option("--package", help="A folder made by `lvb pack`, checked before loading (instead of --model and --bmodel/--onnx).")]
 BmodelOption = Annotated[Optional[Path], typer.Option("--bmodel", help="Combined bmodel from `lvb compile`.")]
 OnnxOption = Annotated[Optional[Path], typer.Option("--onnx", help="Work directory of `lvb export` (onnxruntime backend).")]
-BackendOption = Annotated[Optional[str], typer.Option(help="sail (device), cmodel (simulator) or onnxruntime; default: sail where sophon.sail imports, else cmodel, or onnxruntime with --onnx.")]
+BackendOption = Annotated[Optional[str], typer.Option(help="sail (device), cmodel (simulator) or onnxruntime; default: sail for a bmodel where sophon.sail imports, else onnxruntime when there are ONNX nets, else cmodel.")]
 SampleOption = Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Sample or take the most likely token (default: the checkpoint's generation_config).")]
 MaxNewTokensOption = Annotated[Optional[int], typer.Option(help="Stop an answer after this many tokens.")]
 TemperatureOption = Annotated[Optional[float], typer.Option(help="Divide the logits by this when sampling.")]
