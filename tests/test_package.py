@@ -43,7 +43,7 @@ def packed(toy_work, tmp_path_factory):
     return pack(toy_work, tmp_path_factory.mktemp("packages") / "toy", quant="int4", tar=True)
 
 
-def test_manifest_lists_every_file_with_its_sha256_and_no_weights(packed):
+def test_manifest_lists_every_file_with_its_sha256_and_no_weights(packed, toy_work):
     files = packed.manifest["files"]
     on_disk = {p.relative_to(packed.directory).as_posix() for p in packed.directory.rglob("*")
                if p.is_file() and p.name not in (MANIFEST, ".lvb-checked.json")}
@@ -57,7 +57,9 @@ def test_manifest_lists_every_file_with_its_sha256_and_no_weights(packed):
                   "generation_config.json"):
         assert f"checkpoint/{small}" in files
     assert packed.manifest["versions"]["tpu_mlir"] and packed.manifest["versions"]["lvb"]
-    assert packed.manifest["settings"]["quant"] == "int4" and packed.manifest["settings"]["seq"] == 128
+    exported = json.loads((toy_work / "export" / "manifest.json").read_text())["settings"]
+    assert packed.manifest["settings"]["quant"] == "int4"
+    assert (packed.manifest["settings"]["seq"], packed.manifest["settings"]["chunk"]) == (exported["seq"], exported["chunk"])
 
 
 def test_the_tar_holds_the_same_package(packed, tmp_path):

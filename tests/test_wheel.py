@@ -56,5 +56,5 @@ def test_the_wheel_answers_from_a_package_with_the_lean_runtime(toy_pipeline, tm
     image.save(tmp_path / "picture.png")
     # Run from elsewhere, with nothing of the checkout on the path: the wheel's lvb alone.
     reply = run(venv / "bin" / "lvb", "run", "--package", package.directory, "--prompt", QUESTION,
-                "--image", tmp_path / "picture.png", "--greedy", cwd=tmp_path, env={"PATH": str(venv / "bin")})
+                "--image", tmp_path / "picture.png", "--greedy", cwd=tmp_path, env={"PATH": str(venv / "bin"), "HOME": str(tmp_path)})
     assert reply.stdout.strip() == answer

@@ -177,7 +177,12 @@ def _replace(tmp: Path, out: Path) -> None:
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old.exists():
+            os.replace(old, out)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -254,7 +259,8 @@ def open_package(directory: str | Path, progress: Progress | None = None) -> Pac
                 raise PackageError(f"{file} does not match the package manifest (sha256 differs): damaged or "
                                    "from another package; copy the package again")
         checked[relative] = [entry["sha256"], *fingerprint]
-    _write_stamp(directory, checked)
+    if checked != stamp:
+        _write_stamp(directory, checked)
     return Package(directory, manifest)
 
 
