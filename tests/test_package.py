@@ -18,6 +18,10 @@ import pytest
 from lvb.package import MANIFEST, PackageError, open_package, pack
 from lvb.testing.shapes import QUESTION, sample
 
+# Main's tiers: the toy pipeline (compile, simulator) runs in the setup of whichever of its
+# users comes first, so these carry test_pipeline's marks and timeout.
+pytestmark = [pytest.mark.toolchain, pytest.mark.slow, pytest.mark.timeout(3600)]
+
 
 def lvb(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lvb.cli", *args], cwd=cwd, capture_output=True, text=True,

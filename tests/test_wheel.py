@@ -15,11 +15,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lvb.package import pack
 from lvb.testing.shapes import QUESTION, sample
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "onnx", "safetensors")
+
+# Main's tiers: the toy pipeline (compile, simulator) runs in the setup of whichever of its
+# users comes first, so these carry test_pipeline's marks and timeout.
+pytestmark = [pytest.mark.toolchain, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
 def run(*command, **kwargs) -> subprocess.CompletedProcess:
