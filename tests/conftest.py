@@ -4,13 +4,18 @@ a full pipeline; `make test-fast` runs neither, `make test` everything."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from helpers import CHUNK, SEQ
 from lvb.testing.checkpoints import GEOMETRIES, write_checkpoint
 
 # Fixtures whose users need the toolchain: they are marked without being named twice.
-TOOLCHAIN_FIXTURES = {"compile_factory"}
+TOOLCHAIN_FIXTURES = {"compile_factory", "toy_pipeline"}
 # A test parametrized over the fixture geometries runs for this one in the fast tier, for
 # all of them in the full suite: one export instead of three for the inner loop.
 FAST_GEOMETRY = "gqa2-cross-last"
@@ -77,3 +82,24 @@ def compile_factory(export_factory):
         return done[name, quant]
 
     return make
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def toy_pipeline(tmp_path_factory):
+    """quant -> (work dir, completed ci/pipeline.sh) on the trained toy with the simulator, run
+    once per session and quant into one work dir: test_pipeline checks the run, the package
+    tests reuse its export and bmodels instead of compiling the toy again."""
+    work = tmp_path_factory.mktemp("toy")
+    done: dict[str, tuple] = {}
+
+    def run(quant: str):
+        if quant not in done:
+            env = dict(os.environ, MODEL=str(ROOT / "models" / "toy"), WORK=str(work), QUANT=quant, SEQ="128",
+                       CHUNK="32", BACKEND="cmodel", PICTURES="100", LVB=str(Path(sys.executable).parent / "lvb"))
+            done[quant] = work, subprocess.run([str(ROOT / "ci" / "pipeline.sh")], env=env, capture_output=True, text=True)
+        return done[quant]
+
+    return run

@@ -19,9 +19,9 @@ SRC = Path(lvb.__file__).parent
 # Bottom to top. A module may import from its own layer and the layers below.
 LAYERS: list[tuple[str, ...]] = [
     ("lvb", "lvb.errors"),
-    ("lvb.numerics", "lvb.spec", "lvb.text", "lvb.toolchain", "lvb.tasks"),
+    ("lvb.numerics", "lvb.spec", "lvb.text", "lvb.toolchain", "lvb.tasks", "lvb.hub"),
     ("lvb.contract",),
-    ("lvb.masks", "lvb.workdir"),
+    ("lvb.masks", "lvb.workdir", "lvb.package"),
     ("lvb.check",),
     ("lvb.export", "lvb.compile", "lvb.runtime", "lvb.patches", "lvb.testing"),
     ("lvb.verify", "lvb.doctor"),
@@ -36,7 +36,7 @@ SIDEWAYS = {
 # The runtime path: what `lvb run`/`lvb chat` import. It installs on a board without these.
 HEAVY = ("torch", "transformers", "onnx", "safetensors")
 RUNTIME = ("lvb.runtime", "lvb.text", "lvb.masks", "lvb.contract", "lvb.spec", "lvb.numerics", "lvb.workdir",
-           "lvb.errors", "lvb.toolchain")
+           "lvb.errors", "lvb.toolchain", "lvb.hub", "lvb.package")
 
 
 def unit(module: str) -> str:

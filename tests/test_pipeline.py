@@ -3,28 +3,16 @@ PCIe-card runner uses with BACKEND=sail. The toy must answer at least 95 % of 10
 fresh pictures exactly right through its INT4 and its INT8 bmodel."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
 # The whole toolchain, end to end: the longest tests of the suite.
 pytestmark = [pytest.mark.toolchain, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
-@pytest.fixture(scope="module")
-def toy_work(tmp_path_factory):
-    return tmp_path_factory.mktemp("toy")
-
-
 @pytest.mark.parametrize("quant", ["int4", "int8"])
-def test_pipeline_on_the_toy_with_the_simulator(quant, toy_work):
-    env = dict(os.environ, MODEL=str(ROOT / "models" / "toy"), WORK=str(toy_work), QUANT=quant, SEQ="128",
-               CHUNK="32", BACKEND="cmodel", PICTURES="100", LVB=str(Path(sys.executable).parent / "lvb"))
-    result = subprocess.run([str(ROOT / "ci" / "pipeline.sh")], env=env, capture_output=True, text=True)
+def test_pipeline_on_the_toy_with_the_simulator(quant, toy_pipeline):
+    toy_work, result = toy_pipeline(quant)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     bmodel = f"toy_{quant}_g64_seq128_chunk32_bm1684x"
     report = json.loads((toy_work / "verify" / bmodel / "report.json").read_text())

@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import lvb
@@ -36,6 +37,8 @@ ToolchainOption = Annotated[
     Optional[Path],
     typer.Option("--toolchain", help="tpu-mlir environment (a venv or a folder of its tools); default: LVB_TOOLCHAIN, .venv-tpu, PATH"),
 ]
+
+RevisionOption = Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit of a Hugging Face repo id (default: main).")]
 
 
 def fail(message: str) -> typer.Exit:
@@ -97,13 +100,20 @@ def _progress():
 
 @app.command()
 def export(
-    model: Annotated[Path, typer.Option("--model", help="Checkpoint folder (config.json, safetensors, tokenizer).")],
+    model: Annotated[str, typer.Option("--model", help="Checkpoint folder (config.json, safetensors, tokenizer) or Hugging Face repo id.")],
     out: Annotated[Path, typer.Option("--out", help="Work directory; the nets go to OUT/export.")],
+    revision: RevisionOption = None,
     seq: Annotated[int, typer.Option(help="Sequence length the KV cache holds (prompt + answer, all turns).")] = DEFAULT_SEQ,
     chunk: Annotated[int, typer.Option(help="Tokens per prefill call; at most --seq.")] = DEFAULT_CHUNK,
 ) -> None:
     """Export every part to ONNX (opset 17), one layer at a time, each checked against PyTorch."""
-    from lvb.export.exporter import export as run_export
+    from lvb.hub import resolve_model
+
+    try:
+        source = resolve_model(model, revision, weights=True)
+    except LvbError as e:
+        raise fail(str(e))
+    from lvb.export.exporter import export as run_export  # torch: only once the checkpoint is there
 
     with _progress() as progress:
         task = progress.add_task("exporting", total=None, detail="")
@@ -112,7 +122,7 @@ def export(
             progress.update(task, completed=done, total=total, detail=net)
 
         try:
-            manifest = run_export(model, out, seq=seq, chunk=chunk, progress=report)
+            manifest = run_export(source.directory, out, seq=seq, chunk=chunk, progress=report, source=source.to_json())
         except LvbError as e:
             raise fail(str(e))
     nets = manifest["nets"]
@@ -192,6 +202,66 @@ def inspect(
     )
 
 
+@app.command()
+def pack(
+    work: Annotated[Path, typer.Argument(help="Work directory of `lvb export` and `lvb compile`.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the package to (an older package there is replaced).")],
+    quant: Annotated[Optional[str], typer.Option(help="Which compiled bmodel: int4, int8 or bf16 (default: the newest).")] = None,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Add the ONNX nets, for the onnxruntime backend on a machine without a card.")] = False,
+    tar: Annotated[bool, typer.Option("--tar", help="Also write OUT.tar.gz.")] = False,
+    model: Annotated[Optional[str], typer.Option("--model", help="Checkpoint folder or repo id for the small files (default: the one WORK was exported from).")] = None,
+    revision: RevisionOption = None,
+) -> None:
+    """Write what a board needs to answer: the combined bmodel and the checkpoint's small files (never the weights), with a checked manifest."""
+    from lvb.hub import resolve_model
+    from lvb.package import pack as run_pack
+    from lvb.package import tar_path
+
+    try:
+        checkpoint = resolve_model(model, revision).directory if model is not None else None
+        with _byte_progress() as progress:
+            task = progress.add_task("packing", total=None, detail="")
+            package = run_pack(work, out, quant=quant, checkpoint=checkpoint, onnx=onnx, tar=tar,
+                               progress=lambda name, done, total: progress.update(task, completed=done, total=total, detail=name))
+    except LvbError as e:
+        raise fail(str(e))
+    size = sum(entry["size"] for entry in package.manifest["files"].values())
+    what = package.manifest["bmodel"] or "ONNX nets only"
+    console.print(f"[bold green]✓[/] {escape(str(out))}: {escape(what)}, {len(package.manifest['files'])} files, {_bytes(size)}",
+                  highlight=False)
+    if tar:
+        console.print(str(tar_path(out)), markup=False, highlight=False)
+
+
+def _byte_progress():
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[detail]}", markup=False), console=console, transient=False,
+    )
+
+
+def runtime_inputs(model: Optional[str], revision: Optional[str], bmodel: Optional[Path], onnx: Optional[Path],
+                   package: Optional[Path]) -> tuple[Path, Optional[Path], Optional[Path]]:
+    """(checkpoint folder, bmodel, ONNX work dir) from --model/--bmodel/--onnx or from a checked
+    --package; every command that runs a model (run, chat, serve) goes through here."""
+    from lvb.hub import resolve_model
+    from lvb.package import open_package
+
+    if package is not None:
+        given = [name for name, value in (("--model", model), ("--revision", revision), ("--bmodel", bmodel),
+                                          ("--onnx", onnx)) if value is not None]
+        if given:
+            raise LvbError(f"--package holds the model files; drop {', '.join(given)}")
+        with console.status("checking the package (sha256 of every file)"):
+            found = open_package(package)
+        return found.checkpoint, found.bmodel, found.onnx_work
+    if model is None:
+        raise LvbError("pass --model (a checkpoint folder or Hugging Face repo id) with --bmodel or --onnx, or --package DIR")
+    return resolve_model(model, revision).directory, bmodel, onnx
+
+
 def _print_stats(reply) -> None:
     s = reply.stats
     errors.print(
@@ -201,10 +271,12 @@ def _print_stats(reply) -> None:
     )
 
 
-ModelOption = Annotated[Path, typer.Option("--model", help="Checkpoint folder: config, tokenizer, chat template, processor.")]
+ModelOption = Annotated[str, typer.Option("--model", help="Checkpoint folder or Hugging Face repo id (org/name).")]
+RuntimeModelOption = Annotated[Optional[str], typer.Option("--model", help="Checkpoint folder or Hugging Face repo id (org/name): config, tokenizer, chat template, processor.")]
+PackageOption = Annotated[Optional[Path], typer.Option("--package", help="A folder made by `lvb pack`, checked before loading (instead of --model and --bmodel/--onnx).")]
 BmodelOption = Annotated[Optional[Path], typer.Option("--bmodel", help="Combined bmodel from `lvb compile`.")]
 OnnxOption = Annotated[Optional[Path], typer.Option("--onnx", help="Work directory of `lvb export` (onnxruntime backend).")]
-BackendOption = Annotated[Optional[str], typer.Option(help="sail (device), cmodel (simulator) or onnxruntime; default: sail where sophon.sail imports, else cmodel, or onnxruntime with --onnx.")]
+BackendOption = Annotated[Optional[str], typer.Option(help="sail (device), cmodel (simulator) or onnxruntime; default: sail for a bmodel where sophon.sail imports, else onnxruntime when there are ONNX nets, else cmodel.")]
 SampleOption = Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Sample or take the most likely token (default: the checkpoint's generation_config).")]
 MaxNewTokensOption = Annotated[Optional[int], typer.Option(help="Stop an answer after this many tokens.")]
 TemperatureOption = Annotated[Optional[float], typer.Option(help="Divide the logits by this when sampling.")]
@@ -218,6 +290,9 @@ SeedOption = Annotated[Optional[int], typer.Option(help="Seed of the sampler, fo
 class ChatOptions:
     """The options `run` and `chat` share: where the nets run and how tokens are picked."""
 
+    model: RuntimeModelOption = None
+    revision: RevisionOption = None
+    package: PackageOption = None
     bmodel: BmodelOption = None
     onnx: OnnxOption = None
     backend: BackendOption = None
@@ -230,14 +305,15 @@ class ChatOptions:
     seed: SeedOption = None
     toolchain: ToolchainOption = None
 
-    def open_session(self, model: Path, truncate_history: bool = False):
+    def open_session(self, truncate_history: bool = False):
         from lvb.runtime.backends import default_backend, open_engine
         from lvb.runtime.pipeline import Checkpoint, Session
         from lvb.toolchain import find_toolchain
 
+        model, bmodel, onnx = runtime_inputs(self.model, self.revision, self.bmodel, self.onnx, self.package)
         checkpoint = Checkpoint.load(model)
-        backend = self.backend or default_backend(self.bmodel, self.onnx)
-        engine = open_engine(backend, bmodel=self.bmodel, onnx_work=self.onnx,
+        backend = self.backend or default_backend(bmodel, onnx)
+        engine = open_engine(backend, bmodel=bmodel, onnx_work=onnx,
                              toolchain=find_toolchain(self.toolchain) if backend == "cmodel" else None)
         try:
             return Session(checkpoint, engine, truncate_history=truncate_history)
@@ -275,7 +351,6 @@ def with_chat_options(command):
 @app.command()
 @with_chat_options
 def run(
-    model: ModelOption,
     prompt: Annotated[str, typer.Option("--prompt", help="The question.")],
     options: ChatOptions,
     image: Annotated[Optional[Path], typer.Option("--image", help="A picture to ask about.")] = None,
@@ -283,7 +358,7 @@ def run(
 ) -> None:
     """Answer one question (about one picture) and print the answer on stdout."""
     try:
-        session = options.open_session(model)
+        session = options.open_session()
         with session.engine:
             sampling = options.sampling(session.checkpoint)
             reply = session.ask(prompt, image=image, sampling=sampling, max_new_tokens=options.max_new_tokens,
@@ -303,14 +378,13 @@ CHAT_HELP = "commands: /image PATH (picture for your next message), /reset (new 
 @app.command()
 @with_chat_options
 def chat(
-    model: ModelOption,
     options: ChatOptions,
     image: Annotated[Optional[Path], typer.Option("--image", help="A picture for the first message.")] = None,
     truncate_history: Annotated[bool, typer.Option(help="Drop the oldest exchanges when the chat outgrows the sequence.")] = False,
 ) -> None:
     """Multi-turn chat; a new picture can come with any message. Errors are reported and the chat goes on."""
     try:
-        session = options.open_session(model, truncate_history)
+        session = options.open_session(truncate_history)
         sampling = options.sampling(session.checkpoint)
     except LvbError as e:
         raise fail(str(e))
@@ -361,16 +435,19 @@ def verify(
     quant: Annotated[str, typer.Option(help="Which compiled bmodel to check: int4, int8 or bf16.")] = "int4",
     backend: Annotated[str, typer.Option(help="cmodel (simulator), sail (device) or onnxruntime (the ONNX nets only).")] = "cmodel",
     pictures: Annotated[int, typer.Option(help="Fresh pictures for the task accuracy, when the checkpoint has a task.")] = 100,
+    revision: RevisionOption = None,
     toolchain: ToolchainOption = None,
 ) -> None:
     """Check every hop (PyTorch, onnxruntime, bmodel) per net and whole answers; write report.json and report.html."""
+    from lvb.hub import resolve_model
     from lvb.toolchain import find_toolchain
     from lvb.verify import verify as run_verify
 
     try:
+        model_dir = resolve_model(model, revision, weights=True).directory
         with _progress() as progress:
             task = progress.add_task("verifying", total=None, detail="")
-            data = run_verify(model, work, quant=quant, backend=backend, pictures=pictures,
+            data = run_verify(model_dir, work, quant=quant, backend=backend, pictures=pictures,
                               toolchain=find_toolchain(toolchain) if backend == "cmodel" else None,
                               progress=lambda what, i, t: progress.update(task, completed=i, total=t, detail=what))
     except LvbError as e:

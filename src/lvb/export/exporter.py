@@ -210,8 +210,9 @@ def eager_config(model_dir: Path):
 
 
 class Exporter:
-    def __init__(self, model_dir: Path, work: Path, settings: ExportSettings):
+    def __init__(self, model_dir: Path, work: Path, settings: ExportSettings, source: dict | None = None):
         self.model_dir, self.work, self.settings = Path(model_dir), Path(work), settings
+        self.source = source or {}
         self.spec = ModelSpec.from_dir(self.model_dir)
         needed = minimum_sequence(self.model_dir)
         if settings.seq < needed:
@@ -231,7 +232,7 @@ class Exporter:
         self.nets = plan(self.spec, settings.seq, settings.chunk)
         self.manifest.update(
             version=EXPORT_VERSION,
-            model={"dir": str(self.model_dir.resolve()), "name": self.model_dir.resolve().name},
+            model={"dir": str(self.model_dir.resolve()), "name": self.model_dir.resolve().name} | self.source,
             settings=settings.to_json(),
             versions=self.versions,
             weight_digests=self.weights.digest_cache,
@@ -334,6 +335,9 @@ class Exporter:
         self._save_manifest()
 
 
-def export(model_dir: Path, work: Path, seq: int, chunk: int | None = None, progress=None) -> dict:
+def export(model_dir: Path, work: Path, seq: int, chunk: int | None = None, progress=None,
+           source: dict | None = None) -> dict:
+    """`source` adds to the manifest's model entry: a Hub checkpoint's name (which names the
+    bmodel; its snapshot folder is named by the commit), repo id and commit."""
     settings = ExportSettings(seq=seq, chunk=min(seq, chunk or DEFAULT_CHUNK))
-    return Exporter(model_dir, work, settings).run(progress)
+    return Exporter(model_dir, work, settings, source=source).run(progress)

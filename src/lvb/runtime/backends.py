@@ -11,13 +11,14 @@ BACKENDS = ("cmodel", "sail", "onnxruntime")
 
 
 def default_backend(bmodel: Path | None, onnx_work: Path | None) -> str:
-    """onnxruntime for an ONNX export; for a bmodel the device where sophon.sail imports, else the simulator."""
+    """The device for a bmodel where sophon.sail imports; else onnxruntime when there are ONNX
+    nets (a package made with --onnx on a machine without a card); else the simulator."""
     if bmodel is None and onnx_work is not None:
         return "onnxruntime"
     try:
         import sophon.sail  # noqa: F401
     except ImportError:
-        return "cmodel"
+        return "onnxruntime" if onnx_work is not None else "cmodel"
     return "sail"
 
 

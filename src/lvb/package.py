@@ -1,0 +1,282 @@
+"""`lvb pack`: what a board needs to answer, in one folder, with a manifest that
+`lvb run --package` checks before loading anything.
+
+Layout of a package:
+
+    lvb-package.json          format, model, settings, the versions that made it,
+                              and every file's size and sha256
+    <model>_..._<chip>.bmodel the combined bmodel from `lvb compile`
+    checkpoint/               config, tokenizer, chat template, processor and
+                              generation configs (never the weights)
+    export/                   with --onnx: the ONNX nets, for the onnxruntime
+                              backend on a machine without a card
+
+A package is written to a temporary folder beside the target and renamed into
+place, so an interrupted `lvb pack` leaves nothing a later run would take for a
+package. Checking a package hashes every file once; after that a file whose
+size, inode and mtime are unchanged since it was hashed is not hashed again
+(the stamp lives in the package, beside the manifest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lvb
+from lvb.errors import LvbError
+from lvb.hub import RUNTIME_FILES
+
+MANIFEST = "lvb-package.json"
+STAMP = ".lvb-checked.json"
+FORMAT = 1
+CHECKPOINT = "checkpoint"
+EXPORT = "export"
+_BLOCK = 1 << 20
+
+Progress = Callable[[str, int, int], None]  # (file, bytes done, bytes in all)
+
+
+class PackageError(LvbError):
+    """A package that cannot be made or trusted; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Package:
+    """A checked package: what `lvb run`, `chat` and `serve` load from it."""
+
+    directory: Path
+    manifest: dict
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.directory / CHECKPOINT
+
+    @property
+    def bmodel(self) -> Path | None:
+        name = self.manifest.get("bmodel")
+        return self.directory / name if name else None
+
+    @property
+    def onnx_work(self) -> Path | None:
+        """A work directory for the onnxruntime backend (it reads export/manifest.json)."""
+        return self.directory if self.manifest.get("onnx") else None
+
+
+# -- making one ------------------------------------------------------------------
+
+
+def _newest_compile(work: Path, quant: str | None) -> dict:
+    candidates = []
+    for path in (work / "compile").glob("*.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(data, dict) or "bmodel" not in data or not (work / data["bmodel"]).is_file():
+            continue
+        if quant is None or data.get("settings", {}).get("quant") == quant:
+            candidates.append((path.stat().st_mtime, data))
+    if not candidates:
+        which = f"{quant} bmodel" if quant else "bmodel"
+        raise PackageError(f"{work} holds no {which}; run `lvb compile --work {work}`"
+                           f"{f' --quant {quant}' if quant else ''} first, or pack the ONNX nets alone with --onnx")
+    return max(candidates, key=lambda c: c[0])[1]
+
+
+def _export_manifest(work: Path) -> dict:
+    path = work / "export" / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise PackageError(f"{work} holds no export; run `lvb export --out {work}` first") from None
+
+
+def _copy(source: Path, target: Path, done: int, total: int, progress: Progress | None) -> tuple[dict, int]:
+    """Copy and hash in one pass; returns the manifest entry and the bytes done so far."""
+    digest = hashlib.sha256()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        while block := src.read(_BLOCK):
+            digest.update(block)
+            dst.write(block)
+            done += len(block)
+            if progress:
+                progress(target.name, done, total)
+    return {"size": target.stat().st_size, "sha256": digest.hexdigest()}, done
+
+
+def pack(work: Path, out: Path, quant: str | None = None, checkpoint: Path | None = None, onnx: bool = False,
+         tar: bool = False, progress: Progress | None = None) -> Package:
+    """Write the package of work directory `work` to `out` (replacing an older package there).
+    `checkpoint` overrides the folder the export was made from (for its small files)."""
+    work, out = Path(work), Path(out)
+    export = _export_manifest(work)
+    try:
+        compiled = _newest_compile(work, quant)
+    except PackageError:
+        if not onnx or quant is not None:  # an ONNX-only package, unless a bmodel was asked for
+            raise
+        compiled = None
+    checkpoint = Path(checkpoint or export.get("model", {}).get("dir", ""))
+    if not (checkpoint / "config.json").is_file():
+        raise PackageError(f"the checkpoint {work} was exported from ({checkpoint}) is gone; pass --model with it")
+    if out.exists() and not (out / MANIFEST).is_file():
+        raise PackageError(f"{out} exists and is not an lvb package; choose another --out or remove it")
+
+    sources: dict[str, Path] = {}
+    for name in RUNTIME_FILES:
+        if (checkpoint / name).is_file():
+            sources[f"{CHECKPOINT}/{name}"] = checkpoint / name
+    if compiled:
+        sources[compiled["bmodel"]] = work / compiled["bmodel"]
+    if onnx:
+        sources[f"{EXPORT}/manifest.json"] = work / "export" / "manifest.json"
+        for entry in export["nets"].values():
+            net_dir = (work / "export" / entry["file"]).parent
+            for path in sorted(net_dir.iterdir()):
+                if path.suffix in (".onnx", ".weights"):  # not check.npz: the export's own test data
+                    sources[f"{EXPORT}/{path.relative_to(work / 'export').as_posix()}"] = path
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        files, done = {}, 0
+        total = sum(p.stat().st_size for p in sources.values())
+        for relative, source in sources.items():
+            files[relative], done = _copy(source, tmp / relative, done, total, progress)
+        manifest = {
+            "format": FORMAT,
+            "model": {"name": export.get("model", {}).get("name", checkpoint.name),
+                      **{k: v for k, v in export.get("model", {}).items() if k in ("repo_id", "commit")}},
+            "bmodel": compiled["bmodel"] if compiled else None,
+            "onnx": onnx,
+            "settings": (compiled["settings"] if compiled else {}) | {k: export["settings"][k] for k in ("seq", "chunk")},
+            "versions": {"lvb": lvb.__version__,
+                         "tpu_mlir": compiled["toolchain"]["tpu_mlir"] if compiled else None}
+                        | ({"export": export.get("versions", {})} if onnx else {}),
+            "files": files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if tar:
+        write_tar(out)
+    return Package(out, manifest)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`; an older package there is moved aside first, then removed."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def tar_path(directory: Path) -> Path:
+    return directory.with_name(directory.name + ".tar.gz")
+
+
+def write_tar(directory: Path) -> Path:
+    """`<directory>.tar.gz` holding the package under its folder's name."""
+    target = tar_path(directory)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with tarfile.open(tmp, "w:gz") as archive:
+            for path in sorted(directory.rglob("*")):
+                if path.is_file() and path.name != STAMP:
+                    archive.add(path, arcname=f"{directory.name}/{path.relative_to(directory).as_posix()}")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+# -- checking one ----------------------------------------------------------------
+
+
+def _fingerprint(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_ino, stat.st_mtime_ns]
+
+
+def _sha256(path: Path, done: int, total: int, progress: Progress | None) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            digest.update(block)
+            done += len(block)
+            if progress:
+                progress(path.name, done, total)
+    return digest.hexdigest(), done
+
+
+def open_package(directory: str | Path, progress: Progress | None = None) -> Package:
+    """The package in `directory`, after checking every file its manifest lists: present,
+    the size and the sha256 it was packed with. Raises PackageError naming the first bad file."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise PackageError(f"{directory} is not an lvb package (no {MANIFEST}); make one with `lvb pack WORK --out DIR`")
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise PackageError(f"{path} is damaged; copy the package again or re-run `lvb pack`") from None
+    if manifest.get("format") != FORMAT:
+        raise PackageError(f"{directory} is package format {manifest.get('format')}, this lvb {lvb.__version__} "
+                           f"reads format {FORMAT}; install the lvb that made it ({manifest.get('versions', {}).get('lvb')})")
+    stamp = _read_stamp(directory)
+    total = sum(int(entry["size"]) for entry in files.values())
+    done = 0
+    checked = {}
+    for relative, entry in files.items():
+        file = directory / relative
+        if not file.is_file():
+            raise PackageError(f"{file} is missing from the package; copy the package again or re-run `lvb pack`")
+        fingerprint = _fingerprint(file)
+        if fingerprint[0] != entry["size"]:
+            raise PackageError(f"{file} is {fingerprint[0]} bytes, the package manifest says {entry['size']}: "
+                               "damaged or from another package; copy the package again")
+        if stamp.get(relative) == [entry["sha256"], *fingerprint]:
+            done += entry["size"]
+        else:
+            digest, done = _sha256(file, done, total, progress)
+            if digest != entry["sha256"]:
+                raise PackageError(f"{file} does not match the package manifest (sha256 differs): damaged or "
+                                   "from another package; copy the package again")
+        checked[relative] = [entry["sha256"], *fingerprint]
+    if checked != stamp:
+        _write_stamp(directory, checked)
+    return Package(directory, manifest)
+
+
+def _read_stamp(directory: Path) -> dict:
+    try:
+        data = json.loads((directory / STAMP).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+
+
+def _write_stamp(directory: Path, checked: dict) -> None:
+    """Best effort: a read-only package is simply hashed every time."""
+    tmp = directory / f"{STAMP}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(checked))
+        os.replace(tmp, directory / STAMP)
+    except OSError:
+        tmp.unlink(missing_ok=True)
