@@ -6,14 +6,17 @@ VENV := .venv
 TPU_VENV := .venv-tpu
 # tpu-mlir's wheel bundles Ubuntu 22.04's glibc, which breaks against this host's.
 BUNDLED_GLIBC := libc.so.6 libm.so.6 libpthread.so.0
+# The web page's test drives the distribution's Chromium (Playwright's own download needs
+# a network we do not have); installed once, as root in CI.
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: setup test demo clean
 
-setup: $(VENV)/.installed $(TPU_VENV)/.installed
+setup: $(VENV)/.installed $(TPU_VENV)/.installed $(CHROMIUM)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON311) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(VENV)/bin/pip install --quiet -e '.[dev,serve]'
 	touch $@
 
 $(TPU_VENV)/.installed: pyproject.toml scripts/pins.py
@@ -24,6 +27,10 @@ $(TPU_VENV)/.installed: pyproject.toml scripts/pins.py
 	$(TPU_VENV)/bin/pip install --quiet --no-deps -e .
 	cd $(TPU_VENV)/lib/python3.10/site-packages/tpu_mlir/lib/third_party && rm -f $(BUNDLED_GLIBC)
 	touch $@
+
+$(CHROMIUM):
+	$$([ "$$(id -u)" = 0 ] || echo sudo) apt-get update -qq
+	$$([ "$$(id -u)" = 0 ] || echo sudo) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 test: setup
 	$(VENV)/bin/python -m pytest
