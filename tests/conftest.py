@@ -63,3 +63,15 @@ def compile_factory(export_factory):
         return done[name, quant]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def toy_export(tmp_path_factory):
+    """Work directory holding the trained toy's export (models/toy), made once per session."""
+    from pathlib import Path
+
+    from lvb.export.exporter import export
+
+    work = tmp_path_factory.mktemp("work-toy")
+    export(Path(__file__).resolve().parent.parent / "models" / "toy", work, seq=SEQ, chunk=CHUNK)
+    return work

@@ -17,7 +17,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lvb.errors import LvbError
 
@@ -222,6 +222,8 @@ def decode_image(raw: bytes, where: str, limits: Limits) -> Image.Image:
         return ImageOps.exif_transpose(image)
     except RequestError:
         raise
+    except UnidentifiedImageError:
+        raise RequestError(f"{where}: not a PNG, JPEG, WebP or GIF picture", param="messages") from None
     except Image.DecompressionBombError:
         raise RequestError(f"{where}: the picture claims too many pixels to decode; downscale it", param="messages") from None
     except Exception as e:  # PIL raises many kinds for bad files; its text is only quoted
