@@ -9,17 +9,18 @@ import base64
 import http.client
 import io
 import json
+import re
 import socket
-import urllib.error
-import urllib.request
 import struct
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import zlib
+from pathlib import Path
 
-import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -70,8 +71,6 @@ class Server:
 @pytest.fixture(scope="module")
 def toy(toy_export):
     """(server, reference session): the server's engine and a second engine for `lvb chat`'s answers."""
-    from pathlib import Path
-
     checkpoint = Checkpoint.load(Path(__file__).resolve().parent.parent / "models" / "toy")
     engine, reference_engine = (open_engine("onnxruntime", onnx_work=toy_export) for _ in range(2))
     server = Server(Session(checkpoint, engine))
@@ -79,7 +78,7 @@ def toy(toy_export):
     server.stop()
 
 
-def http(method: str, url: str, body: bytes | None = None, key: str | None = KEY) -> tuple[int, bytes]:
+def call(method: str, url: str, body: bytes | None = None, key: str | None = KEY) -> tuple[int, bytes]:
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
     try:
         with urllib.request.urlopen(urllib.request.Request(url, body, headers, method=method), timeout=60) as response:
@@ -192,8 +191,8 @@ def test_access_needs_the_key_but_health_and_the_page_do_not(toy):
         with pytest.raises(openai.AuthenticationError):
             server.client(key).chat.completions.create(model="toy", messages=[user("hi")])
     assert [m.id for m in server.client().models.list().data] == ["toy"]
-    assert json.loads(http("GET", server.url + "/health", key=None)[1])["status"] == "ok"
-    assert b"<html" in http("GET", server.url + "/", key=None)[1]
+    assert json.loads(call("GET", server.url + "/health", key=None)[1])["status"] == "ok"
+    assert b"<html" in call("GET", server.url + "/", key=None)[1]
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -227,16 +226,16 @@ def png_header_only(width: int, height: int) -> bytes:
 def test_requests_lvb_cannot_honour_are_refused_with_the_reason(toy, change, status, message):
     server, _ = toy
     body = {"model": "toy", "messages": [user("hi")], **change}
-    code, reply = http("POST", server.url + "/v1/chat/completions", json.dumps(body).encode())
+    code, reply = call("POST", server.url + "/v1/chat/completions", json.dumps(body).encode())
     assert code == status, reply
     assert message in json.loads(reply)["error"]["message"]
     assert "\n" not in json.loads(reply)["error"]["message"]
-    assert json.loads(http("GET", server.url + "/health")[1])["status"] == "ok"
+    assert json.loads(call("GET", server.url + "/health")[1])["status"] == "ok"
 
 
 def test_a_body_over_the_cap_is_refused_before_it_is_read(toy):
     server, _ = toy
-    code, reply = http("POST", server.url + "/v1/chat/completions", b"{" + b" " * LIMITS.body_bytes + b"}")
+    code, reply = call("POST", server.url + "/v1/chat/completions", b"{" + b" " * LIMITS.body_bytes + b"}")
     assert code == 413 and "over the" in json.loads(reply)["error"]["message"]
 
 
@@ -319,3 +318,45 @@ def test_the_lean_runtime_does_not_import_the_server():
             "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'lvb.serve') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's, installed by `make setup`; Playwright's own download needs the internet
+
+
+def test_the_page_answers_a_picture_in_chromium(toy, tmp_path):
+    """The page at / in a real headless Chromium: enter the key it asks for, pick a picture, ask,
+    read the streamed answer and its figures; the screenshot stays as the test's artifact."""
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: run `make setup` (it installs Debian's chromium)"
+    server, _ = toy
+    image, answer = sample(1, seed=31)[0]
+    picture, screenshot = tmp_path / "picture.png", tmp_path / "page.png"
+    image.save(picture)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 640})
+            page.goto(server.url + "/")
+            page.wait_for_selector("#key-row.shown")  # the page found out that the server needs a key
+            page.fill("#key", KEY)
+            page.click("#save-key")
+            page.wait_for_function("document.getElementById('model').textContent.startsWith('toy')")
+            page.set_input_files("#file", str(picture))
+            page.wait_for_selector("#preview")
+            page.fill("#prompt", QUESTION)
+            page.click("#send")
+            page.wait_for_selector(".message.assistant.done", timeout=60_000)
+            text = page.inner_text(".message.assistant .text")
+            stats = page.inner_text(".message.assistant .stats")
+            page.fill("#prompt", "What colour is it?")  # a follow-up without a picture
+            page.keyboard.press("Enter")
+            page.wait_for_selector(".message.assistant.done >> nth=1", timeout=60_000)
+            page.screenshot(path=str(screenshot))
+            page.click("#new-chat")
+            assert page.locator(".message").count() == 0
+        finally:
+            browser.close()
+    print(f"\nscreenshot of the page: {screenshot}")
+    assert text == answer
+    assert re.search(r"first token \d+ ms", stats) and re.search(r"[\d.]+ tokens/s", stats), stats
