@@ -27,6 +27,7 @@ import uvicorn
 
 from conftest import SEQ
 from lvb.runtime.backends import open_engine
+from lvb.runtime.engine import EngineError
 from lvb.runtime.pipeline import Checkpoint, Session
 from lvb.serve.api import Limits
 from lvb.serve.app import create_app
@@ -360,3 +361,57 @@ def test_the_page_answers_a_picture_in_chromium(toy, tmp_path):
     print(f"\nscreenshot of the page: {screenshot}")
     assert text == answer
     assert re.search(r"first token \d+ ms", stats) and re.search(r"[\d.]+ tokens/s", stats), stats
+
+
+class FailingEngine:
+    """The real onnxruntime engine, made to fail the next vision run when told to: the server's
+    handling of an engine failure is under test here, not the engine."""
+
+    def __init__(self, engine):
+        self.engine, self.fail_next = engine, False
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def run(self, net, feeds, store=None):
+        if self.fail_next and net == "vision_embed":
+            self.fail_next = False
+            raise EngineError("vision_embed: device returned error 3 (stand-in failure)")
+        return self.engine.run(net, feeds, store)
+
+
+def test_an_engine_error_is_a_500_and_the_server_goes_on(babbler):
+    server = babbler
+    engine = server.worker.session.engine
+    failing = FailingEngine(engine)
+    server.worker.session.engine = failing
+    try:
+        image, _ = sample(1, seed=8)[0]
+        failing.fail_next = True
+        code, reply = call("POST", server.url + "/v1/chat/completions",
+                           json.dumps({"model": "toy", "messages": [user(QUESTION, image)], "max_tokens": 4}).encode())
+        message = json.loads(reply)["error"]["message"]
+        assert code == 500 and "device returned error 3" in message and "\n" not in message
+        text, finish, usage, _ = ask(server.client(), [user(QUESTION, image)], stream=True, max_tokens=4)
+        assert usage.completion_tokens == 4 and usage.prompt_tokens_details.cached_tokens == 0
+    finally:
+        server.worker.session.engine = engine
+    assert server.worker.failed == 1
+
+
+def test_the_simulator_backend_serves(compile_factory, checkpoint_factory):
+    """One short exchange on the BM1684X simulator (the bmodel test_runtime compiles too)."""
+    name = "gqa2-cross-last"
+    with open_engine("cmodel", bmodel=compile_factory(name, "int8")) as engine:
+        server = Server(Session(Checkpoint.load(checkpoint_factory(name)), engine))
+        try:
+            image, _ = sample(1, seed=9)[0]
+            history = [user(QUESTION, image)]
+            first = ask(server.client(), history, stream=True, max_tokens=3)
+            assert first[1] == "length" and first[2].completion_tokens == 3
+            history += [{"role": "assistant", "content": first[0]}, user("More?")]
+            text, finish, usage, headers = ask(server.client(), history, stream=False, max_tokens=2)
+            assert usage.completion_tokens == 2
+            assert int(headers["x-lvb-prefilled-tokens"]) <= usage.prompt_tokens - first[2].prompt_tokens
+        finally:
+            server.stop()
