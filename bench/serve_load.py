@@ -11,7 +11,11 @@ same export opened a second time in this process to call the engine directly.
    http.client), then not streamed. Interleaved, so both see the same machine. Per
    request: the server's extra wall time = (client's total) - (direct ask's total);
    per streamed token: the median gap between streamed chunks at the client minus the
-   median gap between the direct ask's on_text calls. Medians over all requests.
+   median gap between the direct ask's on_text calls. Medians over all requests. Wall
+   times suffer from anything else the machine runs, so CPU time is taken too, from
+   /proc/<pid>/task/*/schedstat (ns resolution, every thread): the server process's
+   per request against this process's around the direct call; per streamed token, the
+   server's streamed minus not-streamed CPU over the pieces streamed.
 2. Load: --clients threads each send --requests requests (every one a different picture,
    half streamed), all at once, with --max-queue waiting places; each request gets
    --timeout seconds and the phase --deadline. Every request must come back answered or
@@ -124,6 +128,17 @@ def direct(session: Session, image) -> tuple[str, float, list[float]]:
     return reply.text, time.perf_counter() - started, [t - started for t in times]
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of every live thread of a process, in ns resolution (schedstat), as seconds."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that ended meanwhile
+    return total / 1e9
+
+
 def gaps(times: list[float]) -> list[float]:
     return [b - a for a, b in zip(times, times[1:])]
 
@@ -192,13 +207,20 @@ def main() -> int:
 
             # -- 1. overhead, one request at a time ----------------------------------
             per_request = {True: [], False: []}
-            token_gap_server, token_gap_direct, direct_first = [], [], []
+            cpu = {"direct": 0.0, True: 0.0, False: 0.0}  # CPU seconds of the engine alone, of the server
+            token_gap_server, token_gap_direct, direct_first, tokens = [], [], [], 0
             for image, _ in sample(args.pictures, seed=300):
+                before = cpu_seconds(os.getpid())
                 answer, seconds, times = direct(session, image)
+                cpu["direct"] += cpu_seconds(os.getpid()) - before
                 direct_first.append(times[0])
                 token_gap_direct += gaps(times)
+                tokens += len(times)  # pieces streamed: one chunk each
                 for stream in (True, False):
-                    out = send(port, request_body(image, stream), stream, args.timeout)
+                    body = request_body(image, stream)
+                    before = cpu_seconds(server.pid)
+                    out = send(port, body, stream, args.timeout)
+                    cpu[stream] += cpu_seconds(server.pid) - before
                     if out.status != 200 or out.text != answer:
                         print(f"error: overhead phase: {out.status} {out.error or out.text!r}, expected {answer!r}")
                         return 1
@@ -253,12 +275,16 @@ def main() -> int:
         ["first token under load, p50 / p95 (streamed)",
          f"{ms(percentile(first_tokens, 0.5))} / {ms(percentile(first_tokens, 0.95))}" if first_tokens else "-"],
         ["first token alone, direct engine (median)", ms(statistics.median(direct_first))],
-        ["server overhead per request, streamed (median)", ms(statistics.median(per_request[True]))],
-        ["server overhead per request, not streamed (median)", ms(statistics.median(per_request[False]))],
-        ["server overhead per streamed token (median gap server - direct)",
+        ["server overhead per request, wall, streamed / not (median)",
+         f"{ms(statistics.median(per_request[True]))} / {ms(statistics.median(per_request[False]))}"],
+        ["server overhead per request, CPU, streamed / not (mean)",
+         f"{ms((cpu[True] - cpu['direct']) / args.pictures)} / {ms((cpu[False] - cpu['direct']) / args.pictures)}"],
+        ["server overhead per streamed token, wall (median chunk gap - median on_text gap)",
          ms(statistics.median(token_gap_server) - statistics.median(token_gap_direct))],
-        ["token gap: at the client / direct (median)",
-         f"{ms(statistics.median(token_gap_server))} / {ms(statistics.median(token_gap_direct))}"],
+        ["server overhead per streamed token, CPU ((streamed - not) / pieces)",
+         ms((cpu[True] - cpu[False]) / tokens)],
+        ["engine alone per request, CPU (mean); pieces per answer",
+         f"{ms(cpu['direct'] / args.pictures)}; {tokens / args.pictures:.1f}"],
     ]
     print(table(rows, ["figure", "value"]))
     print(f"load average after: {os.getloadavg()[0]:.1f}")

@@ -236,8 +236,15 @@ def test_requests_lvb_cannot_honour_are_refused_with_the_reason(toy, change, sta
 
 def test_a_body_over_the_cap_is_refused_before_it_is_read(toy):
     server, _ = toy
-    code, reply = call("POST", server.url + "/v1/chat/completions", b"{" + b" " * LIMITS.body_bytes + b"}")
-    assert code == 413 and "over the" in json.loads(reply)["error"]["message"]
+    connection = http.client.HTTPConnection(*server.url.rsplit("/", 1)[1].split(":"), timeout=60)
+    connection.putrequest("POST", "/v1/chat/completions")
+    for name, value in (("Authorization", f"Bearer {KEY}"), ("Content-Type", "application/json"),
+                        ("Content-Length", str(LIMITS.body_bytes + 1))):
+        connection.putheader(name, value)
+    connection.endheaders()  # and not one byte of the body: the answer must come anyway
+    response = connection.getresponse()
+    assert response.status == 413 and "over the" in json.loads(response.read())["error"]["message"]
+    connection.close()
 
 
 def test_a_full_queue_answers_429_and_every_accepted_request_is_answered(toy):
