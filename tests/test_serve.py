@@ -422,3 +422,37 @@ def test_the_simulator_backend_serves(compile_factory, checkpoint_factory):
             assert int(headers["x-lvb-prefilled-tokens"]) <= usage.prompt_tokens - first[2].prompt_tokens
         finally:
             server.stop()
+
+
+def test_the_command_serves_with_the_key_from_the_environment(toy_export, tmp_path):
+    """`lvb serve` itself, as a subprocess on loopback, with LVB_API_KEY."""
+    import os
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    model = Path(__file__).resolve().parent.parent / "models" / "toy"
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "lvb.cli", "serve", "--model", str(model), "--onnx", str(toy_export),
+                                    "--port", str(port), "--max-queue", "1"],
+                                   env=dict(os.environ, LVB_API_KEY=KEY), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if call("GET", url + "/health", key=None)[0] == 200:
+                    break
+            except urllib.error.URLError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert call("GET", url + "/v1/models", key=None)[0] == 401
+        image, answer = sample(1, seed=12)[0]
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        assert ask(client, [user(QUESTION, image)], stream=True)[0] == answer
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "prefilled" in log.read_text()  # the per-request log line
