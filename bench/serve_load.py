@@ -11,7 +11,9 @@ same export opened a second time in this process to call the engine directly.
    http.client), then not streamed. Interleaved, so both see the same machine. Per
    request: the server's extra wall time = (client's total) - (direct ask's total);
    per streamed token: the median gap between streamed chunks at the client minus the
-   median gap between the direct ask's on_text calls. Medians over all requests. Wall
+   gap between the paired direct ask's on_text calls, median per request, then over
+   requests; and for the not-streamed requests, the client's wall time minus the
+   server's own Session.ask time (header x-lvb-engine-ms) of the same request. Wall
    times suffer from anything else the machine runs, so CPU time is taken too, from
    /proc/<pid>/task/*/schedstat (ns resolution, every thread): the server process's
    per request against this process's around the direct call; per streamed token, the
@@ -78,6 +80,7 @@ class Outcome:
         self.chunks: list[float] = []  # arrival time of every content chunk
         self.ended = None
         self.error = ""
+        self.engine_seconds = None  # x-lvb-engine-ms: the server's own Session.ask time
 
 
 def send(port: int, body: bytes, stream: bool, timeout: float) -> Outcome:
@@ -96,6 +99,7 @@ def send(port: int, body: bytes, stream: bool, timeout: float) -> Outcome:
             if response.status == 200:
                 out.text = data["choices"][0]["message"]["content"]
                 out.first = now
+                out.engine_seconds = float(response.getheader("x-lvb-engine-ms")) / 1000
             else:
                 out.error = data["error"]["message"]
         else:
@@ -207,6 +211,7 @@ def main() -> int:
 
             # -- 1. overhead, one request at a time ----------------------------------
             per_request = {True: [], False: []}
+            same_request = []  # client's wall time minus the server's own engine time, one request
             cpu = {"direct": 0.0, True: 0.0, False: 0.0}  # CPU seconds of the engine alone, of the server
             token_gap_server, token_gap_direct, direct_first, tokens = [], [], [], 0
             for image, _ in sample(args.pictures, seed=300):
@@ -226,7 +231,9 @@ def main() -> int:
                         return 1
                     per_request[stream].append((out.ended - out.started) - seconds)
                     if stream:
-                        token_gap_server += gaps(out.chunks)
+                        token_gap_server.append(statistics.median(gaps(out.chunks)) - statistics.median(gaps(times)))
+                    else:
+                        same_request.append((out.ended - out.started) - out.engine_seconds)
 
             # -- 2. load ----------------------------------------------------------------
             total = args.clients * args.requests
@@ -251,9 +258,13 @@ def main() -> int:
         for thread in threads:
             thread.join()
         wall = time.perf_counter() - started
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        connection.request("GET", "/health")
-        health = json.loads(connection.getresponse().read())
+        for _ in range(50):  # the worker finishes its bookkeeping just after the last answer
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("GET", "/health")
+            health = json.loads(connection.getresponse().read())
+            if not health["pending"]:
+                break
+            time.sleep(0.1)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -279,8 +290,11 @@ def main() -> int:
          f"{ms(statistics.median(per_request[True]))} / {ms(statistics.median(per_request[False]))}"],
         ["server overhead per request, CPU, streamed / not (mean)",
          f"{ms((cpu[True] - cpu['direct']) / args.pictures)} / {ms((cpu[False] - cpu['direct']) / args.pictures)}"],
-        ["server overhead per streamed token, wall (median chunk gap - median on_text gap)",
-         ms(statistics.median(token_gap_server) - statistics.median(token_gap_direct))],
+        ["server overhead per request, wall, not streamed: client's time - server's engine time (median)",
+         ms(statistics.median(same_request))],
+        ["server overhead per streamed token, wall (chunk gap - on_text gap of the paired direct call, median)",
+         ms(statistics.median(token_gap_server))],
+        ["token gap of the direct call (median)", ms(statistics.median(token_gap_direct))],
         ["server overhead per streamed token, CPU ((streamed - not) / pieces)",
          ms((cpu[True] - cpu[False]) / tokens)],
         ["engine alone per request, CPU (mean); pieces per answer",

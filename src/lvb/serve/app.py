@@ -133,7 +133,8 @@ async def _disconnected(request: Request) -> None:
 def _headers(result: Result) -> dict:
     return {"x-lvb-prompt-tokens": str(result.prompt_tokens),
             "x-lvb-prefilled-tokens": str(result.prompt_tokens - result.cached_tokens),
-            "x-lvb-first-token-ms": f"{result.first_token_seconds * 1000:.1f}"}
+            "x-lvb-first-token-ms": f"{result.first_token_seconds * 1000:.2f}",
+            "x-lvb-engine-ms": f"{result.engine_seconds * 1000:.2f}"}
 
 
 def _usage(result: Result) -> dict:

@@ -45,6 +45,7 @@ class Result:
     completion_tokens: int
     first_token_seconds: float
     tokens_per_second: float
+    engine_seconds: float  # the whole Session.ask (restoring the history not included)
 
 
 @dataclass
@@ -159,8 +160,10 @@ class Worker:
         sampling = self._sampling(request)
         self.digests = None  # unknown until the turn completes
         stops = StopMatcher(request.stop, job)
+        started = time.perf_counter()
         reply = session.ask(turn.text, image=turn.image, sampling=sampling, max_new_tokens=request.max_tokens,
                             on_text=stops.push)
+        engine_seconds = time.perf_counter() - started
         text = stops.finish()
         if text != reply.text:  # cut at a stop sequence: the conversation holds what the client got
             session.messages[-1] = {"role": "assistant", "content": [{"type": "text", "text": text}]}
@@ -178,7 +181,7 @@ class Worker:
                  s.generated_tokens, s.first_token_seconds * 1000, s.tokens_per_second, reply.stop_reason)
         finish = "stop" if stops.hit else FINISH_REASONS[reply.stop_reason]
         return Result(text, finish, s.prompt_tokens, s.prompt_tokens - s.prefilled_tokens, s.generated_tokens,
-                      s.first_token_seconds, s.tokens_per_second)
+                      s.first_token_seconds, s.tokens_per_second, engine_seconds)
 
     def _sampling(self, request: ChatRequest) -> SamplingConfig:
         """OpenAI's knobs over the checkpoint's generation_config: temperature 0 is greedy, any
