@@ -143,6 +143,21 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def thread_cpu(pid: int, tid: int) -> float:
+    """CPU seconds of one thread (schedstat: ns resolution; waiting for a core does not count)."""
+    return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9
+
+
+def engine_thread_id(log: Path) -> int:
+    """The server logs its engine thread's id when it starts."""
+    import re
+
+    found = re.search(r"engine thread (\d+) ready", log.read_text())
+    if not found:
+        raise LookupError(f"{log} does not name the engine thread")
+    return int(found.group(1))
+
+
 def gaps(times: list[float]) -> list[float]:
     return [b - a for a, b in zip(times, times[1:])]
 
@@ -210,22 +225,35 @@ def main() -> int:
                 send(port, request_body(image, True), True, args.timeout)
 
             # -- 1. overhead, one request at a time ----------------------------------
+            log.flush()
+            engine_thread = engine_thread_id(Path(log.name))
+            me = threading.get_native_id()
+            # Per thread: the server's event loop (uvicorn runs it in the main thread: HTTP, JSON,
+            # SSE, sockets, all of it server overhead), its engine thread (Session.ask plus the
+            # worker's bookkeeping) against this thread's direct Session.ask.
+            loop_cpu = {True: 0.0, False: 0.0}
+            engine_cpu = {"direct": 0.0, True: 0.0, False: 0.0}
             per_request = {True: [], False: []}
             same_request = []  # client's wall time minus the server's own engine time, one request
             cpu = {"direct": 0.0, True: 0.0, False: 0.0}  # CPU seconds of the engine alone, of the server
             token_gap_server, token_gap_direct, direct_first, tokens = [], [], [], 0
             for image, _ in sample(args.pictures, seed=300):
-                before = cpu_seconds(os.getpid())
+                before, mine = cpu_seconds(os.getpid()), thread_cpu(os.getpid(), me)
                 answer, seconds, times = direct(session, image)
                 cpu["direct"] += cpu_seconds(os.getpid()) - before
+                engine_cpu["direct"] += thread_cpu(os.getpid(), me) - mine
                 direct_first.append(times[0])
                 token_gap_direct += gaps(times)
                 tokens += len(times)  # pieces streamed: one chunk each
                 for stream in (True, False):
                     body = request_body(image, stream)
                     before = cpu_seconds(server.pid)
+                    loop, engine_thread_before = thread_cpu(server.pid, server.pid), thread_cpu(server.pid, engine_thread)
                     out = send(port, body, stream, args.timeout)
+                    time.sleep(0.05)  # the worker's bookkeeping after the answer
                     cpu[stream] += cpu_seconds(server.pid) - before
+                    loop_cpu[stream] += thread_cpu(server.pid, server.pid) - loop
+                    engine_cpu[stream] += thread_cpu(server.pid, engine_thread) - engine_thread_before
                     if out.status != 200 or out.text != answer:
                         print(f"error: overhead phase: {out.status} {out.error or out.text!r}, expected {answer!r}")
                         return 1
@@ -297,6 +325,13 @@ def main() -> int:
         ["token gap of the direct call (median)", ms(statistics.median(token_gap_direct))],
         ["server overhead per streamed token, CPU ((streamed - not) / pieces)",
          ms((cpu[True] - cpu[False]) / tokens)],
+        ["server overhead per request, CPU of the event loop thread, streamed / not (mean)",
+         f"{ms(loop_cpu[True] / args.pictures)} / {ms(loop_cpu[False] / args.pictures)}"],
+        ["server overhead per request, CPU of the engine thread beyond a direct ask, streamed / not (mean)",
+         f"{ms((engine_cpu[True] - engine_cpu['direct']) / args.pictures)} / "
+         f"{ms((engine_cpu[False] - engine_cpu['direct']) / args.pictures)}"],
+        ["server overhead per streamed token, CPU of both threads ((streamed - not) / pieces)",
+         ms((loop_cpu[True] + engine_cpu[True] - loop_cpu[False] - engine_cpu[False]) / tokens)],
         ["engine alone per request, CPU (mean); pieces per answer",
          f"{ms(cpu['direct'] / args.pictures)}; {tokens / args.pictures:.1f}"],
     ]

@@ -12,6 +12,7 @@ import time
 from importlib import resources
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from lvb.serve.api import Limits, RequestError, parse_chat_request
@@ -69,7 +70,8 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, limi
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(request: Request):
         try:
-            chat = parse_chat_request(await _json_body(request, limits), limits)
+            # Decoding a picture takes a while for a large photo: off the event loop, which streams to others.
+            chat = await run_in_threadpool(parse_chat_request, await _json_body(request, limits), limits)
         except RequestError as e:
             return error(e.status, str(e), param=e.param)
         loop = asyncio.get_running_loop()

@@ -101,6 +101,7 @@ class Worker:
         self._thread.join()
 
     def _run(self) -> None:
+        log.info("engine thread %d ready", threading.get_native_id())  # for per-thread CPU accounting (bench)
         while (job := self._jobs.get()) is not None:
             started = time.perf_counter()
             try:
