@@ -263,6 +263,15 @@ def main() -> int:
                     else:
                         same_request.append((out.ended - out.started) - out.engine_seconds)
 
+            # The server parses a request and decodes its picture in a pool thread: the same work here.
+            from lvb.serve.api import Limits, parse_chat_request
+
+            bodies = [request_body(image, True) for image, _ in sample(args.pictures, seed=300)]
+            mine = thread_cpu(os.getpid(), me)
+            for body in bodies:
+                parse_chat_request(json.loads(body), Limits())
+            parse_cpu = (thread_cpu(os.getpid(), me) - mine) / len(bodies)
+
             # -- 2. load ----------------------------------------------------------------
             total = args.clients * args.requests
             pool = sample(total, seed=500)
@@ -330,6 +339,7 @@ def main() -> int:
         ["server overhead per request, CPU of the engine thread beyond a direct ask, streamed / not (mean)",
          f"{ms((engine_cpu[True] - engine_cpu['direct']) / args.pictures)} / "
          f"{ms((engine_cpu[False] - engine_cpu['direct']) / args.pictures)}"],
+        ["server overhead per request, CPU of parsing the request and decoding its picture (mean)", ms(parse_cpu)],
         ["server overhead per streamed token, CPU of both threads ((streamed - not) / pieces)",
          ms((loop_cpu[True] + engine_cpu[True] - loop_cpu[False] - engine_cpu[False]) / tokens)],
         ["engine alone per request, CPU (mean); pieces per answer",
