@@ -54,8 +54,8 @@ class Server:
         while not self.server.started:
             time.sleep(0.01)
 
-    def client(self, key: str | None = KEY) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, timeout=120)
+    def client(self, key: str | None = KEY, timeout: float = 120) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, timeout=timeout)
 
     def idle(self) -> None:
         deadline = time.monotonic() + 60
@@ -414,10 +414,11 @@ def test_the_simulator_backend_serves(compile_factory, checkpoint_factory):
         try:
             image, _ = sample(1, seed=9)[0]
             history = [user(QUESTION, image)]
-            first = ask(server.client(), history, stream=True, max_tokens=3)
+            client = server.client(timeout=1800)  # a guard only: the simulator is slow on a busy machine
+            first = ask(client, history, stream=True, max_tokens=3)
             assert first[1] == "length" and first[2].completion_tokens == 3
             history += [{"role": "assistant", "content": first[0]}, user("More?")]
-            text, finish, usage, headers = ask(server.client(), history, stream=False, max_tokens=2)
+            text, finish, usage, headers = ask(client, history, stream=False, max_tokens=2)
             assert usage.completion_tokens == 2
             assert int(headers["x-lvb-prefilled-tokens"]) <= usage.prompt_tokens - first[2].prompt_tokens
         finally:
