@@ -4,14 +4,17 @@ PYTHON311 ?= python3.11
 PYTHON310 ?= $(shell PYENV_VERSION=3.10.13 pyenv which python3.10 2>/dev/null || command -v python3.10)
 VENV := .venv
 TPU_VENV := .venv-tpu
+# The web page's test drives the distribution's Chromium (Playwright's own download needs
+# a network we do not have); installed once, as root in CI.
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: setup test test-fast demo clean
 
-setup: $(VENV)/.installed $(TPU_VENV)/.installed
+setup: $(VENV)/.installed $(TPU_VENV)/.installed $(CHROMIUM)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON311) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(VENV)/bin/pip install --quiet -e '.[dev,serve]'
 	touch $@
 
 $(TPU_VENV)/.installed: pyproject.toml scripts/pins.py
@@ -23,6 +26,10 @@ $(TPU_VENV)/.installed: pyproject.toml scripts/pins.py
 	# tpu-mlir's bundled glibc breaks against this host's; lvb.toolchain.BUNDLED_GLIBC lists it.
 	cd $(TPU_VENV)/lib/python3.10/site-packages/tpu_mlir/lib/third_party && rm -f $$($(CURDIR)/$(TPU_VENV)/bin/python -m lvb.toolchain)
 	touch $@
+
+$(CHROMIUM):
+	$$([ "$$(id -u)" = 0 ] || echo sudo) apt-get update -qq
+	$$([ "$$(id -u)" = 0 ] || echo sudo) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 test: setup
 	$(VENV)/bin/python -m pytest

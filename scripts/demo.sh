@@ -29,3 +29,8 @@ for IMAGE in "$PHOTO" "$SYNTHETIC"; do
   "$LVB" run --model "$MODEL" --bmodel "$BMODEL" --backend cmodel --image "$IMAGE" \
     --prompt "What is in the picture?" --stats
 done
+
+echo
+echo "== serve the toy (OpenAI-compatible API and a chat page at http://127.0.0.1:8000/):"
+echo "   $LVB serve --model $MODEL --bmodel $BMODEL --backend cmodel    # the BM1684X simulator"
+echo "   $LVB serve --model $MODEL --onnx $WORK                          # onnxruntime, faster on a CPU"

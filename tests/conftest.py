@@ -103,3 +103,15 @@ def toy_pipeline(tmp_path_factory):
         return done[quant]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def toy_export(tmp_path_factory):
+    """Work directory holding the trained toy's export (models/toy), made once per session."""
+    from pathlib import Path
+
+    from lvb.export.exporter import export
+
+    work = tmp_path_factory.mktemp("work-toy")
+    export(Path(__file__).resolve().parent.parent / "models" / "toy", work, seq=SEQ, chunk=CHUNK)
+    return work

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lvb.masks", "lvb.workdir", "lvb.package"),
     ("lvb.check",),
     ("lvb.export", "lvb.compile", "lvb.runtime", "lvb.patches", "lvb.testing"),
-    ("lvb.verify", "lvb.doctor"),
+    ("lvb.verify", "lvb.doctor", "lvb.serve"),
     ("lvb.cli",),
 ]
 # Within a layer, imports between different packages are allowed only along these edges.

@@ -429,6 +429,55 @@ def chat(
 
 
 @app.command()
+def serve(
+    model: RuntimeModelOption = None,
+    revision: RevisionOption = None,
+    package: PackageOption = None,
+    bmodel: BmodelOption = None,
+    onnx: OnnxOption = None,
+    backend: BackendOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback exposes the model to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for the engine; beyond them the answer is 429.")] = 16,
+    api_key: Annotated[Optional[str], typer.Option(envvar="LVB_API_KEY", show_envvar=True,
+                                                   help="Require `Authorization: Bearer KEY` on every endpoint but /health and the page.")] = None,
+    toolchain: ToolchainOption = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions) with a chat page at /."""
+    try:
+        import uvicorn
+
+        from lvb.serve.app import create_app
+        from lvb.serve.worker import Worker
+    except ImportError as e:
+        raise fail(f"lvb serve needs the serve extra ({e.name} is missing): pip install 'lvb[serve]'")
+    if max_queue < 0:
+        raise fail(f"--max-queue must be 0 or more, got {max_queue}")
+    try:
+        session = ChatOptions(model=model, revision=revision, package=package, bmodel=bmodel, onnx=onnx,
+                              backend=backend, toolchain=toolchain).open_session()
+    except LvbError as e:
+        raise fail(str(e))
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from rich.markup import escape
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        errors.print(f"[yellow]note:[/] listening on {escape(host)} without --api-key: anyone who reaches it can use the model",
+                     highlight=False)
+    worker = Worker(session, max_queue=max_queue)
+    name = session.checkpoint.directory.name
+    console.print(f"[dim]{session.engine.backend} · seq {session.seq} · model {escape(name)} · http://{escape(host)}:{port}/[/]",
+                  highlight=False)
+    try:
+        uvicorn.run(create_app(worker, name, api_key=api_key), host=host, port=port, log_level="info")
+    finally:
+        worker.close()
+        session.engine.close()
+
+
+@app.command()
 def verify(
     model: ModelOption,
     work: Annotated[Path, typer.Option("--work", help="Work directory of `lvb export` and `lvb compile`.")],

@@ -19,7 +19,7 @@ from pathlib import Path
 from lvb.errors import LvbError
 
 # What the runtime reads from a checkpoint (lvb.runtime.pipeline.Checkpoint.load and
-# lvb.runtime.text), plus lvb-task.json for verify. Absent ones are simply not there.
+# lvb.text), plus lvb-task.json for verify. Absent ones are simply not there.
 RUNTIME_FILES = (
     "config.json",
     "generation_config.json",

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from lvb.runtime.engine import Engine
 from lvb.runtime.image import ImageProcessorConfig, ProcessedImage, load_image, preprocess
 from lvb.runtime.runner import ChatError, Runner
@@ -83,8 +85,15 @@ class Reply:
     text: str
     tokens: list[int]
     stats: Stats
-    stop_reason: str  # "stop token", "max new tokens", "sequence full"
+    stop_reason: str  # "stop token", "max new tokens", "sequence full", "stopped" (by on_text)
     notices: list[str] = field(default_factory=list)
+
+
+def _same_image(a: ProcessedImage | None, b: ProcessedImage | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a is b or (np.array_equal(a.pixel_values, b.pixel_values) and np.array_equal(a.aspect_ratio_ids, b.aspect_ratio_ids)
+                      and np.array_equal(a.aspect_ratio_mask, b.aspect_ratio_mask))
 
 
 class Session:
@@ -102,6 +111,20 @@ class Session:
         self.image: ProcessedImage | None = None
         self.image_turn: int | None = None  # index in self.messages of the turn that brought it
 
+    def restore(self, messages: list[dict], image=None, image_turn: int | None = None) -> None:
+        """Take `messages` (in the form `messages` holds) as the conversation so far, with `image`
+        (a path, PIL image or ProcessedImage) brought by message `image_turn`, without computing
+        anything yet: the next `ask` keeps the cached tokens that still agree and prefills the rest.
+        A server calls this when a request's history is not the conversation last answered."""
+        image = self._process_image(image) if image is not None else None
+        if not _same_image(image, self.image):
+            # Every cached token attended to the old picture (or to none): none of them stays.
+            self.cached = []
+            if image is not None:
+                self.runner.encode_image(image)
+        self.messages = list(messages)
+        self.image, self.image_turn = image, image_turn if image is not None else None
+
     # -- the turn --------------------------------------------------------------
 
     def ask(
@@ -110,10 +133,11 @@ class Session:
         image=None,
         sampling: SamplingConfig | None = None,
         max_new_tokens: int | None = None,
-        on_text: Callable[[str], None] | None = None,
+        on_text: Callable[[str], bool | None] | None = None,
     ) -> Reply:
-        """Answer one user turn. `image` is a path or a PIL image. Raises ChatError and
-        leaves the conversation as it was when the turn cannot be answered."""
+        """Answer one user turn. `image` is a path or a PIL image. `on_text` gets the answer
+        piece by piece and may return True to end it there (stop reason "stopped"). Raises
+        ChatError and leaves the conversation as it was when the turn cannot be answered."""
         started = time.perf_counter()
         new_image = self._process_image(image) if image is not None else None
         content = ([{"type": "image"}] if new_image else []) + [{"type": "text", "text": text}]
@@ -141,11 +165,12 @@ class Session:
         stream = self.checkpoint.tokenizer.stream()
         pieces: list[str] = []
 
-        def emit(piece: str) -> None:
-            if piece:
-                pieces.append(piece)
-                if on_text:
-                    on_text(piece)
+        def emit(piece: str) -> bool:
+            """Pass a piece on; True when the caller wants no more."""
+            if not piece:
+                return False
+            pieces.append(piece)
+            return bool(on_text and on_text(piece))
 
         stop_reason = "max new tokens"
         decode_started = time.perf_counter()
@@ -154,7 +179,9 @@ class Session:
             if token in self.checkpoint.tokenizer.stop_ids:
                 stop_reason = "stop token"
                 break
-            emit(stream.push(token))
+            if emit(stream.push(token)):
+                stop_reason = "stopped"
+                break
             if len(generated) >= limit:
                 break
             if len(self.cached) >= self.seq:
@@ -163,7 +190,8 @@ class Session:
                 break
             token = self._decode(token, ids + generated, sampler)
             generated.append(token)
-        emit(stream.flush())
+        if stop_reason != "stopped":
+            emit(stream.flush())
         stats.decode_seconds = time.perf_counter() - decode_started
         stats.generated_tokens = len(generated)
         reply = "".join(pieces)
@@ -171,6 +199,8 @@ class Session:
         return Reply(reply, generated, stats, stop_reason, notices)
 
     def _process_image(self, image) -> ProcessedImage:
+        if isinstance(image, ProcessedImage):
+            return image
         if not hasattr(image, "mode"):
             image = load_image(image)
         return preprocess(image, self.checkpoint.image_config)

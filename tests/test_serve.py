@@ -1,0 +1,460 @@
+"""`lvb serve` on the trained toy over onnxruntime, driven by the real `openai` client on
+loopback: pictures as data URLs, streaming and not, multi-turn chats equal to a Session's
+answers token for token with the cache reused across requests, access, limits, the
+queue, clients that hang up, and the web page in Chromium."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import re
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+
+import openai
+import pytest
+import uvicorn
+
+from helpers import SEQ
+from lvb.runtime.backends import open_engine
+from lvb.runtime.engine import EngineError
+from lvb.runtime.pipeline import Checkpoint, Session
+from lvb.serve.api import Limits
+from lvb.serve.app import create_app
+from lvb.serve.worker import Worker
+from lvb.tasks import QUESTION, sample
+
+KEY = "test-key-0123456789"
+MAX_QUEUE = 2
+LIMITS = Limits(body_bytes=2 * 2**20, image_bytes=2**20, image_pixels=1_000_000)
+
+
+class Server:
+    """uvicorn in a thread of this process, on a free loopback port."""
+
+    def __init__(self, session: Session, api_key: str | None = KEY, max_queue: int = MAX_QUEUE):
+        self.worker = Worker(session, max_queue=max_queue)
+        app = create_app(self.worker, "toy", api_key=api_key, limits=LIMITS)
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+
+    def client(self, key: str | None = KEY, timeout: float = 120) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, timeout=timeout)
+
+    def idle(self) -> None:
+        deadline = time.monotonic() + 60
+        while self.worker.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not self.worker.pending
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join()
+        self.worker.close()
+
+
+@pytest.fixture(scope="module")
+def toy(toy_export):
+    """(server, reference session): the server's engine and a second engine for `lvb chat`'s answers."""
+    checkpoint = Checkpoint.load(Path(__file__).resolve().parent.parent / "models" / "toy")
+    engine, reference_engine = (open_engine("onnxruntime", onnx_work=toy_export) for _ in range(2))
+    server = Server(Session(checkpoint, engine))
+    yield server, Session(checkpoint, reference_engine)
+    server.stop()
+
+
+def call(method: str, url: str, body: bytes | None = None, key: str | None = KEY) -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, body, headers, method=method), timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def data_url(image, kind: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, kind)
+    return f"data:image/{kind.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def user(text: str, image=None, kind: str = "PNG") -> dict:
+    """A user message; `image` is a PIL picture or a URL string."""
+    if image is None:
+        return {"role": "user", "content": text}
+    url = image if isinstance(image, str) else data_url(image, kind)
+    return {"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}
+
+
+def ask(client: openai.OpenAI, messages: list[dict], stream: bool, **options):
+    """(text, finish reason, usage, response headers) through the openai client."""
+    if not stream:
+        raw = client.chat.completions.with_raw_response.create(model="toy", messages=messages, **options)
+        reply = raw.parse()
+        return reply.choices[0].message.content, reply.choices[0].finish_reason, reply.usage, raw.headers
+    chunks = list(client.chat.completions.create(model="toy", messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}, **options))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1 and chunks[-1].usage is not None
+    return text, finish[0], chunks[-1].usage, None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_pictures_as_data_urls_are_named(toy, stream):
+    server, _ = toy
+    client = server.client()
+    for (image, answer), kind in zip(sample(3, seed=4242), ("PNG", "JPEG", "WEBP")):
+        text, finish, usage, _ = ask(client, [user(QUESTION, image, kind)], stream)
+        assert text == answer, (kind, text)
+        assert finish == "stop" and usage.completion_tokens == len(answer.split()) + 1  # the words and <|eot_id|>
+
+
+def test_a_conversation_equals_the_sessions_answers_and_reuses_the_cache(toy):
+    """Each turn resends the whole history; the answers equal a Session's (what `lvb chat` runs)
+    token for token, a follow-up prefills only its own turn, and a conversation interrupted by
+    another one is restored from its history."""
+    server, reference = toy
+    client = server.client()
+    (first, _), (other, _) = sample(2, seed=77)
+    questions = [(QUESTION, first), ("What colour is it?", None), ("And the shape?", None)]
+    reference.reset()
+    history, previous_prompt = [], 0
+    for i, (question, image) in enumerate(questions):
+        expected = reference.ask(question, image=image, max_new_tokens=12)
+        history.append(user(question, image))
+        text, finish, usage, headers = ask(client, history, stream=i == 1, max_tokens=12)
+        assert text == expected.text and usage.completion_tokens == len(expected.tokens)
+        assert usage.prompt_tokens == expected.stats.prompt_tokens
+        if i:  # all the previous request computed is reused: its prompt and answer but the final
+            # <|eot_id|>, which ended the answer without being fed back; only the new turn is prefilled
+            prefilled = usage.prompt_tokens - usage.prompt_tokens_details.cached_tokens
+            assert usage.prompt_tokens_details.cached_tokens == previous_prompt - 1
+            assert prefilled == expected.stats.prefilled_tokens
+            if headers is not None:
+                assert int(headers["x-lvb-prefilled-tokens"]) == prefilled
+        previous_prompt = usage.prompt_tokens + usage.completion_tokens
+        history.append({"role": "assistant", "content": text})
+
+    # Another conversation takes the engine; the first one then comes back with its history.
+    assert ask(client, [user(QUESTION, other)], stream=False)[0]
+    expected = reference.ask("Is it big?", max_new_tokens=12)
+    history.append(user("Is it big?"))
+    text, _, usage, headers = ask(client, history, stream=False, max_tokens=12)
+    assert text == expected.text and usage.completion_tokens == len(expected.tokens)
+    assert int(headers["x-lvb-prefilled-tokens"]) == usage.prompt_tokens  # nothing of it was cached
+
+
+def test_sampling_options_are_honoured(toy):
+    server, reference = toy
+    client = server.client()
+    image, _ = sample(1, seed=5)[0]
+    from lvb.runtime.sampling import SamplingConfig
+
+    reference.reset()
+    config = SamplingConfig.from_generation_config(reference.checkpoint.generation_config, do_sample=True,
+                                                   temperature=2.5, top_p=0.9, seed=11)
+    expected = reference.ask(QUESTION, image=image, sampling=config, max_new_tokens=3)
+    text, finish, usage, _ = ask(client, [user(QUESTION, image)], stream=True, temperature=2.5, top_p=0.9, seed=11,
+                                 max_completion_tokens=3)
+    assert text == expected.text and usage.completion_tokens == len(expected.tokens)
+    assert finish == ("length" if expected.stop_reason == "max new tokens" else "stop")
+    greedy = ask(client, [user(QUESTION, image)], stream=False, temperature=0)[0]
+    # A stop sequence ends the answer before it, and the finish reason says stop.
+    words = greedy.split()
+    text, finish, _, _ = ask(client, [user(QUESTION, image)], stream=True, stop=[" " + words[-1]])
+    assert text == " ".join(words[:-1]) and finish == "stop"
+    text, finish, usage, _ = ask(client, [user(QUESTION, image)], stream=False, max_tokens=1)
+    assert text == words[0] and finish == "length" and usage.completion_tokens == 1
+
+
+def test_access_needs_the_key_but_health_and_the_page_do_not(toy):
+    server, _ = toy
+    for key in (None, "wrong-key"):
+        with pytest.raises(openai.AuthenticationError):
+            server.client(key).models.list()
+        with pytest.raises(openai.AuthenticationError):
+            server.client(key).chat.completions.create(model="toy", messages=[user("hi")])
+    assert [m.id for m in server.client().models.list().data] == ["toy"]
+    assert json.loads(call("GET", server.url + "/health", key=None)[1])["status"] == "ok"
+    assert b"<html" in call("GET", server.url + "/", key=None)[1]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels and holds none: decoding it would fail, so a
+    refusal that names the pixel count shows the size was checked before decoding."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("change, status, message", [
+    ({"n": 2}, 400, "`n` > 1 is not supported"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "`tools` is not supported"),
+    ({"logprobs": True}, 400, "`logprobs` is not supported"),
+    ({"messages": [user("x", "https://example.com/a.png")]}, 400, "remote image URLs are not fetched"),
+    ({"messages": [user("x", "file:///etc/passwd")]}, 400, "must be a data: URL"),
+    ({"messages": [user("x", "data:image/png;base64," + base64.b64encode(png_header_only(3000, 3000)).decode())]},
+     400, "3000x3000 = 9000000 pixels, over the 1000000 allowed"),
+    ({"messages": [user("x", "data:image/png;base64," + base64.b64encode(png_header_only(60000, 60000)).decode())]},
+     400, "too many pixels"),
+    ({"messages": [user("x", "data:image/png;base64," + "A" * (2**20 * 4 // 3 + 8))]}, 413, "over 1 MiB"),
+    ({"messages": [user("x", "data:image/png;base64,not base64!")]}, 400, "not valid base64"),
+    ({"messages": [user("word " * SEQ)]}, 400, f"tokens and the model holds {SEQ}"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "the last message must be the user's"),
+    ({"messages": [{"role": "tool", "content": "1"}, user("x")]}, 400, "role 'tool' is not supported"),
+    ({"max_tokens": 0}, 400, "`max_tokens` must be at least 1"),
+    ({"temperature": -1}, 400, "temperature must be a positive number"),
+    ({"stream": True, "messages": [user("word " * SEQ)]}, 400, "tokens and the model holds"),
+])
+def test_requests_lvb_cannot_honour_are_refused_with_the_reason(toy, change, status, message):
+    server, _ = toy
+    body = {"model": "toy", "messages": [user("hi")], **change}
+    code, reply = call("POST", server.url + "/v1/chat/completions", json.dumps(body).encode())
+    assert code == status, reply
+    assert message in json.loads(reply)["error"]["message"]
+    assert "\n" not in json.loads(reply)["error"]["message"]
+    assert json.loads(call("GET", server.url + "/health")[1])["status"] == "ok"
+
+
+def test_a_body_over_the_cap_is_refused_before_it_is_read(toy):
+    server, _ = toy
+    connection = http.client.HTTPConnection(*server.url.rsplit("/", 1)[1].split(":"), timeout=60)
+    connection.putrequest("POST", "/v1/chat/completions")
+    for name, value in (("Authorization", f"Bearer {KEY}"), ("Content-Type", "application/json"),
+                        ("Content-Length", str(LIMITS.body_bytes + 1))):
+        connection.putheader(name, value)
+    connection.endheaders()  # and not one byte of the body: the answer must come anyway
+    response = connection.getresponse()
+    assert response.status == 413 and "over the" in json.loads(response.read())["error"]["message"]
+    connection.close()
+
+
+def test_a_full_queue_answers_429_and_every_accepted_request_is_answered(toy):
+    """The test holds the engine, so MAX_QUEUE + 1 requests (one running, the rest waiting) fill
+    the queue whatever the timing; the next gets 429 with Retry-After, then all the others finish."""
+    server, _ = toy
+    pictures = sample(MAX_QUEUE + 2, seed=99)
+    results: dict[int, object] = {}
+
+    def call(i: int) -> None:
+        try:
+            results[i] = ask(server.client(), [user(QUESTION, pictures[i][0])], stream=i % 2 == 0)[0]
+        except openai.RateLimitError as e:
+            results[i] = e
+
+    with server.worker.busy:
+        threads = []
+        for i in range(MAX_QUEUE + 1):
+            threads.append(threading.Thread(target=call, args=(i,)))
+            threads[-1].start()
+        deadline = time.monotonic() + 30
+        while server.worker.pending < MAX_QUEUE + 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        call(MAX_QUEUE + 1)
+        refused = results.pop(MAX_QUEUE + 1)
+        assert isinstance(refused, openai.RateLimitError)
+        assert int(refused.response.headers["Retry-After"]) >= 1
+    for thread in threads:
+        thread.join()
+    assert results == {i: pictures[i][1] for i in range(MAX_QUEUE + 1)}  # each answer names its own picture
+
+
+@pytest.fixture(scope="module")
+def babbler(export_factory, checkpoint_factory):
+    """A server on a random-weight fixture, whose answers run on to max_tokens: long enough to hang up in."""
+    name = "gqa2-cross-last"
+    server = Server(Session(Checkpoint.load(checkpoint_factory(name)), open_engine("onnxruntime", onnx_work=export_factory(name))))
+    yield server
+    server.stop()
+
+
+def test_a_client_that_hangs_up_frees_the_engine_within_a_token(babbler):
+    server = babbler
+    body = {"model": "toy", "messages": [user("Hello")], "max_tokens": SEQ, "stream": True}
+    connection = http.client.HTTPConnection(*server.url.rsplit("/", 1)[1].split(":"), timeout=60)
+    connection.request("POST", "/v1/chat/completions", json.dumps(body),
+                       {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    events = [line for line in (response.readline() for _ in range(6)) if line.startswith(b"data: ")]
+    assert len(events) == 3 and b"[DONE]" not in events[-1]
+    connection.close()  # mid-answer
+    server.idle()
+    job = server.worker.last_job
+    assert job.cancelled.is_set() and server.worker.cancelled == 1
+    assert job.pieces_after_cancel <= 1
+    # The engine is free and the conversation state is sound: the next request is answered in full.
+    text, finish, usage, _ = ask(server.client(), [user("Hello")], stream=False, max_tokens=8)
+    assert finish == "length" and usage.completion_tokens == 8
+
+    # A client that leaves while waiting in the queue costs the engine nothing.
+    with server.worker.busy:
+        payload = json.dumps(body).encode()
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as raw:  # no answer comes while the engine is held
+            raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+            deadline = time.monotonic() + 10
+            while not server.worker.pending and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert server.worker.pending == 1
+        time.sleep(0.2)  # the server notices the hang-up
+    server.idle()
+    assert server.worker.cancelled == 2 and server.worker.last_job.pieces_after_cancel == 0
+
+
+def test_the_lean_runtime_does_not_import_the_server():
+    code = ("import sys, lvb.cli, lvb.runtime.pipeline, lvb.runtime.backends; "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'lvb.serve') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's, installed by `make setup`; Playwright's own download needs the internet
+
+
+def test_the_page_answers_a_picture_in_chromium(toy, tmp_path):
+    """The page at / in a real headless Chromium: enter the key it asks for, pick a picture, ask,
+    read the streamed answer and its figures; the screenshot stays as the test's artifact."""
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: run `make setup` (it installs Debian's chromium)"
+    server, _ = toy
+    image, answer = sample(1, seed=31)[0]
+    picture, screenshot = tmp_path / "picture.png", tmp_path / "page.png"
+    image.save(picture)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 640})
+            page.goto(server.url + "/")
+            page.wait_for_selector("#key-row.shown")  # the page found out that the server needs a key
+            page.fill("#key", KEY)
+            page.click("#save-key")
+            page.wait_for_function("document.getElementById('model').textContent.startsWith('toy')")
+            page.set_input_files("#file", str(picture))
+            page.wait_for_selector("#preview")
+            page.fill("#prompt", QUESTION)
+            page.click("#send")
+            page.wait_for_selector(".message.assistant.done", timeout=60_000)
+            text = page.inner_text(".message.assistant .text")
+            stats = page.inner_text(".message.assistant .stats")
+            page.fill("#prompt", "What colour is it?")  # a follow-up without a picture
+            page.keyboard.press("Enter")
+            page.wait_for_selector(".message.assistant.done >> nth=1", timeout=60_000)
+            page.screenshot(path=str(screenshot))
+            page.click("#new-chat")
+            assert page.locator(".message").count() == 0
+        finally:
+            browser.close()
+    print(f"\nscreenshot of the page: {screenshot}")
+    assert text == answer
+    assert re.search(r"first token \d+ ms", stats) and re.search(r"[\d.]+ tokens/s", stats), stats
+
+
+class FailingEngine:
+    """The real onnxruntime engine, made to fail the next vision run when told to: the server's
+    handling of an engine failure is under test here, not the engine."""
+
+    def __init__(self, engine):
+        self.engine, self.fail_next = engine, False
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def run(self, net, feeds, store=None):
+        if self.fail_next and net == "vision_embed":
+            self.fail_next = False
+            raise EngineError("vision_embed: device returned error 3 (stand-in failure)")
+        return self.engine.run(net, feeds, store)
+
+
+def test_an_engine_error_is_a_500_and_the_server_goes_on(babbler):
+    server = babbler
+    runner = server.worker.session.runner  # runs every net of the session
+    engine = runner.engine
+    failing = FailingEngine(engine)
+    runner.engine = failing
+    try:
+        image, _ = sample(1, seed=8)[0]
+        failing.fail_next = True
+        code, reply = call("POST", server.url + "/v1/chat/completions",
+                           json.dumps({"model": "toy", "messages": [user(QUESTION, image)], "max_tokens": 4}).encode())
+        message = json.loads(reply)["error"]["message"]
+        assert code == 500 and "device returned error 3" in message and "\n" not in message
+        text, finish, usage, _ = ask(server.client(), [user(QUESTION, image)], stream=True, max_tokens=4)
+        assert usage.completion_tokens == 4 and usage.prompt_tokens_details.cached_tokens == 0
+    finally:
+        runner.engine = engine
+    assert server.worker.failed == 1
+
+
+def test_the_simulator_backend_serves(compile_factory, checkpoint_factory):
+    """One short exchange on the BM1684X simulator (the bmodel test_runtime compiles too)."""
+    name = "gqa2-cross-last"
+    with open_engine("cmodel", bmodel=compile_factory(name, "int8")) as engine:
+        server = Server(Session(Checkpoint.load(checkpoint_factory(name)), engine))
+        try:
+            image, _ = sample(1, seed=9)[0]
+            history = [user(QUESTION, image)]
+            client = server.client(timeout=1800)  # a guard only: the simulator is slow on a busy machine
+            first = ask(client, history, stream=True, max_tokens=3)
+            assert first[1] == "length" and first[2].completion_tokens == 3
+            history += [{"role": "assistant", "content": first[0]}, user("More?")]
+            text, finish, usage, headers = ask(client, history, stream=False, max_tokens=2)
+            assert usage.completion_tokens == 2
+            assert int(headers["x-lvb-prefilled-tokens"]) <= usage.prompt_tokens - first[2].prompt_tokens
+        finally:
+            server.stop()
+
+
+def test_the_command_serves_with_the_key_from_the_environment(toy_export, tmp_path):
+    """`lvb serve` itself, as a subprocess on loopback, with LVB_API_KEY."""
+    import os
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    model = Path(__file__).resolve().parent.parent / "models" / "toy"
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "lvb.cli", "serve", "--model", str(model), "--onnx", str(toy_export),
+                                    "--port", str(port), "--max-queue", "1"],
+                                   env=dict(os.environ, LVB_API_KEY=KEY), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if call("GET", url + "/health", key=None)[0] == 200:
+                    break
+            except urllib.error.URLError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert call("GET", url + "/v1/models", key=None)[0] == 401
+        image, answer = sample(1, seed=12)[0]
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        assert ask(client, [user(QUESTION, image)], stream=True)[0] == answer
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "prefilled" in log.read_text()  # the per-request log line
