@@ -339,7 +339,7 @@ def main() -> int:
     print("\nGoals (issue 17): first-token FLOPs vs the reference")
     for tiles, goal in goals.items():
         if tiles in results:
-            print(f"  {tiles} tile(s): {results[tiles]:.2f}x (goal <= {goal}) {'met' if results[tiles] <= goal else 'MISSED'}")
+            print(f"  {tiles} tile(s): {results[tiles]:.3f}x (goal <= {goal}) {'met' if results[tiles] <= goal else 'MISSED'}")
     decode_ratio = float(rows[1][4])
     print(f"  decode bytes/token at {spec.vision.max_num_tiles} tiles: {decode_ratio:.3f}x (goal <= 0.9) "
           f"{'met' if decode_ratio <= 0.9 else 'MISSED'}")
