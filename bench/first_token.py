@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 from common import table  # noqa: E402
 
-from lvb.contract import Kind, NetSpec, padded_patches, plan  # noqa: E402
+from lvb.contract import Kind, NetSpec, chunk_for, chunk_sizes, padded_patches, plan, vision_nets  # noqa: E402
 from lvb.spec import ModelSpec  # noqa: E402
 
 CONFIG = REPO / "tests" / "data" / "llama-3.2-11b-vision.config.json"
@@ -194,22 +194,31 @@ def lvb_call(net: NetSpec, spec: ModelSpec, quant: str, head_quant: str) -> Call
     return Call(net.name, flops, wb, io_bytes(net))
 
 
-def lvb_first_token(spec: ModelSpec, seq: int, chunk: int, tiles: int, prompt: int, quant: str,
+def stage_of(net: NetSpec, width: int) -> NetSpec:
+    """The stage of a prefill net that takes `width` tokens."""
+    return next(s for s in net.stages if s.inputs[0].shape[1] == width)
+
+
+def lvb_first_token(spec: ModelSpec, seq: int, chunks: tuple[int, ...], tiles: int, prompt: int, quant: str,
                     head_quant: str) -> list[Call]:
     """The calls of lvb's first token: the vision nets at the tile count the contract
-    gives them, cross K/V once, the prompt in chunks, the LM head and greedy head."""
-    nets = {n.name: n for n in plan(spec, seq, chunk)}
-    calls = [lvb_call(n, spec, quant, head_quant) for n in nets.values() if n.kind.is_vision]
+    gives them, cross K/V once, the prompt in chunks as the runtime picks them
+    (lvb.contract.chunk_for), the LM head and greedy head."""
+    nets = {n.name: n for n in plan(spec, seq, chunks)}
+    calls = [lvb_call(nets[n.name], spec, quant, head_quant) for n in vision_nets(spec)]
     calls += [lvb_call(nets[f"cross_kv_{i}"], spec, quant, head_quant) for i in spec.text.cross_attention_layers]
-    for _ in range(math.ceil(prompt / chunk)):
-        calls.append(lvb_call(nets["embed"], spec, quant, head_quant))
-        calls += [lvb_call(nets[f"block_{i}"], spec, quant, head_quant) for i in range(spec.text.num_layers)]
+    remaining = prompt
+    while remaining > 0:
+        width = chunk_for(remaining, chunks)
+        calls.append(lvb_call(stage_of(nets["embed"], width), spec, quant, head_quant))
+        calls += [lvb_call(stage_of(nets[f"block_{i}"], width), spec, quant, head_quant) for i in range(spec.text.num_layers)]
+        remaining -= width
     calls += [lvb_call(nets[name], spec, quant, head_quant) for name in ("lm_head", "greedy_head")]
     return calls
 
 
-def lvb_decode(spec: ModelSpec, seq: int, chunk: int, tiles: int, quant: str, head_quant: str) -> list[Call]:
-    nets = {n.name: n for n in plan(spec, seq, chunk)}
+def lvb_decode(spec: ModelSpec, seq: int, chunks: tuple[int, ...], tiles: int, quant: str, head_quant: str) -> list[Call]:
+    nets = {n.name: n for n in plan(spec, seq, chunks)}
     names = ["embed_cache", *(f"block_cache_{i}" for i in range(spec.text.num_layers)), "lm_head", "greedy_head"]
     return [lvb_call(nets[name], spec, quant, head_quant) for name in names]
 
@@ -285,12 +294,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=CONFIG, help="an mllama config.json")
     parser.add_argument("--seq", type=int, default=512, help="lvb's compiled sequence")
-    parser.add_argument("--chunk", type=int, default=128, help="lvb's prefill chunk")
+    parser.add_argument("--chunk", default="128", help="lvb's prefill chunk sizes, e.g. 16,32,64,128 (as `lvb export --chunk`)")
     parser.add_argument("--quant", default="int4", choices=("int4", "int8", "bf16"), help="lvb's decoder blocks")
     parser.add_argument("--head-quant", default="bf16", choices=("int4", "int8", "bf16"), help="lvb's LM head")
     parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="tokens of the first turn")
     args = parser.parse_args()
     spec = ModelSpec.from_config(__import__("json").loads(args.config.read_text()))
+    chunks = chunk_sizes([int(c) for c in args.chunk.split(",")], args.seq)
 
     ref_ft = reference_first_token(spec)
     ref_dec = reference_decode(spec)
@@ -310,7 +320,7 @@ def main() -> int:
     rows = []
     results = {}
     for tiles in grid_tiles(spec):
-        calls = lvb_first_token(spec, args.seq, args.chunk, tiles, args.prompt_tokens, args.quant, args.head_quant)
+        calls = lvb_first_token(spec, args.seq, chunks, tiles, args.prompt_tokens, args.quant, args.head_quant)
         flops, moved, seconds = totals(calls)
         vision = sum(c.flops for c in calls if c.net.startswith("vision"))
         results[tiles] = flops / rf_flops
@@ -323,7 +333,7 @@ def main() -> int:
 
     rows = []
     for label, quant, head in (("lvb", args.quant, args.head_quant), ("lvb, --head-quant int4", args.quant, "int4")):
-        calls = lvb_decode(spec, args.seq, args.chunk, spec.vision.max_num_tiles, quant, head)
+        calls = lvb_decode(spec, args.seq, chunks, spec.vision.max_num_tiles, quant, head)
         flops, moved, seconds = totals(calls)
         weights = sum(c.weight_bytes for c in calls)
         rows.append([label, f"{weights / 1e9:.2f}", f"{(moved - weights) / 1e9:.3f}", f"{moved / 1e9:.2f}",

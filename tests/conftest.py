@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import CHUNK, SEQ
+from helpers import SEQ, chunks_of
 from lvb.testing.checkpoints import GEOMETRIES, write_checkpoint
 
 # Fixtures whose users need the toolchain: they are marked without being named twice.
@@ -53,7 +53,7 @@ def export_factory(tmp_path_factory, checkpoint_factory):
     def make(name: str):
         if name not in done:
             work = tmp_path_factory.mktemp(f"work-{name}")
-            export(checkpoint_factory(name), work, seq=SEQ, chunk=CHUNK)
+            export(checkpoint_factory(name), work, seq=SEQ, chunks=chunks_of(name))
             done[name] = work
         return done[name]
 

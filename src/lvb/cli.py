@@ -15,11 +15,12 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import lvb
 from lvb.compile.tpumlir import DEFAULT_GROUP_SIZE
-from lvb.contract import DEFAULT_CHUNK, DEFAULT_SEQ
+from lvb.contract import DEFAULT_CHUNKS, DEFAULT_SEQ
 from lvb.errors import LvbError
 
 app = typer.Typer(
@@ -40,7 +41,7 @@ ToolchainOption = Annotated[
 
 def fail(message: str) -> typer.Exit:
     """Print one line naming the problem and its fix; the caller raises the result."""
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # messages quote paths and input
     return typer.Exit(code=1)
 
 
@@ -100,10 +101,17 @@ def export(
     model: Annotated[Path, typer.Option("--model", help="Checkpoint folder (config.json, safetensors, tokenizer).")],
     out: Annotated[Path, typer.Option("--out", help="Work directory; the nets go to OUT/export.")],
     seq: Annotated[int, typer.Option(help="Sequence length the KV cache holds (prompt + answer, all turns).")] = DEFAULT_SEQ,
-    chunk: Annotated[int, typer.Option(help="Tokens per prefill call; at most --seq.")] = DEFAULT_CHUNK,
+    chunk: Annotated[str, typer.Option(
+        help="Tokens per prefill call, at most --seq; a list such as 16,32,64,128 gives the prefill nets one stage "
+             "per size, and a turn is prefilled with the smallest that holds it.")] = ",".join(map(str, DEFAULT_CHUNKS)),
 ) -> None:
     """Export every part to ONNX (opset 17), one layer at a time, each checked against PyTorch."""
     from lvb.export.exporter import export as run_export
+
+    try:
+        chunks = [int(c) for c in chunk.split(",")]
+    except ValueError:
+        raise fail(f"--chunk {chunk}: give one size or a comma-separated list of sizes, such as 16,32,64,128") from None
 
     with _progress() as progress:
         task = progress.add_task("exporting", total=None, detail="")
@@ -112,7 +120,7 @@ def export(
             progress.update(task, completed=done, total=total, detail=net)
 
         try:
-            manifest = run_export(model, out, seq=seq, chunk=chunk, progress=report)
+            manifest = run_export(model, out, seq=seq, chunks=chunks, progress=report)
         except LvbError as e:
             raise fail(str(e))
     nets = manifest["nets"]

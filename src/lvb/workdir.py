@@ -30,7 +30,7 @@ COMPILE_VERSION = 1
 # Files up to this size are hashed when recorded and checked; larger ones (bmodels at
 # 11B widths are gigabytes) by size alone.
 HASH_LIMIT = 64 << 20
-CHECK_FILE = "check.npz"
+CHECK_FILE = "check.npz"  # the largest stage's; a smaller prefill stage i has check.stage<i>.npz
 REPORT_FILE = "report.json"
 
 
@@ -56,8 +56,9 @@ class WorkDir:
     def onnx(self, entry: dict) -> Path:
         return self.export / entry["file"]
 
-    def check_file(self, net: str) -> Path:
-        return self.net_dir(net) / CHECK_FILE
+    def check_file(self, net: str, stage: int = 0) -> Path:
+        """The export's check inputs and outputs for stage `stage` (0: the largest) of a net."""
+        return self.net_dir(net) / (CHECK_FILE if stage == 0 else f"check.stage{stage}.npz")
 
     def compile_net(self, net: str) -> Path:
         return self.compile / net
