@@ -3,11 +3,13 @@
     export/manifest.json            what was exported, from what, with which settings
     export/<net>/<net>.onnx         a net's graph, <net>.weights its weights
     export/<net>/check.npz          the inputs it was checked on and onnxruntime's outputs
-    compile/<net>/mlir-<key>/       model_transform.py's output (shared by all quantizations)
-    compile/<net>/<key>/            one deploy: the bmodel, its log and result.json
+    export/<net>/check.stage<i>.npz the same for a prefill net's smaller stage i
+    compile/<net>/mlir-<key>/       model_transform.py's output (shared by all quantizations), one per stage
+    compile/<net>/<key>/            one deploy: the bmodel, its log and result.json (stage<i>/ per stage
+                                    when there are several; <net>.bmodel joins them)
     compile/logs/                   one log per job of the last run
     compile/<bmodel stem>.json      the manifest of one combined bmodel
-    <model>_<tag>_seq<S>_chunk<C>_<chip>.bmodel   a combined bmodel
+    <model>_<tag>_seq<S>_chunk<C>_<chip>.bmodel   a combined bmodel (<C>: the chunk sizes, 16-32-64-128)
     verify/<bmodel stem or onnxruntime>/report.json, report.html
 
 Every file here is written to a temporary name and renamed into place, so a
