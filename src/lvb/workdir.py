@@ -27,7 +27,7 @@ from pathlib import Path
 
 from lvb.errors import LvbError
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: settings name the prefill chunk sizes (chunks), nets may carry smaller stages
 COMPILE_VERSION = 1
 # Files up to this size are hashed when recorded and checked; larger ones (bmodels at
 # 11B widths are gigabytes) by size alone.
