@@ -190,7 +190,7 @@ def main() -> int:
         from lvb.export.exporter import export
 
         print(f"exporting the toy to {work}", flush=True)
-        export(TOY, work, seq=args.seq, chunk=args.chunk)
+        export(TOY, work, seq=args.seq, chunks=args.chunk)
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CHUNK, SEQ
+from helpers import CHUNK, SEQ, chunks_of
 from lvb.testing.checkpoints import GEOMETRIES, write_checkpoint
 
 # Fixtures whose users need the toolchain: they are marked without being named twice.
@@ -58,7 +58,7 @@ def export_factory(tmp_path_factory, checkpoint_factory):
     def make(name: str):
         if name not in done:
             work = tmp_path_factory.mktemp(f"work-{name}")
-            export(checkpoint_factory(name), work, seq=SEQ, chunk=CHUNK)
+            export(checkpoint_factory(name), work, seq=SEQ, chunks=chunks_of(name))
             done[name] = work
         return done[name]
 
@@ -108,10 +108,8 @@ def toy_pipeline(tmp_path_factory):
 @pytest.fixture(scope="session")
 def toy_export(tmp_path_factory):
     """Work directory holding the trained toy's export (models/toy), made once per session."""
-    from pathlib import Path
-
     from lvb.export.exporter import export
 
     work = tmp_path_factory.mktemp("work-toy")
-    export(Path(__file__).resolve().parent.parent / "models" / "toy", work, seq=SEQ, chunk=CHUNK)
+    export(Path(__file__).resolve().parent.parent / "models" / "toy", work, seq=SEQ, chunks=(CHUNK,))
     return work

@@ -9,6 +9,14 @@ from typer.testing import CliRunner
 
 # Small enough for the simulator, long enough for a few turns with an image.
 SEQ, CHUNK = 160, 32
+# One fixture is exported with two prefill chunk sizes, so that every test over the fixtures
+# (onnxruntime parity, compile and simulator checks) also covers nets with stages.
+CHUNKS = {"mha-cross-first": (CHUNK, 8)}
+
+
+def chunks_of(name: str) -> tuple[int, ...]:
+    """The prefill chunk sizes a fixture is exported with, largest first."""
+    return CHUNKS.get(name, (CHUNK,))
 
 runner = CliRunner()
 

@@ -57,3 +57,12 @@ def test_doctor_proves_the_real_toolchain(monkeypatch):
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 0, result.output
     assert "toolchain works" in result.output and "cosine 0.99" in result.output
+
+
+@pytest.mark.parametrize("chunk, problem", [("16,abc", "comma-separated list"), ("8,4096", "between 1 and --seq")])
+def test_export_names_a_bad_chunk_list(chunk, problem, checkpoint_factory, tmp_path):
+    from helpers import one_error_line
+
+    output = one_error_line(["export", "--model", str(checkpoint_factory("mha-cross-first")), "--out", str(tmp_path),
+                             "--seq", "160", "--chunk", chunk])
+    assert problem in output and not (tmp_path / "export" / "manifest.json").exists()

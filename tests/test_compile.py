@@ -13,7 +13,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from helpers import CHUNK, SEQ, one_error_line
+from helpers import SEQ, chunks_of, one_error_line
 from lvb.cli import app
 from lvb.check import ONNX_VS_BMODEL
 from lvb.compile.compiler import CompileSettings, Compiler
@@ -41,7 +41,7 @@ def manifest(bmodel):
 def test_every_net_compiles_and_matches_onnxruntime_on_the_simulator(name, quant, compile_factory, export_factory):
     bmodel = compile_factory(name, quant)
     work = export_factory(name)
-    assert bmodel.name == f"{name}_{quant}_g64_seq{SEQ}_chunk{CHUNK}_bm1684x.bmodel"
+    assert bmodel.name == f"{name}_{quant}_g64_seq{SEQ}_chunk{'-'.join(map(str, sorted(chunks_of(name))))}_bm1684x.bmodel"
     exported = json.loads((work / "export" / "manifest.json").read_text())["nets"]
     compiled = manifest(bmodel)["nets"]
     assert list(compiled) == list(exported)

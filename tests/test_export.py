@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import CHUNK, SEQ, one_error_line, scale_weights
+from helpers import CHUNK, SEQ, chunks_of, one_error_line, scale_weights
 from lvb.contract import plan
 from lvb.export import exporter
 from lvb.export.exporter import export
@@ -19,13 +19,12 @@ def test_every_net_is_exported_and_matches_pytorch(name, export_factory, checkpo
     work = export_factory(name)
     manifest = json.loads((work / "export" / "manifest.json").read_text())
     spec = ModelSpec.from_dir(checkpoint_factory(name))
-    expected = plan(spec, SEQ, CHUNK)
+    expected = plan(spec, SEQ, chunks_of(name))
     assert list(manifest["nets"]) == [n.name for n in expected]
     for net in expected:
         entry = manifest["nets"][net.name]
         assert entry["kind"] == net.kind.value and entry["layer"] == net.layer
-        assert entry["inputs"] == [t.to_json() for t in net.inputs]
-        assert entry["outputs"] == [t.to_json() for t in net.outputs]
+        assert entry == entry | net.to_json()  # shapes of every stage
         assert (work / "export" / entry["file"]).is_file()
         assert entry["check"]["cosine"] >= 0.99999, net.name
     # Cross-attention K/V stay at the KV heads, never repeated to the query heads.
@@ -46,7 +45,7 @@ def test_check_catches_a_wrong_export(checkpoint_factory, tmp_path, monkeypatch)
 
     monkeypatch.setattr(exporter, "_export_onnx", broken)
     with pytest.raises(exporter.ExportError, match="block_cache_0: PyTorch vs onnxruntime cosine"):
-        export(checkpoint_factory("mha-cross-first"), tmp_path, seq=SEQ, chunk=CHUNK)
+        export(checkpoint_factory("mha-cross-first"), tmp_path, seq=SEQ, chunks=CHUNK)
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert "block_cache_0" not in manifest["nets"] and not (tmp_path / "export" / "block_cache_0").exists()
 
@@ -54,15 +53,15 @@ def test_check_catches_a_wrong_export(checkpoint_factory, tmp_path, monkeypatch)
 @pytest.mark.slow  # exports a whole checkpoint of its own
 def test_unchanged_nets_are_not_exported_again(checkpoint_factory, tmp_path, monkeypatch):
     model = checkpoint_factory("gqa2-cross-last")
-    export(model, tmp_path, seq=SEQ, chunk=CHUNK)
+    export(model, tmp_path, seq=SEQ, chunks=CHUNK)
     calls = []
     monkeypatch.setattr(exporter, "_export_onnx", lambda *a: calls.append(a[1].name))
-    export(model, tmp_path, seq=SEQ, chunk=CHUNK)
+    export(model, tmp_path, seq=SEQ, chunks=CHUNK)
     assert calls == []
     # Another chunk size changes the chunked nets and nothing else.
     monkeypatch.undo()
     before = json.loads((tmp_path / "export" / "manifest.json").read_text())["nets"]
-    export(model, tmp_path, seq=SEQ, chunk=CHUNK // 2)
+    export(model, tmp_path, seq=SEQ, chunks=CHUNK // 2)
     after = json.loads((tmp_path / "export" / "manifest.json").read_text())["nets"]
     changed = {n for n in after if after[n]["key"] != before[n]["key"]}
     assert changed == {"embed"} | {f"block_{i}" for i in range(4)}
@@ -82,7 +81,7 @@ def test_interrupted_export_leaves_only_finished_nets(checkpoint_factory, tmp_pa
 
     monkeypatch.setattr(exporter.Exporter, "_check_and_keep", dies_on_the_fourth)
     with pytest.raises(KeyboardInterrupt):
-        export(model, tmp_path, seq=SEQ, chunk=CHUNK)
+        export(model, tmp_path, seq=SEQ, chunks=CHUNK)
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert list(manifest["nets"]) == finished
     leftovers = [p.name for p in (tmp_path / "export").iterdir() if p.is_dir() and p.name not in finished]
@@ -91,7 +90,7 @@ def test_interrupted_export_leaves_only_finished_nets(checkpoint_factory, tmp_pa
     exported = []
     real_export = exporter._export_onnx
     monkeypatch.setattr(exporter, "_export_onnx", lambda module, net, *a: (exported.append(net.name), real_export(module, net, *a)))
-    export(model, tmp_path, seq=SEQ, chunk=CHUNK)
+    export(model, tmp_path, seq=SEQ, chunks=CHUNK)
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert set(exported) == set(manifest["nets"]) - set(finished)  # resumed, nothing done twice
 
@@ -111,7 +110,7 @@ def test_streaming_reads_one_layer_at_a_time(checkpoint_factory, tmp_path, monke
         return tensors
 
     monkeypatch.setattr(CheckpointWeights, "load", recording)
-    export(model, tmp_path, seq=SEQ, chunk=CHUNK)
+    export(model, tmp_path, seq=SEQ, chunks=CHUNK)
     layers = {int(p.split(".layers.")[1].split(".")[0]) for p, _ in loads if p.startswith("language_model.model.layers.")}
     assert layers == set(range(spec.text.num_layers))  # every layer read by a prefix of its own
     assert max(n for _, n in loads) < total / 2  # never the whole model, or anything near it

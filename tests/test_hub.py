@@ -124,7 +124,7 @@ def test_export_records_the_repo_and_names_the_model_after_it(hf_home, tmp_path)
     snapshot = hf_home / "hub" / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT
     source = resolve_model(snapshot)
     assert source.directory == snapshot and source.repo_id is None
-    exporter = Exporter(snapshot, tmp_path / "w", ExportSettings(seq=160, chunk=32),
+    exporter = Exporter(snapshot, tmp_path / "w", ExportSettings(seq=160, chunks=(32,)),
                         source={"name": "toy-vision", "repo_id": REPO, "commit": COMMIT})
     assert exporter.manifest["model"] == {"dir": str(snapshot), "name": "toy-vision", "repo_id": REPO, "commit": COMMIT}
 

@@ -63,7 +63,7 @@ def test_manifest_lists_every_file_with_its_sha256_and_no_weights(packed, toy_wo
     assert packed.manifest["versions"]["tpu_mlir"] and packed.manifest["versions"]["lvb"]
     exported = json.loads((toy_work / "export" / "manifest.json").read_text())["settings"]
     assert packed.manifest["settings"]["quant"] == "int4"
-    assert (packed.manifest["settings"]["seq"], packed.manifest["settings"]["chunk"]) == (exported["seq"], exported["chunk"])
+    assert (packed.manifest["settings"]["seq"], packed.manifest["settings"]["chunks"]) == (exported["seq"], exported["chunks"])
 
 
 def test_the_tar_holds_the_same_package(packed, tmp_path):

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from helpers import CHUNK, SEQ
+from helpers import CHUNKS, SEQ
 from lvb.cli import app
 from lvb.runtime.backends import open_engine
 from lvb.masks import cross_attention_mask
@@ -188,3 +188,38 @@ def test_simulator_backend_runs_a_chat(compile_factory, checkpoint_factory):
     assert len(first.tokens) == 3 and len(second.tokens) == 2
     assert second.stats.prefilled_tokens <= second.stats.prompt_tokens - first.stats.prompt_tokens
     assert first.stats.first_token_seconds > 0
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "cmodel"])
+def test_each_prefill_call_takes_the_smallest_chunk_that_holds_the_rest(backend, checkpoint_factory, export_factory,
+                                                                         compile_factory):
+    """A fixture exported with several chunk sizes (its chats are checked against
+    transformers with the other fixtures): each prefill call uses the smallest stage that
+    holds what is left (the largest while more remains), and a small stage computes what
+    the large one does, on onnxruntime and on the simulator's combined multi-stage nets."""
+    from lvb.numerics import cosine
+    from lvb.runtime.runner import Buffers
+
+    name, chunks = next(iter(CHUNKS.items()))
+    small, large = min(chunks), max(chunks)
+    source = {"onnx_work": export_factory(name)} if backend == "onnxruntime" else {"bmodel": compile_factory(name, "int4")}
+    with open_engine(backend, **source) as engine:
+        runner = Session(Checkpoint.load(checkpoint_factory(name)), engine).runner
+        assert runner.chunks == chunks
+        widths, run = [], engine.run
+
+        def watch(net, feeds, store=None):
+            if net == "embed":
+                widths.append(feeds["input_ids"].shape[1])
+            return run(net, feeds, store)
+
+        engine.run = watch
+        ids = list(range(1, large + small))
+        last = []
+        for length in (small - 3, large + small - 1):  # one small call; a large call, then a small one
+            hidden = runner.prefill(ids[:length], 0, None)
+            last.append(engine.read(Buffers.HIDDEN)[0, hidden.start])
+        assert widths == [small, large, small]
+        runner.chunks = (large,)  # the same first turn through the large stage alone
+        hidden = runner.prefill(ids[: small - 3], 0, None)
+        assert cosine(last[0], engine.read(Buffers.HIDDEN)[0, hidden.start]) > 0.9999

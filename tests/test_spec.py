@@ -96,3 +96,19 @@ def test_spec_is_frozen():
     spec = ModelSpec.from_config(published("llama-3.2-11b-vision"))
     with pytest.raises(AttributeError):
         spec.text.hidden_size = 1
+
+
+def test_prefill_nets_carry_a_stage_per_chunk_size():
+    from lvb.contract import NetSpec, chunk_for, plan
+
+    spec = ModelSpec.from_config(published("llama-3.2-11b-vision"))
+    nets = {n.name: n for n in plan(spec, 512, (32, 128, 16))}
+    staged = {name for name, net in nets.items() if net.smaller}
+    assert staged == {"embed"} | {f"block_{i}" for i in range(spec.text.num_layers)}
+    block = nets["block_0"]
+    assert [s.inputs[0].shape[1] for s in block.stages] == [128, 32, 16]  # largest first, as a bmodel needs them
+    assert [s.inputs[2].shape for s in block.stages] == [(1, 1, C, 512 + C) for C in (128, 32, 16)]
+    assert NetSpec.from_json(block.to_json()) == block
+    assert [chunk_for(n, (128, 32, 16)) for n in (1, 16, 17, 33, 128, 129, 600)] == [16, 16, 32, 128, 128, 128, 128]
+    with pytest.raises(ValueError, match="between 1 and seq 512"):
+        plan(spec, 512, (16, 1024))

@@ -20,7 +20,7 @@ from rich.table import Table
 
 import lvb
 from lvb.compile.tpumlir import DEFAULT_GROUP_SIZE
-from lvb.contract import DEFAULT_CHUNK, DEFAULT_SEQ
+from lvb.contract import DEFAULT_CHUNKS, DEFAULT_SEQ
 from lvb.errors import LvbError
 
 app = typer.Typer(
@@ -43,7 +43,7 @@ RevisionOption = Annotated[Optional[str], typer.Option("--revision", help="Branc
 
 def fail(message: str) -> typer.Exit:
     """Print one line naming the problem and its fix; the caller raises the result."""
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # messages quote paths and input
     return typer.Exit(code=1)
 
 
@@ -104,7 +104,9 @@ def export(
     out: Annotated[Path, typer.Option("--out", help="Work directory; the nets go to OUT/export.")],
     revision: RevisionOption = None,
     seq: Annotated[int, typer.Option(help="Sequence length the KV cache holds (prompt + answer, all turns).")] = DEFAULT_SEQ,
-    chunk: Annotated[int, typer.Option(help="Tokens per prefill call; at most --seq.")] = DEFAULT_CHUNK,
+    chunk: Annotated[str, typer.Option(
+        help="Tokens per prefill call, at most --seq; a list such as 16,32,64,128 gives the prefill nets one stage "
+             "per size, and a turn is prefilled with the smallest that holds it.")] = ",".join(map(str, DEFAULT_CHUNKS)),
 ) -> None:
     """Export every part to ONNX (opset 17), one layer at a time, each checked against PyTorch."""
     from lvb.hub import resolve_model
@@ -115,6 +117,11 @@ def export(
         raise fail(str(e))
     from lvb.export.exporter import export as run_export  # torch: only once the checkpoint is there
 
+    try:
+        chunks = [int(c) for c in chunk.split(",")]
+    except ValueError:
+        raise fail(f"--chunk {chunk}: give one size or a comma-separated list of sizes, such as 16,32,64,128") from None
+
     with _progress() as progress:
         task = progress.add_task("exporting", total=None, detail="")
 
@@ -122,7 +129,7 @@ def export(
             progress.update(task, completed=done, total=total, detail=net)
 
         try:
-            manifest = run_export(source.directory, out, seq=seq, chunk=chunk, progress=report, source=source.to_json())
+            manifest = run_export(source.directory, out, seq=seq, chunks=chunks, progress=report, source=source.to_json())
         except LvbError as e:
             raise fail(str(e))
     nets = manifest["nets"]

@@ -12,7 +12,10 @@ like the text layers: `vision_embed`, `vision_layer_{j}`, `vision_post`,
 
 Prefill is chunked: `block_{i}` takes C new tokens against the whole cache
 (S slots, masked to the filled ones), so the first prompt and every later
-turn use the same nets, and a short turn costs C tokens, not S.
+turn use the same nets, and a short turn costs C tokens, not S. The prefill
+nets (`embed`, `block_{i}`) exist at every chunk size of a list, the largest
+first, as tpu-mlir stages of one net that share its weights; a turn is
+prefilled with the smallest chunk that holds it, a long one with the largest.
 `block_cache_{i}` is the same computation for one token. A cross-attention
 layer's K/V depend only on the image: `cross_kv_{i}` computes them once per
 image, at KV heads, and its blocks repeat them to the query heads inside.
@@ -21,14 +24,15 @@ image, at KV heads, and its blocks repeat them to the query heads inside.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from lvb.spec import ModelSpec
 
-# What `lvb export` builds unless told otherwise: KV-cache slots and prefill chunk.
+# What `lvb export` builds unless told otherwise: KV-cache slots and prefill chunks.
 DEFAULT_SEQ = 512
-DEFAULT_CHUNK = 128
+DEFAULT_CHUNKS = (128,)  # `--chunk 16,32,64,128` prefills a short turn faster; each size is one more compile per layer
 
 # Added to attention scores that must be ignored. Large enough that exp()
 # underflows to 0 in fp32 and bf16, finite so that bf16 hardware and
@@ -53,8 +57,10 @@ class TensorInfo:
 @dataclass(frozen=True)
 class NetInfo:
     name: str
-    inputs: tuple[TensorInfo, ...]
+    inputs: tuple[TensorInfo, ...]  # of the largest stage
     outputs: tuple[TensorInfo, ...]
+    # The inputs of the net's smaller stages (the prefill nets at smaller chunks), largest first.
+    smaller: tuple[tuple[TensorInfo, ...], ...] = ()
 
 
 class Kind(str, Enum):
@@ -191,20 +197,46 @@ class NetSpec:
     layer: int | None
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
+    # The same net at smaller prefill chunks, largest first: tpu-mlir stages that share its
+    # weights. `inputs` and `outputs` are the largest stage's.
+    smaller: tuple[NetSpec, ...] = ()
+
+    @property
+    def stages(self) -> tuple[NetSpec, ...]:
+        """Every shape of the net, largest first (the order a combined bmodel needs them in)."""
+        return (self, *self.smaller)
 
     def to_json(self) -> dict:
-        return {
+        d = {
             "name": self.name,
             "kind": self.kind.value,
             "layer": self.layer,
             "inputs": [t.to_json() for t in self.inputs],
             "outputs": [t.to_json() for t in self.outputs],
         }
+        return d | ({"smaller": [s.to_json() for s in self.smaller]} if self.smaller else {})
 
     @classmethod
     def from_json(cls, d: dict) -> NetSpec:
         return cls(d["name"], Kind(d["kind"]), d["layer"], tuple(TensorInfo.from_json(t) for t in d["inputs"]),
-                   tuple(TensorInfo.from_json(t) for t in d["outputs"]))
+                   tuple(TensorInfo.from_json(t) for t in d["outputs"]),
+                   tuple(NetSpec.from_json(s) for s in d.get("smaller", ())))
+
+
+def chunk_sizes(chunks: int | Sequence[int], seq: int) -> tuple[int, ...]:
+    """The prefill chunk sizes, largest first; each between 1 and seq."""
+    sizes = (chunks,) if isinstance(chunks, int) else tuple(chunks)
+    bad = [c for c in sizes if not isinstance(c, int) or not 1 <= c <= seq]
+    if not sizes or bad:
+        raise ValueError(f"chunk sizes {list(sizes)} must be between 1 and seq {seq}")
+    return tuple(sorted(set(sizes), reverse=True))
+
+
+def chunk_for(tokens: int, chunks: Sequence[int]) -> int:
+    """The chunk to prefill `tokens` more tokens with: the smallest that holds them all,
+    else the largest (the rest goes in later chunks)."""
+    fitting = [c for c in chunks if c >= tokens]
+    return min(fitting) if fitting else max(chunks)
 
 
 def _t(name: str, *shape: int, dtype: str = "float32") -> TensorInfo:
@@ -235,10 +267,10 @@ def vision_nets(spec: ModelSpec) -> list[NetSpec]:
     return nets
 
 
-def plan(spec: ModelSpec, seq: int, chunk: int) -> list[NetSpec]:
-    """Every net of a model compiled for `seq` cache slots and `chunk`-token prefill."""
-    if not 1 <= chunk <= seq:
-        raise ValueError(f"chunk {chunk} must be between 1 and seq {seq}")
+def plan(spec: ModelSpec, seq: int, chunks: int | Sequence[int]) -> list[NetSpec]:
+    """Every net of a model compiled for `seq` cache slots and prefill in chunks of the
+    given sizes (one size, or several: the prefill nets then carry the smaller ones as stages)."""
+    sizes = chunk_sizes(chunks, seq)
     t, v, n = spec.text, spec.vision, Names
     D, KV, d, V = t.hidden_size, t.num_kv_heads, t.head_dim, v.tokens_per_image
     S = seq
@@ -246,39 +278,48 @@ def plan(spec: ModelSpec, seq: int, chunk: int) -> list[NetSpec]:
     def net(kind: Kind, layer: int | None, inputs, outputs) -> NetSpec:
         return NetSpec(net_name(kind, layer), kind, layer, tuple(inputs), tuple(outputs))
 
+    def embed(C: int) -> NetSpec:
+        return net(Kind.EMBED, None, (_t(n.INPUT_IDS, 1, C, dtype="int32"),), (_t(n.HIDDEN, 1, C, D),))
+
+    def block(layer: int, C: int, decode: bool) -> NetSpec:
+        if t.is_cross(layer):
+            kind = Kind.CROSS_DECODE if decode else Kind.CROSS_PREFILL
+            inputs = (
+                _t(n.HIDDEN, 1, C, D),
+                _t(n.CROSS_K, 1, V, KV, d),
+                _t(n.CROSS_V, 1, V, KV, d),
+                _t(n.CROSS_MASK, 1, 1, C, V),
+                _t(n.TEXT_ROW_MASK, 1, 1, C, 1),
+            )
+            outputs = (_t(n.HIDDEN, 1, C, D),)
+        else:
+            kind = Kind.SELF_DECODE if decode else Kind.SELF_PREFILL
+            inputs = (
+                _t(n.HIDDEN, 1, C, D),
+                _t(n.POSITION_IDS, 1, C, dtype="int32"),
+                _t(n.ATTENTION_MASK, 1, 1, C, S + C),
+                _t(n.PAST_K, 1, S, KV, d),
+                _t(n.PAST_V, 1, S, KV, d),
+            )
+            outputs = (_t(n.HIDDEN, 1, C, D), _t(n.K, 1, C, KV, d), _t(n.V, 1, C, KV, d))
+        return net(kind, layer, inputs, outputs)
+
+    def staged(make) -> NetSpec:
+        largest, *smaller = (make(C) for C in sizes)
+        return replace(largest, smaller=tuple(smaller))
+
     nets = vision_nets(spec)
     nets += [
         net(Kind.CROSS_KV, layer, (_t(n.CROSS_STATES, 1, V, D),), (_t(n.CROSS_K, 1, V, KV, d), _t(n.CROSS_V, 1, V, KV, d)))
         for layer in t.cross_attention_layers
     ]
     nets += [
-        net(Kind.EMBED, None, (_t(n.INPUT_IDS, 1, chunk, dtype="int32"),), (_t(n.HIDDEN, 1, chunk, D),)),
+        staged(embed),
         net(Kind.EMBED_CACHE, None, (_t(n.INPUT_IDS, 1, 1, dtype="int32"),), (_t(n.HIDDEN, 1, 1, D),)),
     ]
     for layer in range(t.num_layers):
-        for decode in (False, True):
-            C = 1 if decode else chunk
-            if t.is_cross(layer):
-                kind = Kind.CROSS_DECODE if decode else Kind.CROSS_PREFILL
-                inputs = (
-                    _t(n.HIDDEN, 1, C, D),
-                    _t(n.CROSS_K, 1, V, KV, d),
-                    _t(n.CROSS_V, 1, V, KV, d),
-                    _t(n.CROSS_MASK, 1, 1, C, V),
-                    _t(n.TEXT_ROW_MASK, 1, 1, C, 1),
-                )
-                outputs = (_t(n.HIDDEN, 1, C, D),)
-            else:
-                kind = Kind.SELF_DECODE if decode else Kind.SELF_PREFILL
-                inputs = (
-                    _t(n.HIDDEN, 1, C, D),
-                    _t(n.POSITION_IDS, 1, C, dtype="int32"),
-                    _t(n.ATTENTION_MASK, 1, 1, C, S + C),
-                    _t(n.PAST_K, 1, S, KV, d),
-                    _t(n.PAST_V, 1, S, KV, d),
-                )
-                outputs = (_t(n.HIDDEN, 1, C, D), _t(n.K, 1, C, KV, d), _t(n.V, 1, C, KV, d))
-            nets.append(net(kind, layer, inputs, outputs))
+        nets.append(staged(lambda C, layer=layer: block(layer, C, decode=False)))
+        nets.append(block(layer, 1, decode=True))
     nets += [
         net(Kind.LM_HEAD, None, (_t(n.HIDDEN, 1, 1, D),), (_t(n.LOGITS, 1, t.vocab_size),)),
         net(Kind.GREEDY_HEAD, None, (_t(n.LOGITS, 1, t.vocab_size),), (_t(n.TOKEN, 1, 1, dtype="int32"),)),

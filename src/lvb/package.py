@@ -157,7 +157,7 @@ def pack(work: Path, out: Path, quant: str | None = None, checkpoint: Path | Non
                       **{k: v for k, v in export.get("model", {}).items() if k in ("repo_id", "commit")}},
             "bmodel": compiled["bmodel"] if compiled else None,
             "onnx": onnx,
-            "settings": (compiled["settings"] if compiled else {}) | {k: export["settings"][k] for k in ("seq", "chunk")},
+            "settings": (compiled["settings"] if compiled else {}) | {k: export["settings"][k] for k in ("seq", "chunks")},
             "versions": {"lvb": lvb.__version__,
                          "tpu_mlir": compiled["toolchain"]["tpu_mlir"] if compiled else None}
                         | ({"export": export.get("versions", {})} if onnx else {}),

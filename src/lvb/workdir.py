@@ -3,11 +3,13 @@
     export/manifest.json            what was exported, from what, with which settings
     export/<net>/<net>.onnx         a net's graph, <net>.weights its weights
     export/<net>/check.npz          the inputs it was checked on and onnxruntime's outputs
-    compile/<net>/mlir-<key>/       model_transform.py's output (shared by all quantizations)
-    compile/<net>/<key>/            one deploy: the bmodel, its log and result.json
+    export/<net>/check.stage<i>.npz the same for a prefill net's smaller stage i
+    compile/<net>/mlir-<key>/       model_transform.py's output (shared by all quantizations), one per stage
+    compile/<net>/<key>/            one deploy: the bmodel, its log and result.json (stage<i>/ per stage
+                                    when there are several; <net>.bmodel joins them)
     compile/logs/                   one log per job of the last run
     compile/<bmodel stem>.json      the manifest of one combined bmodel
-    <model>_<tag>_seq<S>_chunk<C>_<chip>.bmodel   a combined bmodel
+    <model>_<tag>_seq<S>_chunk<C>_<chip>.bmodel   a combined bmodel (<C>: the chunk sizes, 16-32-64-128)
     verify/<bmodel stem or onnxruntime>/report.json, report.html
 
 Every file here is written to a temporary name and renamed into place, so a
@@ -25,12 +27,12 @@ from pathlib import Path
 
 from lvb.errors import LvbError
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: settings name the prefill chunk sizes (chunks), nets may carry smaller stages
 COMPILE_VERSION = 1
 # Files up to this size are hashed when recorded and checked; larger ones (bmodels at
 # 11B widths are gigabytes) by size alone.
 HASH_LIMIT = 64 << 20
-CHECK_FILE = "check.npz"
+CHECK_FILE = "check.npz"  # the largest stage's; a smaller prefill stage i has check.stage<i>.npz
 REPORT_FILE = "report.json"
 
 
@@ -56,8 +58,9 @@ class WorkDir:
     def onnx(self, entry: dict) -> Path:
         return self.export / entry["file"]
 
-    def check_file(self, net: str) -> Path:
-        return self.net_dir(net) / CHECK_FILE
+    def check_file(self, net: str, stage: int = 0) -> Path:
+        """The export's check inputs and outputs for stage `stage` (0: the largest) of a net."""
+        return self.net_dir(net) / (CHECK_FILE if stage == 0 else f"check.stage{stage}.npz")
 
     def compile_net(self, net: str) -> Path:
         return self.compile / net

@@ -64,7 +64,7 @@ class CompileSettings:
 class NetJob:
     net: NetSpec
     onnx: Path
-    check_file: Path
+    check_files: tuple[Path, ...]  # one per stage, largest first
     export_key: str
     quant: str
     options: DeployOptions
@@ -78,9 +78,6 @@ class NetJob:
     def kind(self) -> Kind:
         return self.net.kind
 
-    @property
-    def input_shapes(self) -> list[tuple[int, ...]]:
-        return [t.shape for t in self.net.inputs]
 
 
 def default_jobs(largest_job_bytes: int) -> int:
@@ -133,7 +130,7 @@ class Compiler:
         exported_seq = self.export["settings"]["seq"]
         if seq is not None and seq != exported_seq:
             raise CompileError(f"the export in {self.work} is for --seq {exported_seq}, not {seq}; run `lvb export --seq {seq}` first")
-        self.seq, self.chunk = exported_seq, self.export["settings"]["chunk"]
+        self.seq, self.chunks = exported_seq, tuple(self.export["settings"]["chunks"])
         self.spec = ModelSpec.from_dir(self.export["model"]["dir"])
         validate_group_size(self.spec, settings)
         self.out = self.dir.compile
@@ -141,7 +138,8 @@ class Compiler:
         self.toolchain_version = toolchain.tpu_mlir_version
         self.jobs = [self._job(name, entry) for name, entry in self.export["nets"].items()]
         model_name = self.export["model"]["name"]
-        self.bmodel = self.dir.bmodel(f"{model_name}_{settings.tag()}_seq{self.seq}_chunk{self.chunk}_{settings.chip}.bmodel")
+        chunks = "-".join(map(str, sorted(self.chunks)))
+        self.bmodel = self.dir.bmodel(f"{model_name}_{settings.tag()}_seq{self.seq}_chunk{chunks}_{settings.chip}.bmodel")
         self._cancel = threading.Event()
 
     def _job(self, name: str, entry: dict) -> NetJob:
@@ -150,7 +148,7 @@ class Compiler:
         return NetJob(
             net=net,
             onnx=self.dir.onnx(entry),
-            check_file=self.dir.check_file(name),
+            check_files=tuple(self.dir.check_file(name, i) for i in range(len(net.stages))),
             export_key=entry["key"],
             quant=quant,
             options=DeployOptions(quantize=quant, chip=self.settings.chip, group_size=self.settings.group_size),
@@ -158,26 +156,52 @@ class Compiler:
 
     # -- one net ---------------------------------------------------------------
 
-    def _mlir(self, job: NetJob, log: Path, server: ToolServer | None) -> Path:
+    def _mlir(self, job: NetJob, stage: NetSpec, log: Path, server: ToolServer | None) -> Path:
+        """One stage's MLIR (a net without smaller stages has one): the ONNX graph at that
+        stage's input shapes."""
         options = job.kind.policy.transform_options
-        folder = self.dir.compile_net(job.name) / f"mlir-{cache_key(job.export_key, self.toolchain_version, options)}"
+        shapes = [t.shape for t in stage.inputs]
+        folder = self.dir.compile_net(job.name) / f"mlir-{cache_key(job.export_key, self.toolchain_version, options, shapes)}"
         mlir = folder / f"{job.name}.mlir"
         if mlir.is_file():
             return mlir
         tmp = scratch(folder)
-        transform(self.toolchain, job.onnx, tmp, job.name, job.input_shapes, log, server, options)
+        transform(self.toolchain, job.onnx, tmp, job.name, shapes, log, server, options)
         os.replace(tmp, folder)
         return mlir
 
-    def _simulate(self, job: NetJob, bmodel: Path) -> dict:
-        """The bmodel on the simulator against onnxruntime on the export's check inputs."""
+    def _simulate(self, job: NetJob, stage: NetSpec, check_file: Path, bmodel: Path) -> dict:
+        """One stage's bmodel on the simulator against onnxruntime on the export's check inputs."""
         from lvb.runtime.cmodel import CmodelEngine
 
-        feeds, fp32 = load_check(job.check_file)
+        feeds, fp32 = load_check(check_file)
         with CmodelEngine(bmodel, self.toolchain) as simulator:
             got = simulator.run(job.name, feeds)
-        check, _ = onnx_vs_bmodel(job.net, job.onnx, feeds, fp32, got, job.quant, job.options.group_size)
+        check, _ = onnx_vs_bmodel(stage, job.onnx, feeds, fp32, got, job.quant, job.options.group_size)
         return check
+
+    def _deploy_stages(self, job: NetJob, options: DeployOptions, tmp: Path, log: Path,
+                       server: ToolServer | None) -> tuple[Path, dict | None]:
+        """Every stage deployed and checked on its own, then, when there are several, joined
+        largest first into one net whose stages share the weights (tpu-mlir's own LLM converter
+        orders them so; the simulator crashes on a combined net whose first stage is not its largest)."""
+        stage_bmodels, checks = [], []
+        for index, (stage, check_file) in enumerate(zip(job.net.stages, job.check_files)):
+            mlir = self._mlir(job, stage, log, server)
+            folder = tmp / f"stage{index}" if len(job.net.stages) > 1 else tmp
+            folder.mkdir(exist_ok=True)
+            for needed in mlir.parent.iterdir():  # deploy reads the MLIR's weight file from its own folder
+                (folder / needed.name).symlink_to(needed)
+            bmodel = deploy(self.toolchain, mlir, folder, f"{job.name}.bmodel", options, log, server)
+            for link in [p for p in folder.iterdir() if p.is_symlink()]:
+                link.unlink()
+            stage_bmodels.append(bmodel)
+            if self.settings.check:
+                checks.append(self._simulate(job, stage, check_file, bmodel))
+        bmodel = stage_bmodels[0]
+        if len(stage_bmodels) > 1:
+            bmodel = combine(self.toolchain, stage_bmodels, tmp / f"{job.name}.bmodel", log)
+        return bmodel, (min(checks, key=lambda c: c["cosine"]) if checks else None)
 
     def _compile(self, job: NetJob, log_dir: Path, server: ToolServer | None) -> dict:
         """Deploy with the first option set whose bmodel passes the simulator check."""
@@ -194,20 +218,14 @@ class Compiler:
                 tried.append(result)
                 continue
             log = log_dir / f"{job.name}.log"
-            mlir = self._mlir(job, log, server)
             tmp = scratch(folder)
-            for needed in mlir.parent.iterdir():  # deploy reads the MLIR's weight file from its own folder
-                (tmp / needed.name).symlink_to(needed)
             started = time.perf_counter()
-            bmodel = deploy(self.toolchain, mlir, tmp, f"{job.name}.bmodel", options, log, server)
+            bmodel, check = self._deploy_stages(job, options, tmp, log, server)
             seconds = time.perf_counter() - started
-            check = self._simulate(job, bmodel) if self.settings.check else None
             passed = check is None or check["cosine"] >= threshold
             result = {"version": COMPILE_VERSION, "net": job.name, "quant": job.quant, "options": list(extra), "check": check,
                       "threshold": threshold, "passed": passed, "seconds": round(seconds, 2),
                       "bmodel": str((folder / bmodel.name).relative_to(self.work)), "file": record_file(bmodel)}
-            for link in [p for p in tmp.iterdir() if p.is_symlink()]:
-                link.unlink()
             shutil.copy(log, tmp / "compile.log")
             write_json(tmp / "result.json", result)
             shutil.rmtree(folder, ignore_errors=True)
@@ -310,7 +328,7 @@ class Compiler:
             "bmodel": self.bmodel.name,
             "file": record_file(self.bmodel),
             "model": self.export["model"],
-            "settings": vars(self.settings) | {"seq": self.seq, "chunk": self.chunk, "jobs": workers},
+            "settings": vars(self.settings) | {"seq": self.seq, "chunks": list(self.chunks), "jobs": workers},
             "toolchain": {"tpu_mlir": self.toolchain_version, "source": self.toolchain.source},
             "nets": {j.name: j.result for j in self.jobs},
         }

@@ -18,7 +18,10 @@ _DTYPE_BYTES = {"float32": 4, "int32": 4, "uint32": 4, "bfloat16": 2, "float16":
                 "int8": 1, "uint8": 1}
 _NET = re.compile(r"^net \d+: \[(?P<name>[^\]]+)\]")
 _TENSOR = re.compile(r"^(?P<io>input|output): (?P<name>[^,]+), \[(?P<shape>[^\]]*)\], (?P<dtype>\w+)")
-_WEIGHT_NET = re.compile(r'^net \d+ : "(?P<name>[^"]+)"')
+_WEIGHT_NET = re.compile(r'^net \d+ : "(?P<name>[^"]+)"(, stage:(?P<stage>\d+))?')
+# A net with several stages (the prefill nets at several chunk sizes) lists each; they share
+# the weights, and the first stage is the largest: only it is read.
+_STAGE = re.compile(r"^stage (?P<stage>\d+),")
 _RANGE = re.compile(r"\[0x(?P<begin>[0-9a-f]+), 0x(?P<end>[0-9a-f]+)\)")
 # The nets one generated token runs besides the embedding (which reads one row of its table).
 _DECODE_STEP = {Kind.SELF_DECODE, Kind.CROSS_DECODE, Kind.LM_HEAD, Kind.GREEDY_HEAD}
@@ -93,6 +96,8 @@ def inspect_bmodel(path: Path, toolchain: Toolchain) -> BmodelInfo:
             chip = line.split(":", 1)[1].strip()
         elif m := _NET.match(line):
             current = nets.setdefault(m["name"], Net(m["name"]))
+        elif (m := _STAGE.match(line)) and int(m["stage"]) > 0:
+            current = None
         elif (m := _TENSOR.match(line)) and current is not None:
             shape = tuple(int(d) for d in m["shape"].split(",") if d.strip())
             (current.inputs if m["io"] == "input" else current.outputs).append(Tensor(m["name"], shape, m["dtype"]))
@@ -101,7 +106,7 @@ def inspect_bmodel(path: Path, toolchain: Toolchain) -> BmodelInfo:
     current = None
     for line in _model_tool(toolchain, "--weight", str(path)).splitlines():
         if m := _WEIGHT_NET.match(line.strip()):
-            current = nets.get(m["name"])
+            current = nets.get(m["name"]) if int(m["stage"] or 0) == 0 else None
         elif current is not None and (r := _RANGE.search(line)):
             current.weight_bytes += int(r["end"], 16) - int(r["begin"], 16)
     if not nets:

@@ -27,11 +27,11 @@ import numpy as np
 
 import lvb
 from lvb.check import run_once, run_torch, save_check, torch_vs_onnx
-from lvb.contract import DEFAULT_CHUNK, DEFAULT_SEQ, NetSpec, plan
+from lvb.contract import DEFAULT_CHUNKS, DEFAULT_SEQ, NetSpec, chunk_sizes, plan
 from lvb.errors import LvbError
 from lvb.export.weights import CheckpointWeights
 from lvb.spec import ModelSpec
-from lvb.workdir import (CHECK_FILE, EXPORT_VERSION, WorkDir, cache_key, matches_record, record_file, remove_stale_scratch,
+from lvb.workdir import (EXPORT_VERSION, WorkDir, cache_key, matches_record, record_file, remove_stale_scratch,
                          scratch, write_json)
 
 OPSET = 17  # tpu-mlir rejects the opset-18 graphs of the dynamo exporter
@@ -44,10 +44,10 @@ class ExportError(LvbError, RuntimeError):
 @dataclass(frozen=True)
 class ExportSettings:
     seq: int
-    chunk: int
+    chunks: tuple[int, ...]  # prefill chunk sizes, largest first
 
     def to_json(self) -> dict:
-        return {"seq": self.seq, "chunk": self.chunk, "opset": OPSET}
+        return {"seq": self.seq, "chunks": list(self.chunks), "opset": OPSET}
 
 
 def exporter_versions() -> dict[str, str]:
@@ -73,6 +73,19 @@ def minimum_sequence(model_dir: Path) -> int:
     return len(Tokenizer.from_dir(model_dir).encode_prompt(prompt)) + 1
 
 
+def dynamic_axes(net: NetSpec) -> dict[str, dict[int, str]]:
+    """The axes that differ between a net's stages (the prefill chunk, and the mask's
+    cache-plus-chunk width): symbolic in the ONNX graph, so that one graph serves every stage."""
+    axes: dict[str, dict[int, str]] = {}
+    for stage in net.smaller:
+        for prefix, ours, theirs in (("", net.inputs, stage.inputs), ("out_", net.outputs, stage.outputs)):
+            for a, b in zip(ours, theirs):
+                for axis, (x, y) in enumerate(zip(a.shape, b.shape)):
+                    if x != y:
+                        axes.setdefault(prefix + a.name, {})[axis] = f"{a.name}_{axis}"
+    return axes
+
+
 def _export_onnx(module, net: NetSpec, inputs: dict[str, np.ndarray], path: Path) -> None:
     import torch
 
@@ -88,6 +101,7 @@ def _export_onnx(module, net: NetSpec, inputs: dict[str, np.ndarray], path: Path
             opset_version=OPSET,
             dynamo=False,
             do_constant_folding=True,
+            dynamic_axes=dynamic_axes(net) or None,
         )
 
 
@@ -220,8 +234,11 @@ class Exporter:
                 f"--seq {settings.seq} is too short: an image and a one-word question already take "
                 f"{needed - 1} tokens, plus one to answer; use --seq {needed} or more ({DEFAULT_SEQ} is typical)"
             )
-        if not 1 <= settings.chunk <= settings.seq:
-            raise ExportError(f"--chunk {settings.chunk} must be between 1 and --seq {settings.seq}")
+        try:
+            chunk_sizes(settings.chunks, settings.seq)
+        except ValueError:
+            raise ExportError(f"--chunk {','.join(map(str, settings.chunks))}: every chunk size must be between 1 and "
+                              f"--seq {settings.seq}") from None
         self.dir = WorkDir(self.work)
         self.out = self.dir.export
         self.out.mkdir(parents=True, exist_ok=True)
@@ -229,7 +246,7 @@ class Exporter:
         self.manifest = self.dir.read_export()
         self.weights = CheckpointWeights(self.model_dir, self.manifest.get("weight_digests", {}))
         self.versions = exporter_versions()
-        self.nets = plan(self.spec, settings.seq, settings.chunk)
+        self.nets = plan(self.spec, settings.seq, settings.chunks)
         self.manifest.update(
             version=EXPORT_VERSION,
             model={"dir": str(self.model_dir.resolve()), "name": self.model_dir.resolve().name} | self.source,
@@ -284,23 +301,27 @@ class Exporter:
                         progress(net.name, done, len(self.nets))
                     references.append(self._reference(net, module, part))
                 stand_ins = _swap_in_stand_ins(module, part.stand_ins, nets)
-                traced = [(net, inputs, expected, self._export(net, module, inputs, stand_ins)) for net, inputs, expected in references]
+                traced = [(net, stages, self._export(net, module, inputs, stand_ins)) for net, inputs, stages in references]
                 # The weights go before the check: at 11B widths an embedding table is 2 GB.
                 _free_weights(module)
                 del module
                 seconds = (time.perf_counter() - started) / len(nets)
-                for net, inputs, expected, tmp in traced:
-                    self._check_and_keep(net, tmp, inputs, expected, stand_ins, keys[net.name], seconds)
+                for net, stages, tmp in traced:
+                    self._check_and_keep(net, tmp, stages, stand_ins, keys[net.name], seconds)
                     done += 1
         if progress:
             progress("", done, len(self.nets))
         return self.manifest
 
     def _reference(self, net: NetSpec, module, part) -> tuple:
-        """The net's check inputs and PyTorch's outputs on them, with the real weights."""
+        """Each stage's check inputs and PyTorch's outputs on them, with the real weights;
+        the largest stage's inputs also trace the graph."""
         rng = np.random.default_rng(int.from_bytes(hashlib.sha256(net.name.encode()).digest()[:4], "little"))
-        inputs = part.dummy_inputs(net, self.spec, rng)
-        return net, inputs, run_torch(module, net, inputs)
+        stages = []
+        for stage in net.stages:
+            inputs = part.dummy_inputs(stage, self.spec, rng)
+            stages.append((inputs, run_torch(module, stage, inputs)))
+        return net, stages[0][0], stages
 
     def _export(self, net: NetSpec, module, inputs: dict[str, np.ndarray], stand_ins: list[StandIn]) -> Path:
         """The ONNX file in a scratch folder."""
@@ -311,17 +332,21 @@ class Exporter:
         _release_heap()
         return tmp
 
-    def _check_and_keep(self, net: NetSpec, tmp: Path, inputs, expected, stand_ins: list[StandIn], key: str,
-                        seconds: float) -> None:
-        """onnxruntime against PyTorch; only a net that passes is moved into place and named."""
+    def _check_and_keep(self, net: NetSpec, tmp: Path, stages: list[tuple[dict, list]], stand_ins: list[StandIn],
+                        key: str, seconds: float) -> None:
+        """onnxruntime against PyTorch at every stage; only a net that passes is moved into place and named."""
         started = time.perf_counter()
         _move_weights_out(tmp / f"{net.name}.onnx", stand_ins, self.weights)
-        got = run_once(tmp / f"{net.name}.onnx", inputs)
-        check, miss = torch_vs_onnx(net, expected, got)
-        if miss:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ExportError(miss)
-        save_check(tmp / CHECK_FILE, inputs, got)
+        checks = []
+        for index, (stage, (inputs, expected)) in enumerate(zip(net.stages, stages)):
+            got = run_once(tmp / f"{net.name}.onnx", inputs)
+            check, miss = torch_vs_onnx(stage, expected, got)
+            if miss:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ExportError(miss)
+            save_check(tmp / self.dir.check_file(net.name, index).name, inputs, got)
+            checks.append(check)
+        check = min(checks, key=lambda c: c["cosine"])
         final = self.dir.net_dir(net.name)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -335,9 +360,11 @@ class Exporter:
         self._save_manifest()
 
 
-def export(model_dir: Path, work: Path, seq: int, chunk: int | None = None, progress=None,
+def export(model_dir: Path, work: Path, seq: int, chunks: int | Sequence[int] | None = None, progress=None,
            source: dict | None = None) -> dict:
-    """`source` adds to the manifest's model entry: a Hub checkpoint's name (which names the
+    """`chunks`: the prefill chunk sizes (one or several); by default DEFAULT_CHUNKS, capped at seq.
+    `source` adds to the manifest's model entry: a Hub checkpoint's name (which names the
     bmodel; its snapshot folder is named by the commit), repo id and commit."""
-    settings = ExportSettings(seq=seq, chunk=min(seq, chunk or DEFAULT_CHUNK))
+    chunks = (chunks,) if isinstance(chunks, int) else tuple(chunks or (min(seq, c) for c in DEFAULT_CHUNKS))
+    settings = ExportSettings(seq=seq, chunks=tuple(sorted(set(chunks), reverse=True)))
     return Exporter(model_dir, work, settings, source=source).run(progress)

@@ -32,9 +32,11 @@ def open_engine(backend: str, bmodel: Path | None = None, onnx_work: Path | None
         nets = work.read_export().get("nets")
         if not nets:
             raise EngineError(f"{onnx_work} holds no export; run `lvb export --out {onnx_work}` first")
+        from lvb.contract import NetSpec
         from lvb.runtime.onnx import OnnxEngine
 
-        return OnnxEngine({name: work.onnx(entry) for name, entry in nets.items()})
+        return OnnxEngine({name: work.onnx(entry) for name, entry in nets.items()},
+                          specs={name: NetSpec.from_json(entry) for name, entry in nets.items()})
     if bmodel is None:
         raise EngineError(f"the {backend} backend runs a bmodel: pass --bmodel FILE")
     if backend == "cmodel":

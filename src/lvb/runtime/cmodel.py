@@ -43,6 +43,8 @@ class CmodelEngine(Engine):
                 name,
                 tuple(TensorInfo(t["name"], tuple(t["shape"]), _DTYPES.get(t["dtype"], t["dtype"])) for t in net["inputs"]),
                 tuple(TensorInfo(t["name"], tuple(t["shape"]), _DTYPES.get(t["dtype"], t["dtype"])) for t in net["outputs"]),
+                tuple(tuple(TensorInfo(t["name"], tuple(shape), _DTYPES.get(t["dtype"], t["dtype"]))
+                            for t, shape in zip(net["inputs"], stage)) for stage in net.get("smaller", ())),
             )
             for name, net in info.items()
         }

@@ -35,15 +35,36 @@ def _load_runtime(bmodel: str):
     return pyruntime_bm
 
 
+def stage_shapes(bmodel: str) -> dict[str, list[list[list[int]]]]:
+    """Each net's input shapes per stage, in the bmodel's stage order, read from its
+    flatbuffer header only (pyruntime_bm shows the first stage alone)."""
+    from debugger import bmodel_fbs
+    from debugger.disassembler import bmodel_header_type
+
+    with open(bmodel, "rb") as f:
+        head = np.frombuffer(f.read(bmodel_header_type.itemsize), dtype=bmodel_header_type)
+        model = bmodel_fbs.Model.GetRootAsModel(f.read(int(head["flatbuffers_size"][0])), 0)
+    shapes = {}
+    for i in range(model.NetLength()):
+        net = model.Net(i)
+        shapes[net.Name().decode()] = [
+            [[int(d) for d in stage.InputTensor(k).Shape(0).DimAsNumpy()] for k in range(stage.InputTensorLength())]
+            for stage in (net.Parameter(j) for j in range(net.ParameterLength()))
+        ]
+    return shapes
+
+
 class Worker:
     def __init__(self):
         self.model = None
         self.nets = {}
+        self.stages: dict[str, list[list[list[int]]]] = {}
         self.buffers = HostBuffers()
 
     def load(self, bmodel: str) -> dict:
         runtime = _load_runtime(bmodel)
         self.model = runtime.Model(bmodel, 0, "")
+        self.stages = stage_shapes(bmodel)
         info = {}
         for name in self.model.networks:
             net = self.model.Net(name)
@@ -51,23 +72,37 @@ class Worker:
             info[name] = {
                 "inputs": [{"name": t.name, "shape": list(t.data.shape), "dtype": t.dtype} for t in net.inputs],
                 "outputs": [{"name": t.name, "shape": list(t.data.shape), "dtype": t.dtype} for t in net.outputs],
+                "smaller": self.stages.get(name, [])[1:],
             }
         return info
 
     def run(self, net_name: str, feeds: dict, store: dict) -> list:
         net = self.nets[net_name]
+        values = []
         for tensor in net.inputs:
             value = feeds[tensor.name]
             if isinstance(value, dict):
                 value = self.buffers.resolve(Resident(**value))
-            value = np.asarray(value)
+            values.append(np.asarray(value))
+        shapes = [list(v.shape) for v in values]
+        smaller = self.stages.get(net_name, [])[1:]
+        first = [v.size for v in values] == [t.data.size for t in net.inputs]
+        if not first and shapes not in smaller:  # the simulator aborts the process on a shape no stage has
+            raise ValueError(f"{net_name}: no stage takes inputs of shapes {shapes}")
+        for tensor, value in zip(net.inputs, values):
             if tensor.dtype == "bf16":
                 value = to_bf16_bits(value)
-            tensor.data.reshape(-1)[:] = value.reshape(-1).astype(tensor.data.dtype, copy=False)
-        net.forward()
+            # A smaller stage reads its inputs from the start of the first stage's buffers.
+            tensor.data.reshape(-1)[: value.size] = value.reshape(-1).astype(tensor.data.dtype, copy=False)
+        if first:
+            net.forward()
+            output_shapes = [list(t.data.shape) for t in net.outputs]
+        else:
+            output_shapes = net.forward_dynamic(shapes)
         outputs = []
-        for index, tensor in enumerate(net.outputs):
-            data = from_bf16_bits(tensor.data) if tensor.dtype == "bf16" else np.array(tensor.data)
+        for index, (tensor, shape) in enumerate(zip(net.outputs, output_shapes)):
+            raw = np.array(tensor.data).reshape(-1)[: int(np.prod(shape))].reshape(shape)
+            data = from_bf16_bits(raw) if tensor.dtype == "bf16" else raw
             target = store.get(str(index))
             if target is not None:
                 self.buffers.store(data, Resident(**target))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lvb.contract import NetInfo, TensorInfo
+from lvb.contract import NetInfo, NetSpec, TensorInfo
 from lvb.runtime.engine import Engine, EngineError, HostBuffers, Resident
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(int32)": "int32", "tensor(int64)": "int64"}
@@ -16,7 +16,10 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(int32)": "int32", "tensor(int6
 class OnnxEngine(Engine):
     backend = "onnxruntime"
 
-    def __init__(self, files: Mapping[str, str | Path], threads: int | None = None):
+    def __init__(self, files: Mapping[str, str | Path], threads: int | None = None,
+                 specs: Mapping[str, NetSpec] | None = None):
+        """`specs`: the nets as exported; a net exported for several prefill chunks has a
+        symbolic chunk axis in its graph, and its stages' shapes come from here."""
         try:
             import onnxruntime
         except ImportError as e:
@@ -30,6 +33,9 @@ class OnnxEngine(Engine):
         self._sessions = {}
         self._buffers = HostBuffers()
         self._nets = {name: self._info(name) for name in self._files}
+        for name, spec in (specs or {}).items():
+            if spec.smaller and name in self._nets:
+                self._nets[name] = NetInfo(name, spec.inputs, spec.outputs, tuple(s.inputs for s in spec.smaller))
 
     def _session(self, name: str):
         if name not in self._sessions:
@@ -63,6 +69,10 @@ class OnnxEngine(Engine):
             raise EngineError(f"no ONNX net {net!r}; have {', '.join(sorted(self._nets))}")
         info = self._nets[net]
         inputs = {t.name: np.ascontiguousarray(self._buffers.resolve(feeds[t.name]), dtype=t.dtype) for t in info.inputs}
+        if info.smaller:
+            shapes = [tuple(inputs[t.name].shape) for t in info.inputs]
+            if shapes not in [[t.shape for t in stage] for stage in (info.inputs, *info.smaller)]:
+                raise EngineError(f"{net}: no stage takes inputs of shapes {shapes}")
         outputs = self._session(net).run(None, inputs)
         result: list[np.ndarray | None] = []
         for index, output in enumerate(outputs):

@@ -101,7 +101,7 @@ class Session:
         self.checkpoint, self.engine, self.truncate_history = checkpoint, engine, truncate_history
         self.spec = checkpoint.spec
         self.runner = Runner(self.spec, engine, checkpoint.tokenizer.image_id, checkpoint.tokenizer.pad_id or 0)
-        self.seq, self.chunk = self.runner.seq, self.runner.chunk
+        self.seq, self.chunks = self.runner.seq, self.runner.chunks
         self.reset()
 
     def reset(self) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lvb.contract import Kind, Names, NetSpec, block_name, net_name, plan
+from lvb.contract import Kind, Names, NetSpec, block_name, chunk_for, net_name, plan
 from lvb.errors import LvbError
 from lvb.masks import cross_attention_mask, self_attention_mask
 from lvb.runtime.engine import Engine, Resident
@@ -52,14 +52,15 @@ class Buffers:
         return net_name(Kind.VISION_LAYER, j)
 
 
-def discover_shapes(engine: Engine) -> tuple[int, int]:
-    """(seq, chunk) the engine's nets were built for."""
+def discover_shapes(engine: Engine) -> tuple[int, tuple[int, ...]]:
+    """(seq, prefill chunk sizes largest first) the engine's nets were built for."""
     try:
-        chunk = engine.nets[net_name(Kind.EMBED)].inputs[0].shape[1]
+        embed = engine.nets[net_name(Kind.EMBED)]
+        chunks = tuple(inputs[0].shape[1] for inputs in (embed.inputs, *embed.smaller))
         seq = next(t.shape[1] for net in engine.nets.values() for t in net.inputs if t.name == Names.PAST_K)
     except (KeyError, StopIteration, IndexError) as e:
         raise ChatError("the model file lacks lvb's nets (embed, block_cache_*); build it with `lvb compile`") from e
-    return seq, chunk
+    return seq, chunks
 
 
 def check_contract(engine: Engine, nets: list[NetSpec]) -> None:
@@ -68,21 +69,22 @@ def check_contract(engine: Engine, nets: list[NetSpec]) -> None:
         found = engine.nets.get(net.name)
         if found is None:
             raise ChatError(f"the model file has no net {net.name}: it was built for another checkpoint")
-        have = {t.name: t.shape for t in found.inputs}
-        for tensor in net.inputs:
-            if have.get(tensor.name) != tensor.shape:
-                raise ChatError(
-                    f"net {net.name} input {tensor.name} is {list(have.get(tensor.name) or [])}, this checkpoint needs "
-                    f"{list(tensor.shape)}: the model file was built for another checkpoint or sequence length"
-                )
+        for stage, inputs in zip(net.stages, (found.inputs, *found.smaller)):
+            have = {t.name: t.shape for t in inputs}
+            for tensor in stage.inputs:
+                if have.get(tensor.name) != tensor.shape:
+                    raise ChatError(
+                        f"net {net.name} input {tensor.name} is {list(have.get(tensor.name) or [])}, this checkpoint needs "
+                        f"{list(tensor.shape)}: the model file was built for another checkpoint or sequence length"
+                    )
 
 
 class Runner:
     def __init__(self, spec: ModelSpec, engine: Engine, image_token_id: int, pad_id: int = 0):
         self.spec, self.engine = spec, engine
         self.image_token_id, self.pad_id = image_token_id, pad_id
-        self.seq, self.chunk = discover_shapes(engine)
-        self.nets = {n.name: n for n in plan(spec, self.seq, self.chunk)}
+        self.seq, self.chunks = discover_shapes(engine)
+        self.nets = {n.name: n for n in plan(spec, self.seq, self.chunks)}
         check_contract(engine, list(self.nets.values()))
         self._allocate()
 
@@ -98,7 +100,7 @@ class Runner:
         vision_shape = self.nets[net_name(Kind.VISION_EMBED)].outputs[0].shape
         for name in [b.VISION, *(b.kept(j) for j in v.kept_layers)]:
             self.engine.allocate(name, vision_shape)
-        self.engine.allocate(b.HIDDEN, (1, self.chunk, t.hidden_size))
+        self.engine.allocate(b.HIDDEN, (1, max(self.chunks), t.hidden_size))
         self.engine.allocate(b.HIDDEN1, (1, 1, t.hidden_size))
         self.engine.allocate(b.LOGITS, (1, t.vocab_size))
 
@@ -152,25 +154,27 @@ class Runner:
                 if tiles is None:
                     continue  # no image in the conversation: transformers skips these layers too
                 k, v = b.cross_kv(layer)
-                feeds = {n.HIDDEN: Resident(hidden), n.CROSS_K: Resident(k), n.CROSS_V: Resident(v),
+                feeds = {n.HIDDEN: Resident(hidden, 0, width), n.CROSS_K: Resident(k), n.CROSS_V: Resident(v),
                          n.CROSS_MASK: cross_mask, n.TEXT_ROW_MASK: row_mask}
                 self.engine.run(name, feeds, store={0: Resident(hidden)})
             else:
                 k, v = b.kv(layer)
-                feeds = {n.HIDDEN: Resident(hidden), n.POSITION_IDS: positions, n.ATTENTION_MASK: mask,
+                feeds = {n.HIDDEN: Resident(hidden, 0, width), n.POSITION_IDS: positions, n.ATTENTION_MASK: mask,
                          n.PAST_K: Resident(k), n.PAST_V: Resident(v)}
                 self.engine.run(name, feeds, store={0: Resident(hidden), 1: Resident(k, past, count), 2: Resident(v, past, count)})
 
     def prefill(self, ids: Sequence[int], start: int, tiles: int | None) -> Resident:
-        """ids[start:] into cache slots start.., a chunk at a time; the last token's hidden state."""
+        """ids[start:] into cache slots start.., a chunk at a time, each the smallest compiled
+        chunk that holds the rest (the largest while more remains); the last token's hidden state."""
         position = start
         count = 0
         while position < len(ids):
-            count = min(self.chunk, len(ids) - position)
-            chunk_ids = np.full((1, self.chunk), self.pad_id, dtype=np.int32)
+            width = chunk_for(len(ids) - position, self.chunks)
+            count = min(width, len(ids) - position)
+            chunk_ids = np.full((1, width), self.pad_id, dtype=np.int32)
             chunk_ids[0, :count] = ids[position : position + count]
             self.engine.run(net_name(Kind.EMBED), {Names.INPUT_IDS: chunk_ids}, store={0: Resident(Buffers.HIDDEN)})
-            self._layers(Buffers.HIDDEN, position, count, self.chunk, self.sees_image(ids, range(position, position + count)), tiles)
+            self._layers(Buffers.HIDDEN, position, count, width, self.sees_image(ids, range(position, position + count)), tiles)
             position += count
         return Resident(Buffers.HIDDEN, count - 1, 1)
 
