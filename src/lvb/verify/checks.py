@@ -149,17 +149,19 @@ class TransformersChat:
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.model = MllamaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
 
-    def inputs(self, messages: list[dict], images: list):
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+    def inputs(self, messages: list[dict], images: list, **template):
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, **template)
         return self.processor(text=prompt, images=images or None, return_tensors="pt", add_special_tokens=False)
 
-    def generate(self, messages: list[dict], images: list, max_new_tokens: int) -> list[int]:
-        """The greedy answer's token ids."""
+    def generate(self, messages: list[dict], images: list, max_new_tokens: int, date_string: str | None = None,
+                 **generation) -> list[int]:
+        """The greedy answer's token ids; `date_string` pins the template's date, `generation`
+        goes to generate (a repetition penalty, say)."""
         import torch
 
-        inputs = self.inputs(messages, images)
+        inputs = self.inputs(messages, images, **({"date_string": date_string} if date_string else {}))
         with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generation)
         return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
