@@ -2,13 +2,11 @@
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from typer.testing import CliRunner
@@ -75,22 +73,44 @@ def test_nothing_changed_means_no_tool_runs(compile_factory, export_factory, mon
     assert result.exit_code == 0, result.output
 
 
+# Compiles in a pool of two and SIGKILLs its whole process group (tool servers included)
+# from the progress callback, right after the N-th net's result: no wall-clock race.
+KILL_AFTER = """
+import os, signal, sys
+from pathlib import Path
+from lvb.compile.compiler import CompileSettings, Compiler
+from lvb.toolchain import find_toolchain
+
+def progress(done, total, running):
+    if done == int(sys.argv[1]):
+        os.killpg(0, signal.SIGKILL)
+
+Compiler(Path("work"), CompileSettings(quant="int4"), find_toolchain()).run(jobs=2, progress=progress)
+"""
+
+
 def test_killed_halfway_resumes_to_the_same_result(export_factory, compile_factory, tmp_path):
+    """Starts from the finished compile with the decoder nets' int4 results removed (the rest
+    stays cached), is killed with four nets to go, and resumes to the same bytes."""
     name = "mha-cross-first"
     clean = compile_factory(name, "int4")
     work = tmp_path / "work"
     shutil.copytree(export_factory(name) / "export", work / "export")
+    shutil.copytree(export_factory(name) / "compile", work / "compile")
+    for manifest_file in (work / "compile").glob("*.json"):  # the combined bmodels' manifests
+        manifest_file.unlink()
+    removed = [done.parent for done in (work / "compile").glob("*/*/result.json")
+               if json.loads(done.read_text())["quant"] == "int4"]
+    for folder in removed:
+        shutil.rmtree(folder)
+    nets = len(json.loads((work / "export" / "manifest.json").read_text())["nets"])
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER, str(nets - 4)], cwd=tmp_path, capture_output=True,
+                            start_new_session=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    redone = [d for d in (work / "compile").glob("*/*/result.json") if json.loads(d.read_text())["quant"] == "int4"]
+    assert 3 <= len(redone) < len(removed) and not list(work.glob("*.bmodel"))
     # A relative --work, as in ci/pipeline.sh: the tool server's children change directory.
     command = [sys.executable, "-m", "lvb.cli", "compile", "--work", "work", "--quant", "int4", "--jobs", "2"]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    deadline = time.time() + 600
-    while len(list((work / "compile").glob("*/*/result.json"))) < 4 and time.time() < deadline:
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    finished = len(list((work / "compile").glob("*/*/result.json")))
-    assert 4 <= finished < len(json.loads((work / "export" / "manifest.json").read_text())["nets"])
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     resumed = work / clean.name

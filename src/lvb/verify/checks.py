@@ -44,7 +44,7 @@ class AnswerResult:
     name: str
     reference: list[int]
     got: list[int]
-    agreement: float | None  # None: the prompt did not fit the compiled sequence
+    agreement: float | None  # None: the prompt did not fit the compiled sequence (a miss)
     text: str
 
 
@@ -178,8 +178,8 @@ def check_answers(model_dir: Path, session, question: str) -> list[AnswerResult]
             label = name if len(turns) == 1 else f"{name}, turn {index + 1}"
             try:
                 reply = session.ask(text, image=image, max_new_tokens=NEW_TOKENS)
-            except ChatError as e:  # a short --seq: reported, not a numerical miss
-                results.append(AnswerResult(label, [], [], None, f"skipped: {e}"))
+            except ChatError as e:  # a short --seq: a miss of its own, not a numerical one
+                results.append(AnswerResult(label, [], [], None, str(e)))
                 break
             messages.append({"role": "user", "content": ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]})
             images += [image] if image else []
