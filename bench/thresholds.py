@@ -58,7 +58,8 @@ def measure(name: str, model: Path, out: Path, quants: list[str], answers: bool)
     work = out / "work" / name
     export(model, work, seq=SEQ, chunk=CHUNK)
     toolchain = find_toolchain()
-    result = {"nets": {}, "answers": {}}
+    saved = out / f"{name}.json"  # earlier runs' other quantizations are kept
+    result = json.loads(saved.read_text()) if saved.is_file() else {"nets": {}, "answers": {}}
     for quant in quants:
         compiler = Compiler(work, CompileSettings(quant=quant), toolchain)
         manifest = compiler.run(jobs=1)
@@ -74,8 +75,18 @@ def measure(name: str, model: Path, out: Path, quants: list[str], answers: bool)
             result["answers"][quant] = [{"name": a.name, "agreement": a.agreement, "reference": a.reference, "got": a.got}
                                         for a in got]
             print(f"{name} {quant}: answers {[a.agreement for a in got]}", flush=True)
-        (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+        saved.write_text(json.dumps(result, indent=1))
     return result
+
+
+def from_manifest(path: Path) -> dict:
+    """The per-net checks of a compile that already ran (its work dir's export gives the kinds)."""
+    compiled = json.loads(path.read_text())
+    kinds = {net: e["kind"] for net, e in json.loads((path.parent.parent / "export" / "manifest.json").read_text())["nets"].items()}
+    quant = compiled["settings"]["quant"]
+    return {"nets": {quant: {net: {"kind": kinds[net], "quant": r["quant"], "cosine": r["check"]["cosine"],
+                                   "cosine_fp32": r["check"]["cosine_fp32"], "max_abs_err": r["check"]["max_abs_err"]}
+                             for net, r in compiled["nets"].items()}}, "answers": {}}
 
 
 def tables(results: dict[str, dict]) -> str:
@@ -102,14 +113,18 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=OUT / "thresholds")
-    parser.add_argument("--fixtures", nargs="+", default=[*sorted(GEOMETRIES), "toy"])
+    parser.add_argument("--fixtures", nargs="*", default=[*sorted(GEOMETRIES), "toy"])
     parser.add_argument("--quants", nargs="+", default=list(QUANTS))
     parser.add_argument("--no-answers", action="store_true", help="only the per-net checks")
+    parser.add_argument("--also", nargs="*", type=Path, default=[],
+                        help="more compile manifests (WORK/compile/<bmodel>.json, e.g. the tests' work dirs) to include")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, model in fixtures(args.out, args.fixtures).items():
         results[name] = measure(name, model, args.out, args.quants, not args.no_answers)
+    for manifest in args.also:
+        results[f"{manifest.parent.parent.name}/{manifest.stem}"] = from_manifest(manifest)
     (args.out / "measured.json").write_text(json.dumps(results, indent=1))
     print(tables(results))
 
