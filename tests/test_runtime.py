@@ -263,9 +263,10 @@ SIMULATOR_MEASURED = {"gqa2-cross-last": (1.0, 1.0)}
 SIMULATOR_MIN_AGREEMENT = 1.0
 
 
-def simulator_chat(bmodel, model_dir):
-    """A two-turn chat on the simulator: [(reply, transformers' answer to the same turns)]."""
-    reference = Reference(model_dir)
+def simulator_chat(bmodel, model_dir, quant):
+    """A two-turn chat on the simulator: [(reply, transformers' answer to the same turns)],
+    transformers' decoder weights quantized as the bmodel's."""
+    reference = TransformersChat(model_dir, quant)
     with open_engine("cmodel", bmodel=bmodel) as engine:
         session = Session(Checkpoint.load(model_dir), engine)
         turns = [("What is in the picture?", picture(9)), ("Tell me more.", None)]
@@ -274,7 +275,7 @@ def simulator_chat(bmodel, model_dir):
             reply = session.ask(text, image=image, max_new_tokens=NEW_TOKENS)
             messages.append({"role": "user", "content": ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]})
             images += [image] if image else []
-            replies.append((reply, reference.generate(messages, images, date_string=session.today.strftime("%d %b %Y"))))
+            replies.append((reply, reference.generate(messages, images, NEW_TOKENS, date_string=session.today.strftime("%d %b %Y"))))
             messages.append({"role": "assistant", "content": [{"type": "text", "text": reply.text}]})
     return replies
 
@@ -283,7 +284,7 @@ def test_simulator_backend_runs_a_chat(compile_factory, checkpoint_factory):
     """The same session on the BM1684X simulator, through the compiled bmodel, answers as
     transformers does, and the second turn comes from the cache."""
     name = "gqa2-cross-last"
-    (first, expected_first), (second, expected_second) = simulator_chat(compile_factory(name, "int8"), checkpoint_factory(name))
+    (first, expected_first), (second, expected_second) = simulator_chat(compile_factory(name, "int8"), checkpoint_factory(name), "int8")
     for reply, expected in ((first, expected_first), (second, expected_second)):
         assert agreement(reply.tokens, expected) >= SIMULATOR_MIN_AGREEMENT, (reply.tokens, expected)
     assert second.stats.prefilled_tokens <= second.stats.prompt_tokens - first.stats.prompt_tokens

@@ -151,6 +151,19 @@ def fake_quantize(weight: np.ndarray, bits: int, group_size: int) -> np.ndarray:
     return ((quantized - zero) * scale).reshape(rows, cols).astype(np.float32)
 
 
+def quantize_like_the_bmodel(layers, quant: str, group_size: int) -> None:
+    """transformers' decoder layers with every linear weight as tpu-mlir's W4BF16/W8BF16
+    holds it (quantized_reference does the same to the ONNX MatMuls, whose weight is the
+    transpose), for whole answers to compare a quantized bmodel with."""
+    import torch
+
+    with torch.no_grad():
+        for module in layers.modules():
+            if isinstance(module, torch.nn.Linear) and module.in_features % group_size == 0:
+                weight = fake_quantize(module.weight.numpy().T, BITS[quant], group_size).T
+                module.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
+
+
 def quantized_reference(onnx_path: Path, feeds: Mapping[str, np.ndarray], quant: str, group_size: int) -> list[np.ndarray]:
     """What a correctly compiled `quant` net computes: the ONNX with its matmul weights
     quantized as tpu-mlir does, run by onnxruntime."""

@@ -142,12 +142,17 @@ class TransformersChat:
     """transformers itself on a whole conversation, as a user would run it: the fp32
     reference for whole answers."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, quant: str | None = None, group_size: int = 64):
+        """`quant` int4/int8: the decoder layers' weights quantized as such a bmodel's are."""
         import torch
         from transformers import AutoProcessor, MllamaForConditionalGeneration
 
+        from lvb.check import BITS, quantize_like_the_bmodel
+
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.model = MllamaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+        if quant in BITS:
+            quantize_like_the_bmodel(self.model.model.language_model.layers, quant, group_size)
 
     def inputs(self, messages: list[dict], images: list, **template):
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, **template)
