@@ -9,7 +9,7 @@ with `--quant int4`, `int8` and `bf16` (the simulator check on, the thresholds o
 code the script runs with: a net below them would stop the compile, so run it with the
 thresholds loose when measuring anew). The compile manifest holds each net's cosine
 against its reference (fp32 ONNX for bf16 nets, ONNX with tpu-mlir's weight
-quantization for int4/int8 ones, lvb.compile.reference) and against fp32. Then lvb
+quantization for int4/int8 ones, lvb.check.quantized_reference) and against fp32. Then lvb
 verify's answer check (lvb.verify.checks.check_answers: four chats, 16 new tokens, on
 the simulator) gives each fixture's token agreement.
 

@@ -201,13 +201,3 @@ def test_a_net_one_percent_off_fails_the_compile_check_and_verify(compile_factor
     with open_engine("cmodel", bmodel=compiler.bmodel) as engine:
         parts = check_parts(checkpoint_factory(name), work, engine, compiled)
     assert [p.net for p in parts if p.misses] == ["lm_head"]
-
-
-def test_readme_shows_every_threshold_beside_its_measured_minimum():
-    from pathlib import Path
-
-    from lvb.compile.compiler import MEASURED_MIN_COSINE
-
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    for (kind, quant), measured in MEASURED_MIN_COSINE.items():
-        assert f"| `{kind.value}` | {quant} | {min_cosine(kind, quant):.6f} | {measured:.6f} |" in readme, (kind, quant)

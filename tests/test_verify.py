@@ -49,6 +49,7 @@ def test_verify_without_a_compile_names_the_fix(export_factory, checkpoint_facto
     assert result.exit_code == 1 and "holds no int4 bmodel; run `lvb compile" in result.output
 
 
+@pytest.mark.slow  # exports a checkpoint of its own at a short --seq
 def test_prompts_longer_than_the_sequence_are_listed_as_misses(checkpoint_factory, tmp_path):
     """At --seq 40 the pictures' one-turn prompts (26 tokens) fit; the text-only prompt (its
     system block makes it 92) and the second turn of the two-turn chat do not."""
