@@ -301,7 +301,8 @@ tiling, the cross-attention or the quantization gets the answers wrong.
 
 Written by `scripts/train_toy.py` with `lvb.testing.checkpoints.write_checkpoint`; loads
 with `AutoProcessor` and `MllamaForConditionalGeneration` (transformers {transformers.__version__}).
-Checked by `tests/test_toy.py`. `lvb-task.json` tells `lvb verify` the question and the
+Checked by `tests/test_toy.py` (files, geometry) and on fresh pictures through the whole pipeline
+on the simulator by `tests/test_pipeline.py`. `lvb-task.json` tells `lvb verify` the question and the
 accuracy to reach on fresh pictures.
 
 ## Geometry (`lvb.testing.checkpoints.TOY`)

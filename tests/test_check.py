@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lvb.check import MIN_AGREEMENT, ONNX_VS_BMODEL, TORCH_VS_ONNX
+from lvb.check import MEASURED_MIN_COSINE, MIN_AGREEMENT, TORCH_VS_ONNX, min_cosine
 from lvb.contract import Kind
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -18,22 +18,17 @@ def section(title: str) -> str:
     return text[start : end if end > 0 else None]
 
 
-def table(text: str) -> dict[str, list[str]]:
-    """First column -> the other cells, for every body row of the section's table."""
-    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
-    return {row[0]: row[1:] for row in rows[2:]}  # past the header and its rule
-
-
 def test_bmodel_thresholds_in_the_readme_are_the_table():
-    rows = table(section("Checks and thresholds"))
+    """Every kind and quantization: the threshold beside the measured minimum it comes from."""
     stated = {}
-    for label, cells in rows.items():
-        quant = label.split()[0].lower()
-        if quant == "greedy":
-            assert cells[0] == "exact token" and TORCH_VS_ONNX[Kind.GREEDY_HEAD].min_cosine == 1.0
-        else:
-            stated[quant] = float(cells[0])
-    assert stated == {quant: threshold for quant, threshold in ONNX_VS_BMODEL.items() if quant != "f32"}
+    for line in section("Checks and thresholds").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            stated[cells[0].strip("`"), cells[1]] = (cells[2], cells[3])
+    expected = {(kind.value, quant): (f"{min_cosine(kind, quant):.6f}", f"{measured:.6f}")
+                for (kind, quant), measured in MEASURED_MIN_COSINE.items()}
+    assert stated.pop(("greedy_head", "f32")) == ("exact token", "exact") and min_cosine(Kind.GREEDY_HEAD, "f32") == 1.0
+    assert stated == expected
 
 
 def test_torch_threshold_in_the_readme_is_the_table():

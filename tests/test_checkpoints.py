@@ -28,7 +28,13 @@ def test_fixture_loads_and_generates(name, checkpoint_factory):
         with torch.no_grad():
             logits = model(**inputs).logits[0, -1]
             out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-        assert out.shape[1] == inputs["input_ids"].shape[1] + 5 or int(out[0, -1]) in model.generation_config.eos_token_id
+        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        stops = model.generation_config.eos_token_id
+        # Greedy: the first token is the forward pass's argmax; generation runs to the limit
+        # unless it stops, and then only at its last token.
+        assert new[0] == int(logits.argmax())
+        assert 1 <= len(new) <= 5 and not any(t in stops for t in new[:-1])
+        assert len(new) == 5 or new[-1] in stops
         return logits
 
     # Gates are open: a different picture changes the next-token distribution.

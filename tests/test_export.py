@@ -194,9 +194,16 @@ def test_bad_input_gives_one_line(tmp_path, checkpoint_factory):
     assert not (out / "export" / "manifest.json").exists() or not json.loads((out / "export" / "manifest.json").read_text()).get("nets")
 
 
+# Picture sizes as multiples of the tile (width, height): one tile; a grid of two tiles
+# side by side, which leaves padded tiles where more than two fit; a tall one.
+PICTURES = {"single tile": (0.8, 0.7), "partial grid": (2.0, 0.9), "tall": (0.7, 3.0)}
+
+
+@pytest.mark.parametrize("shape", sorted(PICTURES))
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
-def test_vision_chain_equals_the_whole_transformers_tower(name, export_factory, checkpoint_factory):
-    """The per-layer vision nets, run in a chain by onnxruntime, give transformers' tower + projector."""
+def test_vision_chain_equals_the_whole_transformers_tower(name, shape, export_factory, checkpoint_factory):
+    """The per-layer vision nets, run in a chain by onnxruntime, give transformers' tower +
+    projector, padded tiles included."""
     from PIL import Image
     from transformers import AutoProcessor, MllamaForConditionalGeneration
 
@@ -208,8 +215,16 @@ def test_vision_chain_equals_the_whole_transformers_tower(name, export_factory, 
     model_dir = checkpoint_factory(name)
     processor = AutoProcessor.from_pretrained(model_dir)
     model = MllamaForConditionalGeneration.from_pretrained(model_dir).eval()
-    picture = Image.fromarray((np.random.default_rng(3).random((40, 150, 3)) * 255).astype(np.uint8))
+    tile, max_tiles = GEOMETRIES[name].tile, GEOMETRIES[name].max_tiles
+    width, height = (round(f * tile) for f in PICTURES[shape])
+    picture = Image.fromarray((np.random.default_rng(3).random((height, width, 3)) * 255).astype(np.uint8))
     inputs = processor(images=picture, return_tensors="pt")
+    tiles = int(inputs["aspect_ratio_mask"].sum())
+    rows, cols = model.config.vision_config.supported_aspect_ratios[int(inputs["aspect_ratio_ids"]) - 1]
+    assert tiles == rows * cols and {"single tile": tiles == 1, "partial grid": cols > rows,
+                                     "tall": rows > cols}[shape], (rows, cols)
+    if shape == "single tile":
+        assert tiles < max_tiles  # every geometry has more than one tile: the rest are padding
     with torch.no_grad():
         states = model.model.vision_model(pixel_values=inputs["pixel_values"], aspect_ratio_ids=inputs["aspect_ratio_ids"],
                                           aspect_ratio_mask=inputs["aspect_ratio_mask"]).last_hidden_state

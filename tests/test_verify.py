@@ -47,3 +47,20 @@ def test_verify_without_a_compile_names_the_fix(export_factory, checkpoint_facto
     shutil.copytree(export_factory("gqa2-cross-last") / "export", work / "export")
     result = runner.invoke(app, ["verify", "--model", str(checkpoint_factory("gqa2-cross-last")), "--work", str(work)])
     assert result.exit_code == 1 and "holds no int4 bmodel; run `lvb compile" in result.output
+
+
+@pytest.mark.slow  # exports a checkpoint of its own at a short --seq
+def test_prompts_longer_than_the_sequence_are_listed_as_misses(checkpoint_factory, tmp_path):
+    """At --seq 40 the pictures' one-turn prompts (26 tokens) fit; the text-only prompt (its
+    system block makes it 92) and the second turn of the two-turn chat do not."""
+    from lvb.export.exporter import export
+
+    model = checkpoint_factory("mha-cross-first")
+    export(model, tmp_path, seq=40, chunk=8)
+    result = runner.invoke(app, ["verify", "--model", str(model), "--work", str(tmp_path), "--backend", "onnxruntime"])
+    assert result.exit_code == 1
+    report = json.loads((tmp_path / "verify" / "onnxruntime" / "report.json").read_text())
+    unchecked = [m for m in report["misses"] if "was not checked" in m]
+    assert len(unchecked) == 2 and "'text only'" in unchecked[0] and "'two turns, turn 2'" in unchecked[1]
+    assert all("tokens and the model holds 40" in m for m in unchecked)
+    assert [a["name"] for a in report["answers"] if a["agreement"] is not None] == ["photo", "synthetic", "two turns, turn 1"]

@@ -8,8 +8,8 @@ weights quantized the way tpu-mlir's W4BF16/W8BF16 do. Comparing the bmodel with
 fp32 mixes two things: the quantization's own error (large for random weights,
 small for trained ones) and miscompiles. Against this reference only the
 compile's own rounding (bf16 activations) remains, so one tight threshold
-catches miscompiles for every model and quantization. Measured: cosine >=
-0.99987 for W4BF16 and W8BF16 blocks of every fixture.
+catches miscompiles for every model and quantization (measured minima per net kind in
+MEASURED_MIN_COSINE below).
 
 torch, onnx and onnxruntime are imported inside the functions that need them.
 """
@@ -39,17 +39,62 @@ class Closeness:
 TORCH_VS_ONNX: dict[Kind, Closeness] = {kind: Closeness() for kind in Kind} | {
     Kind.GREEDY_HEAD: Closeness(min_cosine=1.0, max_relative_error=0.0),  # a token id: exact
 }
-# bmodel vs onnxruntime (with the same weight quantization), worst output of a net, by the
-# net's quantization. What remains is bf16 arithmetic; a miscompile (0.97 for the vision
-# tower with layer grouping) fails.
-ONNX_VS_BMODEL: dict[str, float] = {"f32": 0.9999, "bf16": 0.995, "int8": 0.995, "int4": 0.995}
+# bmodel vs onnxruntime (for int4/int8 nets: onnxruntime with the same weight
+# quantization, quantized_reference below), cosine of a net's worst output: what remains
+# is bf16 arithmetic. The worst value measured over every net of a kind, on the three
+# test fixtures and the toy (bench/thresholds.py, README "Checks and thresholds"):
+MEASURED_MIN_COSINE: dict[tuple[Kind, str], float] = {
+    (Kind.VISION_EMBED, "bf16"): 0.999983,
+    (Kind.VISION_LAYER, "bf16"): 0.999865,
+    (Kind.VISION_GLOBAL, "bf16"): 0.999934,
+    (Kind.VISION_POST, "bf16"): 0.999988,
+    (Kind.VISION_HEAD, "bf16"): 0.999994,
+    (Kind.EMBED, "bf16"): 0.999998,
+    (Kind.EMBED_CACHE, "bf16"): 0.999998,
+    (Kind.LM_HEAD, "bf16"): 0.999990,
+    (Kind.CROSS_KV, "int4"): 0.999990,
+    (Kind.CROSS_KV, "int8"): 0.999992,
+    (Kind.CROSS_KV, "bf16"): 0.999994,
+    (Kind.SELF_PREFILL, "int4"): 0.998427,
+    (Kind.SELF_PREFILL, "int8"): 0.998402,
+    (Kind.SELF_PREFILL, "bf16"): 0.999691,
+    (Kind.SELF_DECODE, "int4"): 0.999198,
+    (Kind.SELF_DECODE, "int8"): 0.998589,
+    (Kind.SELF_DECODE, "bf16"): 0.999114,
+    (Kind.CROSS_PREFILL, "int4"): 0.999952,
+    (Kind.CROSS_PREFILL, "int8"): 0.999944,
+    (Kind.CROSS_PREFILL, "bf16"): 0.999956,
+    (Kind.CROSS_DECODE, "int4"): 0.999967,
+    (Kind.CROSS_DECODE, "int8"): 0.999960,
+    (Kind.CROSS_DECODE, "bf16"): 0.999971,
+}
+
+
+def min_cosine(kind: Kind, quant: str) -> float:
+    """A net's threshold: its kind's measured minimum less a margin equal to the measured
+    deficit, i.e. twice today's worst error (1 - cosine) passes, no more. A kind not measured
+    at this quantization (say --vision-quant int4) gets that quantization's loosest. The
+    greedy head returns a token: right or wrong."""
+    if kind is Kind.GREEDY_HEAD:
+        return 1.0
+    measured = MEASURED_MIN_COSINE.get((kind, quant))
+    if measured is None:
+        measured = min(v for (_, q), v in MEASURED_MIN_COSINE.items() if q == quant)
+    return round(1 - 2 * (1 - measured), 6)
+
+
 # Whole answers: token agreement (mean share of each reference answer reproduced before the
-# first difference) with transformers' fp32 generate, by what runs the blocks. Chosen from
-# the toy's measurements.
-MIN_AGREEMENT: dict[str, float] = {"onnxruntime": 1.0, "bf16": 0.9, "int8": 0.8, "int4": 0.6}
-# `lvb doctor`'s proof of the toolchain: a W4BF16 64x64 matmul on the simulator against fp32
-# onnxruntime (measured 0.99999).
-DOCTOR_MIN_COSINE = 0.99
+# first difference) with transformers' fp32 generate over verify's five answers, by what runs
+# the blocks. Measured: onnxruntime 1.0 (every fixture); the toy's INT4 bmodel on the
+# simulator 0.9 (1, 1, 0.5, 1, 1: the text-only question, which the toy was not trained on,
+# parts at its third token). Margin: one more answer of the five parting at its first token
+# (0.2). BF16 and INT8 are not measured yet (the toy compiled to them did not finish here).
+MIN_AGREEMENT: dict[str, float] = {"onnxruntime": 1.0, "bf16": 0.9, "int8": 0.8, "int4": 0.7}
+# `lvb doctor`'s proof of the toolchain: a W4BF16 64x64 matmul on the simulator against
+# onnxruntime with the same weight quantization: measured 0.999993 (against fp32: 0.9962, the
+# quantization's own error). The margin equals the measured deficit: twice today's error fails.
+DOCTOR_MEASURED_COSINE = 0.999993
+DOCTOR_MIN_COSINE = round(1 - 2 * (1 - DOCTOR_MEASURED_COSINE), 6)
 
 BITS = {"int4": 4, "int8": 8}
 
@@ -109,6 +154,19 @@ def fake_quantize(weight: np.ndarray, bits: int, group_size: int) -> np.ndarray:
     return ((quantized - zero) * scale).reshape(rows, cols).astype(np.float32)
 
 
+def quantize_like_the_bmodel(layers, quant: str, group_size: int) -> None:
+    """transformers' decoder layers with every linear weight as tpu-mlir's W4BF16/W8BF16
+    holds it (quantized_reference does the same to the ONNX MatMuls, whose weight is the
+    transpose), for whole answers to compare a quantized bmodel with."""
+    import torch
+
+    with torch.no_grad():
+        for module in layers.modules():
+            if isinstance(module, torch.nn.Linear) and module.in_features % group_size == 0:
+                weight = fake_quantize(module.weight.numpy().T, BITS[quant], group_size).T
+                module.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
+
+
 def quantized_reference(onnx_path: Path, feeds: Mapping[str, np.ndarray], quant: str, group_size: int) -> list[np.ndarray]:
     """What a correctly compiled `quant` net computes: the ONNX with its matmul weights
     quantized as tpu-mlir does, run by onnxruntime."""
@@ -151,7 +209,7 @@ def onnx_vs_bmodel(net: NetSpec, onnx_path: Path, feeds: Mapping[str, np.ndarray
         expected = quantized_reference(onnx_path, feeds, quant, group_size) if quant in BITS else fp32
         result = compare(expected, got)
         result["cosine_fp32"] = compare(fp32, got)["cosine"]
-    threshold = ONNX_VS_BMODEL[quant]
+    threshold = min_cosine(net.kind, quant)
     if result["cosine"] >= threshold:
         return result, None
     return result, f"{net.name}: onnxruntime vs bmodel ({quant}) cosine {result['cosine']:.6f} < {threshold}"

@@ -1,7 +1,8 @@
 """`lvb doctor`: which environments and toolchain lvb uses, and proof that they work.
 
 The proof is end to end: a MatMul+Add ONNX graph compiled by tpu-mlir to a
-W4BF16 bm1684x bmodel, run on the simulator, compared with onnxruntime.
+W4BF16 bm1684x bmodel, run on the simulator, compared with onnxruntime running
+the same graph with the same weight quantization.
 """
 
 from __future__ import annotations
@@ -91,19 +92,20 @@ def matmul_add_onnx(path: Path, rng: np.random.Generator) -> dict[str, np.ndarra
 
 
 def end_to_end(toolchain: Toolchain, work: Path) -> float:
-    """Compile the check graph and return its simulator-vs-onnxruntime cosine."""
+    """Compile the check graph and return its cosine against onnxruntime with the bmodel's
+    weight quantization."""
+    from lvb.check import quantized_reference
     from lvb.compile.tpumlir import DeployOptions, deploy, transform
     from lvb.runtime.cmodel import CmodelEngine
     from lvb.numerics import cosine
-    from lvb.runtime.onnx import OnnxEngine
 
     onnx_path = work / "doctor.onnx"
     feeds = matmul_add_onnx(onnx_path, np.random.default_rng(0))
     log = work / "doctor.log"
     mlir = transform(toolchain, onnx_path, work, "doctor", [(1, 8, 64)], log)
     bmodel = deploy(toolchain, mlir, work, "doctor.bmodel", DeployOptions("int4", group_size=64), log)
-    with OnnxEngine({"doctor": onnx_path}) as reference, CmodelEngine(bmodel, toolchain) as simulator:
-        expected = reference.run("doctor", feeds)[0]
+    expected = quantized_reference(onnx_path, feeds, "int4", 64)[0]
+    with CmodelEngine(bmodel, toolchain) as simulator:
         got = simulator.run("doctor", feeds)[0]
     return cosine(got, expected)
 
@@ -138,7 +140,7 @@ def run_doctor(toolchain_arg: str | None = None, status=None) -> Report:
             return report
     if report.cosine < DOCTOR_MIN_COSINE:
         report.problems.append(
-            Problem(f"the simulator disagrees with onnxruntime (cosine {report.cosine:.4f} < {DOCTOR_MIN_COSINE})",
+            Problem(f"the simulator disagrees with onnxruntime (cosine {report.cosine:.6f} < {DOCTOR_MIN_COSINE:.6f})",
                     "reinstall tpu-mlir (`make clean setup`)")
         )
     return report

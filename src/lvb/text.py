@@ -258,10 +258,14 @@ class ChatTemplate:
         source, origin = find_chat_template(model_dir)
         return cls(source, special_tokens_map(model_dir), origin=origin)
 
-    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **variables: Any) -> str:
-        """The prompt text; ``variables`` are extra template variables (e.g. ``date_string``)."""
+    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+               now: datetime | None = None, **variables: Any) -> str:
+        """The prompt text; ``variables`` are extra template variables (e.g. ``date_string``);
+        ``now`` is the time the template's strftime_now() reads (default: the clock)."""
         messages = _normalize(messages)
         kwargs = _plain({**self.special_tokens, **variables})  # explicit variables win, as in transformers
+        if now is not None:
+            kwargs["strftime_now"] = now.strftime
         try:
             return self._template.render(
                 messages=messages,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import lvb
 from lvb.compile.tpumlir import CHIPS, DEFAULT_GROUP_SIZE, QUANTIZE, DeployOptions, combine, deploy, transform
-from lvb.check import ONNX_VS_BMODEL, load_check, onnx_vs_bmodel
+from lvb.check import load_check, min_cosine, onnx_vs_bmodel
 from lvb.contract import Kind, NetSpec, QuantGroup
 from lvb.errors import LvbError
 from lvb.spec import ModelSpec
@@ -205,7 +205,7 @@ class Compiler:
 
     def _compile(self, job: NetJob, log_dir: Path, server: ToolServer | None) -> dict:
         """Deploy with the first option set whose bmodel passes the simulator check."""
-        threshold = ONNX_VS_BMODEL[job.quant]
+        threshold = min_cosine(job.kind, job.quant)
         tried = []
         for extra in job.kind.policy.ladder:
             options = replace(job.options, extra=extra)
@@ -213,6 +213,9 @@ class Compiler:
             done = folder / "result.json"
             result = read_manifest(done, COMPILE_VERSION)
             if result and matches_record(self.work / result["bmodel"], result.get("file")) is None:
+                # Judged again: the threshold may have changed since it was stored.
+                result["threshold"] = threshold
+                result["passed"] = result["check"] is None or result["check"]["cosine"] >= threshold
                 if result["passed"]:
                     return result
                 tried.append(result)

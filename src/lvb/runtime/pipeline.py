@@ -21,6 +21,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +98,13 @@ def _same_image(a: ProcessedImage | None, b: ProcessedImage | None) -> bool:
 
 
 class Session:
-    def __init__(self, checkpoint: Checkpoint, engine: Engine, truncate_history: bool = False):
+    def __init__(self, checkpoint: Checkpoint, engine: Engine, truncate_history: bool = False,
+                 system: str | None = None, today: datetime | None = None):
+        """`system`: a system message heading every chat. `today`: the date the chat template
+        sees (strftime_now), pinned when the session starts so that a chat going on past
+        midnight keeps its prompt, and its cache."""
         self.checkpoint, self.engine, self.truncate_history = checkpoint, engine, truncate_history
+        self.system, self.today = system, today or datetime.now()
         self.spec = checkpoint.spec
         self.runner = Runner(self.spec, engine, checkpoint.tokenizer.image_id, checkpoint.tokenizer.pad_id or 0)
         self.seq, self.chunks = self.runner.seq, self.runner.chunks
@@ -106,7 +112,7 @@ class Session:
 
     def reset(self) -> None:
         """Forget the conversation (the buffers stay allocated)."""
-        self.messages: list[dict] = []
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self.cached: list[int] = []  # token ids whose K/V fill cache slots 0..len-1
         self.image: ProcessedImage | None = None
         self.image_turn: int | None = None  # index in self.messages of the turn that brought it
@@ -212,7 +218,7 @@ class Session:
         dropped = 0
         system = 1 if messages[0]["role"] == "system" else 0
         while True:
-            prompt = self.checkpoint.template.render(messages, add_generation_prompt=True)
+            prompt = self.checkpoint.template.render(messages, add_generation_prompt=True, now=self.today)
             ids = self.checkpoint.tokenizer.encode_prompt(prompt)
             if len(ids) < self.seq:  # one slot is left for the answer's first token
                 break

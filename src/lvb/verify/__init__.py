@@ -68,6 +68,7 @@ def verify(model_dir: Path, work: Path, quant: str = "int4", backend: str = "cmo
         raise VerifyError(f"no test prompt fits the {session.seq}-token sequence; export and compile with a larger --seq")
     report.agreement = sum(measured) / len(measured)
     report.misses = [m for p in report.parts for m in p.misses]
+    report.misses += [f"answer {a.name!r} was not checked: {a.text}" for a in report.answers if a.agreement is None]
     if report.agreement < report.min_agreement:
         report.misses.append(f"token agreement with transformers {report.agreement:.2f} < {report.min_agreement}")
     if report.task and report.task["accuracy"] < report.task["min_accuracy"]:

@@ -44,7 +44,7 @@ class AnswerResult:
     name: str
     reference: list[int]
     got: list[int]
-    agreement: float | None  # None: the prompt did not fit the compiled sequence
+    agreement: float | None  # None: the prompt did not fit the compiled sequence (a miss)
     text: str
 
 
@@ -142,24 +142,31 @@ class TransformersChat:
     """transformers itself on a whole conversation, as a user would run it: the fp32
     reference for whole answers."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, quant: str | None = None, group_size: int = 64):
+        """`quant` int4/int8: the decoder layers' weights quantized as such a bmodel's are."""
         import torch
         from transformers import AutoProcessor, MllamaForConditionalGeneration
 
+        from lvb.check import BITS, quantize_like_the_bmodel
+
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.model = MllamaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+        if quant in BITS:
+            quantize_like_the_bmodel(self.model.model.language_model.layers, quant, group_size)
 
-    def inputs(self, messages: list[dict], images: list):
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+    def inputs(self, messages: list[dict], images: list, **template):
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, **template)
         return self.processor(text=prompt, images=images or None, return_tensors="pt", add_special_tokens=False)
 
-    def generate(self, messages: list[dict], images: list, max_new_tokens: int) -> list[int]:
-        """The greedy answer's token ids."""
+    def generate(self, messages: list[dict], images: list, max_new_tokens: int, date_string: str | None = None,
+                 **generation) -> list[int]:
+        """The greedy answer's token ids; `date_string` pins the template's date, `generation`
+        goes to generate (a repetition penalty, say)."""
         import torch
 
-        inputs = self.inputs(messages, images)
+        inputs = self.inputs(messages, images, **({"date_string": date_string} if date_string else {}))
         with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generation)
         return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
@@ -176,8 +183,8 @@ def check_answers(model_dir: Path, session, question: str) -> list[AnswerResult]
             label = name if len(turns) == 1 else f"{name}, turn {index + 1}"
             try:
                 reply = session.ask(text, image=image, max_new_tokens=NEW_TOKENS)
-            except ChatError as e:  # a short --seq: reported, not a numerical miss
-                results.append(AnswerResult(label, [], [], None, f"skipped: {e}"))
+            except ChatError as e:  # a short --seq: a miss of its own, not a numerical one
+                results.append(AnswerResult(label, [], [], None, str(e)))
                 break
             messages.append({"role": "user", "content": ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]})
             images += [image] if image else []

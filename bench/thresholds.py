@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""What the checks' thresholds are set from: the measured agreement of every compiled
+net with its reference, per net kind and quantization, and of whole greedy answers on
+the simulator with transformers' generate, per fixture and quantization.
+
+How: every test fixture (lvb.testing.checkpoints.GEOMETRIES, random weights) and the
+trained toy (models/toy) is exported at the tests' --seq 160 --chunk 32 and compiled
+with `--quant int4`, `int8` and `bf16` (the simulator check on, the thresholds of the
+code the script runs with: a net below them would stop the compile, so run it with the
+thresholds loose when measuring anew). The compile manifest holds each net's cosine
+against its reference (fp32 ONNX for bf16 nets, ONNX with tpu-mlir's weight
+quantization for int4/int8 ones, lvb.check.quantized_reference) and against fp32. Then lvb
+verify's answer check (lvb.verify.checks.check_answers: four chats, 16 new tokens, on
+the simulator) gives each fixture's token agreement.
+
+Writes out/thresholds/measured.json and prints the tables; exits 0. Cached: an export or
+compile that exists is reused (lvb's own caches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OUT, REPO  # noqa: E402
+
+SEQ, CHUNK = 160, 32
+QUANTS = ("int4", "int8", "bf16")
+
+
+def fixtures(out: Path, names: list[str]) -> dict[str, Path]:
+    from lvb.testing.checkpoints import write_checkpoint
+
+    found = {}
+    for name in names:
+        if name == "toy":
+            found[name] = REPO / "models" / "toy"
+            continue
+        directory = out / "checkpoints" / name
+        if not (directory / "model.safetensors").is_file():
+            write_checkpoint(directory, name)
+        found[name] = directory
+    return found
+
+
+def measure(name: str, model: Path, out: Path, quants: list[str], answers: bool) -> dict:
+    from lvb.compile.compiler import CompileSettings, Compiler
+    from lvb.export.exporter import export
+    from lvb.runtime.backends import open_engine
+    from lvb.runtime.pipeline import Checkpoint, Session
+    from lvb.toolchain import find_toolchain
+    from lvb.verify.checks import check_answers, read_task
+
+    work = out / "work" / name
+    export(model, work, seq=SEQ, chunk=CHUNK)
+    toolchain = find_toolchain()
+    saved = out / f"{name}.json"  # earlier runs' other quantizations are kept
+    result = json.loads(saved.read_text()) if saved.is_file() else {"nets": {}, "answers": {}}
+    for quant in quants:
+        compiler = Compiler(work, CompileSettings(quant=quant), toolchain)
+        manifest = compiler.run(jobs=1)
+        result["nets"][quant] = {net: {"kind": job.kind.value, "quant": r["quant"], "cosine": r["check"]["cosine"],
+                                       "cosine_fp32": r["check"]["cosine_fp32"], "max_abs_err": r["check"]["max_abs_err"]}
+                                 for job in compiler.jobs for net, r in [(job.name, manifest["nets"][job.name])]}
+        print(f"{name} {quant}: compiled", flush=True)
+        if answers:
+            task = read_task(model)
+            with open_engine("cmodel", bmodel=compiler.bmodel, toolchain=toolchain) as engine:
+                session = Session(Checkpoint.load(model), engine)
+                got = check_answers(model, session, task["question"] if task else "What is in the picture?")
+            result["answers"][quant] = [{"name": a.name, "agreement": a.agreement, "reference": a.reference, "got": a.got}
+                                        for a in got]
+            print(f"{name} {quant}: answers {[a.agreement for a in got]}", flush=True)
+        saved.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def from_manifest(path: Path) -> dict:
+    """The per-net checks of a compile that already ran (its work dir's export gives the kinds)."""
+    compiled = json.loads(path.read_text())
+    kinds = {net: e["kind"] for net, e in json.loads((path.parent.parent / "export" / "manifest.json").read_text())["nets"].items()}
+    quant = compiled["settings"]["quant"]
+    return {"nets": {quant: {net: {"kind": kinds[net], "quant": r["quant"], "cosine": r["check"]["cosine"],
+                                   "cosine_fp32": r["check"]["cosine_fp32"], "max_abs_err": r["check"]["max_abs_err"]}
+                             for net, r in compiled["nets"].items()}}, "answers": {}}
+
+
+def tables(results: dict[str, dict]) -> str:
+    by_kind: dict[tuple[str, str], list[tuple[float, float, str]]] = defaultdict(list)
+    for name, result in results.items():
+        for nets in result["nets"].values():
+            for net, r in nets.items():
+                by_kind[r["kind"], r["quant"]].append((r["cosine"], r["cosine_fp32"], f"{name}/{net}"))
+    lines = ["| net kind | quant | nets | min cosine vs reference (where) | max | min vs fp32 |", "|---|---|---|---|---|---|"]
+    for (kind, quant), values in sorted(by_kind.items()):
+        worst = min(values)
+        lines.append(f"| {kind} | {quant} | {len(values)} | {worst[0]:.6f} ({worst[2]}) | {max(values)[0]:.6f} | "
+                     f"{min(v[1] for v in values):.6f} |")
+    lines += ["", "| fixture | quant | agreement per answer | mean |", "|---|---|---|---|"]
+    for name, result in results.items():
+        for quant, answers in result["answers"].items():
+            values = [a["agreement"] for a in answers if a["agreement"] is not None]
+            lines.append(f"| {name} | {quant} | {' '.join(f'{v:.2f}' for v in values)} | {sum(values) / len(values):.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from lvb.testing.checkpoints import GEOMETRIES
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=OUT / "thresholds")
+    parser.add_argument("--fixtures", nargs="*", default=[*sorted(GEOMETRIES), "toy"])
+    parser.add_argument("--quants", nargs="+", default=list(QUANTS))
+    parser.add_argument("--no-answers", action="store_true", help="only the per-net checks")
+    parser.add_argument("--also", nargs="*", type=Path, default=[],
+                        help="more compile manifests (WORK/compile/<bmodel>.json, e.g. the tests' work dirs) to include")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name, model in fixtures(args.out, args.fixtures).items():
+        results[name] = measure(name, model, args.out, args.quants, not args.no_answers)
+    for manifest in args.also:
+        results[f"{manifest.parent.parent.name}/{manifest.stem}"] = from_manifest(manifest)
+    (args.out / "measured.json").write_text(json.dumps(results, indent=1))
+    print(tables(results))
+
+
+if __name__ == "__main__":
+    main()
