@@ -29,6 +29,7 @@ from lvb.errors import LvbError
 from lvb.runtime.engine import Engine, Resident
 from lvb.runtime.image import ImageProcessorConfig, ProcessedImage, load_image, preprocess
 from lvb.runtime.masks import cross_attention_mask, self_attention_mask
+from lvb.runtime.memory import resident_buffers
 from lvb.runtime.sampling import Sampler, SamplingConfig
 from lvb.runtime.text import ChatTemplate, Tokenizer
 from lvb.spec import ModelSpec
@@ -133,20 +134,25 @@ class Session:
         self.reset()
 
     def _allocate(self) -> None:
-        t, v = self.spec.text, self.spec.vision
-        for layer in self.self_layers:
-            for name in (f"k{layer}", f"v{layer}"):
-                self.engine.allocate(name, (1, self.seq, t.num_kv_heads, t.head_dim))
-        for layer in self.cross_layers:
-            for name in (f"ck{layer}", f"cv{layer}"):
-                self.engine.allocate(name, (1, v.tokens_per_image, t.num_kv_heads, t.head_dim))
-        self.engine.allocate("cross_states", (1, v.tokens_per_image, t.hidden_size))
-        vision_shape = self.nets["vision_embed"].outputs[0].shape
-        for name in ["vision", *(f"vision_layer_{j}" for j in v.kept_layers)]:
-            self.engine.allocate(name, vision_shape)
-        self.engine.allocate("hidden", (1, self.chunk, t.hidden_size))
-        self.engine.allocate("hidden1", (1, 1, t.hidden_size))
-        self.engine.allocate("logits", (1, t.vocab_size))
+        # Hidden states ping-pong between two buffers (hidden, hidden_b; vision, vision_b): a net
+        # never writes the buffer it reads, so a device backend binds both instead of copying the
+        # output back after every layer. What every layer of a step reads has a buffer of its own.
+        for buffer in resident_buffers(self.nets):
+            self.engine.allocate(buffer.name, buffer.shape, buffer.dtype)
+        self._uploaded: dict[str, np.ndarray] = {}
+
+    def _upload(self, buffer: str, array: np.ndarray) -> Resident:
+        """The buffer holding `array`, uploaded only when it differs from what it holds: the
+        cross-attention masks stay the same for a whole answer."""
+        last = self._uploaded.get(buffer)
+        if last is None or last.shape != array.shape or not np.array_equal(last, array):
+            self.engine.upload(buffer, array)
+            self._uploaded[buffer] = np.array(array, copy=True)
+        return Resident(buffer)
+
+    @staticmethod
+    def _other(current: str, pair: tuple[str, str]) -> str:
+        return pair[1] if current == pair[0] else pair[0]
 
     def reset(self) -> None:
         """Forget the conversation (the buffers stay allocated)."""
@@ -268,19 +274,24 @@ class Session:
         tiles = image.aspect_ratio_mask.astype(np.int32)
         self.engine.run("vision_embed", {"pixel_values": image.pixel_values.astype(np.float32), "aspect_ratio_ids": ids},
                         store={0: Resident("vision")})
+        pair = ("vision", "vision_b")
         current = "vision"
         for j in range(v.num_layers):
             # The layers the head reads later keep their outputs in buffers of their own.
-            target = f"vision_layer_{j}" if j in v.kept_layers else "vision"
+            target = f"vision_layer_{j}" if j in v.kept_layers else self._other(current, pair)
             self.engine.run(f"vision_layer_{j}", {"hidden_states": Resident(current), "aspect_ratio_mask": tiles},
                             store={0: Resident(target)})
             current = target
+        target = self._other(current, pair)
         self.engine.run("vision_post", {"hidden_states": Resident(current), "aspect_ratio_ids": ids},
-                        store={0: Resident("vision")})
+                        store={0: Resident(target)})
+        current = target
         for j in range(v.num_global_layers):
-            self.engine.run(f"vision_global_{j}", {"hidden_states": Resident("vision"), "aspect_ratio_mask": tiles},
-                            store={0: Resident("vision")})
-        head = {"hidden_states": Resident("vision")} | {f"layer_{j}": Resident(f"vision_layer_{j}") for j in v.kept_layers}
+            target = self._other(current, pair)
+            self.engine.run(f"vision_global_{j}", {"hidden_states": Resident(current), "aspect_ratio_mask": tiles},
+                            store={0: Resident(target)})
+            current = target
+        head = {"hidden_states": Resident(current)} | {f"layer_{j}": Resident(f"vision_layer_{j}") for j in v.kept_layers}
         self.engine.run("vision_head", head, store={0: Resident("cross_states")})
         for layer in self.cross_layers:
             self.engine.run(f"cross_kv_{layer}", {"cross_states": Resident("cross_states")},
@@ -295,27 +306,35 @@ class Session:
         v = self.spec.vision
         return cross_attention_mask(sees, self.image.num_tiles, v.max_num_tiles, v.patches_per_tile)
 
-    def _layers(self, hidden: str, past: int, count: int, width: int, sees: np.ndarray) -> None:
-        """Run every layer on `count` tokens at positions past.. (padded to `width`)."""
+    def _layers(self, hidden: str, past: int, count: int, width: int, sees: np.ndarray) -> str:
+        """Run every layer on `count` tokens at positions past.. (padded to `width`), starting
+        from the hidden states in `hidden`; returns the buffer that holds the last layer's."""
         decode = width == 1
-        positions = (past + np.arange(width, dtype=np.int32))[None]
-        mask = self_attention_mask(past, width, self.seq)
+        pair = (hidden, f"{hidden}_b")
+        positions = self._upload(f"position_ids_{width}", (past + np.arange(width, dtype=np.int32))[None])
+        mask = self._upload(f"attention_mask_{width}", self_attention_mask(past, width, self.seq))
         cross_mask = row_mask = None
-        if self.image is not None:
-            cross_mask, row_mask = self._cross_masks(np.concatenate([sees, np.repeat(sees[-1:], width - len(sees))]))
+        if self.image is not None and self.cross_layers:
+            masks = self._cross_masks(np.concatenate([sees, np.repeat(sees[-1:], width - len(sees))]))
+            cross_mask = self._upload(f"cross_attention_mask_{width}", masks[0])
+            row_mask = self._upload(f"text_row_mask_{width}", masks[1])
+        current = hidden
         for layer in range(self.spec.text.num_layers):
             name = block_name(layer, decode)
+            target = self._other(current, pair)
             if layer in self.cross_layers:
                 if self.image is None:
                     continue  # no image in the conversation: transformers skips these layers too
-                feeds = {"hidden_states": Resident(hidden), "cross_k": Resident(f"ck{layer}"),
+                feeds = {"hidden_states": Resident(current), "cross_k": Resident(f"ck{layer}"),
                          "cross_v": Resident(f"cv{layer}"), "cross_attention_mask": cross_mask, "text_row_mask": row_mask}
-                self.engine.run(name, feeds, store={0: Resident(hidden)})
+                self.engine.run(name, feeds, store={0: Resident(target)})
             else:
-                feeds = {"hidden_states": Resident(hidden), "position_ids": positions, "attention_mask": mask,
+                feeds = {"hidden_states": Resident(current), "position_ids": positions, "attention_mask": mask,
                          "past_k": Resident(f"k{layer}"), "past_v": Resident(f"v{layer}")}
                 self.engine.run(name, feeds, store={
-                    0: Resident(hidden), 1: Resident(f"k{layer}", past, count), 2: Resident(f"v{layer}", past, count)})
+                    0: Resident(target), 1: Resident(f"k{layer}", past, count), 2: Resident(f"v{layer}", past, count)})
+            current = target
+        return current
 
     def _next_token(self, hidden: Resident, sampler: Sampler, history: Sequence[int]) -> int:
         if self.engine.logits_on_host:
@@ -335,14 +354,15 @@ class Session:
             chunk_ids = np.full((1, self.chunk), pad, dtype=np.int32)
             chunk_ids[0, :count] = ids[position : position + count]
             self.engine.run("embed", {"input_ids": chunk_ids}, store={0: Resident("hidden")})
-            self._layers("hidden", position, count, self.chunk, self._sees_image(ids, range(position, position + count)))
+            last = self._layers("hidden", position, count, self.chunk,
+                                self._sees_image(ids, range(position, position + count)))
             self.cached += ids[position : position + count]
             position += count
-        return self._next_token(Resident("hidden", count - 1, 1), sampler, ids)
+        return self._next_token(Resident(last, count - 1, 1), sampler, ids)
 
     def _decode(self, token: int, history: list[int], sampler: Sampler) -> int:
         position = len(self.cached)
         self.engine.run("embed_cache", {"input_ids": np.array([[token]], dtype=np.int32)}, store={0: Resident("hidden1")})
-        self._layers("hidden1", position, 1, 1, np.array([self.image is not None]))
+        last = self._layers("hidden1", position, 1, 1, np.array([self.image is not None]))
         self.cached.append(token)
-        return self._next_token(Resident("hidden1"), sampler, history)
+        return self._next_token(Resident(last), sampler, history)
