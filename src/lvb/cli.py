@@ -184,6 +184,28 @@ def inspect(
         f"one decode step reads {_bytes(step['total'])}: weights {_bytes(step['weights'])}, "
         f"KV cache {_bytes(step['kv_cache'])}, cross-attention K/V {_bytes(step['cross_kv'])}"
     )
+    _print_memory_plan(info)
+
+
+def _print_memory_plan(info) -> None:
+    from lvb.runtime.memory import CARDS, format_bytes, plan_for_bmodel
+
+    try:
+        plan = plan_for_bmodel(info)
+    except LvbError as e:
+        console.print(f"no device memory plan: {e}", markup=False, highlight=False)
+        return
+    table = Table(title="device memory plan (lvb's runtime, sail backend)")
+    table.add_column("what")
+    table.add_column("bytes", justify="right")
+    table.add_column("", justify="right")
+    for label, size in plan.rows():
+        table.add_row(label, f"{size:,}", format_bytes(size))
+    console.print(table)
+    fits = ", ".join(f"{card} {'fits' if plan.total <= size else 'too small'}" for card, size in CARDS.items())
+    console.print(f"against a card: {fits}", markup=False, highlight=False)
+    for note in plan.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
 
 
 def _open_session(model: Path, bmodel: Optional[Path], onnx: Optional[Path], backend: Optional[str],

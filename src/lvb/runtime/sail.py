@@ -25,7 +25,9 @@ Data movement (what sophon-demo's llama3.py `forward_next` does, and no more):
 - resident buffers (KV caches, cross K/V, hidden states, per-step masks) are device
   tensors without a host mirror; a net binds them directly, or a view of their rows
   (`sail.Tensor(src, shape, offset)`, bind.cpp:297-300, tensor.cpp:756-800, since
-  v3.9.1), so a KV row is written in place; older SDKs fall back to a d2d copy;
+  v3.9.1), so a KV row is written in place and the LM head reads the last prompt
+  row where it is; older SDKs, and a partial last prefill chunk, fall back to a
+  d2d copy;
 - inputs given as numpy arrays and outputs coming back go through scratch tensors
   shared by every net with that shape and dtype;
 - `upload` writes a host array into a resident buffer once (update_data straight to the
@@ -347,7 +349,12 @@ class SailEngine(Engine):
             for index, spec in enumerate(output_slots):
                 target = store.get(index)
                 tensor = None
-                if target is not None and target.buffer not in bound and targets[target.buffer] == 1:
+                rows = target is not None and not (target.start == 0 and target.count is None)
+                # A whole buffer the net also reads is never written in place (the pipeline
+                # ping-pongs instead). Rows of one are: lvb's blocks write the cache rows of the
+                # new tokens, which their own mask hides from the past_k they read, as
+                # llama3.py's forward_next binds past_k and a view of its next row together.
+                if target is not None and (rows or target.buffer not in bound) and targets[target.buffer] == 1:
                     tensor = self._bind_output(target, spec)
                 if tensor is None:
                     scratch = self._scratch_for(spec.shape, spec.kind, taken)

@@ -16,7 +16,9 @@ What it adds for tests, none of which the SDK has:
 - fault injection: LVB_SAIL_STANDIN_FAIL=net[,net...] (or `fail_launches`)
   makes every launch of those nets fail the way bmrt_launch_tensor_ex does;
 - LVB_SAIL_STANDIN_REPORT=path: a JSON summary (peak memory, traffic) written
-  when the process exits, for tests that run lvb as a subprocess.
+  when the process exits, for tests that run lvb as a subprocess;
+- `register_bmodel(path, nets)`: a bmodel known by its nets' shapes only, whose
+  launches compute nothing, to count traffic at shapes the simulator cannot run.
 """
 
 from __future__ import annotations
@@ -322,11 +324,35 @@ def _to_device(values: np.ndarray, dtype: Dtype) -> np.ndarray:
     return values.astype(_BYTES[dtype])
 
 
+_REGISTERED: dict[str, dict[str, _NetSpec]] = {}
+
+
+def register_bmodel(path: str, nets, loaded_bytes: int = 0) -> None:
+    """Make `path` load as these nets (not in the SDK): `nets` is a list of objects with
+    .name, .inputs and .outputs, whose tensors have .name, .shape and .dtype (numpy names:
+    float32 and int32). Launches leave the outputs as they are."""
+    kinds = {"float32": Dtype.BM_FLOAT32, "int32": Dtype.BM_INT32}
+    _REGISTERED[str(path)] = {
+        n.name: _NetSpec(n.name, tuple(_TensorSpec(t.name, tuple(t.shape), kinds[t.dtype]) for t in n.inputs),
+                         tuple(_TensorSpec(t.name, tuple(t.shape), kinds[t.dtype]) for t in n.outputs))
+        for n in nets
+    }
+    _REGISTERED[str(path)][""] = loaded_bytes  # type: ignore[assignment]
+
+
 class _Runtime:
     """One loaded bmodel: its nets run on the simulator, its memory is charged to the device
     as bmruntime allocates it at load: weights, instructions and activations."""
 
     def __init__(self, path: str, dev_id: int, share_mem: bool):
+        self.simulator = None
+        self.dev = device(dev_id)
+        if path in _REGISTERED:
+            self.nets = {k: v for k, v in _REGISTERED[path].items() if k}
+            self.loaded = _REGISTERED[path][""]
+            self.dev.malloc(self.loaded, f"bmodel {path}")
+            self.dev.model += self.loaded
+            return
         from lvb.compile.inspect import inspect_bmodel
         from lvb.runtime.cmodel import CmodelEngine
         from lvb.toolchain import find_toolchain
@@ -335,7 +361,6 @@ class _Runtime:
             raise SailEngineError(f"bmodel {path} does not exist")  # engine_llm.cpp:830-834
         toolchain = find_toolchain()
         info = inspect_bmodel(Path(path), toolchain)
-        self.dev = device(dev_id)
         # bmruntime.cpp:296-300: on a one-core chip (BM1684X) SHARE_MEM is on by default, so
         # every net's activations share one buffer sized for the largest (bmruntime_bmodel.cpp:923-940).
         shared = True if share_mem is None else share_mem
@@ -361,6 +386,8 @@ class _Runtime:
         for tensor, want in zip(inputs + outputs, spec.inputs + spec.outputs):
             if tuple(tensor.shape()) != want.shape or tensor.dtype() != want.dtype:
                 return False  # a static net rejects other shapes; a dtype other than the net's is misread
+        if self.simulator is None:
+            return True  # a registered bmodel: shapes only
         feeds = {t.name: _to_host(tensor._device(), t.dtype).reshape(t.shape) for t, tensor in zip(spec.inputs, inputs)}
         results = self.simulator.run(net, feeds)
         for tensor, t, value in zip(outputs, spec.outputs, results):
@@ -368,7 +395,8 @@ class _Runtime:
         return True
 
     def close(self) -> None:
-        self.simulator.close()
+        if self.simulator is not None:
+            self.simulator.close()
 
 
 class EngineLLM:
