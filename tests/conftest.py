@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lvb.testing.checkpoints import GEOMETRIES, write_checkpoint
@@ -63,3 +65,27 @@ def compile_factory(export_factory):
         return done[name, quant]
 
     return make
+
+
+TOY = Path(__file__).resolve().parent.parent / "models" / "toy"
+# The toy as ci/pipeline.sh builds it in tests/test_pipeline.py (SEQ=128, CHUNK=32): the same
+# work directory and settings, so whichever test runs first pays for it and the rest hit
+# lvb's export and compile caches.
+TOY_SEQ, TOY_CHUNK = 128, 32
+
+
+@pytest.fixture(scope="session")
+def toy_work(tmp_path_factory):
+    return tmp_path_factory.mktemp("toy")
+
+
+@pytest.fixture(scope="session")
+def toy_int4_bmodel(toy_work):
+    from lvb.compile.compiler import CompileSettings, Compiler
+    from lvb.export.exporter import export
+    from lvb.toolchain import find_toolchain
+
+    export(TOY, toy_work, seq=TOY_SEQ, chunk=TOY_CHUNK)
+    compiler = Compiler(toy_work, CompileSettings(quant="int4"), find_toolchain())
+    compiler.run()
+    return compiler.bmodel

@@ -13,11 +13,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def toy_work(tmp_path_factory):
-    return tmp_path_factory.mktemp("toy")
-
-
 @pytest.mark.parametrize("quant", ["int4", "int8"])
 def test_pipeline_on_the_toy_with_the_simulator(quant, toy_work):
     env = dict(os.environ, MODEL=str(ROOT / "models" / "toy"), WORK=str(toy_work), QUANT=quant, SEQ="128",

@@ -162,8 +162,11 @@ def compile_(
 def inspect(
     bmodel: Annotated[Path, typer.Argument(help="A bmodel made by `lvb compile`.")],
     toolchain: ToolchainOption = None,
+    device: Annotated[Optional[int], typer.Option(help="Also check the plan against this device's free memory "
+                                                       "(sophon.sail); exit 1 when it does not fit.")] = None,
 ) -> None:
-    """List a bmodel's nets, their tensors and weights, and the bytes one decode step reads."""
+    """List a bmodel's nets, their tensors and weights, the bytes one decode step reads, and the
+    device memory lvb's runtime needs for it."""
     from lvb.compile.inspect import inspect_bmodel
     from lvb.toolchain import find_toolchain
 
@@ -185,6 +188,25 @@ def inspect(
         f"KV cache {_bytes(step['kv_cache'])}, cross-attention K/V {_bytes(step['cross_kv'])}"
     )
     _print_memory_plan(info)
+    if device is not None:
+        _print_preflight(bmodel, device, toolchain)
+
+
+def _print_preflight(bmodel: Path, device: int, toolchain) -> None:
+    from lvb.runtime.memory import format_bytes, preflight
+    from lvb.runtime.sail import device_memory, sdk_version
+    from lvb.toolchain import find_toolchain
+
+    version = sdk_version()
+    memory = device_memory(device)
+    where = (f"device {device}: {format_bytes(memory[1])} free of {format_bytes(memory[0])}" if memory
+             else f"device {device}: no memory figures from sophon.sail")
+    console.print(f"sophon.sail {version or 'not installed'}; {where}", markup=False, highlight=False)
+    try:
+        check = preflight(bmodel, device, find_toolchain(toolchain))
+    except LvbError as e:
+        raise fail(str(e))
+    console.print(f"preflight: {check.line()}", markup=False, highlight=False)
 
 
 def _print_memory_plan(info) -> None:
@@ -218,6 +240,9 @@ def _open_session(model: Path, bmodel: Optional[Path], onnx: Optional[Path], bac
     backend = backend or default_backend(bmodel, onnx)
     engine = open_engine(backend, bmodel=bmodel, onnx_work=onnx,
                          toolchain=find_toolchain(toolchain) if backend == "cmodel" else None)
+    check = getattr(engine, "preflight", None)
+    if check is not None:
+        errors.print(f"preflight: {check.line()}", style="dim", markup=False, highlight=False)
     try:
         return Session(checkpoint, engine, truncate_history=truncate_history)
     except BaseException:
