@@ -194,13 +194,14 @@ def inspect(
 
 def _print_preflight(bmodel: Path, device: int, toolchain) -> None:
     from lvb.runtime.memory import format_bytes, preflight
-    from lvb.runtime.sail import device_memory, sdk_version
+    from lvb.runtime.sail import device_memory, device_target, sdk_version
     from lvb.toolchain import find_toolchain
 
     version = sdk_version()
     memory = device_memory(device)
-    where = (f"device {device}: {format_bytes(memory[1])} free of {format_bytes(memory[0])}" if memory
-             else f"device {device}: no memory figures from sophon.sail")
+    where = f"device {device} ({device_target(device) or 'no chip found'}): "
+    where += (f"{format_bytes(memory[1])} free of {format_bytes(memory[0])}" if memory
+              else "sophon.sail exposes no memory figures")
     console.print(f"sophon.sail {version or 'not installed'}; {where}", markup=False, highlight=False)
     try:
         check = preflight(bmodel, device, find_toolchain(toolchain))

@@ -124,6 +124,16 @@ def sdk_version() -> str | None:
     return str(getattr(sail, "__version__", "unknown"))
 
 
+def device_target(device_id: int = 0) -> str | None:
+    """The chip behind a device id (sail.Handle.get_target, bind.cpp:285), or None."""
+    try:
+        import sophon.sail as sail
+
+        return str(sail.Handle(device_id).get_target())
+    except Exception:
+        return None
+
+
 def device_memory(device_id: int = 0) -> tuple[int, int] | None:
     """(total, free) bytes of a device, from sail.get_dev_stat (tensor.cpp:73-91: bmlib's
     bm_get_stat, summed over every heap in MiB, bmlib_runtime.cpp:1333-1355); None when
