@@ -39,6 +39,7 @@ import numpy as np
 __version__ = "3.10.7 (lvb stand-in)"
 
 log = logging.getLogger("sophon.sail")
+log.addHandler(logging.NullHandler())  # the real SDK logs through spdlog to stdout; tests read lvb's own errors
 
 # -- enums and errors (bind.cpp:218-228 registers the Sail*Error types; bmdef.h bm_data_type_t) ----
 
