@@ -86,6 +86,9 @@ class NullEngine(Engine):
     def read(self, buffer):
         return self._host.read(buffer)
 
+    def upload(self, buffer, array):
+        self._host.upload(buffer, array)
+
     def run(self, net, feeds, store=None):
         self.calls += 1
         for value in feeds.values():  # what a host backend does with its feeds: resolve residents to arrays

@@ -9,7 +9,8 @@
 #
 # Settings (environment): MODEL (required), WORK (default work/<model name>),
 # QUANT (int4), SEQ (512), CHUNK (128), BACKEND (sail), PICTURES (100, for a
-# checkpoint that declares a task), LVB (the lvb command, default .venv/bin/lvb).
+# checkpoint that declares a task), LVB (the lvb command, default .venv/bin/lvb),
+# DEVICE (0: the card's device id, BACKEND=sail only).
 set -euo pipefail
 
 : "${MODEL:?set MODEL to the checkpoint folder}"
@@ -20,7 +21,14 @@ CHUNK=${CHUNK:-128}
 BACKEND=${BACKEND:-sail}
 PICTURES=${PICTURES:-100}
 LVB=${LVB:-.venv/bin/lvb}
+DEVICE=${DEVICE:-0}
 
 "$LVB" export --model "$MODEL" --out "$WORK" --seq "$SEQ" --chunk "$CHUNK"
 "$LVB" compile --work "$WORK" --quant "$QUANT" --seq "$SEQ"
+if [ "$BACKEND" = sail ]; then
+    # Before the card runs anything: the SDK version, the device, the memory plan of this
+    # bmodel and the preflight against the device's free memory (exits 1 when it cannot fit).
+    BMODEL=$(ls -t "$WORK"/*_"$QUANT"_g*_seq"$SEQ"_chunk"$CHUNK"_*.bmodel | head -n 1)
+    "$LVB" inspect "$BMODEL" --device "$DEVICE"
+fi
 "$LVB" verify --model "$MODEL" --work "$WORK" --quant "$QUANT" --backend "$BACKEND" --pictures "$PICTURES"

@@ -113,3 +113,11 @@ def toy_export(tmp_path_factory):
     work = tmp_path_factory.mktemp("work-toy")
     export(Path(__file__).resolve().parent.parent / "models" / "toy", work, seq=SEQ, chunks=(CHUNK,))
     return work
+
+
+@pytest.fixture(scope="session")
+def toy_int4_bmodel(toy_pipeline):
+    """The toy's INT4 bmodel from the session's ci/pipeline.sh run (no second compile)."""
+    work, result = toy_pipeline("int4")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return next(work.glob("toy_int4_*.bmodel"))

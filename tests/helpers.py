@@ -7,6 +7,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+# The trained toy (models/toy).
+TOY = Path(__file__).resolve().parent.parent / "models" / "toy"
 # Small enough for the simulator, long enough for a few turns with an image.
 SEQ, CHUNK = 160, 32
 # One fixture is exported with two prefill chunk sizes, so that every test over the fixtures

@@ -185,8 +185,11 @@ def compile_(
 def inspect(
     bmodel: Annotated[Path, typer.Argument(help="A bmodel made by `lvb compile`.")],
     toolchain: ToolchainOption = None,
+    device: Annotated[Optional[int], typer.Option(help="Also check the plan against this device's free memory "
+                                                       "(sophon.sail); exit 1 when it does not fit.")] = None,
 ) -> None:
-    """List a bmodel's nets, their tensors and weights, and the bytes one decode step reads."""
+    """List a bmodel's nets, their tensors and weights, the bytes one decode step reads, and the
+    device memory lvb's runtime needs for it."""
     from lvb.compile.inspect import inspect_bmodel
     from lvb.toolchain import find_toolchain
 
@@ -207,6 +210,48 @@ def inspect(
         f"one decode step reads {_bytes(step['total'])}: weights {_bytes(step['weights'])}, "
         f"KV cache {_bytes(step['kv_cache'])}, cross-attention K/V {_bytes(step['cross_kv'])}"
     )
+    _print_memory_plan(info)
+    if device is not None:
+        _print_preflight(bmodel, device, toolchain)
+
+
+def _print_preflight(bmodel: Path, device: int, toolchain) -> None:
+    from lvb.runtime.memory import format_bytes, preflight
+    from lvb.runtime.sail import device_memory, device_target, sdk_version
+    from lvb.toolchain import find_toolchain
+
+    version = sdk_version()
+    memory = device_memory(device)
+    where = f"device {device} ({device_target(device) or 'no chip found'}): "
+    where += (f"{format_bytes(memory[1])} free of {format_bytes(memory[0])}" if memory
+              else "sophon.sail exposes no memory figures")
+    console.print(f"sophon.sail {version or 'not installed'}; {where}", markup=False, highlight=False)
+    try:
+        check = preflight(bmodel, device, find_toolchain(toolchain))
+    except LvbError as e:
+        raise fail(str(e))
+    console.print(f"preflight: {check.line()}", markup=False, highlight=False)
+
+
+def _print_memory_plan(info) -> None:
+    from lvb.runtime.memory import CARDS, format_bytes, plan_for_bmodel
+
+    try:
+        plan = plan_for_bmodel(info)
+    except LvbError as e:
+        console.print(f"no device memory plan: {e}", markup=False, highlight=False)
+        return
+    table = Table(title="device memory plan (lvb's runtime, sail backend)")
+    table.add_column("what")
+    table.add_column("bytes", justify="right")
+    table.add_column("", justify="right")
+    for label, size in plan.rows():
+        table.add_row(label, f"{size:,}", format_bytes(size))
+    console.print(table)
+    fits = ", ".join(f"{card} {'fits' if plan.total <= size else 'too small'}" for card, size in CARDS.items())
+    console.print(f"against a card: {fits}", markup=False, highlight=False)
+    for note in plan.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
 
 
 @app.command()
@@ -322,6 +367,9 @@ class ChatOptions:
         backend = self.backend or default_backend(bmodel, onnx)
         engine = open_engine(backend, bmodel=bmodel, onnx_work=onnx,
                              toolchain=find_toolchain(self.toolchain) if backend == "cmodel" else None)
+        check = getattr(engine, "preflight", None)  # the device memory check, on sail
+        if check is not None:
+            errors.print(f"preflight: {check.line()}", style="dim", markup=False, highlight=False)
         try:
             return Session(checkpoint, engine, truncate_history=truncate_history)
         except BaseException:

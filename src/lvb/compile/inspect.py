@@ -1,7 +1,8 @@
-"""`lvb inspect BMODEL`: the nets, their tensors, their weights, and what one decode step reads.
+"""`lvb inspect BMODEL`: the nets, their tensors, their weights, what one decode step reads,
+and what a card must hold to run it (lvb.runtime.memory).
 
-Read from tpu-mlir's own `model_tool --info` and `--weight`, so it describes
-the file as the runtime will see it.
+Read from tpu-mlir's own `model_tool --info`, `--weight` and `--print` (each net's
+activation memory, `ctx_size`), so it describes the file as the runtime will see it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ _STAGE = re.compile(r"^stage (?P<stage>\d+),")
 _RANGE = re.compile(r"\[0x(?P<begin>[0-9a-f]+), 0x(?P<end>[0-9a-f]+)\)")
 # The nets one generated token runs besides the embedding (which reads one row of its table).
 _DECODE_STEP = {Kind.SELF_DECODE, Kind.CROSS_DECODE, Kind.LM_HEAD, Kind.GREEDY_HEAD}
+_DEVICE = re.compile(r"device mem size: \d+ \(weight: (?P<weight>\d+), instruct: (?P<instruct>\d+), runtime: (?P<runtime>\d+)\)")
+_CTX = re.compile(r"^\s*ctx_size: (\d+)")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Net:
     inputs: list[Tensor] = field(default_factory=list)
     outputs: list[Tensor] = field(default_factory=list)
     weight_bytes: int = 0
+    neuron_bytes: int = 0  # activation memory of its (one) stage
 
 
 @dataclass
@@ -55,6 +59,7 @@ class BmodelInfo:
     chip: str
     nets: dict[str, Net]
     device_weight_bytes: int  # shared weights counted once
+    instruction_bytes: int = 0
 
     def decode_step(self) -> dict[str, int]:
         """Bytes one generated token reads: the decode nets' weights (one embedding row),
@@ -88,7 +93,7 @@ def inspect_bmodel(path: Path, toolchain: Toolchain) -> BmodelInfo:
         raise ToolchainError(f"{path}: no such bmodel; run `lvb compile` first")
     info = _model_tool(toolchain, "--info", str(path))
     nets: dict[str, Net] = {}
-    chip, device_weight = "?", 0
+    chip, device_weight, instructions = "?", 0, 0
     current = None
     for line in info.splitlines():
         line = line.strip()
@@ -101,8 +106,8 @@ def inspect_bmodel(path: Path, toolchain: Toolchain) -> BmodelInfo:
         elif (m := _TENSOR.match(line)) and current is not None:
             shape = tuple(int(d) for d in m["shape"].split(",") if d.strip())
             (current.inputs if m["io"] == "input" else current.outputs).append(Tensor(m["name"], shape, m["dtype"]))
-        elif line.startswith("device mem size:") and (w := re.search(r"weight: (\d+)", line)):
-            device_weight = int(w.group(1))
+        elif m := _DEVICE.match(line):
+            device_weight, instructions = int(m["weight"]), int(m["instruct"])
     current = None
     for line in _model_tool(toolchain, "--weight", str(path)).splitlines():
         if m := _WEIGHT_NET.match(line.strip()):
@@ -111,4 +116,10 @@ def inspect_bmodel(path: Path, toolchain: Toolchain) -> BmodelInfo:
             current.weight_bytes += int(r["end"], 16) - int(r["begin"], 16)
     if not nets:
         raise ToolchainError(f"{path}: model_tool found no nets; is it a bmodel?")
-    return BmodelInfo(Path(path), chip, nets, device_weight)
+    # One ctx_size per stage, in net order; lvb's nets are static, one stage each.
+    contexts = [int(m.group(1)) for line in _model_tool(toolchain, "--print", str(path)).splitlines()
+                if (m := _CTX.match(line))]
+    if len(contexts) == len(nets):
+        for net, size in zip(nets.values(), contexts):
+            net.neuron_bytes = size
+    return BmodelInfo(Path(path), chip, nets, device_weight, instructions)

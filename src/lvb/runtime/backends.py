@@ -43,6 +43,11 @@ def open_engine(backend: str, bmodel: Path | None = None, onnx_work: Path | None
         from lvb.runtime.cmodel import CmodelEngine
 
         return CmodelEngine(bmodel, toolchain)
+    from lvb.runtime.memory import preflight
     from lvb.runtime.sail import SailEngine
 
-    return SailEngine(bmodel)
+    # Before loading: a bmodel that cannot fit fails here in one line, not deep in bmruntime.
+    check = preflight(bmodel, toolchain=toolchain)
+    engine = SailEngine(bmodel)
+    engine.preflight = check
+    return engine

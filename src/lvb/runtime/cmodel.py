@@ -38,6 +38,7 @@ class CmodelEngine(Engine):
             env=env,
         )
         info = self._call({"op": "load", "bmodel": str(bmodel.resolve())})
+        self.wire_nets = info  # as the simulator names its dtypes (bf16 stays bf16), for sail's stand-in
         self._nets = {
             name: NetInfo(
                 name,
@@ -74,6 +75,9 @@ class CmodelEngine(Engine):
 
     def read(self, buffer: str) -> np.ndarray:
         return self._call({"op": "read", "buffer": buffer})
+
+    def upload(self, buffer: str, array: np.ndarray) -> None:
+        self._call({"op": "upload", "buffer": buffer, "array": np.asarray(array)})
 
     def run(self, net: str, feeds: Mapping[str, np.ndarray | Resident], store: Mapping[int, Resident] | None = None):
         if net not in self._nets:

@@ -118,6 +118,9 @@ class Worker:
         if op == "allocate":
             self.buffers.allocate(request["buffer"], request["shape"], request["dtype"])
             return None
+        if op == "upload":
+            self.buffers.upload(request["buffer"], request["array"])
+            return None
         if op == "read":
             return self.buffers.read(request["buffer"])
         if op == "run":

@@ -7,6 +7,8 @@ stable). Buffers that stay on the backend between calls, the KV caches and
 hidden states, are named *resident* buffers: a feed may be a `Resident`
 instead of an array, and an output may be stored into one instead of
 coming back, so a device backend never copies the cache to the host.
+A host array that every layer of a step reads (positions, masks) is
+`upload`ed into a resident buffer once and fed as a `Resident`.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ class Engine(ABC):
     def read(self, buffer: str) -> np.ndarray: ...
 
     @abstractmethod
+    def upload(self, buffer: str, array: np.ndarray) -> None:
+        """Write a host array (as many elements as the buffer) into a resident buffer, so that
+        many nets can read it without crossing to the device again."""
+
+    @abstractmethod
     def run(
         self,
         net: str,
@@ -85,6 +92,13 @@ class HostBuffers:
 
     def read(self, buffer: str) -> np.ndarray:
         return self.buffers[buffer].copy()
+
+    def upload(self, buffer: str, array: np.ndarray) -> None:
+        data = self.buffers[buffer]
+        array = np.asarray(array)
+        if array.size != data.size:
+            raise ValueError(f"buffer {buffer} is {list(data.shape)}, got an array of {list(array.shape)}")
+        data[...] = array.reshape(data.shape)
 
     def resolve(self, value) -> np.ndarray:
         if not isinstance(value, Resident):

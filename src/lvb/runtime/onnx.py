@@ -64,6 +64,12 @@ class OnnxEngine(Engine):
     def read(self, buffer: str) -> np.ndarray:
         return self._buffers.read(buffer)
 
+    def upload(self, buffer: str, array: np.ndarray) -> None:
+        try:
+            self._buffers.upload(buffer, array)
+        except (KeyError, ValueError) as e:
+            raise EngineError(f"cannot upload buffer {buffer}: {e}") from e
+
     def run(self, net: str, feeds: Mapping[str, np.ndarray | Resident], store: Mapping[int, Resident] | None = None):
         if net not in self._nets:
             raise EngineError(f"no ONNX net {net!r}; have {', '.join(sorted(self._nets))}")

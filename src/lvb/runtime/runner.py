@@ -19,37 +19,13 @@ from lvb.errors import LvbError
 from lvb.masks import cross_attention_mask, self_attention_mask
 from lvb.runtime.engine import Engine, Resident
 from lvb.runtime.image import ProcessedImage
+from lvb.runtime.memory import Buffers, resident_buffers
 from lvb.runtime.sampling import Sampler
 from lvb.spec import ModelSpec
 
 
 class ChatError(LvbError):
     """A turn that cannot be answered (too long, bad image, wrong bmodel); the session goes on."""
-
-
-class Buffers:
-    """The resident buffers' names."""
-
-    VISION = "vision"  # the vision tower's hidden states, layer to layer
-    CROSS_STATES = "cross_states"  # the image's tokens at the text width
-    HIDDEN = "hidden"  # a prefill chunk's hidden states
-    HIDDEN1 = "hidden1"  # one token's
-    LOGITS = "logits"
-
-    @staticmethod
-    def kv(layer: int) -> tuple[str, str]:
-        """A self-attention layer's KV cache."""
-        return f"k{layer}", f"v{layer}"
-
-    @staticmethod
-    def cross_kv(layer: int) -> tuple[str, str]:
-        """A cross-attention layer's K/V of the image in play."""
-        return f"ck{layer}", f"cv{layer}"
-
-    @staticmethod
-    def kept(j: int) -> str:
-        """The output of vision layer j, which the vision head reads later."""
-        return net_name(Kind.VISION_LAYER, j)
 
 
 def discover_shapes(engine: Engine) -> tuple[int, tuple[int, ...]]:
@@ -89,20 +65,25 @@ class Runner:
         self._allocate()
 
     def _allocate(self) -> None:
-        t, v, b = self.spec.text, self.spec.vision, Buffers
-        for layer in t.self_attention_layers:
-            for name in b.kv(layer):
-                self.engine.allocate(name, (1, self.seq, t.num_kv_heads, t.head_dim))
-        for layer in t.cross_attention_layers:
-            for name in b.cross_kv(layer):
-                self.engine.allocate(name, (1, v.tokens_per_image, t.num_kv_heads, t.head_dim))
-        self.engine.allocate(b.CROSS_STATES, (1, v.tokens_per_image, t.hidden_size))
-        vision_shape = self.nets[net_name(Kind.VISION_EMBED)].outputs[0].shape
-        for name in [b.VISION, *(b.kept(j) for j in v.kept_layers)]:
-            self.engine.allocate(name, vision_shape)
-        self.engine.allocate(b.HIDDEN, (1, max(self.chunks), t.hidden_size))
-        self.engine.allocate(b.HIDDEN1, (1, 1, t.hidden_size))
-        self.engine.allocate(b.LOGITS, (1, t.vocab_size))
+        # Hidden states ping-pong between two buffers (hidden, hidden_b; vision, vision_b): a net
+        # never writes the buffer it reads, so a device backend binds both instead of copying the
+        # output back after every layer. What every layer of a step reads has a buffer of its own.
+        for buffer in resident_buffers(self.nets):
+            self.engine.allocate(buffer.name, buffer.shape, buffer.dtype)
+        self._uploaded: dict[str, np.ndarray] = {}
+
+    def _upload(self, buffer: str, array: np.ndarray) -> Resident:
+        """The buffer holding `array`, uploaded only when it differs from what it holds: the
+        cross-attention masks stay the same for a whole answer."""
+        last = self._uploaded.get(buffer)
+        if last is None or last.shape != array.shape or not np.array_equal(last, array):
+            self.engine.upload(buffer, array)
+            self._uploaded[buffer] = np.array(array, copy=True)
+        return Resident(buffer)
+
+    @staticmethod
+    def _other(current: str, pair: tuple[str, str]) -> str:
+        return pair[1] if current == pair[0] else pair[0]
 
     def encode_image(self, image: ProcessedImage) -> None:
         """The vision tower, layer by layer, then the image's cross-attention K/V for every
@@ -112,18 +93,23 @@ class Runner:
         tiles = image.aspect_ratio_mask.astype(np.int32)
         run(net_name(Kind.VISION_EMBED), {n.PIXEL_VALUES: image.pixel_values.astype(np.float32), n.ASPECT_RATIO_IDS: ids},
             store={0: Resident(b.VISION)})
+        pair = (b.VISION, b.VISION_B)
         current = b.VISION
         for j in range(v.num_layers):
             # The layers the head reads later keep their outputs in buffers of their own.
-            target = b.kept(j) if j in v.kept_layers else b.VISION
+            target = b.kept(j) if j in v.kept_layers else self._other(current, pair)
             run(net_name(Kind.VISION_LAYER, j), {n.HIDDEN: Resident(current), n.ASPECT_RATIO_MASK: tiles},
                 store={0: Resident(target)})
             current = target
-        run(net_name(Kind.VISION_POST), {n.HIDDEN: Resident(current), n.ASPECT_RATIO_IDS: ids}, store={0: Resident(b.VISION)})
+        target = self._other(current, pair)
+        run(net_name(Kind.VISION_POST), {n.HIDDEN: Resident(current), n.ASPECT_RATIO_IDS: ids}, store={0: Resident(target)})
+        current = target
         for j in range(v.num_global_layers):
-            run(net_name(Kind.VISION_GLOBAL, j), {n.HIDDEN: Resident(b.VISION), n.ASPECT_RATIO_MASK: tiles},
-                store={0: Resident(b.VISION)})
-        head = {n.HIDDEN: Resident(b.VISION)} | {n.kept_layer(j): Resident(b.kept(j)) for j in v.kept_layers}
+            target = self._other(current, pair)
+            run(net_name(Kind.VISION_GLOBAL, j), {n.HIDDEN: Resident(current), n.ASPECT_RATIO_MASK: tiles},
+                store={0: Resident(target)})
+            current = target
+        head = {n.HIDDEN: Resident(current)} | {n.kept_layer(j): Resident(b.kept(j)) for j in v.kept_layers}
         run(net_name(Kind.VISION_HEAD), head, store={0: Resident(b.CROSS_STATES)})
         for layer in self.spec.text.cross_attention_layers:
             cross_k, cross_v = b.cross_kv(layer)
@@ -136,32 +122,42 @@ class Runner:
         first = image_positions[0] if image_positions else len(ids) + self.seq
         return np.array([p >= first for p in positions], dtype=bool)
 
-    def _layers(self, hidden: str, past: int, count: int, width: int, sees: np.ndarray, tiles: int | None) -> None:
-        """Run every layer on `count` tokens at positions past.. (padded to `width`); `tiles`:
-        the real tiles of the image in play, None without one."""
+    def _layers(self, hidden: tuple[str, str], past: int, count: int, width: int, sees: np.ndarray,
+                tiles: int | None) -> str:
+        """Run every layer on `count` tokens at positions past.. (padded to `width`), from the
+        hidden states in hidden[0], ping-ponging with hidden[1]; `tiles`: the real tiles of the
+        image in play, None without one. Returns the buffer holding the last layer's output."""
         n, b, vision = Names, Buffers, self.spec.vision
         decode = width == 1
-        positions = (past + np.arange(width, dtype=np.int32))[None]
-        mask = self_attention_mask(past, width, self.seq)
-        cross_mask = row_mask = None
-        if tiles is not None:
-            padded = np.concatenate([sees, np.repeat(sees[-1:], width - len(sees))])
-            cross_mask, row_mask = cross_attention_mask(padded, tiles, vision.max_num_tiles, vision.patches_per_tile)
+        positions = self._upload(b.step(n.POSITION_IDS, width), (past + np.arange(width, dtype=np.int32))[None])
+        mask = self._upload(b.step(n.ATTENTION_MASK, width), self_attention_mask(past, width, self.seq))
         cross_layers = self.spec.text.cross_attention_layers
+        cross_mask = row_mask = None
+        if tiles is not None and cross_layers:
+            padded = np.concatenate([sees, np.repeat(sees[-1:], width - len(sees))])
+            masks = cross_attention_mask(padded, tiles, vision.max_num_tiles, vision.patches_per_tile)
+            cross_mask = self._upload(b.step(n.CROSS_MASK, width), masks[0])
+            row_mask = self._upload(b.step(n.TEXT_ROW_MASK, width), masks[1])
+        current = hidden[0]
         for layer in range(self.spec.text.num_layers):
             name = block_name(layer, decode)
             if layer in cross_layers:
                 if tiles is None:
                     continue  # no image in the conversation: transformers skips these layers too
+                target = self._other(current, hidden)
                 k, v = b.cross_kv(layer)
-                feeds = {n.HIDDEN: Resident(hidden, 0, width), n.CROSS_K: Resident(k), n.CROSS_V: Resident(v),
+                feeds = {n.HIDDEN: Resident(current, 0, width), n.CROSS_K: Resident(k), n.CROSS_V: Resident(v),
                          n.CROSS_MASK: cross_mask, n.TEXT_ROW_MASK: row_mask}
-                self.engine.run(name, feeds, store={0: Resident(hidden)})
+                self.engine.run(name, feeds, store={0: Resident(target)})
             else:
+                target = self._other(current, hidden)
                 k, v = b.kv(layer)
-                feeds = {n.HIDDEN: Resident(hidden, 0, width), n.POSITION_IDS: positions, n.ATTENTION_MASK: mask,
+                feeds = {n.HIDDEN: Resident(current, 0, width), n.POSITION_IDS: positions, n.ATTENTION_MASK: mask,
                          n.PAST_K: Resident(k), n.PAST_V: Resident(v)}
-                self.engine.run(name, feeds, store={0: Resident(hidden), 1: Resident(k, past, count), 2: Resident(v, past, count)})
+                self.engine.run(name, feeds, store={0: Resident(target), 1: Resident(k, past, count),
+                                                    2: Resident(v, past, count)})
+            current = target
+        return current
 
     def prefill(self, ids: Sequence[int], start: int, tiles: int | None) -> Resident:
         """ids[start:] into cache slots start.., a chunk at a time, each the smallest compiled
@@ -174,16 +170,17 @@ class Runner:
             chunk_ids = np.full((1, width), self.pad_id, dtype=np.int32)
             chunk_ids[0, :count] = ids[position : position + count]
             self.engine.run(net_name(Kind.EMBED), {Names.INPUT_IDS: chunk_ids}, store={0: Resident(Buffers.HIDDEN)})
-            self._layers(Buffers.HIDDEN, position, count, width, self.sees_image(ids, range(position, position + count)), tiles)
+            last = self._layers((Buffers.HIDDEN, Buffers.HIDDEN_B), position, count, width,
+                                self.sees_image(ids, range(position, position + count)), tiles)
             position += count
-        return Resident(Buffers.HIDDEN, count - 1, 1)
+        return Resident(last, count - 1, 1)
 
     def decode(self, token: int, position: int, tiles: int | None) -> Resident:
         """One token into cache slot `position`; its hidden state."""
         self.engine.run(net_name(Kind.EMBED_CACHE), {Names.INPUT_IDS: np.array([[token]], dtype=np.int32)},
                         store={0: Resident(Buffers.HIDDEN1)})
-        self._layers(Buffers.HIDDEN1, position, 1, 1, np.array([tiles is not None]), tiles)
-        return Resident(Buffers.HIDDEN1)
+        last = self._layers((Buffers.HIDDEN1, Buffers.HIDDEN1_B), position, 1, 1, np.array([tiles is not None]), tiles)
+        return Resident(last)
 
     def next_token(self, hidden: Resident, sampler: Sampler, history: Sequence[int]) -> int:
         lm_head, feeds = net_name(Kind.LM_HEAD), {Names.HIDDEN: hidden}
