@@ -83,7 +83,7 @@ class Buffers:
 
 def _stage_inputs(net) -> list[tuple[TensorInfo, ...]]:
     """Every stage's inputs, largest first, of a contract NetSpec or a bmodel's net alike."""
-    return [net.inputs, *(s.inputs if hasattr(s, "inputs") else s for s in net.smaller)]
+    return [net.inputs, *(s.inputs if hasattr(s, "inputs") else s for s in getattr(net, "smaller", ()))]
 
 
 def resident_buffers(nets: Mapping) -> list[TensorInfo]:
