@@ -56,7 +56,7 @@ def measure(name: str, model: Path, out: Path, quants: list[str], answers: bool)
     from lvb.verify.checks import check_answers, read_task
 
     work = out / "work" / name
-    export(model, work, seq=SEQ, chunk=CHUNK)
+    export(model, work, seq=SEQ, chunks=CHUNK)
     toolchain = find_toolchain()
     saved = out / f"{name}.json"  # earlier runs' other quantizations are kept
     result = json.loads(saved.read_text()) if saved.is_file() else {"nets": {}, "answers": {}}

@@ -56,7 +56,7 @@ def test_prompts_longer_than_the_sequence_are_listed_as_misses(checkpoint_factor
     from lvb.export.exporter import export
 
     model = checkpoint_factory("mha-cross-first")
-    export(model, tmp_path, seq=40, chunk=8)
+    export(model, tmp_path, seq=40, chunks=8)
     result = runner.invoke(app, ["verify", "--model", str(model), "--work", str(tmp_path), "--backend", "onnxruntime"])
     assert result.exit_code == 1
     report = json.loads((tmp_path / "verify" / "onnxruntime" / "report.json").read_text())
