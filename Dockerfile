@@ -10,6 +10,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/lvb
 COPY . .
-RUN make setup PYTHON311=python3.11 PYTHON310=python3.10
+# The two environments of `make setup`; a node needs no browser for the web page's test.
+RUN make .venv/.installed .venv-tpu/.installed PYTHON311=python3.11 PYTHON310=python3.10
 ENV PATH=/opt/lvb/.venv/bin:$PATH
 CMD ["ray", "start", "--head", "--port", "6379", "--block"]
