@@ -1,8 +1,11 @@
 """What several test files share: the compiled shapes of the fixtures, the CLI's
-one-line errors, and a way to break an exported net."""
+one-line errors, a way to break an exported net, and how to compare compiled bmodels."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -46,3 +49,17 @@ def scale_weights(path: Path, factor: float = 1.5) -> None:
         if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2:
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * factor, init.name))
     onnx.save(model, str(path))
+
+
+_BUILD_TIME = re.compile(rb"[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}")
+
+
+def bmodel_digest(path: Path) -> str:
+    """The bmodel's bytes without its build time, the one thing two identical compiles differ in."""
+    data = path.read_bytes()
+    return hashlib.sha256(_BUILD_TIME.sub(b"", data[:65536], count=1) + data[65536:]).hexdigest()
+
+
+def manifest(bmodel: Path) -> dict:
+    """The compile manifest of a combined bmodel."""
+    return json.loads((bmodel.parent / "compile" / f"{bmodel.stem}.json").read_text())
