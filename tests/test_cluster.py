@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from helpers import bmodel_digest, manifest
-from lvb.compile.inspect import inspect_bmodel
+from lvb.bmodel import inspect_bmodel
 from lvb.toolchain import find_toolchain
 
 # Ray's start-up and every compile take minutes; the nodes run tpu-mlir.
