@@ -46,3 +46,9 @@ def scale_weights(path: Path, factor: float = 1.5) -> None:
         if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2:
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * factor, init.name))
     onnx.save(model, str(path))
+
+
+# The toy's task on the simulator: INT4, the coarsest quantization, on 100 fresh pictures; INT8
+# (finer weights, the same nets and runtime) on 20, enough to show its compile and verify run
+# and answer (a picture costs seconds on the simulator).
+PIPELINE_PICTURES = {"int4": 100, "int8": 20}
