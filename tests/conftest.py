@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CHUNK, SEQ, chunks_of
+from helpers import CHUNK, PIPELINE_PICTURES, SEQ, chunks_of
 from lvb.testing.checkpoints import GEOMETRIES, write_checkpoint
 
 # Fixtures whose users need the toolchain: they are marked without being named twice.
@@ -98,7 +98,7 @@ def toy_pipeline(tmp_path_factory):
     def run(quant: str):
         if quant not in done:
             env = dict(os.environ, MODEL=str(ROOT / "models" / "toy"), WORK=str(work), QUANT=quant, SEQ="128",
-                       CHUNK="32", BACKEND="cmodel", PICTURES="100", LVB=str(Path(sys.executable).parent / "lvb"))
+                       CHUNK="32", BACKEND="cmodel", PICTURES=str(PIPELINE_PICTURES[quant]), LVB=str(Path(sys.executable).parent / "lvb"))
             done[quant] = work, subprocess.run([str(ROOT / "ci" / "pipeline.sh")], env=env, capture_output=True, text=True)
         return done[quant]
 

@@ -1,10 +1,11 @@
 """ci/pipeline.sh on the trained toy with the BM1684X simulator: the same commands a
-PCIe-card runner uses with BACKEND=sail. The toy must answer at least 95 % of 100
-fresh pictures exactly right through its INT4 and its INT8 bmodel."""
+PCIe-card runner uses with BACKEND=sail. The toy must answer at least 95 % of its fresh
+pictures exactly right through its INT4 bmodel (100) and its INT8 bmodel (20)."""
 
 import json
 
 import pytest
+from helpers import PIPELINE_PICTURES
 
 # The whole toolchain, end to end: the longest tests of the suite.
 pytestmark = [pytest.mark.toolchain, pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -17,5 +18,5 @@ def test_pipeline_on_the_toy_with_the_simulator(quant, toy_pipeline):
     bmodel = f"toy_{quant}_g64_seq128_chunk32_bm1684x"
     report = json.loads((toy_work / "verify" / bmodel / "report.json").read_text())
     assert report["ok"] and report["backend"] == "cmodel"
-    assert report["task"]["pictures"] == 100 and report["task"]["accuracy"] >= 0.95
+    assert report["task"]["pictures"] == PIPELINE_PICTURES[quant] and report["task"]["accuracy"] >= 0.95
     assert all(p["onnx_vs_bmodel"] is not None for p in report["parts"])
