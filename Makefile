@@ -14,7 +14,7 @@ setup: $(VENV)/.installed $(TPU_VENV)/.installed $(CHROMIUM)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON311) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -e '.[dev,serve]'
+	$(VENV)/bin/pip install --quiet -e '.[dev,serve,cluster]'
 	touch $@
 
 $(TPU_VENV)/.installed: pyproject.toml scripts/pins.py

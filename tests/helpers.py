@@ -1,8 +1,11 @@
 """What several test files share: the compiled shapes of the fixtures, the CLI's
-one-line errors, and a way to break an exported net."""
+one-line errors, a way to break an exported net, and how to compare compiled bmodels."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -52,3 +55,17 @@ def scale_weights(path: Path, factor: float = 1.5) -> None:
 # (finer weights, the same nets and runtime) on 20, enough to show its compile and verify run
 # and answer (a picture costs seconds on the simulator).
 PIPELINE_PICTURES = {"int4": 100, "int8": 20}
+
+
+_BUILD_TIME = re.compile(rb"[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}")
+
+
+def bmodel_digest(path: Path) -> str:
+    """The bmodel's bytes without its build time, the one thing two identical compiles differ in."""
+    data = path.read_bytes()
+    return hashlib.sha256(_BUILD_TIME.sub(b"", data[:65536], count=1) + data[65536:]).hexdigest()
+
+
+def manifest(bmodel: Path) -> dict:
+    """The compile manifest of a combined bmodel."""
+    return json.loads((bmodel.parent / "compile" / f"{bmodel.stem}.json").read_text())

@@ -7,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 import lvb
+from helpers import one_error_line
 from lvb.check import DOCTOR_MIN_COSINE
 from lvb.cli import app
 from lvb.toolchain import find_toolchain
@@ -30,6 +31,19 @@ def test_doctor_with_a_missing_toolchain_names_it(tmp_path):
     result = runner.invoke(app, ["doctor", "--toolchain", str(missing)])
     assert result.exit_code == 1
     assert str(missing) in result.output and "model_transform.py" in result.output
+
+
+def test_an_error_quoting_a_path_prints_it_as_it_is(tmp_path):
+    """Rich would swallow `[red]` as markup: error lines quote paths and tool output verbatim."""
+    missing = tmp_path / "[red]toolchain"
+    output = one_error_line(["compile", "--work", str(tmp_path), "--toolchain", str(missing)])
+    assert "[red]toolchain holds no model_transform.py" in output
+
+
+def test_cluster_shared_dir_needs_a_cluster(tmp_path, monkeypatch):
+    monkeypatch.delenv("LVB_CLUSTER", raising=False)
+    output = one_error_line(["compile", "--work", str(tmp_path), "--cluster-shared-dir", str(tmp_path)])
+    assert "--cluster-shared-dir needs --cluster" in output
 
 
 def executable(path, text):

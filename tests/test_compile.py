@@ -1,8 +1,6 @@
 """`lvb compile` with the real tpu-mlir and the real simulator."""
 
-import hashlib
 import json
-import re
 import shutil
 import signal
 import subprocess
@@ -12,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from helpers import SEQ, chunks_of, one_error_line
+from helpers import SEQ, bmodel_digest, chunks_of, manifest, one_error_line
 from lvb.cli import app
 from lvb.check import min_cosine
 from lvb.compile.compiler import CompileSettings, Compiler
@@ -23,17 +21,6 @@ from lvb.toolchain import Toolchain, find_toolchain
 
 runner = CliRunner()
 pytestmark = pytest.mark.toolchain  # every test here runs tpu-mlir or its simulator
-_BUILD_TIME = re.compile(rb"[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}")
-
-
-def bmodel_digest(path) -> str:
-    """The bmodel's bytes without its build time, the one thing two identical compiles differ in."""
-    data = path.read_bytes()
-    return hashlib.sha256(_BUILD_TIME.sub(b"", data[:65536], count=1) + data[65536:]).hexdigest()
-
-
-def manifest(bmodel):
-    return json.loads((bmodel.parent / "compile" / f"{bmodel.stem}.json").read_text())
 
 
 @pytest.mark.parametrize("quant", ["int4", "int8"])

@@ -105,6 +105,12 @@ def test_runtime_modules_never_import_heavy_packages(path):
     assert not heavy, f"{path.name} imports {heavy}"
 
 
+def test_only_the_cluster_path_imports_ray():
+    """Ray is an optional extra: nothing but `lvb compile --cluster` may need it."""
+    importers = {module_name(p) for p in SOURCES if any(t.split(".")[0] == "ray" for t, _ in imports(p))}
+    assert importers <= {"lvb.compile.cluster"}, importers
+
+
 def test_the_chat_commands_import_without_heavy_packages():
     code = ("import sys, lvb.cli, lvb.runtime.pipeline, lvb.runtime.backends, lvb.runtime.onnx, lvb.runtime.cmodel; "
             f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}); assert not loaded, loaded")

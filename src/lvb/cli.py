@@ -153,6 +153,14 @@ def compile_(
     head_quant: Annotated[str, typer.Option(help="LM head: bf16, int8 or int4.")] = "bf16",
     check: Annotated[bool, typer.Option(help="Run every net on the simulator against onnxruntime.")] = True,
     toolchain: ToolchainOption = None,
+    cluster: Annotated[Optional[str], typer.Option(
+        envvar="LVB_CLUSTER", show_envvar=True,
+        help="Run the per-net jobs on a Ray cluster: auto, ray://HOST:PORT or HOST:PORT (README: Compiling on a cluster).",
+    )] = None,
+    cluster_shared_dir: Annotated[Optional[Path], typer.Option(
+        help="A folder every cluster node mounts at the same path, holding --work: nodes read and write the cache there "
+             "instead of through Ray's object store.",
+    )] = None,
 ) -> None:
     """Compile every exported net with tpu-mlir, check it on the simulator, combine into one bmodel."""
     from lvb.compile.compiler import CompileSettings, Compiler, NetFailed
@@ -160,6 +168,8 @@ def compile_(
 
     settings = CompileSettings(quant=quant, group_size=group_size, chip=chip, vision_quant=vision_quant,
                                embed_quant=embed_quant, head_quant=head_quant, check=check)
+    if cluster_shared_dir is not None and not cluster:
+        raise fail("--cluster-shared-dir needs --cluster (or LVB_CLUSTER)")
     try:
         compiler = Compiler(work, settings, find_toolchain(toolchain), seq=seq)
         with _progress() as progress:
@@ -168,7 +178,13 @@ def compile_(
             def report(done: int, total: int, running: list[str]) -> None:
                 progress.update(task, completed=done, detail=", ".join(running))
 
-            manifest = compiler.run(jobs=jobs, progress=report)
+            if cluster:
+                from lvb.compile.cluster import ClusterSettings
+
+                progress.update(task, detail=escape(f"connecting to the Ray cluster at {cluster}"))
+                manifest = compiler.run(progress=report, cluster=ClusterSettings(cluster, cluster_shared_dir))
+            else:
+                manifest = compiler.run(jobs=jobs, progress=report)
     except NetFailed as e:
         if e.log_tail:
             errors.print(e.log_tail, highlight=False, markup=False)

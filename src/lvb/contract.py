@@ -97,6 +97,25 @@ class QuantGroup(str, Enum):
 # tpu-mlir's layer grouping miscompiles some nets (the vision tower, measured), so a net that
 # misses its threshold is compiled again without it.
 SAFER = ("--disable_layer_group",)
+# A tpu-mlir tool with (almost) nothing to convert: the smallest peak measured below.
+TOOL_BASE_BYTES = 1.54e9
+
+
+@dataclass(frozen=True)
+class MeasuredPeak:
+    """Peak RSS of the heavier tpu-mlir tool (model_transform or model_deploy) for one net of
+    a kind, and that net's ONNX + weight bytes, at Llama-3.2-11B-Vision widths (bench/README.md
+    §1, measured by bench/convert_scale.py). A kind without weights peaks at its measure."""
+
+    rss: float
+    weight_bytes: float
+
+    def need(self, weight_bytes: int) -> int:
+        """Bytes one job of this kind needs: the tool's base plus the measured growth, scaled
+        by this net's weight bytes."""
+        if not self.weight_bytes:
+            return int(self.rss)
+        return int(TOOL_BASE_BYTES + (self.rss - TOOL_BASE_BYTES) * weight_bytes / self.weight_bytes)
 
 
 @dataclass(frozen=True)
@@ -110,6 +129,8 @@ class KindPolicy:
     transform_options: tuple[str, ...] = ()
     # model_deploy.py options to try, in order, until the bmodel passes its check.
     ladder: tuple[tuple[str, ...], ...] = ((), SAFER)
+    # What a job of this kind asks a cluster for (lvb.compile.cluster): its measured memory.
+    peak: MeasuredPeak = MeasuredPeak(TOOL_BASE_BYTES, 0.0)
 
     @property
     def simplified(self) -> bool:
@@ -119,22 +140,24 @@ class KindPolicy:
 _NO_SIMPLIFIER = ("--do_onnx_sim", "")
 _VISION = KindPolicy(QuantGroup.VISION, ladder=(SAFER,))  # starts without layer grouping
 _DECODER = KindPolicy(QuantGroup.DECODER)
+_TABLE = KindPolicy(QuantGroup.EMBED, _NO_SIMPLIFIER, peak=MeasuredPeak(10.00e9, 2.10e9))
 
 POLICY: dict[Kind, KindPolicy] = {
-    Kind.VISION_EMBED: _VISION,
-    Kind.VISION_LAYER: _VISION,
-    Kind.VISION_POST: _VISION,
-    Kind.VISION_GLOBAL: _VISION,
-    Kind.VISION_HEAD: _VISION,
-    Kind.EMBED: KindPolicy(QuantGroup.EMBED, _NO_SIMPLIFIER),
-    Kind.EMBED_CACHE: KindPolicy(QuantGroup.EMBED, _NO_SIMPLIFIER),
-    Kind.SELF_PREFILL: _DECODER,
-    Kind.SELF_DECODE: _DECODER,
-    Kind.CROSS_KV: _DECODER,
-    Kind.CROSS_PREFILL: _DECODER,
-    Kind.CROSS_DECODE: _DECODER,
-    Kind.LM_HEAD: KindPolicy(QuantGroup.HEAD, _NO_SIMPLIFIER),
-    Kind.GREEDY_HEAD: KindPolicy(QuantGroup.F32),  # an argmax: no weights, and no reason to round the logits
+    Kind.VISION_EMBED: replace(_VISION, peak=MeasuredPeak(4.78e9, 0.31e9)),
+    Kind.VISION_LAYER: replace(_VISION, peak=MeasuredPeak(8.16e9, 0.08e9)),
+    Kind.VISION_POST: replace(_VISION, peak=MeasuredPeak(1.64e9, 0.0)),
+    Kind.VISION_GLOBAL: replace(_VISION, peak=MeasuredPeak(8.05e9, 0.08e9)),
+    Kind.VISION_HEAD: replace(_VISION, peak=MeasuredPeak(2.78e9, 0.13e9)),
+    Kind.EMBED: _TABLE,
+    Kind.EMBED_CACHE: _TABLE,
+    Kind.SELF_PREFILL: replace(_DECODER, peak=MeasuredPeak(10.42e9, 0.87e9)),
+    Kind.SELF_DECODE: replace(_DECODER, peak=MeasuredPeak(10.24e9, 0.87e9)),
+    Kind.CROSS_KV: replace(_DECODER, peak=MeasuredPeak(1.95e9, 0.03e9)),
+    Kind.CROSS_PREFILL: replace(_DECODER, peak=MeasuredPeak(10.07e9, 0.84e9)),
+    Kind.CROSS_DECODE: replace(_DECODER, peak=MeasuredPeak(9.96e9, 0.84e9)),
+    Kind.LM_HEAD: replace(_TABLE, quant=QuantGroup.HEAD),
+    # An argmax: no weights, and no reason to round the logits.
+    Kind.GREEDY_HEAD: KindPolicy(QuantGroup.F32, peak=MeasuredPeak(1.54e9, 0.0)),
 }
 
 

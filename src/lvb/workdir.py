@@ -6,7 +6,8 @@
     export/<net>/check.stage<i>.npz the same for a prefill net's smaller stage i
     compile/<net>/mlir-<key>/       model_transform.py's output (shared by all quantizations), one per stage
     compile/<net>/<key>/            one deploy: the bmodel, its log and result.json (stage<i>/ per stage
-                                    when there are several; <net>.bmodel joins them)
+                                    when there are several, unless a cluster node built it; <net>.bmodel
+                                    joins them)
     compile/logs/                   one log per job of the last run
     compile/<bmodel stem>.json      the manifest of one combined bmodel
     <model>_<tag>_seq<S>_chunk<C>_<chip>.bmodel   a combined bmodel (<C>: the chunk sizes, 16-32-64-128)

@@ -1,6 +1,10 @@
 """`lvb compile`: every exported net to a bmodel, in a bounded pool, cached,
 resumable, each checked on the simulator against onnxruntime, then combined.
 
+The compiler decides what to build (the cache, each kind's option ladder); an Executor
+builds one attempt: this machine's threads (LocalExecutor), or Ray tasks on a cluster
+(lvb.compile.cluster). Progress, logs, the fail-fast message and the combine stay here.
+
 What it writes under the work directory is described in lvb.workdir.
 A job folder is renamed into place only when its bmodel passed its check, so a
 run killed at any point resumes where it stopped and ends with the same nets.
@@ -16,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import lvb
 from lvb.compile.tpumlir import CHIPS, DEFAULT_GROUP_SIZE, QUANTIZE, DeployOptions, combine, deploy, transform
@@ -26,6 +31,9 @@ from lvb.spec import ModelSpec
 from lvb.toolchain import Toolchain, ToolchainError, ToolFailed, ToolServer
 from lvb.workdir import (COMPILE_VERSION, WorkDir, WorkDirError, cache_key, matches_record, read_manifest, record_file,
                          remove_stale_scratch, scratch, write_json)
+
+if TYPE_CHECKING:
+    from lvb.compile.cluster import ClusterSettings
 
 
 class CompileError(LvbError, RuntimeError):
@@ -79,6 +87,34 @@ class NetJob:
         return self.net.kind
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One deploy of one net with one option set: what to build and where it goes. Plain
+    data, so that a cluster node can build it too (lvb.compile.cluster)."""
+
+    job: NetJob
+    options: DeployOptions
+    net_folder: Path  # the net's compile folder: its stages' MLIR (mlir-<key>/), cached apart from the deploys
+    folder: Path  # the attempt's cache folder: bmodel, compile.log, result.json
+    log: Path
+    check: bool
+    threshold: float
+    bmodel: str  # the bmodel's path in result.json, relative to the work directory
+
+
+class Executor(Protocol):
+    """Where attempts are built: this machine's threads, or a Ray cluster (lvb.compile.cluster)."""
+
+    slots: int  # attempts in flight at once
+
+    def build(self, attempt: Attempt) -> dict: ...
+
+    def cancel(self) -> None: ...  # stop what runs now: a net failed or the user pressed Ctrl-C
+
+    def close(self) -> None: ...
+
+    def describe(self) -> dict: ...  # what the manifest's settings record of where it ran
+
 
 def default_jobs(largest_job_bytes: int) -> int:
     """As many jobs as cores, fewer when free memory cannot hold them. A job's need is
@@ -111,6 +147,111 @@ def validate_group_size(spec: ModelSpec, settings: CompileSettings) -> None:
         divisors = [g for g in (256, 128, 64, 32, 16, 8) if all(w % g == 0 for w in widths.values())]
         hint = f"--group-size {divisors[0]}" if divisors else "--quant bf16"
         raise CompileError(f"--group-size {settings.group_size} does not divide {name} {width}; use {hint}")
+
+
+def _mlir(attempt: Attempt, stage: NetSpec, toolchain: Toolchain, server: ToolServer | None) -> Path:
+    """One stage's MLIR (a net without smaller stages has one): the ONNX graph at that
+    stage's input shapes, made once and shared by the net's deploys."""
+    job = attempt.job
+    options = job.kind.policy.transform_options
+    shapes = [t.shape for t in stage.inputs]
+    folder = attempt.net_folder / f"mlir-{cache_key(job.export_key, toolchain.tpu_mlir_version, options, shapes)}"
+    mlir = folder / f"{job.name}.mlir"
+    if mlir.is_file():
+        return mlir
+    tmp = scratch(folder)
+    transform(toolchain, job.onnx, tmp, job.name, shapes, attempt.log, server, options)
+    os.replace(tmp, folder)
+    return mlir
+
+
+def _simulate(job: NetJob, stage: NetSpec, check_file: Path, bmodel: Path, toolchain: Toolchain) -> dict:
+    """One stage's bmodel on the simulator against onnxruntime on the export's check inputs."""
+    from lvb.runtime.cmodel import CmodelEngine
+
+    feeds, fp32 = load_check(check_file)
+    with CmodelEngine(bmodel, toolchain) as simulator:
+        got = simulator.run(job.name, feeds)
+    check, _ = onnx_vs_bmodel(stage, job.onnx, feeds, fp32, got, job.quant, job.options.group_size)
+    return check
+
+
+def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain,
+                   server: ToolServer | None) -> tuple[Path, dict | None]:
+    """Every stage deployed and checked on its own, then, when there are several, joined
+    largest first into one net whose stages share the weights (tpu-mlir's own LLM converter
+    orders them so; the simulator crashes on a combined net whose first stage is not its largest)."""
+    job = attempt.job
+    stage_bmodels, checks = [], []
+    for index, (stage, check_file) in enumerate(zip(job.net.stages, job.check_files)):
+        mlir = _mlir(attempt, stage, toolchain, server)
+        folder = tmp / f"stage{index}" if len(job.net.stages) > 1 else tmp
+        folder.mkdir(exist_ok=True)
+        for needed in mlir.parent.iterdir():  # deploy reads the MLIR's weight file from its own folder
+            (folder / needed.name).symlink_to(needed)
+        bmodel = deploy(toolchain, mlir, folder, f"{job.name}.bmodel", attempt.options, attempt.log, server)
+        for link in [p for p in folder.iterdir() if p.is_symlink()]:
+            link.unlink()
+        stage_bmodels.append(bmodel)
+        if attempt.check:
+            checks.append(_simulate(job, stage, check_file, bmodel, toolchain))
+    bmodel = stage_bmodels[0]
+    if len(stage_bmodels) > 1:
+        bmodel = combine(toolchain, stage_bmodels, tmp / f"{job.name}.bmodel", attempt.log)
+    return bmodel, (min(checks, key=lambda c: c["cosine"]) if checks else None)
+
+
+def build_attempt(attempt: Attempt, toolchain: Toolchain, server: ToolServer | None) -> dict:
+    """Transform (cached), deploy and check one net, on this machine's pool or a cluster node;
+    the attempt's folder appears only complete."""
+    job = attempt.job
+    tmp = scratch(attempt.folder)
+    started = time.perf_counter()
+    bmodel, check = _deploy_stages(attempt, tmp, toolchain, server)
+    seconds = time.perf_counter() - started
+    passed = check is None or check["cosine"] >= attempt.threshold
+    result = {"version": COMPILE_VERSION, "net": job.name, "quant": job.quant, "options": list(attempt.options.extra),
+              "check": check, "threshold": attempt.threshold, "passed": passed, "seconds": round(seconds, 2),
+              "bmodel": attempt.bmodel, "file": record_file(bmodel)}
+    shutil.copy(attempt.log, tmp / "compile.log")
+    write_json(tmp / "result.json", result)
+    shutil.rmtree(attempt.folder, ignore_errors=True)
+    os.replace(tmp, attempt.folder)
+    return result
+
+
+class LocalExecutor:
+    """Attempts in this process's threads, each with a warm tool server of its own."""
+
+    def __init__(self, toolchain: Toolchain, slots: int):
+        self.toolchain, self.slots = toolchain, slots
+        self._local = threading.local()
+        self._servers: list[ToolServer] = []
+        self._lock = threading.Lock()
+
+    def _server(self) -> ToolServer | None:
+        """One warm tool server per pool thread; plain subprocesses if it cannot start."""
+        if not hasattr(self._local, "server"):
+            try:
+                self._local.server = ToolServer(self.toolchain)
+                with self._lock:
+                    self._servers.append(self._local.server)
+            except ToolchainError:
+                self._local.server = None
+        return self._local.server
+
+    def build(self, attempt: Attempt) -> dict:
+        return build_attempt(attempt, self.toolchain, self._server())
+
+    def cancel(self) -> None:
+        self.toolchain.kill_all()
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.close()
+
+    def describe(self) -> dict:
+        return {"jobs": self.slots}
 
 
 class Compiler:
@@ -156,84 +297,25 @@ class Compiler:
 
     # -- one net ---------------------------------------------------------------
 
-    def _mlir(self, job: NetJob, stage: NetSpec, log: Path, server: ToolServer | None) -> Path:
-        """One stage's MLIR (a net without smaller stages has one): the ONNX graph at that
-        stage's input shapes."""
-        options = job.kind.policy.transform_options
-        shapes = [t.shape for t in stage.inputs]
-        folder = self.dir.compile_net(job.name) / f"mlir-{cache_key(job.export_key, self.toolchain_version, options, shapes)}"
-        mlir = folder / f"{job.name}.mlir"
-        if mlir.is_file():
-            return mlir
-        tmp = scratch(folder)
-        transform(self.toolchain, job.onnx, tmp, job.name, shapes, log, server, options)
-        os.replace(tmp, folder)
-        return mlir
-
-    def _simulate(self, job: NetJob, stage: NetSpec, check_file: Path, bmodel: Path) -> dict:
-        """One stage's bmodel on the simulator against onnxruntime on the export's check inputs."""
-        from lvb.runtime.cmodel import CmodelEngine
-
-        feeds, fp32 = load_check(check_file)
-        with CmodelEngine(bmodel, self.toolchain) as simulator:
-            got = simulator.run(job.name, feeds)
-        check, _ = onnx_vs_bmodel(stage, job.onnx, feeds, fp32, got, job.quant, job.options.group_size)
-        return check
-
-    def _deploy_stages(self, job: NetJob, options: DeployOptions, tmp: Path, log: Path,
-                       server: ToolServer | None) -> tuple[Path, dict | None]:
-        """Every stage deployed and checked on its own, then, when there are several, joined
-        largest first into one net whose stages share the weights (tpu-mlir's own LLM converter
-        orders them so; the simulator crashes on a combined net whose first stage is not its largest)."""
-        stage_bmodels, checks = [], []
-        for index, (stage, check_file) in enumerate(zip(job.net.stages, job.check_files)):
-            mlir = self._mlir(job, stage, log, server)
-            folder = tmp / f"stage{index}" if len(job.net.stages) > 1 else tmp
-            folder.mkdir(exist_ok=True)
-            for needed in mlir.parent.iterdir():  # deploy reads the MLIR's weight file from its own folder
-                (folder / needed.name).symlink_to(needed)
-            bmodel = deploy(self.toolchain, mlir, folder, f"{job.name}.bmodel", options, log, server)
-            for link in [p for p in folder.iterdir() if p.is_symlink()]:
-                link.unlink()
-            stage_bmodels.append(bmodel)
-            if self.settings.check:
-                checks.append(self._simulate(job, stage, check_file, bmodel))
-        bmodel = stage_bmodels[0]
-        if len(stage_bmodels) > 1:
-            bmodel = combine(self.toolchain, stage_bmodels, tmp / f"{job.name}.bmodel", log)
-        return bmodel, (min(checks, key=lambda c: c["cosine"]) if checks else None)
-
-    def _compile(self, job: NetJob, log_dir: Path, server: ToolServer | None) -> dict:
+    def _compile(self, job: NetJob, log_dir: Path, executor: Executor) -> dict:
         """Deploy with the first option set whose bmodel passes the simulator check."""
         threshold = min_cosine(job.kind, job.quant)
+        net_folder = self.dir.compile_net(job.name)
         tried = []
         for extra in job.kind.policy.ladder:
             options = replace(job.options, extra=extra)
-            folder = self.dir.compile_net(job.name) / cache_key(job.export_key, self.toolchain_version, vars(options), self.settings.check)
-            done = folder / "result.json"
-            result = read_manifest(done, COMPILE_VERSION)
+            folder = net_folder / cache_key(job.export_key, self.toolchain_version, vars(options), self.settings.check)
+            result = read_manifest(folder / "result.json", COMPILE_VERSION)
             if result and matches_record(self.work / result["bmodel"], result.get("file")) is None:
                 # Judged again: the threshold may have changed since it was stored.
                 result["threshold"] = threshold
                 result["passed"] = result["check"] is None or result["check"]["cosine"] >= threshold
-                if result["passed"]:
-                    return result
-                tried.append(result)
-                continue
-            log = log_dir / f"{job.name}.log"
-            tmp = scratch(folder)
-            started = time.perf_counter()
-            bmodel, check = self._deploy_stages(job, options, tmp, log, server)
-            seconds = time.perf_counter() - started
-            passed = check is None or check["cosine"] >= threshold
-            result = {"version": COMPILE_VERSION, "net": job.name, "quant": job.quant, "options": list(extra), "check": check,
-                      "threshold": threshold, "passed": passed, "seconds": round(seconds, 2),
-                      "bmodel": str((folder / bmodel.name).relative_to(self.work)), "file": record_file(bmodel)}
-            shutil.copy(log, tmp / "compile.log")
-            write_json(tmp / "result.json", result)
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-            if passed:
+            else:
+                result = executor.build(Attempt(
+                    job=job, options=options, net_folder=net_folder, folder=folder, log=log_dir / f"{job.name}.log",
+                    check=self.settings.check, threshold=threshold,
+                    bmodel=str((folder / f"{job.name}.bmodel").relative_to(self.work))))
+            if result["passed"]:
                 return result
             tried.append(result)
         summary = "; ".join(f"options {r['options'] or 'default'}: cosine {r['check']['cosine']:.4f}" for r in tried)
@@ -253,7 +335,9 @@ class Compiler:
     def _combined_key(self) -> str:
         return cache_key([(j.name, j.export_key) for j in self.jobs], vars(self.settings), self.toolchain_version, lvb.__version__)
 
-    def run(self, jobs: int | None = None, progress: Callable[[int, int, list[str]], None] | None = None) -> dict:
+    def run(self, jobs: int | None = None, progress: Callable[[int, int, list[str]], None] | None = None,
+            cluster: ClusterSettings | None = None) -> dict:
+        """Compile every net not yet cached, here or on a Ray cluster (`cluster`), then combine here."""
         if self.cached():
             return read_manifest(self._manifest_path(), COMPILE_VERSION)
         remove_stale_scratch(self.out, levels=1)
@@ -261,24 +345,17 @@ class Compiler:
         log_dir.mkdir(exist_ok=True)
         for stale in log_dir.glob("*.log"):
             stale.unlink()
-        workers = jobs or default_jobs(max(
-            (12 if j.kind.policy.simplified else 5) * sum(p.stat().st_size for p in j.onnx.parent.iterdir()) for j in self.jobs))
+        if cluster is not None:
+            from lvb.compile.cluster import RayExecutor
+
+            executor: Executor = RayExecutor(cluster, self)
+        else:
+            executor = LocalExecutor(self.toolchain, jobs or default_jobs(max(
+                (12 if j.kind.policy.simplified else 5) * sum(p.stat().st_size for p in j.onnx.parent.iterdir())
+                for j in self.jobs)))
         running: list[str] = []
         done = 0
         lock = threading.Lock()
-        local = threading.local()
-        servers: list[ToolServer] = []
-
-        def server() -> ToolServer | None:
-            """One warm tool server per pool thread; plain subprocesses if it cannot start."""
-            if not hasattr(local, "server"):
-                try:
-                    local.server = ToolServer(self.toolchain)
-                    with lock:
-                        servers.append(local.server)
-                except ToolchainError:
-                    local.server = None
-            return local.server
 
         def one(job: NetJob) -> dict:
             nonlocal done
@@ -289,7 +366,7 @@ class Compiler:
                 if progress:
                     progress(done, len(self.jobs), list(running))
             try:
-                job.result = self._compile(job, log_dir, server())
+                job.result = self._compile(job, log_dir, executor)
             except ToolFailed as e:
                 raise NetFailed(job.name, f"{e.tool} failed (exit {e.code}); log: {e.log}", e.tail()) from e
             finally:
@@ -301,7 +378,7 @@ class Compiler:
             return job.result
 
         try:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
+            with ThreadPoolExecutor(max_workers=executor.slots) as pool:
                 futures = [pool.submit(one, job) for job in self.jobs]
                 finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
                 failed = [f for f in finished if f.exception()]
@@ -309,18 +386,17 @@ class Compiler:
                     self._cancel.set()
                     for future in futures:
                         future.cancel()
-                    self.toolchain.kill_all()
+                    executor.cancel()
                     raise failed[0].exception()
         except KeyboardInterrupt:
             self._cancel.set()
-            self.toolchain.kill_all()
+            executor.cancel()
             raise
         finally:
-            for s in servers:
-                s.close()
-        return self._combine(workers)
+            executor.close()
+        return self._combine(executor.describe())
 
-    def _combine(self, workers: int) -> dict:
+    def _combine(self, executed: dict) -> dict:
         log = self.dir.logs / "combine.log"
         tmp = self.bmodel.with_name(self.bmodel.name + ".tmp")
         combine(self.toolchain, [self.work / j.result["bmodel"] for j in self.jobs], tmp, log)
@@ -331,7 +407,7 @@ class Compiler:
             "bmodel": self.bmodel.name,
             "file": record_file(self.bmodel),
             "model": self.export["model"],
-            "settings": vars(self.settings) | {"seq": self.seq, "chunks": list(self.chunks), "jobs": workers},
+            "settings": vars(self.settings) | {"seq": self.seq, "chunks": list(self.chunks), **executed},
             "toolchain": {"tpu_mlir": self.toolchain_version, "source": self.toolchain.source},
             "nets": {j.name: j.result for j in self.jobs},
         }

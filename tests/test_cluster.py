@@ -1,0 +1,109 @@
+"""`lvb compile --cluster` on a real Ray cluster of CPU-limited nodes on loopback, with the
+real tpu-mlir on every node. One cluster serves the module (Ray starts slowly); each test
+adds the node it needs. The compile itself runs as its own process, as a user runs it,
+so that a test can take a node away under it. The whole-object-store path is tested;
+--cluster-shared-dir differs only in where a task reads and writes, and is tried by hand."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from helpers import bmodel_digest, manifest
+from lvb.bmodel import inspect_bmodel
+from lvb.toolchain import find_toolchain
+
+# Ray's start-up and every compile take minutes; the nodes run tpu-mlir.
+pytestmark = [pytest.mark.toolchain, pytest.mark.slow]
+NAME = "mha-cross-first"  # the smallest fixture: 17 nets
+NODE = {"num_cpus": 1, "object_store_memory": 150 << 20, "memory": 4 << 30}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
+    yield cluster
+    cluster.shutdown()
+
+
+def start_compile(work, cluster, *extra):
+    return subprocess.Popen([sys.executable, "-m", "lvb.cli", "compile", "--work", str(work), "--quant", "int4",
+                             "--cluster", cluster.address, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def copy_export(export_factory, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(export_factory(NAME) / "export", work / "export")
+    return work
+
+
+def tool_running_on(node) -> bool:
+    """A tpu-mlir tool runs on this node: its tool server (under the node's raylet) has a child."""
+    from ray._private import ray_constants
+
+    raylet = psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+    for process in raylet.children(recursive=True):
+        try:
+            if "lvb.compile.toolserver" in " ".join(process.cmdline()) and process.children():
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
+def test_a_node_without_the_toolchain_stops_the_compile_naming_it(cluster, export_factory, tmp_path):
+    broken = cluster.add_node(**NODE, env_vars={"LVB_TOOLCHAIN": str(tmp_path / "no-toolchain")})
+    try:
+        work = copy_export(export_factory, tmp_path)
+        out, err = start_compile(work, cluster).communicate(timeout=300)
+    finally:
+        cluster.remove_node(broken)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"({broken.node_id[:8]})" in lines[0] and "no-toolchain holds no model_transform.py" in lines[0], lines[0]
+    assert not list(work.glob("*.bmodel")) and not list((work / "compile").glob("*/*/result.json"))
+
+
+def test_a_net_that_fails_is_named_and_not_run_again(cluster, export_factory, tmp_path):
+    work = copy_export(export_factory, tmp_path)
+    first = next(iter(json.loads((work / "export" / "manifest.json").read_text())["nets"]))  # fails before the rest run
+    broken = work / "export" / first / f"{first}.onnx"
+    broken.write_bytes(broken.read_bytes()[:1000])
+    out, err = start_compile(work, cluster, "--no-check").communicate(timeout=600)
+    assert f"error: {first}: model_transform.py failed" in err, err
+    # The tool's own log came back from the node, with exactly one run of the tool in it.
+    log = (work / "compile" / "logs" / f"{first}.log").read_text()
+    assert log.count("$ model_transform.py") == 1 and "Traceback" in log
+    assert not list(work.glob("*.bmodel"))
+
+
+def test_compiles_through_a_lost_node_to_the_local_pools_bmodel(cluster, compile_factory, export_factory, tmp_path):
+    local = compile_factory(NAME, "int4")
+    work = copy_export(export_factory, tmp_path)
+    worker = cluster.add_node(**NODE)
+    process = start_compile(work, cluster, "--no-check")
+    deadline = time.time() + 600
+    while not tool_running_on(worker) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert process.poll() is None, process.communicate()
+    cluster.remove_node(worker, allow_graceful=False)  # mid-job: its task must run again on the head
+    out, err = process.communicate(timeout=900)
+    assert process.returncode == 0, err
+    remote = work / local.name
+    ours, theirs = manifest(remote), manifest(local)
+    assert ours["settings"]["cluster"] == cluster.address and ours["settings"]["nodes"] == 2
+    assert list(ours["nets"]) == list(theirs["nets"])
+    # Net for net: the same options and, tpu-mlir being deterministic but for the build time, the same bytes.
+    for net, result in ours["nets"].items():
+        assert result["options"] == theirs["nets"][net]["options"], net
+        assert bmodel_digest(work / result["bmodel"]) == bmodel_digest(local.parent / theirs["nets"][net]["bmodel"]), net
+        assert "$ model_deploy.py" in (work / "compile" / "logs" / f"{net}.log").read_text(), net
+    assert bmodel_digest(remote) == bmodel_digest(local)
+    info = inspect_bmodel(remote, find_toolchain())
+    assert list(info.nets) == list(json.loads((work / "export" / "manifest.json").read_text())["nets"])
