@@ -48,7 +48,7 @@ from common import OUT, REPO, gb, machine, table  # noqa: E402
 
 GiB = 1 << 30
 # Per net kind at 11B widths, measured by convert_scale.py (bench/README.md §1, idle
-# machine, 2026-11-25; `lvb compile --quant int4 --no-check --jobs 1`): mean transform s,
+# machine, 2026-11-25; `lvb compile --quant int4 --check none --jobs 1`): mean transform s,
 # mean deploy s, ONNX + weight bytes. Used when bench/out holds no results of that script.
 MEASURED_11B = {
     "vision_embed": (17.0, 2.5, 0.31e9),
@@ -352,7 +352,7 @@ def main() -> int:
               f"machine ({s['link_s'] / 60:.1f} min at the measured rates), largest memory need {gb(s['largest_need'])}"
               + ("" if s["fits"] else f" > {gb(node_memory)} of Ray memory on a node of this size (*: projected on nodes "
                                      f"with {cpus} cores and that much memory)"))
-    print(f"\nProjected `lvb compile --quant int4 --no-check --cluster` on N nodes of {cpus} cores and {gb(node_memory)} "
+    print(f"\nProjected `lvb compile --quant int4 --check none --cluster` on N nodes of {cpus} cores and {gb(node_memory)} "
           f"of Ray memory:\n")
     print(table(rows, ["model", "nodes", "jobs on the nodes (list scheduling)", "the command's transfers",
                        "compile (the larger + combine)", "with --cluster-shared-dir (+ combine)"]))

@@ -11,7 +11,7 @@ What it does:
    (--vision-layers local + --global-layers global). The model is never built in memory:
    names and shapes come from transformers' model on the meta device, tensors are drawn
    and written one shard (one layer) at a time (bench/common.py).
-2. Runs `lvb export --seq S` and `lvb compile --quant int4 --seq S --no-check --jobs J`,
+2. Runs `lvb export --seq S` and `lvb compile --quant int4 --seq S --check none --jobs J`,
    each as a subprocess. A sampler thread reads the whole process tree every 0.2 s
    (psutil): the sum of RSS (and, every 5th sample, the sum of PSS, which counts pages
    shared by the tool server's forked children once), and which net is being worked on
@@ -362,7 +362,7 @@ def report(results: dict, analysis: dict, geometry, args) -> None:
     rows = []
     for stage, label in (("checkpoint", "write checkpoint (bench/common.py)"),
                          ("export", f"lvb export --seq {args.seq} --chunk {args.chunk}"),
-                         ("compile_int4", f"lvb compile --quant int4 --seq {args.seq} --no-check --jobs {args.jobs}")):
+                         ("compile_int4", f"lvb compile --quant int4 --seq {args.seq} --check none --jobs {args.jobs}")):
         r = results.get(stage)
         if not r:
             continue
@@ -479,7 +479,7 @@ def main() -> int:
         print(f"export: measured before ({results['export']['wall_seconds']} s); --remeasure export to redo")
 
     # 3. compile int4, exactly as lvb does it
-    compile_cmd = [LVB, "compile", "--work", work, "--quant", "int4", "--seq", str(args.seq), "--no-check", "--jobs", str(args.jobs)]
+    compile_cmd = [LVB, "compile", "--work", work, "--quant", "int4", "--seq", str(args.seq), "--check", "none", "--jobs", str(args.jobs)]
     if "compile_int4" in args.remeasure:
         shutil.rmtree(work / "compile", ignore_errors=True)
         results.pop("compile_int4", None)

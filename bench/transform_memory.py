@@ -68,6 +68,7 @@ def export_onnx(kind: str, rows: int, path: Path) -> int:
 
 def run_work_nets(args, out: Path, results: dict, results_path: Path, tpu_python: Path) -> list[list]:
     """Transform nets of a convert_scale.py work dir with --do_onnx_sim '' and deploy them with lvb's options."""
+    from lvb.check import CheckMode
     from lvb.compile.compiler import CompileSettings
     from lvb.compile.tpumlir import DeployOptions, shapes_arg
     from lvb.contract import Kind
@@ -83,7 +84,7 @@ def run_work_nets(args, out: Path, results: dict, results_path: Path, tpu_python
     for stage in ("compile_int4", "compile_int4_rest", "compile_int4_final"):
         lvb_labels.update(scale.get(stage, {}).get("labels", {}))
     lvb_nets = {r["net"]: r for r in scale.get("analysis", {}).get("per_net", [])}
-    settings = CompileSettings(quant="int4", check=False)
+    settings = CompileSettings(quant="int4", check=CheckMode.NONE)
     rows = []
     for net in [n for n in args.work_nets.split(",") if n]:
         entry = manifest["nets"][net]

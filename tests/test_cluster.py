@@ -75,7 +75,7 @@ def test_a_net_that_fails_is_named_and_not_run_again(cluster, export_factory, tm
     first = next(iter(json.loads((work / "export" / "manifest.json").read_text())["nets"]))  # fails before the rest run
     broken = work / "export" / first / f"{first}.onnx"
     broken.write_bytes(broken.read_bytes()[:1000])
-    out, err = start_compile(work, cluster, "--no-check").communicate(timeout=600)
+    out, err = start_compile(work, cluster, "--check", "none").communicate(timeout=600)
     assert f"error: {first}: model_transform.py failed" in err, err
     # The tool's own log came back from the node, with exactly one run of the tool in it.
     log = (work / "compile" / "logs" / f"{first}.log").read_text()
@@ -87,7 +87,7 @@ def test_compiles_through_a_lost_node_to_the_local_pools_bmodel(cluster, compile
     local = compile_factory(NAME, "int4")
     work = copy_export(export_factory, tmp_path)
     worker = cluster.add_node(**NODE)
-    process = start_compile(work, cluster, "--no-check")
+    process = start_compile(work, cluster, "--check", "none")
     deadline = time.time() + 600
     while not tool_running_on(worker) and process.poll() is None and time.time() < deadline:
         time.sleep(0.1)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from helpers import SEQ, bmodel_digest, chunks_of, manifest, one_error_line
 from lvb.cli import app
-from lvb.check import min_cosine
+from lvb.check import CheckMode, min_cosine
 from lvb.compile.compiler import CompileSettings, Compiler
 from lvb.bmodel import inspect_bmodel
 from lvb.contract import Kind
@@ -46,6 +46,26 @@ def test_every_net_compiles_and_matches_onnxruntime_on_the_simulator(name, quant
     assert all(net.neuron_bytes > 0 for net in info.nets.values()), {n: x.neuron_bytes for n, x in info.nets.items()}
     for net, entry in exported.items():
         assert [(t.name, list(t.shape)) for t in info.nets[net].inputs] == [(t["name"], t["shape"]) for t in entry["inputs"]]
+
+
+def test_check_kinds_checks_the_first_net_of_each_kind_and_trusts_its_siblings(compile_factory, export_factory, tmp_path):
+    compile_factory("gqa2-cross-last", "int4")  # the checked first nets come from its cache
+    work = tmp_path / "work"
+    shutil.copytree(export_factory("gqa2-cross-last"), work)
+    compiled = Compiler(work, CompileSettings(quant="int4", check="kinds"), find_toolchain()).run()
+    exported = json.loads((work / "export" / "manifest.json").read_text())["nets"]
+    first: dict[str, str] = {}
+    for net, entry in exported.items():
+        first.setdefault(entry["kind"], net)
+    assert len(first) < len(exported)  # some kinds have siblings
+    for net, result in compiled["nets"].items():
+        checked_on = first[exported[net]["kind"]]
+        if net == checked_on:
+            assert result["check"]["cosine"] >= result["threshold"] and "checked_by" not in result, net
+        else:
+            assert result["check"] is None and result["checked_by"] == checked_on, net
+            assert result["options"] == compiled["nets"][checked_on]["options"], net
+    assert compiled["settings"]["check"] == CheckMode.KINDS
 
 
 def test_changing_quant_recompiles_only_the_blocks(compile_factory, export_factory):

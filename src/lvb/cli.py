@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import lvb
+from lvb.check import CheckMode
 from lvb.compile.tpumlir import DEFAULT_GROUP_SIZE
 from lvb.contract import DEFAULT_CHUNKS, DEFAULT_SEQ
 from lvb.errors import LvbError
@@ -151,7 +152,9 @@ def compile_(
     vision_quant: Annotated[str, typer.Option(help="Vision tower: bf16, int8 or int4.")] = "bf16",
     embed_quant: Annotated[str, typer.Option(help="Embedding: bf16, int8 or int4.")] = "bf16",
     head_quant: Annotated[str, typer.Option(help="LM head: bf16, int8 or int4.")] = "bf16",
-    check: Annotated[bool, typer.Option(help="Run every net on the simulator against onnxruntime.")] = True,
+    check: Annotated[CheckMode, typer.Option(
+        help="Which nets run on the simulator against onnxruntime: all; the first of each kind (its siblings take "
+             "its options; `lvb verify` checks every net); none.")] = CheckMode.ALL,
     toolchain: ToolchainOption = None,
     cluster: Annotated[Optional[str], typer.Option(
         envvar="LVB_CLUSTER", show_envvar=True,
@@ -573,12 +576,13 @@ def verify(
     except LvbError as e:
         raise fail(str(e))
     table = Table(title=f"per net: cosine similarity ({data['backend']}{', ' + data['bmodel'] if data['bmodel'] else ''})")
-    for column in ("net", "quant", "PyTorch vs ORT", "ORT vs bmodel", "bmodel vs fp32"):
+    for column in ("net", "quant", "compile check", "PyTorch vs ORT", "ORT vs bmodel", "bmodel vs fp32"):
         table.add_column(column)
     fmt = lambda v: "-" if v is None else f"{v:.6f}"  # noqa: E731
     for part in data["parts"]:
         style = "red" if part["misses"] else None
-        table.add_row(part["net"], part["quant"] or "-", fmt(part["torch_vs_onnx"]), fmt(part["onnx_vs_bmodel"]),
+        table.add_row(part["net"], part["quant"] or "-", part.get("compile_check") or "-", fmt(part["torch_vs_onnx"]),
+                      fmt(part["onnx_vs_bmodel"]),
                       fmt(part["bmodel_vs_fp32"]), style=style)
     console.print(table)
     answers = Table(title=f"answers vs transformers' generate: agreement {data['agreement']:.2f} (needs {data['min_agreement']})")

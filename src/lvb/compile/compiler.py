@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import lvb
 from lvb.compile.tpumlir import CHIPS, DEFAULT_GROUP_SIZE, QUANTIZE, DeployOptions, combine, deploy, transform
-from lvb.check import load_check, min_cosine, onnx_vs_bmodel
+from lvb.check import CheckMode, load_check, min_cosine, onnx_vs_bmodel
 from lvb.contract import Kind, NetSpec, QuantGroup
 from lvb.errors import LvbError
 from lvb.spec import ModelSpec
@@ -54,7 +54,10 @@ class CompileSettings:
     vision_quant: str = "bf16"
     embed_quant: str = "bf16"
     head_quant: str = "bf16"
-    check: bool = True
+    check: CheckMode = CheckMode.ALL
+
+    def __post_init__(self):
+        object.__setattr__(self, "check", CheckMode(self.check))  # "kinds" from a caller or a manifest
 
     def quant_of(self, kind: Kind) -> str:
         group = kind.policy.quant
@@ -297,14 +300,17 @@ class Compiler:
 
     # -- one net ---------------------------------------------------------------
 
-    def _compile(self, job: NetJob, log_dir: Path, executor: Executor) -> dict:
-        """Deploy with the first option set whose bmodel passes the simulator check."""
+    def _compile(self, job: NetJob, log_dir: Path, executor: Executor, like: NetJob | None = None) -> dict:
+        """Deploy with the first option set whose bmodel passes the simulator check; with `like`
+        (a checked net of the same kind, --check kinds), unchecked with the options it passed with."""
         threshold = min_cosine(job.kind, job.quant)
         net_folder = self.dir.compile_net(job.name)
+        check = self.settings.check is CheckMode.ALL or (self.settings.check is CheckMode.KINDS and like is None)
+        ladder = job.kind.policy.ladder if like is None else (tuple(like.result["options"]),)
         tried = []
-        for extra in job.kind.policy.ladder:
+        for extra in ladder:
             options = replace(job.options, extra=extra)
-            folder = net_folder / cache_key(job.export_key, self.toolchain_version, vars(options), self.settings.check)
+            folder = net_folder / cache_key(job.export_key, self.toolchain_version, vars(options), check)
             result = read_manifest(folder / "result.json", COMPILE_VERSION)
             if result and matches_record(self.work / result["bmodel"], result.get("file")) is None:
                 # Judged again: the threshold may have changed since it was stored.
@@ -313,10 +319,10 @@ class Compiler:
             else:
                 result = executor.build(Attempt(
                     job=job, options=options, net_folder=net_folder, folder=folder, log=log_dir / f"{job.name}.log",
-                    check=self.settings.check, threshold=threshold,
+                    check=check, threshold=threshold,
                     bmodel=str((folder / f"{job.name}.bmodel").relative_to(self.work))))
             if result["passed"]:
-                return result
+                return result | ({"checked_by": like.name} if like is not None else {})
             tried.append(result)
         summary = "; ".join(f"options {r['options'] or 'default'}: cosine {r['check']['cosine']:.4f}" for r in tried)
         raise NetFailed(job.name, f"the simulator disagrees with onnxruntime ({summary}; need >= {threshold})")
@@ -356,20 +362,32 @@ class Compiler:
         running: list[str] = []
         done = 0
         lock = threading.Lock()
+        # --check kinds: the first net of each kind is built (and checked) before its siblings.
+        first: dict[Kind, NetJob] = {}
+        if self.settings.check is CheckMode.KINDS:
+            for job in self.jobs:
+                first.setdefault(job.kind, job)
+        settled = {job.name: threading.Event() for job in first.values()}
+        order = [*first.values(), *(job for job in self.jobs if first.get(job.kind) is not job)]
 
         def one(job: NetJob) -> dict:
             nonlocal done
-            if self._cancel.is_set():
+            like = first.get(job.kind) if first.get(job.kind) is not job else None
+            if like is not None:
+                settled[like.name].wait()
+            if self._cancel.is_set() or (like is not None and not like.result):
                 raise CompileError("cancelled")
             with lock:
                 running.append(job.name)
                 if progress:
                     progress(done, len(self.jobs), list(running))
             try:
-                job.result = self._compile(job, log_dir, executor)
+                job.result = self._compile(job, log_dir, executor, like)
             except ToolFailed as e:
                 raise NetFailed(job.name, f"{e.tool} failed (exit {e.code}); log: {e.log}", e.tail()) from e
             finally:
+                if job.name in settled:
+                    settled[job.name].set()
                 with lock:
                     running.remove(job.name)
                     done += 1
@@ -379,7 +397,7 @@ class Compiler:
 
         try:
             with ThreadPoolExecutor(max_workers=executor.slots) as pool:
-                futures = [pool.submit(one, job) for job in self.jobs]
+                futures = [pool.submit(one, job) for job in order]
                 finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
                 failed = [f for f in finished if f.exception()]
                 if failed:

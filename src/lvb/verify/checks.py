@@ -36,6 +36,9 @@ class PartResult:
     onnx_vs_bmodel: float | None = None
     bmodel_vs_fp32: float | None = None
     max_abs_err: float | None = None
+    # What `lvb compile` did with it: "checked", "as <net>" (--check kinds trusted it on a
+    # sibling's check), "unchecked" (--check none); None on onnxruntime.
+    compile_check: str | None = None
     misses: list[str] = field(default_factory=list)
 
 
@@ -108,12 +111,20 @@ def check_parts(model_dir: Path, work: Path, engine, compiled: dict | None, prog
                 got = engine.run(name, feeds)
                 hop2, miss = onnx_vs_bmodel(net, onnx_path, feeds, fp32, got, quant, compiled["settings"]["group_size"])
                 result.quant = quant
+                result.compile_check = compile_check(compiled["nets"][name])
                 result.onnx_vs_bmodel = hop2["cosine"]
                 result.max_abs_err = hop2["max_abs_err"]
                 result.bmodel_vs_fp32 = hop2["cosine_fp32"]
                 result.misses += [miss] if miss else []
             results.append(result)
     return results
+
+
+def compile_check(net: dict) -> str:
+    """How the compile vouched for one net of its manifest."""
+    if net.get("checked_by"):
+        return f"as {net['checked_by']}"
+    return "checked" if net.get("check") else "unchecked"
 
 
 def _pictures():
