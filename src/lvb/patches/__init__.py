@@ -66,20 +66,31 @@ def attention_in_head_groups(eager: Callable) -> Callable:
     (same arithmetic, same order) and the outputs are joined on the head axis; the traced
     graph then holds one group's scores at a time. Other attentions (the text layers', with
     K/V heads shared between query heads and small scores) go to the original unchanged.
+
+    The graph keeps the shape tpu-mlir fuses into one flash-attention op per group on the
+    BM1684X (MatMul2FAttentionPattern: permuted Q/K/V in, the output permuted then
+    reshaped), which never holds the scores in device memory: heads are sliced while the
+    projections are still token-major (the transposes meet and cancel in the simplifier),
+    and each group's output is flattened before the groups are joined.
     """
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         from transformers.models.mllama.modeling_mllama import MllamaVisionAttention
 
-        _, heads, queries, _ = query.shape
+        batch, heads, queries, dim = query.shape
         size = heads_per_group(heads, queries, key.shape[2])
         if not isinstance(module, MllamaVisionAttention) or size >= heads:
             return eager(module, query, key, value, attention_mask, *args, **kwargs)
         if attention_mask is not None and attention_mask.shape[1] != 1:
             raise NotImplementedError("attention in head groups expects one mask for every head")
-        outputs = [eager(module, q, k, v, attention_mask, *args, **kwargs)[0]
-                   for q, k, v in zip(query.split(size, 1), key.split(size, 1), value.split(size, 1), strict=True)]
-        return torch.cat(outputs, dim=2), None  # [batch, queries, heads, head dim]; no one reads the weights
+        token_major = [t.transpose(1, 2) for t in (query, key, value)]  # [batch, tokens, heads, dim]
+        outputs = []
+        for first in range(0, heads, size):
+            q, k, v = (t[:, :, first:first + size].transpose(1, 2) for t in token_major)
+            output = eager(module, q, k, v, attention_mask, *args, **kwargs)[0]  # [batch, queries, group, dim]
+            outputs.append(output.reshape(batch, queries, -1))
+        # [batch, queries, heads, dim], as eager returns it; no one reads the weights
+        return torch.cat(outputs, dim=-1).view(batch, queries, heads, dim), None
 
     return attention
 
