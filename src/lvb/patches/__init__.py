@@ -48,9 +48,10 @@ def aspect_ratio_attention_mask(
 # At most this many bytes of fp32 attention scores per group of heads. The vision tower
 # attends over every tile's patches at once: at the 11B's four 560-px tiles that is 6432
 # tokens, and its 16 heads' scores are 2.65 GB in fp32, which eager attention holds twice
-# while tracing and again in onnxruntime's check (a 6.8 GB export), and which the bmodel
-# holds whole in activation memory (bf16). 256 MiB keeps any such tower to one head at a
-# time (165 MB at the 11B) and leaves smaller ones, whose scores are a few MB, whole.
+# while tracing and again in onnxruntime's check (a 6.8 GB export; tpu-mlir's transform of
+# that graph needed 8.2 GB). 256 MiB keeps any such tower to one head at a time (165 MB at
+# the 11B) and leaves smaller ones, whose scores are a few MB, whole. On the card nothing
+# changes: tpu-mlir fuses each group, as it fused the whole, into flash attention.
 SCORES_BYTES_PER_GROUP = 256 * 2**20
 
 
@@ -107,7 +108,7 @@ PATCHES: tuple[Patch, ...] = (
         "eager_attention_forward",
         attention_in_head_groups,
         "the vision tower's scores a few heads at a time, so no [heads, tokens, tokens] tensor exists "
-        "while exporting nor in the bmodel's activation memory",
+        "while exporting and checking it",
         wraps=True,
     ),
 )
