@@ -64,9 +64,11 @@ def available_memory() -> int:
 class TreeSampler(threading.Thread):
     """Samples a process tree's memory and which net it works on, every `interval` s."""
 
-    def __init__(self, pid: int, work: Path, interval: float = 0.2, min_available: int = 0, csv_path: Path | None = None):
+    def __init__(self, pid: int, work: Path, interval: float = 0.2, min_available: int = 0, csv_path: Path | None = None,
+                 max_rss: int = 0):
         super().__init__(daemon=True)
         self.pid, self.work, self.interval, self.min_available = pid, work.resolve(), interval, min_available
+        self.max_rss = max_rss  # stop the stage when its tree holds more (0: no limit)
         self.stop = threading.Event()
         self.peak_rss = self.peak_pss = 0
         self.peak_rss_label = ""
@@ -166,15 +168,14 @@ class TreeSampler(threading.Thread):
             if self._writer:
                 self._writer.writerow([f"{now:.2f}", rss, pss if with_pss else "", len(procs), label, avail])
             self.samples += 1
-            if self.min_available and avail < self.min_available and not self.killed_for_memory:
+            low = self.min_available and avail < self.min_available
+            over = self.max_rss and rss > self.max_rss
+            if (low or over) and not self.killed_for_memory:
                 self.killed_for_memory = True
-                print(f"\n!! available memory {gb(avail)} < {gb(self.min_available)}: stopping the stage (pid {self.pid})",
-                      flush=True)
-                for p in procs[::-1]:  # this stage's own processes, by pid, children first
-                    try:
-                        p.send_signal(signal.SIGKILL)
-                    except psutil.Error:
-                        pass
+                why = (f"available memory {gb(avail)} < {gb(self.min_available)}" if low
+                       else f"the stage holds {gb(rss)} > {gb(self.max_rss)}")
+                print(f"\n!! {why}: stopping the stage (pid {self.pid})", flush=True)
+                kill_tree(procs)
             self.stop.wait(self.interval)
         for sample in self._held:  # after the last net
             self._book("other", *sample)
@@ -182,8 +183,18 @@ class TreeSampler(threading.Thread):
             self._csv.close()
 
 
-def run_measured(name: str, argv: list[str], work: Path, out: Path, min_available: int, cwd: Path = REPO) -> dict:
-    """Run one lvb stage in its own process group, sampling its tree; returns the measurement."""
+def kill_tree(procs) -> None:
+    for p in procs[::-1]:  # this stage's own processes, by pid, children first
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+
+
+def run_measured(name: str, argv: list[str], work: Path, out: Path, min_available: int, cwd: Path = REPO,
+                 max_rss: int = 0, max_seconds: float = 0) -> dict:
+    """Run one lvb stage in its own process group, sampling its tree; returns the measurement.
+    The stage is stopped when the machine runs low, or past max_rss bytes or max_seconds (0: no limit)."""
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{name}.log"
@@ -192,11 +203,19 @@ def run_measured(name: str, argv: list[str], work: Path, out: Path, min_availabl
     with open(log, "w") as f:
         process = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
                                    env=dict(os.environ, COLUMNS="120"))
-        sampler = TreeSampler(process.pid, work, min_available=min_available, csv_path=logs / f"{name}.csv")
+        sampler = TreeSampler(process.pid, work, min_available=min_available, csv_path=logs / f"{name}.csv", max_rss=max_rss)
         sampler.start()
         last_report = started
+        timed_out = False
         while process.poll() is None:
             time.sleep(1)
+            if max_seconds and time.perf_counter() - started > max_seconds and not timed_out:
+                timed_out = True
+                print(f"\n!! {name} runs past {max_seconds:.0f} s: stopping it (pid {process.pid})", flush=True)
+                try:
+                    kill_tree([psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)])
+                except psutil.Error:
+                    pass
             if time.perf_counter() - last_report > 60:
                 last_report = time.perf_counter()
                 current = max(sampler.labels.items(), key=lambda kv: kv[1]["last"], default=("", {}))[0]
@@ -214,6 +233,7 @@ def run_measured(name: str, argv: list[str], work: Path, out: Path, min_availabl
         "peak_pss_sum": sampler.peak_pss,
         "min_mem_available": sampler.min_seen_available,
         "killed_for_memory": sampler.killed_for_memory,
+        "timed_out": timed_out,
         "samples": sampler.samples,
         "labels": {k: {**v, "seconds": round(v["busy"], 1)} for k, v in sampler.labels.items()},
     }
@@ -420,6 +440,8 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="a small geometry of the same structure (tries the script in a minute)")
     parser.add_argument("--remeasure", action="append", default=[], choices=["checkpoint", "export", "compile_int4"],
                         help="measure this stage again from scratch (deletes its cached output)")
+    parser.add_argument("--export-only", action="store_true",
+                        help="stop after the export (the compile's ~10 GB peak wants a machine of its own)")
     parser.add_argument("--min-available", type=float, default=1.5,
                         help="GB of MemAvailable below which a stage is stopped (protects a shared machine)")
     parser.add_argument("--full-checkpoint-bytes", type=float, default=21.3e9,
@@ -479,11 +501,15 @@ def main() -> int:
         print(f"export: measured before ({results['export']['wall_seconds']} s); --remeasure export to redo")
 
     # 3. compile int4, exactly as lvb does it
+    if args.export_only:
+        results.pop("compile_int4", None)  # a compile of an earlier export would not describe this one
     compile_cmd = [LVB, "compile", "--work", work, "--quant", "int4", "--seq", str(args.seq), "--check", "none", "--jobs", str(args.jobs)]
     if "compile_int4" in args.remeasure:
         shutil.rmtree(work / "compile", ignore_errors=True)
         results.pop("compile_int4", None)
-    if "compile_int4" not in results or results["compile_int4"].get("exit_code") != 0:
+    if args.export_only:
+        print("lvb compile: not run (--export-only)")
+    elif "compile_int4" not in results or results["compile_int4"].get("exit_code") != 0:
         resumed = any((work / "compile").glob("*/*/result.json"))
         results["compile_int4"] = run_measured("compile_int4", compile_cmd, work, out, min_available)
         results["compile_int4"]["resumed"] = resumed

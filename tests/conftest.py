@@ -50,7 +50,11 @@ def checkpoint(request, checkpoint_factory):
 
 @pytest.fixture(scope="session")
 def export_factory(tmp_path_factory, checkpoint_factory):
-    """name -> work directory holding that checkpoint's export (made once per session)."""
+    """name -> work directory holding that checkpoint's export (made once per session).
+
+    The vision attention is exported one head at a time, as the 11B's is (a fixture's scores
+    are a few KB, far below lvb.patches.SCORES_BYTES_PER_GROUP): every test on these exports,
+    transformers parity and the simulator included, covers the graph split by heads."""
     from lvb.export.exporter import export
 
     done: dict[str, object] = {}
@@ -58,7 +62,9 @@ def export_factory(tmp_path_factory, checkpoint_factory):
     def make(name: str):
         if name not in done:
             work = tmp_path_factory.mktemp(f"work-{name}")
-            export(checkpoint_factory(name), work, seq=SEQ, chunks=chunks_of(name))
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr("lvb.patches.SCORES_BYTES_PER_GROUP", 1)
+                export(checkpoint_factory(name), work, seq=SEQ, chunks=chunks_of(name))
             done[name] = work
         return done[name]
 

@@ -68,6 +68,21 @@ def test_check_kinds_checks_the_first_net_of_each_kind_and_trusts_its_siblings(c
     assert compiled["settings"]["check"] == CheckMode.KINDS
 
 
+def test_vision_attention_is_one_flash_attention_per_head_group(compile_factory, checkpoint_factory):
+    """tpu-mlir fuses each head group of the vision attention (one head each in the session's
+    exports) into a flash-attention op, which never holds the scores in device memory; a graph
+    it stopped recognising would hold them again (bench/README.md §6)."""
+    from lvb.spec import ModelSpec
+
+    name = "gqa2-cross-last"
+    bmodel = compile_factory(name, "int4")
+    heads = ModelSpec.from_dir(checkpoint_factory(name)).vision.num_heads
+    for net in ("vision_layer_0", "vision_global_0"):
+        folder = (bmodel.parent / manifest(bmodel)["nets"][net]["bmodel"]).parent
+        (final,) = folder.glob(f"{net}_*_final.mlir")
+        assert final.read_text().count('"tpu.FAttention"') == heads, net
+
+
 def test_changing_quant_recompiles_only_the_blocks(compile_factory, export_factory):
     int4 = manifest(compile_factory("gqa2-cross-last", "int4"))["nets"]
     int8 = manifest(compile_factory("gqa2-cross-last", "int8"))["nets"]

@@ -1,6 +1,7 @@
 """`lvb export`: every net, checked against PyTorch, streamed, cached, and safe to interrupt."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,6 +156,55 @@ def test_patches_are_reversible(checkpoint_factory):
     assert all(getattr(modeling_mllama, a) is f for a, f in originals.items())
     assert torch.equal(before, after)
     assert torch.allclose(before, inside, atol=1e-6)  # the patch changes how, not what
+
+
+def test_vision_attention_in_head_groups_is_transformers_own(checkpoint_factory, monkeypatch):
+    """Split into one group per head, transformers' eager vision tower gives what it gives whole."""
+    from transformers import MllamaForConditionalGeneration
+
+    from lvb.patches import patched
+
+    model_dir = checkpoint_factory("gqa4-cross-pair")
+    vision = MllamaForConditionalGeneration.from_pretrained(model_dir, attn_implementation="eager").eval().model.vision_model
+    config = vision.config
+    pixels = torch.randn(1, 1, config.max_num_tiles, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(0))
+    ids, mask = torch.tensor([[2]]), torch.tensor([[[1] * (config.max_num_tiles - 1) + [0]]])
+    with torch.no_grad():
+        whole = vision(pixel_values=pixels, aspect_ratio_ids=ids, aspect_ratio_mask=mask).last_hidden_state
+        softmax, calls = torch.nn.functional.softmax, []
+        monkeypatch.setattr(torch.nn.functional, "softmax", lambda *a, **k: calls.append(1) or softmax(*a, **k))
+        monkeypatch.setattr("lvb.patches.SCORES_BYTES_PER_GROUP", 1)
+        with patched():
+            split = vision(pixel_values=pixels, aspect_ratio_ids=ids, aspect_ratio_mask=mask).last_hidden_state
+    assert len(calls) == (config.num_hidden_layers + config.num_global_layers) * config.attention_heads
+    assert torch.allclose(whole, split, atol=1e-6)
+
+
+def test_heads_per_group_follows_the_budget():
+    """The 11B's vision attention (16 heads over 4 x 1608 tokens) goes one head at a time;
+    a fixture's, a few KB of scores, stays whole under the default budget."""
+    from lvb.contract import padded_patches
+    from lvb.patches import SCORES_BYTES_PER_GROUP, heads_per_group
+
+    config = json.loads((Path(__file__).parent / "data" / "llama-3.2-11b-vision.config.json").read_text())
+    v = ModelSpec.from_config(config).vision
+    tokens = v.max_num_tiles * padded_patches(v.patches_per_tile)
+    assert heads_per_group(v.num_heads, tokens, tokens) == 1
+    assert heads_per_group(v.num_heads, tokens, tokens // 4) == SCORES_BYTES_PER_GROUP // (tokens * tokens)
+    assert heads_per_group(4, 96, 96) == 4
+
+
+def test_vision_nets_are_exported_one_head_at_a_time(export_factory, checkpoint_factory):
+    """The session's exports split every head (tests/conftest.py): one softmax per head in
+    each vision layer's graph, so the parity and simulator tests on them cover the split."""
+    import onnx
+
+    name = "gqa2-cross-last"
+    work, spec = export_factory(name), ModelSpec.from_dir(checkpoint_factory(name))
+    assert spec.vision.num_heads > 1
+    for net in ("vision_layer_0", "vision_global_0"):
+        graph = onnx.load(str(work / "export" / net / f"{net}.onnx"), load_external_data=False).graph
+        assert sum(node.op_type == "Softmax" for node in graph.node) == spec.vision.num_heads, net
 
 
 def test_patches_are_restored_after_an_error():

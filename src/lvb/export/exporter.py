@@ -58,10 +58,11 @@ def exporter_versions() -> dict[str, str]:
 
 def net_key(net: NetSpec, versions: dict, weights_digest: str) -> str:
     """What an exported net depends on: its shapes (so seq and chunk only where they matter),
-    the tools, the patches and its weights' content."""
-    from lvb.patches import PATCHES
+    the tools, the patches (and how they split attention) and its weights' content."""
+    from lvb import patches
 
-    return cache_key(net.to_json(), OPSET, versions, weights_digest, [p.attribute for p in PATCHES])
+    return cache_key(net.to_json(), OPSET, versions, weights_digest, [p.attribute for p in patches.PATCHES],
+                     patches.SCORES_BYTES_PER_GROUP)
 
 
 def minimum_sequence(model_dir: Path) -> int:

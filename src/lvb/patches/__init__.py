@@ -23,8 +23,9 @@ MODELING = "transformers.models.mllama.modeling_mllama"
 class Patch:
     module: str
     attribute: str
-    replacement: Callable
+    replacement: Callable  # with wraps: called with the original, returns what goes in its place
     why: str
+    wraps: bool = False
 
 
 def aspect_ratio_attention_mask(
@@ -44,12 +45,71 @@ def aspect_ratio_attention_mask(
     return (padding @ padding.transpose(-1, -2) * MASK_VALUE).unsqueeze(1)
 
 
+# At most this many bytes of fp32 attention scores per group of heads. The vision tower
+# attends over every tile's patches at once: at the 11B's four 560-px tiles that is 6432
+# tokens, and its 16 heads' scores are 2.65 GB in fp32, which eager attention holds twice
+# while tracing and again in onnxruntime's check (a 6.8 GB export; tpu-mlir's transform of
+# that graph needed 8.2 GB). 256 MiB keeps any such tower to one head at a time (165 MB at
+# the 11B) and leaves smaller ones, whose scores are a few MB, whole. On the card nothing
+# changes: tpu-mlir fuses each group, as it fused the whole, into flash attention.
+SCORES_BYTES_PER_GROUP = 256 * 2**20
+
+
+def heads_per_group(heads: int, queries: int, keys: int) -> int:
+    """How many heads' fp32 scores ([queries, keys] each) fit SCORES_BYTES_PER_GROUP; at least one."""
+    return max(1, min(heads, SCORES_BYTES_PER_GROUP // (queries * keys * 4)))
+
+
+def attention_in_head_groups(eager: Callable) -> Callable:
+    """transformers' eager attention, run on a few of the vision tower's heads at a time.
+
+    Heads are independent, so each group is the original function on a slice of the heads
+    (same arithmetic, same order) and the outputs are joined on the head axis; the traced
+    graph then holds one group's scores at a time. Other attentions (the text layers', with
+    K/V heads shared between query heads and small scores) go to the original unchanged.
+
+    The graph keeps the shape tpu-mlir fuses into one flash-attention op per group on the
+    BM1684X (MatMul2FAttentionPattern: permuted Q/K/V in, the output permuted then
+    reshaped), which never holds the scores in device memory: heads are sliced while the
+    projections are still token-major (the transposes meet and cancel in the simplifier),
+    and each group's output is flattened before the groups are joined.
+    """
+
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        from transformers.models.mllama.modeling_mllama import MllamaVisionAttention
+
+        batch, heads, queries, dim = query.shape
+        size = heads_per_group(heads, queries, key.shape[2])
+        if not isinstance(module, MllamaVisionAttention) or size >= heads:
+            return eager(module, query, key, value, attention_mask, *args, **kwargs)
+        if attention_mask is not None and attention_mask.shape[1] != 1:
+            raise NotImplementedError("attention in head groups expects one mask for every head")
+        token_major = [t.transpose(1, 2) for t in (query, key, value)]  # [batch, tokens, heads, dim]
+        outputs = []
+        for first in range(0, heads, size):
+            q, k, v = (t[:, :, first:first + size].transpose(1, 2) for t in token_major)
+            output = eager(module, q, k, v, attention_mask, *args, **kwargs)[0]  # [batch, queries, group, dim]
+            outputs.append(output.reshape(batch, queries, -1))
+        # [batch, queries, heads, dim], as eager returns it; no one reads the weights
+        return torch.cat(outputs, dim=-1).view(batch, queries, heads, dim), None
+
+    return attention
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         MODELING,
         "_prepare_aspect_ratio_attention_mask",
         aspect_ratio_attention_mask,
         "finite mask value and no in-place write, so tpu-mlir compiles the vision tower right",
+    ),
+    Patch(
+        MODELING,
+        "eager_attention_forward",
+        attention_in_head_groups,
+        "the vision tower's scores a few heads at a time, so no [heads, tokens, tokens] tensor exists "
+        "while exporting and checking it",
+        wraps=True,
     ),
 )
 
@@ -60,8 +120,9 @@ def patched(patches: tuple[Patch, ...] = PATCHES) -> Iterator[None]:
     try:
         for patch in patches:
             module = importlib.import_module(patch.module)
-            originals.append((module, patch.attribute, getattr(module, patch.attribute)))
-            setattr(module, patch.attribute, patch.replacement)
+            original = getattr(module, patch.attribute)
+            originals.append((module, patch.attribute, original))
+            setattr(module, patch.attribute, patch.replacement(original) if patch.wraps else patch.replacement)
         yield
     finally:
         for module, attribute, original in reversed(originals):
