@@ -85,9 +85,18 @@ class WorkDir:
         return read_manifest(self.export_manifest, EXPORT_VERSION)
 
     def require_export(self, model_hint: str = "DIR") -> dict:
+        """The export manifest of a finished export; else one line naming what is wrong with it:
+        absent, damaged (unreadable or of another version) or unfinished (a killed export)."""
+        rerun = f"run `lvb export --model {model_hint} --out {self.root}`"
+        if not self.export_manifest.is_file():
+            raise WorkDirError(f"{self.root} holds no export; {rerun} first")
         manifest = self.read_export()
-        if not manifest.get("nets"):
-            raise WorkDirError(f"{self.root} holds no export; run `lvb export --model {model_hint} --out {self.root}` first")
+        nets = manifest.get("nets")
+        if not isinstance(nets, dict) or not isinstance(manifest.get("settings"), dict) or not all(isinstance(e, dict) and isinstance(e.get("file"), str) for e in nets.values()):
+            raise WorkDirError(f"{self.export_manifest} is damaged or of another lvb version; {rerun} again")
+        if manifest.get("complete") is False or not nets:
+            raise WorkDirError(f"the export in {self.root} is unfinished ({len(nets)} nets so far; was it interrupted?); "
+                               f"{rerun} again to finish it")
         return manifest
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import lvb
 from lvb.compile.tpumlir import CHIPS, DEFAULT_GROUP_SIZE, QUANTIZE, DeployOptions, combine, deploy, transform
 from lvb.check import ONNX_VS_BMODEL, load_check, onnx_vs_bmodel
-from lvb.contract import Kind, NetSpec, QuantGroup
+from lvb.contract import Kind, NetSpec, QuantGroup, plan
 from lvb.errors import LvbError
 from lvb.spec import ModelSpec
 from lvb.toolchain import Toolchain, ToolchainError, ToolFailed, ToolServer
@@ -135,6 +135,10 @@ class Compiler:
             raise CompileError(f"the export in {self.work} is for --seq {exported_seq}, not {seq}; run `lvb export --seq {seq}` first")
         self.seq, self.chunk = exported_seq, self.export["settings"]["chunk"]
         self.spec = ModelSpec.from_dir(self.export["model"]["dir"])
+        missing = [n.name for n in plan(self.spec, self.seq, self.chunk) if n.name not in self.export["nets"]]
+        if missing:  # a manifest from before `complete` existed, or one edited by hand
+            raise CompileError(f"the export in {self.work} is unfinished ({len(missing)} nets missing, e.g. "
+                               f"{', '.join(missing[:3]) or '?'}; was it interrupted?); run `lvb export --out {self.work}` again to finish it")
         validate_group_size(self.spec, settings)
         self.out = self.dir.compile
         self.out.mkdir(parents=True, exist_ok=True)

@@ -224,7 +224,13 @@ class Exporter:
             raise ExportError(f"--chunk {settings.chunk} must be between 1 and --seq {settings.seq}")
         self.dir = WorkDir(self.work)
         self.out = self.dir.export
-        self.out.mkdir(parents=True, exist_ok=True)
+        blocking = next((p for p in (self.work, self.out) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ExportError(f"--out {self.work}: {blocking} is a file, not a folder; pass a new or existing folder")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ExportError(f"--out {self.work}: cannot create {self.out} ({e.strerror}); pass a writable folder") from None
         remove_stale_scratch(self.out)  # an interrupted run's; never trusted
         self.manifest = self.dir.read_export()
         self.weights = CheckpointWeights(self.model_dir, self.manifest.get("weight_digests", {}))
@@ -264,6 +270,8 @@ class Exporter:
         todo = [net for net in self.nets if not self._is_current(net, keys[net.name])]
         for net in todo:  # forget stale entries first: the manifest never names a net being replaced
             self.manifest["nets"].pop(net.name, None)
+        # Readers refuse an export that is not complete, naming it unfinished rather than foreign.
+        self.manifest["complete"] = not todo
         self._save_manifest()
         config = eager_config(self.model_dir) if todo else None
         done = len(self.nets) - len(todo)
@@ -292,6 +300,9 @@ class Exporter:
                 for net, inputs, expected, tmp in traced:
                     self._check_and_keep(net, tmp, inputs, expected, stand_ins, keys[net.name], seconds)
                     done += 1
+        if todo:
+            self.manifest["complete"] = True
+            self._save_manifest()
         if progress:
             progress("", done, len(self.nets))
         return self.manifest
@@ -337,7 +348,8 @@ class Exporter:
 
 def export(model_dir: Path, work: Path, seq: int, chunk: int | None = None, progress=None,
            source: dict | None = None) -> dict:
-    """`source` adds to the manifest's model entry: a Hub checkpoint's name (which names the
-    bmodel; its snapshot folder is named by the commit), repo id and commit."""
-    settings = ExportSettings(seq=seq, chunk=min(seq, chunk or DEFAULT_CHUNK))
+    """`chunk` None: DEFAULT_CHUNK, or `seq` when that is shorter; an explicit chunk outside
+    1..seq is refused. `source` adds to the manifest's model entry: a Hub checkpoint's name
+    (which names the bmodel; its snapshot folder is named by the commit), repo id and commit."""
+    settings = ExportSettings(seq=seq, chunk=min(seq, DEFAULT_CHUNK) if chunk is None else chunk)
     return Exporter(model_dir, work, settings, source=source).run(progress)

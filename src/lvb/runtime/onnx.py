@@ -10,6 +10,10 @@ import numpy as np
 from lvb.contract import NetInfo, TensorInfo
 from lvb.runtime.engine import Engine, EngineError, HostBuffers, Resident
 
+def _first_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:300]
+
+
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(int32)": "int32", "tensor(int64)": "int64"}
 
 
@@ -37,7 +41,11 @@ class OnnxEngine(Engine):
             if self._threads:
                 options.intra_op_num_threads = self._threads
             options.log_severity_level = 3
-            self._sessions[name] = self._ort.InferenceSession(str(self._files[name]), options)
+            try:
+                self._sessions[name] = self._ort.InferenceSession(str(self._files[name]), options)
+            except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types for a damaged file
+                raise EngineError(f"{self._files[name]}: onnxruntime cannot load it ({_first_line(e)}); the export is "
+                                  "damaged: run `lvb export` again") from None
         return self._sessions[name]
 
     def _info(self, name: str) -> NetInfo:
@@ -63,7 +71,11 @@ class OnnxEngine(Engine):
             raise EngineError(f"no ONNX net {net!r}; have {', '.join(sorted(self._nets))}")
         info = self._nets[net]
         inputs = {t.name: np.ascontiguousarray(self._buffers.resolve(feeds[t.name]), dtype=t.dtype) for t in info.inputs}
-        outputs = self._session(net).run(None, inputs)
+        try:
+            outputs = self._session(net).run(None, inputs)
+        except Exception as e:  # e.g. a weights file truncated after the session mapped it
+            raise EngineError(f"{self._files[net]}: onnxruntime failed to run it ({_first_line(e)}); the export may be "
+                              "damaged: run `lvb export` again") from None
         result: list[np.ndarray | None] = []
         for index, output in enumerate(outputs):
             target = (store or {}).get(index)

@@ -8,7 +8,7 @@ import lvb
 from lvb.check import MIN_AGREEMENT
 from lvb.verify.checks import Report, VerifyError, check_answers, check_parts, read_task, task_accuracy
 from lvb.verify.report import REPORT_VERSION, write_reports
-from lvb.workdir import COMPILE_VERSION, WorkDir, cache_key, read_manifest
+from lvb.workdir import COMPILE_VERSION, WorkDir, WorkDirError, cache_key, read_manifest
 
 
 def find_compiled(work: Path, quant: str) -> dict:
@@ -32,10 +32,13 @@ def verify(model_dir: Path, work: Path, quant: str = "int4", backend: str = "cmo
     model_dir, work = Path(model_dir), Path(work)
     if backend not in BACKENDS:
         raise VerifyError(f"--backend {backend} is not one of {', '.join(BACKENDS)}")
+    if pictures < 1:
+        raise VerifyError(f"--pictures {pictures} is out of range: it must be 1 or more")
     directory = WorkDir(work)
-    export = directory.read_export()
-    if not export.get("nets"):
-        raise VerifyError(f"{work} holds no export; run `lvb export --model {model_dir} --out {work}` first")
+    try:
+        export = directory.require_export(str(model_dir))
+    except WorkDirError as e:
+        raise VerifyError(str(e)) from None
     compiled = find_compiled(work, quant) if backend != "onnxruntime" else None
     bmodel = directory.bmodel(compiled["bmodel"]) if compiled else None
     out = directory.verify_dir(bmodel)
