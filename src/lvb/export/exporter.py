@@ -69,8 +69,7 @@ def minimum_sequence(model_dir: Path) -> int:
     from lvb.text import ChatTemplate, Tokenizer
 
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
-    prompt = ChatTemplate.from_dir(model_dir).render(messages, add_generation_prompt=True)
-    return len(Tokenizer.from_dir(model_dir).encode_prompt(prompt)) + 1
+    return len(Tokenizer.from_dir(model_dir).encode_chat(ChatTemplate.from_dir(model_dir), messages)) + 1
 
 
 def _export_onnx(module, net: NetSpec, inputs: dict[str, np.ndarray], path: Path) -> None:

@@ -249,8 +249,7 @@ class Session:
         dropped = 0
         system = 1 if messages[0]["role"] == "system" else 0
         while True:
-            prompt = self.checkpoint.template.render(messages, add_generation_prompt=True)
-            ids = self.checkpoint.tokenizer.encode_prompt(prompt)
+            ids = self.checkpoint.tokenizer.encode_chat(self.checkpoint.template, messages)
             if len(ids) < self.seq:  # one slot is left for the answer's first token
                 break
             only_the_new_turn = len(messages) - system <= 1
