@@ -142,9 +142,13 @@ def export(
 ) -> None:
     """Export every part to ONNX (opset 17), one layer at a time, each checked against PyTorch."""
     from lvb.hub import resolve_model
+    from lvb.runtime.pipeline import Checkpoint
 
     try:
         source = resolve_model(model, revision, weights=True)
+        # The small files as the runtime will read them (a processor config that disagrees with
+        # config.json, damaged JSON) fail now, not after an hour of export.
+        Checkpoint.load(source.directory)
     except LvbError as e:
         raise fail(str(e))
     from lvb.export.exporter import export as run_export  # torch: only once the checkpoint is there
