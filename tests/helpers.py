@@ -1,5 +1,5 @@
 """What several test files share: the compiled shapes of the fixtures, the CLI's
-one-line errors, and a way to break an exported net."""
+one-line errors, and a way to break an exported net (and make the export believe in it)."""
 
 from __future__ import annotations
 
@@ -36,3 +36,16 @@ def scale_weights(path: Path, factor: float = 1.5) -> None:
         if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2:
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * factor, init.name))
     onnx.save(model, str(path))
+
+
+def record_as_exported(work: Path, net: str) -> None:
+    """Record a changed net folder's files in the export manifest, as if the export had written
+    them: a wrong net the later stages trust (an unrecorded change is refused up front)."""
+    import json
+
+    from lvb.workdir import WorkDir, record_file
+
+    directory = WorkDir(work)
+    manifest = json.loads(directory.export_manifest.read_text())
+    manifest["nets"][net]["files"] = {p.name: record_file(p) for p in sorted(directory.net_dir(net).iterdir())}
+    directory.export_manifest.write_text(json.dumps(manifest))

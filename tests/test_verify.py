@@ -6,7 +6,7 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from helpers import scale_weights
+from helpers import record_as_exported, scale_weights
 from lvb.cli import app
 
 runner = CliRunner()
@@ -34,6 +34,7 @@ def test_every_miss_is_listed(export_factory, checkpoint_factory, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(export_factory("gqa2-cross-last") / "export", work / "export")
     scale_weights(work / "export" / "block_cache_0" / "block_cache_0.onnx")
+    record_as_exported(work, "block_cache_0")  # a damaged file is refused before any check: test_hostile
     result = runner.invoke(app, ["verify", "--model", str(model), "--work", str(work), "--backend", "onnxruntime"])
     assert result.exit_code == 1
     assert "block_cache_0: PyTorch vs onnxruntime cosine" in result.output

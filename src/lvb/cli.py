@@ -160,7 +160,8 @@ def export(
             progress.update(task, completed=done, total=total, detail=net)
 
         try:
-            manifest = run_export(source.directory, out, seq=seq, chunk=chunk, progress=report, source=source.to_json())
+            manifest = run_export(source.directory, out, seq=seq, chunk=chunk, progress=report, source=source.to_json(),
+                                  notify=lambda message: say(progress.console, "note:", "yellow", message))
         except LvbError as e:
             raise fail(str(e))
     nets = manifest["nets"]
@@ -193,6 +194,7 @@ def compile_(
         compiler = Compiler(work, settings, find_toolchain(toolchain), seq=seq)
         with _progress() as progress:
             task = progress.add_task("compiling", total=len(compiler.jobs), detail="")
+            compiler.notify = lambda message: say(progress.console, "note:", "yellow", message)
 
             def report(done: int, total: int, running: list[str]) -> None:
                 progress.update(task, completed=done, detail=", ".join(running))

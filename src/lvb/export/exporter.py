@@ -31,7 +31,7 @@ from lvb.contract import DEFAULT_CHUNK, DEFAULT_SEQ, NetSpec, plan
 from lvb.errors import LvbError
 from lvb.export.weights import CheckpointWeights
 from lvb.spec import ModelSpec
-from lvb.workdir import (CHECK_FILE, EXPORT_VERSION, WorkDir, cache_key, matches_record, record_file, remove_stale_scratch,
+from lvb.workdir import (CHECK_FILE, EXPORT_VERSION, WorkDir, cache_key, damaged_files, record_file, remove_stale_scratch,
                          scratch, write_json)
 
 OPSET = 17  # tpu-mlir rejects the opset-18 graphs of the dynamo exporter
@@ -209,8 +209,10 @@ def eager_config(model_dir: Path):
 
 
 class Exporter:
-    def __init__(self, model_dir: Path, work: Path, settings: ExportSettings, source: dict | None = None):
+    def __init__(self, model_dir: Path, work: Path, settings: ExportSettings, source: dict | None = None,
+                 notify: Callable[[str], None] | None = None):
         self.model_dir, self.work, self.settings = Path(model_dir), Path(work), settings
+        self.notify = notify or (lambda message: None)  # a cached file that is damaged, and rebuilt
         self.source = source or {}
         self.spec = ModelSpec.from_dir(self.model_dir)
         needed = minimum_sequence(self.model_dir)
@@ -249,11 +251,14 @@ class Exporter:
         write_json(self.dir.export_manifest, self.manifest)
 
     def _is_current(self, net: NetSpec, key: str) -> bool:
+        """The net was exported with this key and its files are the ones recorded then."""
         entry = self.manifest["nets"].get(net.name)
-        if not entry or entry["key"] != key or not self.dir.onnx(entry).is_file():
+        if not entry or entry.get("key") != key:
             return False
-        folder, files = self.dir.net_dir(net.name), entry.get("files")
-        return bool(files) and all(matches_record(folder / name, record) is None for name, record in files.items())
+        damaged = damaged_files(self.dir.net_dir(net.name), entry.get("files"))
+        if damaged:
+            self.notify(f"{damaged[0]}; exporting {net.name} again")
+        return not damaged
 
     def run(self, progress: Callable[[str, int, int], None] | None = None) -> dict:
         from lvb.export.parts import PARTS
@@ -346,9 +351,9 @@ class Exporter:
 
 
 def export(model_dir: Path, work: Path, seq: int, chunk: int | None = None, progress=None,
-           source: dict | None = None) -> dict:
+           source: dict | None = None, notify: Callable[[str], None] | None = None) -> dict:
     """`chunk` None: DEFAULT_CHUNK, or `seq` when that is shorter; an explicit chunk outside
     1..seq is refused. `source` adds to the manifest's model entry: a Hub checkpoint's name
     (which names the bmodel; its snapshot folder is named by the commit), repo id and commit."""
     settings = ExportSettings(seq=seq, chunk=min(seq, DEFAULT_CHUNK) if chunk is None else chunk)
-    return Exporter(model_dir, work, settings, source=source).run(progress)
+    return Exporter(model_dir, work, settings, source=source, notify=notify).run(progress)
