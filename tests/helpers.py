@@ -13,12 +13,12 @@ SEQ, CHUNK = 160, 32
 runner = CliRunner()
 
 
-def one_error_line(args: list[str]) -> str:
-    """Run `lvb ARGS`, which must fail with exit 1 and exactly one `error:` line and no
-    traceback; returns the whole output."""
+def one_error_line(args: list) -> str:
+    """Run `lvb ARGS` (paths and numbers taken as text), which must fail with exit 1 and
+    exactly one `error:` line and no traceback; returns the whole output."""
     from lvb.cli import app
 
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, [str(arg) for arg in args])
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
     assert sum(line.startswith("error:") for line in result.output.splitlines()) == 1, result.output

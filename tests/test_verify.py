@@ -25,6 +25,11 @@ def test_onnxruntime_verify_passes_and_writes_reports(export_factory, checkpoint
     assert "<svg" in html and "block_cache_4" in html and "http" not in html.replace("http://www.w3.org/2000/svg", "")
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "cached" in again.output
+    # A damaged report (what a kill mid-write used to leave) is not trusted: verified again.
+    path = work / "verify" / "onnxruntime" / "report.json"
+    path.write_text(path.read_text()[:100])
+    third = runner.invoke(app, args)
+    assert third.exit_code == 0 and "cached" not in third.output and json.loads(path.read_text())["ok"]
 
 
 @pytest.mark.slow  # every net through PyTorch again, and transformers' generate

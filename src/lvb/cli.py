@@ -109,7 +109,7 @@ def doctor(toolchain: ToolchainOption = None) -> None:
     for name in names:
         table.add_column(name)
     for package in ("python", "torch", "transformers", "onnx", "onnxruntime", "tpu_mlir"):
-        table.add_row(package, *[report.environments[n].get(package) or "-" for n in names])
+        table.add_row(*map(plain, [package, *[report.environments[n].get(package) or "-" for n in names]]))
     console.print(table)
     if report.toolchain:
         console.print(Text(f"toolchain: {report.toolchain.bin_dir} (found via {report.toolchain.source})"))

@@ -234,6 +234,8 @@ class Exporter:
             raise ExportError(f"--out {self.work}: cannot create {self.out} ({e.strerror}); pass a writable folder") from None
         remove_stale_scratch(self.out)  # an interrupted run's; never trusted
         self.manifest = self.dir.read_export()
+        if not self.manifest and self.dir.export_manifest.is_file():
+            self.notify(f"{self.dir.export_manifest} is damaged or from another lvb version; exporting every net again")
         self.weights = CheckpointWeights(self.model_dir, self.manifest.get("weight_digests", {}))
         self.versions = exporter_versions()
         self.nets = plan(self.spec, settings.seq, settings.chunk)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lvb
+from lvb.compile.tpumlir import QUANTIZE
 from lvb.check import MIN_AGREEMENT
 from lvb.verify.checks import Report, VerifyError, check_answers, check_parts, read_task, task_accuracy
 from lvb.verify.report import REPORT_VERSION, write_reports
@@ -32,6 +33,9 @@ def verify(model_dir: Path, work: Path, quant: str = "int4", backend: str = "cmo
     model_dir, work = Path(model_dir), Path(work)
     if backend not in BACKENDS:
         raise VerifyError(f"--backend {backend} is not one of {', '.join(BACKENDS)}")
+    choices = [k for k in QUANTIZE if k != "f32"]
+    if quant not in choices:
+        raise VerifyError(f"--quant {quant} is not one of {', '.join(choices)}")
     if pictures < 1:
         raise VerifyError(f"--pictures {pictures} is out of range: it must be 1 or more")
     directory = WorkDir(work)
