@@ -89,6 +89,9 @@ OUT_OF_RANGE = {
     "compile seq -1": (["compile", "--work", "{work}", "--seq", "-1"], "--seq -1 is out of range"),
     "verify pictures 0": (["verify", "--model", "{model}", "--work", "{work}", "--pictures", "0"], "--pictures 0 is out of range"),
     "verify quant int3": (["verify", "--model", "{model}", "--work", "{work}", "--quant", "int3"], "--quant int3 is not one of"),
+    "serve port 0": (["serve", "--model", "{model}", "--onnx", "{work}", "--port", "0"], "--port 0 is out of range: it must be 1 to 65535"),
+    "serve port 70000": (["serve", "--model", "{model}", "--onnx", "{work}", "--port", "70000"], "--port 70000 is out of range"),
+    "serve max-queue -1": (["serve", "--model", "{model}", "--onnx", "{work}", "--max-queue", "-1"], "--max-queue -1 is out of range"),
     "verify pictures -3": (["verify", "--model", "{model}", "--work", "{work}", "--pictures", "-3"], "--pictures -3 is out of range"),
 }
 
@@ -117,6 +120,11 @@ def test_paths_with_markup_are_reported_intact(model, work, tmp_path):
     afile.write_text("")
     assert "is a file, not a folder" in one_error_line(["export", "--model", model, "--out", afile])
     assert "is a file, not a folder" in one_error_line(["export", "--model", afile, "--out", tmp_path / "w"])
+
+
+def test_serve_prints_paths_with_markup_intact(model, tmp_path):
+    folder = tmp_path / "no [/bold] such [red]folder"
+    assert str(folder) in one_error_line(["serve", "--model", folder])
 
 
 def run_args(model, work):
