@@ -12,7 +12,9 @@
 
 Every file here is written to a temporary name and renamed into place, so a
 killed run leaves either the old file or the new one. Every manifest carries a
-version and is checked on every read: one of another version reads as absent.
+version and is checked on every read: one of another version reads as absent. Every
+file a cache reuses is recorded (`record_file`) and checked before reuse
+(`matches_record`, `damaged_files`); a damaged one is rebuilt or refused, never trusted.
 """
 
 from __future__ import annotations
@@ -89,7 +91,9 @@ class WorkDir:
             raise WorkDirError(f"{self.root} holds no export; {rerun} first")
         manifest = self.read_export()
         nets = manifest.get("nets")
-        if not isinstance(nets, dict) or not isinstance(manifest.get("settings"), dict) or not all(isinstance(e, dict) and isinstance(e.get("file"), str) for e in nets.values()):
+        readable = isinstance(nets, dict) and isinstance(manifest.get("settings"), dict) and all(
+            isinstance(entry, dict) and isinstance(entry.get("file"), str) for entry in nets.values())
+        if not readable:
             raise WorkDirError(f"{self.export_manifest} is damaged or of another lvb version; {rerun} again")
         if manifest.get("complete") is False or not nets:
             raise WorkDirError(f"the export in {self.root} is unfinished ({len(nets)} nets so far; was it interrupted?); "

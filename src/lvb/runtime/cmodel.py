@@ -62,11 +62,11 @@ class CmodelEngine(Engine):
         """The line of the worker's log that says what went wrong (tpu-mlir's FATAL or an
         assertion), else its last line: the log itself is deleted with the engine."""
         try:
-            lines = [l.strip() for l in Path(self._log.name).read_text(errors="replace").splitlines() if l.strip()]
+            lines = [line.strip() for line in Path(self._log.name).read_text(errors="replace").splitlines() if line.strip()]
         except OSError:
             return "no log"
         for word in ("FATAL", "Assertion", "ERROR", "Error", "terminate"):
-            telling = [l for l in lines if word in l]
+            telling = [line for line in lines if word in line]
             if telling:
                 return telling[0][:300]
         return (lines or ["no log"])[-1][:300]

@@ -10,11 +10,12 @@ import numpy as np
 from lvb.contract import NetInfo, TensorInfo
 from lvb.runtime.engine import Engine, EngineError, HostBuffers, Resident
 
-def _first_line(error: Exception) -> str:
-    return " ".join(str(error).split())[:300]
-
-
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(int32)": "int32", "tensor(int64)": "int64"}
+
+
+def _first_line(error: Exception) -> str:
+    """onnxruntime's message as one line (its errors span several, with the node's details)."""
+    return " ".join(str(error).split())[:300]
 
 
 class OnnxEngine(Engine):
