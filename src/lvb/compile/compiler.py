@@ -20,12 +20,16 @@ from pathlib import Path
 import lvb
 from lvb.compile.tpumlir import CHIPS, DEFAULT_GROUP_SIZE, QUANTIZE, DeployOptions, combine, deploy, transform
 from lvb.check import load_check, min_cosine, onnx_vs_bmodel
-from lvb.contract import Kind, NetSpec, QuantGroup
+from lvb.contract import Kind, NetSpec, QuantGroup, plan
 from lvb.errors import LvbError
 from lvb.spec import ModelSpec
 from lvb.toolchain import Toolchain, ToolchainError, ToolFailed, ToolServer
-from lvb.workdir import (COMPILE_VERSION, WorkDir, WorkDirError, cache_key, matches_record, read_manifest, record_file,
+from lvb.workdir import (COMPILE_VERSION, WorkDir, WorkDirError, cache_key, damaged_files, matches_record, read_manifest, record_file,
                          remove_stale_scratch, scratch, write_json)
+
+
+# In a transform folder: the records of what model_transform.py wrote there.
+TRANSFORM_FILES = "files.json"
 
 
 class CompileError(LvbError, RuntimeError):
@@ -114,8 +118,10 @@ def validate_group_size(spec: ModelSpec, settings: CompileSettings) -> None:
 
 
 class Compiler:
-    def __init__(self, work: Path, settings: CompileSettings, toolchain: Toolchain, seq: int | None = None):
+    def __init__(self, work: Path, settings: CompileSettings, toolchain: Toolchain, seq: int | None = None,
+                 notify: Callable[[str], None] | None = None):
         self.work, self.settings, self.toolchain = Path(work).resolve(), settings, toolchain
+        self.notify = notify or (lambda message: None)  # a cached file that is damaged, and rebuilt
         if settings.chip not in CHIPS:
             raise CompileError(f"--chip {settings.chip} is not supported; lvb targets {', '.join(CHIPS)}")
         for option, value in (("--quant", settings.quant), ("--vision-quant", settings.vision_quant),
@@ -132,6 +138,10 @@ class Compiler:
             raise CompileError(f"the export in {self.work} is for --seq {exported_seq}, not {seq}; run `lvb export --seq {seq}` first")
         self.seq, self.chunks = exported_seq, tuple(self.export["settings"]["chunks"])
         self.spec = ModelSpec.from_dir(self.export["model"]["dir"])
+        missing = [n.name for n in plan(self.spec, self.seq, self.chunks) if n.name not in self.export["nets"]]
+        if missing:  # a manifest from before `complete` existed, or one edited by hand
+            raise CompileError(f"the export in {self.work} is unfinished ({len(missing)} nets missing, e.g. "
+                               f"{', '.join(missing[:3]) or '?'}; was it interrupted?); run `lvb export --out {self.work}` again to finish it")
         validate_group_size(self.spec, settings)
         self.out = self.dir.compile
         self.out.mkdir(parents=True, exist_ok=True)
@@ -163,10 +173,16 @@ class Compiler:
         shapes = [t.shape for t in stage.inputs]
         folder = self.dir.compile_net(job.name) / f"mlir-{cache_key(job.export_key, self.toolchain_version, options, shapes)}"
         mlir = folder / f"{job.name}.mlir"
-        if mlir.is_file():
-            return mlir
+        if folder.is_dir():
+            damaged = damaged_files(folder, read_manifest(folder / TRANSFORM_FILES, COMPILE_VERSION).get("files"))
+            if not damaged:
+                return mlir
+            self.notify(f"{damaged[0]}; transforming {job.name} again")
         tmp = scratch(folder)
         transform(self.toolchain, job.onnx, tmp, job.name, shapes, log, server, options)
+        write_json(tmp / TRANSFORM_FILES, {"version": COMPILE_VERSION,
+                                           "files": {p.name: record_file(p) for p in sorted(tmp.iterdir())}})
+        shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         return mlir
 
@@ -212,14 +228,17 @@ class Compiler:
             folder = self.dir.compile_net(job.name) / cache_key(job.export_key, self.toolchain_version, vars(options), self.settings.check)
             done = folder / "result.json"
             result = read_manifest(done, COMPILE_VERSION)
-            if result and matches_record(self.work / result["bmodel"], result.get("file")) is None:
-                # Judged again: the threshold may have changed since it was stored.
-                result["threshold"] = threshold
-                result["passed"] = result["check"] is None or result["check"]["cosine"] >= threshold
-                if result["passed"]:
-                    return result
-                tried.append(result)
-                continue
+            if result:
+                problem = matches_record(self.work / result["bmodel"], result.get("file"))
+                if problem is None:
+                    # Judged again: the threshold may have changed since it was stored.
+                    result["threshold"] = threshold
+                    result["passed"] = result["check"] is None or result["check"]["cosine"] >= threshold
+                    if result["passed"]:
+                        return result
+                    tried.append(result)
+                    continue
+                self.notify(f"{problem}; compiling {job.name} again")
             log = log_dir / f"{job.name}.log"
             tmp = scratch(folder)
             started = time.perf_counter()
@@ -244,8 +263,12 @@ class Compiler:
     def cached(self) -> bool:
         """True when the combined bmodel of exactly these settings and nets exists."""
         previous = read_manifest(self._manifest_path(), COMPILE_VERSION)
-        return (previous.get("key") == self._combined_key() and previous.get("bmodel") == self.bmodel.name
-                and matches_record(self.bmodel, previous.get("file")) is None)
+        if previous.get("key") != self._combined_key() or previous.get("bmodel") != self.bmodel.name:
+            return False
+        problem = matches_record(self.bmodel, previous.get("file"))
+        if problem is not None:
+            self.notify(f"{problem}; combining it again")
+        return problem is None
 
     def _manifest_path(self) -> Path:
         return self.dir.compile_manifest(self.bmodel)
