@@ -297,32 +297,41 @@ def test_a_damaged_bmodel_on_the_simulator_is_one_line(compile_factory, model, t
 
 # -- a SIGKILL mid-export, then the readers, then a rerun -------------------------------
 
-@pytest.mark.slow  # exports a whole checkpoint of its own
-def test_killed_export_is_named_unfinished_and_a_rerun_finishes_it(model, tmp_path):
-    work = tmp_path / "work"
-    command = [sys.executable, "-m", "lvb.cli", "export", "--model", str(model), "--out", str(work),
+@pytest.mark.slow  # a process of its own exports the last nets again and is killed among them
+def test_killed_export_is_named_unfinished_and_a_rerun_finishes_it(model, work, tmp_path):
+    """The session's export with its last nets gone (as if they were never exported), so the
+    killed run and the rerun export only those: a SIGKILL between two nets, then the readers."""
+    copy = copy_export(work, tmp_path / "work")
+    manifest = copy / "export" / "manifest.json"
+    nets = [n.name for n in plan(ModelSpec.from_dir(model), SEQ, chunks_of(NAME))]
+    redo = nets[-4:]
+    data = json.loads(manifest.read_text())
+    for name in redo:
+        del data["nets"][name]
+        shutil.rmtree(copy / "export" / name)
+    manifest.write_text(json.dumps(data))
+    kept = len(data["nets"])
+    command = [sys.executable, "-m", "lvb.cli", "export", "--model", str(model), "--out", str(copy),
                "--seq", str(SEQ), "--chunk", CHUNKS]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    manifest = work / "export" / "manifest.json"
     deadline = time.time() + 600
-    while time.time() < deadline and process.poll() is None:  # killed after the 4th net is recorded
+    while time.time() < deadline and process.poll() is None:  # killed once one more net is recorded
         try:
-            if len(json.loads(manifest.read_text())["nets"]) >= 4:
+            if len(json.loads(manifest.read_text())["nets"]) > kept:
                 break
         except (OSError, ValueError, KeyError):
             pass
-        time.sleep(0.1)
+        time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    nets = [n.name for n in plan(ModelSpec.from_dir(model), SEQ, chunks_of(NAME))]
-    assert 4 <= len(json.loads(manifest.read_text())["nets"]) < len(nets)
-    assert "unfinished" in one_error_line(run_args(model, work))
-    assert "unfinished" in one_error_line(["compile", "--work", work])
-    assert "unfinished" in one_error_line(["verify", "--model", model, "--work", work, "--backend", "onnxruntime"])
-    succeeds(["export", "--model", model, "--out", work, "--seq", SEQ, "--chunk", CHUNKS])
+    assert kept < len(json.loads(manifest.read_text())["nets"]) < len(nets)
+    assert "unfinished" in one_error_line(run_args(model, copy))
+    assert "unfinished" in one_error_line(["compile", "--work", copy])
+    assert "unfinished" in one_error_line(["verify", "--model", model, "--work", copy, "--backend", "onnxruntime"])
+    succeeds(["export", "--model", model, "--out", copy, "--seq", SEQ, "--chunk", CHUNKS])
     finished = json.loads(manifest.read_text())
     assert finished["complete"] and sorted(finished["nets"]) == sorted(nets)
-    assert not list((work / "export").glob(".*.tmp-*"))
+    assert not list((copy / "export").glob(".*.tmp-*"))
 
 
 # -- control tokens typed as text ----------------------------------------------------
