@@ -32,6 +32,13 @@ from lvb.workdir import (COMPILE_VERSION, WorkDir, WorkDirError, cache_key, dama
 TRANSFORM_FILES = "files.json"
 
 
+def record_transform(folder: Path) -> None:
+    """Record what model_transform.py wrote in `folder`: the folder is reused only while its
+    files are these."""
+    files = {p.name: record_file(p) for p in sorted(Path(folder).iterdir()) if p.name != TRANSFORM_FILES}
+    write_json(Path(folder) / TRANSFORM_FILES, {"version": COMPILE_VERSION, "files": files})
+
+
 class CompileError(LvbError, RuntimeError):
     """A compile that cannot go on; the message names the net or setting."""
 
@@ -180,8 +187,7 @@ class Compiler:
             self.notify(f"{damaged[0]}; transforming {job.name} again")
         tmp = scratch(folder)
         transform(self.toolchain, job.onnx, tmp, job.name, shapes, log, server, options)
-        write_json(tmp / TRANSFORM_FILES, {"version": COMPILE_VERSION,
-                                           "files": {p.name: record_file(p) for p in sorted(tmp.iterdir())}})
+        record_transform(tmp)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         return mlir
