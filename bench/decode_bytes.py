@@ -8,7 +8,7 @@ self-attention decode layer (block_cache_<i>) and one cross-attention decode lay
 int4 ones are the per-net bmodels `lvb compile --quant int4` made; the others are deployed
 here from the same cached MLIR with lvb's own deploy step and options
 (lvb.compile.tpumlir.deploy, W8BF16 / BF16, group size 64, no simulator check).
-Their weight bytes and I/O tensors are read with lvb.compile.inspect.inspect_bmodel
+Their weight bytes and I/O tensors are read with lvb.bmodel.inspect_bmodel
 (tpu-mlir's model_tool), the LM head's from the compiled bf16 lm_head bmodel.
 
 Then, for the full model (32 self-attention + 8 cross-attention layers, the LM head in
@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import FULL, OUT, gb, machine, mb, table  # noqa: E402
 
-from lvb.compile.inspect import inspect_bmodel  # noqa: E402
+from lvb.bmodel import inspect_bmodel  # noqa: E402
 from lvb.compile.tpumlir import DeployOptions, deploy  # noqa: E402
 from lvb.spec import ModelSpec  # noqa: E402
 from lvb.toolchain import find_toolchain  # noqa: E402

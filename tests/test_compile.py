@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from helpers import SEQ, chunks_of, one_error_line, record_as_exported
 from lvb.cli import app
 from lvb.check import min_cosine
+from lvb.bmodel import inspect_bmodel
 from lvb.compile.compiler import CompileSettings, Compiler, record_transform
-from lvb.compile.inspect import inspect_bmodel
 from lvb.contract import Kind
 from lvb.testing.checkpoints import GEOMETRIES
 from lvb.toolchain import Toolchain, find_toolchain
@@ -54,6 +54,9 @@ def test_every_net_compiles_and_matches_onnxruntime_on_the_simulator(name, quant
         assert result["quant"] == (quant if decoder else ("f32" if net == "greedy_head" else "bf16"))
     info = inspect_bmodel(bmodel, find_toolchain())
     assert list(info.nets) == list(exported)
+    # Every net's activation memory is read, a multi-stage prefill net's too (the memory plan
+    # would silently count none otherwise).
+    assert all(net.neuron_bytes > 0 for net in info.nets.values()), {n: x.neuron_bytes for n, x in info.nets.items()}
     for net, entry in exported.items():
         assert [(t.name, list(t.shape)) for t in info.nets[net].inputs] == [(t["name"], t["shape"]) for t in entry["inputs"]]
 

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lvb", "lvb.errors"),
     ("lvb.numerics", "lvb.spec", "lvb.text", "lvb.toolchain", "lvb.tasks", "lvb.hub"),
     ("lvb.contract",),
-    ("lvb.masks", "lvb.workdir", "lvb.package"),
+    ("lvb.masks", "lvb.workdir", "lvb.package", "lvb.bmodel"),
     ("lvb.check",),
     ("lvb.export", "lvb.compile", "lvb.runtime", "lvb.patches", "lvb.testing"),
     ("lvb.verify", "lvb.doctor", "lvb.serve"),
@@ -31,9 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
 SIDEWAYS = {
     ("lvb.compile", "lvb.runtime"),  # the simulator runs the bmodels compile checks
     ("lvb.export", "lvb.patches"),  # the patches apply while transformers' layers are traced
-    ("lvb.runtime", "lvb.compile"),  # the sail preflight reads the bmodel's memory plan with model_tool
     ("lvb.testing", "lvb.runtime"),  # the stand-in sophon.sail runs its nets on the simulator engine
-    ("lvb.testing", "lvb.compile"),  # ... and reads the bmodel's nets with model_tool
     ("lvb.verify", "lvb.doctor"),
 }
 # The runtime path: what `lvb run`/`lvb chat` import. It installs on a board without these.

@@ -240,7 +240,7 @@ def inspect(
 ) -> None:
     """List a bmodel's nets, their tensors and weights, the bytes one decode step reads, and the
     device memory lvb's runtime needs for it."""
-    from lvb.compile.inspect import inspect_bmodel
+    from lvb.bmodel import inspect_bmodel
     from lvb.toolchain import find_toolchain
 
     try:

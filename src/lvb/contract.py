@@ -160,7 +160,16 @@ class Names:
     @staticmethod
     def kept_layer(j: int) -> str:
         """vision_head's input for the output of vision layer j."""
-        return f"layer_{j}"
+        return _KEPT_LAYER.format(j)
+
+    @staticmethod
+    def kept_layer_index(name: str) -> int | None:
+        """j if `name` is vision_head's input for vision layer j, else None."""
+        m = re.fullmatch(_KEPT_LAYER.format(r"(\d+)"), name)
+        return int(m[1]) if m else None
+
+
+_KEPT_LAYER = "layer_{}"
 
 
 # How the nets that exist once per layer are named; the others are named after their kind.
@@ -184,6 +193,14 @@ def kinds_named(name: str) -> set[Kind]:
     """The kinds a net of this name can be (a block is a self- or a cross-attention layer)."""
     once = {kind for kind in Kind if kind not in _LAYER_NAMES and kind.value == name}
     return once | {kind for kind, template in _LAYER_NAMES.items() if re.fullmatch(template.format(r"\d+"), name)}
+
+
+def layer_of(name: str) -> int | None:
+    """The layer a per-layer net is for (None for the nets that exist once)."""
+    for template in set(_LAYER_NAMES.values()):
+        if m := re.fullmatch(template.format(r"(\d+)"), name):
+            return int(m[1])
+    return None
 
 
 def block_name(layer: int, decode: bool) -> str:

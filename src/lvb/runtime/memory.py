@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lvb.contract import Kind, Names, TensorInfo, net_name
+from lvb.contract import Kind, Names, TensorInfo, block_name, kinds_named, layer_of, net_name
 from lvb.runtime.engine import EngineError
 
 GiB = 1 << 30
@@ -42,10 +42,6 @@ SE7_FIX = "on an SE7, give the NPU the VPU and VPP heaps (memory_edit.sh -c -npu
 def _bytes(t: TensorInfo) -> int:
     return math.prod(t.shape) * (2 if t.dtype in ("bfloat16", "float16", "uint16", "int16") else
                                  1 if t.dtype in ("int8", "uint8") else 4)
-
-
-def _layer(name: str) -> int:
-    return int(re.search(r"(\d+)$", name).group(1))
 
 
 class Buffers:
@@ -98,18 +94,18 @@ def resident_buffers(nets: Mapping) -> list[TensorInfo]:
         return {x.name: x for x in nets[net].inputs}
 
     buffers = []
-    decode = sorted((name for name in nets if name.startswith("block_cache_")), key=_layer)
+    decode = sorted((name for name in nets if kinds_named(name) & {Kind.SELF_DECODE, Kind.CROSS_DECODE}), key=layer_of)
     self_layers = [name for name in decode if n.PAST_K in inputs(name)]
     cross_layers = [name for name in decode if n.CROSS_K in inputs(name)]
     for net in self_layers:
         shape = inputs(net)[n.PAST_K].shape
-        buffers += [t(name, shape) for name in b.kv(_layer(net))]
+        buffers += [t(name, shape) for name in b.kv(layer_of(net))]
     for net in cross_layers:
         shape = inputs(net)[n.CROSS_K].shape
-        buffers += [t(name, shape) for name in b.cross_kv(_layer(net))]
+        buffers += [t(name, shape) for name in b.cross_kv(layer_of(net))]
     buffers.append(t(b.CROSS_STATES, nets[net_name(Kind.VISION_HEAD)].outputs[0].shape))
     vision = nets[net_name(Kind.VISION_EMBED)].outputs[0].shape
-    kept = sorted(_layer(x.name) for x in nets[net_name(Kind.VISION_HEAD)].inputs if x.name.startswith("layer_"))
+    kept = sorted(j for x in nets[net_name(Kind.VISION_HEAD)].inputs if (j := n.kept_layer_index(x.name)) is not None)
     buffers += [t(name, vision) for name in [b.VISION, b.VISION_B, *(b.kept(j) for j in kept)]]
     buffers += [t(name, nets[net_name(Kind.EMBED)].outputs[0].shape) for name in (b.HIDDEN, b.HIDDEN_B)]
     buffers += [t(name, nets[net_name(Kind.EMBED_CACHE)].outputs[0].shape) for name in (b.HIDDEN1, b.HIDDEN1_B)]
@@ -118,7 +114,7 @@ def resident_buffers(nets: Mapping) -> list[TensorInfo]:
     for group, names in ((self_layers, (n.POSITION_IDS, n.ATTENTION_MASK)), (cross_layers, (n.CROSS_MASK, n.TEXT_ROW_MASK))):
         if not group:
             continue
-        for net in (group[0].replace("block_cache_", "block_"), group[0]):
+        for net in (block_name(layer_of(group[0]), decode=False), group[0]):
             for stage in _stage_inputs(nets[net]):
                 width = next(x for x in stage if x.name == n.HIDDEN).shape[1]
                 buffers += [t(b.step(x.name, width), x.shape, "int32" if x.dtype == "int32" else "float32")
@@ -138,14 +134,17 @@ def scratch_tensors(nets: Mapping) -> list[TensorInfo]:
         key = (tuple(x.shape), "int32" if x.dtype == "int32" else "float32")
         needed[key] = max(needed.get(key, 0), count)
 
-    for net, name in (("embed", "input_ids"), ("embed_cache", "input_ids"), ("vision_embed", "pixel_values"),
-                      ("vision_embed", "aspect_ratio_ids"), ("vision_layer_0", "aspect_ratio_mask")):
+    n = Names
+    host_fed = ((net_name(Kind.EMBED), n.INPUT_IDS), (net_name(Kind.EMBED_CACHE), n.INPUT_IDS),
+                (net_name(Kind.VISION_EMBED), n.PIXEL_VALUES), (net_name(Kind.VISION_EMBED), n.ASPECT_RATIO_IDS),
+                (net_name(Kind.VISION_LAYER, 0), n.ASPECT_RATIO_MASK))
+    for net, name in host_fed:
         if net in nets:
             need(inputs(net)[name])
-    need(nets["greedy_head"].outputs[0])  # the token comes back
-    need(nets["lm_head"].outputs[0], 2)  # reading the logits to sample: a host mirror beside the buffer
-    prefill = next((n for n in sorted(nets) if n.startswith("block_") and not n.startswith("block_cache_")
-                    and "past_k" in inputs(n)), None)
+    need(nets[net_name(Kind.GREEDY_HEAD)].outputs[0])  # the token comes back
+    need(nets[net_name(Kind.LM_HEAD)].outputs[0], 2)  # reading the logits to sample: a host mirror beside the buffer
+    prefill = next((name for name in sorted(nets, key=lambda x: layer_of(x) or 0)
+                    if Kind.SELF_PREFILL in kinds_named(name) and n.PAST_K in inputs(name)), None)
     if prefill:  # a partial last chunk writes its K and V rows through scratch
         need(nets[prefill].outputs[1], 2)
     return [TensorInfo(f"{dtype} {list(shape)}", shape, dtype) for (shape, dtype), count in needed.items()
@@ -205,9 +204,9 @@ class MemoryPlan:
 
 
 def plan_for_bmodel(info) -> MemoryPlan:
-    """The plan of a bmodel read by lvb.compile.inspect.inspect_bmodel."""
-    missing = [n for n in ("vision_embed", "vision_head", "embed", "embed_cache", "lm_head", "greedy_head")
-               if n not in info.nets]
+    """The plan of a bmodel read by lvb.bmodel.inspect_bmodel."""
+    once = (Kind.VISION_EMBED, Kind.VISION_HEAD, Kind.EMBED, Kind.EMBED_CACHE, Kind.LM_HEAD, Kind.GREEDY_HEAD)
+    missing = [name for name in map(net_name, once) if name not in info.nets]
     if missing:
         raise EngineError(f"{info.path}: no net {missing[0]}; lvb's runtime plan needs a bmodel made by `lvb compile`")
     plan = MemoryPlan(info.device_weight_bytes, info.instruction_bytes,
@@ -245,7 +244,7 @@ def preflight(bmodel: Path, device_id: int = 0, toolchain=None) -> Preflight:
 
     notes: list[str] = []
     try:
-        from lvb.compile.inspect import inspect_bmodel
+        from lvb.bmodel import inspect_bmodel
         from lvb.toolchain import find_toolchain
 
         plan = plan_for_bmodel(inspect_bmodel(Path(bmodel), toolchain or find_toolchain()))

@@ -354,7 +354,7 @@ class _Runtime:
             self.dev.malloc(self.loaded, f"bmodel {path}")
             self.dev.model += self.loaded
             return
-        from lvb.compile.inspect import inspect_bmodel
+        from lvb.bmodel import inspect_bmodel
         from lvb.runtime.cmodel import CmodelEngine
         from lvb.toolchain import find_toolchain
 

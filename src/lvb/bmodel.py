@@ -1,8 +1,9 @@
-"""`lvb inspect BMODEL`: the nets, their tensors, their weights, what one decode step reads,
-and what a card must hold to run it (lvb.runtime.memory).
+"""A bmodel as the runtime will see it: the nets, their tensors, their weights, what one
+decode step reads, and each net's activation memory (`lvb inspect`, and the memory plan
+of lvb.runtime.memory before loading on a card).
 
-Read from tpu-mlir's own `model_tool --info`, `--weight` and `--print` (each net's
-activation memory, `ctx_size`), so it describes the file as the runtime will see it.
+Read from tpu-mlir's own `model_tool --info`, `--weight` and `--print` (`ctx_size`). It sits
+below the stages: compile, the runtime's preflight and the stand-in SDK all read bmodels.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ _RANGE = re.compile(r"\[0x(?P<begin>[0-9a-f]+), 0x(?P<end>[0-9a-f]+)\)")
 # The nets one generated token runs besides the embedding (which reads one row of its table).
 _DECODE_STEP = {Kind.SELF_DECODE, Kind.CROSS_DECODE, Kind.LM_HEAD, Kind.GREEDY_HEAD}
 _DEVICE = re.compile(r"device mem size: \d+ \(weight: (?P<weight>\d+), instruct: (?P<instruct>\d+), runtime: (?P<runtime>\d+)\)")
+# `--print` dumps the bmodel as text: a net's name at six spaces, then one ctx_size per stage.
+_PRINT_NET = re.compile(r'^ {6}name: "(?P<name>[^"]+)"')
 _CTX = re.compile(r"^\s*ctx_size: (\d+)")
 
 
@@ -50,7 +53,7 @@ class Net:
     inputs: list[Tensor] = field(default_factory=list)
     outputs: list[Tensor] = field(default_factory=list)
     weight_bytes: int = 0
-    neuron_bytes: int = 0  # activation memory of its (one) stage
+    neuron_bytes: int = 0  # activation memory: its largest stage's
 
 
 @dataclass
@@ -116,10 +119,10 @@ def inspect_bmodel(path: Path, toolchain: Toolchain) -> BmodelInfo:
             current.weight_bytes += int(r["end"], 16) - int(r["begin"], 16)
     if not nets:
         raise ToolchainError(f"{path}: model_tool found no nets; is it a bmodel?")
-    # One ctx_size per stage, in net order; lvb's nets are static, one stage each.
-    contexts = [int(m.group(1)) for line in _model_tool(toolchain, "--print", str(path)).splitlines()
-                if (m := _CTX.match(line))]
-    if len(contexts) == len(nets):
-        for net, size in zip(nets.values(), contexts):
-            net.neuron_bytes = size
+    current = None
+    for line in _model_tool(toolchain, "--print", str(path)).splitlines():
+        if m := _PRINT_NET.match(line):
+            current = nets.get(m["name"])
+        elif (m := _CTX.match(line)) and current is not None:
+            current.neuron_bytes = max(current.neuron_bytes, int(m[1]))
     return BmodelInfo(Path(path), chip, nets, device_weight, instructions)
