@@ -8,7 +8,7 @@
 #   MODEL=path/to/checkpoint ci/pipeline.sh
 #
 # Settings (environment): MODEL (required), WORK (default work/<model name>),
-# QUANT (int4), SEQ (512), CHUNK (128), BACKEND (sail), PICTURES (100, for a
+# QUANT (int4), SEQ (512), CHUNK (128, or SEQ when shorter), BACKEND (sail), PICTURES (100, for a
 # checkpoint that declares a task), LVB (the lvb command, default .venv/bin/lvb),
 # DEVICE (0: the card's device id, BACKEND=sail only).
 set -euo pipefail
@@ -17,7 +17,7 @@ set -euo pipefail
 WORK=${WORK:-work/$(basename "$MODEL")}
 QUANT=${QUANT:-int4}
 SEQ=${SEQ:-512}
-CHUNK=${CHUNK:-128}
+CHUNK=${CHUNK:-$(( SEQ < 128 ? SEQ : 128 ))}  # lvb refuses a chunk longer than the sequence
 BACKEND=${BACKEND:-sail}
 PICTURES=${PICTURES:-100}
 LVB=${LVB:-.venv/bin/lvb}

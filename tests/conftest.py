@@ -21,6 +21,13 @@ TOOLCHAIN_FIXTURES = {"compile_factory", "toy_pipeline"}
 FAST_GEOMETRY = "gqa2-cross-last"
 
 
+def pytest_configure(config):
+    # Every export of the session, in this process or a command it starts, splits the vision
+    # attention one head per group, as the 11B's is split (a fixture's scores are a few KB, far
+    # below the default budget): transformers parity and the simulator cover the split graph.
+    os.environ["LVB_SCORES_BYTES_PER_GROUP"] = "1"
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if TOOLCHAIN_FIXTURES & set(getattr(item, "fixturenames", ())):
@@ -52,9 +59,8 @@ def checkpoint(request, checkpoint_factory):
 def export_factory(tmp_path_factory, checkpoint_factory):
     """name -> work directory holding that checkpoint's export (made once per session).
 
-    The vision attention is exported one head at a time, as the 11B's is (a fixture's scores
-    are a few KB, far below lvb.patches.SCORES_BYTES_PER_GROUP): every test on these exports,
-    transformers parity and the simulator included, covers the graph split by heads."""
+    Like every export of the session, it splits the vision attention one head per group
+    (pytest_configure)."""
     from lvb.export.exporter import export
 
     done: dict[str, object] = {}
@@ -62,9 +68,7 @@ def export_factory(tmp_path_factory, checkpoint_factory):
     def make(name: str):
         if name not in done:
             work = tmp_path_factory.mktemp(f"work-{name}")
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setattr("lvb.patches.SCORES_BYTES_PER_GROUP", 1)
-                export(checkpoint_factory(name), work, seq=SEQ, chunks=chunks_of(name))
+            export(checkpoint_factory(name), work, seq=SEQ, chunks=chunks_of(name))
             done[name] = work
         return done[name]
 

@@ -1,5 +1,6 @@
 """What several test files share: the compiled shapes of the fixtures, the CLI's
-one-line errors, a way to break an exported net, and how to compare compiled bmodels."""
+one-line errors, a way to break an exported net (and make the export believe in it), and how to
+compare compiled bmodels."""
 
 from __future__ import annotations
 
@@ -26,12 +27,12 @@ def chunks_of(name: str) -> tuple[int, ...]:
 runner = CliRunner()
 
 
-def one_error_line(args: list[str]) -> str:
-    """Run `lvb ARGS`, which must fail with exit 1 and exactly one `error:` line and no
-    traceback; returns the whole output."""
+def one_error_line(args: list) -> str:
+    """Run `lvb ARGS` (paths and numbers taken as text), which must fail with exit 1 and
+    exactly one `error:` line and no traceback; returns the whole output."""
     from lvb.cli import app
 
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, [str(arg) for arg in args])
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
     assert sum(line.startswith("error:") for line in result.output.splitlines()) == 1, result.output
@@ -69,3 +70,16 @@ def bmodel_digest(path: Path) -> str:
 def manifest(bmodel: Path) -> dict:
     """The compile manifest of a combined bmodel."""
     return json.loads((bmodel.parent / "compile" / f"{bmodel.stem}.json").read_text())
+
+
+def record_as_exported(work: Path, net: str) -> None:
+    """Record a changed net folder's files in the export manifest, as if the export had written
+    them: a wrong net the later stages trust (an unrecorded change is refused up front)."""
+    import json
+
+    from lvb.workdir import WorkDir, record_file
+
+    directory = WorkDir(work)
+    manifest = json.loads(directory.export_manifest.read_text())
+    manifest["nets"][net]["files"] = {p.name: record_file(p) for p in sorted(directory.net_dir(net).iterdir())}
+    directory.export_manifest.write_text(json.dumps(manifest))

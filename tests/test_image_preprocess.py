@@ -137,10 +137,10 @@ def color_keyed(mode):
 
 
 def high_bit_depth(mode):
+    """8-bit content (and some negatives, which Pillow clips) in a wide mode: lvb leaves it
+    to Pillow, as transformers does. Wider content is scaled (test_wide_pictures_are_scaled)."""
     rng = np.random.default_rng(4)
-    values = rng.integers(-40, 400, (120, 160))  # partly outside 0..255: Pillow clips
-    if mode == "I;16":
-        return Image.fromarray(np.clip(values, 0, None).astype(np.uint16))
+    values = rng.integers(-40, 255, (120, 160))
     if mode == "I":
         return Image.fromarray(values.astype(np.int32))
     return Image.fromarray(values.astype(np.float32) + 0.25)
@@ -159,7 +159,6 @@ IMAGES = {
     "p_transparent": lambda tile: palette(transparent=True),
     "rgb_color_key": lambda tile: color_keyed("RGB"),
     "l_color_key": lambda tile: color_keyed("L"),
-    "i16": lambda tile: high_bit_depth("I;16"),
     "i32": lambda tile: high_bit_depth("I"),
     "float32": lambda tile: high_bit_depth("F"),
     "cmyk": lambda tile: Image.fromarray(noisy_rgb(200, 300, seed=7)).convert("CMYK"),
@@ -320,3 +319,16 @@ def test_load_image_keeps_mode_and_alpha():
     logo = lvb.load_image(SKIMAGE_DATA / "logo.png")
     assert logo.mode == "RGBA"
     assert ImageOps.exif_transpose(Image.open(SKIMAGE_DATA / "logo.png")).tobytes() == logo.tobytes()
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_wide_pictures_are_scaled_to_8_bits_with_a_note(mode):
+    """transformers clips a 16-bit picture at 255 (almost all white); lvb scales it and says so."""
+    config = lvb.ImageProcessorConfig.from_dict({"size": {"height": 28, "width": 28}, "max_image_tiles": 2})
+    values = np.random.default_rng(5).integers(0, 65536, (40, 50))
+    wide = Image.fromarray(values.astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]))
+    assert wide.mode == mode
+    eight = Image.fromarray(np.round(values * 255 / 65535).astype(np.uint8), "L")
+    got, expected = lvb.preprocess(wide, config), lvb.preprocess(eight, config)
+    np.testing.assert_array_equal(got.pixel_values, expected.pixel_values)
+    assert len(got.notes) == 1 and "scaled" in got.notes[0] and not expected.notes

@@ -6,7 +6,7 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from helpers import scale_weights
+from helpers import record_as_exported, scale_weights
 from lvb.cli import app
 
 runner = CliRunner()
@@ -25,6 +25,11 @@ def test_onnxruntime_verify_passes_and_writes_reports(export_factory, checkpoint
     assert "<svg" in html and "block_cache_4" in html and "http" not in html.replace("http://www.w3.org/2000/svg", "")
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "cached" in again.output
+    # A damaged report (what a kill mid-write used to leave) is not trusted: verified again.
+    path = work / "verify" / "onnxruntime" / "report.json"
+    path.write_text(path.read_text()[:100])
+    third = runner.invoke(app, args)
+    assert third.exit_code == 0 and "cached" not in third.output and json.loads(path.read_text())["ok"]
 
 
 @pytest.mark.slow  # every net through PyTorch again, and transformers' generate
@@ -34,6 +39,7 @@ def test_every_miss_is_listed(export_factory, checkpoint_factory, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(export_factory("gqa2-cross-last") / "export", work / "export")
     scale_weights(work / "export" / "block_cache_0" / "block_cache_0.onnx")
+    record_as_exported(work, "block_cache_0")  # a damaged file is refused before any check: test_hostile
     result = runner.invoke(app, ["verify", "--model", str(model), "--work", str(work), "--backend", "onnxruntime"])
     assert result.exit_code == 1
     assert "block_cache_0: PyTorch vs onnxruntime cosine" in result.output

@@ -15,8 +15,8 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 import lvb
 from lvb.check import CheckMode
@@ -42,10 +42,58 @@ ToolchainOption = Annotated[
 RevisionOption = Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit of a Hugging Face repo id (default: main).")]
 
 
-def fail(message: str) -> typer.Exit:
+def say(where: Console, label: str, style: str, message: object) -> None:
+    """A labelled line whose message is never read as Rich markup: messages carry paths,
+    tool output, exception text and model output, any of which may hold [brackets]."""
+    where.print(Text.assemble((label, style), " ", str(message)), highlight=False, soft_wrap=True)
+
+
+def fail(message: object) -> typer.Exit:
     """Print one line naming the problem and its fix; the caller raises the result."""
-    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # messages quote paths and input
+    say(errors, "error:", "bold red", " ".join(str(message).splitlines()))
     return typer.Exit(code=1)
+
+
+def plain(value: object) -> Text:
+    """A table cell or title taken literally (Rich parses plain strings as markup)."""
+    return Text(str(value))
+
+
+def at_least(low: int):
+    """An option callback refusing a count below `low` before any work starts (Typer's own
+    min= would exit 2 with a usage box; lvb's bad input is one `error:` line and exit 1)."""
+
+    def check(param: typer.CallbackParam, value: Optional[int]) -> Optional[int]:
+        if value is not None and value < low:
+            raise fail(f"{param.opts[0]} {value} is out of range: it must be {low} or more")
+        return value
+
+    return check
+
+
+def in_range(low: int, high: int):
+    """An option callback refusing a number outside low..high before any work starts."""
+
+    def check(param: typer.CallbackParam, value: Optional[int]) -> Optional[int]:
+        if value is not None and not low <= value <= high:
+            raise fail(f"{param.opts[0]} {value} is out of range: it must be {low} to {high}")
+        return value
+
+    return check
+
+
+def chunk_list(param: typer.CallbackParam, value: str) -> str:
+    """An option callback refusing a --chunk that is not a list of sizes of 1 or more before any
+    work starts; sizes above --seq are refused by the export, which knows the sequence."""
+    if not value:
+        return value
+    try:
+        sizes = [int(c) for c in value.split(",")]
+    except ValueError:
+        raise fail(f"{param.opts[0]} {value}: give one size or a comma-separated list of sizes, such as 16,32,64,128") from None
+    if min(sizes) < 1:
+        raise fail(f"{param.opts[0]} {value} is out of range: every size must be 1 or more")
+    return value
 
 
 def _version(value: bool) -> None:
@@ -76,12 +124,12 @@ def doctor(toolchain: ToolchainOption = None) -> None:
     for name in names:
         table.add_column(name)
     for package in ("python", "torch", "transformers", "onnx", "onnxruntime", "tpu_mlir"):
-        table.add_row(package, *[report.environments[n].get(package) or "-" for n in names])
+        table.add_row(*map(plain, [package, *[report.environments[n].get(package) or "-" for n in names]]))
     console.print(table)
     if report.toolchain:
-        console.print(f"toolchain: {report.toolchain.bin_dir} (found via {report.toolchain.source})")
+        console.print(Text(f"toolchain: {report.toolchain.bin_dir} (found via {report.toolchain.source})"))
     for problem in report.problems:
-        errors.print(f"[bold red]✗[/] {problem}", highlight=False, soft_wrap=True)
+        say(errors, "✗", "bold red", problem)
     if not report.ok:
         raise typer.Exit(code=1)
     console.print(
@@ -95,7 +143,7 @@ def _progress():
 
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[detail]}"), console=console, transient=False,
+        TextColumn("{task.fields[detail]}", markup=False), console=console, transient=False,
     )
 
 
@@ -104,24 +152,25 @@ def export(
     model: Annotated[str, typer.Option("--model", help="Checkpoint folder (config.json, safetensors, tokenizer) or Hugging Face repo id.")],
     out: Annotated[Path, typer.Option("--out", help="Work directory; the nets go to OUT/export.")],
     revision: RevisionOption = None,
-    seq: Annotated[int, typer.Option(help="Sequence length the KV cache holds (prompt + answer, all turns).")] = DEFAULT_SEQ,
+    seq: Annotated[int, typer.Option(help="Sequence length the KV cache holds (prompt + answer, all turns).", callback=at_least(1))] = DEFAULT_SEQ,
     chunk: Annotated[str, typer.Option(
-        help="Tokens per prefill call, at most --seq; a list such as 16,32,64,128 gives the prefill nets one stage "
-             "per size, and a turn is prefilled with the smallest that holds it.")] = ",".join(map(str, DEFAULT_CHUNKS)),
+        help=f"Tokens per prefill call, 1 to --seq (default: {','.join(map(str, DEFAULT_CHUNKS))}, capped at --seq); a list "
+             "such as 16,32,64,128 gives the prefill nets one stage per size, and a turn is prefilled with the smallest "
+             "that holds it.", callback=chunk_list, show_default=False)] = "",
 ) -> None:
     """Export every part to ONNX (opset 17), one layer at a time, each checked against PyTorch."""
     from lvb.hub import resolve_model
+    from lvb.runtime.pipeline import Checkpoint
 
     try:
         source = resolve_model(model, revision, weights=True)
+        # The small files as the runtime will read them (a processor config that disagrees with
+        # config.json, damaged JSON) fail now, not after an hour of export.
+        Checkpoint.load(source.directory)
     except LvbError as e:
         raise fail(str(e))
     from lvb.export.exporter import export as run_export  # torch: only once the checkpoint is there
-
-    try:
-        chunks = [int(c) for c in chunk.split(",")]
-    except ValueError:
-        raise fail(f"--chunk {chunk}: give one size or a comma-separated list of sizes, such as 16,32,64,128") from None
+    chunks = [int(c) for c in chunk.split(",")] if chunk else None  # None: the default sizes, capped at --seq
 
     with _progress() as progress:
         task = progress.add_task("exporting", total=None, detail="")
@@ -130,25 +179,24 @@ def export(
             progress.update(task, completed=done, total=total, detail=net)
 
         try:
-            manifest = run_export(source.directory, out, seq=seq, chunks=chunks, progress=report, source=source.to_json())
+            manifest = run_export(source.directory, out, seq=seq, chunks=chunks, progress=report, source=source.to_json(),
+                                  notify=lambda message: say(progress.console, "note:", "yellow", message))
         except LvbError as e:
             raise fail(str(e))
     nets = manifest["nets"]
     worst = min(nets.values(), key=lambda n: n["check"]["cosine"])
-    console.print(
-        f"[bold green]✓[/] {len(nets)} nets in {out / 'export'}; worst onnxruntime-vs-PyTorch cosine "
-        f"{worst['check']['cosine']:.6f} ({worst['name']})"
-    )
+    say(console, "✓", "bold green", f"{len(nets)} nets in {out / 'export'}; worst onnxruntime-vs-PyTorch cosine "
+        f"{worst['check']['cosine']:.6f} ({worst['name']})")
 
 
 @app.command(name="compile")
 def compile_(
     work: Annotated[Path, typer.Option("--work", help="Work directory of `lvb export`.")],
     quant: Annotated[str, typer.Option(help="Decoder blocks: int4 (W4BF16), int8 (W8BF16) or bf16.")] = "int4",
-    seq: Annotated[Optional[int], typer.Option(help="Must match the export (default: the export's).")] = None,
-    group_size: Annotated[int, typer.Option(help="INT4/INT8 weights share one scale per this many inputs.")] = DEFAULT_GROUP_SIZE,
+    seq: Annotated[Optional[int], typer.Option(help="Must match the export (default: the export's).", callback=at_least(1))] = None,
+    group_size: Annotated[int, typer.Option(help="INT4/INT8 weights share one scale per this many inputs.", callback=at_least(1))] = DEFAULT_GROUP_SIZE,
     chip: Annotated[str, typer.Option(help="Target chip.")] = "bm1684x",
-    jobs: Annotated[Optional[int], typer.Option(help="Parallel compile jobs (default: from cores and free memory).")] = None,
+    jobs: Annotated[Optional[int], typer.Option(help="Parallel compile jobs (default: from cores and free memory).", callback=at_least(1))] = None,
     vision_quant: Annotated[str, typer.Option(help="Vision tower: bf16, int8 or int4.")] = "bf16",
     embed_quant: Annotated[str, typer.Option(help="Embedding: bf16, int8 or int4.")] = "bf16",
     head_quant: Annotated[str, typer.Option(help="LM head: bf16, int8 or int4.")] = "bf16",
@@ -177,6 +225,7 @@ def compile_(
         compiler = Compiler(work, settings, find_toolchain(toolchain), seq=seq)
         with _progress() as progress:
             task = progress.add_task("compiling", total=len(compiler.jobs), detail="")
+            compiler.notify = lambda message: say(progress.console, "note:", "yellow", message)
 
             def report(done: int, total: int, running: list[str]) -> None:
                 progress.update(task, completed=done, detail=", ".join(running))
@@ -195,9 +244,9 @@ def compile_(
     except LvbError as e:
         raise fail(str(e))
     retried = [f"{name} {' '.join(r['options'])}" for name, r in manifest["nets"].items() if r["options"]]
-    console.print(f"[bold green]✓[/] {work / manifest['bmodel']}")
+    say(console, "✓", "bold green", work / manifest["bmodel"])
     if retried:
-        console.print(f"  compiled with safer options: {', '.join(retried)}")
+        console.print(Text(f"  compiled with safer options: {', '.join(retried)}"))
 
 
 @app.command()
@@ -205,7 +254,8 @@ def inspect(
     bmodel: Annotated[Path, typer.Argument(help="A bmodel made by `lvb compile`.")],
     toolchain: ToolchainOption = None,
     device: Annotated[Optional[int], typer.Option(help="Also check the plan against this device's free memory "
-                                                       "(sophon.sail); exit 1 when it does not fit.")] = None,
+                                                       "(sophon.sail; a device id, 0 or more); exit 1 when it does not fit.",
+                                                  callback=at_least(0))] = None,
 ) -> None:
     """List a bmodel's nets, their tensors and weights, the bytes one decode step reads, and the
     device memory lvb's runtime needs for it."""
@@ -216,12 +266,12 @@ def inspect(
         info = inspect_bmodel(bmodel, find_toolchain(toolchain))
     except LvbError as e:
         raise fail(str(e))
-    table = Table(title=f"{bmodel.name} ({info.chip})")
+    table = Table(title=plain(f"{bmodel.name} ({info.chip})"))
     for column in ("net", "inputs", "outputs", "weights"):
         table.add_column(column)
     describe = lambda ts: "\n".join(f"{t.name} {list(t.shape)} {t.dtype}" for t in ts)  # noqa: E731
     for net in info.nets.values():
-        table.add_row(net.name, describe(net.inputs), describe(net.outputs), _bytes(net.weight_bytes))
+        table.add_row(*map(plain, (net.name, describe(net.inputs), describe(net.outputs), _bytes(net.weight_bytes))))
     console.print(table)
     step = info.decode_step()
     console.print(
@@ -298,8 +348,7 @@ def pack(
         raise fail(str(e))
     size = sum(entry["size"] for entry in package.manifest["files"].values())
     what = package.manifest["bmodel"] or "ONNX nets only"
-    console.print(f"[bold green]✓[/] {escape(str(out))}: {escape(what)}, {len(package.manifest['files'])} files, {_bytes(size)}",
-                  highlight=False)
+    say(console, "✓", "bold green", f"{out}: {what}, {len(package.manifest['files'])} files, {_bytes(size)}")
     if tar:
         console.print(str(tar_path(out)), markup=False, highlight=False)
 
@@ -335,11 +384,10 @@ def runtime_inputs(model: Optional[str], revision: Optional[str], bmodel: Option
 
 def _print_stats(reply) -> None:
     s = reply.stats
-    errors.print(
-        f"[dim]first token {s.first_token_seconds:.3f} s · prompt {s.prompt_tokens} tokens ({s.prefilled_tokens} prefilled) · "
-        f"{s.generated_tokens} generated · {s.tokens_per_second:.2f} tokens/s · {reply.stop_reason}[/]",
-        highlight=False,
-    )
+    errors.print(Text(
+        f"first token {s.first_token_seconds:.3f} s · prompt {s.prompt_tokens} tokens ({s.prefilled_tokens} prefilled) · "
+        f"{s.generated_tokens} generated · {s.tokens_per_second:.2f} tokens/s · {reply.stop_reason}",
+        style="dim"), highlight=False)
 
 
 ModelOption = Annotated[str, typer.Option("--model", help="Checkpoint folder or Hugging Face repo id (org/name).")]
@@ -349,7 +397,7 @@ BmodelOption = Annotated[Optional[Path], typer.Option("--bmodel", help="Combined
 OnnxOption = Annotated[Optional[Path], typer.Option("--onnx", help="Work directory of `lvb export` (onnxruntime backend).")]
 BackendOption = Annotated[Optional[str], typer.Option(help="sail (device), cmodel (simulator) or onnxruntime; default: sail for a bmodel where sophon.sail imports, else onnxruntime when there are ONNX nets, else cmodel.")]
 SampleOption = Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Sample or take the most likely token (default: the checkpoint's generation_config).")]
-MaxNewTokensOption = Annotated[Optional[int], typer.Option(help="Stop an answer after this many tokens.")]
+MaxNewTokensOption = Annotated[Optional[int], typer.Option(help="Stop an answer after this many tokens, 1 or more (default: at a stop token or when the sequence is full).", callback=at_least(1))]
 TemperatureOption = Annotated[Optional[float], typer.Option(help="Divide the logits by this when sampling.")]
 TopKOption = Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens (0: all).")]
 TopPOption = Annotated[Optional[float], typer.Option(help="Sample among the most likely tokens that hold this much probability.")]
@@ -382,7 +430,9 @@ class ChatOptions:
         from lvb.toolchain import find_toolchain
 
         model, bmodel, onnx = runtime_inputs(self.model, self.revision, self.bmodel, self.onnx, self.package)
+        # The small files and every option first: no engine is loaded for a run that cannot go ahead.
         checkpoint = Checkpoint.load(model)
+        self.sampling(checkpoint)
         backend = self.backend or default_backend(bmodel, onnx)
         engine = open_engine(backend, bmodel=bmodel, onnx_work=onnx,
                              toolchain=find_toolchain(self.toolchain) if backend == "cmodel" else None)
@@ -441,7 +491,7 @@ def run(
     except LvbError as e:
         raise fail(str(e))
     for notice in reply.notices:
-        errors.print(f"[yellow]note:[/] {notice}", highlight=False)
+        say(errors, "note:", "yellow", notice)
     if stats:
         _print_stats(reply)
 
@@ -462,7 +512,7 @@ def chat(
         sampling = options.sampling(session.checkpoint)
     except LvbError as e:
         raise fail(str(e))
-    console.print(f"[dim]{session.engine.backend} · seq {session.seq} · {CHAT_HELP}[/]")
+    console.print(Text(f"{session.engine.backend} · seq {session.seq} · {CHAT_HELP}", style="dim"))
     pending_image = image
     with session.engine:
         while True:
@@ -477,14 +527,14 @@ def chat(
                 return
             if line == "/reset":
                 session.reset()
-                console.print("[dim]new chat[/]")
+                console.print(Text("new chat", style="dim"))
                 continue
             if line.startswith("/image"):
                 pending_image = Path(line[len("/image"):].strip()) if line[len("/image"):].strip() else None
-                console.print(f"[dim]next message comes with {pending_image}[/]" if pending_image else f"[dim]{CHAT_HELP}[/]")
+                console.print(Text(f"next message comes with {pending_image}" if pending_image else CHAT_HELP, style="dim"))
                 continue
             if line.startswith("/"):
-                console.print(f"[dim]{CHAT_HELP}[/]")
+                console.print(Text(CHAT_HELP, style="dim"))
                 continue
             console.print("[bold magenta]lvb>[/] ", end="")
             try:
@@ -492,13 +542,13 @@ def chat(
                                     on_text=lambda piece: console.print(piece, end="", markup=False, highlight=False))
             except LvbError as e:
                 console.print()
-                errors.print(f"[bold red]error:[/] {e}", highlight=False)
+                say(errors, "error:", "bold red", " ".join(str(e).splitlines()))
                 continue
             finally:
                 pending_image = None
             console.print()
             for notice in reply.notices:
-                errors.print(f"[yellow]note:[/] {notice}", highlight=False)
+                say(errors, "note:", "yellow", notice)
             _print_stats(reply)
 
 
@@ -511,8 +561,9 @@ def serve(
     onnx: OnnxOption = None,
     backend: BackendOption = None,
     host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback exposes the model to the network.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    max_queue: Annotated[int, typer.Option(help="Requests that may wait for the engine; beyond them the answer is 429.")] = 16,
+    port: Annotated[int, typer.Option(help="TCP port, 1 to 65535.", callback=in_range(1, 65535))] = 8000,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for the engine, 0 or more; beyond them the answer is 429.",
+                                           callback=at_least(0))] = 16,
     api_key: Annotated[Optional[str], typer.Option(envvar="LVB_API_KEY", show_envvar=True,
                                                    help="Require `Authorization: Bearer KEY` on every endpoint but /health and the page.")] = None,
     toolchain: ToolchainOption = None,
@@ -525,8 +576,6 @@ def serve(
         from lvb.serve.worker import Worker
     except ImportError as e:
         raise fail(f"lvb serve needs the serve extra ({e.name} is missing): pip install 'lvb[serve]'")
-    if max_queue < 0:
-        raise fail(f"--max-queue must be 0 or more, got {max_queue}")
     try:
         session = ChatOptions(model=model, revision=revision, package=package, bmodel=bmodel, onnx=onnx,
                               backend=backend, toolchain=toolchain).open_session()
@@ -535,14 +584,11 @@ def serve(
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from rich.markup import escape
-
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        errors.print(f"[yellow]note:[/] listening on {escape(host)} without --api-key: anyone who reaches it can use the model",
-                     highlight=False)
+        say(errors, "note:", "yellow", f"listening on {host} without --api-key: anyone who reaches it can use the model")
     worker = Worker(session, max_queue=max_queue)
     name = session.checkpoint.directory.name
-    console.print(f"[dim]{session.engine.backend} · seq {session.seq} · model {escape(name)} · http://{escape(host)}:{port}/[/]",
+    console.print(Text(f"{session.engine.backend} · seq {session.seq} · model {name} · http://{host}:{port}/", style="dim"),
                   highlight=False)
     try:
         uvicorn.run(create_app(worker, name, api_key=api_key), host=host, port=port, log_level="info")
@@ -557,7 +603,7 @@ def verify(
     work: Annotated[Path, typer.Option("--work", help="Work directory of `lvb export` and `lvb compile`.")],
     quant: Annotated[str, typer.Option(help="Which compiled bmodel to check: int4, int8 or bf16.")] = "int4",
     backend: Annotated[str, typer.Option(help="cmodel (simulator), sail (device) or onnxruntime (the ONNX nets only).")] = "cmodel",
-    pictures: Annotated[int, typer.Option(help="Fresh pictures for the task accuracy, when the checkpoint has a task.")] = 100,
+    pictures: Annotated[int, typer.Option(help="Fresh pictures for the task accuracy, when the checkpoint has a task (1 or more).", callback=at_least(1))] = 100,
     revision: RevisionOption = None,
     toolchain: ToolchainOption = None,
 ) -> None:
@@ -575,29 +621,29 @@ def verify(
                               progress=lambda what, i, t: progress.update(task, completed=i, total=t, detail=what))
     except LvbError as e:
         raise fail(str(e))
-    table = Table(title=f"per net: cosine similarity ({data['backend']}{', ' + data['bmodel'] if data['bmodel'] else ''})")
+    table = Table(title=plain(f"per net: cosine similarity ({data['backend']}{', ' + data['bmodel'] if data['bmodel'] else ''})"))
     for column in ("net", "quant", "compile check", "PyTorch vs ORT", "ORT vs bmodel", "bmodel vs fp32"):
         table.add_column(column)
     fmt = lambda v: "-" if v is None else f"{v:.6f}"  # noqa: E731
     for part in data["parts"]:
         style = "red" if part["misses"] else None
-        table.add_row(part["net"], part["quant"] or "-", part.get("compile_check") or "-", fmt(part["torch_vs_onnx"]),
-                      fmt(part["onnx_vs_bmodel"]),
-                      fmt(part["bmodel_vs_fp32"]), style=style)
+        table.add_row(*map(plain, (part["net"], part["quant"] or "-", part.get("compile_check") or "-",
+                                   fmt(part["torch_vs_onnx"]), fmt(part["onnx_vs_bmodel"]), fmt(part["bmodel_vs_fp32"]))),
+                      style=style)
     console.print(table)
     answers = Table(title=f"answers vs transformers' generate: agreement {data['agreement']:.2f} (needs {data['min_agreement']})")
     for column in ("prompt", "agreement", "answer"):
         answers.add_column(column)
     for answer in data["answers"]:
-        answers.add_row(answer["name"], fmt(answer["agreement"]), answer["text"][:60])
+        answers.add_row(*map(plain, (answer["name"], fmt(answer["agreement"]), answer["text"][:60])))
     console.print(answers)
     if data["task"]:
         t = data["task"]
         console.print(f"task accuracy: {t['correct']}/{t['pictures']} = {t['accuracy']:.1%} (needs {t['min_accuracy']:.0%})")
-    console.print(f"reports: {data['directory']}/report.json, report.html{' (cached: nothing changed)' if data.get('cached') else ''}")
+    console.print(Text(f"reports: {data['directory']}/report.json, report.html{' (cached: nothing changed)' if data.get('cached') else ''}"))
     if data["misses"]:
         for miss in data["misses"]:
-            errors.print(f"[bold red]✗[/] {miss}", highlight=False, soft_wrap=True)
+            say(errors, "✗", "bold red", miss)
         raise typer.Exit(code=1)
     console.print("[bold green]✓ lvb verify: every threshold met[/]")
 

@@ -76,6 +76,8 @@ def resolve_model(value: str | Path, revision: str | None = None, weights: bool 
         if revision is not None:
             raise HubError(f"--revision applies to a Hugging Face repo id, and {value} is a folder; drop --revision")
         directory = Path(value).expanduser()
+        if directory.exists() and not directory.is_dir():
+            raise HubError(f"--model {value} is a file, not a folder; pass the folder that holds config.json or a repo id")
         if not directory.is_dir():
             raise HubError(f"{value}: no such folder, and not a Hugging Face repo id (org/name); "
                            "pass the folder that holds config.json or a repo id")

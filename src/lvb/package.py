@@ -112,6 +112,24 @@ def _copy(source: Path, target: Path, done: int, total: int, progress: Progress 
     return {"size": target.stat().st_size, "sha256": digest.hexdigest()}, done
 
 
+def _package_export_manifest(export: dict, files: dict, tmp: Path) -> dict:
+    """The export manifest as the package holds it: each net's file records are those of the
+    copies (the runtime checks them before it loads a net), check.npz left out; returns its
+    package-manifest entry."""
+    nets = {}
+    for name, entry in export["nets"].items():
+        copied = {}
+        for file in entry.get("files", {}):
+            relative = f"{EXPORT}/{name}/{file}"
+            if relative in files:
+                stat = (tmp / relative).stat()
+                copied[file] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": files[relative]["sha256"]}
+        nets[name] = entry | {"files": copied}
+    data = json.dumps(export | {"nets": nets}, indent=1).encode()
+    (tmp / EXPORT / "manifest.json").write_bytes(data)
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def pack(work: Path, out: Path, quant: str | None = None, checkpoint: Path | None = None, onnx: bool = False,
          tar: bool = False, progress: Progress | None = None) -> Package:
     """Write the package of work directory `work` to `out` (replacing an older package there).
@@ -137,7 +155,6 @@ def pack(work: Path, out: Path, quant: str | None = None, checkpoint: Path | Non
     if compiled:
         sources[compiled["bmodel"]] = work / compiled["bmodel"]
     if onnx:
-        sources[f"{EXPORT}/manifest.json"] = work / "export" / "manifest.json"
         for entry in export["nets"].values():
             net_dir = (work / "export" / entry["file"]).parent
             for path in sorted(net_dir.iterdir()):
@@ -151,6 +168,8 @@ def pack(work: Path, out: Path, quant: str | None = None, checkpoint: Path | Non
         total = sum(p.stat().st_size for p in sources.values())
         for relative, source in sources.items():
             files[relative], done = _copy(source, tmp / relative, done, total, progress)
+        if onnx:
+            files[f"{EXPORT}/manifest.json"] = _package_export_manifest(export, files, tmp)
         manifest = {
             "format": FORMAT,
             "model": {"name": export.get("model", {}).get("name", checkpoint.name),

@@ -264,6 +264,8 @@ class ModelSpec:
 
 def read_config(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / "config.json"
+    if Path(model_dir).exists() and not Path(model_dir).is_dir():
+        raise SpecError(f"{model_dir} is a file, not a folder; pass the folder that holds the checkpoint's config.json")
     if not Path(model_dir).is_dir():
         raise SpecError(f"{model_dir}: no such directory; pass the folder that holds the checkpoint's config.json")
     if not path.is_file():

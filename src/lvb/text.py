@@ -13,6 +13,7 @@ tokenizers only:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -258,6 +259,32 @@ class ChatTemplate:
         source, origin = find_chat_template(model_dir)
         return cls(source, special_tokens_map(model_dir), origin=origin)
 
+    def render_with_spans(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                          now: datetime | None = None, **variables: Any) -> tuple[str, list[tuple[int, int]]]:
+        """The prompt, and where in it the messages' own texts landed ([start, end) spans):
+        text that came from a user (or a model's answer), not from the template. Found by
+        rendering again with a marker in place of each text; the template may pass a text on
+        as it is or trimmed (Llama's trims), anything else is refused. Both renders see the
+        same `now`, so a date in the template cannot differ between them."""
+        now = now or datetime.now()
+        prompt = self.render(messages, add_generation_prompt, now=now, **variables)
+        texts = _message_texts(messages)
+        if not texts:
+            return prompt, []
+        markers = [f"\ue000{i}\ue001" for i in range(len(texts))]
+        marked = self.render(_with_texts(messages, markers), add_generation_prompt, now=now, **variables)
+        pieces = re.split("\ue000(\\d+)\ue001", marked)  # template text, marker index, template text, ...
+        for shape in (lambda t: t, str.strip):
+            spans, rebuilt = [], pieces[0]
+            for index, after in zip(pieces[1::2], pieces[2::2]):
+                text = shape(texts[int(index)])
+                spans.append((len(rebuilt), len(rebuilt) + len(text)))
+                rebuilt += text + after
+            if rebuilt == prompt:
+                return prompt, spans
+        raise TextError(f"the chat template ({self.origin}) changes message text in a way lvb cannot follow, so it "
+                        "cannot keep typed control tokens out of the prompt; use a template that passes text on as it is")
+
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                now: datetime | None = None, **variables: Any) -> str:
         """The prompt text; ``variables`` are extra template variables (e.g. ``date_string``);
@@ -278,6 +305,36 @@ class ChatTemplate:
             raise TextError(f"the chat template ({self.origin}) rejected the chat: {_one_line(e)}") from None
         except Exception as e:  # a template bug such as "a" + 1
             raise TextError(f"the chat template ({self.origin}) failed: {type(e).__name__}: {_one_line(e)}") from None
+
+
+def _message_texts(messages: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every text a message carries (string content or text blocks), in order."""
+    texts = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts += [b["text"] for b in content if isinstance(b, Mapping) and b.get("type") == "text" and isinstance(b.get("text"), str)]
+    return texts
+
+
+def _with_texts(messages: Sequence[Mapping[str, Any]], texts: Iterable[str]) -> list[dict]:
+    """The messages with their texts replaced, in _message_texts' order."""
+    texts = iter(texts)
+    out = []
+    for message in messages:
+        message = dict(message)
+        content = message.get("content")
+        if isinstance(content, str):
+            message["content"] = next(texts)
+        elif isinstance(content, list):
+            message["content"] = [
+                {**b, "text": next(texts)} if isinstance(b, Mapping) and b.get("type") == "text" and isinstance(b.get("text"), str) else b
+                for b in content
+            ]
+        out.append(message)
+    return out
 
 
 def _one_line(error: Exception) -> str:
@@ -332,6 +389,8 @@ class Tokenizer:
         )
         # Number of ids the tokenizer knows, added tokens included (len(tokenizer) in transformers).
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+        specials = sorted((t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special), key=len, reverse=True)
+        self._specials = re.compile("|".join(map(re.escape, specials))) if specials else None
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
@@ -391,7 +450,14 @@ class Tokenizer:
             raise TextError(f"token {token!r} is not in the tokenizer's vocabulary")
         return token_id
 
-    def encode_prompt(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+    def encode_chat(self, template: ChatTemplate, messages: Sequence[Mapping[str, Any]],
+                    add_generation_prompt: bool = True, now: datetime | None = None) -> list[int]:
+        """A chat's input_ids, with the messages' own texts never read as control tokens."""
+        prompt, spans = template.render_with_spans(messages, add_generation_prompt, now=now)
+        return self.encode_prompt(prompt, untrusted=spans)
+
+    def encode_prompt(self, text: str, add_special_tokens: bool | None = None,
+                      untrusted: Sequence[tuple[int, int]] = ()) -> list[int]:
         """The processor's input_ids for ``text`` (no images needed, only their placeholders).
 
         By default this is ``processor(text=text)`` except that a text starting with bos
@@ -399,11 +465,54 @@ class Tokenizer:
         ``processor.apply_chat_template(..., tokenize=True)`` does. As in transformers, a
         text without bos gets one inserted (after leading image tokens), and then, for a
         tokenizer.json whose post-processor adds bos (Llama 3's), a second one in front.
+
+        ``untrusted`` spans of ``text`` (a user's message, a model's answer) are tokenized as
+        plain text: a typed ``<|image|>`` or ``<|eot_id|><|start_header_id|>`` stays characters,
+        as in llama.cpp with parse_special off. Here lvb departs from transformers, whose
+        processor makes them control tokens (a second image, a forged turn). A text without
+        control-token strings in those spans is tokenized exactly as transformers does.
         """
         if add_special_tokens is None:
             add_special_tokens = not text.startswith(self.bos_token)
+        original = len(text)
         text = build_string_from_input(text, self.bos_token, self.image_token)
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        if len(text) != original:  # bos went in after the leading image tokens, before any span
+            untrusted = [(a + len(self.bos_token), b + len(self.bos_token)) for a, b in untrusted]
+        forged = self._forged(text, untrusted)
+        if not forged:
+            return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        return self._encode_without(text, forged, add_special_tokens)
+
+    def _forged(self, text: str, untrusted: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Control-token strings that overlap an untrusted span."""
+        if self._specials is None or not untrusted or self._tok.encode_special_tokens:
+            return []
+        return [m.span() for m in self._specials.finditer(text)
+                if any(m.start() < b and a < m.end() for a, b in untrusted)]
+
+    def _encode_without(self, text: str, forged: list[tuple[int, int]], add_special_tokens: bool) -> list[int]:
+        """Split where the tokenizer would (at the genuine control tokens), then encode each
+        piece in between with control-token parsing off: the same pieces as a normal encode,
+        except that the forged tokens stay text."""
+        from tokenizers import Encoding
+
+        pieces, start = [], 0
+        for match in self._specials.finditer(text):
+            if match.span() in forged:
+                continue
+            pieces += [(text[start:match.start()], False), (match.group(), True)]
+            start = match.end()
+        pieces.append((text[start:], False))
+        encodings = []
+        try:
+            for piece, special in pieces:
+                if piece:
+                    self._tok.encode_special_tokens = not special
+                    encodings.append(self._tok.encode(piece, add_special_tokens=False))
+        finally:
+            self._tok.encode_special_tokens = False
+        merged = Encoding.merge(encodings, growing_offsets=True)
+        return list(self._tok.post_process(merged, None, add_special_tokens).ids)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

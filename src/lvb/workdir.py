@@ -15,7 +15,9 @@
 
 Every file here is written to a temporary name and renamed into place, so a
 killed run leaves either the old file or the new one. Every manifest carries a
-version and is checked on every read: one of another version reads as absent.
+version and is checked on every read: one of another version reads as absent. Every
+file a cache reuses is recorded (`record_file`) and checked before reuse
+(`matches_record`, `damaged_files`); a damaged one is rebuilt or refused, never trusted.
 """
 
 from __future__ import annotations
@@ -30,9 +32,6 @@ from lvb.errors import LvbError
 
 EXPORT_VERSION = 2  # 2: settings name the prefill chunk sizes (chunks), nets may carry smaller stages
 COMPILE_VERSION = 1
-# Files up to this size are hashed when recorded and checked; larger ones (bmodels at
-# 11B widths are gigabytes) by size alone.
-HASH_LIMIT = 64 << 20
 CHECK_FILE = "check.npz"  # the largest stage's; a smaller prefill stage i has check.stage<i>.npz
 REPORT_FILE = "report.json"
 
@@ -89,9 +88,24 @@ class WorkDir:
         return read_manifest(self.export_manifest, EXPORT_VERSION)
 
     def require_export(self, model_hint: str = "DIR") -> dict:
+        """The export manifest of a finished export; else one line naming what is wrong with it:
+        absent, damaged (unreadable or of another version) or unfinished (a killed export)."""
+        rerun = f"run `lvb export --model {model_hint} --out {self.root}`"
+        if not self.export_manifest.is_file():
+            raise WorkDirError(f"{self.root} holds no export; {rerun} first")
         manifest = self.read_export()
-        if not manifest.get("nets"):
-            raise WorkDirError(f"{self.root} holds no export; run `lvb export --model {model_hint} --out {self.root}` first")
+        nets = manifest.get("nets")
+        readable = isinstance(nets, dict) and isinstance(manifest.get("settings"), dict) and all(
+            isinstance(entry, dict) and isinstance(entry.get("file"), str) for entry in nets.values())
+        if not readable:
+            raise WorkDirError(f"{self.export_manifest} is damaged or of another lvb version; {rerun} again")
+        if manifest.get("complete") is False or not nets:
+            raise WorkDirError(f"the export in {self.root} is unfinished ({len(nets)} nets so far; was it interrupted?); "
+                               f"{rerun} again to finish it")
+        for name, entry in nets.items():  # what the export recorded, or nothing is read
+            damaged = damaged_files(self.net_dir(name), entry.get("files"))
+            if damaged:
+                raise WorkDirError(f"{damaged[0]}: the export is damaged; {rerun} again")
         return manifest
 
 
@@ -145,28 +159,41 @@ def cache_key(*parts) -> str:
 
 
 def record_file(path: Path) -> dict:
-    """What a later run checks before it trusts `path` again: its size, and its digest when cheap."""
-    path = Path(path)
-    size = path.stat().st_size
-    record = {"size": size}
-    if size <= HASH_LIMIT:
-        record["sha256"] = _digest(path)
-    return record
+    """What a later run checks before it trusts `path` again: its size, modification time and
+    SHA-256. Hashed once, when written (bench/file_records.py: ~1 CPU-second per GB here)."""
+    stat = os.stat(path)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _digest(path)}
 
 
 def matches_record(path: Path, record: dict | None) -> str | None:
-    """None when `path` is the file `record` describes; else why not, in a few words."""
+    """None when `path` is the file `record` describes; else why not, naming the file.
+
+    The size is compared always. An unchanged modification time means the file was not
+    written since (truncate, dd, an editor or a copy all change it) and is trusted without
+    reading it, as git's index does; otherwise the digest decides, so a copy with fresh times
+    is accepted after one read."""
     path = Path(path)
-    if not record:
-        return f"{path.name} has no record"
-    if not path.is_file():
-        return f"{path.name} is missing"
-    size = path.stat().st_size
-    if size != record.get("size"):
-        return f"{path.name} is {size} bytes, not the {record.get('size')} recorded"
+    if not isinstance(record, dict) or "size" not in record:
+        return f"{path}: lvb has no record of it"
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return f"{path} is missing"
+    if stat.st_size != record["size"]:
+        return f"{path} is {stat.st_size} bytes, not the {record['size']} written (truncated or overwritten)"
+    if stat.st_mtime_ns == record.get("mtime_ns"):
+        return None
     if "sha256" in record and _digest(path) != record["sha256"]:
-        return f"{path.name} changed since it was recorded"
+        return f"{path} changed since lvb wrote it"
     return None
+
+
+def damaged_files(folder: Path, records: dict | None) -> list[str]:
+    """Why, for each file of `records` (name relative to `folder` -> record) that is not the
+    recorded one; a missing or empty record set counts as damaged."""
+    if not isinstance(records, dict) or not records:
+        return [f"{folder}: lvb has no record of its files"]
+    return [problem for name, record in records.items() if (problem := matches_record(Path(folder) / name, record))]
 
 
 def _digest(path: Path) -> str:

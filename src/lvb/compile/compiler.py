@@ -25,15 +25,26 @@ from typing import TYPE_CHECKING, Protocol
 import lvb
 from lvb.compile.tpumlir import CHIPS, DEFAULT_GROUP_SIZE, QUANTIZE, DeployOptions, combine, deploy, transform
 from lvb.check import CheckMode, load_check, min_cosine, onnx_vs_bmodel
-from lvb.contract import Kind, NetSpec, QuantGroup
+from lvb.contract import Kind, NetSpec, QuantGroup, plan
 from lvb.errors import LvbError
 from lvb.spec import ModelSpec
 from lvb.toolchain import Toolchain, ToolchainError, ToolFailed, ToolServer
-from lvb.workdir import (COMPILE_VERSION, WorkDir, WorkDirError, cache_key, matches_record, read_manifest, record_file,
+from lvb.workdir import (COMPILE_VERSION, WorkDir, WorkDirError, cache_key, damaged_files, matches_record, read_manifest, record_file,
                          remove_stale_scratch, scratch, write_json)
 
 if TYPE_CHECKING:
     from lvb.compile.cluster import ClusterSettings
+
+
+# In a transform folder: the records of what model_transform.py wrote there.
+TRANSFORM_FILES = "files.json"
+
+
+def record_transform(folder: Path) -> None:
+    """Record what model_transform.py wrote in `folder`: the folder is reused only while its
+    files are these."""
+    files = {p.name: record_file(p) for p in sorted(Path(folder).iterdir()) if p.name != TRANSFORM_FILES}
+    write_json(Path(folder) / TRANSFORM_FILES, {"version": COMPILE_VERSION, "files": files})
 
 
 class CompileError(LvbError, RuntimeError):
@@ -152,7 +163,7 @@ def validate_group_size(spec: ModelSpec, settings: CompileSettings) -> None:
         raise CompileError(f"--group-size {settings.group_size} does not divide {name} {width}; use {hint}")
 
 
-def _mlir(attempt: Attempt, stage: NetSpec, toolchain: Toolchain, server: ToolServer | None) -> Path:
+def _mlir(attempt: Attempt, stage: NetSpec, toolchain: Toolchain, server: ToolServer | None, notes: list[str]) -> Path:
     """One stage's MLIR (a net without smaller stages has one): the ONNX graph at that
     stage's input shapes, made once and shared by the net's deploys."""
     job = attempt.job
@@ -160,10 +171,15 @@ def _mlir(attempt: Attempt, stage: NetSpec, toolchain: Toolchain, server: ToolSe
     shapes = [t.shape for t in stage.inputs]
     folder = attempt.net_folder / f"mlir-{cache_key(job.export_key, toolchain.tpu_mlir_version, options, shapes)}"
     mlir = folder / f"{job.name}.mlir"
-    if mlir.is_file():
-        return mlir
+    if folder.is_dir():
+        damaged = damaged_files(folder, read_manifest(folder / TRANSFORM_FILES, COMPILE_VERSION).get("files"))
+        if not damaged:
+            return mlir
+        notes.append(f"{damaged[0]}; transforming {job.name} again")
     tmp = scratch(folder)
     transform(toolchain, job.onnx, tmp, job.name, shapes, attempt.log, server, options)
+    record_transform(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return mlir
 
@@ -179,15 +195,15 @@ def _simulate(job: NetJob, stage: NetSpec, check_file: Path, bmodel: Path, toolc
     return check
 
 
-def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain,
-                   server: ToolServer | None) -> tuple[Path, dict | None]:
+def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: ToolServer | None,
+                   notes: list[str]) -> tuple[Path, dict | None]:
     """Every stage deployed and checked on its own, then, when there are several, joined
     largest first into one net whose stages share the weights (tpu-mlir's own LLM converter
     orders them so; the simulator crashes on a combined net whose first stage is not its largest)."""
     job = attempt.job
     stage_bmodels, checks = [], []
     for index, (stage, check_file) in enumerate(zip(job.net.stages, job.check_files)):
-        mlir = _mlir(attempt, stage, toolchain, server)
+        mlir = _mlir(attempt, stage, toolchain, server, notes)
         folder = tmp / f"stage{index}" if len(job.net.stages) > 1 else tmp
         folder.mkdir(exist_ok=True)
         for needed in mlir.parent.iterdir():  # deploy reads the MLIR's weight file from its own folder
@@ -206,11 +222,12 @@ def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain,
 
 def build_attempt(attempt: Attempt, toolchain: Toolchain, server: ToolServer | None) -> dict:
     """Transform (cached), deploy and check one net, on this machine's pool or a cluster node;
-    the attempt's folder appears only complete."""
+    the attempt's folder appears only complete. Its "notes" name damaged cached files it rebuilt."""
     job = attempt.job
     tmp = scratch(attempt.folder)
     started = time.perf_counter()
-    bmodel, check = _deploy_stages(attempt, tmp, toolchain, server)
+    notes: list[str] = []
+    bmodel, check = _deploy_stages(attempt, tmp, toolchain, server, notes)
     seconds = time.perf_counter() - started
     passed = check is None or check["cosine"] >= attempt.threshold
     result = {"version": COMPILE_VERSION, "net": job.name, "quant": job.quant, "options": list(attempt.options.extra),
@@ -220,7 +237,7 @@ def build_attempt(attempt: Attempt, toolchain: Toolchain, server: ToolServer | N
     write_json(tmp / "result.json", result)
     shutil.rmtree(attempt.folder, ignore_errors=True)
     os.replace(tmp, attempt.folder)
-    return result
+    return result | ({"notes": notes} if notes else {})
 
 
 class LocalExecutor:
@@ -258,8 +275,10 @@ class LocalExecutor:
 
 
 class Compiler:
-    def __init__(self, work: Path, settings: CompileSettings, toolchain: Toolchain, seq: int | None = None):
+    def __init__(self, work: Path, settings: CompileSettings, toolchain: Toolchain, seq: int | None = None,
+                 notify: Callable[[str], None] | None = None):
         self.work, self.settings, self.toolchain = Path(work).resolve(), settings, toolchain
+        self.notify = notify or (lambda message: None)  # a cached file that is damaged, and rebuilt
         if settings.chip not in CHIPS:
             raise CompileError(f"--chip {settings.chip} is not supported; lvb targets {', '.join(CHIPS)}")
         for option, value in (("--quant", settings.quant), ("--vision-quant", settings.vision_quant),
@@ -276,6 +295,10 @@ class Compiler:
             raise CompileError(f"the export in {self.work} is for --seq {exported_seq}, not {seq}; run `lvb export --seq {seq}` first")
         self.seq, self.chunks = exported_seq, tuple(self.export["settings"]["chunks"])
         self.spec = ModelSpec.from_dir(self.export["model"]["dir"])
+        missing = [n.name for n in plan(self.spec, self.seq, self.chunks) if n.name not in self.export["nets"]]
+        if missing:  # a manifest from before `complete` existed, or one edited by hand
+            raise CompileError(f"the export in {self.work} is unfinished ({len(missing)} nets missing, e.g. "
+                               f"{', '.join(missing[:3]) or '?'}; was it interrupted?); run `lvb export --out {self.work}` again to finish it")
         validate_group_size(self.spec, settings)
         self.out = self.dir.compile
         self.out.mkdir(parents=True, exist_ok=True)
@@ -312,15 +335,20 @@ class Compiler:
             options = replace(job.options, extra=extra)
             folder = net_folder / cache_key(job.export_key, self.toolchain_version, vars(options), check)
             result = read_manifest(folder / "result.json", COMPILE_VERSION)
-            if result and matches_record(self.work / result["bmodel"], result.get("file")) is None:
+            problem = result and matches_record(self.work / result["bmodel"], result.get("file"))
+            if result and problem is None:
                 # Judged again: the threshold may have changed since it was stored.
                 result["threshold"] = threshold
                 result["passed"] = result["check"] is None or result["check"]["cosine"] >= threshold
             else:
+                if result:
+                    self.notify(f"{problem}; compiling {job.name} again")
                 result = executor.build(Attempt(
                     job=job, options=options, net_folder=net_folder, folder=folder, log=log_dir / f"{job.name}.log",
                     check=check, threshold=threshold,
                     bmodel=str((folder / f"{job.name}.bmodel").relative_to(self.work))))
+                for note in result.pop("notes", ()):
+                    self.notify(note)
             if result["passed"]:
                 return result | ({"checked_by": like.name} if like is not None else {})
             tried.append(result)
@@ -332,8 +360,12 @@ class Compiler:
     def cached(self) -> bool:
         """True when the combined bmodel of exactly these settings and nets exists."""
         previous = read_manifest(self._manifest_path(), COMPILE_VERSION)
-        return (previous.get("key") == self._combined_key() and previous.get("bmodel") == self.bmodel.name
-                and matches_record(self.bmodel, previous.get("file")) is None)
+        if previous.get("key") != self._combined_key() or previous.get("bmodel") != self.bmodel.name:
+            return False
+        problem = matches_record(self.bmodel, previous.get("file"))
+        if problem is not None:
+            self.notify(f"{problem}; combining it again")
+        return problem is None
 
     def _manifest_path(self) -> Path:
         return self.dir.compile_manifest(self.bmodel)

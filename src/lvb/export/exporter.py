@@ -31,7 +31,7 @@ from lvb.contract import DEFAULT_CHUNKS, DEFAULT_SEQ, NetSpec, chunk_sizes, plan
 from lvb.errors import LvbError
 from lvb.export.weights import CheckpointWeights
 from lvb.spec import ModelSpec
-from lvb.workdir import (EXPORT_VERSION, WorkDir, cache_key, matches_record, record_file, remove_stale_scratch,
+from lvb.workdir import (EXPORT_VERSION, WorkDir, cache_key, damaged_files, record_file, remove_stale_scratch,
                          scratch, write_json)
 
 OPSET = 17  # tpu-mlir rejects the opset-18 graphs of the dynamo exporter
@@ -62,7 +62,7 @@ def net_key(net: NetSpec, versions: dict, weights_digest: str) -> str:
     from lvb import patches
 
     return cache_key(net.to_json(), OPSET, versions, weights_digest, [p.attribute for p in patches.PATCHES],
-                     patches.SCORES_BYTES_PER_GROUP)
+                     patches.scores_bytes_per_group())
 
 
 def minimum_sequence(model_dir: Path) -> int:
@@ -70,8 +70,7 @@ def minimum_sequence(model_dir: Path) -> int:
     from lvb.text import ChatTemplate, Tokenizer
 
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
-    prompt = ChatTemplate.from_dir(model_dir).render(messages, add_generation_prompt=True)
-    return len(Tokenizer.from_dir(model_dir).encode_prompt(prompt)) + 1
+    return len(Tokenizer.from_dir(model_dir).encode_chat(ChatTemplate.from_dir(model_dir), messages)) + 1
 
 
 def dynamic_axes(net: NetSpec) -> dict[str, dict[int, str]]:
@@ -225,8 +224,10 @@ def eager_config(model_dir: Path):
 
 
 class Exporter:
-    def __init__(self, model_dir: Path, work: Path, settings: ExportSettings, source: dict | None = None):
+    def __init__(self, model_dir: Path, work: Path, settings: ExportSettings, source: dict | None = None,
+                 notify: Callable[[str], None] | None = None):
         self.model_dir, self.work, self.settings = Path(model_dir), Path(work), settings
+        self.notify = notify or (lambda message: None)  # a cached file that is damaged, and rebuilt
         self.source = source or {}
         self.spec = ModelSpec.from_dir(self.model_dir)
         needed = minimum_sequence(self.model_dir)
@@ -242,9 +243,17 @@ class Exporter:
                               f"--seq {settings.seq}") from None
         self.dir = WorkDir(self.work)
         self.out = self.dir.export
-        self.out.mkdir(parents=True, exist_ok=True)
+        blocking = next((p for p in (self.work, self.out) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ExportError(f"--out {self.work}: {blocking} is a file, not a folder; pass a new or existing folder")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ExportError(f"--out {self.work}: cannot create {self.out} ({e.strerror}); pass a writable folder") from None
         remove_stale_scratch(self.out)  # an interrupted run's; never trusted
         self.manifest = self.dir.read_export()
+        if not self.manifest and self.dir.export_manifest.is_file():
+            self.notify(f"{self.dir.export_manifest} is damaged or from another lvb version; exporting every net again")
         self.weights = CheckpointWeights(self.model_dir, self.manifest.get("weight_digests", {}))
         self.versions = exporter_versions()
         self.nets = plan(self.spec, settings.seq, settings.chunks)
@@ -262,11 +271,14 @@ class Exporter:
         write_json(self.dir.export_manifest, self.manifest)
 
     def _is_current(self, net: NetSpec, key: str) -> bool:
+        """The net was exported with this key and its files are the ones recorded then."""
         entry = self.manifest["nets"].get(net.name)
-        if not entry or entry["key"] != key or not self.dir.onnx(entry).is_file():
+        if not entry or entry.get("key") != key:
             return False
-        folder, files = self.dir.net_dir(net.name), entry.get("files")
-        return bool(files) and all(matches_record(folder / name, record) is None for name, record in files.items())
+        damaged = damaged_files(self.dir.net_dir(net.name), entry.get("files"))
+        if damaged:
+            self.notify(f"{damaged[0]}; exporting {net.name} again")
+        return not damaged
 
     def run(self, progress: Callable[[str, int, int], None] | None = None) -> dict:
         from lvb.export.parts import PARTS
@@ -282,6 +294,8 @@ class Exporter:
         todo = [net for net in self.nets if not self._is_current(net, keys[net.name])]
         for net in todo:  # forget stale entries first: the manifest never names a net being replaced
             self.manifest["nets"].pop(net.name, None)
+        # Readers refuse an export that is not complete, naming it unfinished rather than foreign.
+        self.manifest["complete"] = not todo
         self._save_manifest()
         config = eager_config(self.model_dir) if todo else None
         done = len(self.nets) - len(todo)
@@ -310,6 +324,9 @@ class Exporter:
                 for net, stages, tmp in traced:
                     self._check_and_keep(net, tmp, stages, stand_ins, keys[net.name], seconds)
                     done += 1
+        if todo:
+            self.manifest["complete"] = True
+            self._save_manifest()
         if progress:
             progress("", done, len(self.nets))
         return self.manifest
@@ -362,10 +379,11 @@ class Exporter:
 
 
 def export(model_dir: Path, work: Path, seq: int, chunks: int | Sequence[int] | None = None, progress=None,
-           source: dict | None = None) -> dict:
-    """`chunks`: the prefill chunk sizes (one or several); by default DEFAULT_CHUNKS, capped at seq.
-    `source` adds to the manifest's model entry: a Hub checkpoint's name (which names the
-    bmodel; its snapshot folder is named by the commit), repo id and commit."""
+           source: dict | None = None, notify: Callable[[str], None] | None = None) -> dict:
+    """`chunks`: the prefill chunk sizes (one or several); by default DEFAULT_CHUNKS, capped at seq;
+    an explicit size outside 1..seq is refused. `source` adds to the manifest's model entry: a Hub
+    checkpoint's name (which names the bmodel; its snapshot folder is named by the commit), repo id
+    and commit. `notify` hears of each cached file found damaged (and rebuilt)."""
     chunks = (chunks,) if isinstance(chunks, int) else tuple(chunks or (min(seq, c) for c in DEFAULT_CHUNKS))
     settings = ExportSettings(seq=seq, chunks=tuple(sorted(set(chunks), reverse=True)))
-    return Exporter(model_dir, work, settings, source=source).run(progress)
+    return Exporter(model_dir, work, settings, source=source, notify=notify).run(progress)

@@ -8,6 +8,7 @@ No copy of modeling_mllama.py: everything else is transformers' own code.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lvb.contract import MASK_VALUE
+from lvb.errors import LvbError
 
 MODELING = "transformers.models.mllama.modeling_mllama"
 
@@ -53,11 +55,24 @@ def aspect_ratio_attention_mask(
 # the 11B) and leaves smaller ones, whose scores are a few MB, whole. On the card nothing
 # changes: tpu-mlir fuses each group, as it fused the whole, into flash attention.
 SCORES_BYTES_PER_GROUP = 256 * 2**20
+# Overrides it, to trade export memory against graph size; the tests set 1 so that every
+# fixture's vision attention is exported one head per group, as the 11B's is.
+SCORES_BYTES_VARIABLE = "LVB_SCORES_BYTES_PER_GROUP"
 
 
-def heads_per_group(heads: int, queries: int, keys: int) -> int:
-    """How many heads' fp32 scores ([queries, keys] each) fit SCORES_BYTES_PER_GROUP; at least one."""
-    return max(1, min(heads, SCORES_BYTES_PER_GROUP // (queries * keys * 4)))
+def scores_bytes_per_group() -> int:
+    value = os.environ.get(SCORES_BYTES_VARIABLE, str(SCORES_BYTES_PER_GROUP))
+    if not value.isdigit() or int(value) < 1:
+        raise LvbError(f"{SCORES_BYTES_VARIABLE}={value!r} is not a positive number of bytes; unset it "
+                       f"(default {SCORES_BYTES_PER_GROUP})")
+    return int(value)
+
+
+def heads_per_group(heads: int, queries: int, keys: int, budget: int | None = None) -> int:
+    """How many heads' fp32 scores ([queries, keys] each) fit the budget (scores_bytes_per_group()
+    by default); at least one."""
+    budget = scores_bytes_per_group() if budget is None else budget
+    return max(1, min(heads, budget // (queries * keys * 4)))
 
 
 def attention_in_head_groups(eager: Callable) -> Callable:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lvb.runtime.engine import Engine, EngineError
-from lvb.workdir import WorkDir
+from lvb.workdir import WorkDir, WorkDirError
 
 BACKENDS = ("cmodel", "sail", "onnxruntime")
 
@@ -29,9 +29,10 @@ def open_engine(backend: str, bmodel: Path | None = None, onnx_work: Path | None
         if onnx_work is None:
             raise EngineError("the onnxruntime backend runs the exported ONNX nets: pass --onnx WORKDIR")
         work = WorkDir(onnx_work)
-        nets = work.read_export().get("nets")
-        if not nets:
-            raise EngineError(f"{onnx_work} holds no export; run `lvb export --out {onnx_work}` first")
+        try:
+            nets = work.require_export("CHECKPOINT")["nets"]
+        except WorkDirError as e:
+            raise EngineError(str(e)) from None
         from lvb.contract import NetSpec
         from lvb.runtime.onnx import OnnxEngine
 

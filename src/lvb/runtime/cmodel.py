@@ -20,6 +20,12 @@ _DTYPES = {"f32": "float32", "i32": "int32", "bf16": "float32", "f16": "float32"
            "u8": "uint8", "u32": "uint32", "i16": "int16"}
 
 
+class _WorkerError(EngineError):
+    def __init__(self, what: str, reason: str):
+        self.reason = reason
+        super().__init__(f"{what}: {reason}")
+
+
 class CmodelEngine(Engine):
     backend = "cmodel"
 
@@ -37,7 +43,12 @@ class CmodelEngine(Engine):
             stderr=self._log,
             env=env,
         )
-        info = self._call({"op": "load", "bmodel": str(bmodel.resolve())})
+        try:
+            info = self._call({"op": "load", "bmodel": str(bmodel.resolve())})
+        except EngineError as e:
+            self.close()
+            raise EngineError(f"{bmodel}: the simulator cannot load it ({e.reason}); the file is damaged or not a "
+                              "bmodel: build it again with `lvb compile`") from None
         self.wire_nets = info  # as the simulator names its dtypes (bf16 stays bf16), for sail's stand-in
         self._nets = {
             name: NetInfo(
@@ -50,20 +61,27 @@ class CmodelEngine(Engine):
             for name, net in info.items()
         }
 
-    def _log_tail(self, lines: int = 12) -> str:
+    def _log_reason(self) -> str:
+        """The line of the worker's log that says what went wrong (tpu-mlir's FATAL or an
+        assertion), else its last line: the log itself is deleted with the engine."""
         try:
-            return "\n".join(Path(self._log.name).read_text(errors="replace").splitlines()[-lines:])
+            lines = [line.strip() for line in Path(self._log.name).read_text(errors="replace").splitlines() if line.strip()]
         except OSError:
-            return ""
+            return "no log"
+        for word in ("FATAL", "Assertion", "ERROR", "Error", "terminate"):
+            telling = [line for line in lines if word in line]
+            if telling:
+                return telling[0][:300]
+        return (lines or ["no log"])[-1][:300]
 
     def _call(self, request: dict):
         try:
             send(self._process.stdin, request)
             reply = receive(self._process.stdout)
-        except (BrokenPipeError, EOFError, OSError) as e:
-            raise EngineError(f"the simulator worker died ({e}); its log {self._log.name} ends:\n{self._log_tail()}") from e
+        except (BrokenPipeError, EOFError, OSError):
+            raise _WorkerError("the simulator worker died", self._log_reason()) from None
         if not reply["ok"]:
-            raise EngineError(f"simulator: {reply['error']}")
+            raise _WorkerError("simulator", " ".join(str(reply["error"]).split())[:300])
         return reply["result"]
 
     @property
@@ -89,6 +107,8 @@ class CmodelEngine(Engine):
         return self._call({"op": "run", "net": net, "feeds": wire_feeds, "store": wire_store})
 
     def close(self) -> None:
+        if self._log.closed:
+            return
         if self._process.poll() is None:
             try:
                 self._call({"op": "close"})

@@ -110,6 +110,7 @@ class ProcessedImage:
     num_tiles: int
     tile_grid: tuple[int, int]  # (rows, cols) of tiles
     resized_size: tuple[int, int]  # (height, width) of the image inside the canvas
+    notes: tuple[str, ...] = ()  # what preprocessing did that the user should know
 
 
 def supported_aspect_ratios(max_num_tiles: int) -> list[tuple[int, int]]:
@@ -158,6 +159,7 @@ def preprocess(image: Image.Image, config: ImageProcessorConfig) -> ProcessedIma
     rows, cols = _tile_grid(height, width, config.max_num_tiles, tile)
     new_h, new_w = _fit_size(height, width, rows * tile, cols * tile, tile)
 
+    image, notes = _to_8_bits(image)
     rgb = _to_rgb(image, config.do_convert_rgb)
     canvas = np.zeros((rows * tile, cols * tile, 3), np.uint8)
     canvas[:new_h, :new_w] = np.asarray(rgb.resize((new_w, new_h), resample=config.resample))
@@ -170,7 +172,25 @@ def preprocess(image: Image.Image, config: ImageProcessorConfig) -> ProcessedIma
     ids = np.array([[supported_aspect_ratios(config.max_num_tiles).index((rows, cols)) + 1]], np.int64)
     mask = np.zeros((1, 1, config.max_num_tiles), np.int64)
     mask[0, 0, :num_tiles] = 1
-    return ProcessedImage(pixel_values, ids, mask, num_tiles, (rows, cols), (new_h, new_w))
+    return ProcessedImage(pixel_values, ids, mask, num_tiles, (rows, cols), (new_h, new_w), notes)
+
+
+def _to_8_bits(image: Image.Image) -> tuple[Image.Image, tuple[str, ...]]:
+    """A 16-bit (or 32-bit integer or float) grey picture scaled to 8 bits. Pillow's
+    convert("RGB"), and so transformers, clips such values to 0..255, which turns every
+    pixel brighter than 0.4 % of full scale white: the model would see a blank picture.
+    Scaling departs from transformers for these pictures only (8-bit content in a wide
+    mode is left as it is, as transformers does), and says so."""
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image, ()
+    values = np.asarray(image, dtype=np.float64)
+    top = float(values.max()) if values.size else 0.0
+    if top <= 255 and not image.mode.startswith("I;16"):
+        return image, ()
+    full = 65535.0 if image.mode.startswith("I;16") or top <= 65535 else top
+    scaled = np.clip(np.round(values * (255.0 / full)), 0, 255).astype(np.uint8)
+    note = f"the {image.mode} picture was scaled from 0..{full:.0f} to 8 bits (transformers would clip it at 255)"
+    return Image.fromarray(scaled, "L"), (note,)
 
 
 def _to_rgb(image: Image.Image, convert: bool) -> Image.Image:
@@ -182,8 +202,7 @@ def _to_rgb(image: Image.Image, convert: bool) -> Image.Image:
             )
         return image
     # transformers' convert_to_rgb: anything with alpha or a transparency key is composited
-    # onto white; the rest goes through Image.convert("RGB"), which clips 16/32-bit and
-    # float images to 0..255 rather than scaling them.
+    # onto white; the rest goes through Image.convert("RGB") (wide modes were scaled before).
     try:
         if "A" in image.getbands() or image.info.get("transparency") is not None:
             white = Image.new("RGBA", image.size, (255, 255, 255, 255))

@@ -13,6 +13,11 @@ from lvb.runtime.engine import Engine, EngineError, HostBuffers, Resident
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(int32)": "int32", "tensor(int64)": "int64"}
 
 
+def _first_line(error: Exception) -> str:
+    """onnxruntime's message as one line (its errors span several, with the node's details)."""
+    return " ".join(str(error).split())[:300]
+
+
 class OnnxEngine(Engine):
     backend = "onnxruntime"
 
@@ -43,7 +48,11 @@ class OnnxEngine(Engine):
             if self._threads:
                 options.intra_op_num_threads = self._threads
             options.log_severity_level = 3
-            self._sessions[name] = self._ort.InferenceSession(str(self._files[name]), options)
+            try:
+                self._sessions[name] = self._ort.InferenceSession(str(self._files[name]), options)
+            except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types for a damaged file
+                raise EngineError(f"{self._files[name]}: onnxruntime cannot load it ({_first_line(e)}); the export is "
+                                  "damaged: run `lvb export` again") from None
         return self._sessions[name]
 
     def _info(self, name: str) -> NetInfo:
@@ -79,7 +88,11 @@ class OnnxEngine(Engine):
             shapes = [tuple(inputs[t.name].shape) for t in info.inputs]
             if shapes not in [[t.shape for t in stage] for stage in (info.inputs, *info.smaller)]:
                 raise EngineError(f"{net}: no stage takes inputs of shapes {shapes}")
-        outputs = self._session(net).run(None, inputs)
+        try:
+            outputs = self._session(net).run(None, inputs)
+        except Exception as e:  # e.g. a weights file truncated after the session mapped it
+            raise EngineError(f"{self._files[net]}: onnxruntime failed to run it ({_first_line(e)}); the export may be "
+                              "damaged: run `lvb export` again") from None
         result: list[np.ndarray | None] = []
         for index, output in enumerate(outputs):
             target = (store or {}).get(index)

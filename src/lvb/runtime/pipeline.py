@@ -51,20 +51,52 @@ class Checkpoint:
     def load(cls, directory: str | Path) -> Checkpoint:
         directory = Path(directory)
         spec = ModelSpec.from_dir(directory)
-        image_config = None
-        for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
-            path = directory / name
-            if path.is_file():
-                data = json.loads(path.read_text())
-                data = data.get(key) if key else data
-                if data:
-                    image_config = ImageProcessorConfig.from_dict(data)
-                    break
-        if image_config is None:
-            raise ChatError(f"{directory}: no preprocessor_config.json; copy it from the original checkpoint")
-        generation_path = directory / "generation_config.json"
-        generation = json.loads(generation_path.read_text()) if generation_path.is_file() else {}
+        image_config = read_image_config(directory, spec)
+        generation = _json_object(directory / "generation_config.json") or {}
         return cls(directory, spec, ChatTemplate.from_dir(directory), Tokenizer.from_dir(directory), image_config, generation)
+
+
+def _json_object(path: Path) -> dict | None:
+    """A small JSON file of the checkpoint, None when absent; a damaged one is one line."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ChatError(f"{path} is not valid JSON ({e}); copy it again from the original checkpoint") from None
+    if not isinstance(data, dict):
+        raise ChatError(f"{path} should hold a JSON object; copy it again from the original checkpoint")
+    return data
+
+
+def read_image_config(directory: Path, spec: ModelSpec) -> ImageProcessorConfig:
+    """The image processor settings where transformers 5 looks first (the nested
+    "image_processor" of processor_config.json, then preprocessor_config.json), refused when
+    the two files disagree (each library would then preprocess differently) or when the
+    tile size or tile count is not the one the vision tower in config.json was built for."""
+    found = {}
+    nested = (_json_object(directory / "processor_config.json") or {}).get("image_processor")
+    if isinstance(nested, dict):
+        found["processor_config.json"] = ImageProcessorConfig.from_dict(nested)
+    legacy = _json_object(directory / "preprocessor_config.json")
+    if legacy is not None:
+        found["preprocessor_config.json"] = ImageProcessorConfig.from_dict(legacy)
+    if not found:
+        raise ChatError(f"{directory}: no preprocessor_config.json; copy it from the original checkpoint")
+    (first, config), *others = found.items()
+    for name, other in others:
+        if other != config:
+            differ = ", ".join(f"{k} {getattr(config, k)} vs {getattr(other, k)}"
+                               for k in vars(config) if getattr(config, k) != getattr(other, k))
+            raise ChatError(f"{directory}: {first} and {name} describe different image preprocessing ({differ}); "
+                            f"transformers uses {first}: make both the same or delete {name}")
+    v = spec.vision
+    for setting, got, expected in (("tile size", config.tile_size, v.image_size),
+                                   ("max_image_tiles", config.max_num_tiles, v.max_num_tiles)):
+        if got != expected:
+            raise ChatError(f"{directory / first}: {setting} {got}, but config.json's vision tower expects {expected}; "
+                            "the processor config comes from another checkpoint: copy the matching one")
+    return config
 
 
 @dataclass
@@ -143,12 +175,17 @@ class Session:
     ) -> Reply:
         """Answer one user turn. `image` is a path or a PIL image. `on_text` gets the answer
         piece by piece and may return True to end it there (stop reason "stopped"). Raises
-        ChatError and leaves the conversation as it was when the turn cannot be answered."""
+        ChatError and leaves the conversation as it was when the turn cannot be answered.
+        `max_new_tokens` None: until a stop token or a full sequence."""
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ChatError(f"max_new_tokens {max_new_tokens} is out of range: it must be 1 or more")
         started = time.perf_counter()
         new_image = self._process_image(image) if image is not None else None
         content = ([{"type": "image"}] if new_image else []) + [{"type": "text", "text": text}]
         image_turn = len(self.messages) if new_image else self.image_turn
         messages, image_turn, ids, notices = self._fit(self.messages + [{"role": "user", "content": content}], image_turn)
+        if new_image is not None:
+            notices = [*new_image.notes, *notices]
         sampler = Sampler(sampling or SamplingConfig())
 
         # Cached K/V were computed with or without an image in play; transformers runs the
@@ -180,7 +217,7 @@ class Session:
 
         stop_reason = "max new tokens"
         decode_started = time.perf_counter()
-        limit = max_new_tokens or self.seq
+        limit = self.seq if max_new_tokens is None else max_new_tokens
         while True:
             if token in self.checkpoint.tokenizer.stop_ids:
                 stop_reason = "stop token"
@@ -218,13 +255,19 @@ class Session:
         dropped = 0
         system = 1 if messages[0]["role"] == "system" else 0
         while True:
-            prompt = self.checkpoint.template.render(messages, add_generation_prompt=True, now=self.today)
-            ids = self.checkpoint.tokenizer.encode_prompt(prompt)
+            ids = self.checkpoint.tokenizer.encode_chat(self.checkpoint.template, messages, now=self.today)
             if len(ids) < self.seq:  # one slot is left for the answer's first token
                 break
             only_the_new_turn = len(messages) - system <= 1
+            if only_the_new_turn and dropped and self.image_turn is not None and image_turn is None:
+                raise ChatError(
+                    f"the chat outgrew the {self.seq}-token sequence, and dropping the exchange that holds the picture "
+                    f"leaves a text-only prompt of {len(ids)} tokens (without a picture the chat template adds its system "
+                    "block); start a new chat and send the picture with this question, or export with a larger --seq")
             if only_the_new_turn or not self.truncate_history:
-                fix = ("shorten it or compile with a larger --seq" if only_the_new_turn
+                larger = ("export again with a larger --seq" if self.engine.backend == "onnxruntime"
+                          else "export and compile again with a larger --seq")
+                fix = (f"shorten it or {larger}" if only_the_new_turn
                        else "start a new chat or allow history truncation")
                 raise ChatError(
                     f"the {'prompt' if only_the_new_turn else 'conversation'} is {len(ids)} tokens and the model "

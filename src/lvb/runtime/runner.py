@@ -44,7 +44,12 @@ def check_contract(engine: Engine, nets: list[NetSpec]) -> None:
     for net in nets:
         found = engine.nets.get(net.name)
         if found is None:
-            raise ChatError(f"the model file has no net {net.name}: it was built for another checkpoint")
+            present = sum(n.name in engine.nets for n in nets)
+            raise ChatError(
+                f"the model file lacks {len(nets) - present} of this checkpoint's {len(nets)} nets ({net.name} first): "
+                + ("it was built for another checkpoint" if present < len(nets) // 2 else
+                   "it comes from an unfinished export or compile, or another checkpoint")
+                + "; run `lvb export` (and `lvb compile`) for this checkpoint again")
         for stage, inputs in zip(net.stages, (found.inputs, *found.smaller)):
             have = {t.name: t.shape for t in inputs}
             for tensor in stage.inputs:

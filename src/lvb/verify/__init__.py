@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import lvb
+from lvb.compile.tpumlir import QUANTIZE
 from lvb.check import MIN_AGREEMENT
 from lvb.verify.checks import Report, VerifyError, check_answers, check_parts, read_task, task_accuracy
 from lvb.verify.report import REPORT_VERSION, write_reports
-from lvb.workdir import COMPILE_VERSION, WorkDir, cache_key, read_manifest
+from lvb.workdir import COMPILE_VERSION, WorkDir, WorkDirError, cache_key, matches_record, read_manifest
 
 
 def find_compiled(work: Path, quant: str) -> dict:
@@ -32,17 +33,27 @@ def verify(model_dir: Path, work: Path, quant: str = "int4", backend: str = "cmo
     model_dir, work = Path(model_dir), Path(work)
     if backend not in BACKENDS:
         raise VerifyError(f"--backend {backend} is not one of {', '.join(BACKENDS)}")
+    choices = [k for k in QUANTIZE if k != "f32"]
+    if quant not in choices:
+        raise VerifyError(f"--quant {quant} is not one of {', '.join(choices)}")
+    if pictures < 1:
+        raise VerifyError(f"--pictures {pictures} is out of range: it must be 1 or more")
     directory = WorkDir(work)
-    export = directory.read_export()
-    if not export.get("nets"):
-        raise VerifyError(f"{work} holds no export; run `lvb export --model {model_dir} --out {work}` first")
+    try:
+        export = directory.require_export(str(model_dir))
+    except WorkDirError as e:
+        raise VerifyError(str(e)) from None
     compiled = find_compiled(work, quant) if backend != "onnxruntime" else None
     bmodel = directory.bmodel(compiled["bmodel"]) if compiled else None
+    if bmodel is not None and (problem := matches_record(bmodel, compiled.get("file"))):
+        raise VerifyError(f"{problem}; run `lvb compile --work {work} --quant {quant}` again to rebuild it")
     out = directory.verify_dir(bmodel)
     checkpoint = Checkpoint.load(model_dir)
     task = read_task(model_dir)
-    key = cache_key(lvb.__version__, backend, pictures, [n["key"] for n in export["nets"].values()],
-                    compiled and compiled["key"], bmodel and bmodel.stat().st_mtime_ns,
+    # The files' digests, just checked against the disk: a report is reused only for these very files.
+    digests = lambda files: {name: record["sha256"] for name, record in files.items()}  # noqa: E731
+    key = cache_key(lvb.__version__, backend, pictures, [[n["key"], digests(n["files"])] for n in export["nets"].values()],
+                    compiled and [compiled["key"], compiled["file"]["sha256"]],
                     (model_dir / "config.json").read_text(), task)
     data = read_manifest(directory.report(bmodel), REPORT_VERSION)
     if data.get("key") == key:
