@@ -28,7 +28,9 @@ DEVICE=${DEVICE:-0}
 if [ "$BACKEND" = sail ]; then
     # Before the card runs anything: the SDK version, the device, the memory plan of this
     # bmodel and the preflight against the device's free memory (exits 1 when it cannot fit).
-    BMODEL=$(ls -t "$WORK"/*_"$QUANT"_g*_seq"$SEQ"_chunk"$CHUNK"_*.bmodel | head -n 1)
+    # The file names the chunk sizes sorted and joined by "-" (CHUNK may be a list: 16,32,128).
+    CHUNK_TAG=$(tr ',' '\n' <<<"$CHUNK" | sort -n | paste -sd- -)
+    BMODEL=$(ls -t "$WORK"/*_"$QUANT"_*seq"$SEQ"_chunk"$CHUNK_TAG"_*.bmodel | head -n 1)
     "$LVB" inspect "$BMODEL" --device "$DEVICE"
 fi
 "$LVB" verify --model "$MODEL" --work "$WORK" --quant "$QUANT" --backend "$BACKEND" --pictures "$PICTURES"
