@@ -233,7 +233,7 @@ def compile_(
             if cluster:
                 from lvb.compile.cluster import ClusterSettings
 
-                progress.update(task, detail=escape(f"connecting to the Ray cluster at {cluster}"))
+                progress.update(task, detail=f"connecting to the Ray cluster at {cluster}")
                 manifest = compiler.run(progress=report, cluster=ClusterSettings(cluster, cluster_shared_dir))
             else:
                 manifest = compiler.run(jobs=jobs, progress=report)
