@@ -1,7 +1,7 @@
 """The committed toy checkpoint (models/toy, scripts/train_toy.py): complete, small, of
 the toy geometry, with seeded picture sampling. That it answers fresh pictures is shown
-through the whole pipeline on the simulator (tests/test_pipeline.py: 100 pictures
-at INT4, 20 at INT8), which implies the checkpoint itself does.
+through the whole pipeline on the simulator (tests/test_pipeline.py: 50 pictures
+at INT4, 20 at INT8; `make demo`: 100), which implies the checkpoint itself does.
 """
 
 from __future__ import annotations
