@@ -10,6 +10,7 @@ constraints), which pip's cache already holds.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -51,8 +52,10 @@ def test_the_wheel_answers_from_a_package_with_the_lean_runtime(toy_pipeline, tm
     freeze = run(sys.executable, "-m", "pip", "freeze", "--exclude-editable").stdout
     constraints = tmp_path / "constraints.txt"
     constraints.write_text("\n".join(line for line in freeze.splitlines() if not line.startswith(("-e", "lvb"))))
-    run(venv / "bin" / "pip", "install", "--quiet", "-c", constraints, wheel, "onnxruntime")
-    installed = json.loads(run(venv / "bin" / "pip", "list", "--format", "json").stdout)
+    # Without PYTHONPATH: a checkout on it makes pip take lvb as installed already.
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run(venv / "bin" / "pip", "install", "--quiet", "-c", constraints, wheel, "onnxruntime", env=clean)
+    installed = json.loads(run(venv / "bin" / "pip", "list", "--format", "json", env=clean).stdout)
     names = {p["name"].lower().replace("_", "-") for p in installed}
     assert not names & set(HEAVY), sorted(names & set(HEAVY))
     assert {"lvb", "numpy", "pillow", "tokenizers", "jinja2", "typer", "rich", "onnxruntime"} <= names
