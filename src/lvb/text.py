@@ -40,16 +40,21 @@ class TextError(LvbError, ValueError):
     """A problem with a checkpoint's text files or a chat; the message says what to fix."""
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A small JSON file of the checkpoint, None when absent; a damaged one is one line."""
     if not path.is_file():
-        return {}
+        return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TextError(f"{path} is not valid JSON ({e}); re-download it") from None
+        raise TextError(f"{path} is not valid JSON ({e}); copy it again from the original checkpoint") from None
     if not isinstance(data, dict):
-        raise TextError(f"{path} should hold a JSON object")
+        raise TextError(f"{path} should hold a JSON object; copy it again from the original checkpoint")
     return data
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return read_json_object(path) or {}
 
 
 def _token_str(value: Any) -> str | None:

@@ -17,7 +17,6 @@ uniformly (transformers' quirk, reproduced) to that image's tokens.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from lvb.runtime.image import ImageProcessorConfig, ProcessedImage, load_image, 
 from lvb.runtime.runner import ChatError, Runner
 from lvb.runtime.sampling import Sampler, SamplingConfig
 from lvb.spec import ModelSpec
-from lvb.text import ChatTemplate, Tokenizer
+from lvb.text import ChatTemplate, Tokenizer, read_json_object
 
 __all__ = ["ChatError", "Checkpoint", "Reply", "Session", "Stats"]
 
@@ -52,21 +51,8 @@ class Checkpoint:
         directory = Path(directory)
         spec = ModelSpec.from_dir(directory)
         image_config = read_image_config(directory, spec)
-        generation = _json_object(directory / "generation_config.json") or {}
+        generation = read_json_object(directory / "generation_config.json") or {}
         return cls(directory, spec, ChatTemplate.from_dir(directory), Tokenizer.from_dir(directory), image_config, generation)
-
-
-def _json_object(path: Path) -> dict | None:
-    """A small JSON file of the checkpoint, None when absent; a damaged one is one line."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ChatError(f"{path} is not valid JSON ({e}); copy it again from the original checkpoint") from None
-    if not isinstance(data, dict):
-        raise ChatError(f"{path} should hold a JSON object; copy it again from the original checkpoint")
-    return data
 
 
 def read_image_config(directory: Path, spec: ModelSpec) -> ImageProcessorConfig:
@@ -75,10 +61,10 @@ def read_image_config(directory: Path, spec: ModelSpec) -> ImageProcessorConfig:
     the two files disagree (each library would then preprocess differently) or when the
     tile size or tile count is not the one the vision tower in config.json was built for."""
     found = {}
-    nested = (_json_object(directory / "processor_config.json") or {}).get("image_processor")
+    nested = (read_json_object(directory / "processor_config.json") or {}).get("image_processor")
     if isinstance(nested, dict):
         found["processor_config.json"] = ImageProcessorConfig.from_dict(nested)
-    legacy = _json_object(directory / "preprocessor_config.json")
+    legacy = read_json_object(directory / "preprocessor_config.json")
     if legacy is not None:
         found["preprocessor_config.json"] = ImageProcessorConfig.from_dict(legacy)
     if not found:
