@@ -42,9 +42,14 @@ ToolchainOption = Annotated[
 RevisionOption = Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit of a Hugging Face repo id (default: main).")]
 
 
+def show(where: Console, message: object, style: str = "", end: str = "\n") -> None:
+    """Text printed literally, never read as Rich markup: lvb's lines carry paths, tool
+    output, exception text and model output, any of which may hold [brackets]."""
+    where.print(Text(str(message), style=style), end=end, highlight=False, soft_wrap=True)
+
+
 def say(where: Console, label: str, style: str, message: object) -> None:
-    """A labelled line whose message is never read as Rich markup: messages carry paths,
-    tool output, exception text and model output, any of which may hold [brackets]."""
+    """A styled label, then `message` printed literally (as `show` does)."""
     where.print(Text.assemble((label, style), " ", str(message)), highlight=False, soft_wrap=True)
 
 
@@ -127,7 +132,7 @@ def doctor(toolchain: ToolchainOption = None) -> None:
         table.add_row(*map(plain, [package, *[report.environments[n].get(package) or "-" for n in names]]))
     console.print(table)
     if report.toolchain:
-        console.print(Text(f"toolchain: {report.toolchain.bin_dir} (found via {report.toolchain.source})"))
+        show(console, f"toolchain: {report.toolchain.bin_dir} (found via {report.toolchain.source})")
     for problem in report.problems:
         say(errors, "✗", "bold red", problem)
     if not report.ok:
@@ -239,14 +244,14 @@ def compile_(
                 manifest = compiler.run(jobs=jobs, progress=report)
     except NetFailed as e:
         if e.log_tail:
-            errors.print(e.log_tail, highlight=False, markup=False)
+            show(errors, e.log_tail)
         raise fail(str(e))
     except LvbError as e:
         raise fail(str(e))
     retried = [f"{name} {' '.join(r['options'])}" for name, r in manifest["nets"].items() if r["options"]]
     say(console, "✓", "bold green", work / manifest["bmodel"])
     if retried:
-        console.print(Text(f"  compiled with safer options: {', '.join(retried)}"))
+        show(console, f"  compiled with safer options: {', '.join(retried)}")
 
 
 @app.command()
@@ -294,12 +299,12 @@ def _print_preflight(bmodel: Path, device: int, toolchain) -> None:
     where = f"device {device} ({device_target(device) or 'no chip found'}): "
     where += (f"{format_bytes(memory[1])} free of {format_bytes(memory[0])}" if memory
               else "sophon.sail exposes no memory figures")
-    console.print(f"sophon.sail {version or 'not installed'}; {where}", markup=False, highlight=False)
+    show(console, f"sophon.sail {version or 'not installed'}; {where}")
     try:
         check = preflight(bmodel, device, find_toolchain(toolchain))
     except LvbError as e:
         raise fail(str(e))
-    console.print(f"preflight: {check.line()}", markup=False, highlight=False)
+    show(console, f"preflight: {check.line()}")
 
 
 def _print_memory_plan(info) -> None:
@@ -308,7 +313,7 @@ def _print_memory_plan(info) -> None:
     try:
         plan = plan_for_bmodel(info)
     except LvbError as e:
-        console.print(f"no device memory plan: {e}", markup=False, highlight=False)
+        show(console, f"no device memory plan: {e}")
         return
     table = Table(title="device memory plan (lvb's runtime, sail backend)")
     table.add_column("what")
@@ -318,9 +323,9 @@ def _print_memory_plan(info) -> None:
         table.add_row(label, f"{size:,}", format_bytes(size))
     console.print(table)
     fits = ", ".join(f"{card} {'fits' if plan.total <= size else 'too small'}" for card, size in CARDS.items())
-    console.print(f"against a card: {fits}", markup=False, highlight=False)
+    show(console, f"against a card: {fits}")
     for note in plan.notes:
-        console.print(f"note: {note}", markup=False, highlight=False)
+        show(console, f"note: {note}")
 
 
 @app.command()
@@ -350,7 +355,7 @@ def pack(
     what = package.manifest["bmodel"] or "ONNX nets only"
     say(console, "✓", "bold green", f"{out}: {what}, {len(package.manifest['files'])} files, {_bytes(size)}")
     if tar:
-        console.print(str(tar_path(out)), markup=False, highlight=False)
+        show(console, str(tar_path(out)))
 
 
 def _byte_progress():
@@ -384,10 +389,8 @@ def runtime_inputs(model: Optional[str], revision: Optional[str], bmodel: Option
 
 def _print_stats(reply) -> None:
     s = reply.stats
-    errors.print(Text(
-        f"first token {s.first_token_seconds:.3f} s · prompt {s.prompt_tokens} tokens ({s.prefilled_tokens} prefilled) · "
-        f"{s.generated_tokens} generated · {s.tokens_per_second:.2f} tokens/s · {reply.stop_reason}",
-        style="dim"), highlight=False)
+    show(errors, f"first token {s.first_token_seconds:.3f} s · prompt {s.prompt_tokens} tokens ({s.prefilled_tokens} prefilled) · "
+                 f"{s.generated_tokens} generated · {s.tokens_per_second:.2f} tokens/s · {reply.stop_reason}", style="dim")
 
 
 ModelOption = Annotated[str, typer.Option("--model", help="Checkpoint folder or Hugging Face repo id (org/name).")]
@@ -438,7 +441,7 @@ class ChatOptions:
                              toolchain=find_toolchain(self.toolchain) if backend == "cmodel" else None)
         check = getattr(engine, "preflight", None)  # the device memory check, on sail
         if check is not None:
-            errors.print(f"preflight: {check.line()}", style="dim", markup=False, highlight=False)
+            show(errors, f"preflight: {check.line()}", style="dim")
         try:
             return Session(checkpoint, engine, truncate_history=truncate_history)
         except BaseException:
@@ -512,7 +515,7 @@ def chat(
         sampling = options.sampling(session.checkpoint)
     except LvbError as e:
         raise fail(str(e))
-    console.print(Text(f"{session.engine.backend} · seq {session.seq} · {CHAT_HELP}", style="dim"))
+    show(console, f"{session.engine.backend} · seq {session.seq} · {CHAT_HELP}", style="dim")
     pending_image = image
     with session.engine:
         while True:
@@ -527,19 +530,19 @@ def chat(
                 return
             if line == "/reset":
                 session.reset()
-                console.print(Text("new chat", style="dim"))
+                show(console, "new chat", style="dim")
                 continue
             if line.startswith("/image"):
                 pending_image = Path(line[len("/image"):].strip()) if line[len("/image"):].strip() else None
-                console.print(Text(f"next message comes with {pending_image}" if pending_image else CHAT_HELP, style="dim"))
+                show(console, f"next message comes with {pending_image}" if pending_image else CHAT_HELP, style="dim")
                 continue
             if line.startswith("/"):
-                console.print(Text(CHAT_HELP, style="dim"))
+                show(console, CHAT_HELP, style="dim")
                 continue
             console.print("[bold magenta]lvb>[/] ", end="")
             try:
                 reply = session.ask(line, image=pending_image, sampling=sampling, max_new_tokens=options.max_new_tokens,
-                                    on_text=lambda piece: console.print(piece, end="", markup=False, highlight=False))
+                                    on_text=lambda piece: show(console, piece, end=""))
             except LvbError as e:
                 console.print()
                 say(errors, "error:", "bold red", " ".join(str(e).splitlines()))
@@ -588,8 +591,7 @@ def serve(
         say(errors, "note:", "yellow", f"listening on {host} without --api-key: anyone who reaches it can use the model")
     worker = Worker(session, max_queue=max_queue)
     name = session.checkpoint.directory.name
-    console.print(Text(f"{session.engine.backend} · seq {session.seq} · model {name} · http://{host}:{port}/", style="dim"),
-                  highlight=False)
+    show(console, f"{session.engine.backend} · seq {session.seq} · model {name} · http://{host}:{port}/", style="dim")
     try:
         uvicorn.run(create_app(worker, name, api_key=api_key), host=host, port=port, log_level="info")
     finally:
@@ -640,7 +642,7 @@ def verify(
     if data["task"]:
         t = data["task"]
         console.print(f"task accuracy: {t['correct']}/{t['pictures']} = {t['accuracy']:.1%} (needs {t['min_accuracy']:.0%})")
-    console.print(Text(f"reports: {data['directory']}/report.json, report.html{' (cached: nothing changed)' if data.get('cached') else ''}"))
+    show(console, f"reports: {data['directory']}/report.json, report.html{' (cached: nothing changed)' if data.get('cached') else ''}")
     if data["misses"]:
         for miss in data["misses"]:
             say(errors, "✗", "bold red", miss)
