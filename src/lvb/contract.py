@@ -123,24 +123,15 @@ class KindPolicy:
     """How a kind of net is compiled."""
 
     quant: QuantGroup
-    # model_transform.py options. Its ONNX simplifier holds ~11 bytes per weight byte: ~24 GB
-    # for an 11B vocabulary table (bench/transform_memory.py); a gather or a matmul has nothing
-    # to simplify. Other nets need it.
-    transform_options: tuple[str, ...] = ()
     # model_deploy.py options to try, in order, until the bmodel passes its check.
     ladder: tuple[tuple[str, ...], ...] = ((), SAFER)
     # What a job of this kind asks a cluster for (lvb.compile.cluster): its measured memory.
     peak: MeasuredPeak = MeasuredPeak(TOOL_BASE_BYTES, 0.0)
 
-    @property
-    def simplified(self) -> bool:
-        return "--do_onnx_sim" not in self.transform_options
 
-
-_NO_SIMPLIFIER = ("--do_onnx_sim", "")
 _VISION = KindPolicy(QuantGroup.VISION, ladder=(SAFER,))  # starts without layer grouping
 _DECODER = KindPolicy(QuantGroup.DECODER)
-_TABLE = KindPolicy(QuantGroup.EMBED, _NO_SIMPLIFIER, peak=MeasuredPeak(10.00e9, 2.10e9))
+_TABLE = KindPolicy(QuantGroup.EMBED, peak=MeasuredPeak(10.00e9, 2.10e9))
 
 POLICY: dict[Kind, KindPolicy] = {
     Kind.VISION_EMBED: replace(_VISION, peak=MeasuredPeak(4.78e9, 0.31e9)),

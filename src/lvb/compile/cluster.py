@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lvb
-from lvb.compile.compiler import Attempt, CompileError, Compiler, NetJob, build_attempt
+from lvb.compile.compiler import Attempt, CompileError, Compiler, build_attempt, memory_need
 from lvb.toolchain import Toolchain, ToolchainError, ToolFailed, ToolServer, find_toolchain
 from lvb.workdir import scratch
 
@@ -50,11 +50,6 @@ SCRATCH_PREFIX = "lvb-job-"
 INSTALL_HINT = "install the cluster extra: pip install -e '.[cluster]' (make setup does)"
 
 
-def memory_need(job: NetJob) -> int:
-    """Bytes of memory one job of this net needs, from its kind's measured peak."""
-    return job.kind.policy.peak.need(job_bytes(job))
-
-
 @dataclass(frozen=True)
 class ClusterSettings:
     address: str  # "auto", "ray://HOST:PORT" (Ray Client) or HOST:PORT of a cluster this machine is a node of
@@ -65,11 +60,6 @@ def _inputs(attempt: Attempt) -> list[Path]:
     """What a node needs of the export: the net's ONNX and weights, and its stages' check inputs."""
     folder = attempt.job.onnx.parent
     return sorted(p for p in folder.iterdir() if p.is_file() and (attempt.check or p not in attempt.job.check_files))
-
-
-def job_bytes(job: NetJob) -> int:
-    """The net's ONNX and weights: what its memory need scales with."""
-    return sum(p.stat().st_size for p in job.onnx.parent.iterdir() if p.is_file() and p not in job.check_files)
 
 
 # -- on a node ---------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import lvb
-from lvb.compile.tpumlir import CHIPS, DEFAULT_GROUP_SIZE, QUANTIZE, DeployOptions, combine, deploy, transform
+from lvb.compile.tpumlir import (CHIPS, DEFAULT_GROUP_SIZE, QUANTIZE, TRANSFORM_OPTIONS, DeployOptions, combine, deploy,
+                                 transform)
 from lvb.check import CheckMode, load_check, min_cosine, onnx_vs_bmodel
 from lvb.contract import Kind, NetSpec, QuantGroup, plan
 from lvb.errors import LvbError
@@ -130,18 +131,22 @@ class Executor(Protocol):
     def describe(self) -> dict: ...  # what the manifest's settings record of where it ran
 
 
-def default_jobs(largest_job_bytes: int) -> int:
-    """As many jobs as cores, fewer when free memory cannot hold them. A job's need is
-    estimated from its ONNX size: tpu-mlir's transform peaks at ~11 bytes per byte of
-    fp32 weights, ~5 without the simplifier (bench/README.md)."""
+def memory_need(job: NetJob) -> int:
+    """Bytes of memory one job of this net needs: its kind's measured peak, scaled by the
+    net's ONNX and weight bytes."""
+    weight_bytes = sum(p.stat().st_size for p in job.onnx.parent.iterdir() if p.is_file() and p not in job.check_files)
+    return job.kind.policy.peak.need(weight_bytes)
+
+
+def default_jobs(largest_need: int) -> int:
+    """As many jobs as cores, fewer when free memory cannot hold them."""
     cores = os.cpu_count() or 1
     try:
         with open("/proc/meminfo") as f:
             available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
     except (OSError, StopIteration):
         return max(1, cores // 2)
-    per_job = largest_job_bytes + (1 << 30)
-    return max(1, min(cores, available // per_job))
+    return max(1, min(cores, available // largest_need))
 
 
 def validate_group_size(spec: ModelSpec, settings: CompileSettings) -> None:
@@ -167,7 +172,7 @@ def _mlir(attempt: Attempt, stage: NetSpec, toolchain: Toolchain, server: ToolSe
     """One stage's MLIR (a net without smaller stages has one): the ONNX graph at that
     stage's input shapes, made once and shared by the net's deploys."""
     job = attempt.job
-    options = job.kind.policy.transform_options
+    options = TRANSFORM_OPTIONS
     shapes = [t.shape for t in stage.inputs]
     folder = attempt.net_folder / f"mlir-{cache_key(job.export_key, toolchain.tpu_mlir_version, options, shapes)}"
     mlir = folder / f"{job.name}.mlir"
@@ -388,9 +393,7 @@ class Compiler:
 
             executor: Executor = RayExecutor(cluster, self)
         else:
-            executor = LocalExecutor(self.toolchain, jobs or default_jobs(max(
-                (12 if j.kind.policy.simplified else 5) * sum(p.stat().st_size for p in j.onnx.parent.iterdir())
-                for j in self.jobs)))
+            executor = LocalExecutor(self.toolchain, jobs or default_jobs(max(map(memory_need, self.jobs))))
         running: list[str] = []
         done = 0
         lock = threading.Lock()

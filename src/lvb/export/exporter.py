@@ -35,6 +35,9 @@ from lvb.workdir import (EXPORT_VERSION, WorkDir, cache_key, damaged_files, reco
                          scratch, write_json)
 
 OPSET = 17  # tpu-mlir rejects the opset-18 graphs of the dynamo exporter
+# How lvb rewrites the traced graph; part of every net's cache key.
+# 2: no Identity of a weight, small ops on constants alone evaluated (_prepare_for_tpu_mlir).
+GRAPH_FORM = 2
 
 
 class ExportError(LvbError, RuntimeError):
@@ -61,7 +64,7 @@ def net_key(net: NetSpec, versions: dict, weights_digest: str) -> str:
     the tools, the patches (and how they split attention) and its weights' content."""
     from lvb import patches
 
-    return cache_key(net.to_json(), OPSET, versions, weights_digest, [p.attribute for p in patches.PATCHES],
+    return cache_key(net.to_json(), OPSET, GRAPH_FORM, versions, weights_digest, [p.attribute for p in patches.PATCHES],
                      patches.scores_bytes_per_group())
 
 
@@ -149,6 +152,7 @@ def _move_weights_out(path: Path, stand_ins: Sequence[StandIn] = (), weights: Ch
     import onnx
 
     model = onnx.load(str(path))  # also reads any external files torch wrote for a net > 2 GB
+    _prepare_for_tpu_mlir(model)
     weights_file = path.with_suffix(".weights")
     found = set()
     with open(weights_file, "wb") as out:
@@ -185,6 +189,52 @@ def _move_weights_out(path: Path, stand_ins: Sequence[StandIn] = (), weights: Ch
     for leftover in path.parent.iterdir():  # torch's own external files, now copied into <net>.weights
         if leftover not in (path, weights_file):
             leftover.unlink()
+
+
+# The most bytes of constant inputs _prepare_for_tpu_mlir evaluates an op on: gates, shapes.
+FOLD_BYTES = 1 << 16
+
+
+def _prepare_for_tpu_mlir(model) -> None:
+    """Rewrite the traced graph so that tpu-mlir's converter reads it without its ONNX
+    simplifier, which held about 11 bytes per weight byte (bench/README.md §1b: 24 GB
+    projected for an 11B vocabulary table, 10.4 GB measured for an 11B decoder layer).
+
+    The converter takes an initializer only as a weight operand. The TorchScript exporter
+    leaves two other uses, which the simplifier used to fold: an Identity that feeds a weight
+    equal to another (it stores equal weights once: norms of ones, zero biases and gates of a
+    fresh model, tied ones), and small ops on constants alone (tanh of a gate, a Pad's pads
+    computed from shapes), which are evaluated here."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    outputs = {o.name for o in graph.output}
+    alias: dict[str, str] = {}
+    kept = []
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = alias.get(name, name)
+        weight_inputs = [x for x in node.input if x in initializers]
+        if node.op_type == "Identity" and weight_inputs and node.output[0] not in outputs:
+            alias[node.output[0]] = node.input[0]
+            continue
+        inputs = [x for x in node.input if x]
+        if inputs and all(x in initializers or x in constants for x in inputs) and not set(node.output) & outputs:
+            feeds = {x: numpy_helper.to_array(initializers[x]) if x in initializers
+                     else ReferenceEvaluator(constants[x]).run(None, {})[0] for x in inputs}
+            if sum(v.nbytes for v in feeds.values()) <= FOLD_BYTES:
+                for name, value in zip(node.output, ReferenceEvaluator(node).run(None, feeds)):
+                    initializers[name] = numpy_helper.from_array(np.asarray(value), name)
+                    graph.initializer.append(initializers[name])
+                continue
+        kept.append(node)
+    used = {x for n in kept for x in n.input} | outputs
+    kept = [n for n in kept if n.op_type != "Constant" or n.output[0] in used]
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def _free_weights(module) -> None:
