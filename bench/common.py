@@ -39,36 +39,49 @@ def cross_layers_for(layers: int) -> tuple[int, ...]:
     return pattern or (layers // 2,)
 
 
-def geometry_11b(layers: int = 3, vision_layers: int = 2, global_layers: int = 1, cross: tuple[int, ...] | None = None):
-    """The real 11B widths with a short stack. Five intermediate vision indices, as the
-    11B has, so the projector is the real 7680 -> 4096 (indices repeat when the local
-    stack is shorter than 31 layers; transformers stacks them as listed)."""
+# The published configs whose widths the bench uses (the weights are synthetic).
+CONFIGS = {name: REPO / "tests" / "data" / f"llama-3.2-{name}-vision.config.json" for name in ("11b", "90b")}
+
+
+def geometry_of(model: str, layers: int = 3, vision_layers: int = 2, global_layers: int = 1,
+                cross: tuple[int, ...] | None = None):
+    """A published model's widths (CONFIGS) with a short stack. Five intermediate vision
+    indices, as the 11B and 90B have, so the projector has its real width (indices repeat when
+    the local stack is shorter than the real one; transformers stacks them as listed)."""
     from lvb.testing.checkpoints import Geometry
 
-    indices = tuple(min(vision_layers - 1, i * vision_layers // FULL["vision_layers"]) for i in FULL["intermediate_indices"])
+    config = json.loads(CONFIGS[model].read_text())
+    text, vision = config["text_config"], config["vision_config"]
+    real_indices = vision["intermediate_layers_indices"]
+    indices = tuple(min(vision_layers - 1, i * vision_layers // vision["num_hidden_layers"]) for i in real_indices)
+    pattern = tuple(i for i in text["cross_attention_layers"] if i < layers)
     return Geometry(
-        name=f"11b-widths-L{layers}-V{vision_layers}+{global_layers}",
-        description="Llama-3.2-11B-Vision widths, short stacks, synthetic bfloat16 weights",
+        name=f"{model}-widths-L{layers}-V{vision_layers}+{global_layers}",
+        description=f"Llama-3.2-{model.upper()}-Vision widths, short stacks, synthetic bfloat16 weights",
         text_layers=layers,
-        cross_layers=cross if cross is not None else cross_layers_for(layers),
-        hidden=4096,
-        intermediate=14336,
-        heads=32,
-        kv_heads=8,
-        tile=560,
-        patch=14,
-        max_tiles=4,
+        cross_layers=cross if cross is not None else pattern or (layers // 2,),
+        hidden=text["hidden_size"],
+        intermediate=text["intermediate_size"],
+        heads=text["num_attention_heads"],
+        kv_heads=text["num_key_value_heads"],
+        tile=vision["image_size"],
+        patch=vision["patch_size"],
+        max_tiles=vision["max_num_tiles"],
         vision_layers=vision_layers,
         global_layers=global_layers,
         intermediate_indices=indices,
-        vision_hidden=1280,
-        vision_heads=16,
-        vision_intermediate=5120,
-        rope="llama3",
-        vocab_size=128256,
-        init_std=0.02,  # the 11B config's initializer_range; 0.25 at width 4096 overflows activations
+        vision_hidden=vision["hidden_size"],
+        vision_heads=vision["attention_heads"],
+        vision_intermediate=vision["intermediate_size"],
+        rope=text["rope_scaling"]["rope_type"],
+        vocab_size=text["vocab_size"],
+        init_std=text["initializer_range"],  # 0.25 (the tests' fixtures) at width 4096 overflows activations
         gate=0.8,
     )
+
+
+def geometry_11b(layers: int = 3, vision_layers: int = 2, global_layers: int = 1, cross: tuple[int, ...] | None = None):
+    return geometry_of("11b", layers, vision_layers, global_layers, cross)
 
 
 def geometry_tiny(layers: int = 3, vision_layers: int = 2, global_layers: int = 1):

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Conversion at Llama-3.2-11B-Vision widths: time and peak RAM of `lvb export` and
-`lvb compile`, and what they extrapolate to for the full 11B model.
+"""Conversion at Llama-3.2-11B-Vision widths (or the 90B's, `--model 90b`): time and peak RAM
+of `lvb export` and `lvb compile`, and what they extrapolate to for the full model.
 
 What it does:
 
@@ -51,7 +51,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LVB, OUT, REPO, check_loads, checkpoint_complete, gb, geometry_11b, geometry_tiny, machine, table  # noqa: E402
+from common import CONFIGS, LVB, OUT, REPO, check_loads, checkpoint_complete, gb, geometry_of, geometry_tiny, machine, table  # noqa: E402
 from common import write_streaming_checkpoint  # noqa: E402
 
 # ----------------------------------------------------------------------------- sampling
@@ -247,20 +247,24 @@ def run_measured(name: str, argv: list[str], work: Path, out: Path, min_availabl
 
 # ----------------------------------------------------------------------------- analysis
 
-FULL_CONFIG = REPO / "tests" / "data" / "llama-3.2-11b-vision.config.json"
 STAGES = ("export_peak_rss", "transform_peak_rss", "deploy_peak_rss")
 # Kinds whose weights the combined bmodel holds once per layer (block_i and block_cache_i
 # share theirs, embed and embed_cache share the table, so only one of each pair counts).
 WEIGHT_KINDS = ("vision_layer", "vision_global", "cross_kv", "self_prefill", "cross_prefill")
 
 
-def full_counts(seq: int, chunk: int) -> dict[str, int]:
-    """Nets of each kind in the real 11B's plan, from its published config."""
+# Published bf16 checkpoint sizes (11B: 10.6 B parameters, 90B: 88.8 B), and each issue's RAM goal.
+FULL_CHECKPOINT_BYTES = {"11b": 21.3e9, "90b": 177.6e9}
+RAM_TARGET = {"11b": 16e9, "90b": 20e9}
+
+
+def full_counts(model: str, seq: int, chunk: int) -> dict[str, int]:
+    """Nets of each kind in the real model's plan, from its published config."""
     from lvb.contract import plan
     from lvb.spec import ModelSpec
 
     counts: dict[str, int] = {}
-    for net in plan(ModelSpec.from_config(json.loads(FULL_CONFIG.read_text())), seq, chunk):
+    for net in plan(ModelSpec.from_config(json.loads(CONFIGS[model].read_text())), seq, chunk):
         counts[net.kind.value] = counts.get(net.kind.value, 0) + 1
     return counts
 
@@ -302,7 +306,7 @@ def analyse(results: dict, work: Path, args) -> dict:
     kinds: dict[str, list[dict]] = {}
     for row in per_net:
         kinds.setdefault(row["kind"], []).append(row)
-    counts = full_counts(args.seq, args.chunk)
+    counts = full_counts(args.model, args.seq, args.chunk)
 
     def mean(rows, key):
         return sum(r[key] for r in rows) / len(rows)
@@ -410,19 +414,20 @@ def report(results: dict, analysis: dict, geometry, args) -> None:
                  f"{hms(analysis['digest_s'])} -> {hms(analysis['digest_full_s'])}",
                  f"{hms(analysis['combine_s'])} -> {hms(analysis['combine_full_s'])}", "", "", ""])
     peak = analysis["full_peak"]
-    rows.append(["TOTAL full 11B", "", "", hms(analysis["full_export_s"]), hms(analysis["full_compile_s"]),
+    rows.append([f"TOTAL full {args.model.upper()}", "", "", hms(analysis["full_export_s"]), hms(analysis["full_compile_s"]),
                  gb(peak["export_peak_rss"]), gb(peak["transform_peak_rss"]), gb(peak["deploy_peak_rss"])])
-    print(f"\nExtrapolated to the full 11B (its plan from {FULL_CONFIG.name}; every net has the shape of a measured net of "
+    print(f"\nExtrapolated to the full {args.model.upper()} (its plan from {CONFIGS[args.model].name}; every net has the shape of a measured net of "
           f"its kind), jobs={args.jobs}:")
-    print(table(rows, ["net kind", "measured nets", "nets in 11B", "export", "compile (transform+deploy)", "export peak",
+    print(table(rows, ["net kind", "measured nets", f"nets in {args.model.upper()}", "export", "compile (transform+deploy)", "export peak",
                        "transform peak", "deploy peak"]))
     if analysis["missing_kinds"]:
         print(f"  not measured here (so not in the totals): {', '.join(analysis['missing_kinds'])}")
     total = analysis["full_export_s"] + analysis["full_compile_s"]
     worst = max(peak.values())
-    print(f"  => whole 11B conversion (export + int4 compile, no simulator check): about {hms(total)} on this machine, "
-          f"peak RAM {gb(worst)} ({'within' if worst < 16e9 else 'OVER'} the 16 GB target; Sophgo's guide asks for 40-64 GB)")
-    print(f"  bmodel: {gb(analysis['bmodel_bytes'])} combined here; the 11B's int4 bmodel: about {gb(analysis['bmodel_full_bytes'])}")
+    print(f"  => whole {args.model.upper()} conversion (export + int4 compile, no simulator check): about {hms(total)} on this machine, "
+          f"peak RAM {gb(worst)} ({'within' if worst < RAM_TARGET[args.model] else 'OVER'} the {gb(RAM_TARGET[args.model])} target; "
+          "Sophgo's guide asks for 40-64 GB for the 11B)")
+    print(f"  bmodel: {gb(analysis['bmodel_bytes'])} combined here; the {args.model.upper()}'s int4 bmodel: about {gb(analysis['bmodel_full_bytes'])}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -430,6 +435,7 @@ def report(results: dict, analysis: dict, geometry, args) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(CONFIGS), default="11b", help="whose widths (tests/data/llama-3.2-*-vision.config.json)")
     parser.add_argument("--layers", type=int, default=3, help="text layers (one cross-attention layer among them)")
     parser.add_argument("--vision-layers", type=int, default=2, help="local vision layers")
     parser.add_argument("--global-layers", type=int, default=1, help="global vision layers")
@@ -444,11 +450,13 @@ def main() -> int:
                         help="stop after the export (the compile's ~10 GB peak wants a machine of its own)")
     parser.add_argument("--min-available", type=float, default=1.5,
                         help="GB of MemAvailable below which a stage is stopped (protects a shared machine)")
-    parser.add_argument("--full-checkpoint-bytes", type=float, default=21.3e9,
-                        help="bytes of the real 11B checkpoint (bf16), to scale fixed per-byte costs")
+    parser.add_argument("--full-checkpoint-bytes", type=float, default=None,
+                        help="bytes of the real checkpoint (bf16; default: the published size), to scale fixed per-byte costs")
     args = parser.parse_args()
+    args.full_checkpoint_bytes = args.full_checkpoint_bytes or FULL_CHECKPOINT_BYTES[args.model]
 
-    geometry = (geometry_tiny if args.tiny else geometry_11b)(args.layers, args.vision_layers, args.global_layers)
+    geometry = (geometry_tiny(args.layers, args.vision_layers, args.global_layers) if args.tiny
+                else geometry_of(args.model, args.layers, args.vision_layers, args.global_layers))
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / f"ckpt-{geometry.name}"
