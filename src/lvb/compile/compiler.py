@@ -172,7 +172,9 @@ def _mlir(attempt: Attempt, stage: NetSpec, toolchain: Toolchain, server: ToolSe
     """One stage's MLIR (a net without smaller stages has one): the ONNX graph at that
     stage's input shapes, made once and shared by the net's deploys."""
     job = attempt.job
-    options = TRANSFORM_OPTIONS
+    # A net with smaller stages is exported with symbolic axes; only the simplifier makes its
+    # shapes static per stage (without it, tpu-mlir's shape inference fails on its Reshapes).
+    options = TRANSFORM_OPTIONS if not job.net.smaller else ()
     shapes = [t.shape for t in stage.inputs]
     folder = attempt.net_folder / f"mlir-{cache_key(job.export_key, toolchain.tpu_mlir_version, options, shapes)}"
     mlir = folder / f"{job.name}.mlir"

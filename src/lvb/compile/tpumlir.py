@@ -16,8 +16,8 @@ DEFAULT_GROUP_SIZE = 64
 
 # model_transform.py without its ONNX simplifier, which held about 11 bytes per weight byte
 # (24 GB projected for an 11B vocabulary table, 10.4 GB for an 11B decoder layer; bench/README.md
-# §1b) and which lvb's graphs do not need: they are static, and the exporter folds what the
-# converter needs folded (lvb.export.exporter._prepare_for_tpu_mlir).
+# §1b) and which a net of one stage does not need: its graph is static, and the exporter folds
+# what the converter needs folded (lvb.export.exporter._prepare_for_tpu_mlir).
 TRANSFORM_OPTIONS = ("--do_onnx_sim", "")
 
 
