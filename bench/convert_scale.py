@@ -101,7 +101,8 @@ class TreeSampler(threading.Thread):
                 continue
             parts = rel.parts
             if len(parts) >= 2:
-                phase = "transform" if parts[1].startswith("mlir-") else "deploy"
+                # the transform runs in a scratch folder named after mlir-<key> (".mlir-<key>.tmp-…")
+                phase = "transform" if parts[1].lstrip(".").startswith("mlir-") else "deploy"
                 return f"{phase}:{parts[0]}"
         try:
             for entry in os.scandir(export_dir):
