@@ -12,6 +12,7 @@ run killed at any point resumes where it stopped and ends with the same nets.
 
 from __future__ import annotations
 
+
 import os
 import shutil
 import threading
@@ -131,11 +132,20 @@ class Executor(Protocol):
     def describe(self) -> dict: ...  # what the manifest's settings record of where it ran
 
 
+def needs_simplifier(onnx_path: Path) -> bool:
+    """Whether the graph computes shapes (Shape ops): a net with stages is exported with
+    symbolic axes, and only tpu-mlir's ONNX simplifier makes them static per stage (without it
+    its shape inference fails on their Reshapes). Other graphs are transformed without it."""
+    import onnx
+
+    return any(node.op_type == "Shape" for node in onnx.load(str(onnx_path), load_external_data=False).graph.node)
+
+
 def memory_need(job: NetJob) -> int:
     """Bytes of memory one job of this net needs: its kind's measured peak, scaled by the
     net's ONNX and weight bytes."""
     weight_bytes = sum(p.stat().st_size for p in job.onnx.parent.iterdir() if p.is_file() and p not in job.check_files)
-    return job.kind.policy.peak.need(weight_bytes)
+    return job.kind.policy.peak.need(weight_bytes, simplified=needs_simplifier(job.onnx))
 
 
 def default_jobs(largest_need: int) -> int:
@@ -172,9 +182,7 @@ def _mlir(attempt: Attempt, stage: NetSpec, toolchain: Toolchain, server: ToolSe
     """One stage's MLIR (a net without smaller stages has one): the ONNX graph at that
     stage's input shapes, made once and shared by the net's deploys."""
     job = attempt.job
-    # A net with smaller stages is exported with symbolic axes; only the simplifier makes its
-    # shapes static per stage (without it, tpu-mlir's shape inference fails on its Reshapes).
-    options = TRANSFORM_OPTIONS if not job.net.smaller else ()
+    options = () if needs_simplifier(job.onnx) else TRANSFORM_OPTIONS
     shapes = [t.shape for t in stage.inputs]
     folder = attempt.net_folder / f"mlir-{cache_key(job.export_key, toolchain.tpu_mlir_version, options, shapes)}"
     mlir = folder / f"{job.name}.mlir"
