@@ -93,9 +93,12 @@ class HostBuffers:
         self.bf16: set[str] = set()
 
     def allocate(self, buffer: str, shape, dtype: str = "float32") -> None:
-        bf16 = dtype == BF16
-        self.buffers[buffer] = np.zeros(tuple(shape), dtype=np.uint16 if bf16 else dtype)
-        (self.bf16.add if bf16 else self.bf16.discard)(buffer)
+        if dtype == BF16:
+            self.buffers[buffer] = np.zeros(tuple(shape), dtype=np.uint16)
+            self.bf16.add(buffer)
+        else:
+            self.buffers[buffer] = np.zeros(tuple(shape), dtype=dtype)
+            self.bf16.discard(buffer)
 
     def read(self, buffer: str) -> np.ndarray:
         data = self.buffers[buffer]
