@@ -14,8 +14,9 @@ Their weight bytes and I/O tensors are read with lvb.bmodel.inspect_bmodel
 Then, for the full model (32 self-attention + 8 cross-attention layers, the LM head in
 bf16, one embedding row): weights = 32 x self + 8 x cross + lm_head + one row;
 KV cache = every slot of every self-attention layer's K and V at --seq, in the bmodel's
-I/O dtype (fp32 as lvb compiles today) and in bf16; cross-attention K/V = 8 layers x
-(K + V) of 6404 tokens, at the 8 KV heads lvb keeps (fp32 I/O, and bf16) and in the
+I/O dtype (bf16 as lvb compiles it since its nets take bf16 state; fp32 in a work directory
+compiled before) and in bf16; cross-attention K/V = 8 layers x (K + V) of 6404 tokens, at
+the 8 KV heads lvb keeps (the bmodel's I/O dtype, and bf16) and in the
 reference port's layout repeated to all 32 heads ([1, 32, 6404, 128] per tensor, bf16).
 tokens/s <= bandwidth / bytes per token. Bandwidth: 64 GB/s, the BM1684X figure in
 Sophgo's own LLM performance model in tpu-mlir (python/llm/LlmProfile.py, chip "bm1684x":
@@ -42,6 +43,7 @@ from common import FULL, OUT, gb, machine, mb, table  # noqa: E402
 
 from lvb.bmodel import inspect_bmodel  # noqa: E402
 from lvb.compile.tpumlir import DeployOptions, deploy  # noqa: E402
+from lvb.contract import NetSpec  # noqa: E402
 from lvb.spec import ModelSpec  # noqa: E402
 from lvb.toolchain import find_toolchain  # noqa: E402
 
@@ -89,7 +91,10 @@ def bmodel_for(work: Path, net: str, quant: str, out: Path, toolchain) -> tuple[
     tmp.mkdir(parents=True)
     for needed in mlir.parent.iterdir():  # deploy reads the MLIR's weight file from its own folder, as lvb compile does
         (tmp / needed.name).symlink_to(needed.resolve())
-    options = DeployOptions(quantize=quant, chip="bm1684x", group_size=64)
+    # The net's bf16 I/O as lvb compile gives it (contract.NetSpec.bf16_io).
+    export = json.loads((work / "export" / "manifest.json").read_text())
+    bf16_inputs, bf16_outputs = NetSpec.from_json(export["nets"][net]).bf16_io()
+    options = DeployOptions(quantize=quant, chip="bm1684x", group_size=64, bf16_inputs=bf16_inputs, bf16_outputs=bf16_outputs)
     print(f"  deploying {net} at {quant} ({' '.join(options.args())}) ...", flush=True)
     started = time.perf_counter()
     deploy(toolchain, tmp / mlir.name, tmp, bmodel.name, options, tmp / "deploy.log")

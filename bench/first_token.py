@@ -14,8 +14,9 @@ between the reference's vision layers are, since lvb's per-layer vision nets pay
 lvb's plan is `lvb.contract.plan()` for the 11B config (tests/data/llama-3.2-11b-vision.config.json):
 the vision nets (as many tiles as the contract's vision nets take), `cross_kv_i` once per
 picture, the prompt prefilled in as many chunks as it takes, the LM head and the greedy head
-on the device. Shapes and I/O dtypes come from the contract's tensors, so a change there
-(tile stages, chunk buckets, bf16 I/O) moves these figures.
+on the device. Shapes and I/O dtypes come from the contract's tensors as the device takes
+them (`NetSpec.on_device`: bf16 state), so a change there (tile stages, chunk buckets, bf16
+I/O) moves these figures.
 
 The reference is Sophgo's port (sophon-demo sample/Llama3_2_Vision, built by LLM-TPU's
 models/Llama3_2-Vision/compile/export_onnx.py and sophon-demo's scripts/gen_bmodel.sh):
@@ -204,7 +205,7 @@ def lvb_first_token(spec: ModelSpec, seq: int, chunks: tuple[int, ...], tiles: i
     """The calls of lvb's first token: the vision nets at the tile count the contract
     gives them, cross K/V once, the prompt in chunks as the runtime picks them
     (lvb.contract.chunk_for), the LM head and greedy head."""
-    nets = {n.name: n for n in plan(spec, seq, chunks)}
+    nets = {n.name: n.on_device() for n in plan(spec, seq, chunks)}
     calls = [lvb_call(nets[n.name], spec, quant, head_quant) for n in vision_nets(spec)]
     calls += [lvb_call(nets[f"cross_kv_{i}"], spec, quant, head_quant) for i in spec.text.cross_attention_layers]
     remaining = prompt
@@ -218,7 +219,7 @@ def lvb_first_token(spec: ModelSpec, seq: int, chunks: tuple[int, ...], tiles: i
 
 
 def lvb_decode(spec: ModelSpec, seq: int, chunks: tuple[int, ...], tiles: int, quant: str, head_quant: str) -> list[Call]:
-    nets = {n.name: n for n in plan(spec, seq, chunks)}
+    nets = {n.name: n.on_device() for n in plan(spec, seq, chunks)}
     names = ["embed_cache", *(f"block_cache_{i}" for i in range(spec.text.num_layers)), "lm_head", "greedy_head"]
     return [lvb_call(nets[name], spec, quant, head_quant) for name in names]
 

@@ -7,8 +7,9 @@ Sources:
   README §1: "about 9.2 GB", extrapolated from per-net bmodels at real widths), or
   --weights to use another figure (model_tool's `weight` + `instruct` of a real one);
 - engine buffers and scratch I/O: computed by lvb.runtime.memory from the contract's
-  nets for the 11B's own config (tests/data/llama-3.2-11b-vision.config.json), i.e.
-  exactly what Session allocates and SailEngine's shared scratch;
+  nets for the 11B's own config (tests/data/llama-3.2-11b-vision.config.json) in the
+  dtypes the compiled nets take (bf16 state), i.e. exactly what Session allocates and
+  SailEngine's shared scratch;
 - activations: bmruntime shares one neuron buffer, sized for the largest net. --activations
   takes it from a bmodel (the largest `ctx_size` among its nets, read by
   lvb.bmodel.inspect_bmodel; activation_memory.py compiles nets of the 11B-width export
@@ -73,7 +74,7 @@ def main() -> int:
     spec = ModelSpec.from_config(json.loads(CONFIG.read_text()))
     activation, source = activations(args.activations)
     for seq in (512, 1024):
-        nets = {n.name: n for n in plan(spec, seq, args.chunk)}
+        nets = {n.name: n.on_device() for n in plan(spec, seq, args.chunk)}
         p = MemoryPlan(int(args.weights), 0, {"largest net": activation}, resident_buffers(nets), scratch_tensors(nets))
         rows = [["weights + instructions", gb(p.weights)], ["activations (shared)", gb(p.activation)]]
         rows += [[f"engine: {name}", gb(size)] for name, size in p.groups()]

@@ -15,7 +15,7 @@ from lvb.cli import app
 from lvb.check import CheckMode, min_cosine
 from lvb.bmodel import inspect_bmodel
 from lvb.compile.compiler import CompileSettings, Compiler, record_transform
-from lvb.contract import Kind
+from lvb.contract import Kind, NetSpec
 from lvb.testing.checkpoints import GEOMETRIES
 from lvb.toolchain import Toolchain, find_toolchain
 
@@ -46,6 +46,14 @@ def test_every_net_compiles_and_matches_onnxruntime_on_the_simulator(name, quant
     assert all(net.neuron_bytes > 0 for net in info.nets.values()), {n: x.neuron_bytes for n, x in info.nets.items()}
     for net, entry in exported.items():
         assert [(t.name, list(t.shape)) for t in info.nets[net].inputs] == [(t["name"], t["shape"]) for t in entry["inputs"]]
+        # Each tensor in the dtype the contract gives the device: the state bf16, the rest as exported.
+        device = NetSpec.from_json(entry).on_device()
+        assert [t.dtype for t in info.nets[net].inputs] == [t.dtype for t in device.inputs], net
+        assert [t.dtype for t in info.nets[net].outputs] == [t.dtype for t in device.outputs], net
+    block = next(net for net in exported if net.startswith("block_cache_") and Kind(exported[net]["kind"]) is Kind.SELF_DECODE)
+    declared = {t.name: t.dtype for t in info.nets[block].inputs}
+    assert declared["past_k"] == declared["past_v"] == "bfloat16" and declared["position_ids"] == "int32"
+    assert [t.dtype for t in info.nets[block].outputs] == ["bfloat16"] * 3
 
 
 def test_check_kinds_checks_the_first_net_of_each_kind_and_trusts_its_siblings(compile_factory, export_factory, tmp_path):
@@ -176,10 +184,10 @@ def test_inspect_reports_decode_bytes(compile_factory):
     assert result.exit_code == 0, result.output
     info = inspect_bmodel(bmodel, find_toolchain())
     step = info.decode_step()
-    # KV of the self-attention layers (0 and 2): [1, SEQ, 2, 16] fp32 each for K and V.
-    assert step["kv_cache"] == 2 * 2 * SEQ * 2 * 16 * 4
-    # Cross K/V of layers 1 and 3: [1, 68, 2, 16] fp32, K and V: KV heads only, never 4 query heads.
-    assert step["cross_kv"] == 2 * 2 * 68 * 2 * 16 * 4
+    # KV of the self-attention layers (0 and 2): [1, SEQ, 2, 16] bf16 each for K and V.
+    assert step["kv_cache"] == 2 * 2 * SEQ * 2 * 16 * 2
+    # Cross K/V of layers 1 and 3: [1, 68, 2, 16] bf16, K and V: KV heads only, never 4 query heads.
+    assert step["cross_kv"] == 2 * 2 * 68 * 2 * 16 * 2
     assert step["weights"] > 0 and "one decode step reads" in result.output
 
 

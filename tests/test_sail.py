@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,10 @@ import numpy as np
 import pytest
 
 from helpers import TOY
+from lvb.bmodel import inspect_bmodel
 from lvb.runtime.engine import EngineError, Resident
+from lvb.runtime.memory import plan_for_bmodel
+from lvb.toolchain import find_toolchain
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "src" / "lvb" / "testing" / "sail_standin"
@@ -100,6 +104,12 @@ def test_sail_answers_as_the_simulator_within_the_memory_goal(sail, toy_int4_bmo
     assert all(len(t) > 1 for t in on_sail)
     print(f"device memory: bmodel {model} B, peak {peak} B ({peak / model:.2f}x)")
     assert model > 0 and peak <= 1.5 * model
+    # The state the nets hand each other (KV caches, cross K/V, hidden and vision states) is
+    # bf16 in the bmodel, so the buffers the engine allocates for it take two bytes a value.
+    plan = plan_for_bmodel(inspect_bmodel(toy_int4_bmodel, find_toolchain()))
+    state = [t for t in plan.resident if re.fullmatch(r"c?[kv]\d+|vision.*|cross_states|hidden.*", t.name)]
+    assert state and {t.dtype for t in state} == {"bfloat16"}
+    print(f"engine: {peak - model} B; float32 state would add {sum(math.prod(t.shape) * 2 for t in state)} B")
 
 
 def test_a_failed_launch_ends_the_answer_with_that_error(sail, toy_int4_bmodel, tmp_path):
@@ -240,3 +250,42 @@ def test_upload_is_the_same_on_every_backend_and_views_feed_rows(sail, tmp_path)
         engine.allocate("logits", (1, 3))
         engine.run("head", {"hidden_states": Resident("hidden", 2, 1)}, store={0: Resident("logits")})
         assert device.copies["d2d"] == 0 and device.copies["h2d"] == 0
+
+
+def test_bf16_state_takes_two_bytes_a_value_on_every_backend(sail, tmp_path):
+    """A buffer of bf16 state (what the compiled nets declare for KV caches, cross K/V and
+    hidden states) holds two bytes a value on the device and in the host backends, with no
+    float32 shadow; values go in and come out as float32, rounded to bf16; a bf16 net reads
+    and writes rows of it in place (a shape-only bmodel: nothing runs)."""
+    from lvb.contract import BF16, NetInfo, TensorInfo
+    from lvb.numerics import from_bf16_bits, to_bf16_bits
+    from lvb.runtime.engine import HostBuffers
+    from lvb.runtime.sail import SailEngine
+
+    net = NetInfo("block", (TensorInfo("hidden_states", (1, 1, 4), BF16),), (TensorInfo("k", (1, 1, 4), BF16),))
+    bmodel = tmp_path / "bf16.bmodel"
+    bmodel.write_bytes(b"")
+    sail.register_bmodel(str(bmodel), [net])
+    host = HostBuffers()
+    values = np.arange(12, dtype=np.float32).reshape(1, 3, 4) / 3
+    rounded = from_bf16_bits(to_bf16_bits(values))
+    assert not np.array_equal(rounded, values)  # the rounding is visible
+    device = sail.device(0)
+    with SailEngine(bmodel) as engine:
+        assert [t.dtype for t in engine.nets["block"].inputs] == [BF16]
+        held = {}
+        for backend in (engine, host):
+            used = device.used
+            backend.allocate("hidden", (1, 3, 4), BF16)
+            backend.allocate("k", (1, 3, 4), BF16)
+            held[backend] = device.used - used
+            backend.upload("hidden", values)
+            assert np.array_equal(backend.read("hidden"), rounded)
+        assert held[engine] == sum(b.nbytes for b in host.buffers.values()) == 2 * 12 * 2
+        device.reset_counters()
+        used = device.used
+        engine.run("block", {"hidden_states": Resident("hidden", 2, 1)}, store={0: Resident("k", 1, 1)})
+        assert device.copies["d2d"] == 0 and device.copies["h2d"] == 0 and device.used == used
+        # The host backends store a bf16 output's bits as they are.
+        host.store(to_bf16_bits(values[:, 2:]), Resident("k", 1, 1), bf16_bits=True)
+        assert np.array_equal(host.read("k")[:, 1], rounded[:, 2])

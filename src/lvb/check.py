@@ -11,6 +11,11 @@ compile's own rounding (bf16 activations) remains, so one tight threshold
 catches miscompiles for every model and quantization (measured minima per net kind in
 MEASURED_MIN_COSINE below).
 
+A bmodel whose state is bf16 on the device (contract.device_dtype) is fed the same float32
+inputs: the backend rounds them to bf16 as the bmodel's own cast did when its I/O was
+float32, and gives its bf16 outputs back as float32, so the comparison and its thresholds
+are the same (the compile checks' cosines did not move, README "The nets").
+
 torch, onnx and onnxruntime are imported inside the functions that need them.
 """
 

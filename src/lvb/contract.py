@@ -39,6 +39,9 @@ DEFAULT_CHUNKS = (128,)  # `--chunk 16,32,64,128` prefills a short turn faster; 
 # tpu-mlir's comparisons stay clear of infinities.
 MASK_VALUE = -10000.0
 
+# The device dtype of the state the nets hand each other (see `device_dtype`).
+BF16 = "bfloat16"
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -131,6 +134,11 @@ class KindPolicy:
     ladder: tuple[tuple[str, ...], ...] = ((), SAFER)
     # What a job of this kind asks a cluster for (lvb.compile.cluster): its measured memory.
     peak: MeasuredPeak = MeasuredPeak(TOOL_BASE_BYTES, 0.0)
+    # The state it reads and writes (hidden states, KV caches, cross K/V, vision states) crosses
+    # the device boundary as bf16 (model_deploy's --quant_input/--quant_output, as Sophgo's own
+    # builds): the net computes in bf16 anyway, so the float32 cast at its edge only doubled the
+    # bytes every buffer holds and every decode step reads.
+    bf16_state: bool = True
 
 
 _VISION = KindPolicy(QuantGroup.VISION, ladder=(SAFER,))  # starts without layer grouping
@@ -153,7 +161,7 @@ POLICY: dict[Kind, KindPolicy] = {
     Kind.CROSS_DECODE: replace(_DECODER, peak=MeasuredPeak(4.75e9, 0.84e9, simplified=9.96e9)),
     Kind.LM_HEAD: replace(_TABLE, quant=QuantGroup.HEAD),
     # An argmax: no weights, and no reason to round the logits.
-    Kind.GREEDY_HEAD: KindPolicy(QuantGroup.F32, peak=MeasuredPeak(1.29e9, 0.0)),
+    Kind.GREEDY_HEAD: KindPolicy(QuantGroup.F32, peak=MeasuredPeak(1.29e9, 0.0), bf16_state=False),
 }
 
 
@@ -189,6 +197,23 @@ class Names:
 
 
 _KEPT_LAYER = "layer_{}"
+
+# What the nets hand each other through resident buffers. Masks, positions, pixels, logits and
+# tokens are not state: the host makes or reads them.
+_STATE = frozenset({Names.HIDDEN, Names.CROSS_STATES, Names.CROSS_K, Names.CROSS_V, Names.PAST_K, Names.PAST_V,
+                    Names.K, Names.V})
+
+
+def is_state(name: str) -> bool:
+    return name in _STATE or Names.kept_layer_index(name) is not None
+
+
+def device_dtype(kind: Kind, tensor: TensorInfo) -> str:
+    """The dtype a net of `kind` takes or gives `tensor` in on the device (the ONNX graph's is
+    tensor.dtype): bf16 for float32 state where the kind's policy says so."""
+    if kind.policy.bf16_state and tensor.dtype == "float32" and is_state(tensor.name):
+        return BF16
+    return tensor.dtype
 
 
 # How the nets that exist once per layer are named; the others are named after their kind.
@@ -236,6 +261,21 @@ class NetSpec:
     # The same net at smaller prefill chunks, largest first: tpu-mlir stages that share its
     # weights. `inputs` and `outputs` are the largest stage's.
     smaller: tuple[NetSpec, ...] = ()
+
+    def on_device(self) -> NetSpec:
+        """The net as a bmodel declares it: each tensor in its device dtype."""
+        def device(tensors):
+            return tuple(replace(t, dtype=device_dtype(self.kind, t)) for t in tensors)
+
+        return replace(self, inputs=device(self.inputs), outputs=device(self.outputs),
+                       smaller=tuple(s.on_device() for s in self.smaller))
+
+    def bf16_io(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The 1-based positions of the inputs and outputs the device takes as bf16, as
+        model_deploy's --quant_input_list/--quant_output_list count them."""
+        device = self.on_device()
+        return (tuple(i + 1 for i, t in enumerate(device.inputs) if t.dtype == BF16),
+                tuple(i + 1 for i, t in enumerate(device.outputs) if t.dtype == BF16))
 
     @property
     def stages(self) -> tuple[NetSpec, ...]:

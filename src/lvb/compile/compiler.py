@@ -327,13 +327,15 @@ class Compiler:
     def _job(self, name: str, entry: dict) -> NetJob:
         net = NetSpec.from_json(entry)
         quant = self.settings.quant_of(net.kind)
+        bf16_inputs, bf16_outputs = net.bf16_io()
         return NetJob(
             net=net,
             onnx=self.dir.onnx(entry),
             check_files=tuple(self.dir.check_file(name, i) for i in range(len(net.stages))),
             export_key=entry["key"],
             quant=quant,
-            options=DeployOptions(quantize=quant, chip=self.settings.chip, group_size=self.settings.group_size),
+            options=DeployOptions(quantize=quant, chip=self.settings.chip, group_size=self.settings.group_size,
+                                  bf16_inputs=bf16_inputs, bf16_outputs=bf16_outputs),
         )
 
     # -- one net ---------------------------------------------------------------

@@ -29,11 +29,20 @@ class DeployOptions:
     # Extra model_deploy.py flags, e.g. ("--disable_layer_group",) where the
     # default layer grouping miscompiles a net on this chip.
     extra: tuple[str, ...] = ()
+    # 1-based positions of the inputs and outputs the bmodel takes and gives as bf16, without
+    # the cast to float32 at its edge (NetSpec.bf16_io). Both flags are needed: a list alone
+    # is ignored, the flag alone strips every input's or output's cast.
+    bf16_inputs: tuple[int, ...] = ()
+    bf16_outputs: tuple[int, ...] = ()
 
     def args(self) -> list[str]:
         args = ["--quantize", QUANTIZE[self.quantize], "--chip", self.chip]
         if self.quantize in ("int4", "int8"):
             args += ["--q_group_size", str(self.group_size)]
+        if self.bf16_inputs:
+            args += ["--quant_input", "--quant_input_list", ",".join(map(str, self.bf16_inputs))]
+        if self.bf16_outputs:
+            args += ["--quant_output", "--quant_output_list", ",".join(map(str, self.bf16_outputs))]
         return args + list(self.extra)
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lvb.contract import NetInfo, TensorInfo
+from lvb.contract import BF16, NetInfo, TensorInfo
 from lvb.runtime.engine import Engine, EngineError, Resident
 from lvb.runtime.wire import receive, send
 from lvb.toolchain import Toolchain, find_toolchain
 
-_DTYPES = {"f32": "float32", "i32": "int32", "bf16": "float32", "f16": "float32", "u16": "uint16", "i8": "int8",
+_DTYPES = {"f32": "float32", "i32": "int32", "bf16": BF16, "f16": "float32", "u16": "uint16", "i8": "int8",
            "u8": "uint8", "u32": "uint32", "i16": "int16"}
 
 

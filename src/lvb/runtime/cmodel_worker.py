@@ -54,6 +54,11 @@ def stage_shapes(bmodel: str) -> dict[str, list[list[list[int]]]]:
     return shapes
 
 
+def _resident(value):
+    """A feed off the wire: a Resident (sent as its fields) or an array."""
+    return Resident(**value) if isinstance(value, dict) else value
+
+
 class Worker:
     def __init__(self):
         self.model = None
@@ -78,20 +83,22 @@ class Worker:
 
     def run(self, net_name: str, feeds: dict, store: dict) -> list:
         net = self.nets[net_name]
-        values = []
+        values, bits = [], []
         for tensor in net.inputs:
-            value = feeds[tensor.name]
-            if isinstance(value, dict):
-                value = self.buffers.resolve(Resident(**value))
+            value, is_bits = self.buffers.resolve_raw(_resident(feeds[tensor.name]))
             values.append(np.asarray(value))
+            bits.append(is_bits)
         shapes = [list(v.shape) for v in values]
         smaller = self.stages.get(net_name, [])[1:]
         first = [v.size for v in values] == [t.data.size for t in net.inputs]
         if not first and shapes not in smaller:  # the simulator aborts the process on a shape no stage has
             raise ValueError(f"{net_name}: no stage takes inputs of shapes {shapes}")
-        for tensor, value in zip(net.inputs, values):
-            if tensor.dtype == "bf16":
+        for tensor, value, is_bits in zip(net.inputs, values, bits):
+            # A bf16 buffer feeds a bf16 input as it is; the other pairs convert.
+            if tensor.dtype == "bf16" and not is_bits:
                 value = to_bf16_bits(value)
+            elif is_bits and tensor.dtype != "bf16":
+                value = from_bf16_bits(value)
             # A smaller stage reads its inputs from the start of the first stage's buffers.
             tensor.data.reshape(-1)[: value.size] = value.reshape(-1).astype(tensor.data.dtype, copy=False)
         if first:
@@ -102,12 +109,12 @@ class Worker:
         outputs = []
         for index, (tensor, shape) in enumerate(zip(net.outputs, output_shapes)):
             raw = np.array(tensor.data).reshape(-1)[: int(np.prod(shape))].reshape(shape)
-            data = from_bf16_bits(raw) if tensor.dtype == "bf16" else raw
             target = store.get(str(index))
             if target is not None:
-                self.buffers.store(data, Resident(**target))
+                self.buffers.store(raw, Resident(**target), bf16_bits=tensor.dtype == "bf16")
                 outputs.append(None)
             else:
+                data = from_bf16_bits(raw) if tensor.dtype == "bf16" else raw
                 outputs.append(np.array(data, dtype=np.float32 if tensor.dtype in ("bf16", "f16") else data.dtype))
         return outputs
 

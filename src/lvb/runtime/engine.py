@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lvb.contract import NetInfo
+from lvb.contract import BF16, NetInfo
 from lvb.errors import LvbError
+from lvb.numerics import from_bf16_bits, to_bf16_bits
 
 
 class EngineError(LvbError, RuntimeError):
@@ -51,7 +52,8 @@ class Engine(ABC):
 
     @abstractmethod
     def allocate(self, buffer: str, shape: tuple[int, ...], dtype: str = "float32") -> None:
-        """Create (or reset to zeros) a resident buffer."""
+        """Create (or reset to zeros) a resident buffer: float32, int32, or bfloat16 (contract.BF16),
+        which a backend holds in two bytes and gives and takes as float32 values."""
 
     @abstractmethod
     def read(self, buffer: str) -> np.ndarray: ...
@@ -82,34 +84,55 @@ class Engine(ABC):
 
 class HostBuffers:
     """Resident buffers kept as numpy arrays, for the backends that run on the host
-    (onnxruntime, and the simulator's worker process)."""
+    (onnxruntime, and the simulator's worker process). A bfloat16 buffer holds its bf16 bits
+    (uint16), as the device does: half the bytes, and a net with bf16 I/O reads and writes
+    them without a conversion. Values go in and come out as float32 (numpy has no bfloat16)."""
 
     def __init__(self):
         self.buffers: dict[str, np.ndarray] = {}
+        self.bf16: set[str] = set()
 
     def allocate(self, buffer: str, shape, dtype: str = "float32") -> None:
-        self.buffers[buffer] = np.zeros(tuple(shape), dtype=dtype)
+        if dtype == BF16:
+            self.buffers[buffer] = np.zeros(tuple(shape), dtype=np.uint16)
+            self.bf16.add(buffer)
+        else:
+            self.buffers[buffer] = np.zeros(tuple(shape), dtype=dtype)
+            self.bf16.discard(buffer)
 
     def read(self, buffer: str) -> np.ndarray:
-        return self.buffers[buffer].copy()
+        data = self.buffers[buffer]
+        return from_bf16_bits(data) if buffer in self.bf16 else data.copy()
 
     def upload(self, buffer: str, array: np.ndarray) -> None:
         data = self.buffers[buffer]
         array = np.asarray(array)
         if array.size != data.size:
             raise ValueError(f"buffer {buffer} is {list(data.shape)}, got an array of {list(array.shape)}")
-        data[...] = array.reshape(data.shape)
+        data[...] = (to_bf16_bits(array) if buffer in self.bf16 else array).reshape(data.shape)
+
+    def resolve_raw(self, value) -> tuple[np.ndarray, bool]:
+        """(the array a feed names, True when it is bf16 bits)."""
+        if not isinstance(value, Resident):
+            return value, False
+        data = self.buffers[value.buffer]
+        if not (value.start == 0 and value.count is None):
+            stop = data.shape[1] if value.count is None else value.start + value.count
+            data = data[:, value.start : stop]
+        return data, value.buffer in self.bf16
 
     def resolve(self, value) -> np.ndarray:
-        if not isinstance(value, Resident):
-            return value
-        data = self.buffers[value.buffer]
-        if value.start == 0 and value.count is None:
-            return data
-        stop = data.shape[1] if value.count is None else value.start + value.count
-        return data[:, value.start : stop]
+        """The values a feed names (float32 for a bf16 buffer)."""
+        data, bits = self.resolve_raw(value)
+        return from_bf16_bits(data) if bits else data
 
-    def store(self, output: np.ndarray, target: Resident) -> None:
+    def store(self, output: np.ndarray, target: Resident, bf16_bits: bool = False) -> None:
+        """Write an output (bf16 bits when `bf16_bits`, else values) into a buffer's rows."""
         data = self.buffers[target.buffer]
         count = output.shape[1] if target.count is None else target.count
-        data[:, target.start : target.start + count] = output[:, :count].astype(data.dtype, copy=False)
+        rows = output[:, :count]
+        if target.buffer in self.bf16:
+            rows = rows if bf16_bits else to_bf16_bits(rows)
+        elif bf16_bits:
+            rows = from_bf16_bits(rows)
+        data[:, target.start : target.start + count] = rows.astype(data.dtype, copy=False)

@@ -84,11 +84,12 @@ def _stage_inputs(net) -> list[tuple[TensorInfo, ...]]:
 
 def resident_buffers(nets: Mapping) -> list[TensorInfo]:
     """Every buffer the runner keeps in the engine, read from the nets' shapes (contract
-    NetSpecs or a bmodel's nets alike). State is float32, as the runtime keeps it."""
+    NetSpecs with their device dtypes, or a bmodel's nets alike), each in the dtype of the net
+    tensor it holds: bf16 state where the nets were compiled so."""
     b, n = Buffers, Names
 
-    def t(name, shape, dtype="float32"):
-        return TensorInfo(name, tuple(shape), dtype)
+    def t(name, like: TensorInfo):
+        return TensorInfo(name, tuple(like.shape), like.dtype)
 
     def inputs(net):
         return {x.name: x for x in nets[net].inputs}
@@ -98,18 +99,16 @@ def resident_buffers(nets: Mapping) -> list[TensorInfo]:
     self_layers = [name for name in decode if n.PAST_K in inputs(name)]
     cross_layers = [name for name in decode if n.CROSS_K in inputs(name)]
     for net in self_layers:
-        shape = inputs(net)[n.PAST_K].shape
-        buffers += [t(name, shape) for name in b.kv(layer_of(net))]
+        buffers += [t(name, inputs(net)[n.PAST_K]) for name in b.kv(layer_of(net))]
     for net in cross_layers:
-        shape = inputs(net)[n.CROSS_K].shape
-        buffers += [t(name, shape) for name in b.cross_kv(layer_of(net))]
-    buffers.append(t(b.CROSS_STATES, nets[net_name(Kind.VISION_HEAD)].outputs[0].shape))
-    vision = nets[net_name(Kind.VISION_EMBED)].outputs[0].shape
+        buffers += [t(name, inputs(net)[n.CROSS_K]) for name in b.cross_kv(layer_of(net))]
+    buffers.append(t(b.CROSS_STATES, nets[net_name(Kind.VISION_HEAD)].outputs[0]))
+    vision = nets[net_name(Kind.VISION_EMBED)].outputs[0]
     kept = sorted(j for x in nets[net_name(Kind.VISION_HEAD)].inputs if (j := n.kept_layer_index(x.name)) is not None)
     buffers += [t(name, vision) for name in [b.VISION, b.VISION_B, *(b.kept(j) for j in kept)]]
-    buffers += [t(name, nets[net_name(Kind.EMBED)].outputs[0].shape) for name in (b.HIDDEN, b.HIDDEN_B)]
-    buffers += [t(name, nets[net_name(Kind.EMBED_CACHE)].outputs[0].shape) for name in (b.HIDDEN1, b.HIDDEN1_B)]
-    buffers.append(t(b.LOGITS, nets[net_name(Kind.LM_HEAD)].outputs[0].shape))
+    buffers += [t(name, nets[net_name(Kind.EMBED)].outputs[0]) for name in (b.HIDDEN, b.HIDDEN_B)]
+    buffers += [t(name, nets[net_name(Kind.EMBED_CACHE)].outputs[0]) for name in (b.HIDDEN1, b.HIDDEN1_B)]
+    buffers.append(t(b.LOGITS, nets[net_name(Kind.LM_HEAD)].outputs[0]))
     # What every layer of one step reads, one buffer per width (each prefill chunk size, decode).
     for group, names in ((self_layers, (n.POSITION_IDS, n.ATTENTION_MASK)), (cross_layers, (n.CROSS_MASK, n.TEXT_ROW_MASK))):
         if not group:
@@ -117,8 +116,7 @@ def resident_buffers(nets: Mapping) -> list[TensorInfo]:
         for net in (block_name(layer_of(group[0]), decode=False), group[0]):
             for stage in _stage_inputs(nets[net]):
                 width = next(x for x in stage if x.name == n.HIDDEN).shape[1]
-                buffers += [t(b.step(x.name, width), x.shape, "int32" if x.dtype == "int32" else "float32")
-                            for x in stage if x.name in names]
+                buffers += [t(b.step(x.name, width), x) for x in stage if x.name in names]
     return buffers
 
 
@@ -131,7 +129,7 @@ def scratch_tensors(nets: Mapping) -> list[TensorInfo]:
     needed: dict[tuple, int] = {}
 
     def need(x: TensorInfo, count: int = 1):
-        key = (tuple(x.shape), "int32" if x.dtype == "int32" else "float32")
+        key = (tuple(x.shape), x.dtype)
         needed[key] = max(needed.get(key, 0), count)
 
     n = Names

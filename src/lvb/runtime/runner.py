@@ -11,10 +11,11 @@ keeps the conversation and the tokens the cache holds, and calls it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
-from lvb.contract import Kind, Names, NetSpec, block_name, chunk_for, net_name, plan
+from lvb.contract import Kind, Names, NetInfo, NetSpec, block_name, chunk_for, net_name, plan
 from lvb.errors import LvbError
 from lvb.masks import cross_attention_mask, self_attention_mask
 from lvb.runtime.engine import Engine, Resident
@@ -60,19 +61,34 @@ def check_contract(engine: Engine, nets: list[NetSpec]) -> None:
                     )
 
 
+def declared(net: NetSpec, found: NetInfo) -> NetSpec:
+    """The contract's net with the dtypes the engine's net declares: a bmodel's state is bf16
+    where it was compiled so (contract.device_dtype), an ONNX net's float32. Inputs match by
+    name, outputs by position (a bmodel renames its outputs)."""
+    inputs = {t.name: t.dtype for t in found.inputs}
+
+    def stage(s: NetSpec) -> NetSpec:
+        return replace(s, inputs=tuple(replace(t, dtype=inputs.get(t.name, t.dtype)) for t in s.inputs),
+                       outputs=tuple(replace(t, dtype=o.dtype) for t, o in zip(s.outputs, found.outputs)))
+
+    return replace(stage(net), smaller=tuple(stage(s) for s in net.smaller))
+
+
 class Runner:
     def __init__(self, spec: ModelSpec, engine: Engine, image_token_id: int, pad_id: int = 0):
         self.spec, self.engine = spec, engine
         self.image_token_id, self.pad_id = image_token_id, pad_id
         self.seq, self.chunks = discover_shapes(engine)
-        self.nets = {n.name: n for n in plan(spec, self.seq, self.chunks)}
-        check_contract(engine, list(self.nets.values()))
+        nets = plan(spec, self.seq, self.chunks)
+        check_contract(engine, nets)
+        self.nets = {n.name: declared(n, engine.nets[n.name]) for n in nets}
         self._allocate()
 
     def _allocate(self) -> None:
         # Hidden states ping-pong between two buffers (hidden, hidden_b; vision, vision_b): a net
         # never writes the buffer it reads, so a device backend binds both instead of copying the
         # output back after every layer. What every layer of a step reads has a buffer of its own.
+        # Each buffer takes the dtype its nets declare: bf16 state on a bmodel, float32 on ONNX.
         for buffer in resident_buffers(self.nets):
             self.engine.allocate(buffer.name, buffer.shape, buffer.dtype)
         self._uploaded: dict[str, np.ndarray] = {}

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from lvb.contract import NetInfo, TensorInfo
+from lvb.contract import BF16, NetInfo, TensorInfo
 from lvb.numerics import from_bf16_bits, to_bf16_bits
 from lvb.runtime.engine import Engine, EngineError, Resident
 
@@ -61,9 +61,11 @@ _KINDS = {
     "BM_INT8": ("int8", "int8"),
     "BM_UINT8": ("uint8", "uint8"),
 }
-# Resident buffers hold what `allocate` names; these are the numpy names sail can hold.
+# Resident buffers hold what `allocate` names; these are the names sail can hold (numpy's, and
+# the contract's bfloat16, which lives on the device as bf16 and is given and read as float32).
 _BUFFER_KINDS = {"float32": "BM_FLOAT32", "float16": "BM_FLOAT16", "int32": "BM_INT32", "uint32": "BM_UINT32",
-                 "int16": "BM_INT16", "uint16": "BM_UINT16", "int8": "BM_INT8", "uint8": "BM_UINT8"}
+                 "int16": "BM_INT16", "uint16": "BM_UINT16", "int8": "BM_INT8", "uint8": "BM_UINT8",
+                 BF16: "BM_BFLOAT16"}
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,11 @@ class _Slot:
     @property
     def size(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def dtype(self) -> str:
+        """The dtype the engine declares the tensor in (NetInfo, allocate)."""
+        return BF16 if self.kind.name == "BM_BFLOAT16" else self.kind.host.name
 
     @property
     def rows(self) -> int:
@@ -203,8 +210,8 @@ class SailEngine(Engine):
             slots.append(_Slot(None, tuple(int(d) for d in shape), kind))
         inputs, outputs = tuple(slots[: len(names)]), tuple(slots[len(names) :])
         self._specs[net] = (names, inputs, outputs)
-        return NetInfo(net, tuple(TensorInfo(n, s.shape, s.kind.host.name) for n, s in zip(names, inputs)),
-                       tuple(TensorInfo(n, s.shape, s.kind.host.name) for n, s in zip(output_names, outputs)))
+        return NetInfo(net, tuple(TensorInfo(n, s.shape, s.dtype) for n, s in zip(names, inputs)),
+                       tuple(TensorInfo(n, s.shape, s.dtype) for n, s in zip(output_names, outputs)))
 
     @property
     def nets(self) -> dict[str, NetInfo]:
@@ -294,12 +301,13 @@ class SailEngine(Engine):
 
     def allocate(self, buffer: str, shape: tuple[int, ...], dtype: str = "float32") -> None:
         try:
-            name = _BUFFER_KINDS.get(np.dtype(dtype).name)
+            name = _BUFFER_KINDS.get(dtype if dtype == BF16 else np.dtype(dtype).name)
         except TypeError:
             name = None
         if name not in self._kinds:
             raise EngineError(f"buffer {buffer}: sail cannot hold {dtype}")
-        kind = _Kind(name, self._kinds[name].dtype, self._kinds[name].raw, np.dtype(dtype))
+        known = self._kinds[name]
+        kind = known if dtype == BF16 else _Kind(name, known.dtype, known.raw, np.dtype(dtype))
         shape = tuple(int(d) for d in shape)
         slot = self._buffers.get(buffer)
         try:

@@ -331,8 +331,8 @@ _REGISTERED: dict[str, dict[str, _NetSpec]] = {}
 def register_bmodel(path: str, nets, loaded_bytes: int = 0) -> None:
     """Make `path` load as these nets (not in the SDK): `nets` is a list of objects with
     .name, .inputs and .outputs, whose tensors have .name, .shape and .dtype (numpy names:
-    float32 and int32). Launches leave the outputs as they are."""
-    kinds = {"float32": Dtype.BM_FLOAT32, "int32": Dtype.BM_INT32}
+    float32, int32, bfloat16). Launches leave the outputs as they are."""
+    kinds = {"float32": Dtype.BM_FLOAT32, "int32": Dtype.BM_INT32, "bfloat16": Dtype.BM_BFLOAT16}
     _REGISTERED[str(path)] = {
         n.name: _NetSpec(n.name, tuple(_TensorSpec(t.name, tuple(t.shape), kinds[t.dtype]) for t in n.inputs),
                          tuple(_TensorSpec(t.name, tuple(t.shape), kinds[t.dtype]) for t in n.outputs))
