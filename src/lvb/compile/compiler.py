@@ -137,8 +137,13 @@ def needs_simplifier(onnx_path: Path) -> bool:
     symbolic axes, and only tpu-mlir's ONNX simplifier makes them static per stage (without it
     its shape inference fails on their Reshapes). Other graphs are transformed without it."""
     import onnx
+    from google.protobuf.message import DecodeError
 
-    return any(node.op_type == "Shape" for node in onnx.load(str(onnx_path), load_external_data=False).graph.node)
+    try:
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    except (DecodeError, OSError):
+        return False  # model_transform.py reports the broken file, naming its net
+    return any(node.op_type == "Shape" for node in graph.node)
 
 
 def memory_need(job: NetJob) -> int:
