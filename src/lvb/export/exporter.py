@@ -61,11 +61,13 @@ def exporter_versions() -> dict[str, str]:
 
 def net_key(net: NetSpec, versions: dict, weights_digest: str) -> str:
     """What an exported net depends on: its shapes (so seq and chunk only where they matter),
-    the tools, the patches (and how they split attention) and its weights' content."""
+    the tools, its part's graph revision, the patches (and how they split attention) and its
+    weights' content."""
     from lvb import patches
+    from lvb.export.parts import PARTS
 
-    return cache_key(net.to_json(), OPSET, GRAPH_FORM, versions, weights_digest, [p.attribute for p in patches.PATCHES],
-                     patches.scores_bytes_per_group())
+    return cache_key(net.to_json(), OPSET, GRAPH_FORM, versions, PARTS[net.kind].revision, weights_digest,
+                     [p.attribute for p in patches.PATCHES], patches.scores_bytes_per_group())
 
 
 def minimum_sequence(model_dir: Path) -> int:
