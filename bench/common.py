@@ -39,15 +39,18 @@ def cross_layers_for(layers: int) -> tuple[int, ...]:
     return pattern or (layers // 2,)
 
 
-def geometry_11b(layers: int = 3, vision_layers: int = 2, global_layers: int = 1, cross: tuple[int, ...] | None = None):
+def geometry_11b(layers: int = 3, vision_layers: int = 2, global_layers: int = 1, cross: tuple[int, ...] | None = None,
+                 max_tiles: int = 4):
     """The real 11B widths with a short stack. Five intermediate vision indices, as the
     11B has, so the projector is the real 7680 -> 4096 (indices repeat when the local
-    stack is shorter than 31 layers; transformers stacks them as listed)."""
+    stack is shorter than 31 layers; transformers stacks them as listed). `max_tiles` below
+    the 11B's 4 keeps every width and shortens the vision and cross-attention sequences
+    (1608 vision tokens a tile), for work the simulator cannot do at four tiles."""
     from lvb.testing.checkpoints import Geometry
 
     indices = tuple(min(vision_layers - 1, i * vision_layers // FULL["vision_layers"]) for i in FULL["intermediate_indices"])
     return Geometry(
-        name=f"11b-widths-L{layers}-V{vision_layers}+{global_layers}",
+        name=f"11b-widths-L{layers}-V{vision_layers}+{global_layers}" + (f"-T{max_tiles}" if max_tiles != 4 else ""),
         description="Llama-3.2-11B-Vision widths, short stacks, synthetic bfloat16 weights",
         text_layers=layers,
         cross_layers=cross if cross is not None else cross_layers_for(layers),
@@ -57,7 +60,7 @@ def geometry_11b(layers: int = 3, vision_layers: int = 2, global_layers: int = 1
         kv_heads=8,
         tile=560,
         patch=14,
-        max_tiles=4,
+        max_tiles=max_tiles,
         vision_layers=vision_layers,
         global_layers=global_layers,
         intermediate_indices=indices,

@@ -433,6 +433,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=3, help="text layers (one cross-attention layer among them)")
     parser.add_argument("--vision-layers", type=int, default=2, help="local vision layers")
     parser.add_argument("--global-layers", type=int, default=1, help="global vision layers")
+    parser.add_argument("--max-tiles", type=int, default=4, help="tiles per picture (the 11B: 4; fewer shortens the vision sequence)")
     parser.add_argument("--seq", type=int, default=512, help="compiled sequence (KV-cache slots)")
     parser.add_argument("--chunk", type=int, default=128, help="prefill chunk")
     parser.add_argument("--jobs", type=int, default=1, help="lvb compile --jobs (1: one heavy tool at a time)")
@@ -448,7 +449,8 @@ def main() -> int:
                         help="bytes of the real 11B checkpoint (bf16), to scale fixed per-byte costs")
     args = parser.parse_args()
 
-    geometry = (geometry_tiny if args.tiny else geometry_11b)(args.layers, args.vision_layers, args.global_layers)
+    geometry = (geometry_tiny(args.layers, args.vision_layers, args.global_layers) if args.tiny
+                else geometry_11b(args.layers, args.vision_layers, args.global_layers, max_tiles=args.max_tiles))
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / f"ckpt-{geometry.name}"
