@@ -72,32 +72,46 @@ def compile_manifest(work: Path, quant: str) -> dict | None:
     return None
 
 
-VISION_KINDS = ("vision_embed", "vision_layer", "vision_post", "vision_global", "vision_head")
-
-
-def check_first_nets(work: Path, quant: str, group: str) -> None:
-    """Build and check the first net of each kind of `group` (text or vision) with lvb's own
-    Compiler, exactly as `lvb compile --check kinds` would, into the same cache: the compile
-    that follows reuses them. Two of these (text, vision) can run at once: at real widths a
-    check is minutes of one core each, and `lvb compile --jobs 1` runs them in the export's
-    order, the vision tower first."""
+def check_first_nets(work: Path, quant: str, nets: list[str]) -> None:
+    """Build and check `nets` (each the first of its kind) with lvb's own Compiler, exactly as
+    `lvb compile --check kinds` would, into the same cache: the compile that follows reuses
+    them. `lvb compile` takes the nets in the export's order, the vision tower first; at real
+    widths a check is many minutes of simulator, so this lets the cheap kinds go first and two
+    of these processes share the work."""
     from lvb.check import CheckMode
     from lvb.compile.compiler import Compiler, CompileSettings, LocalExecutor
     from lvb.toolchain import find_toolchain
 
+    import fcntl
+
+    from lvb.compile import compiler as compiler_module
+
+    transform = compiler_module.transform
+
+    def one_transform_at_a_time(*args, **kwargs):
+        """tpu-mlir's transform of an 11B-width net peaks at ≈ 10 GB: two at once would not fit
+        beside the rest of a shared machine, the simulator runs that follow them can overlap."""
+        with open(work.parent / "transform.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return transform(*args, **kwargs)
+
+    compiler_module.transform = one_transform_at_a_time
     compiler = Compiler(work, CompileSettings(quant=quant, check=CheckMode.KINDS), find_toolchain())
     first: dict = {}
     for job in compiler.jobs:
-        if (job.kind.value in VISION_KINDS) == (group == "vision"):
-            first.setdefault(job.kind, job)
+        first.setdefault(job.kind, job)
+    jobs = {job.name: job for job in first.values()}
+    unknown = [n for n in nets if n not in jobs]
+    if unknown:
+        raise SystemExit(f"--first {','.join(unknown)}: not the first net of a kind; those are {', '.join(jobs)}")
     compiler.dir.logs.mkdir(exist_ok=True)
     executor = LocalExecutor(compiler.toolchain, 1)
     try:
-        for job in first.values():
+        for name in nets:
             started = time.perf_counter()
-            result = compiler._compile(job, compiler.dir.logs, executor)
+            result = compiler._compile(jobs[name], compiler.dir.logs, executor)
             check = result["check"] or {}
-            print(f"{job.name}: cosine {check.get('cosine')}, check {check.get('seconds')} s, net {result['seconds']} s "
+            print(f"{name}: cosine {check.get('cosine')}, check {check.get('seconds')} s, net {result['seconds']} s "
                   f"({time.perf_counter() - started:.0f} s here)", flush=True)
     finally:
         executor.close()
@@ -253,8 +267,9 @@ def main() -> int:
     parser.add_argument("--reference-only", action="store_true",
                         help="only the onnxruntime side of the end-to-end run (needs the export, not the compile)")
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--first", choices=["text", "vision"],
-                        help="only build and check the first net of each text or vision kind (for the first --quant), then stop")
+    parser.add_argument("--first", type=lambda v: v.split(","),
+                        help="only build and check these nets, each the first of its kind, in this order (for the first "
+                             "--quant), then stop: e.g. embed,block_cache_0")
     args = parser.parse_args()
     quants = args.quant or ["int4"]
 
