@@ -21,7 +21,7 @@
    through its own nets, without a hook in the library.
 
 The vision tower at four tiles is 6432 tokens a layer, hours of simulator per net on two
-cores: `--max-tiles 1` (the default here) keeps every width and runs 1608 (bench README §6).
+cores: `--max-tiles 1` (the default here) keeps every width and runs 1608 (bench README §9).
 """
 
 from __future__ import annotations
