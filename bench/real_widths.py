@@ -117,6 +117,36 @@ def check_first_nets(work: Path, quant: str, nets: list[str]) -> None:
         executor.close()
 
 
+def per_output(work: Path, quant: str, net: str, group_size: int = 64) -> list[dict]:
+    """A compiled net's outputs one by one against onnxruntime with the same weight
+    quantization (the compile check keeps only the worst), on the export's check inputs."""
+    import numpy as np
+
+    from lvb.check import load_check, quantized_reference
+    from lvb.numerics import compare
+    from lvb.runtime.cmodel import CmodelEngine
+
+    results = sorted((work / "compile" / net).glob("[0-9a-f]*/result.json"))
+    if not results:
+        raise SystemExit(f"--per-output {net}: not compiled in {work}")
+    bmodel = work / json.loads(results[0].read_text())["bmodel"]
+    export = work / "export" / net
+    feeds, fp32 = load_check(export / "check.npz")
+    started = time.perf_counter()
+    with CmodelEngine(bmodel) as simulator:
+        got = simulator.run(net, feeds)
+    seconds = time.perf_counter() - started
+    reference = quantized_reference(export / f"{net}.onnx", feeds, quant, group_size) if quant != "bf16" else fp32
+    rows = []
+    for i, (ref, out, plain) in enumerate(zip(reference, got, fp32)):
+        rows.append({"output": i, "shape": list(np.shape(ref)), **compare([ref], [out]),
+                     "reference_vs_fp32": compare([plain], [ref])["cosine"], "largest": float(np.abs(ref).max())})
+        print(f"{net} output {i} {rows[-1]['shape']}: cosine {rows[-1]['cosine']:.6f}, max abs err "
+              f"{rows[-1]['max_abs_err']:.3g}, largest reference value {rows[-1]['largest']:.3g}", flush=True)
+    print(f"simulator {seconds:.0f} s")
+    return rows
+
+
 def compile_kinds(work: Path, quant: str, jobs: int, out: Path) -> dict:
     manifest = compile_manifest(work, quant)
     if manifest is not None:
@@ -267,6 +297,8 @@ def main() -> int:
     parser.add_argument("--reference-only", action="store_true",
                         help="only the onnxruntime side of the end-to-end run (needs the export, not the compile)")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--per-output", metavar="NET",
+                        help="run a compiled net's first bmodel again on the simulator and compare each output, then stop")
     parser.add_argument("--first", type=lambda v: v.split(","),
                         help="only build and check these nets, each the first of its kind, in this order (for the first "
                              "--quant), then stop: e.g. embed,block_cache_0")
@@ -294,6 +326,10 @@ def main() -> int:
     if args.reference_only:
         end_to_end(checkpoint, work, Path(), args.tokens, args.question, reference_file, reference_only=True)
         print(f"reference logits: {reference_file}")
+        return 0
+    if args.per_output:
+        results.setdefault("per_output", {})[args.per_output] = per_output(work, quants[0], args.per_output)
+        save()
         return 0
     if args.first:
         check_first_nets(work, quants[0], args.first)
