@@ -44,10 +44,13 @@ CONFIGS = {name: REPO / "tests" / "data" / f"llama-3.2-{name}-vision.config.json
 
 
 def geometry_of(model: str, layers: int = 3, vision_layers: int = 2, global_layers: int = 1,
-                cross: tuple[int, ...] | None = None):
+                cross: tuple[int, ...] | None = None, max_tiles: int | None = None):
     """A published model's widths (CONFIGS) with a short stack. Five intermediate vision
     indices, as the 11B and 90B have, so the projector has its real width (indices repeat when
-    the local stack is shorter than the real one; transformers stacks them as listed)."""
+    the local stack is shorter than the real one; transformers stacks them as listed).
+    `max_tiles` below the model's keeps every width and shortens the vision and
+    cross-attention sequences (1608 vision tokens a tile), for work the simulator cannot do
+    at the real tile count."""
     from lvb.testing.checkpoints import Geometry
 
     config = json.loads(CONFIGS[model].read_text())
@@ -55,8 +58,10 @@ def geometry_of(model: str, layers: int = 3, vision_layers: int = 2, global_laye
     real_indices = vision["intermediate_layers_indices"]
     indices = tuple(min(vision_layers - 1, i * vision_layers // vision["num_hidden_layers"]) for i in real_indices)
     pattern = tuple(i for i in text["cross_attention_layers"] if i < layers)
+    tiles = max_tiles or vision["max_num_tiles"]
     return Geometry(
-        name=f"{model}-widths-L{layers}-V{vision_layers}+{global_layers}",
+        name=f"{model}-widths-L{layers}-V{vision_layers}+{global_layers}"
+             + (f"-T{tiles}" if tiles != vision["max_num_tiles"] else ""),
         description=f"Llama-3.2-{model.upper()}-Vision widths, short stacks, synthetic bfloat16 weights",
         text_layers=layers,
         cross_layers=cross if cross is not None else pattern or (layers // 2,),
@@ -66,7 +71,7 @@ def geometry_of(model: str, layers: int = 3, vision_layers: int = 2, global_laye
         kv_heads=text["num_key_value_heads"],
         tile=vision["image_size"],
         patch=vision["patch_size"],
-        max_tiles=vision["max_num_tiles"],
+        max_tiles=tiles,
         vision_layers=vision_layers,
         global_layers=global_layers,
         intermediate_indices=indices,
@@ -80,8 +85,9 @@ def geometry_of(model: str, layers: int = 3, vision_layers: int = 2, global_laye
     )
 
 
-def geometry_11b(layers: int = 3, vision_layers: int = 2, global_layers: int = 1, cross: tuple[int, ...] | None = None):
-    return geometry_of("11b", layers, vision_layers, global_layers, cross)
+def geometry_11b(layers: int = 3, vision_layers: int = 2, global_layers: int = 1, cross: tuple[int, ...] | None = None,
+                 max_tiles: int | None = None):
+    return geometry_of("11b", layers, vision_layers, global_layers, cross, max_tiles)
 
 
 def geometry_tiny(layers: int = 3, vision_layers: int = 2, global_layers: int = 1):

@@ -75,6 +75,8 @@ def test_check_kinds_checks_the_first_net_of_each_kind_and_trusts_its_siblings(c
         checked_on = first[exported[net]["kind"]]
         if net == checked_on:
             assert result["check"]["cosine"] >= result["threshold"] and "checked_by" not in result, net
+            # what the check cost, for bench/real_widths.py: the simulator's run is part of the whole check
+            assert 0 < result["check"]["simulator_seconds"] <= result["check"]["seconds"], net
         else:
             assert result["check"] is None and result["checked_by"] == checked_on, net
             assert result["options"] == compiled["nets"][checked_on]["options"], net

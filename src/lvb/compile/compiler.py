@@ -208,11 +208,16 @@ def _simulate(job: NetJob, stage: NetSpec, check_file: Path, bmodel: Path, toolc
     """One stage's bmodel on the simulator against onnxruntime on the export's check inputs."""
     from lvb.runtime.cmodel import CmodelEngine
 
+    started = time.perf_counter()
     feeds, fp32 = load_check(check_file)
     with CmodelEngine(bmodel, toolchain) as simulator:
+        simulated = time.perf_counter()
         got = simulator.run(job.name, feeds)
+        simulator_seconds = time.perf_counter() - simulated
     check, _ = onnx_vs_bmodel(stage, job.onnx, feeds, fp32, got, job.quant, job.options.group_size)
-    return check
+    # What a check costs (bench/real_widths.py weighs --check kinds against the compile):
+    # the simulator's run, and the whole check with loading and the quantized reference.
+    return check | {"simulator_seconds": round(simulator_seconds, 2), "seconds": round(time.perf_counter() - started, 2)}
 
 
 def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: ToolServer | None,
@@ -237,7 +242,10 @@ def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: To
     bmodel = stage_bmodels[0]
     if len(stage_bmodels) > 1:
         bmodel = combine(toolchain, stage_bmodels, tmp / f"{job.name}.bmodel", attempt.log)
-    return bmodel, (min(checks, key=lambda c: c["cosine"]) if checks else None)
+    if not checks:
+        return bmodel, None
+    cost = {key: round(sum(c[key] for c in checks), 2) for key in ("simulator_seconds", "seconds")}  # every stage's
+    return bmodel, min(checks, key=lambda c: c["cosine"]) | cost
 
 
 def build_attempt(attempt: Attempt, toolchain: Toolchain, server: ToolServer | None) -> dict:
