@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import itertools
+import math
 import mmap
 import os
 import shutil
@@ -197,6 +198,13 @@ def _move_weights_out(path: Path, stand_ins: Sequence[StandIn] = (), weights: Ch
 FOLD_BYTES = 1 << 16
 
 
+def _tensor_bytes(tensor) -> int:
+    """An initializer's size, without copying its data."""
+    from onnx import helper
+
+    return math.prod(tensor.dims) * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+
+
 def _prepare_for_tpu_mlir(model) -> None:
     """Rewrite the traced graph so that tpu-mlir's converter reads it without its ONNX
     simplifier, which held about 11 bytes per weight byte (bench/README.md §1b: 24 GB
@@ -224,7 +232,8 @@ def _prepare_for_tpu_mlir(model) -> None:
             alias[node.output[0]] = node.input[0]
             continue
         inputs = [x for x in node.input if x]
-        if inputs and all(x in initializers or x in constants for x in inputs) and not set(node.output) & outputs:
+        if (inputs and all(x in initializers or x in constants for x in inputs) and not set(node.output) & outputs
+                and sum(_tensor_bytes(initializers[x]) for x in inputs if x in initializers) <= FOLD_BYTES):
             feeds = {x: numpy_helper.to_array(initializers[x]) if x in initializers
                      else ReferenceEvaluator(constants[x]).run(None, {})[0] for x in inputs}
             if sum(v.nbytes for v in feeds.values()) <= FOLD_BYTES:
