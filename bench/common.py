@@ -85,6 +85,20 @@ def geometry_of(model: str, layers: int = 3, vision_layers: int = 2, global_laye
     )
 
 
+def run_paths(out: Path, geometry, seq: int, chunk: int, results: str) -> tuple[Path, Path, Path]:
+    """Where a bench run keeps its checkpoint, its lvb work dir and its results file: the
+    scripts that share a checkpoint and an export (convert_scale.py, real_widths.py) agree."""
+    return (out / f"ckpt-{geometry.name}", out / f"work-{geometry.name}-seq{seq}-chunk{chunk}",
+            out / f"{results}-{geometry.name}-seq{seq}-chunk{chunk}.json")
+
+
+def save_json(path: Path, data: dict) -> None:
+    """Written whole or not at all: a run killed mid-write keeps the previous results."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
 def geometry_11b(layers: int = 3, vision_layers: int = 2, global_layers: int = 1, cross: tuple[int, ...] | None = None,
                  max_tiles: int | None = None):
     return geometry_of("11b", layers, vision_layers, global_layers, cross, max_tiles)

@@ -52,7 +52,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CONFIGS, LVB, OUT, REPO, check_loads, checkpoint_complete, gb, geometry_of, geometry_tiny, machine, table  # noqa: E402
-from common import write_streaming_checkpoint  # noqa: E402
+from common import run_paths, save_json, write_streaming_checkpoint  # noqa: E402
 
 # ----------------------------------------------------------------------------- sampling
 
@@ -461,17 +461,13 @@ def main() -> int:
                 else geometry_of(args.model, args.layers, args.vision_layers, args.global_layers, max_tiles=args.max_tiles))
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = out / f"ckpt-{geometry.name}"
-    work = out / f"work-{geometry.name}-seq{args.seq}-chunk{args.chunk}"
-    results_path = out / f"results-{geometry.name}-seq{args.seq}-chunk{args.chunk}.json"
+    checkpoint, work, results_path = run_paths(out, geometry, args.seq, args.chunk, "results")
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results["machine"] = machine()
     min_available = int(args.min_available * 1e9)
 
     def save():
-        tmp = results_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1, default=str))
-        os.replace(tmp, results_path)
+        save_json(results_path, results)
 
     # 1. checkpoint
     if "checkpoint" in args.remeasure:

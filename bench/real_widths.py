@@ -35,9 +35,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from common import BENCH, LVB, OUT, REPO, geometry_11b, machine, table
+from common import BENCH, CONFIGS, LVB, OUT, REPO, geometry_11b, machine, run_paths, save_json, table
 
-FULL_CONFIG = REPO / "tests" / "data" / "llama-3.2-11b-vision.config.json"
 README_11B_COMPILE_SECONDS = 2 * 3600  # bench README §1: transform + deploy of every 11B net, no check
 
 
@@ -185,7 +184,7 @@ def check_cost(rows: list[dict], seq: int, chunks: list[int]) -> dict:
     from lvb.spec import ModelSpec
 
     counts: dict[str, int] = {}
-    for net in plan(ModelSpec.from_config(json.loads(FULL_CONFIG.read_text())), seq, tuple(chunks)):
+    for net in plan(ModelSpec.from_config(json.loads(CONFIGS["11b"].read_text())), seq, tuple(chunks)):
         counts[net.kind.value] = counts.get(net.kind.value, 0) + 1
     build: dict[str, list[float]] = {}
     for r in rows:
@@ -308,16 +307,12 @@ def main() -> int:
     geometry = geometry_11b(args.layers, args.vision_layers, args.global_layers, max_tiles=args.max_tiles)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = out / f"ckpt-{geometry.name}"
-    work = out / f"work-{geometry.name}-seq{args.seq}-chunk{args.chunk}"
-    results_path = out / f"real_widths-{geometry.name}-seq{args.seq}-chunk{args.chunk}.json"
+    checkpoint, work, results_path = run_paths(out, geometry, args.seq, args.chunk, "real_widths")
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results["machine"] = machine()
 
     def save():
-        tmp = results_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1, default=str))
-        os.replace(tmp, results_path)
+        save_json(results_path, results)
 
     ensure_export(args, work, out)
     export = json.loads((work / "export" / "manifest.json").read_text())
