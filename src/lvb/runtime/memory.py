@@ -16,7 +16,6 @@ compares it with the device's free memory before loading.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +74,26 @@ class Buffers:
     def step(name: str, width: int) -> str:
         """What every layer of one step of `width` tokens reads (positions, masks), uploaded once."""
         return f"{name}_{width}"
+
+    KV_CACHE, CROSS_KV, VISION_STATES, HIDDEN_STATES, STEP = (
+        "KV cache", "cross-attention K/V", "vision states", "hidden states, logits", "per-step masks and positions")
+
+    @classmethod
+    def holds(cls, name: str) -> str:
+        """What a resident buffer holds (the memory plan's rows), by the names made above."""
+        if name in (cls.VISION, cls.VISION_B, cls.CROSS_STATES):
+            return cls.VISION_STATES
+        if name in (cls.HIDDEN, cls.HIDDEN_B, cls.HIDDEN1, cls.HIDDEN1_B, cls.LOGITS):
+            return cls.HIDDEN_STATES
+        layer = layer_of(name)
+        if layer is not None and name == cls.kept(layer):
+            return cls.VISION_STATES
+        digits = name.lstrip("ckv")
+        if digits.isdigit() and name in cls.kv(int(digits)):
+            return cls.KV_CACHE
+        if digits.isdigit() and name in cls.cross_kv(int(digits)):
+            return cls.CROSS_KV
+        return cls.STEP
 
 
 def _stage_inputs(net) -> list[tuple[TensorInfo, ...]]:
@@ -183,13 +202,10 @@ class MemoryPlan:
 
     def groups(self) -> list[tuple[str, int]]:
         """The resident buffers by what they hold."""
-        kinds = [("KV cache", re.compile(r"^[kv]\d+$")), ("cross-attention K/V", re.compile(r"^c[kv]\d+$")),
-                 ("vision states", re.compile(r"^(vision.*|cross_states)$")),
-                 ("hidden states, logits", re.compile(r"^(hidden.*|logits)$"))]
-        sums = {label: 0 for label, _ in kinds} | {"per-step masks and positions": 0}
+        sums = dict.fromkeys((Buffers.KV_CACHE, Buffers.CROSS_KV, Buffers.VISION_STATES, Buffers.HIDDEN_STATES,
+                              Buffers.STEP), 0)
         for t in self.resident:
-            label = next((label for label, pattern in kinds if pattern.match(t.name)), "per-step masks and positions")
-            sums[label] += _bytes(t)
+            sums[Buffers.holds(t.name)] += _bytes(t)
         return list(sums.items())
 
     def rows(self) -> list[tuple[str, int]]:
