@@ -414,7 +414,7 @@ class EmbeddingPart(Part):
 
 @part(Kind.SELF_PREFILL, Kind.SELF_DECODE)
 class SelfAttentionPart(Part):
-    revision = 1  # 1: rotary cos/sin looked up in a table (RotaryTable)
+    revision = 2  # 1: rotary cos/sin looked up in a table (RotaryTable); 2: the table covers a last chunk's padding
 
     def weight_prefixes(self, net, spec):
         return (f"{TEXT}layers.{net.layer}.",)
@@ -424,7 +424,10 @@ class SelfAttentionPart(Part):
 
         text = config.text_config
         layer = _load(_on_meta(lambda: MllamaSelfAttentionDecoderLayer(text, net.layer)), tensors[0])
-        positions = next(t.shape[1] for t in net.inputs if t.name == Names.PAST_K)  # the cache's length: every position
+        # Every position a row can have: the cache's slots, and the padded rows of a last chunk
+        # that runs past them (positions up to seq - 1 + chunk - 1; their outputs are not kept).
+        shape = {t.name: t.shape for t in net.inputs}
+        positions = shape[Names.PAST_K][1] + shape[Names.HIDDEN][1]
         return SelfAttentionBlock(layer, RotaryTable(MllamaRotaryEmbedding(text).eval(), positions))
 
     def dummy_inputs(self, net, spec, rng):
