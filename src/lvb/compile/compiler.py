@@ -12,7 +12,7 @@ run killed at any point resumes where it stopped and ends with the same nets.
 
 from __future__ import annotations
 
-
+import functools
 import os
 import shutil
 import threading
@@ -102,6 +102,12 @@ class NetJob:
     def kind(self) -> Kind:
         return self.net.kind
 
+    @functools.cached_property
+    def simplified(self) -> bool:
+        """Whether its transform needs tpu-mlir's simplifier: read once, for the memory plan and
+        every stage's transform."""
+        return needs_simplifier(self.onnx)
+
 
 @dataclass(frozen=True)
 class Attempt:
@@ -150,7 +156,7 @@ def memory_need(job: NetJob) -> int:
     """Bytes of memory one job of this net needs: its kind's measured peak, scaled by the
     net's ONNX and weight bytes."""
     weight_bytes = sum(p.stat().st_size for p in job.onnx.parent.iterdir() if p.is_file() and p not in job.check_files)
-    return job.kind.policy.peak.need(weight_bytes, simplified=needs_simplifier(job.onnx))
+    return job.kind.policy.peak.need(weight_bytes, simplified=job.simplified)
 
 
 def default_jobs(largest_need: int) -> int:
@@ -187,7 +193,7 @@ def _mlir(attempt: Attempt, stage: NetSpec, toolchain: Toolchain, server: ToolSe
     """One stage's MLIR (a net without smaller stages has one): the ONNX graph at that
     stage's input shapes, made once and shared by the net's deploys."""
     job = attempt.job
-    options = () if needs_simplifier(job.onnx) else TRANSFORM_OPTIONS
+    options = () if job.simplified else TRANSFORM_OPTIONS
     shapes = [t.shape for t in stage.inputs]
     folder = attempt.net_folder / f"mlir-{cache_key(job.export_key, toolchain.tpu_mlir_version, options, shapes)}"
     mlir = folder / f"{job.name}.mlir"
