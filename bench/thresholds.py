@@ -64,7 +64,8 @@ def measure(name: str, model: Path, out: Path, quants: list[str], answers: bool)
         compiler = Compiler(work, CompileSettings(quant=quant), toolchain)
         manifest = compiler.run(jobs=1)
         result["nets"][quant] = {net: {"kind": job.kind.value, "quant": r["quant"], "cosine": r["check"]["cosine"],
-                                       "cosine_fp32": r["check"]["cosine_fp32"], "max_abs_err": r["check"]["max_abs_err"]}
+                                       "cosine_fp32": r["check"]["cosine_fp32"], "max_abs_err": r["check"]["max_abs_err"],
+                                       "cosines": r["check"].get("cosines", {})}
                                  for job in compiler.jobs for net, r in [(job.name, manifest["nets"][job.name])]}
         print(f"{name} {quant}: compiled", flush=True)
         if answers:
@@ -85,7 +86,8 @@ def from_manifest(path: Path) -> dict:
     kinds = {net: e["kind"] for net, e in json.loads((path.parent.parent / "export" / "manifest.json").read_text())["nets"].items()}
     quant = compiled["settings"]["quant"]
     return {"nets": {quant: {net: {"kind": kinds[net], "quant": r["quant"], "cosine": r["check"]["cosine"],
-                                   "cosine_fp32": r["check"]["cosine_fp32"], "max_abs_err": r["check"]["max_abs_err"]}
+                                   "cosine_fp32": r["check"]["cosine_fp32"], "max_abs_err": r["check"]["max_abs_err"],
+                                       "cosines": r["check"].get("cosines", {})}
                              for net, r in compiled["nets"].items()}}, "answers": {}}
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lvb.check import MEASURED_MIN_COSINE, MIN_AGREEMENT, TORCH_VS_ONNX, min_cosine
-from lvb.contract import Kind
+from lvb.check import MEASURED_MIN_COSINE, MEASURED_MIN_COSINE_KV, MIN_AGREEMENT, TORCH_VS_ONNX, min_cosine
+from lvb.contract import Kind, Names
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -19,16 +19,22 @@ def section(title: str) -> str:
 
 
 def test_bmodel_thresholds_in_the_readme_are_the_table():
-    """Every kind and quantization: the threshold beside the measured minimum it comes from."""
+    """Every kind and quantization, and the K/V outputs judged on their own: the threshold
+    beside the measured minimum it comes from."""
     stated = {}
     for line in section("Checks and thresholds").splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 4 and cells[0].startswith("`"):
-            stated[cells[0].strip("`"), cells[1]] = (cells[2], cells[3])
-    expected = {(kind.value, quant): (f"{min_cosine(kind, quant):.6f}", f"{measured:.6f}")
+        if len(cells) == 4 and (row := re.fullmatch(r"`(\w+)`( k, v)?", cells[0])):
+            stated[row[1], cells[1], bool(row[2])] = (cells[2], cells[3])
+    expected = {(kind.value, quant, False): (f"{min_cosine(kind, quant):.6f}", f"{measured:.6f}")
                 for (kind, quant), measured in MEASURED_MIN_COSINE.items()}
-    assert stated.pop(("greedy_head", "f32")) == ("exact token", "exact") and min_cosine(Kind.GREEDY_HEAD, "f32") == 1.0
+    expected |= {(kind.value, quant, True): (f"{min_cosine(kind, quant, Names.K):.6f}", f"{measured:.6f}")
+                 for (kind, quant), measured in MEASURED_MIN_COSINE_KV.items()}
+    assert stated.pop(("greedy_head", "f32", False)) == ("exact token", "exact") and min_cosine(Kind.GREEDY_HEAD, "f32") == 1.0
     assert stated == expected
+    # K and V share their row, and are judged tighter than the hidden state they come with.
+    for kind, quant in MEASURED_MIN_COSINE_KV:
+        assert min_cosine(kind, quant, Names.V) == min_cosine(kind, quant, Names.K) > min_cosine(kind, quant, Names.HIDDEN)
 
 
 def test_torch_threshold_in_the_readme_is_the_table():

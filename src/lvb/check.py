@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lvb.contract import Kind, NetSpec
+from lvb.contract import Kind, Names, NetSpec
 from lvb.numerics import compare, same_tokens
 
 
@@ -86,17 +86,44 @@ MEASURED_MIN_COSINE: dict[tuple[Kind, str], float] = {
 }
 
 
-def min_cosine(kind: Kind, quant: str) -> float:
-    """A net's threshold: its kind's measured minimum less a margin equal to the measured
-    deficit, i.e. twice today's worst error (1 - cosine) passes, no more. A kind not measured
-    at this quantization (say --vision-quant int4) gets that quantization's loosest. The
-    greedy head returns a token: right or wrong."""
+# The K and V a self-attention block hands the KV cache, judged on their own: one matmul
+# past the block's input, they carry a tenth of the hidden state's bf16 error (ten roundings
+# deep), so a k_proj or v_proj 1 % off shows in them while the hidden state's threshold lets
+# it through (tests/test_compile.py). Measured as the table above.
+MEASURED_MIN_COSINE_KV: dict[tuple[Kind, str], float] = {
+    (Kind.SELF_PREFILL, "int4"): 0.999989,
+    (Kind.SELF_PREFILL, "int8"): 0.999988,
+    (Kind.SELF_PREFILL, "bf16"): 0.999990,
+    (Kind.SELF_DECODE, "int4"): 0.999972,
+    (Kind.SELF_DECODE, "int8"): 0.999977,
+    (Kind.SELF_DECODE, "bf16"): 0.999981,
+}
+_KV_OUTPUTS = frozenset({Names.K, Names.V})
+
+
+def min_cosine(kind: Kind, quant: str, output: str | None = None) -> float:
+    """The threshold of a net's output (None: of its hidden state, the loosest): the measured
+    minimum less a margin equal to the measured deficit, i.e. twice today's worst error
+    (1 - cosine) passes, no more. A kind not measured at this quantization (say
+    --vision-quant int4) gets that quantization's loosest. The greedy head returns a token:
+    right or wrong."""
     if kind is Kind.GREEDY_HEAD:
         return 1.0
-    measured = MEASURED_MIN_COSINE.get((kind, quant))
+    table = MEASURED_MIN_COSINE_KV if output in _KV_OUTPUTS and (kind, quant) in MEASURED_MIN_COSINE_KV else MEASURED_MIN_COSINE
+    measured = table.get((kind, quant))
     if measured is None:
         measured = min(v for (_, q), v in MEASURED_MIN_COSINE.items() if q == quant)
     return round(1 - 2 * (1 - measured), 6)
+
+
+def thresholds(net: NetSpec, quant: str) -> dict[str, float]:
+    """Every output's threshold, by name."""
+    return {t.name: min_cosine(net.kind, quant, t.name) for t in net.outputs}
+
+
+def shortfalls(cosines: Mapping[str, float], need: Mapping[str, float]) -> list[str]:
+    """Each output below its threshold, as "k cosine 0.999812 < 0.99996"."""
+    return [f"{name} cosine {cosines[name]:.6f} < {need[name]}" for name in need if cosines[name] < need[name]]
 
 
 # Whole answers: token agreement (mean share of each reference answer reproduced before the
@@ -218,6 +245,7 @@ def onnx_vs_bmodel(net: NetSpec, onnx_path: Path, feeds: Mapping[str, np.ndarray
                    got: list[np.ndarray], quant: str, group_size: int) -> tuple[dict, str | None]:
     """A bmodel's outputs against onnxruntime with the same weight quantization; `cosine_fp32`
     says what the quantization itself costs. (comparison, the miss in one line or None)."""
+    names = [t.name for t in net.outputs]
     if net.kind is Kind.GREEDY_HEAD:  # a token id: right or wrong
         result = same_tokens(fp32[0], got[0])
         result["cosine_fp32"] = result["cosine"]
@@ -225,7 +253,6 @@ def onnx_vs_bmodel(net: NetSpec, onnx_path: Path, feeds: Mapping[str, np.ndarray
         expected = quantized_reference(onnx_path, feeds, quant, group_size) if quant in BITS else fp32
         result = compare(expected, got)
         result["cosine_fp32"] = compare(fp32, got)["cosine"]
-    threshold = min_cosine(net.kind, quant)
-    if result["cosine"] >= threshold:
-        return result, None
-    return result, f"{net.name}: onnxruntime vs bmodel ({quant}) cosine {result['cosine']:.6f} < {threshold}"
+    result["cosines"] = dict(zip(names, result["cosines"]))
+    missed = shortfalls(result["cosines"], thresholds(net, quant))
+    return result, (f"{net.name}: onnxruntime vs bmodel ({quant}) {'; '.join(missed)}" if missed else None)

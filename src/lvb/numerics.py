@@ -40,10 +40,11 @@ def compare(reference: list[np.ndarray], got: list[np.ndarray]) -> dict:
         error = float(np.max(np.abs(out - ref))) if ref.size else 0.0
         errors.append(error)
         relative.append(error / max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0))
-    return {"cosine": min(cosines), "max_abs_err": max(errors), "max_rel_err": max(relative)}
+    return {"cosine": min(cosines), "max_abs_err": max(errors), "max_rel_err": max(relative), "cosines": cosines}
 
 
 def same_tokens(reference: np.ndarray, got: np.ndarray) -> dict:
     """A net whose output is a token id is right or wrong; said in compare()'s terms."""
     same = bool(np.array_equal(np.asarray(got).ravel(), np.asarray(reference).ravel()))
-    return {"cosine": float(same), "max_abs_err": 0.0 if same else 1.0, "max_rel_err": 0.0 if same else 1.0}
+    return {"cosine": float(same), "max_abs_err": 0.0 if same else 1.0, "max_rel_err": 0.0 if same else 1.0,
+            "cosines": [float(same)]}

@@ -31,7 +31,7 @@ from pathlib import Path
 from lvb.errors import LvbError
 
 EXPORT_VERSION = 2  # 2: settings name the prefill chunk sizes (chunks), nets may carry smaller stages
-COMPILE_VERSION = 1
+COMPILE_VERSION = 2  # 2: a check judges each output on its own (check.cosines, result.thresholds)
 CHECK_FILE = "check.npz"  # the largest stage's; a smaller prefill stage i has check.stage<i>.npz
 REPORT_FILE = "report.json"
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 import lvb
 from lvb.compile.tpumlir import (CHIPS, DEFAULT_GROUP_SIZE, QUANTIZE, TRANSFORM_OPTIONS, DeployOptions, combine, deploy,
                                  transform)
-from lvb.check import CheckMode, load_check, min_cosine, onnx_vs_bmodel
+from lvb.check import CheckMode, load_check, onnx_vs_bmodel, shortfalls, thresholds
 from lvb.contract import Kind, NetSpec, QuantGroup, plan
 from lvb.errors import LvbError
 from lvb.spec import ModelSpec
@@ -120,7 +120,7 @@ class Attempt:
     folder: Path  # the attempt's cache folder: bmodel, compile.log, result.json
     log: Path
     check: bool
-    threshold: float
+    thresholds: dict[str, float]  # per output (lvb.check.thresholds)
     bmodel: str  # the bmodel's path in result.json, relative to the work directory
 
 
@@ -251,7 +251,9 @@ def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: To
     if not checks:
         return bmodel, None
     cost = {key: round(sum(c[key] for c in checks), 2) for key in ("simulator_seconds", "seconds")}  # every stage's
-    return bmodel, min(checks, key=lambda c: c["cosine"]) | cost
+    worst = min(checks, key=lambda c: c["cosine"])
+    cosines = {name: min(c["cosines"][name] for c in checks) for name in worst["cosines"]}  # each output's worst stage
+    return bmodel, worst | {"cosines": cosines} | cost
 
 
 def build_attempt(attempt: Attempt, toolchain: Toolchain, server: ToolServer | None) -> dict:
@@ -263,9 +265,9 @@ def build_attempt(attempt: Attempt, toolchain: Toolchain, server: ToolServer | N
     notes: list[str] = []
     bmodel, check = _deploy_stages(attempt, tmp, toolchain, server, notes)
     seconds = time.perf_counter() - started
-    passed = check is None or check["cosine"] >= attempt.threshold
+    passed = check is None or not shortfalls(check["cosines"], attempt.thresholds)
     result = {"version": COMPILE_VERSION, "net": job.name, "quant": job.quant, "options": list(attempt.options.extra),
-              "check": check, "threshold": attempt.threshold, "passed": passed, "seconds": round(seconds, 2),
+              "check": check, "thresholds": attempt.thresholds, "passed": passed, "seconds": round(seconds, 2),
               "bmodel": attempt.bmodel, "file": record_file(bmodel)}
     shutil.copy(attempt.log, tmp / "compile.log")
     write_json(tmp / "result.json", result)
@@ -362,7 +364,7 @@ class Compiler:
     def _compile(self, job: NetJob, log_dir: Path, executor: Executor, like: NetJob | None = None) -> dict:
         """Deploy with the first option set whose bmodel passes the simulator check; with `like`
         (a checked net of the same kind, --check kinds), unchecked with the options it passed with."""
-        threshold = min_cosine(job.kind, job.quant)
+        need = thresholds(job.net, job.quant)
         net_folder = self.dir.compile_net(job.name)
         check = self.settings.check is CheckMode.ALL or (self.settings.check is CheckMode.KINDS and like is None)
         ladder = job.kind.policy.ladder if like is None else (tuple(like.result["options"]),)
@@ -373,23 +375,24 @@ class Compiler:
             result = read_manifest(folder / "result.json", COMPILE_VERSION)
             problem = result and matches_record(self.work / result["bmodel"], result.get("file"))
             if result and problem is None:
-                # Judged again: the threshold may have changed since it was stored.
-                result["threshold"] = threshold
-                result["passed"] = result["check"] is None or result["check"]["cosine"] >= threshold
+                # Judged again: the thresholds may have changed since it was stored.
+                result["thresholds"] = need
+                result["passed"] = result["check"] is None or not shortfalls(result["check"]["cosines"], need)
             else:
                 if result:
                     self.notify(f"{problem}; compiling {job.name} again")
                 result = executor.build(Attempt(
                     job=job, options=options, net_folder=net_folder, folder=folder, log=log_dir / f"{job.name}.log",
-                    check=check, threshold=threshold,
+                    check=check, thresholds=need,
                     bmodel=str((folder / f"{job.name}.bmodel").relative_to(self.work))))
                 for note in result.pop("notes", ()):
                     self.notify(note)
             if result["passed"]:
                 return result | ({"checked_by": like.name} if like is not None else {})
             tried.append(result)
-        summary = "; ".join(f"options {r['options'] or 'default'}: cosine {r['check']['cosine']:.4f}" for r in tried)
-        raise NetFailed(job.name, f"the simulator disagrees with onnxruntime ({summary}; need >= {threshold})")
+        summary = "; ".join(f"options {r['options'] or 'default'}: {', '.join(shortfalls(r['check']['cosines'], need))}"
+                            for r in tried)
+        raise NetFailed(job.name, f"the simulator disagrees with onnxruntime ({summary})")
 
     # -- all nets ----------------------------------------------------------------
 
