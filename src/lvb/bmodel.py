@@ -91,14 +91,14 @@ def _model_tool(toolchain: Toolchain, *args: str) -> str:
         raise ToolchainError(f"model_tool {' '.join(args)} failed ({e}); is it a bmodel?") from e
 
 
-def inspect_bmodel(path: Path, toolchain: Toolchain) -> BmodelInfo:
+def _read_info(path: Path, toolchain: Toolchain) -> tuple[dict[str, Net], str, int, int]:
+    """(nets with their first stage's tensors, chip, device weight bytes, instruction bytes)."""
     if not Path(path).is_file():
         raise ToolchainError(f"{path}: no such bmodel; run `lvb compile` first")
-    info = _model_tool(toolchain, "--info", str(path))
     nets: dict[str, Net] = {}
     chip, device_weight, instructions = "?", 0, 0
     current = None
-    for line in info.splitlines():
+    for line in _model_tool(toolchain, "--info", str(path)).splitlines():
         line = line.strip()
         if line.startswith("chip:"):
             chip = line.split(":", 1)[1].strip()
@@ -111,6 +111,16 @@ def inspect_bmodel(path: Path, toolchain: Toolchain) -> BmodelInfo:
             (current.inputs if m["io"] == "input" else current.outputs).append(Tensor(m["name"], shape, m["dtype"]))
         elif m := _DEVICE.match(line):
             device_weight, instructions = int(m["weight"]), int(m["instruct"])
+    return nets, chip, device_weight, instructions
+
+
+def declared_tensors(path: Path, toolchain: Toolchain) -> dict[str, Net]:
+    """Each net's tensors as the bmodel declares them (one model_tool call)."""
+    return _read_info(path, toolchain)[0]
+
+
+def inspect_bmodel(path: Path, toolchain: Toolchain) -> BmodelInfo:
+    nets, chip, device_weight, instructions = _read_info(path, toolchain)
     current = None
     for line in _model_tool(toolchain, "--weight", str(path)).splitlines():
         if m := _WEIGHT_NET.match(line.strip()):

@@ -252,6 +252,9 @@ def compile_(
     say(console, "✓", "bold green", work / manifest["bmodel"])
     if retried:
         show(console, f"  compiled with safer options: {', '.join(retried)}")
+    kept = [f"{name} {tensor} as {dtype}" for name, r in manifest["nets"].items() for tensor, dtype in r["dtype_exceptions"].items()]
+    if kept:
+        show(console, f"  kept by tpu-mlir in another dtype than lvb asked (the runtime converts them): {', '.join(kept)}")
 
 
 @app.command()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 import lvb
 from lvb.compile.tpumlir import (CHIPS, DEFAULT_GROUP_SIZE, QUANTIZE, TRANSFORM_OPTIONS, DeployOptions, combine, deploy,
                                  transform)
+from lvb.bmodel import declared_tensors
 from lvb.check import CheckMode, load_check, onnx_vs_bmodel, shortfalls, thresholds
 from lvb.contract import Kind, NetSpec, QuantGroup, plan
 from lvb.errors import LvbError
@@ -226,6 +227,17 @@ def _simulate(job: NetJob, stage: NetSpec, check_file: Path, bmodel: Path, toolc
     return check | {"simulator_seconds": round(simulator_seconds, 2), "seconds": round(time.perf_counter() - started, 2)}
 
 
+def dtype_exceptions(bmodel: Path, net: NetSpec, toolchain: Toolchain) -> dict[str, str]:
+    """The tensors a bmodel declares in another dtype than the contract gives the device
+    (NetSpec.on_device), by name. Seen once: tpu-mlir keeping the float32 cast of a
+    vision-head input it unsqueezes first. The runtime and the memory plan read dtypes from
+    the bmodel, so the net still runs right (the host converts that input); the manifest says which."""
+    found, want = declared_tensors(bmodel, toolchain)[net.name], net.on_device()
+    inputs = {t.name: t.dtype for t in found.inputs}
+    exceptions = {t.name: inputs[t.name] for t in want.inputs if inputs.get(t.name, t.dtype) != t.dtype}
+    return exceptions | {t.name: o.dtype for t, o in zip(want.outputs, found.outputs) if o.dtype != t.dtype}
+
+
 def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: ToolServer | None,
                    notes: list[str]) -> tuple[Path, dict | None]:
     """Every stage deployed and checked on its own, then, when there are several, joined
@@ -264,11 +276,12 @@ def build_attempt(attempt: Attempt, toolchain: Toolchain, server: ToolServer | N
     started = time.perf_counter()
     notes: list[str] = []
     bmodel, check = _deploy_stages(attempt, tmp, toolchain, server, notes)
+    exceptions = dtype_exceptions(bmodel, job.net, toolchain)
     seconds = time.perf_counter() - started
     passed = check is None or not shortfalls(check["cosines"], attempt.thresholds)
     result = {"version": COMPILE_VERSION, "net": job.name, "quant": job.quant, "options": list(attempt.options.extra),
               "check": check, "thresholds": attempt.thresholds, "passed": passed, "seconds": round(seconds, 2),
-              "bmodel": attempt.bmodel, "file": record_file(bmodel)}
+              "bmodel": attempt.bmodel, "file": record_file(bmodel), "dtype_exceptions": exceptions}
     shutil.copy(attempt.log, tmp / "compile.log")
     write_json(tmp / "result.json", result)
     shutil.rmtree(attempt.folder, ignore_errors=True)
