@@ -205,6 +205,12 @@ def _tensor_bytes(tensor) -> int:
     return math.prod(tensor.dims) * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 
+def _constant_bytes(node) -> int:
+    """A Constant node's size, read from its attribute (a tensor, or a few scalars)."""
+    return sum(_tensor_bytes(a.t) if a.HasField("t") else 8 * max(1, len(a.ints) + len(a.floats) + len(a.strings))
+               for a in node.attribute)
+
+
 def _prepare_for_tpu_mlir(model) -> None:
     """Rewrite the traced graph so that tpu-mlir's converter reads it without its ONNX
     simplifier, which held about 11 bytes per weight byte (bench/README.md §1b: 24 GB
@@ -233,14 +239,14 @@ def _prepare_for_tpu_mlir(model) -> None:
             continue
         inputs = [x for x in node.input if x]
         if (inputs and all(x in initializers or x in constants for x in inputs) and not set(node.output) & outputs
-                and sum(_tensor_bytes(initializers[x]) for x in inputs if x in initializers) <= FOLD_BYTES):
+                and sum(_tensor_bytes(initializers[x]) if x in initializers else _constant_bytes(constants[x])
+                        for x in inputs) <= FOLD_BYTES):
             feeds = {x: numpy_helper.to_array(initializers[x]) if x in initializers
                      else ReferenceEvaluator(constants[x]).run(None, {})[0] for x in inputs}
-            if sum(v.nbytes for v in feeds.values()) <= FOLD_BYTES:
-                for name, value in zip(node.output, ReferenceEvaluator(node).run(None, feeds)):
-                    initializers[name] = numpy_helper.from_array(np.asarray(value), name)
-                    graph.initializer.append(initializers[name])
-                continue
+            for name, value in zip(node.output, ReferenceEvaluator(node).run(None, feeds)):
+                initializers[name] = numpy_helper.from_array(np.asarray(value), name)
+                graph.initializer.append(initializers[name])
+            continue
         kept.append(node)
     used = {x for n in kept for x in n.input} | outputs
     kept = [n for n in kept if n.op_type != "Constant" or n.output[0] in used]
