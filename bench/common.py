@@ -22,25 +22,33 @@ REPO = BENCH.parent
 OUT = BENCH / "out"
 LVB = REPO / ".venv" / "bin" / "lvb"
 
-# Llama-3.2-11B-Vision (tests/data/llama-3.2-11b-vision.config.json).
-FULL = {
-    "text_layers": 40,
-    "cross_layers": (3, 8, 13, 18, 23, 28, 33, 38),
-    "vision_layers": 32,
-    "global_layers": 8,
-    "intermediate_indices": (3, 7, 15, 23, 30),
-}
+# The published configs whose widths the bench uses (the weights are synthetic).
+CONFIGS = {name: REPO / "tests" / "data" / f"llama-3.2-{name}-vision.config.json" for name in ("11b", "90b")}
+
+
+def full_model(model: str = "11b") -> dict:
+    """A published model's layer structure, read from its config (CONFIGS)."""
+    config = json.loads(CONFIGS[model].read_text())
+    text, vision = config["text_config"], config["vision_config"]
+    return {"text_layers": text["num_hidden_layers"], "cross_layers": tuple(text["cross_attention_layers"]),
+            "vision_layers": vision["num_hidden_layers"], "global_layers": vision["num_global_layers"],
+            "intermediate_indices": tuple(vision["intermediate_layers_indices"])}
+
+
+def model_of(hidden_size: int) -> str:
+    """Which published model (a key of CONFIGS) has this text width: whose full plan a bench
+    checkpoint at its widths stands for."""
+    for model, path in CONFIGS.items():
+        if json.loads(path.read_text())["text_config"]["hidden_size"] == hidden_size:
+            return model
+    raise SystemExit(f"no published config in tests/data has text hidden size {hidden_size}")
 
 
 def cross_layers_for(layers: int) -> tuple[int, ...]:
-    """Where the cross-attention layers go in a short text stack: the 11B's pattern
-    (3, 8, 13, ...) when it fits, else the middle layer."""
-    pattern = tuple(i for i in FULL["cross_layers"] if i < layers)
+    """Where the cross-attention layers go in a short text stack: the 11B's pattern when it
+    fits, else the middle layer."""
+    pattern = tuple(i for i in full_model("11b")["cross_layers"] if i < layers)
     return pattern or (layers // 2,)
-
-
-# The published configs whose widths the bench uses (the weights are synthetic).
-CONFIGS = {name: REPO / "tests" / "data" / f"llama-3.2-{name}-vision.config.json" for name in ("11b", "90b")}
 
 
 def geometry_of(model: str, layers: int = 3, vision_layers: int = 2, global_layers: int = 1,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Bytes one decode step reads at Llama-3.2-11B-Vision widths, for int4 / int8 (/ bf16)
+"""Bytes one decode step reads at Llama-3.2-11B-Vision widths (or the 90B's), for int4 / int8 (/ bf16)
 decoder weights, and the upper bound on tokens/s that the BM1684X's DRAM bandwidth allows.
 
 How: takes the work directory of bench/convert_scale.py (real 11B widths, a short stack,
@@ -11,8 +11,9 @@ here from the same cached MLIR with lvb's own deploy step and options
 Their weight bytes and I/O tensors are read with lvb.bmodel.inspect_bmodel
 (tpu-mlir's model_tool), the LM head's from the compiled bf16 lm_head bmodel.
 
-Then, for the full model (32 self-attention + 8 cross-attention layers, the LM head in
-bf16, one embedding row): weights = 32 x self + 8 x cross + lm_head + one row;
+Then, for the full model whose widths the checkpoint has (its layer counts from its published
+config; the 11B: 32 self-attention + 8 cross-attention layers, the 90B: 80 + 20), the LM
+head in bf16 and one embedding row: weights = n_self x self + n_cross x cross + lm_head + one row;
 KV cache = every slot of every self-attention layer's K and V at --seq, in the bmodel's
 I/O dtype (bf16 as lvb compiles it since its nets take bf16 state; fp32 in a work directory
 compiled before) and in bf16; cross-attention K/V = 8 layers x (K + V) of 6404 tokens, at
@@ -39,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import FULL, OUT, gb, machine, mb, table  # noqa: E402
+from common import OUT, full_model, gb, machine, mb, model_of, table  # noqa: E402
 
 from lvb.bmodel import inspect_bmodel  # noqa: E402
 from lvb.compile.tpumlir import DeployOptions, deploy  # noqa: E402
@@ -151,7 +152,9 @@ def main() -> int:
                             "inputs": {n: [list(x.shape), x.dtype] for n, x in inputs.items()}}
         measured[quant] = layers
 
-    n_self, n_cross = FULL["text_layers"] - len(FULL["cross_layers"]), len(FULL["cross_layers"])
+    model = model_of(t.hidden_size)  # the published model this checkpoint has the widths of
+    full = full_model(model)
+    n_self, n_cross = full["text_layers"] - len(full["cross_layers"]), len(full["cross_layers"])
     KV, d, V = t.num_kv_heads, t.head_dim, v.tokens_per_image
     self_inputs = measured[quants[0]]["self"]["inputs"]
     kv_dtype = self_inputs["past_k"][1]
@@ -173,7 +176,7 @@ def main() -> int:
     print(table(rows, ["quant", "net", "weights", f"KV cache in (seq {seq}, {kv_dtype})", f"cross K/V in ({cross_dtype})",
                        "deploy s"]))
 
-    print(f"\nOne decode step of the full 11B ({n_self} self + {n_cross} cross layers, lm_head bf16, one embedding row), "
+    print(f"\nOne decode step of the full {model.upper()} ({n_self} self + {n_cross} cross layers, lm_head bf16, one embedding row), "
           f"seq {seq}:")
     rows, totals = [], {}
     for quant, layers in measured.items():
@@ -193,7 +196,7 @@ def main() -> int:
     ref_int4 = totals.get(("int4", f"reference layout: KV bf16, cross K/V repeated to {t.num_heads} heads bf16"))
     ours_int4 = totals.get(("int4", f"lvb today: KV {kv_dtype}, cross K/V at {KV} heads {cross_dtype}"))
     print(f"\nbandwidth: {args.bandwidth:g} GB/s, from {SOURCE}")
-    if ref_int4:
+    if ref_int4 and model == "11b":  # the reference port's measured speed is the 11B's
         print(f"reference port (sophon-demo Llama3_2_Vision, int4, seq 512, SE7-32): {REFERENCE_TPS} tokens/s measured "
               f"({REFERENCE_URL}); with its layout the bound here is {bandwidth / ref_int4:.1f} tokens/s, so it runs at "
               f"{REFERENCE_TPS * ref_int4 / bandwidth:.0%} of the bandwidth bound ({REFERENCE_TPS * ref_int4 / 1e9:.1f} GB/s effective).")

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import FULL, OUT, geometry_11b, machine, table, write_config_only  # noqa: E402
+from common import full_model, OUT, geometry_11b, machine, table, write_config_only  # noqa: E402
 
 from lvb.contract import MASK_VALUE, plan  # noqa: E402
 from lvb.contract import NetInfo  # noqa: E402
@@ -194,7 +194,8 @@ def main() -> int:
     args = parser.parse_args()
     S, C = args.seq, args.chunk
 
-    geometry = geometry_11b(FULL["text_layers"], FULL["vision_layers"], FULL["global_layers"], cross=FULL["cross_layers"])
+    full = full_model("11b")
+    geometry = geometry_11b(full["text_layers"], full["vision_layers"], full["global_layers"], cross=full["cross_layers"])
     folder = write_config_only(args.out.resolve() / "config-11b", geometry)
     checkpoint = Checkpoint.load(folder)
     spec = checkpoint.spec

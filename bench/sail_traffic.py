@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "src" / "lvb" / "testing" / "sail_standin"))
-from common import FULL, OUT, geometry_11b, table, write_config_only  # noqa: E402
+from common import full_model, OUT, geometry_11b, table, write_config_only  # noqa: E402
 
 import sophon.sail as sail  # noqa: E402  (the stand-in)
 
@@ -59,7 +59,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=OUT, help="where the config-only checkpoint folder goes")
     args = parser.parse_args()
 
-    geometry = geometry_11b(FULL["text_layers"], FULL["vision_layers"], FULL["global_layers"], cross=FULL["cross_layers"])
+    full = full_model("11b")
+    geometry = geometry_11b(full["text_layers"], full["vision_layers"], full["global_layers"], cross=full["cross_layers"])
     checkpoint = Checkpoint.load(write_config_only(args.out.resolve() / "config-11b", geometry))
     spec = checkpoint.spec
     nets = [net.on_device() for net in plan(spec, args.seq, args.chunk)]  # as lvb compile declares them: bf16 state
