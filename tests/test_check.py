@@ -47,3 +47,17 @@ def test_answer_agreement_in_the_readme_is_the_table():
     text = " ".join(section("Checks and thresholds").split())
     found = re.search(r"by at least ([0-9.]+) on onnxruntime, ([0-9.]+) for BF16, ([0-9.]+) for INT8 and ([0-9.]+) for INT4", text)
     assert dict(zip(("onnxruntime", "bf16", "int8", "int4"), map(float, found.groups()))) == MIN_AGREEMENT
+
+
+def test_an_output_is_judged_on_its_own_threshold():
+    """A self-attention block whose K alone is off: inside the hidden state's threshold, outside
+    its own row. Every output is named where it misses."""
+    from lvb.check import shortfalls, thresholds
+    from lvb.contract import NetSpec, TensorInfo
+
+    kind, quant = next(iter(MEASURED_MIN_COSINE_KV))
+    hidden, k, v = (TensorInfo(name, (1, 1, 8), "float32") for name in (Names.HIDDEN, Names.K, Names.V))
+    need = thresholds(NetSpec("block_cache_0", kind, 0, (hidden,), (hidden, k, v)), quant)
+    between = (need[Names.HIDDEN] + need[Names.K]) / 2
+    assert shortfalls({Names.HIDDEN: need[Names.HIDDEN], Names.K: need[Names.K], Names.V: 1.0}, need) == []
+    assert shortfalls({Names.HIDDEN: 1.0, Names.K: between, Names.V: 1.0}, need) == [f"k cosine {between:.6f} < {need[Names.K]}"]

@@ -80,23 +80,21 @@ MEASURED_MIN_COSINE: dict[tuple[Kind, str], float] = {
     (Kind.CROSS_PREFILL, "int4"): 0.999952,
     (Kind.CROSS_PREFILL, "int8"): 0.999944,
     (Kind.CROSS_PREFILL, "bf16"): 0.999952,
-    (Kind.CROSS_DECODE, "int4"): 0.999967,
+    (Kind.CROSS_DECODE, "int4"): 0.999820,  # at the 11B's widths (bench/real_widths.py); fixtures 0.999967
     (Kind.CROSS_DECODE, "int8"): 0.999960,
     (Kind.CROSS_DECODE, "bf16"): 0.999947,
 }
 
 
 # The K and V a self-attention block hands the KV cache, judged on their own: one matmul
-# past the block's input, they carry a tenth of the hidden state's bf16 error (ten roundings
-# deep), so a k_proj or v_proj 1 % off shows in them while the hidden state's threshold lets
-# it through (tests/test_compile.py). Measured as the table above.
+# past the block's input, they sit several times closer to their reference than the hidden
+# state, which collects a block's ten or so bf16 steps. Measured as the table above and, at
+# the 11B's widths (bench/real_widths.py), where they set the minimum: 0.999924 (prefill) and
+# 0.999920 (decode). Only where both widths were measured; elsewhere K and V take their
+# kind's row.
 MEASURED_MIN_COSINE_KV: dict[tuple[Kind, str], float] = {
-    (Kind.SELF_PREFILL, "int4"): 0.999989,
-    (Kind.SELF_PREFILL, "int8"): 0.999988,
-    (Kind.SELF_PREFILL, "bf16"): 0.999990,
-    (Kind.SELF_DECODE, "int4"): 0.999972,
-    (Kind.SELF_DECODE, "int8"): 0.999977,
-    (Kind.SELF_DECODE, "bf16"): 0.999981,
+    (Kind.SELF_PREFILL, "int4"): 0.999924,
+    (Kind.SELF_DECODE, "int4"): 0.999920,
 }
 _KV_OUTPUTS = frozenset({Names.K, Names.V})
 
