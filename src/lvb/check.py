@@ -77,7 +77,7 @@ MEASURED_MIN_COSINE: dict[tuple[Kind, str], float] = {
     (Kind.SELF_DECODE, "int4"): 0.999674,
     (Kind.SELF_DECODE, "int8"): 0.999747,
     (Kind.SELF_DECODE, "bf16"): 0.999512,
-    (Kind.CROSS_PREFILL, "int4"): 0.999952,
+    (Kind.CROSS_PREFILL, "int4"): 0.999832,  # at the 11B's widths (bench/real_widths.py); fixtures 0.999952
     (Kind.CROSS_PREFILL, "int8"): 0.999944,
     (Kind.CROSS_PREFILL, "bf16"): 0.999952,
     (Kind.CROSS_DECODE, "int4"): 0.999820,  # at the 11B's widths (bench/real_widths.py); fixtures 0.999967
