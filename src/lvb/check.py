@@ -68,7 +68,7 @@ MEASURED_MIN_COSINE: dict[tuple[Kind, str], float] = {
     (Kind.EMBED, "bf16"): 0.999998,
     (Kind.EMBED_CACHE, "bf16"): 0.999998,
     (Kind.LM_HEAD, "bf16"): 0.999990,
-    (Kind.CROSS_KV, "int4"): 0.999990,
+    (Kind.CROSS_KV, "int4"): 0.999924,  # at the 11B's widths (bench/real_widths.py); fixtures 0.999990
     (Kind.CROSS_KV, "int8"): 0.999990,
     (Kind.CROSS_KV, "bf16"): 0.999991,
     (Kind.SELF_PREFILL, "int4"): 0.999727,
