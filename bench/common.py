@@ -52,13 +52,14 @@ def cross_layers_for(layers: int) -> tuple[int, ...]:
 
 
 def geometry_of(model: str, layers: int = 3, vision_layers: int = 2, global_layers: int = 1,
-                cross: tuple[int, ...] | None = None, max_tiles: int | None = None):
+                cross: tuple[int, ...] | None = None, max_tiles: int | None = None, tile: int | None = None):
     """A published model's widths (CONFIGS) with a short stack. Five intermediate vision
     indices, as the 11B and 90B have, so the projector has its real width (indices repeat when
     the local stack is shorter than the real one; transformers stacks them as listed).
     `max_tiles` below the model's keeps every width and shortens the vision and
     cross-attention sequences (1608 vision tokens a tile), for work the simulator cannot do
-    at the real tile count."""
+    at the real tile count. `tile` (pixels, a multiple of the patch) below the model's does the
+    same inside a tile: 224 px is 257 vision tokens against 560 px's 1601, every width kept."""
     from lvb.testing.checkpoints import Geometry
 
     config = json.loads(CONFIGS[model].read_text())
@@ -67,9 +68,13 @@ def geometry_of(model: str, layers: int = 3, vision_layers: int = 2, global_laye
     indices = tuple(min(vision_layers - 1, i * vision_layers // vision["num_hidden_layers"]) for i in real_indices)
     pattern = tuple(i for i in text["cross_attention_layers"] if i < layers)
     tiles = max_tiles or vision["max_num_tiles"]
+    pixels = tile or vision["image_size"]
+    if pixels % vision["patch_size"]:
+        raise SystemExit(f"--tile {pixels}: not a multiple of the {vision['patch_size']}-px patch")
     return Geometry(
         name=f"{model}-widths-L{layers}-V{vision_layers}+{global_layers}"
-             + (f"-T{tiles}" if tiles != vision["max_num_tiles"] else ""),
+             + (f"-T{tiles}" if tiles != vision["max_num_tiles"] else "")
+             + (f"-P{pixels}" if pixels != vision["image_size"] else ""),
         description=f"Llama-3.2-{model.upper()}-Vision widths, short stacks, synthetic bfloat16 weights",
         text_layers=layers,
         cross_layers=cross if cross is not None else pattern or (layers // 2,),
@@ -77,7 +82,7 @@ def geometry_of(model: str, layers: int = 3, vision_layers: int = 2, global_laye
         intermediate=text["intermediate_size"],
         heads=text["num_attention_heads"],
         kv_heads=text["num_key_value_heads"],
-        tile=vision["image_size"],
+        tile=pixels,
         patch=vision["patch_size"],
         max_tiles=tiles,
         vision_layers=vision_layers,
@@ -108,8 +113,8 @@ def save_json(path: Path, data: dict) -> None:
 
 
 def geometry_11b(layers: int = 3, vision_layers: int = 2, global_layers: int = 1, cross: tuple[int, ...] | None = None,
-                 max_tiles: int | None = None):
-    return geometry_of("11b", layers, vision_layers, global_layers, cross, max_tiles)
+                 max_tiles: int | None = None, tile: int | None = None):
+    return geometry_of("11b", layers, vision_layers, global_layers, cross, max_tiles, tile)
 
 
 def geometry_tiny(layers: int = 3, vision_layers: int = 2, global_layers: int = 1):

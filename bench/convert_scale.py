@@ -443,6 +443,7 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=512, help="compiled sequence (KV-cache slots)")
     parser.add_argument("--chunk", type=int, default=128, help="prefill chunk")
     parser.add_argument("--max-tiles", type=int, default=None, help="tiles per picture (default: the model's; fewer shortens the vision sequence)")
+    parser.add_argument("--tile", type=int, default=None, help="pixels per tile (default: the model's; fewer shortens the vision sequence)")
     parser.add_argument("--jobs", type=int, default=1, help="lvb compile --jobs (1: one heavy tool at a time)")
     parser.add_argument("--out", type=Path, default=OUT, help="folder for the checkpoint, the work dir and the results")
     parser.add_argument("--tiny", action="store_true", help="a small geometry of the same structure (tries the script in a minute)")
@@ -458,7 +459,7 @@ def main() -> int:
     args.full_checkpoint_bytes = args.full_checkpoint_bytes or FULL_CHECKPOINT_BYTES[args.model]
 
     geometry = (geometry_tiny(args.layers, args.vision_layers, args.global_layers) if args.tiny
-                else geometry_of(args.model, args.layers, args.vision_layers, args.global_layers, max_tiles=args.max_tiles))
+                else geometry_of(args.model, args.layers, args.vision_layers, args.global_layers, max_tiles=args.max_tiles, tile=args.tile))
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     checkpoint, work, results_path = run_paths(out, geometry, args.seq, args.chunk, "results")

@@ -54,7 +54,7 @@ def ensure_export(args, work: Path, out: Path) -> None:
     print("no export yet: running convert_scale.py --export-only (checkpoint 20 s, export ≈ 5 min) ...", flush=True)
     code, _ = run([sys.executable, BENCH / "convert_scale.py", "--export-only", "--layers", args.layers,
                    "--vision-layers", args.vision_layers, "--global-layers", args.global_layers,
-                   "--max-tiles", args.max_tiles, "--seq", args.seq, "--chunk", args.chunk, "--out", out],
+                   "--max-tiles", args.max_tiles, *(["--tile", args.tile] if args.tile else []), "--seq", args.seq, "--chunk", args.chunk, "--out", out],
                   out / "real_widths-export.log")
     if code != 0:
         raise SystemExit(f"convert_scale.py failed (exit {code}); see {out / 'real_widths-export.log'}")
@@ -291,6 +291,8 @@ def main() -> int:
     parser.add_argument("--vision-layers", type=int, default=2)
     parser.add_argument("--global-layers", type=int, default=1)
     parser.add_argument("--max-tiles", type=int, default=1, help="tiles per picture (the 11B: 4; see the docstring)")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="pixels per tile (the 11B: 560, 1601 vision tokens; 224: 257, every width kept)")
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--chunk", type=int, default=128)
     parser.add_argument("--quant", action="append", choices=["int4", "int8", "bf16"],
@@ -309,7 +311,7 @@ def main() -> int:
     args = parser.parse_args()
     quants = args.quant or ["int4"]
 
-    geometry = geometry_11b(args.layers, args.vision_layers, args.global_layers, max_tiles=args.max_tiles)
+    geometry = geometry_11b(args.layers, args.vision_layers, args.global_layers, max_tiles=args.max_tiles, tile=args.tile)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     checkpoint, work, results_path = run_paths(out, geometry, args.seq, args.chunk, "real_widths")
