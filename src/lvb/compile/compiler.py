@@ -18,7 +18,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -444,32 +444,28 @@ class Compiler:
         running: list[str] = []
         done = 0
         lock = threading.Lock()
-        # --check kinds: the first net of each kind is built (and checked) before its siblings.
+        # --check kinds: the first net of each kind is built (and checked) first; its siblings
+        # are queued only once it has passed, so none holds a pool thread while it waits.
         first: dict[Kind, NetJob] = {}
         if self.settings.check is CheckMode.KINDS:
             for job in self.jobs:
                 first.setdefault(job.kind, job)
-        settled = {job.name: threading.Event() for job in first.values()}
-        order = [*first.values(), *(job for job in self.jobs if first.get(job.kind) is not job)]
+        siblings = {kind: [job for job in self.jobs if job.kind is kind and job is not lead] for kind, lead in first.items()}
 
         def one(job: NetJob) -> dict:
             nonlocal done
-            like = first.get(job.kind) if first.get(job.kind) is not job else None
-            if like is not None:
-                settled[like.name].wait()
-            if self._cancel.is_set() or (like is not None and not like.result):
+            if self._cancel.is_set():
                 raise CompileError("cancelled")
             with lock:
                 running.append(job.name)
                 if progress:
                     progress(done, len(self.jobs), list(running))
             try:
-                job.result = self._compile(job, log_dir, executor, like)
+                lead = first.get(job.kind)
+                job.result = self._compile(job, log_dir, executor, lead if lead is not job else None)
             except ToolFailed as e:
                 raise NetFailed(job.name, f"{e.tool} failed (exit {e.code}); log: {e.log}", e.tail()) from e
             finally:
-                if job.name in settled:
-                    settled[job.name].set()
                 with lock:
                     running.remove(job.name)
                     done += 1
@@ -479,15 +475,21 @@ class Compiler:
 
         try:
             with ThreadPoolExecutor(max_workers=executor.slots) as pool:
-                futures = [pool.submit(one, job) for job in order]
-                finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                failed = [f for f in finished if f.exception()]
-                if failed:
-                    self._cancel.set()
-                    for future in futures:
-                        future.cancel()
-                    executor.cancel()
-                    raise failed[0].exception()
+                leads = list(first.values()) if first else self.jobs
+                pending = {pool.submit(one, job): job for job in leads}
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    failed = [f for f in finished if f.exception()]
+                    if failed:
+                        self._cancel.set()
+                        for future in pending:
+                            future.cancel()
+                        executor.cancel()
+                        raise failed[0].exception()
+                    for future in finished:
+                        job = pending.pop(future)
+                        if first.get(job.kind) is job:
+                            pending.update({pool.submit(one, sibling): sibling for sibling in siblings[job.kind]})
         except KeyboardInterrupt:
             self._cancel.set()
             executor.cancel()
