@@ -107,8 +107,9 @@ def min_cosine(kind: Kind, quant: str, output: str | None = None) -> float:
     right or wrong."""
     if kind is Kind.GREEDY_HEAD:
         return 1.0
-    table = MEASURED_MIN_COSINE_KV if output in _KV_OUTPUTS and (kind, quant) in MEASURED_MIN_COSINE_KV else MEASURED_MIN_COSINE
-    measured = table.get((kind, quant))
+    measured = MEASURED_MIN_COSINE.get((kind, quant))
+    if output in _KV_OUTPUTS:
+        measured = MEASURED_MIN_COSINE_KV.get((kind, quant), measured)
     if measured is None:
         measured = min(v for (_, q), v in MEASURED_MIN_COSINE.items() if q == quant)
     return round(1 - 2 * (1 - measured), 6)
