@@ -199,11 +199,11 @@ def test_inspect_reports_decode_bytes(compile_factory):
     assert step["weights"] > 0 and "one decode step reads" in result.output
 
 
-def damage(weights_file, rng, relative=0.01):
-    """Gaussian noise of `relative` times its norm added to the one weight matrix in an
-    npz of weights (the transform's output): a miscompile in small."""
+def damage(weights_file, rng, relative=0.01, width=None):
+    """Gaussian noise of `relative` times its norm added to the first weight matrix (of output
+    `width`, if given) in an npz of weights (the transform's output): a miscompile in small."""
     arrays = dict(np.load(weights_file))
-    name = next(k for k, v in arrays.items() if v.ndim == 2)
+    name = next(k for k, v in arrays.items() if v.ndim == 2 and width in (None, v.shape[1]))
     noise = rng.standard_normal(arrays[name].shape)
     arrays[name] = (arrays[name] + noise * relative * np.linalg.norm(arrays[name]) / np.linalg.norm(noise)).astype(arrays[name].dtype)
     np.savez(weights_file, **arrays)
@@ -245,3 +245,32 @@ def test_a_net_one_percent_off_fails_the_compile_check_and_verify(compile_factor
     with open_engine("cmodel", bmodel=compiler.bmodel) as engine:
         parts = check_parts(checkpoint_factory(name), work, engine, compiled)
     assert [p.net for p in parts if p.misses] == ["lm_head"]
+
+
+def test_a_k_projection_one_percent_off_fails_the_int8_check(compile_factory, export_factory, checkpoint_factory, tmp_path):
+    """A self-attention block's K is one matmul past its input, so at INT8 it sits 10⁻⁵ from
+    its reference at any width (bench/README.md §9), and its own row catches 1 % noise on
+    `k_proj` that the hidden state's row cannot."""
+    from lvb.compile.compiler import NetFailed
+    from lvb.spec import ModelSpec
+
+    name = "gqa2-cross-last"
+    compile_factory(name, "int8")
+    text = ModelSpec.from_dir(checkpoint_factory(name)).text
+    work = tmp_path / "work"
+    shutil.copytree(export_factory(name) / "export", work / "export")
+    shutil.copytree(export_factory(name) / "compile", work / "compile")
+    for manifest_file in (work / "compile").glob("*.json"):
+        manifest_file.unlink()
+    block = work / "compile" / "block_0"  # self-attention prefill: the cross-attention layer is the last
+    for weights in block.glob("mlir-*/*_weight.npz"):
+        # q_proj is wider; of the two KV-wide projections the graph holds k_proj first.
+        damage(weights, np.random.default_rng(0), width=text.num_kv_heads * text.head_dim)
+        record_transform(weights.parent)
+    for folder in block.iterdir():
+        if not folder.name.startswith("mlir-"):
+            shutil.rmtree(folder)
+    compiler = Compiler(work, CompileSettings(quant="int8"), find_toolchain())
+    with pytest.raises(NetFailed, match=r"block_0: the simulator disagrees with onnxruntime \(options default: k cosine 0\.9999"):
+        compiler.run(jobs=1)
+    assert not compiler.bmodel.exists()
