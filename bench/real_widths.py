@@ -223,6 +223,12 @@ def _prompt(checkpoint, question: str):
     return image, checkpoint.tokenizer.encode_chat(checkpoint.template, messages, now=datetime(2026, 11, 30))
 
 
+def _specs(work: Path) -> dict:
+    from lvb.contract import NetSpec
+
+    return {name: NetSpec.from_json(entry) for name, entry in json.loads((work / "export" / "manifest.json").read_text())["nets"].items()}
+
+
 def run_stack(checkpoint, engine, image, ids: list[int], tokens: list[int] | None, count: int) -> tuple[list, float]:
     """Per step, the logits of lvb's Runner on `engine`: the prompt, then each of `tokens` (a
     reference's answer) decoded in turn, or, without `tokens`, its own greedy answer."""
@@ -246,8 +252,69 @@ def run_stack(checkpoint, engine, image, ids: list[int], tokens: list[int] | Non
     return steps, time.perf_counter() - started
 
 
+def quantized_nets(work: Path, quant: str, folder: Path, group_size: int = 64) -> dict[str, Path]:
+    """Every exported net's ONNX, the `quant` ones (the decoder blocks and cross K/V) with
+    their matmul weights quantized as tpu-mlir does (lvb.check.fake_quantize, what each net's
+    compile check compares against): the whole stack as a correct compile computes it."""
+    import onnx
+    from onnx import numpy_helper
+
+    from lvb.check import BITS, fake_quantize
+    from lvb.compile.compiler import CompileSettings
+    from lvb.contract import NetSpec
+    from lvb.workdir import WorkDir
+
+    settings, workdir = CompileSettings(quant=quant), WorkDir(work)
+    files = {}
+    for name, entry in workdir.require_export()["nets"].items():
+        files[name] = source = workdir.onnx(entry)
+        if settings.quant_of(NetSpec.from_json(entry).kind) != quant:
+            continue
+        files[name] = target = folder / name / source.name
+        if target.is_file():
+            continue
+        model = onnx.load(str(source))
+        constants = {init.name: init for init in model.graph.initializer}
+        for node in model.graph.node:
+            init = constants.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+            if init is not None and len(init.dims) == 2 and init.dims[0] % group_size == 0:
+                weight = fake_quantize(numpy_helper.to_array(init), BITS[quant], group_size)
+                init.CopyFrom(numpy_helper.from_array(weight, init.name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(model, str(target.with_suffix(".tmp")), save_as_external_data=True, location=f"{name}.weights")
+        os.replace(target.with_suffix(".tmp"), target)
+    return files
+
+
+def quantized_stack(checkpoint, work: Path, quant: str, image, ids: list[int], tokens: list[int], count: int,
+                    reference_file: Path) -> tuple[list, float]:
+    from lvb.runtime.onnx import OnnxEngine
+
+    files = quantized_nets(work, quant, reference_file.parent / f"{reference_file.stem}-{quant}-onnx")
+    with OnnxEngine(files, specs=_specs(work)) as engine:
+        return run_stack(checkpoint, engine, image, ids, tokens, count)
+
+
+def add_quantized(checkpoint_dir: Path, work: Path, e2e: dict, question: str, reference_file: Path) -> None:
+    """The quantization-aware stack for an end-to-end run already made (its simulator tokens
+    kept in `e2e`), without running the simulator again."""
+    import numpy as np
+
+    from lvb.numerics import cosine
+    from lvb.runtime.pipeline import Checkpoint
+
+    checkpoint = Checkpoint.load(checkpoint_dir)
+    image, ids = _prompt(checkpoint, question)
+    reference = list(np.load(reference_file)["logits"])
+    tokens = [int(np.argmax(r)) for r in reference]
+    quantized, seconds = quantized_stack(checkpoint, work, e2e["quant"], image, ids, tokens, len(e2e["steps"]), reference_file)
+    for step, q, ref in zip(e2e["steps"], quantized, reference):
+        step |= {"quantized_cosine": cosine(q, ref), "quantized_token": int(np.argmax(q))}
+    e2e["seconds"][f"onnxruntime_{e2e['quant']}"] = round(seconds, 1)
+
+
 def end_to_end(checkpoint_dir: Path, work: Path, bmodel: Path, count: int, question: str, reference_file: Path,
-               reference_only: bool = False) -> dict | None:
+               reference_only: bool = False, quant: str = "bf16") -> dict | None:
     """onnxruntime first (its logits kept in `reference_file`), then the simulator fed the
     same tokens; one engine at a time, so the peak is the larger of the two."""
     import numpy as np
@@ -271,18 +338,42 @@ def end_to_end(checkpoint_dir: Path, work: Path, bmodel: Path, count: int, quest
     if reference_only:
         return None
     tokens = [int(np.argmax(r)) for r in reference]
+    # The same stack on onnxruntime with the blocks' weights quantized as tpu-mlir does: what
+    # the quantization alone does to the answer, apart from what the compile adds.
+    quantized = None
+    if quant in ("int4", "int8"):
+        quantized, seconds[f"onnxruntime_{quant}"] = quantized_stack(checkpoint, work, quant, image, ids, tokens, count,
+                                                                     reference_file)
     with open_engine("cmodel", bmodel=bmodel) as engine:
         simulated, seconds["cmodel"] = run_stack(checkpoint, engine, image, ids, tokens, count)
+    np.savez(reference_file.with_name(f"{reference_file.stem}-cmodel-{quant}.npz"), key=key, logits=np.stack(simulated))
     steps = []
     for i, (ref, sim) in enumerate(zip(reference, simulated)):
         top = np.sort(ref)[-2:]
         steps.append({"step": i, "cosine": cosine(sim, ref), "token": tokens[i], "simulator_token": int(np.argmax(sim)),
                       "same": int(np.argmax(sim)) == tokens[i], "max_abs_err": float(np.max(np.abs(sim - ref))),
                       "reference_margin": float(top[1] - top[0])})
+        if quantized is not None:
+            steps[-1] |= {"quantized_cosine": cosine(quantized[i], ref), "quantized_token": int(np.argmax(quantized[i])),
+                          "simulator_vs_quantized_cosine": cosine(sim, quantized[i])}
     first_difference = next((s["step"] for s in steps if not s["same"]), len(steps))
     return {"prompt_tokens": len(ids), "tiles": int(image.num_tiles), "steps": steps,
             "token_agreement": sum(s["same"] for s in steps) / len(steps), "same_answer_tokens": first_difference,
             "min_cosine": min(s["cosine"] for s in steps), "seconds": {k: round(v, 1) for k, v in seconds.items()}}
+
+
+def print_end_to_end(e: dict) -> None:
+    quantized = "quantized_cosine" in e["steps"][0]
+    print(table([[s["step"], f"{s['cosine']:.6f}", f"{s['max_abs_err']:.3g}", s["token"], s["simulator_token"],
+                  f"{s['reference_margin']:.3g}", *([f"{s['quantized_cosine']:.6f}", s["quantized_token"]] if quantized else [])]
+                 for s in e["steps"]],
+                ["step", "logits cosine", "max abs err", "onnxruntime token", "simulator token", "top-2 margin",
+                 *([f"{e['quant']} onnxruntime cosine", f"{e['quant']} onnxruntime token"] if quantized else [])]))
+    print(f"\n{e['prompt_tokens']} prompt tokens, {e['tiles']} tile; token agreement {e['token_agreement']:.2f}, "
+          f"same answer for {e['same_answer_tokens']} tokens; seconds {e['seconds']}")
+    if quantized:
+        same = sum(s["quantized_token"] == s["simulator_token"] for s in e["steps"])
+        print(f"the simulator picks the quantization-aware onnxruntime's token at {same} of {len(e['steps'])} steps")
 
 
 def main() -> int:
@@ -302,6 +393,8 @@ def main() -> int:
     parser.add_argument("--question", default="What is in this picture?")
     parser.add_argument("--reference-only", action="store_true",
                         help="only the onnxruntime side of the end-to-end run (needs the export, not the compile)")
+    parser.add_argument("--quantized-only", action="store_true",
+                        help="add the quantization-aware onnxruntime stack to the end-to-end run already recorded, then stop")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--per-output", metavar="NET",
                         help="run a compiled net's first bmodel again on the simulator and compare each output, then stop")
@@ -328,6 +421,11 @@ def main() -> int:
     if args.reference_only:
         end_to_end(checkpoint, work, Path(), args.tokens, args.question, reference_file, reference_only=True)
         print(f"reference logits: {reference_file}")
+        return 0
+    if args.quantized_only:
+        add_quantized(checkpoint, work, results["end_to_end"], args.question, reference_file)
+        save()
+        print_end_to_end(results["end_to_end"])
         return 0
     if args.per_output:
         results.setdefault("per_output", {})[args.per_output] = per_output(work, quants[0], args.per_output)
@@ -364,14 +462,9 @@ def main() -> int:
         print(f"\nend to end ({quant} bmodel on the simulator vs the export on onnxruntime, {args.tokens} greedy tokens) ...",
               flush=True)
         results["end_to_end"] = {"quant": quant, **end_to_end(checkpoint, work, Path(results[quant]["bmodel"]), args.tokens,
-                                                               args.question, reference_file)}
+                                                               args.question, reference_file, quant=quant)}
         save()
-        e = results["end_to_end"]
-        print(table([[s["step"], f"{s['cosine']:.6f}", f"{s['max_abs_err']:.3g}", s["token"], s["simulator_token"],
-                      f"{s['reference_margin']:.3g}"] for s in e["steps"]],
-                    ["step", "logits cosine", "max abs err", "onnxruntime token", "simulator token", "top-2 margin"]))
-        print(f"\n{e['prompt_tokens']} prompt tokens, {e['tiles']} tile; token agreement {e['token_agreement']:.2f}, "
-              f"same answer for {e['same_answer_tokens']} tokens; seconds {e['seconds']}")
+        print_end_to_end(results["end_to_end"])
     print(f"\nresults: {results_path}")
     return 0
 
