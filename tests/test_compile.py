@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,6 +210,23 @@ def damage(weights_file, rng, relative=0.01, width=None):
     np.savez(weights_file, **arrays)
 
 
+def compile_with_damage(compile_factory, export_factory, name: str, net: str, work: Path, width=None) -> Compiler:
+    """`name`'s INT8 compile copied to `work`, `net`'s weights 1 % off in the MLIR its deploy
+    reads (damage) and its deploys gone: the compiler that builds and checks it again."""
+    compile_factory(name, "int8")
+    shutil.copytree(export_factory(name) / "export", work / "export")
+    shutil.copytree(export_factory(name) / "compile", work / "compile")
+    for manifest_file in (work / "compile").glob("*.json"):
+        manifest_file.unlink()
+    for weights in (work / "compile" / net).glob("mlir-*/*_weight.npz"):
+        damage(weights, np.random.default_rng(0), width=width)
+        record_transform(weights.parent)  # as if model_transform.py had written it (unrecorded, it is transformed again)
+    for folder in (work / "compile" / net).iterdir():
+        if not folder.name.startswith("mlir-"):
+            shutil.rmtree(folder)
+    return Compiler(work, CompileSettings(quant="int8"), find_toolchain())
+
+
 def test_a_net_one_percent_off_fails_the_compile_check_and_verify(compile_factory, export_factory, checkpoint_factory, tmp_path):
     """The LM head's weight matrix 1 % off (Gaussian noise of 1 % of its norm, in the MLIR the
     deploy reads): the compile check refuses the bmodel; forced into a combined bmodel, verify's
@@ -219,20 +237,8 @@ def test_a_net_one_percent_off_fails_the_compile_check_and_verify(compile_factor
     from lvb.verify.checks import check_parts
 
     name = "gqa2-cross-last"
-    compile_factory(name, "int8")
     work = tmp_path / "work"
-    shutil.copytree(export_factory(name) / "export", work / "export")
-    shutil.copytree(export_factory(name) / "compile", work / "compile")
-    for manifest_file in (work / "compile").glob("*.json"):
-        manifest_file.unlink()
-    head = work / "compile" / "lm_head"
-    for weights in head.glob("mlir-*/*_weight.npz"):
-        damage(weights, np.random.default_rng(0))
-        record_transform(weights.parent)  # as if model_transform.py had written it (unrecorded, it is transformed again)
-    for folder in head.iterdir():
-        if not folder.name.startswith("mlir-"):
-            shutil.rmtree(folder)
-    compiler = Compiler(work, CompileSettings(quant="int8"), find_toolchain())
+    compiler = compile_with_damage(compile_factory, export_factory, name, "lm_head", work)
     with pytest.raises(NetFailed, match=r"lm_head: the simulator disagrees with onnxruntime \(.*cosine 0\.9999"):
         compiler.run(jobs=1)
     assert not compiler.bmodel.exists()
@@ -240,7 +246,7 @@ def test_a_net_one_percent_off_fails_the_compile_check_and_verify(compile_factor
     # The same nets combined with that LM head, as if no check had run.
     compiled = manifest(compile_factory(name, "int8"))
     nets = [work / r["bmodel"] for r in compiled["nets"].values()]
-    nets[list(compiled["nets"]).index("lm_head")] = next(head.glob("*/lm_head.bmodel"))
+    nets[list(compiled["nets"]).index("lm_head")] = next((work / "compile" / "lm_head").glob("*/lm_head.bmodel"))
     combine(find_toolchain(), nets, compiler.bmodel, tmp_path / "combine.log")
     with open_engine("cmodel", bmodel=compiler.bmodel) as engine:
         parts = check_parts(checkpoint_factory(name), work, engine, compiled)
@@ -255,22 +261,11 @@ def test_a_k_projection_one_percent_off_fails_the_int8_check(compile_factory, ex
     from lvb.spec import ModelSpec
 
     name = "gqa2-cross-last"
-    compile_factory(name, "int8")
     text = ModelSpec.from_dir(checkpoint_factory(name)).text
-    work = tmp_path / "work"
-    shutil.copytree(export_factory(name) / "export", work / "export")
-    shutil.copytree(export_factory(name) / "compile", work / "compile")
-    for manifest_file in (work / "compile").glob("*.json"):
-        manifest_file.unlink()
-    block = work / "compile" / "block_0"  # self-attention prefill: the cross-attention layer is the last
-    for weights in block.glob("mlir-*/*_weight.npz"):
-        # q_proj is wider; of the two KV-wide projections the graph holds k_proj first.
-        damage(weights, np.random.default_rng(0), width=text.num_kv_heads * text.head_dim)
-        record_transform(weights.parent)
-    for folder in block.iterdir():
-        if not folder.name.startswith("mlir-"):
-            shutil.rmtree(folder)
-    compiler = Compiler(work, CompileSettings(quant="int8"), find_toolchain())
+    # block_0 is a self-attention prefill (the cross-attention layer is the last). q_proj is
+    # wider; of the two KV-wide projections the graph holds k_proj first.
+    compiler = compile_with_damage(compile_factory, export_factory, name, "block_0", tmp_path / "work",
+                                   width=text.num_kv_heads * text.head_dim)
     with pytest.raises(NetFailed, match=r"block_0: the simulator disagrees with onnxruntime \(options default: k cosine 0\.9999"):
         compiler.run(jobs=1)
     assert not compiler.bmodel.exists()
