@@ -223,12 +223,6 @@ def _prompt(checkpoint, question: str):
     return image, checkpoint.tokenizer.encode_chat(checkpoint.template, messages, now=datetime(2026, 11, 30))
 
 
-def _specs(work: Path) -> dict:
-    from lvb.contract import NetSpec
-
-    return {name: NetSpec.from_json(entry) for name, entry in json.loads((work / "export" / "manifest.json").read_text())["nets"].items()}
-
-
 def run_stack(checkpoint, engine, image, ids: list[int], tokens: list[int] | None, count: int) -> tuple[list, float]:
     """Per step, the logits of lvb's Runner on `engine`: the prompt, then each of `tokens` (a
     reference's answer) decoded in turn, or, without `tokens`, its own greedy answer."""
@@ -252,65 +246,65 @@ def run_stack(checkpoint, engine, image, ids: list[int], tokens: list[int] | Non
     return steps, time.perf_counter() - started
 
 
-def quantized_nets(work: Path, quant: str, folder: Path, group_size: int = 64) -> dict[str, Path]:
+def quantized_nets(work: Path, quant: str, folder: Path, group_size: int = 64) -> tuple[dict[str, Path], dict]:
     """Every exported net's ONNX, the `quant` ones (the decoder blocks and cross K/V) with
-    their matmul weights quantized as tpu-mlir does (lvb.check.fake_quantize, what each net's
-    compile check compares against): the whole stack as a correct compile computes it."""
+    their matmul weights quantized as tpu-mlir does (lvb.check.quantize_weights, what each
+    net's compile check compares against): the whole stack as a correct compile computes it.
+    (files, specs), for an OnnxEngine."""
     import onnx
-    from onnx import numpy_helper
 
-    from lvb.check import BITS, fake_quantize
+    from lvb.check import quantize_weights
     from lvb.compile.compiler import CompileSettings
     from lvb.contract import NetSpec
     from lvb.workdir import WorkDir
 
     settings, workdir = CompileSettings(quant=quant), WorkDir(work)
-    files = {}
+    files, specs = {}, {}
     for name, entry in workdir.require_export()["nets"].items():
+        specs[name] = NetSpec.from_json(entry)
         files[name] = source = workdir.onnx(entry)
-        if settings.quant_of(NetSpec.from_json(entry).kind) != quant:
+        if settings.quant_of(specs[name].kind) != quant:
             continue
         files[name] = target = folder / name / source.name
         if target.is_file():
             continue
         model = onnx.load(str(source))
-        constants = {init.name: init for init in model.graph.initializer}
-        for node in model.graph.node:
-            init = constants.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
-            if init is not None and len(init.dims) == 2 and init.dims[0] % group_size == 0:
-                weight = fake_quantize(numpy_helper.to_array(init), BITS[quant], group_size)
-                init.CopyFrom(numpy_helper.from_array(weight, init.name))
+        quantize_weights(model, quant, group_size)
         target.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(model, str(target.with_suffix(".tmp")), save_as_external_data=True, location=f"{name}.weights")
         os.replace(target.with_suffix(".tmp"), target)
-    return files
-
-
-def quantized_stack(checkpoint, work: Path, quant: str, image, ids: list[int], tokens: list[int], count: int,
-                    reference_file: Path) -> tuple[list, float]:
-    from lvb.runtime.onnx import OnnxEngine
-
-    files = quantized_nets(work, quant, reference_file.parent / f"{reference_file.stem}-{quant}-onnx")
-    with OnnxEngine(files, specs=_specs(work)) as engine:
-        return run_stack(checkpoint, engine, image, ids, tokens, count)
+    return files, specs
 
 
 def add_quantized(checkpoint_dir: Path, work: Path, e2e: dict, question: str, reference_file: Path) -> None:
-    """The quantization-aware stack for an end-to-end run already made (its simulator tokens
-    kept in `e2e`), without running the simulator again."""
+    """The same stack on onnxruntime with the blocks' weights quantized as tpu-mlir does, fed
+    the reference's tokens, added to a recorded end-to-end run: what the quantization alone
+    does to the answer, apart from what the compile adds (and, where the run kept the
+    simulator's logits, how close the simulator is to it)."""
     import numpy as np
 
     from lvb.numerics import cosine
+    from lvb.runtime.onnx import OnnxEngine
     from lvb.runtime.pipeline import Checkpoint
 
     checkpoint = Checkpoint.load(checkpoint_dir)
     image, ids = _prompt(checkpoint, question)
     reference = list(np.load(reference_file)["logits"])
     tokens = [int(np.argmax(r)) for r in reference]
-    quantized, seconds = quantized_stack(checkpoint, work, e2e["quant"], image, ids, tokens, len(e2e["steps"]), reference_file)
-    for step, q, ref in zip(e2e["steps"], quantized, reference):
+    files, specs = quantized_nets(work, e2e["quant"], reference_file.parent / f"{reference_file.stem}-{e2e['quant']}-onnx")
+    with OnnxEngine(files, specs=specs) as engine:
+        quantized, seconds = run_stack(checkpoint, engine, image, ids, tokens, len(e2e["steps"]))
+    simulated_file = simulator_logits(reference_file, e2e["quant"])
+    simulated = list(np.load(simulated_file)["logits"]) if simulated_file.is_file() else [None] * len(quantized)
+    for step, q, ref, sim in zip(e2e["steps"], quantized, reference, simulated):
         step |= {"quantized_cosine": cosine(q, ref), "quantized_token": int(np.argmax(q))}
+        if sim is not None:
+            step["simulator_vs_quantized_cosine"] = cosine(sim, q)
     e2e["seconds"][f"onnxruntime_{e2e['quant']}"] = round(seconds, 1)
+
+
+def simulator_logits(reference_file: Path, quant: str) -> Path:
+    return reference_file.with_name(f"{reference_file.stem}-cmodel-{quant}.npz")
 
 
 def end_to_end(checkpoint_dir: Path, work: Path, bmodel: Path, count: int, question: str, reference_file: Path,
@@ -338,24 +332,15 @@ def end_to_end(checkpoint_dir: Path, work: Path, bmodel: Path, count: int, quest
     if reference_only:
         return None
     tokens = [int(np.argmax(r)) for r in reference]
-    # The same stack on onnxruntime with the blocks' weights quantized as tpu-mlir does: what
-    # the quantization alone does to the answer, apart from what the compile adds.
-    quantized = None
-    if quant in ("int4", "int8"):
-        quantized, seconds[f"onnxruntime_{quant}"] = quantized_stack(checkpoint, work, quant, image, ids, tokens, count,
-                                                                     reference_file)
     with open_engine("cmodel", bmodel=bmodel) as engine:
         simulated, seconds["cmodel"] = run_stack(checkpoint, engine, image, ids, tokens, count)
-    np.savez(reference_file.with_name(f"{reference_file.stem}-cmodel-{quant}.npz"), key=key, logits=np.stack(simulated))
+    np.savez(simulator_logits(reference_file, quant), key=key, logits=np.stack(simulated))
     steps = []
     for i, (ref, sim) in enumerate(zip(reference, simulated)):
         top = np.sort(ref)[-2:]
         steps.append({"step": i, "cosine": cosine(sim, ref), "token": tokens[i], "simulator_token": int(np.argmax(sim)),
                       "same": int(np.argmax(sim)) == tokens[i], "max_abs_err": float(np.max(np.abs(sim - ref))),
                       "reference_margin": float(top[1] - top[0])})
-        if quantized is not None:
-            steps[-1] |= {"quantized_cosine": cosine(quantized[i], ref), "quantized_token": int(np.argmax(quantized[i])),
-                          "simulator_vs_quantized_cosine": cosine(sim, quantized[i])}
     first_difference = next((s["step"] for s in steps if not s["same"]), len(steps))
     return {"prompt_tokens": len(ids), "tiles": int(image.num_tiles), "steps": steps,
             "token_agreement": sum(s["same"] for s in steps) / len(steps), "same_answer_tokens": first_difference,
@@ -463,6 +448,8 @@ def main() -> int:
               flush=True)
         results["end_to_end"] = {"quant": quant, **end_to_end(checkpoint, work, Path(results[quant]["bmodel"]), args.tokens,
                                                                args.question, reference_file, quant=quant)}
+        if quant in ("int4", "int8"):
+            add_quantized(checkpoint, work, results["end_to_end"], args.question, reference_file)
         save()
         print_end_to_end(results["end_to_end"])
     print(f"\nresults: {results_path}")

@@ -212,13 +212,10 @@ def quantize_like_the_bmodel(layers, quant: str, group_size: int) -> None:
                 module.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
 
 
-def quantized_reference(onnx_path: Path, feeds: Mapping[str, np.ndarray], quant: str, group_size: int) -> list[np.ndarray]:
-    """What a correctly compiled `quant` net computes: the ONNX with its matmul weights
-    quantized as tpu-mlir does, run by onnxruntime."""
-    import onnx
+def quantize_weights(model, quant: str, group_size: int) -> None:
+    """An ONNX model's matmul weights quantized in place as tpu-mlir does (fake_quantize)."""
     from onnx import numpy_helper
 
-    model = onnx.load(str(onnx_path))
     constants = {init.name: init for init in model.graph.initializer}
     for node in model.graph.node:
         init = constants.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
@@ -226,6 +223,15 @@ def quantized_reference(onnx_path: Path, feeds: Mapping[str, np.ndarray], quant:
             continue
         weight = numpy_helper.to_array(init)
         init.CopyFrom(numpy_helper.from_array(fake_quantize(weight, BITS[quant], group_size), init.name))
+
+
+def quantized_reference(onnx_path: Path, feeds: Mapping[str, np.ndarray], quant: str, group_size: int) -> list[np.ndarray]:
+    """What a correctly compiled `quant` net computes: the ONNX with its matmul weights
+    quantized as tpu-mlir does, run by onnxruntime."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    quantize_weights(model, quant, group_size)
     return run_once(model.SerializeToString(), feeds)
 
 
