@@ -209,7 +209,7 @@ class Runner:
             return sampler(self.engine.run(lm_head, feeds)[0][0], history)
         self.engine.run(lm_head, feeds, store={0: Resident(Buffers.LOGITS)})
         config = sampler.config
-        if not config.do_sample and config.repetition_penalty == 1.0:
+        if not config.needs_logits:
             greedy = self.engine.run(net_name(Kind.GREEDY_HEAD), {Names.LOGITS: Resident(Buffers.LOGITS)})
             return int(np.asarray(greedy[0]).ravel()[0])
         return sampler(self.engine.read(Buffers.LOGITS)[0], history)
