@@ -215,13 +215,13 @@ def png_header_only(width: int, height: int) -> bytes:
      400, "3000x3000 = 9000000 pixels, over the 1000000 allowed"),
     ({"messages": [user("x", "data:image/png;base64," + base64.b64encode(png_header_only(60000, 60000)).decode())]},
      400, "too many pixels"),
-    ({"messages": [user("x", "data:image/png;base64," + "A" * (2**20 * 4 // 3 + 8))]}, 413, "over 1 MiB"),
+    ({"messages": [user("x", "data:image/png;base64," + "A" * (4 * (2**20 // 3 + 8)))]}, 413, "over 1 MiB"),
     ({"messages": [user("x", "data:image/png;base64,not base64!")]}, 400, "not valid base64"),
     ({"messages": [user("word " * SEQ)]}, 400, f"tokens and the model holds {SEQ}"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "the last message must be the user's"),
     ({"messages": [{"role": "tool", "content": "1"}, user("x")]}, 400, "role 'tool' is not supported"),
-    ({"max_tokens": 0}, 400, "`max_tokens` must be at least 1"),
-    ({"temperature": -1}, 400, "temperature must be a positive number"),
+    ({"max_tokens": 0}, 400, "`max_tokens`: input should be greater than or equal to 1"),
+    ({"temperature": -1}, 400, "`temperature`: input should be greater than or equal to 0"),
     ({"stream": True, "messages": [user("word " * SEQ)]}, 400, "tokens and the model holds"),
 ])
 def test_requests_lvb_cannot_honour_are_refused_with_the_reason(toy, change, status, message):

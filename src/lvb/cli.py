@@ -558,6 +558,10 @@ def chat(
             _print_stats(reply)
 
 
+def _bad_history(value: str):
+    raise fail(f"--history {value} is not known: it must be refuse or truncate")
+
+
 @app.command()
 def serve(
     model: RuntimeModelOption = None,
@@ -572,19 +576,25 @@ def serve(
                                            callback=at_least(0))] = 16,
     api_key: Annotated[Optional[str], typer.Option(envvar="LVB_API_KEY", show_envvar=True,
                                                    help="Require `Authorization: Bearer KEY` on every endpoint but /health and the page.")] = None,
+    history: Annotated[str, typer.Option(help="A chat longer than the sequence: refuse it (400), or truncate it, dropping "
+                                              "the oldest exchanges as `lvb chat --truncate-history` does.",
+                                         callback=lambda value: value if value in ("refuse", "truncate") else _bad_history(value))] = "refuse",
+    allow_origin: Annotated[Optional[list[str]], typer.Option(help="A web origin (https://host:port) whose pages may call "
+                                                                   "the API (CORS); repeat for more, * for any.")] = None,
     toolchain: ToolchainOption = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions) with a chat page at /."""
     try:
         import uvicorn
 
-        from lvb.serve.app import create_app
+        from lvb.serve.app import check_api_key, create_app
         from lvb.serve.worker import Worker
     except ImportError as e:
         raise fail(f"lvb serve needs the serve extra ({e.name} is missing): pip install 'lvb[serve]'")
     try:
+        check_api_key(api_key)
         session = ChatOptions(model=model, revision=revision, package=package, bmodel=bmodel, onnx=onnx,
-                              backend=backend, toolchain=toolchain).open_session()
+                              backend=backend, toolchain=toolchain).open_session(truncate_history=history == "truncate")
     except LvbError as e:
         raise fail(str(e))
     import logging
@@ -596,7 +606,8 @@ def serve(
     name = session.checkpoint.directory.name
     show(console, f"{session.engine.backend} · seq {session.seq} · model {name} · http://{host}:{port}/", style="dim")
     try:
-        uvicorn.run(create_app(worker, name, api_key=api_key), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(worker, name, api_key=api_key, allow_origins=tuple(allow_origin or ())), host=host,
+                    port=port, log_level="info")
     finally:
         worker.close()
         session.engine.close()
