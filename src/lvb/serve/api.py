@@ -242,30 +242,38 @@ def validate(kind: type[BaseModel], body: bytes):
     try:
         return kind.model_validate_json(body)
     except ValidationError as e:
-        problem = e.errors(include_url=False, include_input=False)[0]
+        # Of a union's errors (one per branch), the one that got furthest names the problem best.
+        problem = max(e.errors(include_url=False, include_input=False), key=lambda p: len(p["loc"]))
         where = _where(problem["loc"])
         message = problem["msg"]
         if problem["type"] == "json_invalid":
             raise RequestError(f"the body is not valid JSON: {message.removeprefix('Invalid JSON: ')}") from None
         if problem["type"] == "model_type" and not where:
             raise RequestError("the body must be a JSON object") from None
+        param = str(problem["loc"][0]) if problem["loc"] else None
         if problem["type"] == "extra_forbidden":
-            raise RequestError(f"`{where}` is not a field lvb serve knows; leave it out",
-                               param=str(problem["loc"][0])) from None
-        raise RequestError(f"`{where}`: {message[0].lower() + message[1:]}" if where else message,
-                           param=str(problem["loc"][0]) if problem["loc"] else None) from None
+            raise RequestError(f"`{where}` is not a field lvb serve knows; leave it out", param=param) from None
+        raise RequestError(f"`{where}`: {message[0].lower() + message[1:]}" if where else message, param=param) from None
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "none"}
 
 
 def _where(loc) -> str:
-    out = ""
+    """pydantic's error location as a path into the JSON: messages[0].content[1].image_url.url."""
+    out, tag = "", None  # tag: a tagged union's branch comes next (after its list index)
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[tagged-union[TextPart,ImagePart]]", "list[int]", "int", "none", "bool", "float",
-                      "text", "image_url") and out and not out.endswith("]"):
-            continue  # pydantic's name of the union branch it tried
-        else:
-            out += ("." if out else "") + str(part)
+            tag = "next" if tag == "after index" else tag
+            continue
+        if tag == "next":  # the tag that picked the branch, not a field
+            tag = None
+            continue
+        if "[" in part or part in _TYPE_NAMES:  # the name of the union branch tried
+            tag = "after index" if "tagged-union" in part else None
+            continue
+        out += ("." if out else "") + part
     return out
 
 
