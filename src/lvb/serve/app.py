@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 
 from lvb.errors import LvbError
 from lvb.serve.api import (DetokenizeRequest, Limits, PixelBudget, RequestError, TokenizeRequest, check_model,
-                           parse_chat_request, validate)
+                           parse_chat_request, release_memory, validate)
 from lvb.serve.worker import Job, QueueFull, Result, Worker, served_model
 
 log = logging.getLogger("lvb.serve")
@@ -128,11 +128,17 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, limi
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(request: Request):
+        body = bytearray()
         try:
+            body = await _json_body(request, limits)
             # Decoding a picture takes a while for a large photo: off the event loop, which streams to others.
-            chat = await run_in_threadpool(parse_chat_request, await _json_body(request, limits), limits, model, budget)
+            chat = await run_in_threadpool(parse_chat_request, body, limits, model, budget)
         except RequestError as e:
             return refuse(e)
+        finally:
+            if len(body) >= 4 * 2**20:  # megabytes of body and of its parse, freed: give them back
+                body = None
+                release_memory()
         loop = asyncio.get_running_loop()
         job = Job(chat, loop, asyncio.Queue())
         try:
@@ -197,7 +203,7 @@ def _detokenize(body: bytes, model, worker: Worker) -> dict:
     return {"prompt": worker.session.checkpoint.tokenizer.decode(request.tokens, skip_special_tokens=False)}
 
 
-async def _json_body(request: Request, limits: Limits) -> bytes:
+async def _json_body(request: Request, limits: Limits) -> bytearray:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limits.body_bytes:
         raise RequestError(f"the request body is {int(declared)} bytes, over the {limits.body_bytes} allowed", status=413)
@@ -206,7 +212,7 @@ async def _json_body(request: Request, limits: Limits) -> bytes:
         body += chunk
         if len(body) > limits.body_bytes:
             raise RequestError(f"the request body is over the {limits.body_bytes} bytes allowed", status=413)
-    return bytes(body)
+    return body
 
 
 async def _first_event(request: Request, job: Job):
