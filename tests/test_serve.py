@@ -26,6 +26,7 @@ import pytest
 import uvicorn
 
 from helpers import SEQ
+from lvb.contract import Kind, net_name
 from lvb.runtime.backends import open_engine
 from lvb.runtime.engine import EngineError
 from lvb.runtime.pipeline import Checkpoint, Session
@@ -333,7 +334,9 @@ CHROMIUM = "/usr/bin/chromium"  # Debian's, installed by `make setup`; Playwrigh
 
 def test_the_page_answers_a_picture_in_chromium(toy, tmp_path):
     """The page at / in a real headless Chromium: enter the key it asks for, pick a picture, ask,
-    read the streamed answer and its figures; the screenshot stays as the test's artifact."""
+    read the streamed answer and the server's own figures; a reload keeps the chat; a system
+    prompt with a picture gets a note instead of a refused request. The screenshot stays as the
+    test's artifact."""
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: run `make setup` (it installs Debian's chromium)"
@@ -357,17 +360,96 @@ def test_the_page_answers_a_picture_in_chromium(toy, tmp_path):
             page.wait_for_selector(".message.assistant.done", timeout=60_000)
             text = page.inner_text(".message.assistant .text")
             stats = page.inner_text(".message.assistant .stats")
+            result = server.worker.last_result  # what the server measured for this answer
             page.fill("#prompt", "What colour is it?")  # a follow-up without a picture
             page.keyboard.press("Enter")
             page.wait_for_selector(".message.assistant.done >> nth=1", timeout=60_000)
+            shown = page.locator(".message .text").all_inner_texts()
+            page.reload()  # the chat is kept in the browser's local storage
+            page.wait_for_selector(".message.assistant.done >> nth=1")
+            assert page.locator(".message .text").all_inner_texts() == shown and len(shown) == 4
+            page.click("#system-toggle")  # a system prompt in a chat with a picture: the template refuses it
+            page.fill("#system", "Answer in one word.")
+            page.wait_for_selector("#note.shown")
+            note = page.inner_text("#note")
+            page.fill("#prompt", "And now?")
+            page.click("#send")
+            assert page.locator(".message").count() == 4  # not sent
             page.screenshot(path=str(screenshot))
             page.click("#new-chat")
+            assert page.locator(".message").count() == 0 and not page.is_visible("#note")
+            page.reload()
+            page.wait_for_function("document.getElementById('model').textContent.startsWith('toy')")
             assert page.locator(".message").count() == 0
         finally:
             browser.close()
     print(f"\nscreenshot of the page: {screenshot}")
     assert text == answer
-    assert re.search(r"first token \d+ ms", stats) and re.search(r"[\d.]+ tokens/s", stats), stats
+    assert "does not take a system prompt together with a picture" in note
+    # The figures are the server's (sent with the stream), not the browser's guess from bursty arrivals.
+    first = re.search(r"first token (\d+) ms", stats)
+    rate = re.search(r"([\d.]+) tokens/s", stats)
+    assert first and rate, stats
+    assert abs(int(first[1]) - result.first_token_seconds * 1000) <= 1, (stats, result)
+    assert abs(float(rate[1]) - result.tokens_per_second) <= 0.06, (stats, result)
+    assert f"{result.completion_tokens} tokens" in stats and f"({result.cached_tokens} cached)" in stats
+
+
+class GatedEngine:
+    """The real engine, whose LM head stops after a few tokens until the test lets it go on:
+    the Stop button is clicked while the answer is surely still running."""
+
+    def __init__(self, engine, after: int):
+        self.engine, self.after, self.calls = engine, after, 0
+        self.go = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def run(self, net, feeds, store=None):
+        if net == net_name(Kind.LM_HEAD):
+            self.calls += 1
+            if self.calls > self.after:
+                assert self.go.wait(timeout=120)
+        return self.engine.run(net, feeds, store)
+
+
+def test_the_pages_stop_button_ends_the_answer_and_keeps_the_chat(babbler):
+    from playwright.sync_api import sync_playwright
+
+    server = babbler
+    runner = server.worker.session.runner
+    engine = runner.engine
+    gated = runner.engine = GatedEngine(engine, after=6)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+            try:
+                page = browser.new_page()
+                page.goto(server.url + "/")
+                page.evaluate(f"localStorage.setItem('lvb-api-key', '{KEY}')")
+                page.reload()
+                page.wait_for_function("document.getElementById('model').textContent.includes('sequence')")
+                page.fill("#prompt", "Hello")
+                page.keyboard.press("Enter")
+                page.wait_for_function("document.querySelector('.message.assistant .text')?.textContent.length > 0")
+                page.click("#stop")
+                page.wait_for_selector(".message.assistant.done")
+                partial = page.inner_text(".message.assistant .text")
+                stats = page.inner_text(".message.assistant .stats")
+                kept = page.evaluate("JSON.parse(localStorage.getItem('lvb-chat')).history")
+                gated.go.set()
+                server.idle()
+                assert page.is_enabled("#send") and not page.is_enabled("#stop")
+            finally:
+                browser.close()
+    finally:
+        gated.go.set()
+        runner.engine = engine
+    assert partial and stats == "stopped"
+    assert [(m["role"], m["text"]) for m in kept] == [("user", "Hello"), ("assistant", partial)]
+    job = server.worker.last_job
+    assert job.cancelled.is_set() and job.pieces_after_cancel <= 1  # the engine was freed within a token
 
 
 class FailingEngine:

@@ -109,6 +109,7 @@ class Worker:
         self.pending = 0  # queued + running
         self.served = self.cancelled = self.failed = 0
         self.last_job: Job | None = None
+        self.last_result: Result | None = None
         self.busy = threading.Lock()  # held while a request runs on the engine
         self._count = threading.Lock()
         self._durations: deque[float] = deque(maxlen=20)
@@ -174,6 +175,7 @@ class Worker:
             log.exception("%s: internal error", job.id)
             job.send("error", (500, f"internal error: {type(e).__name__}: {e}"))
         else:
+            self.last_result = result
             job.send("done", result)
 
     def _fix(self, message: str) -> str:
