@@ -518,7 +518,7 @@ def decode_image(raw: bytes, where: str, limits: Limits, budget: PixelBudget, pr
                     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                     image = Image.open(io.BytesIO(raw), formats=list(IMAGE_FORMATS))
                     image.load()
-                image = ImageOps.exif_transpose(image)
+                ImageOps.exif_transpose(image, in_place=True)  # not a copy: a second full-size picture
             except Exception as e:  # PIL raises many kinds for bad files; its text is only quoted
                 raise RequestError(f"{where}: not a readable PNG, JPEG, WebP or GIF picture ({type(e).__name__}: {e})",
                                    param="messages") from None
@@ -538,15 +538,31 @@ def decode_image(raw: bytes, where: str, limits: Limits, budget: PixelBudget, pr
 _libc = None
 
 
-def release_memory() -> None:
-    """Give the freed pages of a large decode back to the system (glibc keeps them otherwise,
-    in the arena of the thread that decoded, and a board runs out of memory)."""
+def _glibc():
     global _libc
     if _libc is None:
         try:
             _libc = ctypes.CDLL("libc.so.6")
             _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+            _libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         except (OSError, AttributeError):
             _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
+    return _libc
+
+
+def map_large_allocations(threshold: int = 4 * 2**20) -> None:
+    """Make glibc give every allocation of `threshold` bytes or more its own mapping, returned to
+    the system when freed. By default the threshold grows with what was freed (up to 32 MiB), so
+    Pillow's 16 MiB blocks of a large picture land in the decoding thread's arena, whose top
+    glibc keeps (malloc_trim does not shrink it): 17 large pictures decoded one after the other
+    by as many threads kept 260 MB. A server-wide setting: `create_app` makes it."""
+    libc = _glibc()
+    if libc:
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also turns the dynamic adjustment off
+
+
+def release_memory() -> None:
+    """Give the freed pages of a large decode or body back to the system (glibc keeps them otherwise)."""
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)

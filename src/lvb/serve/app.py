@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 
 from lvb.errors import LvbError
 from lvb.serve.api import (DetokenizeRequest, Limits, PixelBudget, RequestError, TokenizeRequest, check_model,
-                           parse_chat_request, release_memory, validate)
+                           map_large_allocations, parse_chat_request, release_memory, validate)
 from lvb.serve.worker import Job, QueueFull, Result, Worker, served_model
 
 log = logging.getLogger("lvb.serve")
@@ -50,6 +50,7 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, limi
                allow_origins: tuple[str, ...] = ()) -> FastAPI:
     """`allow_origins`: web origins whose pages may call the API (CORS), "*" for any; none by default."""
     check_api_key(api_key)
+    map_large_allocations()
     app = FastAPI(title="lvb serve", docs_url=None, redoc_url=None, openapi_url=None)
     page = resources.files("lvb.serve").joinpath("page.html").read_text(encoding="utf-8")
     created = int(time.time())
@@ -115,16 +116,18 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, limi
     @app.post("/tokenize", dependencies=[Depends(authorized)])
     async def tokenize(request: Request):
         try:
-            return await run_in_threadpool(_tokenize, await _json_body(request, limits), model, worker)
+            answer = await run_in_threadpool(_refusal_or, _tokenize, await _json_body(request, limits), model, worker)
         except RequestError as e:
             return refuse(e)
+        return refuse(answer) if isinstance(answer, RequestError) else answer
 
     @app.post("/detokenize", dependencies=[Depends(authorized)])
     async def detokenize(request: Request):
         try:
-            return await run_in_threadpool(_detokenize, await _json_body(request, limits), model, worker)
+            answer = await run_in_threadpool(_refusal_or, _detokenize, await _json_body(request, limits), model, worker)
         except RequestError as e:
             return refuse(e)
+        return refuse(answer) if isinstance(answer, RequestError) else answer
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(request: Request):
@@ -132,13 +135,15 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, limi
         try:
             body = await _json_body(request, limits)
             # Decoding a picture takes a while for a large photo: off the event loop, which streams to others.
-            chat = await run_in_threadpool(parse_chat_request, body, limits, model, budget)
+            chat = await run_in_threadpool(_refusal_or, parse_chat_request, body, limits, model, budget)
         except RequestError as e:
             return refuse(e)
         finally:
             if len(body) >= 4 * 2**20:  # megabytes of body and of its parse, freed: give them back
                 body = None
                 release_memory()
+        if isinstance(chat, RequestError):
+            return refuse(chat)
         loop = asyncio.get_running_loop()
         job = Job(chat, loop, asyncio.Queue())
         try:
@@ -160,6 +165,17 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, limi
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+def _refusal_or(parse, body, *args):
+    """`parse(body, *args)`, or its refusal returned bare: raised through the thread pool, its
+    traceback (and the ValidationError it came from, which quotes the input) would keep the
+    body alive in the pool's thread until that thread's next job: 32 MB after 16 MB of text."""
+    try:
+        return parse(body, *args)
+    except RequestError as e:
+        e.__traceback__ = e.__context__ = e.__cause__ = None
+        return e
 
 
 def _tokenize(body: bytes, model, worker: Worker) -> dict:
