@@ -195,7 +195,7 @@ class ChatCompletionRequest(_Strict):
     n: Literal[1] | None = None
     response_format: ResponseFormat | None = None
     modalities: list[Literal["text"]] | None = None
-    user: str | None = None  # OpenAI's end-user id: logged, nothing else
+    user: str | None = None  # OpenAI's end-user id, for abuse reports: accepted, it changes nothing
 
     @model_validator(mode="before")
     @classmethod
