@@ -528,6 +528,9 @@ def decode_image(raw: bytes, where: str, limits: Limits, budget: PixelBudget, pr
                 return prepare(image)
             except LvbError as e:
                 raise RequestError(f"{where}: {e}", param="messages") from None
+            except (ValueError, OSError) as e:  # Pillow refusing to convert or resize an odd picture
+                raise RequestError(f"{where}: cannot preprocess this picture ({type(e).__name__}: {e}); save it as "
+                                   "8-bit RGB", param="messages") from None
             finally:
                 del image
     finally:

@@ -75,6 +75,11 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, limi
                    405: f"{request.method} is not allowed on {request.url.path[:200]}"}.get(e.status_code, str(e.detail))
         return error(e.status_code, message, headers=getattr(e, "headers", None))
 
+    @app.exception_handler(Exception)
+    async def bug(request: Request, e: Exception):  # a bug: logged with its traceback, answered in the one shape
+        log.exception("internal error on %s %s", request.method, request.url.path[:200])
+        return error(500, f"internal error: {type(e).__name__}: {e}"[:500])
+
     def refuse(e: RequestError) -> JSONResponse:
         metrics.count("busy" if e.status in (429, 503) else "refused")
         return error(e.status, str(e), param=e.param, code=e.code)
