@@ -31,7 +31,7 @@ def test_every_net_is_exported_and_matches_pytorch(name, export_factory, checkpo
     # Cross-attention K/V stay at the KV heads, never repeated to the query heads.
     for layer in spec.text.cross_attention_layers:
         cross_k = manifest["nets"][f"cross_kv_{layer}"]["outputs"][0]
-        assert cross_k["shape"] == [1, spec.vision.tokens_per_image, spec.text.num_kv_heads, spec.text.head_dim]
+        assert cross_k["shape"] == [1, spec.text.num_kv_heads, spec.vision.tokens_per_image, spec.text.head_dim]
 
 
 @pytest.mark.slow  # exports a whole checkpoint of its own
@@ -178,6 +178,49 @@ def test_vision_attention_in_head_groups_is_transformers_own(checkpoint_factory,
             split = vision(pixel_values=pixels, aspect_ratio_ids=ids, aspect_ratio_mask=mask).last_hidden_state
     assert len(calls) == (config.num_hidden_layers + config.num_global_layers) * config.attention_heads
     assert torch.allclose(whole, split, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gqa2-cross-last", "gqa4-cross-pair"])
+def test_grouped_query_attention_is_transformers_own(name, checkpoint_factory):
+    """With the text layers' query heads grouped per K/V head (no repeat_kv), transformers'
+    own model gives the logits it gives unpatched, picture and cross-attention included."""
+    from transformers import MllamaForConditionalGeneration
+
+    from lvb.patches import patched
+
+    model = MllamaForConditionalGeneration.from_pretrained(checkpoint_factory(name), attn_implementation="eager").eval()
+    config = model.config.vision_config
+    generator = torch.Generator().manual_seed(0)
+    tiles = config.max_num_tiles
+    inputs = dict(
+        input_ids=torch.tensor([[model.config.image_token_index, 5, 6, 7, 8, 9]]),
+        pixel_values=torch.randn(1, 1, tiles, 3, config.image_size, config.image_size, generator=generator),
+        aspect_ratio_ids=torch.tensor([[1]]), aspect_ratio_mask=torch.tensor([[[1] + [0] * (tiles - 1)]]),
+        cross_attention_mask=torch.tensor([[[1] + [0] * (tiles - 1)]]).expand(1, 6, tiles)[:, :, None, :].reshape(1, 6, 1, tiles),
+    )
+    assert model.config.text_config.num_attention_heads > model.config.text_config.num_key_value_heads
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with patched():
+            grouped = model(**inputs).logits
+    assert torch.allclose(plain, grouped, atol=1e-5), (plain - grouped).abs().max()
+
+
+def test_text_blocks_never_repeat_kv(export_factory):
+    """No block graph of a fixture whose query heads share K/V heads copies K/V to them
+    (repeat_kv is an Expand): the only copies are of a mask, one row per query head."""
+    import onnx
+
+    work = export_factory("gqa2-cross-last")
+    blocks = sorted((work / "export").glob("block*/block*.onnx"))
+    assert blocks
+    for path in blocks:
+        graph = onnx.load(str(path), load_external_data=False).graph
+        masks = {i.name for i in graph.input if "mask" in i.name}
+        for node in graph.node:
+            if node.op_type in ("Expand", "Tile"):
+                assert node.input[0] in masks, (path.name, node.name)
+                masks.update(node.output)
 
 
 def test_heads_per_group_follows_the_budget():

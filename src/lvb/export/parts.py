@@ -36,9 +36,11 @@ def _load(module: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
 class _KVCache:
     """Stands in for transformers' Cache inside one layer: past K/V in, new K/V out.
 
-    The nets keep K/V token-major ([1, tokens, KV heads, head dim]) so the
-    runtime writes one token's K/V as one contiguous copy; transformers works
-    head-major, hence the transposes.
+    The self-attention nets keep their cache token-major ([1, tokens, KV heads, head dim])
+    so the runtime writes one token's K/V as one contiguous copy; transformers works
+    head-major, hence the transposes. An image's cross-attention K/V are written whole, once,
+    so they stay head-major ([1, KV heads, tokens, head dim]), as the attention reads them:
+    no transpose of 6,404 positions in every cross-attention layer's every step.
     """
 
     def __init__(self, layer: int, past_k=None, past_v=None):
@@ -197,7 +199,7 @@ class CrossKV(nn.Module):
             cache=cache,
             attention_mask=None,
         )
-        return _head_major(cache.new_k), _head_major(cache.new_v)
+        return cache.new_k, cache.new_v
 
 
 class CrossAttentionBlock(nn.Module):
@@ -208,7 +210,7 @@ class CrossAttentionBlock(nn.Module):
         self.layer = layer
 
     def forward(self, hidden_states, cross_k, cross_v, cross_attention_mask, text_row_mask):
-        cache = _KVCache(self.layer.layer_idx, _head_major(cross_k), _head_major(cross_v))
+        cache = _KVCache(self.layer.layer_idx, cross_k, cross_v)
         return self.layer(
             hidden_states,
             cross_attention_states=None,
@@ -414,7 +416,8 @@ class EmbeddingPart(Part):
 
 @part(Kind.SELF_PREFILL, Kind.SELF_DECODE)
 class SelfAttentionPart(Part):
-    revision = 2  # 1: rotary cos/sin looked up in a table (RotaryTable); 2: the table covers a last chunk's padding
+    revision = 3  # 1: rotary cos/sin looked up in a table (RotaryTable); 2: the table covers a last chunk's padding;
+    # 3: query heads grouped per K/V head (patches.grouped_query_attention)
 
     def weight_prefixes(self, net, spec):
         return (f"{TEXT}layers.{net.layer}.",)
@@ -442,6 +445,7 @@ class SelfAttentionPart(Part):
 
 @part(Kind.CROSS_KV)
 class CrossKVPart(Part):
+    revision = 1  # 1: K/V head-major
 
     def weight_prefixes(self, net, spec):
         return (f"{TEXT}layers.{net.layer}.cross_attn.",)
@@ -456,6 +460,7 @@ class CrossKVPart(Part):
 
 @part(Kind.CROSS_PREFILL, Kind.CROSS_DECODE)
 class CrossAttentionPart(Part):
+    revision = 1  # 1: K/V head-major, query heads grouped per K/V head (patches.grouped_query_attention)
 
     def weight_prefixes(self, net, spec):
         return (f"{TEXT}layers.{net.layer}.",)

@@ -111,6 +111,40 @@ def attention_in_head_groups(eager: Callable) -> Callable:
     return attention
 
 
+def grouped_query_attention(eager: Callable) -> Callable:
+    """The text layers' attention without repeating K/V to the query heads.
+
+    transformers' eager attention copies each K/V head to its query heads (repeat_kv) before
+    the score matmul. Here the query heads that share a K/V head are stacked on the query
+    axis instead ([KV heads, group x queries, d] against [KV heads, keys, d]): the same dot
+    products, and no repeated K/V in the graph. On the BM1684X that repeat was a Tile moving
+    4x the K/V (at the 11B's four tiles 105 MB per cross-attention layer and token, against
+    26 MB of real K/V); the grouped matmul reads the K/V once (bench/README.md).
+    Other attentions (the vision tower's, or one without shared heads) go on unchanged.
+    """
+
+    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        from transformers.models.mllama.modeling_mllama import MllamaVisionAttention
+
+        batch, heads, queries, dim = query.shape
+        kv_heads = key.shape[1]
+        masks_per_head = attention_mask is not None and attention_mask.shape[1] != 1
+        if isinstance(module, MllamaVisionAttention) or kv_heads == heads or masks_per_head or module.training:
+            return eager(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        group = heads // kv_heads
+        # Head h uses K/V head h // group (repeat_kv's order): heads are outer to queries, so
+        # row g * queries + q of K/V head k is query q of head k * group + g.
+        stacked = query.reshape(batch, kv_heads, group * queries, dim)
+        scores = torch.matmul(stacked, key.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask.repeat(1, 1, group, 1)
+        weights = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        output = torch.matmul(weights, value).reshape(batch, heads, queries, dim)
+        return output.transpose(1, 2).contiguous(), None  # as eager returns it; no one reads the weights
+
+    return attention
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         MODELING,
@@ -124,6 +158,13 @@ PATCHES: tuple[Patch, ...] = (
         attention_in_head_groups,
         "the vision tower's scores a few heads at a time, so no [heads, tokens, tokens] tensor exists "
         "while exporting and checking it",
+        wraps=True,
+    ),
+    Patch(
+        MODELING,
+        "eager_attention_forward",
+        grouped_query_attention,
+        "the text layers' query heads grouped per K/V head, so the nets never copy K/V to every query head",
         wraps=True,
     ),
 )
