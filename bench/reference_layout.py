@@ -39,17 +39,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH, CONFIGS, OUT, REPO, machine, mb, save_json, table  # noqa: E402
+from common import (CONFIGS, OUT, REFERENCE_FIRST_TOKEN_S, REFERENCE_SEQ, REFERENCE_SOURCE, REFERENCE_TOKENS_PER_S,  # noqa: E402
+                    REPO, RESULTS, machine, mb, save_json, table)
 
 from lvb.compile.tpumlir import TRANSFORM_OPTIONS  # noqa: E402
 from lvb.devicetime import Estimate, ProfileError, read_profile  # noqa: E402
 from lvb.toolchain import find_toolchain  # noqa: E402
 
-RESULTS = BENCH / "results" / "reference_layout.json"
+OUTPUT = RESULTS / "reference_layout.json"
 WORK = OUT / "reference"
-# What the reference's README measures, which this layout's sums are set against.
-REFERENCE_TTFT_S = 5.723
-REFERENCE_TPS = 7.506
 # model_transform.py's ONNX simplifier holds many times a net's weights; each transform waits for
 # this much free memory (the machine is shared with other compiles).
 NEED_AVAILABLE = 12 << 30
@@ -60,8 +58,7 @@ SOPHON_DEMO_MODELING = ("https://github.com/sophgo/sophon-demo/blob/8f1f03afcc0d
 SOPHON_DEMO_RUNTIME = ("https://github.com/sophgo/sophon-demo/blob/57d893328a0cec972480bb45488a2fa9536c4701/sample/"
                        "Llama3_2_Vision/python/llama3.py")
 GEN = SOPHON_DEMO + "scripts/gen_bmodel.sh"
-README = ("https://github.com/sophgo/sophon-demo/blob/253d84c6f47d1899adf8cf6e569b3ed23aa0edfa/sample/Llama3_2_Vision/"
-          "README.md")
+
 EXPORT = SOPHON_DEMO + "tools/export_onnx.py"
 
 # Where each choice comes from; line numbers are those of the files at the commits in the URLs.
@@ -454,14 +451,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", default=",".join(KINDS), help="which nets, in this order")
     parser.add_argument("--remeasure", action="append", default=[], help="a kind to measure again (repeatable)")
-    parser.add_argument("--seq", type=int, default=512, help="the reference's sequence length")
+    parser.add_argument("--seq", type=int, default=REFERENCE_SEQ, help="the reference's sequence length")
     args = parser.parse_args()
     os.nice(10)  # the machine is shared with other compiles; every tool inherits this
     w = text_widths()
     toolchain = find_toolchain()
-    data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    data = json.loads(OUTPUT.read_text()) if OUTPUT.is_file() else {}
     kinds = data.get("kinds", {})
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
         sums = totals(kinds, w)
@@ -471,12 +468,12 @@ def main() -> int:
             kinds[kind].pop("per_model", None)
             kinds[kind].setdefault("unpriced", None)
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        save_json(RESULTS, {
+        save_json(OUTPUT, {
             "what": "the sophon-demo Llama3_2_Vision port's nets at the 11B widths, priced by tpu-mlir's cost model",
             "commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
             "load_average": os.getloadavg(), "tpu_mlir": toolchain.tpu_mlir_version, "seq": args.seq, "widths": w,
-            "reference": {"ttft_s": REFERENCE_TTFT_S, "tokens_per_s": REFERENCE_TPS,
-                          "source": README, "lines": "L99-L101 (SE7-32, llama3.2-11b-vision_int4_512seq.bmodel: 5.723 s, 7.506 tokens/s)"},
+            "reference": {"first_token_s": REFERENCE_FIRST_TOKEN_S, "tokens_per_s": REFERENCE_TOKENS_PER_S,
+                          "source": REFERENCE_SOURCE, "lines": "L99-L101 (the performance table)"},
             "kinds": kinds, "totals": sums,
             "notes": ["vit_layer is one local encoder layer of the tower, counted 40 times (32 local + 8 global layers, "
                       "same shapes; a global layer's two tanh gates are left out), plus vit_projector; the patch embedding, "
@@ -512,11 +509,12 @@ def main() -> int:
                      ", ".join(f"{n} x{c}" for n, c in r["calls"].items())])
     print(table(rows, ["net", "ms", "bound", "TIU ms", "GDMA ms", "read", "write", "DDR to DDR", "GFLOP", "calls per first token / decode step"]))
     t = totals(kinds, w)
-    for name, ref in (("first_token", f"{REFERENCE_TTFT_S} s measured"), ("decode_step", f"{1000 / REFERENCE_TPS:.0f} ms measured")):
+    for name, ref in (("first_token", f"{REFERENCE_FIRST_TOKEN_S} s measured"),
+                      ("decode_step", f"{1000 / REFERENCE_TOKENS_PER_S:.0f} ms measured")):
         left = t[name]["missing"] + t[name]["unpriced"]
         missing = f" (without {', '.join(left)})" if left else ""
         print(f"{name}: {t[name]['ms']:.1f} ms by the cost model{missing}; reference {ref}")
-    print(f"written {RESULTS.relative_to(REPO)}")
+    print(f"written {OUTPUT.relative_to(REPO)}")
     return 0
 
 
