@@ -52,6 +52,10 @@ def test_every_net_compiles_and_matches_onnxruntime_on_the_simulator(name, quant
             # The timeline is at least as long as either engine is busy, and every net moves data.
             assert estimate.cycles >= max(estimate.tiu_cycles, estimate.gdma_cycles) > 0, (net, estimate)
             assert estimate.moved_bytes > 0, (net, estimate)
+            if Kind(exported[net]["kind"]) in (Kind.SELF_PREFILL, Kind.SELF_DECODE):
+                # The self-attention is in the form tpu-mlir fuses into flash attention
+                # (patches.token_major_self_attention): no cache transpose, concat-and-copy.
+                assert "FAttention" in estimate.ops, (net, estimate.ops)
     # Every net's activation memory is read, a multi-stage prefill net's too (the memory plan
     # would silently count none otherwise).
     assert all(net.neuron_bytes > 0 for net in info.nets.values()), {n: x.neuron_bytes for n, x in info.nets.items()}

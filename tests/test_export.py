@@ -137,12 +137,11 @@ def test_tables_stream_into_external_data_unchanged(tmp_path, dtype, transpose):
 
 def test_patches_are_reversible(checkpoint_factory):
     from transformers import MllamaForConditionalGeneration
-    from transformers.models.mllama import modeling_mllama
 
-    from lvb.patches import PATCHES, patched
+    from lvb.patches import PATCHES, patched, target
 
     model = MllamaForConditionalGeneration.from_pretrained(checkpoint_factory("gqa2-cross-last")).eval()
-    originals = {p.attribute: getattr(modeling_mllama, p.attribute) for p in PATCHES}
+    originals = {target(p): getattr(*target(p)) for p in PATCHES}
     vision = model.model.vision_model
     pixels = torch.randn(1, 1, 4, 3, 32, 32)
     ids = torch.tensor([[2]])
@@ -150,10 +149,10 @@ def test_patches_are_reversible(checkpoint_factory):
     with torch.no_grad():
         before = vision(pixel_values=pixels, aspect_ratio_ids=ids, aspect_ratio_mask=mask).last_hidden_state
         with patched():
-            assert all(getattr(modeling_mllama, a) is not f for a, f in originals.items())
+            assert all(getattr(*a) is not f for a, f in originals.items())
             inside = vision(pixel_values=pixels, aspect_ratio_ids=ids, aspect_ratio_mask=mask).last_hidden_state
         after = vision(pixel_values=pixels, aspect_ratio_ids=ids, aspect_ratio_mask=mask).last_hidden_state
-    assert all(getattr(modeling_mllama, a) is f for a, f in originals.items())
+    assert all(getattr(*a) is f for a, f in originals.items())
     assert torch.equal(before, after)
     assert torch.allclose(before, inside, atol=1e-6)  # the patch changes how, not what
 
@@ -206,20 +205,23 @@ def test_grouped_query_attention_is_transformers_own(name, checkpoint_factory):
     assert torch.allclose(plain, grouped, atol=1e-5), (plain - grouped).abs().max()
 
 
-def test_text_blocks_never_repeat_kv(export_factory):
-    """No block graph of a fixture whose query heads share K/V heads copies K/V to them
-    (repeat_kv is an Expand): the only copies are of a mask, one row per query head."""
+def test_cross_attention_blocks_never_repeat_kv(export_factory):
+    """No cross-attention block of a fixture whose query heads share K/V heads copies the
+    image's K/V to them (repeat_kv is an Expand): the only copies are of a mask, one row per
+    query head. (The self-attention blocks keep repeat_kv's form, which the compile fuses into
+    flash attention: tests/test_compile.py checks the fused op.)"""
     import onnx
 
     work = export_factory("gqa2-cross-last")
-    blocks = sorted((work / "export").glob("block*/block*.onnx"))
-    assert blocks
-    for path in blocks:
-        graph = onnx.load(str(path), load_external_data=False).graph
+    nets = json.loads((work / "export" / "manifest.json").read_text())["nets"]
+    cross = [name for name, entry in nets.items() if entry["kind"] in ("cross_prefill", "cross_decode")]
+    assert cross
+    for name in cross:
+        graph = onnx.load(str(work / "export" / name / f"{name}.onnx"), load_external_data=False).graph
         masks = {i.name for i in graph.input if "mask" in i.name}
         for node in graph.node:
             if node.op_type in ("Expand", "Tile"):
-                assert node.input[0] in masks, (path.name, node.name)
+                assert node.input[0] in masks, (name, node.name)
                 masks.update(node.output)
 
 
@@ -252,15 +254,14 @@ def test_vision_nets_are_exported_one_head_at_a_time(export_factory, checkpoint_
 
 
 def test_patches_are_restored_after_an_error():
-    from transformers.models.mllama import modeling_mllama
 
-    from lvb.patches import PATCHES, patched
+    from lvb.patches import PATCHES, patched, target
 
-    originals = {p.attribute: getattr(modeling_mllama, p.attribute) for p in PATCHES}
+    originals = {target(p): getattr(*target(p)) for p in PATCHES}
     with pytest.raises(RuntimeError):
         with patched():
             raise RuntimeError("boom")
-    assert all(getattr(modeling_mllama, a) is f for a, f in originals.items())
+    assert all(getattr(*a) is f for a, f in originals.items())
 
 
 def test_bad_input_gives_one_line(tmp_path, checkpoint_factory):

@@ -43,8 +43,8 @@ class _KVCache:
     no transpose of 6,404 positions in every cross-attention layer's every step.
     """
 
-    def __init__(self, layer: int, past_k=None, past_v=None):
-        self.past_k, self.past_v = past_k, past_v
+    def __init__(self, layer: int, past_k=None, past_v=None, tokens_axis: int = 2):
+        self.past_k, self.past_v, self.tokens_axis = past_k, past_v, tokens_axis
         self.new_k = self.new_v = None
         self.layers = {}
         if past_k is not None:
@@ -54,7 +54,8 @@ class _KVCache:
         self.new_k, self.new_v = key_states, value_states
         if self.past_k is None:
             return key_states, value_states
-        return torch.cat([self.past_k, key_states], dim=2), torch.cat([self.past_v, value_states], dim=2)
+        axis = self.tokens_axis
+        return torch.cat([self.past_k, key_states], dim=axis), torch.cat([self.past_v, value_states], dim=axis)
 
 
 def _head_major(x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +172,8 @@ class SelfAttentionBlock(nn.Module):
 
     def forward(self, hidden_states, position_ids, attention_mask, past_k, past_v):
         position_embeddings = self.rotary(position_ids.long())
-        cache = _KVCache(self.layer.layer_idx, _head_major(past_k), _head_major(past_v))
+        # Token-major throughout (patches.token_major_self_attention), as the cache is kept.
+        cache = _KVCache(self.layer.layer_idx, past_k, past_v, tokens_axis=1)
         hidden_states = self.layer(
             hidden_states,
             attention_mask=attention_mask,
@@ -179,7 +181,7 @@ class SelfAttentionBlock(nn.Module):
             position_ids=position_ids.long(),
             cache=cache,
         )
-        return hidden_states, _head_major(cache.new_k), _head_major(cache.new_v)
+        return hidden_states, cache.new_k, cache.new_v
 
 
 class CrossKV(nn.Module):
