@@ -57,16 +57,17 @@ def full_config(short: dict, model: str) -> dict:
     return config
 
 
-def newest_compile(work: Path, quant: str | None) -> dict:
+def newest_compile(work: Path, quant: str | None, head_quant: str | None) -> dict:
     manifests = [read_manifest(p, COMPILE_VERSION) for p in WorkDir(work).compile_manifests()]
-    manifests = [m for m in manifests if m and (quant is None or m["settings"]["quant"] == quant)]
+    manifests = [m for m in manifests if m and (quant is None or m["settings"]["quant"] == quant)
+                 and (head_quant is None or m["settings"]["head_quant"] == head_quant)]
     if not manifests:
-        raise SystemExit(f"{work} holds no compile{' of --quant ' + quant if quant else ''}; run lvb compile --check none first")
+        raise SystemExit(f"{work} holds no such compile (--quant {quant}, --head-quant {head_quant}); run lvb compile --check none first")
     return max(manifests, key=lambda m: (WorkDir(work).root / m["bmodel"]).stat().st_mtime)
 
 
-def lvb_layout(work: Path, quant: str | None, prompt_tokens: int) -> dict:
-    record = newest_compile(work, quant)
+def lvb_layout(work: Path, quant: str | None, head_quant: str | None, prompt_tokens: int) -> dict:
+    record = newest_compile(work, quant, head_quant)
     export = WorkDir(work).read_export()
     short = from_manifest(record)
     if short.missing:
@@ -138,8 +139,13 @@ def print_layout(label: str, result: dict) -> None:
 
 
 def reference_turn(reference: dict) -> dict | None:
-    """The reference's first token and decode step from its per-kind estimates, if recorded."""
-    return reference.get("turn")
+    """The reference's first token and decode step, its per-kind estimates summed over its call
+    sequence by bench/reference_layout.py (the same at any tile count: it always runs 4 tiles and
+    a 512-token prefill; its greedy head compiles to a dynamic subnet the cost model leaves unpriced)."""
+    totals = reference.get("totals") or {}
+    if "first_token" not in totals or "decode_step" not in totals:
+        return None
+    return {"first_token_ms": totals["first_token"]["ms"], "decode_step_ms": totals["decode_step"]["ms"]}
 
 
 def compare(result: dict, reference: dict | None) -> dict:
@@ -174,10 +180,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="a work directory of bench/convert_scale.py, compiled")
     parser.add_argument("--quant", help="which compile in it (default: the newest)")
+    parser.add_argument("--head-quant", help="which compile in it, by its LM head's quantization")
     parser.add_argument("--label", default="lvb", help="the name this build's figures are kept under")
     parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
     args = parser.parse_args()
-    result = lvb_layout(args.work.resolve(), args.quant, args.prompt_tokens)
+    result = lvb_layout(args.work.resolve(), args.quant, args.head_quant, args.prompt_tokens)
     print_layout(args.label, result)
     reference = json.loads(REFERENCE_FILE.read_text()) if REFERENCE_FILE.is_file() else None
     result["against_reference"] = compare(result, reference)
