@@ -51,12 +51,14 @@ def aspect_ratio_attention_mask(
 # attends over every tile's patches at once: at the 11B's four 560-px tiles that is 6432
 # tokens, and its 16 heads' scores are 2.65 GB in fp32, which eager attention holds twice
 # while tracing and again in onnxruntime's check (a 6.8 GB export; tpu-mlir's transform of
-# that graph needed 8.2 GB). 256 MiB keeps any such tower to one head at a time (165 MB at
-# the 11B) and leaves smaller ones, whose scores are a few MB, whole. On the card nothing
-# changes: tpu-mlir fuses each group, as it fused the whole, into flash attention.
-SCORES_BYTES_PER_GROUP = 256 * 2**20
+# that graph needed 8.2 GB). 768 MiB splits such a tower into groups of four heads (662 MB of
+# scores at the 11B) and leaves smaller ones, whose scores are a few MB, whole. tpu-mlir fuses
+# each group into one flash-attention op; on its cost model groups of four cost what the whole
+# costs (49.3 ms a layer), one head a group 25 % more (61.8 ms: each op reloads its K/V
+# tiles), bench/README.md §10.
+SCORES_BYTES_PER_GROUP = 768 * 2**20
 # Overrides it, to trade export memory against graph size; the tests set 1 so that every
-# fixture's vision attention is exported one head per group, as the 11B's is.
+# fixture's vision attention is exported one head per group (the 11B's is split too).
 SCORES_BYTES_VARIABLE = "LVB_SCORES_BYTES_PER_GROUP"
 
 
