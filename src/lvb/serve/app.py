@@ -118,21 +118,20 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, limi
                                             "lvb": {"system_with_picture": model.system_with_picture,
                                                     "history": model.history}}]}
 
-    @app.post("/tokenize", dependencies=[Depends(authorized)])
-    async def tokenize(request: Request):
+    async def answer_off_the_loop(request: Request, handler):
         try:
-            answer = await run_in_threadpool(_refusal_or, _tokenize, await _json_body(request, limits), model, worker)
+            answer = await run_in_threadpool(_refusal_or, handler, await _json_body(request, limits), model, worker)
         except RequestError as e:
             return refuse(e)
         return refuse(answer) if isinstance(answer, RequestError) else answer
 
+    @app.post("/tokenize", dependencies=[Depends(authorized)])
+    async def tokenize(request: Request):
+        return await answer_off_the_loop(request, _tokenize)
+
     @app.post("/detokenize", dependencies=[Depends(authorized)])
     async def detokenize(request: Request):
-        try:
-            answer = await run_in_threadpool(_refusal_or, _detokenize, await _json_body(request, limits), model, worker)
-        except RequestError as e:
-            return refuse(e)
-        return refuse(answer) if isinstance(answer, RequestError) else answer
+        return await answer_off_the_loop(request, _detokenize)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(request: Request):
