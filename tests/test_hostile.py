@@ -25,11 +25,14 @@ import pytest
 from PIL import Image
 
 from conftest import FAST_GEOMETRY
-from helpers import SEQ, chunks_of, one_error_line, runner
+from helpers import SEQ, TOY, chunks_of, one_error_line, record_as_exported, runner, scale_weights
+from lvb.check import shortfalls, torch_vs_onnx
 from lvb.cli import app
 from lvb.contract import plan
+from lvb.numerics import compare, lowest
 from lvb.runtime.backends import open_engine
 from lvb.runtime.pipeline import ChatError, Checkpoint, Session
+from lvb.runtime.sampling import NotANumberError, Sampler, SamplingConfig
 from lvb.spec import ModelSpec
 from lvb.text import ChatTemplate, Tokenizer
 
@@ -74,6 +77,7 @@ OUT_OF_RANGE = {
     "max-new-tokens -1": (RUN + ["--max-new-tokens", "-1"], "--max-new-tokens -1 is out of range"),
     "chat max-new-tokens 0": (["chat", "--model", "{model}", "--onnx", "{work}", "--max-new-tokens", "0"], "--max-new-tokens 0"),
     "temperature 0 when sampling": (RUN + ["--sample", "--temperature", "0"], "temperature must be a positive number"),
+    "temperature 1e-320 (issue 36)": (RUN + ["--sample", "--temperature", "1e-320"], "no longer a number"),
     "top-k -1": (RUN + ["--top-k", "-1"], "top_k must be an integer >= 0"),
     "top-p 0": (RUN + ["--top-p", "0"], "top_p must be in (0, 1]"),
     "top-p 1.5": (RUN + ["--top-p", "1.5"], "top_p must be in (0, 1]"),
@@ -394,3 +398,38 @@ def test_a_16_bit_picture_is_scaled_with_a_note(model, work, tmp_path):
     assert Image.open(path).mode.startswith("I")
     output = succeeds(run_args(model, work) + ["--image", path])
     assert "note: the I" in output and "scaled" in output
+
+
+# -- NaN: below every threshold, refused by every check and by the sampler (issue 36) ------
+
+NAN = float("nan")
+NOT_A_NUMBER = {
+    "shortfalls of a NaN cosine": lambda: shortfalls({"h": NAN}, {"h": 0.999}),
+    "shortfalls of a missing cosine": lambda: shortfalls({}, {"h": 0.999}),
+    "compare with a NaN output": lambda: [] if compare([np.ones(4), np.ones(4)], [np.array([1, NAN, 1, 1]), np.ones(4)])["cosine"] >= 0.999
+    else ["nan"],
+    "compare with an infinite output": lambda: [] if compare([np.ones(4)], [np.array([1, np.inf, 1, 1])])["cosine"] >= 0.999 else ["inf"],
+    "torch vs onnxruntime with NaN": lambda: [m for m in [torch_vs_onnx(
+        plan(ModelSpec.from_dir(TOY), SEQ, (SEQ,))[-1], [np.ones(4)], [np.full(4, NAN)])[1]] if m],
+    "lowest of a list with NaN second": lambda: [] if lowest([1.0, NAN]) >= 0.5 else ["nan"],
+}
+
+
+@pytest.mark.parametrize("case", NOT_A_NUMBER)
+def test_nan_fails_every_check(case):
+    assert NOT_A_NUMBER[case]()  # a shortfall, or a miss, is reported
+
+
+@pytest.mark.parametrize("logits", [[0.0, NAN, 1.0], [0.0, np.inf, 1.0]])
+def test_the_sampler_refuses_logits_that_are_not_numbers(logits):
+    for config in (SamplingConfig(), SamplingConfig(do_sample=True, seed=0)):
+        with pytest.raises(NotANumberError, match="lvb verify"):
+            Sampler(config)(np.array(logits, np.float32), [])
+
+
+def test_a_net_that_computes_nan_is_one_line_and_no_answer(model, work, tmp_path):
+    copy = copy_export(work, tmp_path / "work")
+    scale_weights(copy / "export" / "lm_head" / "lm_head.onnx", NAN)
+    record_as_exported(copy, "lm_head")  # the export believes in it: only the numbers tell
+    line = one_error_line(run_args(model, copy))
+    assert "NaN" in line and "lvb verify" in line and "!!" not in line

@@ -30,6 +30,7 @@ from lvb.bmodel import declared_tensors
 from lvb.check import CheckMode, load_check, onnx_vs_bmodel, shortfalls, thresholds
 from lvb.contract import Kind, NetSpec, QuantGroup, plan
 from lvb.errors import LvbError
+from lvb.numerics import lowest
 from lvb.spec import ModelSpec
 from lvb.toolchain import Toolchain, ToolchainError, ToolFailed, ToolServer
 from lvb.workdir import (COMPILE_VERSION, WorkDir, WorkDirError, cache_key, damaged_files, matches_record, read_manifest, record_file,
@@ -263,8 +264,8 @@ def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: To
     if not checks:
         return bmodel, None
     cost = {key: round(sum(c[key] for c in checks), 2) for key in ("simulator_seconds", "seconds")}  # every stage's
-    worst = min(checks, key=lambda c: c["cosine"])
-    cosines = {name: min(c["cosines"][name] for c in checks) for name in worst["cosines"]}  # each output's worst stage
+    worst = min(checks, key=lambda c: (c["cosine"] == c["cosine"], c["cosine"]))  # a NaN first
+    cosines = {name: lowest(c["cosines"][name] for c in checks) for name in worst["cosines"]}  # each output's worst stage  # each output's worst stage
     return bmodel, worst | {"cosines": cosines} | cost
 
 
