@@ -433,3 +433,39 @@ def test_a_net_that_computes_nan_is_one_line_and_no_answer(model, work, tmp_path
     record_as_exported(copy, "lm_head")  # the export believes in it: only the numbers tell
     line = one_error_line(run_args(model, copy))
     assert "NaN" in line and "lvb verify" in line and "!!" not in line
+
+
+# -- a config value a net read, changed: the net is exported again (issue 36) -------------
+
+def _config(change):
+    def apply(folder: Path):
+        path = folder / "config.json"
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+    return apply
+
+
+CONFIG_CHANGES = {  # the change, the net that must be exported again, one that must not
+    "rope_theta": (_config(lambda c: c["text_config"]["rope_parameters"].update(rope_theta=10000.0)), "block_0", "lm_head"),
+    "rope scaling factor": (_config(lambda c: c["text_config"]["rope_parameters"].update(factor=2.0)), "block_cache_0", "embed"),
+    "rms_norm_eps": (_config(lambda c: c["text_config"].update(rms_norm_eps=1e-2)), "lm_head", "vision_layer_0"),
+    "vision norm_eps": (_config(lambda c: c["vision_config"].update(norm_eps=1e-2)), "vision_layer_0", "block_0"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_CHANGES)
+def test_a_changed_config_value_exports_the_nets_that_read_it_again(case, model, work, tmp_path):
+    change, redone, kept = CONFIG_CHANGES[case]
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(model, folder)
+    change(folder)
+    copy = copy_export(work, tmp_path / "work")
+    entries = lambda: json.loads((copy / "export" / "manifest.json").read_text())["nets"]  # noqa: E731
+    before = entries()
+    output = succeeds(["export", "--model", folder, "--out", copy, "--seq", SEQ, "--chunk", CHUNKS])
+    after = entries()
+    assert after[redone]["files"] != before[redone]["files"], output  # exported again, and said why:
+    assert f"exporting {redone} again" in output
+    assert after[kept]["files"] == before[kept]["files"]  # a net that does not read it is kept
+    assert "note:" not in succeeds(["export", "--model", folder, "--out", copy, "--seq", SEQ, "--chunk", CHUNKS])
