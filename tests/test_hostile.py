@@ -469,3 +469,153 @@ def test_a_changed_config_value_exports_the_nets_that_read_it_again(case, model,
     assert f"exporting {redone} again" in output
     assert after[kept]["files"] == before[kept]["files"]  # a net that does not read it is kept
     assert "note:" not in succeeds(["export", "--model", folder, "--out", copy, "--seq", SEQ, "--chunk", CHUNKS])
+
+
+# -- lvb pack trusts nothing it has not checked; a package is checked, even read-only (issue 36)
+
+def _manifest_of_work(change):
+    return lambda work: _manifest(change)(work / "export")
+
+
+def _fake_compile(work: Path, **settings) -> Path:
+    """A compile record and a bmodel of stand-in bytes (pack copies and hashes a bmodel, it never
+    loads one): what `lvb compile` writes, without the simulator."""
+    from lvb.workdir import COMPILE_VERSION, record_file
+
+    export = json.loads((work / "export" / "manifest.json").read_text())
+    bmodel = work / "toy_w4bf16_seq160_bm1684x.bmodel"
+    bmodel.write_bytes(os.urandom(64 << 10))
+    (work / "compile").mkdir(exist_ok=True)
+    record = {"version": COMPILE_VERSION, "key": "stand-in", "bmodel": bmodel.name, "file": record_file(bmodel),
+              "model": export["model"], "toolchain": {"tpu_mlir": "stand-in"}, "nets": {},
+              "settings": {"quant": "int4", "seq": export["settings"]["seq"], "chunks": export["settings"]["chunks"]} | settings,
+              "export": {name: entry["key"] for name, entry in export["nets"].items()}}
+    (work / "compile" / f"{bmodel.stem}.json").write_text(json.dumps(record))
+    return bmodel
+
+
+def _overwrite(relative, size=8 << 10):
+    def damage(work: Path):
+        path = work / "export" / relative
+        with open(path, "r+b") as f:  # same size, new time: only the digest tells
+            f.seek(path.stat().st_size // 3)
+            f.write(os.urandom(min(size, path.stat().st_size // 3)))
+    return damage
+
+
+def _compile_record(change):
+    def damage(work: Path):
+        path = next((work / "compile").glob("*.json"))
+        record = json.loads(path.read_text())
+        change(record)
+        path.write_text(json.dumps(record))
+    return damage
+
+
+def _flip_bmodel(work: Path):
+    bmodel = next(work.glob("*.bmodel"))
+    data = bytearray(bmodel.read_bytes())
+    data[100] ^= 0xFF
+    bmodel.write_bytes(bytes(data))
+
+
+PACK_REFUSALS = {  # damage to a copy of the work directory, pack's extra options, what the one line says
+    "8 KB overwritten inside block_1.weights": (_overwrite("block_1/block_1.weights"), ["--onnx"], "changed since lvb wrote it"),
+    "8 KB overwritten, bmodel package": (_overwrite("block_1/block_1.weights"), [], "changed since lvb wrote it"),
+    "unfinished export": (_manifest_of_work(lambda m: m.update(complete=False)), ["--onnx"], "unfinished"),
+    "bmodel no longer its compile record": (_flip_bmodel, [], "changed since lvb wrote it"),
+    "seq-128 bmodel beside a seq-160 export": (_compile_record(lambda r: r["settings"].update(seq=128)), [],
+                                              "compiled from an export of seq 128"),
+    "bmodel of an earlier export": (_compile_record(lambda r: r["export"].update(block_0="older")), [],
+                                    "not compiled from the export now in"),
+    "quant banana": (lambda w: None, ["--quant", "banana"], "--quant banana is not one of int4, int8, bf16"),
+}
+
+
+@pytest.mark.parametrize("case", PACK_REFUSALS)
+def test_pack_refuses_what_the_readers_refuse(case, work, tmp_path):
+    damage, options, expected = PACK_REFUSALS[case]
+    copy = copy_export(work, tmp_path / "work")
+    _fake_compile(copy)
+    damage(copy)
+    out = tmp_path / "package"
+    line = one_error_line(["pack", copy, "--out", out, *options])
+    assert expected in line and "lvb compile --quant banana" not in line
+    assert not out.exists() and not list(tmp_path.glob(".package.*"))  # nothing packed, nothing left
+
+
+def test_pack_refuses_an_out_inside_the_work_directory(work, tmp_path):
+    copy = copy_export(work, tmp_path / "work")
+    _fake_compile(copy)
+    assert "overlaps the work directory" in one_error_line(["pack", copy, "--out", copy / "pkg"])
+    assert "overlaps the work directory" in one_error_line(["pack", copy, "--out", copy])
+    assert not (copy / "pkg").exists() and not (copy / "lvb-package.json").exists()
+
+
+@pytest.fixture(scope="module")
+def onnx_package(work, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("packages")
+    copy = copy_export(work, root / "work")
+    _fake_compile(copy)
+    succeeds(["pack", copy, "--out", root / "package", "--onnx"])
+    return root / "package"
+
+
+def _package_manifest(change):
+    def damage(package: Path):
+        path = package / "lvb-package.json"
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+    return damage
+
+
+def _first_entry(change):
+    return _package_manifest(lambda m: change(m["files"][next(iter(m["files"]))]))
+
+
+PACKAGE_DAMAGE = {
+    "format '1'": (_package_manifest(lambda m: m.update(format="1")), "format '1' (str), this lvb"),
+    "size '1778'": (_first_entry(lambda e: e.update(size=str(e["size"]))), "(str), not a whole number of bytes"),
+    "sha256 missing": (_first_entry(lambda e: e.pop("sha256")), "is None, not 64 hex digits"),
+    "files a list": (_package_manifest(lambda m: m.update(files=list(m["files"]))), "its files is list, not an object"),
+    "an entry an int": (_package_manifest(lambda m: m["files"].update({next(iter(m["files"])): 7})), "is 7, not an object"),
+    "files {}": (_package_manifest(lambda m: m.update(files={})), "it lists no files"),
+    "a file the manifest does not list": (lambda p: (p / "checkpoint" / "extra.json").write_text("{}"),
+                                          "is in the package but not in its manifest"),
+    "nested 1,500 deep": (lambda p: (p / "lvb-package.json").write_text("[" * 1500 + "]" * 1500), "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", PACKAGE_DAMAGE)
+def test_a_damaged_package_manifest_is_one_line(case, onnx_package, model, tmp_path):
+    damage, expected = PACKAGE_DAMAGE[case]
+    copy = tmp_path / "package"
+    shutil.copytree(onnx_package, copy)
+    damage(copy)
+    assert expected in one_error_line(["run", "--package", copy, "--prompt", "hi", "--max-new-tokens", "2"])
+
+
+def test_a_package_names_what_it_cannot_run(onnx_package, work, model, tmp_path):
+    bmodel_only = tmp_path / "package"
+    succeeds(["pack", onnx_package.parent / "work", "--out", bmodel_only])
+    line = one_error_line(["run", "--package", bmodel_only, "--backend", "onnxruntime", "--prompt", "hi"])
+    assert "holds no ONNX nets" in line and "pass --onnx" not in line  # which --package forbids
+    line = one_error_line(["run", "--model", model, "--onnx", work, "--bmodel", work / "x.bmodel", "--prompt", "hi"])
+    assert "--bmodel and --onnx" in line
+
+
+def test_a_package_on_a_read_only_mount_answers(onnx_package, tmp_path):
+    """`docker -v pkg:/pkg:ro`, or a board's read-only partition: a real read-only bind mount in
+    a mount namespace of its own (unshare), where one can be made."""
+    copy = tmp_path / "package"
+    shutil.copytree(onnx_package, copy)
+    (copy / ".lvb-checked.json").unlink(missing_ok=True)  # so the check wants to write its stamp
+    command = (f"mount --bind -o ro {copy} {copy} && touch {copy}/probe 2>/dev/null && exit 3; "
+               f"exec {sys.executable} -m lvb.cli run --package {copy} --prompt hi --max-new-tokens 2")
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", command], capture_output=True, text=True,
+                            env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+    if result.returncode == 3 or "unshare" in result.stderr and result.returncode and "lvb" not in result.stderr:
+        pytest.skip(f"no read-only mount here: {result.stderr.strip()}")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert not (copy / ".lvb-checked.json").exists()

@@ -435,11 +435,20 @@ class ChatOptions:
         from lvb.runtime.pipeline import Checkpoint, Session
         from lvb.toolchain import find_toolchain
 
+        if self.bmodel is not None and self.onnx is not None:  # one of them would be ignored
+            raise LvbError("--bmodel and --onnx name two models and a backend runs one: pass --bmodel (cmodel, sail) "
+                           "or --onnx (onnxruntime)")
         model, bmodel, onnx = runtime_inputs(self.model, self.revision, self.bmodel, self.onnx, self.package)
         # The small files and every option first: no engine is loaded for a run that cannot go ahead.
         checkpoint = Checkpoint.load(model)
         self.sampling(checkpoint)
         backend = self.backend or default_backend(bmodel, onnx)
+        if self.package is not None and backend == "onnxruntime" and onnx is None:
+            raise LvbError(f"--package {self.package} holds no ONNX nets, which the onnxruntime backend runs; use "
+                           "--backend cmodel or sail, or pack again with `lvb pack --onnx`")
+        if self.package is not None and backend in ("cmodel", "sail") and bmodel is None:
+            raise LvbError(f"--package {self.package} holds ONNX nets only, and the {backend} backend runs a bmodel; "
+                           "use --backend onnxruntime, or pack a compiled work directory")
         engine = open_engine(backend, bmodel=bmodel, onnx_work=onnx,
                              toolchain=find_toolchain(self.toolchain) if backend == "cmodel" else None)
         check = getattr(engine, "preflight", None)  # the device memory check, on sail

@@ -26,6 +26,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lvb.errors import LvbError
@@ -123,9 +125,59 @@ def scratch(final: Path) -> Path:
     return tmp
 
 
-def remove_stale_scratch(root: Path, levels: int = 0) -> None:
+LOCK_FILE = ".lvb.lock"
+_held: dict[Path, int] = {}  # the locks this process holds, with how many times it took each
+
+
+@contextmanager
+def lock_folder(lock: Path, what: str, by: str) -> Iterator[None]:
+    """Hold `lock` (a file, created if need be) for the block, or raise WorkDirError naming
+    the process that holds it: two lvb commands writing one work directory or package at
+    once leave a tree each of them believes in. `what` names the folder in the message,
+    `by` the command taking it ("lvb export"), which a second one is told.
+    The lock is the kernel's (flock), so a killed holder releases it; nested use in one
+    process is allowed."""
+    import fcntl
+
+    lock = Path(lock).absolute()
+    if lock in _held:
+        _held[lock] += 1
+        try:
+            yield
+        finally:
+            _held[lock] -= 1
+        return
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno == 30:  # EROFS: nothing can write there, so nobody else can either
+            yield
+            return
+        raise WorkDirError(f"{what}: cannot create the lock {lock} ({e.strerror}); pass a writable folder") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            raise WorkDirError(f"{what} is in use by {holder}; wait for it to finish, or stop it and run again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{by} (pid {os.getpid()})".encode(), 0)
+        _held[lock] = 1
+        try:
+            yield
+        finally:
+            del _held[lock]
+            try:
+                os.ftruncate(fd, 0)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def remove_stale_scratch(root: Path, levels: int = 0, pattern: str = ".*.tmp-*") -> None:
     """Delete the temporaries `levels` folders below `root` whose process is gone."""
-    for tmp in root.glob("*/" * levels + ".*.tmp-*"):
+    for tmp in root.glob("*/" * levels + pattern):
         try:
             os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
         except (PermissionError, ValueError):

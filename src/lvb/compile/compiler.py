@@ -418,7 +418,13 @@ class Compiler:
         problem = matches_record(self.bmodel, previous.get("file"))
         if problem is not None:
             self.notify(f"{problem}; combining it again")
+        elif "export" not in previous:  # made before the manifest named its export: `lvb pack` checks it
+            write_json(self._manifest_path(), previous | {"export": self._export_keys()})
         return problem is None
+
+    def _export_keys(self) -> dict[str, str]:
+        """Which export the bmodel is compiled from: each net's export key."""
+        return {j.name: j.export_key for j in self.jobs}
 
     def _manifest_path(self) -> Path:
         return self.dir.compile_manifest(self.bmodel)
@@ -513,6 +519,7 @@ class Compiler:
             "settings": vars(self.settings) | {"seq": self.seq, "chunks": list(self.chunks), **executed},
             "toolchain": {"tpu_mlir": self.toolchain_version, "source": self.toolchain.source},
             "nets": {j.name: j.result for j in self.jobs},
+            "export": self._export_keys(),
         }
         write_json(self._manifest_path(), manifest)
         return manifest
