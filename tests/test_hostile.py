@@ -619,3 +619,57 @@ def test_a_package_on_a_read_only_mount_answers(onnx_package, tmp_path):
         pytest.skip(f"no read-only mount here: {result.stderr.strip()}")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert not (copy / ".lvb-checked.json").exists()
+
+
+# -- one writer of a work directory or package at a time (issue 36) -------------------------
+
+@pytest.fixture
+def held(tmp_path):
+    """Take a lock in another process, as a running `lvb export` holds it; yields that pid."""
+    processes = []
+
+    def hold(lock: Path, by: str) -> int:
+        code = ("import sys, time\nfrom pathlib import Path\nfrom lvb.workdir import lock_folder\n"
+                f"with lock_folder(Path({str(lock)!r}), 'x', {by!r}):\n    print('held', flush=True)\n    time.sleep(120)\n")
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                                   env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+        processes.append(process)
+        assert process.stdout.readline().strip() == "held"
+        return process.pid
+
+    yield hold
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
+def test_a_work_directory_in_use_is_refused_naming_its_holder(held, model, work, tmp_path):
+    copy = copy_export(work, tmp_path / "work")
+    _fake_compile(copy)
+    before = (copy / "export" / "manifest.json").read_bytes()
+    pid = held(copy / ".lvb.lock", "lvb export")
+    for args in (["export", "--model", model, "--out", copy, "--seq", SEQ, "--chunk", CHUNKS],
+                 ["compile", "--work", copy],
+                 ["verify", "--model", model, "--work", copy, "--backend", "onnxruntime"]):
+        line = one_error_line(args)
+        assert f"is in use by lvb export (pid {pid})" in line and str(copy) in line
+    assert (copy / "export" / "manifest.json").read_bytes() == before and not (copy / "verify").exists()
+    succeeds(run_args(model, copy))  # reading is not writing: run needs no lock
+
+
+def test_a_package_folder_in_use_is_refused(held, work, tmp_path):
+    copy = copy_export(work, tmp_path / "work")
+    _fake_compile(copy)
+    pid = held(tmp_path / ".package.lock", "lvb pack")
+    assert f"in use by lvb pack (pid {pid})" in one_error_line(["pack", copy, "--out", tmp_path / "package"])
+    assert not (tmp_path / "package").exists()
+
+
+def test_a_killed_pack_leaves_no_temporary_folder_behind(work, tmp_path):
+    copy = copy_export(work, tmp_path / "work")
+    _fake_compile(copy)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f".package.tmp-{dead.stdout.strip()}"  # as a SIGKILLed pack leaves it
+    (leftover / "checkpoint").mkdir(parents=True)
+    succeeds(["pack", copy, "--out", tmp_path / "package"])
+    assert not leftover.exists()

@@ -23,6 +23,7 @@ from lvb.check import CheckMode
 from lvb.compile.tpumlir import DEFAULT_GROUP_SIZE
 from lvb.contract import DEFAULT_CHUNKS, DEFAULT_SEQ
 from lvb.errors import LvbError
+from lvb.workdir import lock_work
 
 app = typer.Typer(
     name="lvb",
@@ -219,29 +220,15 @@ def compile_(
     )] = None,
 ) -> None:
     """Compile every exported net with tpu-mlir, check it on the simulator, combine into one bmodel."""
-    from lvb.compile.compiler import CompileSettings, Compiler, NetFailed
-    from lvb.toolchain import find_toolchain
+    from lvb.compile.compiler import CompileSettings, NetFailed
 
     settings = CompileSettings(quant=quant, group_size=group_size, chip=chip, vision_quant=vision_quant,
                                embed_quant=embed_quant, head_quant=head_quant, check=check)
     if cluster_shared_dir is not None and not cluster:
         raise fail("--cluster-shared-dir needs --cluster (or LVB_CLUSTER)")
     try:
-        compiler = Compiler(work, settings, find_toolchain(toolchain), seq=seq)
-        with _progress() as progress:
-            task = progress.add_task("compiling", total=len(compiler.jobs), detail="")
-            compiler.notify = lambda message: say(progress.console, "note:", "yellow", message)
-
-            def report(done: int, total: int, running: list[str]) -> None:
-                progress.update(task, completed=done, detail=", ".join(running))
-
-            if cluster:
-                from lvb.compile.cluster import ClusterSettings
-
-                progress.update(task, detail=f"connecting to the Ray cluster at {cluster}")
-                manifest = compiler.run(progress=report, cluster=ClusterSettings(cluster, cluster_shared_dir))
-            else:
-                manifest = compiler.run(jobs=jobs, progress=report)
+        with lock_work(work, "lvb compile"):
+            manifest = _compile(work, settings, toolchain, seq, jobs, cluster, cluster_shared_dir)
     except NetFailed as e:
         if e.log_tail:
             show(errors, e.log_tail)
@@ -255,6 +242,28 @@ def compile_(
     kept = [f"{name} {tensor} as {dtype}" for name, r in manifest["nets"].items() for tensor, dtype in r["dtype_exceptions"].items()]
     if kept:
         show(console, f"  kept by tpu-mlir in another dtype than lvb asked (the runtime converts them): {', '.join(kept)}")
+
+
+def _compile(work, settings, toolchain, seq, jobs, cluster, cluster_shared_dir) -> dict:
+    from lvb.compile.compiler import Compiler
+    from lvb.toolchain import find_toolchain
+
+    compiler = Compiler(work, settings, find_toolchain(toolchain), seq=seq)
+    with _progress() as progress:
+        task = progress.add_task("compiling", total=len(compiler.jobs), detail="")
+        compiler.notify = lambda message: say(progress.console, "note:", "yellow", message)
+
+        def report(done: int, total: int, running: list[str]) -> None:
+            progress.update(task, completed=done, detail=", ".join(running))
+
+        if cluster:
+            from lvb.compile.cluster import ClusterSettings
+
+            progress.update(task, detail=f"connecting to the Ray cluster at {cluster}")
+            manifest = compiler.run(progress=report, cluster=ClusterSettings(cluster, cluster_shared_dir))
+        else:
+            manifest = compiler.run(jobs=jobs, progress=report)
+    return manifest
 
 
 @app.command()

@@ -175,6 +175,15 @@ def lock_folder(lock: Path, what: str, by: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def lock_work(work: Path, by: str):
+    """The work directory's lock (lock_folder), held by each command that writes into it:
+    export, compile, verify. A folder that is not there is left to the command to name."""
+    from contextlib import nullcontext
+
+    work = Path(work)
+    return lock_folder(work / LOCK_FILE, f"the work directory {work}", by) if work.is_dir() else nullcontext()
+
+
 def remove_stale_scratch(root: Path, levels: int = 0, pattern: str = ".*.tmp-*") -> None:
     """Delete the temporaries `levels` folders below `root` whose process is gone."""
     for tmp in root.glob("*/" * levels + pattern):

@@ -33,7 +33,7 @@ from lvb.contract import DEFAULT_CHUNKS, DEFAULT_SEQ, NetSpec, chunk_sizes, plan
 from lvb.errors import LvbError
 from lvb.export.weights import CheckpointWeights
 from lvb.spec import ModelSpec
-from lvb.workdir import (EXPORT_VERSION, LOCK_FILE, WorkDir, lock_folder, cache_key, damaged_files, record_file, remove_stale_scratch,
+from lvb.workdir import (EXPORT_VERSION, WorkDir, lock_work, cache_key, damaged_files, record_file, remove_stale_scratch,
                          scratch, write_json)
 
 OPSET = 17  # tpu-mlir rejects the opset-18 graphs of the dynamo exporter
@@ -553,5 +553,5 @@ def export(model_dir: Path, work: Path, seq: int, chunks: int | Sequence[int] | 
         return Exporter(model_dir, work, settings, source=source, notify=notify).run(progress)
     # One export (or compile, verify) of a work directory at a time: two at once leave a tree
     # that each believes in.
-    with lock_folder(work / LOCK_FILE, f"--out {work}", "lvb export"):
+    with lock_work(work, "lvb export"):
         return Exporter(model_dir, work, settings, source=source, notify=notify).run(progress)
