@@ -673,3 +673,57 @@ def test_a_killed_pack_leaves_no_temporary_folder_behind(work, tmp_path):
     (leftover / "checkpoint").mkdir(parents=True)
     succeeds(["pack", copy, "--out", tmp_path / "package"])
     assert not leftover.exists()
+
+
+# -- config and weights that contradict each other: refused before any work (issue 36) --------
+
+def _text(**changes):
+    return _config(lambda c: c["text_config"].update(changes))
+
+
+def _vision(**changes):
+    return _config(lambda c: c["vision_config"].update(changes))
+
+
+def _retype(dtype: str):
+    """One tensor of the checkpoint stored as `dtype` (F8 or F64), the rest as they were."""
+    def apply(folder: Path):
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        path = folder / "model.safetensors"
+        tensors = load_file(path)
+        name = sorted(n for n in tensors if "language_model" in n and n.endswith("mlp.down_proj.weight"))[-1]
+        tensors[name] = tensors[name].to({"F8": torch.float8_e4m3fn, "F64": torch.float64}[dtype])
+        save_file(tensors, path)
+    return apply
+
+
+PREFLIGHT = {  # the change to a copy of the checkpoint, extra export options, what the one line says
+    "hidden size of another width": (_text(hidden_size=128), [], "config.json implies"),
+    "vocab_size 10": (_text(vocab_size=10), [], "config.json"),
+    "vision heads 3 (not dividing the width)": (_vision(attention_heads=3), [], "is not a multiple of attention_heads 3"),
+    "cross_attention_layers []": (_text(cross_attention_layers=[]), [], "cross_attention_layers is empty"),
+    "supported_aspect_ratios []": (_vision(supported_aspect_ratios=[]), [], "supported_aspect_ratios is empty"),
+    "intermediate_layers_indices []": (_vision(intermediate_layers_indices=[]), [], "intermediate_layers_indices is empty"),
+    "rms_norm_eps NaN": (_text(rms_norm_eps=float("nan")), [], "rms_norm_eps must be a positive number, got nan"),
+    "rms_norm_eps inf": (_text(rms_norm_eps=float("inf")), [], "rms_norm_eps must be a positive number"),
+    "F8 weights": (_retype("F8"), [], "lvb reads BF16, F16, F32 weights"),
+    "F64 weights": (_retype("F64"), [], "lvb reads BF16, F16, F32 weights"),
+    "--seq above max_position_embeddings": (_text(max_position_embeddings=SEQ - 1), [],
+                                            f"text_config.max_position_embeddings is {SEQ - 1}"),
+    "a config.json nested 1,500 deep": (lambda f: (f / "config.json").write_text("[" * 1500 + "]" * 1500), [], "config.json"),
+}
+
+
+@pytest.mark.parametrize("case", PREFLIGHT)
+def test_contradictions_are_refused_before_any_work(case, model, tmp_path):
+    change, options, expected = PREFLIGHT[case]
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(model, folder)
+    change(folder)
+    started = time.perf_counter()
+    line = one_error_line(["export", "--model", folder, "--out", tmp_path / "w", "--seq", SEQ, "--chunk", CHUNKS, *options])
+    assert expected in line
+    assert not (tmp_path / "w" / "export" / "manifest.json").exists()  # refused before the first net
+    assert time.perf_counter() - started < 30

@@ -364,7 +364,7 @@ def _read_stamp(directory: Path) -> dict:
     try:
         data = json.loads((directory / STAMP).read_text())
         return data if isinstance(data, dict) else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 

@@ -28,6 +28,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
 from lvb.errors import LvbError
+from lvb.files import FileError, read_json, read_text
 
 IMAGE_TOKEN = "<|image|>"  # MllamaProcessor's placeholder unless the tokenizer names another
 
@@ -42,12 +43,12 @@ class TextError(LvbError, ValueError):
 
 def read_json_object(path: Path) -> dict[str, Any] | None:
     """A small JSON file of the checkpoint, None when absent; a damaged one is one line."""
-    if not path.is_file():
+    if not path.exists():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TextError(f"{path} is not valid JSON ({e}); copy it again from the original checkpoint") from None
+        data = read_json(path, "copy it again from the original checkpoint")
+    except FileError as e:
+        raise TextError(str(e)) from None
     if not isinstance(data, dict):
         raise TextError(f"{path} should hold a JSON object; copy it again from the original checkpoint")
     return data
@@ -236,8 +237,11 @@ def find_chat_template(model_dir: str | Path) -> tuple[str, str]:
         if template is not None:
             return _default_template(template, str(model_dir / name)), name
     jinja = model_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8"), jinja.name
+    if jinja.exists():
+        try:
+            return read_text(jinja, "copy it again from the original checkpoint"), jinja.name
+        except FileError as e:
+            raise TextError(str(e)) from None
     template = _read_json(model_dir / "tokenizer_config.json").get("chat_template")
     if template is not None:
         return _default_template(template, str(model_dir / "tokenizer_config.json")), "tokenizer_config.json"

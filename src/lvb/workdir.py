@@ -209,7 +209,7 @@ def read_manifest(path: Path, version: int) -> dict:
     """A manifest of `version`, or {} when it is missing, unreadable or of another version."""
     try:
         manifest = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or bad UTF-8
         return {}
     return manifest if isinstance(manifest, dict) and manifest.get("version") == version else {}
 

@@ -373,6 +373,41 @@ def eager_config(model_dir: Path):
     return config
 
 
+def check_weights(config, weights: CheckpointWeights) -> None:
+    """Every tensor the config implies is in the checkpoint, at the shape it implies, in a
+    dtype lvb reads: a config and weights of two different models (another width, another
+    vocabulary) or F8/F64 weights are refused before any work, not at the net that first
+    loads one (after the whole vision tower, at the 11B). The expected names and shapes are
+    transformers' own model, built on the meta device (no memory)."""
+    import torch
+    from transformers import MllamaForConditionalGeneration
+
+    from lvb.export.weights import READABLE_DTYPES, canonical
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = {canonical(k): list(v.shape) for k, v in MllamaForConditionalGeneration(config).state_dict().items()}
+    except Exception as e:  # transformers' own refusal of the config, said in one line
+        raise ExportError(f"config.json describes a model transformers cannot build ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())}); fix config.json or download the checkpoint again") from None
+    tied = getattr(config.text_config, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False)
+    where = weights.model_dir
+    for name, shape in expected.items():
+        if name not in weights.location:
+            if tied and name.startswith("language_model.lm_head."):
+                continue
+            raise ExportError(f"{where}: the checkpoint has no {name}, which config.json implies; config.json and "
+                              "the weights are of different models (or the download is incomplete)")
+        meta = weights.meta(name)
+        if list(meta["shape"]) != shape:
+            raise ExportError(f"{where}: {name} is {meta['shape']} in the checkpoint, but config.json implies {shape}; "
+                              "config.json and the weights are of different models")
+        if meta["dtype"] not in READABLE_DTYPES:
+            raise ExportError(f"{where}: {name} is {meta['dtype']}; lvb reads {', '.join(READABLE_DTYPES)} weights: "
+                              "convert the checkpoint (e.g. save it with transformers in bfloat16)")
+
+
 class Exporter:
     def __init__(self, model_dir: Path, work: Path, settings: ExportSettings, source: dict | None = None,
                  notify: Callable[[str], None] | None = None):
@@ -386,6 +421,10 @@ class Exporter:
                 f"--seq {settings.seq} is too short: an image and a one-word question already take "
                 f"{needed - 1} tokens, plus one to answer; use --seq {needed} or more ({DEFAULT_SEQ} is typical)"
             )
+        limit = self.spec.text.max_position_embeddings
+        if settings.seq > limit:
+            raise ExportError(f"--seq {settings.seq} is beyond what the model was trained for: config.json's "
+                              f"text_config.max_position_embeddings is {limit}; use --seq {limit} or less")
         try:
             chunk_sizes(settings.chunks, settings.seq)
         except ValueError:
@@ -405,6 +444,8 @@ class Exporter:
         if not self.manifest and self.dir.export_manifest.is_file():
             self.notify(f"{self.dir.export_manifest} is damaged or from another lvb version; exporting every net again")
         self.weights = CheckpointWeights(self.model_dir, self.manifest.get("weight_digests", {}))
+        self.config = eager_config(self.model_dir)
+        check_weights(self.config, self.weights)  # before any work: config and weights of one model
         self.versions = exporter_versions()
         self.nets = plan(self.spec, settings.seq, settings.chunks)
         self.manifest.update(
@@ -446,7 +487,7 @@ class Exporter:
             )
             for net in self.nets
         }
-        config = eager_config(self.model_dir)
+        config = self.config
         roots = {"config": config, "spec": self.spec}
         todo = [net for net in self.nets if not self._is_current(net, keys[net.name], roots)]
         for net in todo:  # forget stale entries first: the manifest never names a net being replaced
