@@ -727,3 +727,37 @@ def test_contradictions_are_refused_before_any_work(case, model, tmp_path):
     assert expected in line
     assert not (tmp_path / "w" / "export" / "manifest.json").exists()  # refused before the first net
     assert time.perf_counter() - started < 30
+
+
+# -- text that is not UTF-8, a FIFO for a picture, a failed turn's picture (issue 36) ---------
+
+def test_a_chat_line_that_is_not_utf8_is_reported_and_the_chat_goes_on(model, work):
+    result = runner.invoke(app, ["chat", "--model", str(model), "--onnx", str(work), "--max-new-tokens", "2"],
+                           input=b"x\xff\nhi\n/quit\n")
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if "error:" in line]  # after the "you> " prompt
+    assert len(errors) == 1 and "not UTF-8" in errors[0] and "0xff" in errors[0]
+    assert result.output.count("tokens/s") == 1  # the next line was answered, in the same chat
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(model, work):
+    line = one_error_line(run_args(model, work)[:-4] + ["--prompt", "x\udcff"])  # how Python hands over b"x\xff"
+    assert "--prompt is not UTF-8" in line and "0xff" in line
+
+
+def test_a_fifo_for_a_picture_is_refused_not_waited_on(model, work, tmp_path):
+    fifo = tmp_path / "pipe [1]"
+    os.mkfifo(fifo)
+    assert "is a FIFO" in one_error_line(run_args(model, work) + ["--image", fifo])
+    result = runner.invoke(app, ["chat", "--model", str(model), "--onnx", str(work), "--max-new-tokens", "2"],
+                           input=f"/image {fifo}\nwhat is this?\n/quit\n")
+    assert result.exit_code == 0 and "is a FIFO" in result.output and str(fifo) in result.output, result.output
+
+
+def test_a_failed_turn_keeps_its_picture_and_says_so(model, work, tmp_path):
+    good = picture(tmp_path / "p.png")
+    result = runner.invoke(app, ["chat", "--model", str(model), "--onnx", str(work), "--max-new-tokens", "2"],
+                           input=f"/image {good}\n{'word ' * SEQ}\nwhat is this?\n/quit\n")
+    assert result.exit_code == 0, result.output
+    assert f"{good} comes with your next message" in result.output
+    assert result.output.count("tokens/s") == 1

@@ -60,6 +60,19 @@ def fail(message: object) -> typer.Exit:
     return typer.Exit(code=1)
 
 
+def user_text(text: str, what: str) -> str:
+    """`text` as typed, when it is UTF-8: Python hands bytes that are not (a Latin-1 terminal,
+    `printf 'x\\xff'`) over as lone surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        byte = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+        raise LvbError(f"{what} is not UTF-8 text ({byte} at character {e.start}); set the terminal or file to "
+                       "UTF-8 and type it again") from None
+    return text
+
+
 def plain(value: object) -> Text:
     """A table cell or title taken literally (Rich parses plain strings as markup)."""
     return Text(str(value))
@@ -509,7 +522,7 @@ def run(
         session = options.open_session()
         with session.engine:
             sampling = options.sampling(session.checkpoint)
-            reply = session.ask(prompt, image=image, sampling=sampling, max_new_tokens=options.max_new_tokens,
+            reply = session.ask(user_text(prompt, "--prompt"), image=image, sampling=sampling, max_new_tokens=options.max_new_tokens,
                                 on_text=lambda piece: print(piece, end="", flush=True))
             print()
     except LvbError as e:
@@ -538,6 +551,10 @@ def chat(
         raise fail(str(e))
     show(console, f"{session.engine.backend} · seq {session.seq} · {CHAT_HELP}", style="dim")
     pending_image = image
+    import sys
+
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is reported, and the chat goes on
+        sys.stdin.reconfigure(errors="surrogateescape")
     with session.engine:
         while True:
             try:
@@ -560,16 +577,26 @@ def chat(
             if line.startswith("/"):
                 show(console, CHAT_HELP, style="dim")
                 continue
+            try:
+                user_text(line, "your message")
+            except LvbError as e:
+                say(errors, "error:", "bold red", str(e))
+                continue
             console.print("[bold magenta]lvb>[/] ", end="")
             try:
                 reply = session.ask(line, image=pending_image, sampling=sampling, max_new_tokens=options.max_new_tokens,
                                     on_text=lambda piece: show(console, piece, end=""))
             except LvbError as e:
+                from lvb.runtime.image import ImageError
+
                 console.print()
                 say(errors, "error:", "bold red", " ".join(str(e).splitlines()))
+                if pending_image is not None and not isinstance(e, ImageError):  # the picture was fine: keep it
+                    say(errors, "note:", "yellow", f"{pending_image} comes with your next message (/image alone drops it)")
+                else:
+                    pending_image = None
                 continue
-            finally:
-                pending_image = None
+            pending_image = None
             console.print()
             for notice in reply.notices:
                 say(errors, "note:", "yellow", notice)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,6 +136,10 @@ def load_image(path) -> Image.Image:
         return ImageError(f"cannot read image {name!r}: {problem}; {fix}")
 
     try:
+        mode = os.stat(name).st_mode
+        if not stat.S_ISREG(mode):  # a FIFO or a device would block open() or never end
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise fail(f"it is {kind}", "pass the path of an image file")
         file = open(name, "rb")
     except OSError as e:
         raise fail((e.strerror or str(e)).lower(), "pass the path of a readable image file") from None
