@@ -184,6 +184,16 @@ CHECKPOINT_DAMAGE = {
                                          "processor_config.json and preprocessor_config.json describe different image preprocessing"),
     "no processor config": (lambda f: [(f / n).unlink() for n in ("preprocessor_config.json", "processor_config.json")],
                             "no preprocessor_config.json"),
+    # issue 36: every value typed, every file read by one rule
+    "config.json nested 1,500 deep": (lambda f: (f / "config.json").write_text("[" * 1500 + "]" * 1500),
+                                      "config.json: not valid JSON (nested too deeply"),
+    "chat_template.jinja not UTF-8": (lambda f: (f / "chat_template.jinja").write_bytes(b"{{ 'x' }}\xff\xfe"),
+                                      "chat_template.jinja is not UTF-8 text (byte 0xff"),
+    "image_mean 'x'": (_both(image_mean="x"), "image_mean='x'"),
+    "image_mean ['x', 0.5, 0.5]": (_both(image_mean=["x", 0.5, 0.5]), "image_mean=['x', 0.5, 0.5]"),
+    "image_std 0": (_both(image_std=[0.5, 0, 0.5]), "image_std=[0.5, 0, 0.5]"),
+    "eos_token_id 'abc'": (_set("generation_config.json", eos_token_id="abc"), "eos_token_id is 'abc'"),
+    "config.json a folder": (lambda f: ((f / "config.json").unlink(), (f / "config.json").mkdir()), "config.json"),
 }
 
 
@@ -761,3 +771,128 @@ def test_a_failed_turn_keeps_its_picture_and_says_so(model, work, tmp_path):
     assert result.exit_code == 0, result.output
     assert f"{good} comes with your next message" in result.output
     assert result.output.count("tokens/s") == 1
+
+
+# -- a full disk, a read-only folder: one line, and nothing half-written trusted (issue 36) ----
+
+def _in_own_mounts(script: str) -> subprocess.CompletedProcess:
+    """`script` (sh) in a user and mount namespace of its own, where it may mount a read-only
+    bind or a tiny tmpfs as an unprivileged user would meet them; skips where that is not allowed."""
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+    if probe.returncode:
+        pytest.skip("no user namespaces here (unshare -rm)")
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+@pytest.mark.parametrize("where", ["read-only", "full"])
+def test_export_and_pack_on_a_full_or_read_only_disk_are_one_line(where, model, work, tmp_path):
+    copy = copy_export(work, tmp_path / "work")
+    _fake_compile(copy)
+    target = tmp_path / "target"
+    target.mkdir()
+    mount = (f"mount --bind -o ro {target} {target}" if where == "read-only"
+             else f"mount -t tmpfs -o size=160k tmpfs {target}")
+    lvb = f"{sys.executable} -m lvb.cli"
+    commands = {"export": f"{lvb} export --model {model} --out {target}/w --seq {SEQ} --chunk {CHUNKS}",
+                "pack": f"{lvb} pack {copy} --out {target}/package --onnx",
+                "run": f"{lvb} run --model {model} --onnx {target}/w --prompt hi"}  # the interrupted export read
+    script = mount + "".join(f"; {c} >/dev/null 2>{tmp_path}/{name}.err; echo $? >{tmp_path}/{name}.rc; "
+                             f"ls -a {target} > {tmp_path}/{name}.ls; find {target} -name manifest.json "
+                             f"-newer {tmp_path}/work >> {tmp_path}/{name}.ls" for name, c in commands.items())
+    result = _in_own_mounts(script)
+    assert result.returncode == 0, result.stderr
+    reason = "Read-only file system" if where == "read-only" else "No space left on device"
+    run = (tmp_path / "run.err").read_text()
+    assert (tmp_path / "run.rc").read_text().strip() == "1" and ("unfinished" in run or "holds no export" in run), run
+    for name in ("export", "pack"):
+        err = (tmp_path / f"{name}.err").read_text()
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert (tmp_path / f"{name}.rc").read_text().strip() == "1" and "Traceback" not in err, err
+        assert len(lines) == 1 and reason in lines[0], err
+    # nothing half-written that a later run trusts: no package, no finished export
+    assert not (target / "package").exists()
+    assert "lvb-package.json" not in (tmp_path / "pack.ls").read_text()
+
+
+def test_verify_reads_the_task_before_any_work(model, work, tmp_path):
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(model, folder)
+    (folder / "lvb-task.json").write_text('{"kind": "shapes"}')  # no question
+    started = time.perf_counter()
+    line = one_error_line(["verify", "--model", folder, "--work", work, "--backend", "onnxruntime"])
+    assert "lvb-task.json must be an object" in line and "question" in line
+    assert time.perf_counter() - started < 20 and not (work / "verify").exists()
+
+
+# -- the Hugging Face environment, checked before it is used (issue 36) ----------------------
+
+HF_ENVIRONMENT = {
+    "HF_HOME=/dev/null/x": ("cannot use the Hugging Face cache at /dev/null/x"),
+    "HF_ENDPOINT=notaurl": ("HF_ENDPOINT 'notaurl' is not an http(s) URL"),
+    "HF_HUB_ETAG_TIMEOUT=abc": ("huggingface_hub cannot start with this environment"),
+}
+
+
+@pytest.mark.parametrize("case", HF_ENVIRONMENT)
+def test_a_broken_hugging_face_environment_is_one_line(case, tmp_path):
+    name, value = case.split("=", 1)
+    result = subprocess.run([sys.executable, "-m", "lvb.cli", "run", "--model", "meta-llama/no-such-model-x",
+                             "--prompt", "hi"], capture_output=True, text=True, cwd=tmp_path,
+                            env=os.environ | {name: value, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and HF_ENVIRONMENT[case] in lines[0], result.stderr
+
+
+# -- files this user may not read: named as unreadable, never as damaged (issue 36) ----------
+
+def _as_nobody(args: list) -> subprocess.CompletedProcess:
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run as another user")
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "lvb.cli",
+                           *map(str, args)], capture_output=True, text=True, cwd="/",
+                          env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path), "HOME": "/tmp"})
+
+
+@pytest.fixture
+def shared(model, work, onnx_package):
+    """The checkpoint's small files, the export and the package where another user can read them."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="lvb-shared-"))
+    os.chmod(root, 0o755)
+    (root / "checkpoint").mkdir()
+    for name in SMALL_FILES:
+        if (model / name).is_file():
+            shutil.copy2(model / name, root / "checkpoint" / name)
+    copy_export(work, root / "work")
+    shutil.copytree(onnx_package, root / "package")
+    for path in [root, *root.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    yield root
+    shutil.rmtree(root)
+
+
+UNREADABLE = {  # the file made unreadable (relative to the shared folder), what the one line says
+    "config.json": ("checkpoint/config.json", "cannot read {path} (Permission denied)"),
+    "chat_template.jinja": ("checkpoint/chat_template.jinja", "cannot read {path} (Permission denied)"),
+    "a net's .weights": ("work/export/block_1/block_1.weights", "cannot read {path} (permission denied)"),
+    "a package file": ("package/checkpoint/tokenizer.json", "cannot read {path} (Permission denied)"),
+}
+
+
+@pytest.mark.parametrize("case", UNREADABLE)
+def test_a_file_this_user_may_not_read_is_named_as_such(case, shared):
+    relative, expected = UNREADABLE[case]
+    path = shared / relative
+    os.chmod(path, 0)
+    if relative.startswith("package"):
+        (shared / "package" / ".lvb-checked.json").unlink(missing_ok=True)
+        args = ["run", "--package", shared / "package", "--prompt", "hi"]
+    else:
+        args = ["run", "--model", shared / "checkpoint", "--onnx", shared / "work", "--prompt", "hi"]
+    result = _as_nobody(args)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and expected.format(path=path) in lines[0] and "damaged" not in lines[0], result.stderr

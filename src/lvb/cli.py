@@ -6,6 +6,7 @@ Heavy imports (torch, transformers, onnx) happen inside the commands, so
 
 from __future__ import annotations
 
+import errno
 import functools
 import typing
 from inspect import Parameter, Signature, signature
@@ -58,6 +59,26 @@ def fail(message: object) -> typer.Exit:
     """Print one line naming the problem and its fix; the caller raises the result."""
     say(errors, "error:", "bold red", " ".join(str(message).splitlines()))
     return typer.Exit(code=1)
+
+
+_OS_FIXES = {
+    errno.ENOSPC: "the disk is full: free some space (or pass a folder on another disk) and run again",
+    errno.EDQUOT: "the disk quota is used up: free some space and run again",
+    errno.EROFS: "the file system is read-only: pass a folder on a writable one",
+    errno.EACCES: "make it accessible to this user (chmod, chown), or pass another folder",
+    errno.EPERM: "make it accessible to this user (chmod, chown), or pass another folder",
+}
+
+
+def problem(error: Exception) -> str:
+    """The one line of an error: an LvbError's message, or for an OS error (a full disk, a
+    read-only mount, a file this user may not read) the file, the reason and the fix. lvb
+    writes to temporary names and renames, so what such an error interrupts is never trusted."""
+    if not isinstance(error, OSError) or isinstance(error, LvbError):
+        return str(error)
+    where = f"{error.filename}: " if error.filename else ""
+    fix = _OS_FIXES.get(error.errno, "check the path and run again")
+    return f"{where}{error.strerror or error}; {fix}"
 
 
 def user_text(text: str, what: str) -> str:
@@ -186,8 +207,8 @@ def export(
         # The small files as the runtime will read them (a processor config that disagrees with
         # config.json, damaged JSON) fail now, not after an hour of export.
         Checkpoint.load(source.directory)
-    except LvbError as e:
-        raise fail(str(e))
+    except (LvbError, OSError) as e:
+        raise fail(problem(e))
     from lvb.export.exporter import export as run_export  # torch: only once the checkpoint is there
     chunks = [int(c) for c in chunk.split(",")] if chunk else None  # None: the default sizes, capped at --seq
 
@@ -200,8 +221,8 @@ def export(
         try:
             manifest = run_export(source.directory, out, seq=seq, chunks=chunks, progress=report, source=source.to_json(),
                                   notify=lambda message: say(progress.console, "note:", "yellow", message))
-        except LvbError as e:
-            raise fail(str(e))
+        except (LvbError, OSError) as e:
+            raise fail(problem(e))
     nets = manifest["nets"]
     worst = min(nets.values(), key=lambda n: n["check"]["cosine"])
     say(console, "✓", "bold green", f"{len(nets)} nets in {out / 'export'}; worst onnxruntime-vs-PyTorch cosine "
@@ -246,8 +267,8 @@ def compile_(
         if e.log_tail:
             show(errors, e.log_tail)
         raise fail(str(e))
-    except LvbError as e:
-        raise fail(str(e))
+    except (LvbError, OSError) as e:
+        raise fail(problem(e))
     retried = [f"{name} {' '.join(r['options'])}" for name, r in manifest["nets"].items() if r["options"]]
     say(console, "✓", "bold green", work / manifest["bmodel"])
     if retried:
@@ -294,8 +315,8 @@ def inspect(
 
     try:
         info = inspect_bmodel(bmodel, find_toolchain(toolchain))
-    except LvbError as e:
-        raise fail(str(e))
+    except (LvbError, OSError) as e:
+        raise fail(problem(e))
     table = Table(title=plain(f"{bmodel.name} ({info.chip})"))
     for column in ("net", "inputs", "outputs", "weights"):
         table.add_column(column)
@@ -327,8 +348,8 @@ def _print_preflight(bmodel: Path, device: int, toolchain) -> None:
     show(console, f"sophon.sail {version or 'not installed'}; {where}")
     try:
         check = preflight(bmodel, device, find_toolchain(toolchain))
-    except LvbError as e:
-        raise fail(str(e))
+    except (LvbError, OSError) as e:
+        raise fail(problem(e))
     show(console, f"preflight: {check.line()}")
 
 
@@ -374,8 +395,8 @@ def pack(
             task = progress.add_task("packing", total=None, detail="")
             package = run_pack(work, out, quant=quant, checkpoint=checkpoint, onnx=onnx, tar=tar,
                                progress=lambda name, done, total: progress.update(task, completed=done, total=total, detail=name))
-    except LvbError as e:
-        raise fail(str(e))
+    except (LvbError, OSError) as e:
+        raise fail(problem(e))
     size = sum(entry["size"] for entry in package.manifest["files"].values())
     what = package.manifest["bmodel"] or "ONNX nets only"
     say(console, "✓", "bold green", f"{out}: {what}, {len(package.manifest['files'])} files, {_bytes(size)}")
@@ -525,8 +546,8 @@ def run(
             reply = session.ask(user_text(prompt, "--prompt"), image=image, sampling=sampling, max_new_tokens=options.max_new_tokens,
                                 on_text=lambda piece: print(piece, end="", flush=True))
             print()
-    except LvbError as e:
-        raise fail(str(e))
+    except (LvbError, OSError) as e:
+        raise fail(problem(e))
     for notice in reply.notices:
         say(errors, "note:", "yellow", notice)
     if stats:
@@ -547,8 +568,8 @@ def chat(
     try:
         session = options.open_session(truncate_history)
         sampling = options.sampling(session.checkpoint)
-    except LvbError as e:
-        raise fail(str(e))
+    except (LvbError, OSError) as e:
+        raise fail(problem(e))
     show(console, f"{session.engine.backend} · seq {session.seq} · {CHAT_HELP}", style="dim")
     pending_image = image
     import sys
@@ -630,8 +651,8 @@ def serve(
     try:
         session = ChatOptions(model=model, revision=revision, package=package, bmodel=bmodel, onnx=onnx,
                               backend=backend, toolchain=toolchain).open_session()
-    except LvbError as e:
-        raise fail(str(e))
+    except (LvbError, OSError) as e:
+        raise fail(problem(e))
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -669,8 +690,8 @@ def verify(
             data = run_verify(model_dir, work, quant=quant, backend=backend, pictures=pictures,
                               toolchain=find_toolchain(toolchain) if backend == "cmodel" else None,
                               progress=lambda what, i, t: progress.update(task, completed=i, total=t, detail=what))
-    except LvbError as e:
-        raise fail(str(e))
+    except (LvbError, OSError) as e:
+        raise fail(problem(e))
     table = Table(title=plain(f"per net: cosine similarity ({data['backend']}{', ' + data['bmodel'] if data['bmodel'] else ''})"))
     for column in ("net", "quant", "compile check", "PyTorch vs ORT", "ORT vs bmodel", "bmodel vs fp32"):
         table.add_column(column)

@@ -106,6 +106,8 @@ class WorkDir:
                                f"{rerun} again to finish it")
         for name, entry in nets.items():  # what the export recorded, or nothing is read
             damaged = damaged_files(self.net_dir(name), entry.get("files"))
+            if damaged and damaged[0].startswith("cannot read"):  # intact, for all lvb knows
+                raise WorkDirError(f"{damaged[0]}; make it readable by this user (chmod, chown) or run as its owner")
             if damaged:
                 raise WorkDirError(f"{damaged[0]}: the export is damaged; {rerun} again")
         return manifest
@@ -242,10 +244,15 @@ def matches_record(path: Path, record: dict | None) -> str | None:
         return f"{path} is missing"
     if stat.st_size != record["size"]:
         return f"{path} is {stat.st_size} bytes, not the {record['size']} written (truncated or overwritten)"
+    if not os.access(path, os.R_OK):  # not damaged: another user's, or chmod'ed
+        return f"cannot read {path} (permission denied)"
     if stat.st_mtime_ns == record.get("mtime_ns"):
         return None
-    if "sha256" in record and _digest(path) != record["sha256"]:
-        return f"{path} changed since lvb wrote it"
+    try:
+        if "sha256" in record and _digest(path) != record["sha256"]:
+            return f"{path} changed since lvb wrote it"
+    except OSError as e:
+        return f"cannot read {path} ({e.strerror or e})"
     return None
 
 
