@@ -554,6 +554,17 @@ def test_pack_refuses_what_the_readers_refuse(case, work, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".package.*"))  # nothing packed, nothing left
 
 
+def test_pack_out_dot_inside_a_package_replaces_it(work, tmp_path, monkeypatch):
+    copy = copy_export(work, tmp_path / "work")
+    _fake_compile(copy)
+    succeeds(["pack", copy, "--out", tmp_path / "package"])
+    monkeypatch.chdir(tmp_path / "package")
+    succeeds(["pack", copy, "--out", "."])
+    monkeypatch.chdir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["package", "work"]  # nothing left beside it
+    succeeds(["pack", copy, "--out", tmp_path / "package", "--onnx"])  # and it is a package pack may replace
+
+
 def test_pack_refuses_an_out_inside_the_work_directory(work, tmp_path):
     copy = copy_export(work, tmp_path / "work")
     _fake_compile(copy)
@@ -722,6 +733,7 @@ PREFLIGHT = {  # the change to a copy of the checkpoint, extra export options, w
     "F64 weights": (_retype("F64"), [], "lvb reads BF16, F16, F32 weights"),
     "--seq above max_position_embeddings": (_text(max_position_embeddings=SEQ - 1), [],
                                             f"text_config.max_position_embeddings is {SEQ - 1}"),
+    "--seq 10**23": (lambda f: None, ["--seq", str(10**23)], "max_position_embeddings is"),
     "a config.json nested 1,500 deep": (lambda f: (f / "config.json").write_text("[" * 1500 + "]" * 1500), [], "config.json"),
 }
 

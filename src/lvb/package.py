@@ -150,7 +150,7 @@ def pack(work: Path, out: Path, quant: str | None = None, checkpoint: Path | Non
          tar: bool = False, progress: Progress | None = None) -> Package:
     """Write the package of work directory `work` to `out` (replacing an older package there).
     `checkpoint` overrides the folder the export was made from (for its small files)."""
-    work, out = Path(work), Path(out)
+    work, out = Path(work), Path(os.path.abspath(out))  # `--out .` names the folder it is run in
     if quant is not None and quant not in QUANTS:
         raise PackageError(f"--quant {quant} is not one of {', '.join(QUANTS)}")
     if out.resolve() == work.resolve() or out.resolve() in work.resolve().parents or work.resolve() in out.resolve().parents:

@@ -22,6 +22,7 @@ file a cache reuses is recorded (`record_file`) and checked before reuse
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -133,14 +134,12 @@ _held: dict[Path, int] = {}  # the locks this process holds, with how many times
 
 @contextmanager
 def lock_folder(lock: Path, what: str, by: str) -> Iterator[None]:
-    """Hold `lock` (a file, created if need be) for the block, or raise WorkDirError naming
-    the process that holds it: two lvb commands writing one work directory or package at
-    once leave a tree each of them believes in. `what` names the folder in the message,
-    `by` the command taking it ("lvb export"), which a second one is told.
-    The lock is the kernel's (flock), so a killed holder releases it; nested use in one
-    process is allowed."""
-    import fcntl
-
+    """Hold `lock` (a file, created for the block and removed after it) for the block, or raise
+    WorkDirError naming the process that holds it: two lvb commands writing one work directory
+    or package at once leave a tree each of them believes in. `what` names the folder in the
+    message, `by` the command taking it ("lvb export"), which a second one is told.
+    The lock is the kernel's (flock), so a killed holder releases it (and its file, left
+    behind, is taken over); nested use in one process is allowed."""
     lock = Path(lock).absolute()
     if lock in _held:
         _held[lock] += 1
@@ -149,32 +148,48 @@ def lock_folder(lock: Path, what: str, by: str) -> Iterator[None]:
         finally:
             _held[lock] -= 1
         return
+    fd = _take(lock, what, by)
+    if fd is None:  # a read-only file system: nothing can write there, so nobody else can either
+        yield
+        return
+    _held[lock] = 1
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        if e.errno == 30:  # EROFS: nothing can write there, so nobody else can either
-            yield
-            return
-        raise WorkDirError(f"{what}: cannot create the lock {lock} ({e.strerror}); pass a writable folder") from None
-    try:
+        yield
+    finally:
+        del _held[lock]
+        try:
+            os.unlink(lock)  # while still held: a waiting process then finds its file gone and retries
+        except OSError:
+            pass
+        os.close(fd)  # releases the lock
+
+
+def _take(lock: Path, what: str, by: str) -> int | None:
+    """An open descriptor of `lock`, flock'ed by this process, or None on a read-only file system."""
+    import fcntl
+
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if e.errno == errno.EROFS:
+                return None
+            raise WorkDirError(f"{what}: cannot create the lock {lock} ({e.strerror}); pass a writable folder") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
             raise WorkDirError(f"{what} is in use by {holder}; wait for it to finish, or stop it and run again") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{by} (pid {os.getpid()})".encode(), 0)
-        _held[lock] = 1
         try:
-            yield
-        finally:
-            del _held[lock]
-            try:
-                os.ftruncate(fd, 0)
-            except OSError:
-                pass
-    finally:
-        os.close(fd)  # releases the lock
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:  # its holder removed it between our open and our flock
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{by} (pid {os.getpid()})".encode(), 0)
+            return fd
+        os.close(fd)
 
 
 def lock_work(work: Path, by: str):
