@@ -70,13 +70,15 @@ _OS_FIXES = {
 }
 
 
-def problem(error: Exception) -> str:
+def problem(error: Exception, folder: Path | None = None) -> str:
     """The one line of an error: an LvbError's message, or for an OS error (a full disk, a
     read-only mount, a file this user may not read) the file, the reason and the fix. lvb
-    writes to temporary names and renames, so what such an error interrupts is never trusted."""
+    writes to temporary names and renames, so what such an error interrupts is never trusted.
+    `folder`: where the command writes, named when the error does not name its file (a full
+    disk, on write())."""
     if not isinstance(error, OSError) or isinstance(error, LvbError):
         return str(error)
-    where = f"{error.filename}: " if error.filename else ""
+    where = f"{error.filename}: " if error.filename else f"writing in {folder}: " if folder is not None else ""
     fix = _OS_FIXES.get(error.errno, "check the path and run again")
     return f"{where}{error.strerror or error}; {fix}"
 
@@ -208,7 +210,7 @@ def export(
         # config.json, damaged JSON) fail now, not after an hour of export.
         Checkpoint.load(source.directory)
     except (LvbError, OSError) as e:
-        raise fail(problem(e))
+        raise fail(problem(e, out))
     from lvb.export.exporter import export as run_export  # torch: only once the checkpoint is there
     chunks = [int(c) for c in chunk.split(",")] if chunk else None  # None: the default sizes, capped at --seq
 
@@ -222,7 +224,7 @@ def export(
             manifest = run_export(source.directory, out, seq=seq, chunks=chunks, progress=report, source=source.to_json(),
                                   notify=lambda message: say(progress.console, "note:", "yellow", message))
         except (LvbError, OSError) as e:
-            raise fail(problem(e))
+            raise fail(problem(e, out))
     nets = manifest["nets"]
     worst = min(nets.values(), key=lambda n: n["check"]["cosine"])
     say(console, "✓", "bold green", f"{len(nets)} nets in {out / 'export'}; worst onnxruntime-vs-PyTorch cosine "
@@ -268,7 +270,7 @@ def compile_(
             show(errors, e.log_tail)
         raise fail(str(e))
     except (LvbError, OSError) as e:
-        raise fail(problem(e))
+        raise fail(problem(e, work))
     retried = [f"{name} {' '.join(r['options'])}" for name, r in manifest["nets"].items() if r["options"]]
     say(console, "✓", "bold green", work / manifest["bmodel"])
     if retried:
@@ -396,7 +398,7 @@ def pack(
             package = run_pack(work, out, quant=quant, checkpoint=checkpoint, onnx=onnx, tar=tar,
                                progress=lambda name, done, total: progress.update(task, completed=done, total=total, detail=name))
     except (LvbError, OSError) as e:
-        raise fail(problem(e))
+        raise fail(problem(e, out))
     size = sum(entry["size"] for entry in package.manifest["files"].values())
     what = package.manifest["bmodel"] or "ONNX nets only"
     say(console, "✓", "bold green", f"{out}: {what}, {len(package.manifest['files'])} files, {_bytes(size)}")
@@ -691,7 +693,7 @@ def verify(
                               toolchain=find_toolchain(toolchain) if backend == "cmodel" else None,
                               progress=lambda what, i, t: progress.update(task, completed=i, total=t, detail=what))
     except (LvbError, OSError) as e:
-        raise fail(problem(e))
+        raise fail(problem(e, work))
     table = Table(title=plain(f"per net: cosine similarity ({data['backend']}{', ' + data['bmodel'] if data['bmodel'] else ''})"))
     for column in ("net", "quant", "compile check", "PyTorch vs ORT", "ORT vs bmodel", "bmodel vs fp32"):
         table.add_column(column)

@@ -23,14 +23,19 @@ def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
 def lowest(values) -> float:
     """The least of `values`, or NaN when any is NaN: Python's min() answers by the order
     (min([1.0, nan]) is 1.0), and a NaN must never hide behind a good number."""
-    values = [float(v) for v in values]
-    return float("nan") if any(v != v for v in values) else min(values)
+    values = _floats(values)
+    return float("nan") if np.isnan(values).any() else float(values.min())
 
 
 def highest(values) -> float:
     """The greatest of `values`, or NaN when any is NaN (see lowest)."""
-    values = [float(v) for v in values]
-    return float("nan") if any(v != v for v in values) else max(values)
+    values = _floats(values)
+    return float("nan") if np.isnan(values).any() else float(values.max())
+
+
+def _floats(values) -> np.ndarray:
+    """Numbers (an array, a list, a generator) as one float64 array, without a Python loop over an array."""
+    return np.asarray(values if isinstance(values, np.ndarray) else list(values), np.float64).ravel()
 
 
 def reaches(value: float, need: float) -> bool:
