@@ -806,12 +806,14 @@ def test_export_and_pack_on_a_full_or_read_only_disk_are_one_line(where, model, 
     _fake_compile(copy)
     target = tmp_path / "target"
     target.mkdir()
-    mount = (f"mount --bind -o ro {target} {target}" if where == "read-only"
+    mount = (f"mount --bind -o ro {target} {target} && mount --bind -o ro {copy} {copy}" if where == "read-only"
              else f"mount -t tmpfs -o size=4k tmpfs {target}")
     lvb = f"{sys.executable} -m lvb.cli"
     commands = {"export": f"{lvb} export --model {model} --out {target}/w --seq {SEQ} --chunk {CHUNKS}",
                 "pack": f"{lvb} pack {copy} --out {target}/package --onnx",
                 "run": f"{lvb} run --model {model} --onnx {target}/w --prompt hi"}  # the interrupted export read
+    if where == "read-only":  # verify writes its report into the work directory
+        commands["verify"] = f"{lvb} verify --model {model} --work {copy} --backend onnxruntime"
     script = mount + "".join(f"; {c} >/dev/null 2>{tmp_path}/{name}.err; echo $? >{tmp_path}/{name}.rc; "
                              f"ls -a {target} > {tmp_path}/{name}.ls; find {target} -name manifest.json "
                              f"-newer {tmp_path}/work >> {tmp_path}/{name}.ls" for name, c in commands.items())
@@ -820,13 +822,13 @@ def test_export_and_pack_on_a_full_or_read_only_disk_are_one_line(where, model, 
     reason = "Read-only file system" if where == "read-only" else "No space left on device"
     run = (tmp_path / "run.err").read_text()
     assert (tmp_path / "run.rc").read_text().strip() == "1" and ("unfinished" in run or "holds no export" in run), run
-    for name in ("export", "pack"):
+    for name in ("export", "pack", "verify")[:len(commands) - 1]:
         err = (tmp_path / f"{name}.err").read_text()
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert (tmp_path / f"{name}.rc").read_text().strip() == "1" and "Traceback" not in err, err
-        assert len(lines) == 1 and reason in lines[0] and str(target) in lines[0], err  # and names where
+        assert len(lines) == 1 and reason in lines[0] and str(copy if name == "verify" else target) in lines[0], err
     # nothing half-written that a later run trusts: no package, no finished export
-    assert not (target / "package").exists()
+    assert not (target / "package").exists() and not (copy / "verify").exists()
     assert "lvb-package.json" not in (tmp_path / "pack.ls").read_text()
 
 
@@ -883,6 +885,7 @@ def shared(model, work, onnx_package):
             shutil.copy2(model / name, root / "checkpoint" / name)
     copy_export(work, root / "work")
     shutil.copytree(onnx_package, root / "package")
+    picture(root / "picture.png")
     for path in [root, *root.rglob("*")]:
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
     yield root
@@ -894,6 +897,7 @@ UNREADABLE = {  # the file made unreadable (relative to the shared folder), what
     "chat_template.jinja": ("checkpoint/chat_template.jinja", "cannot read {path} (Permission denied)"),
     "a net's .weights": ("work/export/block_1/block_1.weights", "cannot read {path} (permission denied)"),
     "a package file": ("package/checkpoint/tokenizer.json", "cannot read {path} (Permission denied)"),
+    "an --image": ("picture.png", "cannot read image '{path}': permission denied"),
 }
 
 
@@ -906,7 +910,7 @@ def test_a_file_this_user_may_not_read_is_named_as_such(case, shared):
         (shared / "package" / ".lvb-checked.json").unlink(missing_ok=True)
         args = ["run", "--package", shared / "package", "--prompt", "hi"]
     else:
-        args = ["run", "--model", shared / "checkpoint", "--onnx", shared / "work", "--prompt", "hi"]
+        args = ["run", "--model", shared / "checkpoint", "--onnx", shared / "work", "--prompt", "hi", "--image", shared / "picture.png"]
     result = _as_nobody(args)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr

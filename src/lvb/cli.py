@@ -38,7 +38,7 @@ errors = Console(stderr=True)
 
 ToolchainOption = Annotated[
     Optional[Path],
-    typer.Option("--toolchain", help="tpu-mlir environment (a venv or a folder of its tools); default: LVB_TOOLCHAIN, .venv-tpu, PATH"),
+    typer.Option("--toolchain", readable=False, help="tpu-mlir environment (a venv or a folder of its tools); default: LVB_TOOLCHAIN, .venv-tpu, PATH"),
 ]
 
 RevisionOption = Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit of a Hugging Face repo id (default: main).")]
@@ -192,7 +192,7 @@ def _progress():
 @app.command()
 def export(
     model: Annotated[str, typer.Option("--model", help="Checkpoint folder (config.json, safetensors, tokenizer) or Hugging Face repo id.")],
-    out: Annotated[Path, typer.Option("--out", help="Work directory; the nets go to OUT/export.")],
+    out: Annotated[Path, typer.Option("--out", readable=False, help="Work directory; the nets go to OUT/export.")],
     revision: RevisionOption = None,
     seq: Annotated[int, typer.Option(help="Sequence length the KV cache holds (prompt + answer, all turns).", callback=at_least(1))] = DEFAULT_SEQ,
     chunk: Annotated[str, typer.Option(
@@ -233,7 +233,7 @@ def export(
 
 @app.command(name="compile")
 def compile_(
-    work: Annotated[Path, typer.Option("--work", help="Work directory of `lvb export`.")],
+    work: Annotated[Path, typer.Option("--work", readable=False, help="Work directory of `lvb export`.")],
     quant: Annotated[str, typer.Option(help="Decoder blocks: int4 (W4BF16), int8 (W8BF16) or bf16.")] = "int4",
     seq: Annotated[Optional[int], typer.Option(help="Must match the export (default: the export's).", callback=at_least(1))] = None,
     group_size: Annotated[int, typer.Option(help="INT4/INT8 weights share one scale per this many inputs.", callback=at_least(1))] = DEFAULT_GROUP_SIZE,
@@ -251,7 +251,7 @@ def compile_(
         help="Run the per-net jobs on a Ray cluster: auto, ray://HOST:PORT or HOST:PORT (README: Compiling on a cluster).",
     )] = None,
     cluster_shared_dir: Annotated[Optional[Path], typer.Option(
-        help="A folder every cluster node mounts at the same path, holding --work: nodes read and write the cache there "
+        readable=False, help="A folder every cluster node mounts at the same path, holding --work: nodes read and write the cache there "
              "instead of through Ray's object store.",
     )] = None,
 ) -> None:
@@ -304,7 +304,7 @@ def _compile(work, settings, toolchain, seq, jobs, cluster, cluster_shared_dir) 
 
 @app.command()
 def inspect(
-    bmodel: Annotated[Path, typer.Argument(help="A bmodel made by `lvb compile`.")],
+    bmodel: Annotated[Path, typer.Argument(readable=False, help="A bmodel made by `lvb compile`.")],
     toolchain: ToolchainOption = None,
     device: Annotated[Optional[int], typer.Option(help="Also check the plan against this device's free memory "
                                                        "(sophon.sail; a device id, 0 or more); exit 1 when it does not fit.",
@@ -378,8 +378,8 @@ def _print_memory_plan(info) -> None:
 
 @app.command()
 def pack(
-    work: Annotated[Path, typer.Argument(help="Work directory of `lvb export` and `lvb compile`.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder to write the package to (an older package there is replaced).")],
+    work: Annotated[Path, typer.Argument(readable=False, help="Work directory of `lvb export` and `lvb compile`.")],
+    out: Annotated[Path, typer.Option("--out", readable=False, help="Folder to write the package to (an older package there is replaced).")],
     quant: Annotated[Optional[str], typer.Option(help="Which compiled bmodel: int4, int8 or bf16 (default: the newest).")] = None,
     onnx: Annotated[bool, typer.Option("--onnx", help="Add the ONNX nets, for the onnxruntime backend on a machine without a card.")] = False,
     tar: Annotated[bool, typer.Option("--tar", help="Also write OUT.tar.gz.")] = False,
@@ -443,9 +443,11 @@ def _print_stats(reply) -> None:
 
 ModelOption = Annotated[str, typer.Option("--model", help="Checkpoint folder or Hugging Face repo id (org/name).")]
 RuntimeModelOption = Annotated[Optional[str], typer.Option("--model", help="Checkpoint folder or Hugging Face repo id (org/name): config, tokenizer, chat template, processor.")]
-PackageOption = Annotated[Optional[Path], typer.Option("--package", help="A folder made by `lvb pack`, checked before loading (instead of --model and --bmodel/--onnx).")]
-BmodelOption = Annotated[Optional[Path], typer.Option("--bmodel", help="Combined bmodel from `lvb compile`.")]
-OnnxOption = Annotated[Optional[Path], typer.Option("--onnx", help="Work directory of `lvb export` (onnxruntime backend).")]
+# Every path option is readable=False: click's readable check would answer an unreadable path
+# with a usage box (exit 2); lvb reads it and says what is wrong in one line (exit 1).
+PackageOption = Annotated[Optional[Path], typer.Option("--package", readable=False, help="A folder made by `lvb pack`, checked before loading (instead of --model and --bmodel/--onnx).")]
+BmodelOption = Annotated[Optional[Path], typer.Option("--bmodel", readable=False, help="Combined bmodel from `lvb compile`.")]
+OnnxOption = Annotated[Optional[Path], typer.Option("--onnx", readable=False, help="Work directory of `lvb export` (onnxruntime backend).")]
 BackendOption = Annotated[Optional[str], typer.Option(help="sail (device), cmodel (simulator) or onnxruntime; default: sail for a bmodel where sophon.sail imports, else onnxruntime when there are ONNX nets, else cmodel.")]
 SampleOption = Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Sample or take the most likely token (default: the checkpoint's generation_config).")]
 MaxNewTokensOption = Annotated[Optional[int], typer.Option(help="Stop an answer after this many tokens, 1 or more (default: at a stop token or when the sequence is full).", callback=at_least(1))]
@@ -537,7 +539,7 @@ def with_chat_options(command):
 def run(
     prompt: Annotated[str, typer.Option("--prompt", help="The question.")],
     options: ChatOptions,
-    image: Annotated[Optional[Path], typer.Option("--image", help="A picture to ask about.")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", readable=False, help="A picture to ask about.")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print first-token latency, prompt tokens and tokens/s to stderr.")] = False,
 ) -> None:
     """Answer one question (about one picture) and print the answer on stdout."""
@@ -563,7 +565,7 @@ CHAT_HELP = "commands: /image PATH (picture for your next message), /reset (new 
 @with_chat_options
 def chat(
     options: ChatOptions,
-    image: Annotated[Optional[Path], typer.Option("--image", help="A picture for the first message.")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", readable=False, help="A picture for the first message.")] = None,
     truncate_history: Annotated[bool, typer.Option(help="Drop the oldest exchanges when the chat outgrows the sequence.")] = False,
 ) -> None:
     """Multi-turn chat; a new picture can come with any message. Errors are reported and the chat goes on."""
@@ -673,7 +675,7 @@ def serve(
 @app.command()
 def verify(
     model: ModelOption,
-    work: Annotated[Path, typer.Option("--work", help="Work directory of `lvb export` and `lvb compile`.")],
+    work: Annotated[Path, typer.Option("--work", readable=False, help="Work directory of `lvb export` and `lvb compile`.")],
     quant: Annotated[str, typer.Option(help="Which compiled bmodel to check: int4, int8 or bf16.")] = "int4",
     backend: Annotated[str, typer.Option(help="cmodel (simulator), sail (device) or onnxruntime (the ONNX nets only).")] = "cmodel",
     pictures: Annotated[int, typer.Option(help="Fresh pictures for the task accuracy, when the checkpoint has a task (1 or more).", callback=at_least(1))] = 100,

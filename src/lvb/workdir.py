@@ -192,6 +192,17 @@ def _take(lock: Path, what: str, by: str) -> int | None:
         os.close(fd)
 
 
+def check_writable(folder: Path) -> None:
+    """Create `folder` and a file in it, and remove the file: a read-only file system or a
+    folder this user may not write fails here, before the work, with the OSError the CLI
+    reports in one line (a full disk shows when the work writes)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = _temporary(folder / ".lvb-write-probe")
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def lock_work(work: Path, by: str):
     """The work directory's lock (lock_folder), held by each command that writes into it:
     export, compile, verify. A folder that is not there is left to the command to name."""

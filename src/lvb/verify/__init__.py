@@ -9,7 +9,7 @@ from lvb.compile.tpumlir import QUANTIZE
 from lvb.check import MIN_AGREEMENT
 from lvb.verify.checks import Report, VerifyError, check_answers, check_parts, read_task, task_accuracy
 from lvb.verify.report import REPORT_VERSION, write_reports
-from lvb.workdir import COMPILE_VERSION, WorkDir, WorkDirError, cache_key, lock_work, matches_record, read_manifest
+from lvb.workdir import COMPILE_VERSION, WorkDir, WorkDirError, cache_key, check_writable, lock_work, matches_record, read_manifest
 
 
 def find_compiled(work: Path, quant: str) -> dict:
@@ -53,6 +53,7 @@ def _verify(model_dir: Path, work: Path, quant: str, backend: str, pictures: int
     if bmodel is not None and (problem := matches_record(bmodel, compiled.get("file"))):
         raise VerifyError(f"{problem}; run `lvb compile --work {work} --quant {quant}` again to rebuild it")
     out = directory.verify_dir(bmodel)
+    check_writable(out)  # a read-only work directory fails now, not when the report is written
     checkpoint = Checkpoint.load(model_dir)
     task = read_task(model_dir)
     # The files' digests, just checked against the disk: a report is reused only for these very files.
