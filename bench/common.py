@@ -22,6 +22,18 @@ REPO = BENCH.parent
 OUT = BENCH / "out"
 LVB = REPO / ".venv" / "bin" / "lvb"
 
+# The reference port's measured figures, which every comparison in bench/ is against.
+REFERENCE_FIRST_TOKEN_S = 5.723
+REFERENCE_TOKENS_PER_S = 7.506
+REFERENCE_SOURCE = ("https://github.com/sophgo/sophon-demo/blob/253d84c6f47d1899adf8cf6e569b3ed23aa0edfa/sample/"
+                    "Llama3_2_Vision/README.md (SE7-32, llama3.2-11b-vision_int4_512seq.bmodel, \"what's in the room?\")")
+REFERENCE_SEQ = 512
+# The seed's benchmark turn in the Llama 3.2 Vision chat template: <|begin_of_text|>
+# <|start_header_id|> user <|end_header_id|> "\n\n" <|image|> what 's in the room ? <|eot_id|>
+# <|start_header_id|> assistant <|end_header_id|> "\n\n" (no system block when a picture is sent).
+PROMPT_TOKENS = 17
+RESULTS = BENCH / "results"  # committed: what the README's performance tables are read from
+
 # The published configs whose widths the bench uses (the weights are synthetic).
 CONFIGS = {name: REPO / "tests" / "data" / f"llama-3.2-{name}-vision.config.json" for name in ("11b", "90b")}
 

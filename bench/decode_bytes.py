@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, full_model, gb, machine, mb, model_of, table  # noqa: E402
+from common import OUT, REFERENCE_SOURCE, REFERENCE_TOKENS_PER_S, full_model, gb, machine, mb, model_of, table  # noqa: E402
 
 from lvb.bmodel import inspect_bmodel  # noqa: E402
 from lvb.compile.tpumlir import DeployOptions, deploy  # noqa: E402
@@ -53,9 +53,6 @@ DDR_UTIL = 0.8  # same file: decode_ddr_util for bm1684x
 SOURCE = ("tpu-mlir's LLM performance model, https://github.com/sophgo/tpu-mlir/blob/06ee352af9c2d8120d7f0bc338ab8d0348d6d676/"
           "python/llm/LlmProfile.py (chip bm1684x: tflops = 16., dma_bw = 64., decode_ddr_util = 0.8); tpu-mlir 1.30.2's "
           "python/tools/llm_analyse.py documents the same: `-c bm1684x ... -t 16 -b 64`, -b = chip memory bandwidth in GB/s")
-REFERENCE_TPS = 7.506  # sophon-demo sample/Llama3_2_Vision/README.md, SE7-32, llama3.2-11b-vision_int4_512seq.bmodel
-REFERENCE_URL = ("https://github.com/sophgo/sophon-demo/blob/253d84c6f47d1899adf8cf6e569b3ed23aa0edfa/sample/"
-                 "Llama3_2_Vision/README.md")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -197,13 +194,13 @@ def main() -> int:
     ours_int4 = totals.get(("int4", f"lvb today: KV {kv_dtype}, cross K/V at {KV} heads {cross_dtype}"))
     print(f"\nbandwidth: {args.bandwidth:g} GB/s, from {SOURCE}")
     if ref_int4 and model == "11b":  # the reference port's measured speed is the 11B's
-        print(f"reference port (sophon-demo Llama3_2_Vision, int4, seq 512, SE7-32): {REFERENCE_TPS} tokens/s measured "
-              f"({REFERENCE_URL}); with its layout the bound here is {bandwidth / ref_int4:.1f} tokens/s, so it runs at "
-              f"{REFERENCE_TPS * ref_int4 / bandwidth:.0%} of the bandwidth bound ({REFERENCE_TPS * ref_int4 / 1e9:.1f} GB/s effective).")
+        print(f"reference port (sophon-demo Llama3_2_Vision, int4, seq 512, SE7-32): {REFERENCE_TOKENS_PER_S} tokens/s measured "
+              f"({REFERENCE_SOURCE}); with its layout the bound here is {bandwidth / ref_int4:.1f} tokens/s, so it runs at "
+              f"{REFERENCE_TOKENS_PER_S * ref_int4 / bandwidth:.0%} of the bandwidth bound ({REFERENCE_TOKENS_PER_S * ref_int4 / 1e9:.1f} GB/s effective).")
         print(f"lvb int4 as compiled today reads {gb(ours_int4)} per token vs the reference layout's {gb(ref_int4)} "
               f"({1 - ours_int4 / ref_int4:.1%} fewer bytes; {1 - totals[('int4', f'KV bf16, cross K/V at {KV} heads bf16')] / ref_int4:.1%} "
               f"fewer with bf16 KV and cross K/V I/O); at the reference's "
-              f"efficiency that is about {REFERENCE_TPS * ref_int4 / ours_int4:.1f} tokens/s.")
+              f"efficiency that is about {REFERENCE_TOKENS_PER_S * ref_int4 / ours_int4:.1f} tokens/s.")
     cross_share = cross_ref / ref_int4 if ref_int4 else 0
     print(f"cross K/V: {mb(cross_ref)} per token repeated to {t.num_heads} heads ({cross_share:.0%} of the reference's bytes) vs "
           f"{mb(cross_bf16)} at {KV} KV heads in bf16 ({mb(cross_io)} as lvb's {cross_dtype} I/O today)")

@@ -46,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
-from common import table  # noqa: E402
+from common import PROMPT_TOKENS, REFERENCE_FIRST_TOKEN_S, REFERENCE_SEQ, REFERENCE_SOURCE, REFERENCE_TOKENS_PER_S, table  # noqa: E402
 
 from lvb.contract import Kind, NetSpec, chunk_for, chunk_sizes, padded_patches, plan, vision_nets  # noqa: E402
 from lvb.spec import ModelSpec  # noqa: E402
@@ -62,16 +62,6 @@ PEAK_SOURCE = (
     "32 TOPS INT8 as in Sophgo's product material for the chip (e.g. https://www.iotdt.com/news/chanpingxunxi/1727.html). "
     "Sophgo's own product page was not in the searchable corpora."
 )
-REFERENCE_FIRST_TOKEN_S = 5.723
-REFERENCE_TOKENS_PER_S = 7.506
-REFERENCE_SOURCE = ("https://github.com/sophgo/sophon-demo/blob/253d84c6f47d1899adf8cf6e569b3ed23aa0edfa/sample/"
-                    "Llama3_2_Vision/README.md (SE7-32, llama3.2-11b-vision_int4_512seq.bmodel, \"what's in the room?\")")
-REFERENCE_SEQ = 512
-
-# The seed's benchmark turn in the Llama 3.2 Vision chat template: <|begin_of_text|>
-# <|start_header_id|> user <|end_header_id|> "\n\n" <|image|> what 's in the room ? <|eot_id|>
-# <|start_header_id|> assistant <|end_header_id|> "\n\n" (no system block when a picture is sent).
-PROMPT_TOKENS = 17
 
 DTYPE_BYTES = {"float32": 4, "int32": 4, "bfloat16": 2, "float16": 2, "uint16": 2}
 

@@ -263,13 +263,15 @@ def main() -> int:
                     else:
                         same_request.append((out.ended - out.started) - out.engine_seconds)
 
-            # The server parses a request and decodes its picture in a pool thread: the same work here.
+            # The server parses a request, decodes and preprocesses its picture in a pool thread: the same work here.
             from lvb.serve.api import Limits, parse_chat_request
+            from lvb.serve.worker import served_model
 
             bodies = [request_body(image, True) for image, _ in sample(args.pictures, seed=300)]
+            model = served_model(session, "toy")
             mine = thread_cpu(os.getpid(), me)
             for body in bodies:
-                parse_chat_request(json.loads(body), Limits())
+                parse_chat_request(body, Limits(), model)
             parse_cpu = (thread_cpu(os.getpid(), me) - mine) / len(bodies)
 
             # -- 2. load ----------------------------------------------------------------

@@ -15,6 +15,9 @@ from helpers import SEQ, bmodel_digest, chunks_of, manifest, one_error_line, rec
 from lvb.cli import app
 from lvb.check import CheckMode, shortfalls, thresholds
 from lvb.bmodel import inspect_bmodel
+from lvb.devicetime import Estimate, compile_record, from_manifest
+from lvb.runtime.turn import turn_times
+from lvb.spec import ModelSpec
 from lvb.compile.compiler import CompileSettings, Compiler, record_transform
 from lvb.contract import Kind, NetSpec
 from lvb.testing.checkpoints import GEOMETRIES
@@ -42,6 +45,17 @@ def test_every_net_compiles_and_matches_onnxruntime_on_the_simulator(name, quant
         assert result["quant"] == (quant if decoder else ("f32" if net == "greedy_head" else "bf16"))
     info = inspect_bmodel(bmodel, find_toolchain())
     assert list(info.nets) == list(exported)
+    for net, result in compiled.items():  # the cost model's estimate, one per stage
+        stages = [Estimate.from_json(e) for e in result["device"]]
+        assert len(stages) == len(NetSpec.from_json(exported[net]).stages), net
+        for estimate in stages:
+            # The timeline is at least as long as either engine is busy, and every net moves data.
+            assert estimate.cycles >= max(estimate.tiu_cycles, estimate.gdma_cycles) > 0, (net, estimate)
+            assert estimate.moved_bytes > 0, (net, estimate)
+            if Kind(exported[net]["kind"]) in (Kind.SELF_PREFILL, Kind.SELF_DECODE):
+                # The self-attention is in the form tpu-mlir fuses into flash attention
+                # (patches.token_major_self_attention): no cache transpose, concat-and-copy.
+                assert "FAttention" in estimate.ops, (net, estimate.ops)
     # Every net's activation memory is read, a multi-stage prefill net's too (the memory plan
     # would silently count none otherwise).
     assert all(net.neuron_bytes > 0 for net in info.nets.values()), {n: x.neuron_bytes for n, x in info.nets.items()}
@@ -195,9 +209,20 @@ def test_inspect_reports_decode_bytes(compile_factory):
     step = info.decode_step()
     # KV of the self-attention layers (0 and 2): [1, SEQ, 2, 16] bf16 each for K and V.
     assert step["kv_cache"] == 2 * 2 * SEQ * 2 * 16 * 2
-    # Cross K/V of layers 1 and 3: [1, 68, 2, 16] bf16, K and V: KV heads only, never 4 query heads.
+    # Cross K/V of layers 1 and 3: [1, 2, 68, 16] bf16, K and V: KV heads only, never 4 query heads.
     assert step["cross_kv"] == 2 * 2 * 68 * 2 * 16 * 2
     assert step["weights"] > 0 and "one decode step reads" in result.output
+    # The turn's time: a decode step with a picture is every decode net once plus the card's
+    # greedy head, each at its recorded estimate (counted here from the manifest, not the runner).
+    nets = manifest(bmodel)["nets"]
+    decode = [n for n, r in nets.items() if n.startswith("block_cache_") or n in ("embed_cache", "lm_head", "greedy_head")]
+    step_ms = sum(nets[n]["device"][0]["cycles"] for n in decode) / 1e6
+    record = compile_record(bmodel)
+    times = turn_times(ModelSpec.from_dir(record["model"]["dir"]), SEQ, chunks_of("gqa2-cross-last"), from_manifest(record), 17)
+    assert [t.tiles for t in times] == [None, *range(1, GEOMETRIES["gqa2-cross-last"].max_tiles + 1)]
+    assert times[1].decode_step.ms == pytest.approx(step_ms) and times[1].decode_step.launches == len(decode)
+    assert times[0].decode_step.ms < step_ms  # without a picture the cross-attention layers are skipped
+    assert f"{times[1].decode_step.ms:,.2f}" in result.output and "first token ms" in result.output
 
 
 def damage(weights_file, rng, relative=0.01, width=None):

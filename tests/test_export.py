@@ -31,7 +31,7 @@ def test_every_net_is_exported_and_matches_pytorch(name, export_factory, checkpo
     # Cross-attention K/V stay at the KV heads, never repeated to the query heads.
     for layer in spec.text.cross_attention_layers:
         cross_k = manifest["nets"][f"cross_kv_{layer}"]["outputs"][0]
-        assert cross_k["shape"] == [1, spec.vision.tokens_per_image, spec.text.num_kv_heads, spec.text.head_dim]
+        assert cross_k["shape"] == [1, spec.text.num_kv_heads, spec.vision.tokens_per_image, spec.text.head_dim]
 
 
 @pytest.mark.slow  # exports a whole checkpoint of its own
@@ -137,12 +137,11 @@ def test_tables_stream_into_external_data_unchanged(tmp_path, dtype, transpose):
 
 def test_patches_are_reversible(checkpoint_factory):
     from transformers import MllamaForConditionalGeneration
-    from transformers.models.mllama import modeling_mllama
 
-    from lvb.patches import PATCHES, patched
+    from lvb.patches import PATCHES, patched, target
 
     model = MllamaForConditionalGeneration.from_pretrained(checkpoint_factory("gqa2-cross-last")).eval()
-    originals = {p.attribute: getattr(modeling_mllama, p.attribute) for p in PATCHES}
+    originals = {target(p): getattr(*target(p)) for p in PATCHES}
     vision = model.model.vision_model
     pixels = torch.randn(1, 1, 4, 3, 32, 32)
     ids = torch.tensor([[2]])
@@ -150,10 +149,10 @@ def test_patches_are_reversible(checkpoint_factory):
     with torch.no_grad():
         before = vision(pixel_values=pixels, aspect_ratio_ids=ids, aspect_ratio_mask=mask).last_hidden_state
         with patched():
-            assert all(getattr(modeling_mllama, a) is not f for a, f in originals.items())
+            assert all(getattr(*a) is not f for a, f in originals.items())
             inside = vision(pixel_values=pixels, aspect_ratio_ids=ids, aspect_ratio_mask=mask).last_hidden_state
         after = vision(pixel_values=pixels, aspect_ratio_ids=ids, aspect_ratio_mask=mask).last_hidden_state
-    assert all(getattr(modeling_mllama, a) is f for a, f in originals.items())
+    assert all(getattr(*a) is f for a, f in originals.items())
     assert torch.equal(before, after)
     assert torch.allclose(before, inside, atol=1e-6)  # the patch changes how, not what
 
@@ -178,6 +177,52 @@ def test_vision_attention_in_head_groups_is_transformers_own(checkpoint_factory,
             split = vision(pixel_values=pixels, aspect_ratio_ids=ids, aspect_ratio_mask=mask).last_hidden_state
     assert len(calls) == (config.num_hidden_layers + config.num_global_layers) * config.attention_heads
     assert torch.allclose(whole, split, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gqa2-cross-last", "gqa4-cross-pair"])
+def test_grouped_query_attention_is_transformers_own(name, checkpoint_factory):
+    """With the text layers' query heads grouped per K/V head (no repeat_kv), transformers'
+    own model gives the logits it gives unpatched, picture and cross-attention included."""
+    from transformers import MllamaForConditionalGeneration
+
+    from lvb.patches import patched
+
+    model = MllamaForConditionalGeneration.from_pretrained(checkpoint_factory(name), attn_implementation="eager").eval()
+    config = model.config.vision_config
+    generator = torch.Generator().manual_seed(0)
+    tiles = config.max_num_tiles
+    inputs = dict(
+        input_ids=torch.tensor([[model.config.image_token_index, 5, 6, 7, 8, 9]]),
+        pixel_values=torch.randn(1, 1, tiles, 3, config.image_size, config.image_size, generator=generator),
+        aspect_ratio_ids=torch.tensor([[1]]), aspect_ratio_mask=torch.tensor([[[1] + [0] * (tiles - 1)]]),
+        cross_attention_mask=torch.tensor([[[1] + [0] * (tiles - 1)]]).expand(1, 6, tiles)[:, :, None, :].reshape(1, 6, 1, tiles),
+    )
+    assert model.config.text_config.num_attention_heads > model.config.text_config.num_key_value_heads
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with patched():
+            grouped = model(**inputs).logits
+    assert torch.allclose(plain, grouped, atol=1e-5), (plain - grouped).abs().max()
+
+
+def test_cross_attention_blocks_never_repeat_kv(export_factory):
+    """No cross-attention block of a fixture whose query heads share K/V heads copies the
+    image's K/V to them (repeat_kv is an Expand): the only copies are of a mask, one row per
+    query head. (The self-attention blocks keep repeat_kv's form, which the compile fuses into
+    flash attention: tests/test_compile.py checks the fused op.)"""
+    import onnx
+
+    work = export_factory("gqa2-cross-last")
+    nets = json.loads((work / "export" / "manifest.json").read_text())["nets"]
+    cross = [name for name, entry in nets.items() if entry["kind"] in ("cross_prefill", "cross_decode")]
+    assert cross
+    for name in cross:
+        graph = onnx.load(str(work / "export" / name / f"{name}.onnx"), load_external_data=False).graph
+        masks = {i.name for i in graph.input if "mask" in i.name}
+        for node in graph.node:
+            if node.op_type in ("Expand", "Tile"):
+                assert node.input[0] in masks, (name, node.name)
+                masks.update(node.output)
 
 
 def test_heads_per_group_follows_the_budget():
@@ -209,15 +254,14 @@ def test_vision_nets_are_exported_one_head_at_a_time(export_factory, checkpoint_
 
 
 def test_patches_are_restored_after_an_error():
-    from transformers.models.mllama import modeling_mllama
 
-    from lvb.patches import PATCHES, patched
+    from lvb.patches import PATCHES, patched, target
 
-    originals = {p.attribute: getattr(modeling_mllama, p.attribute) for p in PATCHES}
+    originals = {target(p): getattr(*target(p)) for p in PATCHES}
     with pytest.raises(RuntimeError):
         with patched():
             raise RuntimeError("boom")
-    assert all(getattr(modeling_mllama, a) is f for a, f in originals.items())
+    assert all(getattr(*a) is f for a, f in originals.items())
 
 
 def test_bad_input_gives_one_line(tmp_path, checkpoint_factory):

@@ -332,3 +332,21 @@ def test_wide_pictures_are_scaled_to_8_bits_with_a_note(mode):
     got, expected = lvb.preprocess(wide, config), lvb.preprocess(eight, config)
     np.testing.assert_array_equal(got.pixel_values, expected.pixel_values)
     assert len(got.notes) == 1 and "scaled" in got.notes[0] and not expected.notes
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_band_by_band_equals_the_whole_picture(name, monkeypatch):
+    """Alpha compositing and 8-bit scaling go band by band, to keep a large picture's memory to
+    one full-size copy; the bands (here of 97 pixels, so many and uneven) change no value.
+    The wide modes are scaled here, as the test below makes them."""
+    import lvb.runtime.image as module
+
+    config = lvb.ImageProcessorConfig.from_dict({"size": {"height": 28, "width": 28}, "max_image_tiles": 4})
+    image = IMAGES[name](28)
+    if image.mode in ("I", "F"):
+        image = Image.fromarray(np.asarray(image) * 300)  # beyond 255: scaled
+    whole = lvb.preprocess(image, config)
+    monkeypatch.setattr(module, "_BAND_PIXELS", 97)
+    banded = lvb.preprocess(image, config)
+    np.testing.assert_array_equal(banded.pixel_values, whole.pixel_values)
+    assert banded.notes == whole.notes

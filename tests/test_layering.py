@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lvb.files", "lvb.numerics", "lvb.spec", "lvb.text", "lvb.toolchain", "lvb.tasks", "lvb.hub"),
     ("lvb.contract",),
     ("lvb.masks", "lvb.workdir", "lvb.package", "lvb.bmodel"),
-    ("lvb.check",),
+    ("lvb.check", "lvb.devicetime"),
     ("lvb.export", "lvb.compile", "lvb.runtime", "lvb.patches", "lvb.testing"),
     ("lvb.verify", "lvb.doctor", "lvb.serve"),
     ("lvb.cli",),
@@ -39,7 +39,7 @@ SIDEWAYS = {
 }
 # The runtime path: what `lvb run`/`lvb chat` import. It installs on a board without these.
 HEAVY = ("torch", "transformers", "onnx", "safetensors")
-RUNTIME = ("lvb.runtime", "lvb.text", "lvb.masks", "lvb.contract", "lvb.spec", "lvb.numerics", "lvb.workdir",
+RUNTIME = ("lvb.runtime", "lvb.text", "lvb.masks", "lvb.contract", "lvb.spec", "lvb.numerics", "lvb.workdir", "lvb.devicetime",
            "lvb.errors", "lvb.files", "lvb.toolchain", "lvb.hub", "lvb.package")
 
 

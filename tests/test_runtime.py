@@ -1,6 +1,7 @@
 """The lean runtime on onnxruntime (fp32): greedy tokens equal transformers' generate,
 over multi-turn chats with and without an image, with the cache reused between turns."""
 
+from collections import Counter
 from dataclasses import replace
 from datetime import datetime
 
@@ -218,6 +219,10 @@ def test_run_cli_answers_and_fails_cleanly(export_factory, checkpoint_factory, t
                              "--prompt", "What is it?", "--stats", "--max-new-tokens", "5"])
     assert ok.exit_code == 0, ok.output
     assert "tokens/s" in ok.output and "first token" in ok.output
+    # A decode step with a picture: the embedding, every layer, the LM head (the token is picked
+    # on the host, where onnxruntime's logits are).
+    layers = GEOMETRIES["gqa2-cross-last"].text_layers
+    assert f"{layers + 2} per decode step" in ok.output, ok.output
     missing = runner.invoke(app, ["run", "--model", str(model), "--onnx", str(work), "--image", str(tmp_path / "nope.png"),
                                   "--prompt", "hi"])
     assert missing.exit_code == 1 and "nope.png" in missing.output and "Traceback" not in missing.output
@@ -330,3 +335,31 @@ def test_each_prefill_call_takes_the_smallest_chunk_that_holds_the_rest(backend,
         runner.chunks = (large,)  # the same first turn through the large stage alone
         hidden = runner.prefill(ids[: small - 3], 0, None)
         assert cosine(last[0], engine.read(Buffers.HIDDEN)[0, hidden.start]) > 0.9999
+
+
+def test_the_turn_model_launches_what_a_simulator_turn_launches(checkpoint_factory, compile_factory):
+    """lvb inspect prices a turn from lvb.runtime.turn's dry run: it must launch the nets, stages
+    and counts a real turn launches. On the simulator, with the fixture whose prefill nets have
+    two stages and a prompt that takes a large chunk, then a small one."""
+    from lvb.runtime.turn import turn_launches
+
+    name, chunks = next(iter(CHUNKS.items()))
+    checkpoint = Checkpoint.load(checkpoint_factory(name))
+    text = "What is in the picture?"
+
+    def length(question):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return len(checkpoint.tokenizer.encode_chat(checkpoint.template, messages, now=SIMULATOR_CHAT_DAY))
+
+    while not 0 < length(text) - max(chunks) <= min(chunks):
+        text += " Look again."
+    image = picture(3, size=(40, 90))  # a tall picture: fewer tiles than the most
+    with open_engine("cmodel", bmodel=compile_factory(name, "int4")) as engine:
+        session = Session(checkpoint, engine, today=SIMULATOR_CHAT_DAY)
+        reply = session.ask(text, image=image, max_new_tokens=3)
+        tiles = session.image.num_tiles
+    model = turn_launches(checkpoint.spec, SEQ, chunks, reply.stats.prompt_tokens, tiles, logits_on_host=True)
+    assert reply.stats.first_token_launches == model.first_token
+    assert {stage for _, stage in model.first_token} == {0, 1}  # both stages priced
+    steps = reply.stats.generated_tokens - 1
+    assert steps > 0 and reply.stats.decode_launches == Counter({k: v * steps for k, v in model.decode_step.items()})

@@ -130,6 +130,26 @@ def test_top_p_ties_cut_where_transformers_cuts():
         np.testing.assert_array_equal(np.sort(ours[np.isfinite(ours)]), np.sort(ref[np.isfinite(ref)]))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_end_tokens_held_back_as_min_new_tokens_does(seed):
+    """min_new_tokens (vLLM's min_tokens) is transformers' MinNewTokensLengthLogitsProcessor; ignore_eos never
+    picks the end tokens; a stop token id is handed back as the token the caller stops on."""
+    from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
+
+    logits, prompt = random_case(seed)
+    eos = [int(np.argmax(logits)), 3]
+    config = SamplingConfig(min_new_tokens=2, eos_ids=tuple(eos))
+    sampler = Sampler(config)
+    for generated in range(4):
+        history = prompt + [5] * generated
+        ref = reference([MinNewTokensLengthLogitsProcessor(len(prompt), 2, eos, device="cpu")], logits, history)
+        assert_same_scores(sampler.process(logits, history), ref)
+    assert Sampler(SamplingConfig(suppress_ids=(eos[0],)))(logits, prompt) != eos[0]
+    stopping = Sampler(SamplingConfig(stop_token_ids=(eos[0],), stop_as=99))
+    assert stopping(logits, prompt) == 99
+    assert SamplingConfig(min_new_tokens=2, eos_ids=(1,)).needs_logits and not SamplingConfig().needs_logits
+
+
 def tiny_model(generation_config: dict) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
@@ -146,6 +166,8 @@ GENERATION_CONFIGS = [
     ({"do_sample": True, "top_k": 7, "repetition_penalty": 1.1}, {"temperature": 1.5, "top_p": 0.5}),
     ({"do_sample": False}, {"repetition_penalty": 1.3}),
     ({}, {"do_sample": True}),
+    ({"do_sample": True, "temperature": 0.7, "min_p": 0.1}, {}),
+    ({"do_sample": True, "top_p": 0.9, "top_k": 0}, {"min_p": 0.05, "temperature": 1.3}),
 ]
 
 
@@ -176,8 +198,8 @@ def test_from_generation_config_defaults_and_overrides():
     config = SamplingConfig.from_generation_config(llama, temperature=None, top_k=0, seed=3, do_sample=False)
     assert config == SamplingConfig(False, 0.6, 0, 0.9, 1.0, 3)
     assert SamplingConfig.from_generation_config({"top_k": None, "top_p": None}).top_k == GENERATE_DEFAULTS["top_k"]
-    with pytest.raises(ValueError, match="unknown sampling option.*min_p"):
-        SamplingConfig.from_generation_config({}, min_p=0.1)
+    with pytest.raises(ValueError, match="unknown sampling option.*typical_p"):
+        SamplingConfig.from_generation_config({}, typical_p=0.1)
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ import pytest
 import uvicorn
 
 from helpers import SEQ
+from lvb.contract import Kind, net_name
 from lvb.runtime.backends import open_engine
 from lvb.runtime.engine import EngineError
 from lvb.runtime.pipeline import Checkpoint, Session
@@ -42,9 +43,9 @@ LIMITS = Limits(body_bytes=2 * 2**20, image_bytes=2**20, image_pixels=1_000_000)
 class Server:
     """uvicorn in a thread of this process, on a free loopback port."""
 
-    def __init__(self, session: Session, api_key: str | None = KEY, max_queue: int = MAX_QUEUE):
+    def __init__(self, session: Session, api_key: str | None = KEY, max_queue: int = MAX_QUEUE, allow_origins=()):
         self.worker = Worker(session, max_queue=max_queue)
-        app = create_app(self.worker, "toy", api_key=api_key, limits=LIMITS)
+        app = create_app(self.worker, "toy", api_key=api_key, limits=LIMITS, allow_origins=allow_origins)
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
@@ -215,13 +216,13 @@ def png_header_only(width: int, height: int) -> bytes:
      400, "3000x3000 = 9000000 pixels, over the 1000000 allowed"),
     ({"messages": [user("x", "data:image/png;base64," + base64.b64encode(png_header_only(60000, 60000)).decode())]},
      400, "too many pixels"),
-    ({"messages": [user("x", "data:image/png;base64," + "A" * (2**20 * 4 // 3 + 8))]}, 413, "over 1 MiB"),
+    ({"messages": [user("x", "data:image/png;base64," + "A" * (4 * (2**20 // 3 + 8)))]}, 413, "over 1 MiB"),
     ({"messages": [user("x", "data:image/png;base64,not base64!")]}, 400, "not valid base64"),
     ({"messages": [user("word " * SEQ)]}, 400, f"tokens and the model holds {SEQ}"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "the last message must be the user's"),
     ({"messages": [{"role": "tool", "content": "1"}, user("x")]}, 400, "role 'tool' is not supported"),
-    ({"max_tokens": 0}, 400, "`max_tokens` must be at least 1"),
-    ({"temperature": -1}, 400, "temperature must be a positive number"),
+    ({"max_tokens": 0}, 400, "`max_tokens`: input should be greater than or equal to 1"),
+    ({"temperature": -1}, 400, "`temperature`: input should be greater than or equal to 0"),
     ({"stream": True, "messages": [user("word " * SEQ)]}, 400, "tokens and the model holds"),
 ])
 def test_requests_lvb_cannot_honour_are_refused_with_the_reason(toy, change, status, message):
@@ -333,7 +334,9 @@ CHROMIUM = "/usr/bin/chromium"  # Debian's, installed by `make setup`; Playwrigh
 
 def test_the_page_answers_a_picture_in_chromium(toy, tmp_path):
     """The page at / in a real headless Chromium: enter the key it asks for, pick a picture, ask,
-    read the streamed answer and its figures; the screenshot stays as the test's artifact."""
+    read the streamed answer and the server's own figures; a reload keeps the chat; a system
+    prompt with a picture gets a note instead of a refused request. The screenshot stays as the
+    test's artifact."""
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: run `make setup` (it installs Debian's chromium)"
@@ -357,17 +360,96 @@ def test_the_page_answers_a_picture_in_chromium(toy, tmp_path):
             page.wait_for_selector(".message.assistant.done", timeout=60_000)
             text = page.inner_text(".message.assistant .text")
             stats = page.inner_text(".message.assistant .stats")
+            result = server.worker.last_result  # what the server measured for this answer
             page.fill("#prompt", "What colour is it?")  # a follow-up without a picture
             page.keyboard.press("Enter")
             page.wait_for_selector(".message.assistant.done >> nth=1", timeout=60_000)
+            shown = page.locator(".message .text").all_inner_texts()
+            page.reload()  # the chat is kept in the browser's local storage
+            page.wait_for_selector(".message.assistant.done >> nth=1")
+            assert page.locator(".message .text").all_inner_texts() == shown and len(shown) == 4
+            page.click("#system-toggle")  # a system prompt in a chat with a picture: the template refuses it
+            page.fill("#system", "Answer in one word.")
+            page.wait_for_selector("#note.shown")
+            note = page.inner_text("#note")
+            page.fill("#prompt", "And now?")
+            page.click("#send")
+            assert page.locator(".message").count() == 4  # not sent
             page.screenshot(path=str(screenshot))
             page.click("#new-chat")
+            assert page.locator(".message").count() == 0 and not page.is_visible("#note")
+            page.reload()
+            page.wait_for_function("document.getElementById('model').textContent.startsWith('toy')")
             assert page.locator(".message").count() == 0
         finally:
             browser.close()
     print(f"\nscreenshot of the page: {screenshot}")
     assert text == answer
-    assert re.search(r"first token \d+ ms", stats) and re.search(r"[\d.]+ tokens/s", stats), stats
+    assert "does not take a system prompt together with a picture" in note
+    # The figures are the server's (sent with the stream), not the browser's guess from bursty arrivals.
+    first = re.search(r"first token (\d+) ms", stats)
+    rate = re.search(r"([\d.]+) tokens/s", stats)
+    assert first and rate, stats
+    assert abs(int(first[1]) - result.first_token_seconds * 1000) <= 1, (stats, result)
+    assert abs(float(rate[1]) - result.tokens_per_second) <= 0.06, (stats, result)
+    assert f"{result.completion_tokens} tokens" in stats and f"({result.cached_tokens} cached)" in stats
+
+
+class GatedEngine:
+    """The real engine, whose LM head stops after a few tokens until the test lets it go on:
+    the Stop button is clicked while the answer is surely still running."""
+
+    def __init__(self, engine, after: int):
+        self.engine, self.after, self.calls = engine, after, 0
+        self.go = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def run(self, net, feeds, store=None):
+        if net == net_name(Kind.LM_HEAD):
+            self.calls += 1
+            if self.calls > self.after:
+                assert self.go.wait(timeout=120)
+        return self.engine.run(net, feeds, store)
+
+
+def test_the_pages_stop_button_ends_the_answer_and_keeps_the_chat(babbler):
+    from playwright.sync_api import sync_playwright
+
+    server = babbler
+    runner = server.worker.session.runner
+    engine = runner.engine
+    gated = runner.engine = GatedEngine(engine, after=6)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+            try:
+                page = browser.new_page()
+                page.goto(server.url + "/")
+                page.evaluate(f"localStorage.setItem('lvb-api-key', '{KEY}')")
+                page.reload()
+                page.wait_for_function("document.getElementById('model').textContent.includes('sequence')")
+                page.fill("#prompt", "Hello")
+                page.keyboard.press("Enter")
+                page.wait_for_function("document.querySelector('.message.assistant .text')?.textContent.length > 0")
+                page.click("#stop")
+                page.wait_for_selector(".message.assistant.done")
+                partial = page.inner_text(".message.assistant .text")
+                stats = page.inner_text(".message.assistant .stats")
+                kept = page.evaluate("JSON.parse(localStorage.getItem('lvb-chat')).history")
+                gated.go.set()
+                server.idle()
+                assert page.is_enabled("#send") and not page.is_enabled("#stop")
+            finally:
+                browser.close()
+    finally:
+        gated.go.set()
+        runner.engine = engine
+    assert partial and stats == "stopped"
+    assert [(m["role"], m["text"]) for m in kept] == [("user", "Hello"), ("assistant", partial)]
+    job = server.worker.last_job
+    assert job.cancelled.is_set() and job.pieces_after_cancel <= 1  # the engine was freed within a token
 
 
 class FailingEngine:
@@ -458,3 +540,261 @@ def test_the_command_serves_with_the_key_from_the_environment(toy_export, tmp_pa
         process.terminate()
         process.wait(timeout=30)
     assert "prefilled" in log.read_text()  # the per-request log line
+
+
+# -- hostile and unusual requests: never a 500, every option honoured or refused ---------------------------------
+
+from lvb.serve.api import NOT_USED, ChatCompletionRequest  # noqa: E402
+
+
+def post(server, path: str, body, key: str | None = KEY) -> tuple[int, dict]:
+    code, reply = call("POST", server.url + path, body if isinstance(body, bytes) else json.dumps(body).encode(), key=key)
+    return code, json.loads(reply)
+
+
+def assert_refused(code: int, reply: dict, status: int, *words: str) -> None:
+    assert code == status, reply
+    error = reply["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "\n" not in error["message"], error
+    for word in words:
+        assert word in error["message"], error
+
+
+def wrong(annotation) -> object:
+    """A value of the wrong JSON type for a field: a number where text goes, text elsewhere."""
+    import types
+    import typing
+
+    takes_text = annotation is str or (typing.get_origin(annotation) in (typing.Union, types.UnionType)
+                                       and str in typing.get_args(annotation))
+    return 5 if takes_text else "x"
+
+
+HOSTILE = [  # (body, words the refusal names)
+    (b"[" * 1500 + b"]" * 1500, ["not valid JSON", "recursion"]),
+    (b'{"model": "toy", "messages": ' + b"[" * 1500 + b"]" * 1500 + b"}", ["not valid JSON"]),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', ["not valid JSON"]),
+    (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', ["not valid JSON"]),
+    (b"", ["not valid JSON"]),
+    (b"[]", ["a JSON object"]),
+    (b'"hi"', ["a JSON object"]),
+    (b'{"messages": []}', ["`messages`"]),
+    (b'{"messages": [5]}', ["`messages[0]`"]),
+    (b'{"messages": [{"role": 5, "content": "x"}]}', ["`messages[0].role`"]),
+    (b'{"messages": [{"role": "user", "content": 5}]}', ["`messages[0].content`"]),
+    (b'{"messages": [{"role": "user", "content": [5]}]}', ["`messages[0].content[0]`"]),
+    (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}', ["`messages[0].content[0].text`"]),
+    (b'{"messages": [{"role": "user", "content": [{"type": "audio"}]}]}', ["`messages[0].content[0]`"]),
+    (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}]}',
+     ["`messages[0].content[0].image_url`"]),
+    (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}]}',
+     ["`messages[0].content[0].image_url.url`"]),
+    (b'{"messages": [{"role": "user", "content": "x", "name": "bob"}]}', ["`messages[0].name`"]),
+    (b'{"messages": [{"role": "user", "content": "x", "extra": 1}]}', ["`messages[0].extra`"]),
+    (b'{"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": "yes"}}',
+     ["`stream_options.include_usage`"]),
+    (b'{"messages": [{"role": "user", "content": "x"}], "modalities": 5}', ["`modalities`"]),
+    (b'{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}',
+     ["`response_format.type`"]),
+    (b'{"messages": [{"role": "user", "content": "x"}], "stop_token_ids": [100000000]}', ["not a token id"]),
+    (b'{"messages": [{"role": "user", "content": "x"}], "seed": 1e400}', ["`seed`"]),
+    (b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', ["`temperature`"]),
+]
+
+
+@pytest.mark.parametrize("body, words", HOSTILE, ids=range(len(HOSTILE)))
+def test_hostile_bodies_get_a_400_naming_the_problem(toy, body, words):
+    server, _ = toy
+    failed = server.worker.failed
+    assert_refused(*post(server, "/v1/chat/completions", body), 400, *words)
+    assert server.worker.failed == failed  # nothing reached the engine, the cache was not reset
+
+
+@pytest.mark.parametrize("name", sorted(ChatCompletionRequest.model_fields))
+def test_every_field_of_the_wrong_type_is_a_400_naming_it(toy, name):
+    server, _ = toy
+    body = {"messages": [user("hi")], "max_tokens": 1, name: wrong(ChatCompletionRequest.model_fields[name].annotation)}
+    assert_refused(*post(server, "/v1/chat/completions", body), 400, f"`{name}")
+
+
+@pytest.mark.parametrize("name", sorted(NOT_USED))
+def test_every_option_lvb_cannot_honour_is_refused_by_name(toy, name):
+    server, _ = toy
+    code, reply = post(server, "/v1/chat/completions", {"messages": [user("hi")], name: "on"})
+    assert_refused(code, reply, 400, f"`{name}`", "leave it out")
+
+
+def test_options_at_their_unused_values_and_unknown_ones(toy):
+    server, _ = toy
+    neutral = {name: values[0] for name, (values, _) in NOT_USED.items() if values}
+    code, reply = post(server, "/v1/chat/completions", {"messages": [user("hi")], "max_tokens": 2, **neutral})
+    assert code == 200, reply
+    assert_refused(*post(server, "/v1/chat/completions", {"messages": [user("hi")], "lora": "x"}), 400,
+                   "`lora` is not an option lvb serve knows")
+    # vLLM answers an unknown model with 404 in OpenAI's shape; the openai client raises NotFoundError.
+    code, reply = post(server, "/v1/chat/completions", {"model": "gpt-4", "messages": [user("hi")]})
+    assert_refused(code, reply, 404, "`gpt-4` does not exist", "`toy`")
+    assert reply["error"]["code"] == "model_not_found" and reply["error"]["param"] == "model"
+    with pytest.raises(openai.NotFoundError):
+        server.client().chat.completions.create(model="gpt-4", messages=[user("hi")])
+
+
+def test_the_cheap_vllm_options_are_honoured(toy):
+    """ignore_eos, min_tokens, stop_token_ids and min_p, against a Session given the same sampling."""
+    from lvb.runtime.sampling import SamplingConfig
+
+    server, reference = toy
+    client = server.client()
+    image, answer = sample(1, seed=21)[0]
+    messages = [user(QUESTION, image)]
+    reference.reset()
+    greedy = reference.ask(QUESTION, image=image, sampling=SamplingConfig())
+    ends = tuple(sorted(reference.checkpoint.tokenizer.stop_ids))
+    assert greedy.text == answer and greedy.tokens[-1] in ends
+    n = len(greedy.tokens)
+
+    text, finish, usage, _ = ask(client, messages, stream=False, temperature=0, extra_body={"ignore_eos": True},
+                                 max_tokens=n + 3)
+    assert finish == "length" and usage.completion_tokens == n + 3 and text.startswith(answer)
+
+    reference.reset()
+    expected = reference.ask(QUESTION, image=image, max_new_tokens=n + 2,
+                             sampling=SamplingConfig(min_new_tokens=n + 1, eos_ids=ends))
+    text, finish, usage, _ = ask(client, messages, stream=True, temperature=0, extra_body={"min_tokens": n + 1},
+                                 max_tokens=n + 2)
+    assert text == expected.text and usage.completion_tokens == len(expected.tokens) > n
+
+    # A stop token id ends the answer there, as the model's own end token does.
+    text, finish, usage, _ = ask(client, messages, stream=True, temperature=0,
+                                 extra_body={"stop_token_ids": [greedy.tokens[1]]})
+    assert finish == "stop" and usage.completion_tokens == 2
+    assert text == reference.checkpoint.tokenizer.decode(greedy.tokens[:1])
+
+    # min_p 1 keeps only the most likely token: sampling at any temperature is then greedy.
+    assert ask(client, messages, stream=False, temperature=3.0, seed=1, extra_body={"min_p": 1.0})[0] == answer
+
+
+def test_a_system_message_and_a_picture_are_refused_before_decoding(toy):
+    server, _ = toy
+    picture = "data:image/png;base64," + base64.b64encode(png_header_only(50, 50)).decode()  # no pixels: not decodable
+    body = {"messages": [{"role": "system", "content": "Be brief."}, user(QUESTION, picture)]}
+    assert_refused(*post(server, "/v1/chat/completions", body), 400, "system message together with a picture")
+    models = json.loads(call("GET", server.url + "/v1/models")[1])
+    assert models["data"][0]["lvb"]["system_with_picture"] is False
+
+
+def test_base64_with_line_breaks_is_read(toy):
+    server, _ = toy
+    image, answer = sample(1, seed=23)[0]
+    url = data_url(image)
+    head, payload = url.split(",", 1)
+    wrapped = head + "," + "\n".join(payload[i : i + 76] for i in range(0, len(payload), 76))  # base64 -w76, MIME's
+    assert ask(server.client(), [user(QUESTION, wrapped)], stream=False)[0] == answer
+
+
+def test_text_longer_than_the_sequence_can_hold_is_refused_without_tokenizing(toy, monkeypatch):
+    server, _ = toy
+    tokenizer = server.worker.session.checkpoint.tokenizer
+    calls = []
+    monkeypatch.setattr(tokenizer, "encode_chat", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(tokenizer, "encode_prompt", lambda *a, **k: calls.append(1))
+    limit = SEQ * tokenizer.max_token_chars()
+    long = "x" * (limit + 1)
+    assert_refused(*post(server, "/v1/chat/completions", {"messages": [user(long)]}), 400,
+                   f"{limit + 1} characters", f"{SEQ}-token sequence")
+    history = [user(long[:limit]), {"role": "assistant", "content": "ok"}, user("and?")]
+    assert_refused(*post(server, "/v1/chat/completions", {"messages": history}), 400, "--history truncate")
+    assert_refused(*post(server, "/tokenize", {"prompt": long}), 400, "characters")
+    assert not calls
+
+
+def test_tokenize_and_detokenize(toy):
+    server, reference = toy
+    tokenizer = reference.checkpoint.tokenizer
+    code, reply = post(server, "/tokenize", {"model": "toy", "prompt": QUESTION, "return_token_strs": True})
+    assert code == 200 and reply["tokens"] == tokenizer.encode_prompt(QUESTION) and reply["max_model_len"] == SEQ
+    assert reply["count"] == len(reply["tokens"]) == len(reply["token_strs"])
+    messages = [{"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image"}]}]
+    code, reply = post(server, "/tokenize", {"messages": [user(QUESTION, "data:image/png;base64,AAAA")]})
+    assert code == 200 and reply["tokens"] == tokenizer.encode_chat(reference.checkpoint.template, messages,
+                                                                    now=server.worker.session.today)
+    code, reply = post(server, "/detokenize", {"tokens": tokenizer.encode_prompt(QUESTION, add_special_tokens=False)})
+    assert code == 200 and reply["prompt"].endswith(QUESTION)  # after <|begin_of_text|>, which encode_prompt adds
+    assert_refused(*post(server, "/detokenize", {"tokens": [-1]}), 400, "not a token id")
+    assert_refused(*post(server, "/detokenize", {"tokens": "1 2"}), 400, "`tokens`")
+    assert_refused(*post(server, "/tokenize", {"prompt": "x", "messages": [user("x")]}), 400, "either `prompt`")
+    assert_refused(*post(server, "/tokenize", {"prompt": "x"}, key=None), 401)
+
+
+def test_metrics_head_and_error_shapes(toy):
+    server, _ = toy
+    ask(server.client(), [user("hi")], stream=True, max_tokens=3)
+    code, text = call("GET", server.url + "/metrics")
+    metrics = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.decode().splitlines()
+               if line and not line.startswith("#")}
+    assert metrics['lvb_requests_total{outcome="served"}'] >= 1 and metrics["lvb_generation_tokens_total"] >= 3
+    for name in ("lvb_time_to_first_token_seconds", "lvb_time_per_output_token_seconds"):
+        assert metrics[f'{name}_bucket{{le="+Inf"}}'] == metrics[f"{name}_count"] >= 1
+    assert metrics["lvb_num_requests_waiting"] == 0 and metrics["lvb_engine_seconds_total"] > 0
+    assert call("GET", server.url + "/metrics", key=None)[0] == 401
+    for path in ("/", "/health", "/v1/models", "/metrics"):
+        assert call("HEAD", server.url + path) == (200, b""), path
+    code, reply = call("GET", server.url + "/v1/nothing")
+    assert_refused(code, json.loads(reply), 404, "no such endpoint: /v1/nothing")
+    code, reply = call("GET", server.url + "/v1/chat/completions")
+    assert_refused(code, json.loads(reply), 405, "GET is not allowed")
+
+
+def test_an_empty_or_unsendable_api_key_is_refused(toy):
+    from lvb.errors import LvbError
+
+    server, _ = toy
+    for key in ("", "two words", "clé"):
+        with pytest.raises(LvbError, match="printable ASCII"):
+            create_app(server.worker, "toy", api_key=key)
+
+
+@pytest.fixture(scope="module")
+def truncating(toy_export):
+    """A second toy server, as `lvb serve --history truncate --allow-origin http://app.test` without a key."""
+    checkpoint = Checkpoint.load(Path(__file__).resolve().parent.parent / "models" / "toy")
+    session = Session(checkpoint, open_engine("onnxruntime", onnx_work=toy_export), truncate_history=True)
+    server = Server(session, api_key=None, allow_origins=("http://app.test",))
+    yield server
+    server.stop()
+
+
+def test_history_truncate_drops_the_oldest_exchanges(truncating, toy):
+    server = truncating
+    image, answer = sample(1, seed=25)[0]
+    filler = [m for i in range(12) for m in (user(f"Tell me about the number {i} please."),
+                                             {"role": "assistant", "content": "It is a number " * 4})]
+    code, reply = post(server, "/v1/chat/completions", {"messages": filler + [user(QUESTION, image)]}, key=None)
+    assert code == 200, reply
+    assert any("oldest exchange" in notice for notice in reply["lvb"]["notices"]), reply["lvb"]
+    # An exchange longer than the sequence could hold is left out without tokenizing it.
+    limit = SEQ * server.worker.session.checkpoint.tokenizer.max_token_chars()
+    huge = [user("x" * limit), {"role": "assistant", "content": "ok"}]
+    code, reply = post(server, "/v1/chat/completions", {"messages": huge + [user(QUESTION, image)]}, key=None)
+    assert code == 200 and reply["choices"][0]["message"]["content"] == answer
+    assert "left out the 1 oldest exchange(s)" in reply["lvb"]["notices"][0]
+    # The refusing server says which option would have helped.
+    toy_server, _ = toy
+    code, reply = post(toy_server, "/v1/chat/completions", {"messages": filler + [user(QUESTION, image)]})
+    assert_refused(code, reply, 400, "tokens and the model holds", "start lvb serve with --history truncate")
+
+
+def test_cors_is_off_unless_an_origin_is_allowed(truncating, toy):
+    def preflight(server, origin):
+        request = urllib.request.Request(server.url + "/v1/chat/completions", method="OPTIONS", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.headers.get("access-control-allow-origin")
+        except urllib.error.HTTPError as e:
+            return e.headers.get("access-control-allow-origin")
+
+    assert preflight(truncating, "http://app.test") == "http://app.test"
+    assert preflight(truncating, "http://evil.test") is None
+    assert preflight(toy[0], "http://app.test") is None

@@ -25,7 +25,7 @@ def test_11b_by_hand():
     assert (v.image_size, v.patch_size, v.max_num_tiles) == (560, 14, 4)
     assert v.patches_per_tile == (560 // 14) ** 2 + 1
     assert v.tokens_per_image == 4 * ((560 // 14) ** 2 + 1)
-    assert spec.cross_kv_shape == (1, 4 * 1601, 8, 128)
+    assert spec.cross_kv_shape == (1, 8, 4 * 1601, 128)
     assert (v.num_layers, v.num_global_layers, v.intermediate_layers_indices) == (32, 8, (3, 7, 15, 23, 30))
     assert v.output_dim == 1280 * 6 and spec.num_aspect_ratio_ids == 8
     # K+V of 32 self-attention layers, 8 KV heads of 128, fp32
@@ -38,7 +38,7 @@ def test_90b_by_hand():
     assert (t.num_layers, t.hidden_size, t.num_heads, t.num_kv_heads) == (100, 8192, 64, 8)
     assert t.cross_attention_layers == tuple(range(3, 100, 5)) and len(t.self_attention_layers) == 80
     assert (t.head_dim, t.kv_groups) == (128, 8)
-    assert spec.cross_kv_shape == (1, 6404, 8, 128)
+    assert spec.cross_kv_shape == (1, 8, 6404, 128)
 
 
 # Hand-computed for each fixture geometry: (tile // patch)^2 + 1 patches per tile.
@@ -60,7 +60,7 @@ def test_fixture_by_hand(name, checkpoint_factory):
     assert spec.vision.tokens_per_image == expected["tokens"]
     assert spec.num_aspect_ratio_ids == expected["ratios"]
     assert spec.vision.kept_layers == expected["kept"]
-    assert spec.cross_kv_shape == (1, expected["tokens"], spec.text.num_kv_heads, expected["head_dim"])
+    assert spec.cross_kv_shape == (1, spec.text.num_kv_heads, expected["tokens"], expected["head_dim"])
 
 
 def test_not_mllama_is_named():

@@ -24,6 +24,7 @@ from lvb.check import CheckMode
 from lvb.compile.tpumlir import DEFAULT_GROUP_SIZE
 from lvb.contract import DEFAULT_CHUNKS, DEFAULT_SEQ
 from lvb.errors import LvbError
+from lvb.devicetime import DEFAULT_LAUNCH_US
 from lvb.workdir import lock_work
 
 app = typer.Typer(
@@ -309,22 +310,33 @@ def inspect(
     device: Annotated[Optional[int], typer.Option(help="Also check the plan against this device's free memory "
                                                        "(sophon.sail; a device id, 0 or more); exit 1 when it does not fit.",
                                                   callback=at_least(0))] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="Checkpoint folder whose config prices a turn (default: the one the bmodel was exported from).")] = None,
+    prompt_tokens: Annotated[int, typer.Option(help="Tokens of the first turn the device-time model prices.", callback=at_least(1))] = 17,
+    launch_us: Annotated[float, typer.Option(help="Host cost per net launch on the card, in µs: an assumption, shown apart from the estimate.")] = DEFAULT_LAUNCH_US,
 ) -> None:
-    """List a bmodel's nets, their tensors and weights, the bytes one decode step reads, and the
-    device memory lvb's runtime needs for it."""
+    """List a bmodel's nets, their tensors, weights and estimated time on the chip (tpu-mlir's cost
+    model), a turn's time, the bytes one decode step reads, and the device memory lvb's runtime needs."""
     from lvb.bmodel import inspect_bmodel
+    from lvb.devicetime import NoEstimates, compile_record, from_manifest
     from lvb.toolchain import find_toolchain
 
     try:
         info = inspect_bmodel(bmodel, find_toolchain(toolchain))
     except (LvbError, OSError) as e:
         raise fail(problem(e))
+    try:
+        record = compile_record(bmodel)
+    except NoEstimates as e:
+        record, no_estimates = None, str(e)
+    estimates = from_manifest(record) if record else None
     table = Table(title=plain(f"{bmodel.name} ({info.chip})"))
-    for column in ("net", "inputs", "outputs", "weights"):
-        table.add_column(column)
+    for column in ("net", "inputs", "outputs", "weights", "est. ms"):
+        table.add_column(column, justify="right" if column == "est. ms" else "left")
     describe = lambda ts: "\n".join(f"{t.name} {list(t.shape)} {t.dtype}" for t in ts)  # noqa: E731
     for net in info.nets.values():
-        table.add_row(*map(plain, (net.name, describe(net.inputs), describe(net.outputs), _bytes(net.weight_bytes))))
+        stages = estimates.nets.get(net.name, ()) if estimates else ()
+        ms = "\n".join(f"{e.ms:.3f} ({e.bound})" for e in stages) or "-"
+        table.add_row(*map(plain, (net.name, describe(net.inputs), describe(net.outputs), _bytes(net.weight_bytes), ms)))
     console.print(table)
     step = info.decode_step()
     console.print(
@@ -332,9 +344,39 @@ def inspect(
         f"one decode step reads {_bytes(step['total'])}: weights {_bytes(step['weights'])}, "
         f"KV cache {_bytes(step['kv_cache'])}, cross-attention K/V {_bytes(step['cross_kv'])}"
     )
+    if record is None:
+        show(console, f"no device-time estimates: {no_estimates}")
+    else:
+        _print_turn_times(record, model, prompt_tokens, launch_us)
     _print_memory_plan(info)
     if device is not None:
         _print_preflight(bmodel, device, toolchain)
+
+
+def _print_turn_times(record: dict, model: Optional[Path], prompt_tokens: int, launch_us: float) -> None:
+    from lvb.devicetime import from_manifest
+    from lvb.runtime.turn import turn_times
+    from lvb.spec import ModelSpec
+
+    try:
+        spec = ModelSpec.from_dir(model or record["model"]["dir"])
+    except LvbError as e:
+        show(console, f"no turn estimate: {e}; pass --model with the checkpoint's folder")
+        return
+    estimates = from_manifest(record)
+    times = turn_times(spec, record["settings"]["seq"], record["settings"]["chunks"], estimates, prompt_tokens, launch_us)
+    table = Table(title=f"a {prompt_tokens}-token first turn on the chip (tpu-mlir's cost model, greedy)")
+    for column in ("picture", "first token ms", "decode step ms", "tokens/s", "launches first / step"):
+        table.add_column(column, justify="left" if column == "picture" else "right")
+    for t in times:
+        table.add_row("none" if t.tiles is None else f"{t.tiles} tile{'s' * (t.tiles > 1)}", f"{t.first_token.ms:,.1f}",
+                      f"{t.decode_step.ms:,.2f}", f"{t.tokens_per_second:.2f}",
+                      f"{t.first_token.launches} / {t.decode_step.launches}")
+    console.print(table)
+    show(console, f"not included: {launch_us:g} µs per launch on the card (--launch-us), host work, DDR contention")
+    if estimates.missing:
+        show(console, f"no estimate for {len(estimates.missing)} nets compiled before lvb kept them "
+                      f"({', '.join(estimates.missing[:3])}...): their time is missing above; compile them again to add it")
 
 
 def _print_preflight(bmodel: Path, device: int, toolchain) -> None:
@@ -439,6 +481,9 @@ def _print_stats(reply) -> None:
     s = reply.stats
     show(errors, f"first token {s.first_token_seconds:.3f} s · prompt {s.prompt_tokens} tokens ({s.prefilled_tokens} prefilled) · "
                  f"{s.generated_tokens} generated · {s.tokens_per_second:.2f} tokens/s · {reply.stop_reason}", style="dim")
+    steps = max(1, s.generated_tokens - 1)
+    show(errors, f"net launches: {sum(s.first_token_launches.values())} to the first token, "
+                 f"{sum(s.decode_launches.values()) / steps:.0f} per decode step", style="dim")
 
 
 ModelOption = Annotated[str, typer.Option("--model", help="Checkpoint folder or Hugging Face repo id (org/name).")]
@@ -628,6 +673,10 @@ def chat(
             _print_stats(reply)
 
 
+def _bad_history(value: str):
+    raise fail(f"--history {value} is not known: it must be refuse or truncate")
+
+
 @app.command()
 def serve(
     model: RuntimeModelOption = None,
@@ -642,19 +691,25 @@ def serve(
                                            callback=at_least(0))] = 16,
     api_key: Annotated[Optional[str], typer.Option(envvar="LVB_API_KEY", show_envvar=True,
                                                    help="Require `Authorization: Bearer KEY` on every endpoint but /health and the page.")] = None,
+    history: Annotated[str, typer.Option(help="A chat longer than the sequence: refuse it (400), or truncate it, dropping "
+                                              "the oldest exchanges as `lvb chat --truncate-history` does.",
+                                         callback=lambda value: value if value in ("refuse", "truncate") else _bad_history(value))] = "refuse",
+    allow_origin: Annotated[Optional[list[str]], typer.Option(help="A web origin (https://host:port) whose pages may call "
+                                                                   "the API (CORS); repeat for more, * for any.")] = None,
     toolchain: ToolchainOption = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions) with a chat page at /."""
     try:
         import uvicorn
 
-        from lvb.serve.app import create_app
+        from lvb.serve.app import check_api_key, create_app
         from lvb.serve.worker import Worker
     except ImportError as e:
         raise fail(f"lvb serve needs the serve extra ({e.name} is missing): pip install 'lvb[serve]'")
     try:
+        check_api_key(api_key)
         session = ChatOptions(model=model, revision=revision, package=package, bmodel=bmodel, onnx=onnx,
-                              backend=backend, toolchain=toolchain).open_session()
+                              backend=backend, toolchain=toolchain).open_session(truncate_history=history == "truncate")
     except (LvbError, OSError) as e:
         raise fail(problem(e))
     import logging
@@ -666,7 +721,8 @@ def serve(
     name = session.checkpoint.directory.name
     show(console, f"{session.engine.backend} · seq {session.seq} · model {name} · http://{host}:{port}/", style="dim")
     try:
-        uvicorn.run(create_app(worker, name, api_key=api_key), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(worker, name, api_key=api_key, allow_origins=tuple(allow_origin or ())), host=host,
+                    port=port, log_level="info")
     finally:
         worker.close()
         session.engine.close()

@@ -362,8 +362,8 @@ def plan(spec: ModelSpec, seq: int, chunks: int | Sequence[int]) -> list[NetSpec
             kind = Kind.CROSS_DECODE if decode else Kind.CROSS_PREFILL
             inputs = (
                 _t(n.HIDDEN, 1, C, D),
-                _t(n.CROSS_K, 1, V, KV, d),
-                _t(n.CROSS_V, 1, V, KV, d),
+                _t(n.CROSS_K, 1, KV, V, d),
+                _t(n.CROSS_V, 1, KV, V, d),
                 _t(n.CROSS_MASK, 1, 1, C, V),
                 _t(n.TEXT_ROW_MASK, 1, 1, C, 1),
             )
@@ -386,7 +386,7 @@ def plan(spec: ModelSpec, seq: int, chunks: int | Sequence[int]) -> list[NetSpec
 
     nets = vision_nets(spec)
     nets += [
-        net(Kind.CROSS_KV, layer, (_t(n.CROSS_STATES, 1, V, D),), (_t(n.CROSS_K, 1, V, KV, d), _t(n.CROSS_V, 1, V, KV, d)))
+        net(Kind.CROSS_KV, layer, (_t(n.CROSS_STATES, 1, V, D),), (_t(n.CROSS_K, 1, KV, V, d), _t(n.CROSS_V, 1, KV, V, d)))
         for layer in t.cross_attention_layers
     ]
     nets += [

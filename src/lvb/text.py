@@ -457,6 +457,11 @@ class Tokenizer:
             )
         return result
 
+    def max_token_chars(self) -> int:
+        """The most characters of text one token can stand for: its vocabulary string's length
+        (one character per byte in a byte-level BPE, so never fewer than the text's)."""
+        return max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
+
     def id_of(self, token: str) -> int:
         token_id = self._tok.token_to_id(token)
         if token_id is None:

@@ -29,6 +29,7 @@ from lvb.compile.tpumlir import (CHIPS, DEFAULT_GROUP_SIZE, QUANTIZE, TRANSFORM_
 from lvb.bmodel import declared_tensors
 from lvb.check import CheckMode, load_check, onnx_vs_bmodel, shortfalls, thresholds
 from lvb.contract import Kind, NetSpec, QuantGroup, plan
+from lvb.devicetime import read_profile
 from lvb.errors import LvbError
 from lvb.numerics import lowest
 from lvb.spec import ModelSpec
@@ -240,12 +241,13 @@ def dtype_exceptions(bmodel: Path, net: NetSpec, toolchain: Toolchain) -> dict[s
 
 
 def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: ToolServer | None,
-                   notes: list[str]) -> tuple[Path, dict | None]:
+                   notes: list[str]) -> tuple[Path, dict | None, list[dict] | None]:
     """Every stage deployed and checked on its own, then, when there are several, joined
     largest first into one net whose stages share the weights (tpu-mlir's own LLM converter
-    orders them so; the simulator crashes on a combined net whose first stage is not its largest)."""
+    orders them so; the simulator crashes on a combined net whose first stage is not its largest).
+    Also each stage's device-time estimate, which the deploy leaves in its folder."""
     job = attempt.job
-    stage_bmodels, checks = [], []
+    stage_bmodels, checks, estimates = [], [], []
     for index, (stage, check_file) in enumerate(zip(job.net.stages, job.check_files)):
         mlir = _mlir(attempt, stage, toolchain, server, notes)
         folder = tmp / f"stage{index}" if len(job.net.stages) > 1 else tmp
@@ -255,18 +257,20 @@ def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: To
         bmodel = deploy(toolchain, mlir, folder, f"{job.name}.bmodel", attempt.options, attempt.log, server)
         for link in [p for p in folder.iterdir() if p.is_symlink()]:
             link.unlink()
+        estimates.append(read_profile(folder))
         stage_bmodels.append(bmodel)
         if attempt.check:
             checks.append(_simulate(job, stage, check_file, bmodel, toolchain))
     bmodel = stage_bmodels[0]
     if len(stage_bmodels) > 1:
         bmodel = combine(toolchain, stage_bmodels, tmp / f"{job.name}.bmodel", attempt.log)
+    device = [e.to_json() for e in estimates] if all(estimates) else None
     if not checks:
-        return bmodel, None
+        return bmodel, None, device
     cost = {key: round(sum(c[key] for c in checks), 2) for key in ("simulator_seconds", "seconds")}  # every stage's
     worst = min(checks, key=lambda c: (c["cosine"] == c["cosine"], c["cosine"]))  # a NaN first
-    cosines = {name: lowest(c["cosines"][name] for c in checks) for name in worst["cosines"]}  # each output's worst stage  # each output's worst stage
-    return bmodel, worst | {"cosines": cosines} | cost
+    cosines = {name: lowest(c["cosines"][name] for c in checks) for name in worst["cosines"]}  # each output's worst stage
+    return bmodel, worst | {"cosines": cosines} | cost, device
 
 
 def build_attempt(attempt: Attempt, toolchain: Toolchain, server: ToolServer | None) -> dict:
@@ -276,13 +280,14 @@ def build_attempt(attempt: Attempt, toolchain: Toolchain, server: ToolServer | N
     tmp = scratch(attempt.folder)
     started = time.perf_counter()
     notes: list[str] = []
-    bmodel, check = _deploy_stages(attempt, tmp, toolchain, server, notes)
+    bmodel, check, device = _deploy_stages(attempt, tmp, toolchain, server, notes)
     exceptions = dtype_exceptions(bmodel, job.net, toolchain)
     seconds = time.perf_counter() - started
     passed = check is None or not shortfalls(check["cosines"], attempt.thresholds)
     result = {"version": COMPILE_VERSION, "net": job.name, "quant": job.quant, "options": list(attempt.options.extra),
               "check": check, "thresholds": attempt.thresholds, "passed": passed, "seconds": round(seconds, 2),
-              "bmodel": attempt.bmodel, "file": record_file(bmodel), "dtype_exceptions": exceptions}
+              "bmodel": attempt.bmodel, "file": record_file(bmodel), "dtype_exceptions": exceptions,
+              "device": device}
     shutil.copy(attempt.log, tmp / "compile.log")
     write_json(tmp / "result.json", result)
     shutil.rmtree(attempt.folder, ignore_errors=True)

@@ -36,13 +36,15 @@ def _load(module: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
 class _KVCache:
     """Stands in for transformers' Cache inside one layer: past K/V in, new K/V out.
 
-    The nets keep K/V token-major ([1, tokens, KV heads, head dim]) so the
-    runtime writes one token's K/V as one contiguous copy; transformers works
-    head-major, hence the transposes.
+    The self-attention nets keep their cache token-major ([1, tokens, KV heads, head dim])
+    so the runtime writes one token's K/V as one contiguous copy; transformers works
+    head-major, hence the transposes. An image's cross-attention K/V are written whole, once,
+    so they stay head-major ([1, KV heads, tokens, head dim]), as the attention reads them:
+    no transpose of 6,404 positions in every cross-attention layer's every step.
     """
 
-    def __init__(self, layer: int, past_k=None, past_v=None):
-        self.past_k, self.past_v = past_k, past_v
+    def __init__(self, layer: int, past_k=None, past_v=None, tokens_axis: int = 2):
+        self.past_k, self.past_v, self.tokens_axis = past_k, past_v, tokens_axis
         self.new_k = self.new_v = None
         self.layers = {}
         if past_k is not None:
@@ -52,7 +54,8 @@ class _KVCache:
         self.new_k, self.new_v = key_states, value_states
         if self.past_k is None:
             return key_states, value_states
-        return torch.cat([self.past_k, key_states], dim=2), torch.cat([self.past_v, value_states], dim=2)
+        axis = self.tokens_axis
+        return torch.cat([self.past_k, key_states], dim=axis), torch.cat([self.past_v, value_states], dim=axis)
 
 
 def _head_major(x: torch.Tensor) -> torch.Tensor:
@@ -169,7 +172,8 @@ class SelfAttentionBlock(nn.Module):
 
     def forward(self, hidden_states, position_ids, attention_mask, past_k, past_v):
         position_embeddings = self.rotary(position_ids.long())
-        cache = _KVCache(self.layer.layer_idx, _head_major(past_k), _head_major(past_v))
+        # Token-major throughout (patches.token_major_self_attention), as the cache is kept.
+        cache = _KVCache(self.layer.layer_idx, past_k, past_v, tokens_axis=1)
         hidden_states = self.layer(
             hidden_states,
             attention_mask=attention_mask,
@@ -177,7 +181,7 @@ class SelfAttentionBlock(nn.Module):
             position_ids=position_ids.long(),
             cache=cache,
         )
-        return hidden_states, _head_major(cache.new_k), _head_major(cache.new_v)
+        return hidden_states, cache.new_k, cache.new_v
 
 
 class CrossKV(nn.Module):
@@ -197,7 +201,7 @@ class CrossKV(nn.Module):
             cache=cache,
             attention_mask=None,
         )
-        return _head_major(cache.new_k), _head_major(cache.new_v)
+        return cache.new_k, cache.new_v
 
 
 class CrossAttentionBlock(nn.Module):
@@ -208,7 +212,7 @@ class CrossAttentionBlock(nn.Module):
         self.layer = layer
 
     def forward(self, hidden_states, cross_k, cross_v, cross_attention_mask, text_row_mask):
-        cache = _KVCache(self.layer.layer_idx, _head_major(cross_k), _head_major(cross_v))
+        cache = _KVCache(self.layer.layer_idx, cross_k, cross_v)
         return self.layer(
             hidden_states,
             cross_attention_states=None,
@@ -414,7 +418,8 @@ class EmbeddingPart(Part):
 
 @part(Kind.SELF_PREFILL, Kind.SELF_DECODE)
 class SelfAttentionPart(Part):
-    revision = 2  # 1: rotary cos/sin looked up in a table (RotaryTable); 2: the table covers a last chunk's padding
+    revision = 3  # 1: rotary cos/sin looked up in a table (RotaryTable); 2: the table covers a last chunk's padding;
+    # 3: query heads grouped per K/V head (patches.grouped_query_attention)
 
     def weight_prefixes(self, net, spec):
         return (f"{TEXT}layers.{net.layer}.",)
@@ -442,6 +447,7 @@ class SelfAttentionPart(Part):
 
 @part(Kind.CROSS_KV)
 class CrossKVPart(Part):
+    revision = 1  # 1: K/V head-major
 
     def weight_prefixes(self, net, spec):
         return (f"{TEXT}layers.{net.layer}.cross_attn.",)
@@ -456,6 +462,7 @@ class CrossKVPart(Part):
 
 @part(Kind.CROSS_PREFILL, Kind.CROSS_DECODE)
 class CrossAttentionPart(Part):
+    revision = 1  # 1: K/V head-major, query heads grouped per K/V head (patches.grouped_query_attention)
 
     def weight_prefixes(self, net, spec):
         return (f"{TEXT}layers.{net.layer}.",)

@@ -24,7 +24,7 @@ MODELING = "transformers.models.mllama.modeling_mllama"
 @dataclass(frozen=True)
 class Patch:
     module: str
-    attribute: str
+    attribute: str  # in the module, or in a class of it ("Class.method")
     replacement: Callable  # with wraps: called with the original, returns what goes in its place
     why: str
     wraps: bool = False
@@ -111,6 +111,76 @@ def attention_in_head_groups(eager: Callable) -> Callable:
     return attention
 
 
+def grouped_query_attention(eager: Callable) -> Callable:
+    """The text layers' attention without repeating K/V to the query heads.
+
+    transformers' eager attention copies each K/V head to its query heads (repeat_kv) before
+    the score matmul. Here the query heads that share a K/V head are stacked on the query
+    axis instead ([KV heads, group x queries, d] against [KV heads, keys, d]): the same dot
+    products, and no repeated K/V in the graph. On the BM1684X that repeat was a Tile moving
+    4x the K/V (at the 11B's four tiles 105 MB per cross-attention layer and token, against
+    26 MB of real K/V); the grouped matmul reads the K/V once (bench/README.md).
+    Other attentions (the vision tower's, or one without shared heads) go on unchanged.
+    """
+
+    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        from transformers.models.mllama.modeling_mllama import MllamaVisionAttention
+
+        batch, heads, queries, dim = query.shape
+        kv_heads = key.shape[1]
+        masks_per_head = attention_mask is not None and attention_mask.shape[1] != 1
+        if isinstance(module, MllamaVisionAttention) or kv_heads == heads or masks_per_head or module.training:
+            return eager(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        group = heads // kv_heads
+        # Head h uses K/V head h // group (repeat_kv's order): heads are outer to queries, so
+        # row g * queries + q of K/V head k is query q of head k * group + g.
+        stacked = query.reshape(batch, kv_heads, group * queries, dim)
+        scores = torch.matmul(stacked, key.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask.repeat(1, 1, group, 1)
+        weights = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        output = torch.matmul(weights, value).reshape(batch, heads, queries, dim)
+        return output.transpose(1, 2).contiguous(), None  # as eager returns it; no one reads the weights
+
+    return attention
+
+
+def token_major_self_attention(self, hidden_states, attention_mask, position_embeddings, cache=None, **kwargs):
+    """MllamaTextSelfAttention.forward with its tensors token-major ([batch, tokens, heads, d]).
+
+    The same modules and arithmetic as transformers' forward (projections, rotary embedding,
+    cache, scaled dot-product attention, output projection), laid out as lvb keeps its KV cache
+    and as tpu-mlir's flash-attention pattern wants them: the cache is concatenated along the
+    token axis, each K/V head is broadcast to its query heads right before the product, and the
+    transposes meet the matmuls, so the compiled net fuses the attention into one FAttention op
+    (grouped K/V heads included) instead of moving the cache through a transpose, a concat and
+    a 4x copy every step. Only lvb's export cache (token-major) is supported.
+    """
+    from transformers.models.mllama.modeling_mllama import apply_rotary_pos_emb
+
+    batch, tokens, _ = hidden_states.shape
+    heads, kv_heads, dim = self.num_heads, self.num_key_value_heads, self.head_dim
+    query = self.q_proj(hidden_states).view(batch, tokens, heads, dim)
+    key = self.k_proj(hidden_states).view(batch, tokens, kv_heads, dim)
+    value = self.v_proj(hidden_states).view(batch, tokens, kv_heads, dim)
+    cos, sin = position_embeddings
+    query, key = apply_rotary_pos_emb(query, key, cos, sin, unsqueeze_dim=2)
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx)
+    positions = key.shape[1]
+
+    def to_query_heads(x):  # [batch, positions, KV, d] -> [batch, heads, positions, d], repeat_kv's order
+        x = x[:, :, :, None, :].expand(batch, positions, kv_heads, self.num_key_value_groups, dim)
+        return x.reshape(batch, positions, heads, dim).transpose(1, 2)
+
+    scores = torch.matmul(query.transpose(1, 2), to_query_heads(key).transpose(2, 3)) * self.scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(weights, to_query_heads(value)).transpose(1, 2).contiguous().reshape(batch, tokens, -1)
+    return self.o_proj(output), None
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         MODELING,
@@ -126,7 +196,29 @@ PATCHES: tuple[Patch, ...] = (
         "while exporting and checking it",
         wraps=True,
     ),
+    Patch(
+        MODELING,
+        "MllamaTextSelfAttention.forward",
+        token_major_self_attention,
+        "the text self-attention token-major, as lvb keeps the KV cache, in the form tpu-mlir fuses into flash attention",
+    ),
+    Patch(
+        MODELING,
+        "eager_attention_forward",
+        grouped_query_attention,
+        "the text layers' query heads grouped per K/V head, so the nets never copy K/V to every query head",
+        wraps=True,
+    ),
 )
+
+
+def target(patch: Patch) -> tuple[object, str]:
+    """The object that holds the patched attribute (a module, or a class in it) and its name."""
+    owner = importlib.import_module(patch.module)
+    *path, name = patch.attribute.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, name
 
 
 @contextmanager
@@ -134,11 +226,11 @@ def patched(patches: tuple[Patch, ...] = PATCHES) -> Iterator[None]:
     originals = []
     try:
         for patch in patches:
-            module = importlib.import_module(patch.module)
-            original = getattr(module, patch.attribute)
-            originals.append((module, patch.attribute, original))
-            setattr(module, patch.attribute, patch.replacement(original) if patch.wraps else patch.replacement)
+            owner, name = target(patch)
+            original = getattr(owner, name)
+            originals.append((owner, name, original))
+            setattr(owner, name, patch.replacement(original) if patch.wraps else patch.replacement)
         yield
     finally:
-        for module, attribute, original in reversed(originals):
-            setattr(module, attribute, original)
+        for owner, name, original in reversed(originals):
+            setattr(owner, name, original)

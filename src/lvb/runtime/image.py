@@ -195,14 +195,29 @@ def _to_8_bits(image: Image.Image) -> tuple[Image.Image, tuple[str, ...]]:
     mode is left as it is, as transformers does), and says so."""
     if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
         return image, ()
-    values = np.asarray(image, dtype=np.float64)
-    top = float(values.max()) if values.size else 0.0
+    top = float(image.getextrema()[1])
     if top <= 255 and not image.mode.startswith("I;16"):
         return image, ()
     full = 65535.0 if image.mode.startswith("I;16") or top <= 65535 else top
-    scaled = np.clip(np.round(values * (255.0 / full)), 0, 255).astype(np.uint8)
+    # A band of rows at a time: no full-size float64 copy (a 6300 x 6300 picture would take 1 GB).
+    width, height = image.size
+    scaled = np.empty((height, width), np.uint8)
+    for top_row, rows in _bands(image.size):
+        values = np.asarray(image.crop((0, top_row, width, top_row + rows)), dtype=np.float64)
+        scaled[top_row : top_row + rows] = np.clip(np.round(values * (255.0 / full)), 0, 255)
     note = f"the {image.mode} picture was scaled from 0..{full:.0f} to 8 bits (transformers would clip it at 255)"
-    return Image.fromarray(scaled, "L"), (note,)
+    return Image.fromarray(scaled), (note,)
+
+
+_BAND_PIXELS = 1 << 20
+
+
+def _bands(size: tuple[int, int]):
+    """(first row, rows) of bands of about a million pixels covering a picture of `size`."""
+    width, height = size
+    rows = max(1, _BAND_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        yield top, min(rows, height - top)
 
 
 def _to_rgb(image: Image.Image, convert: bool) -> Image.Image:
@@ -217,9 +232,16 @@ def _to_rgb(image: Image.Image, convert: bool) -> Image.Image:
     # onto white; the rest goes through Image.convert("RGB") (wide modes were scaled before).
     try:
         if "A" in image.getbands() or image.info.get("transparency") is not None:
-            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-        return image.convert("RGB")
+            # Band by band (the same pixels): one full-size copy, the result, instead of four.
+            width = image.size[0]
+            rgb = Image.new("RGB", image.size)
+            for top, rows in _bands(image.size):
+                box = (0, top, width, top + rows)
+                band = image.crop(box).convert("RGBA")
+                white = Image.new("RGBA", band.size, (255, 255, 255, 255))
+                rgb.paste(Image.alpha_composite(white, band).convert("RGB"), box)
+            return rgb
+        return image if image.mode == "RGB" else image.convert("RGB")
     except ValueError as e:
         raise ImageError(f"cannot convert image mode {image.mode!r} to RGB ({e}); save it as 8-bit RGB") from None
 

@@ -18,6 +18,7 @@ uniformly (transformers' quirk, reproduced) to that image's tokens.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -92,6 +93,10 @@ class Stats:
     generated_tokens: int = 0
     first_token_seconds: float = 0.0
     decode_seconds: float = 0.0
+    # The nets launched, (net, stage) -> calls: up to the first token (picture, prefill, head)
+    # and for the rest of the answer.
+    first_token_launches: Counter = field(default_factory=Counter)
+    decode_launches: Counter = field(default_factory=Counter)
 
     @property
     def tokens_per_second(self) -> float:
@@ -166,6 +171,7 @@ class Session:
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ChatError(f"max_new_tokens {max_new_tokens} is out of range: it must be 1 or more")
         started = time.perf_counter()
+        launched = Counter(self.runner.launches)
         new_image = self._process_image(image) if image is not None else None
         content = ([{"type": "image"}] if new_image else []) + [{"type": "text", "text": text}]
         image_turn = len(self.messages) if new_image else self.image_turn
@@ -189,6 +195,8 @@ class Session:
         stats = Stats(prompt_tokens=len(ids), prefilled_tokens=len(ids) - keep)
         token = self._prefill(ids, keep, sampler)
         stats.first_token_seconds = time.perf_counter() - started
+        stats.first_token_launches = self.runner.launches - launched
+        launched = Counter(self.runner.launches)
 
         generated = [token]
         stream = self.checkpoint.tokenizer.stream()
@@ -222,6 +230,7 @@ class Session:
         if stop_reason != "stopped":
             emit(stream.flush())
         stats.decode_seconds = time.perf_counter() - decode_started
+        stats.decode_launches = self.runner.launches - launched
         stats.generated_tokens = len(generated)
         reply = "".join(pieces)
         self.messages = messages + [{"role": "assistant", "content": [{"type": "text", "text": reply}]}]

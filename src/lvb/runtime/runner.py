@@ -10,6 +10,7 @@ keeps the conversation and the tokens the cache holds, and calls it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -82,7 +83,14 @@ class Runner:
         nets = plan(spec, self.seq, self.chunks)
         check_contract(engine, nets)
         self.nets = {n.name: declared(n, engine.nets[n.name]) for n in nets}
+        # What this runner launched, (net, stage) -> calls; stage 0 is a net's largest. The
+        # device-time model (lvb.runtime.turn) prices a turn from the same sequence.
+        self.launches: Counter[tuple[str, int]] = Counter()
         self._allocate()
+
+    def _run(self, net: str, feeds, store=None, stage: int = 0):
+        self.launches[net, stage] += 1
+        return self.engine.run(net, feeds, store)
 
     def _allocate(self) -> None:
         # Hidden states ping-pong between two buffers (hidden, hidden_b; vision, vision_b): a net
@@ -109,7 +117,7 @@ class Runner:
     def encode_image(self, image: ProcessedImage) -> None:
         """The vision tower, layer by layer, then the image's cross-attention K/V for every
         cross-attention layer, once per image."""
-        v, n, b, run = self.spec.vision, Names, Buffers, self.engine.run
+        v, n, b, run = self.spec.vision, Names, Buffers, self._run
         ids = image.aspect_ratio_ids.astype(np.int32)
         tiles = image.aspect_ratio_mask.astype(np.int32)
         run(net_name(Kind.VISION_EMBED), {n.PIXEL_VALUES: image.pixel_values.astype(np.float32), n.ASPECT_RATIO_IDS: ids},
@@ -144,10 +152,11 @@ class Runner:
         return np.array([p >= first for p in positions], dtype=bool)
 
     def _layers(self, hidden: tuple[str, str], past: int, count: int, width: int, sees: np.ndarray,
-                tiles: int | None) -> str:
+                tiles: int | None, stage: int = 0) -> str:
         """Run every layer on `count` tokens at positions past.. (padded to `width`), from the
         hidden states in hidden[0], ping-ponging with hidden[1]; `tiles`: the real tiles of the
-        image in play, None without one. Returns the buffer holding the last layer's output."""
+        image in play, None without one; `stage`: the blocks' stage of that width. Returns the
+        buffer holding the last layer's output."""
         n, b, vision = Names, Buffers, self.spec.vision
         decode = width == 1
         positions = self._upload(b.step(n.POSITION_IDS, width), (past + np.arange(width, dtype=np.int32))[None])
@@ -169,14 +178,14 @@ class Runner:
                 k, v = b.cross_kv(layer)
                 feeds = {n.HIDDEN: Resident(current, 0, width), n.CROSS_K: Resident(k), n.CROSS_V: Resident(v),
                          n.CROSS_MASK: cross_mask, n.TEXT_ROW_MASK: row_mask}
-                self.engine.run(name, feeds, store={0: Resident(target)})
+                self._run(name, feeds, {0: Resident(target)}, stage)
             else:
                 target = self._other(current, hidden)
                 k, v = b.kv(layer)
                 feeds = {n.HIDDEN: Resident(current, 0, width), n.POSITION_IDS: positions, n.ATTENTION_MASK: mask,
                          n.PAST_K: Resident(k), n.PAST_V: Resident(v)}
-                self.engine.run(name, feeds, store={0: Resident(target), 1: Resident(k, past, count),
-                                                    2: Resident(v, past, count)})
+                self._run(name, feeds, {0: Resident(target), 1: Resident(k, past, count), 2: Resident(v, past, count)},
+                          stage)
             current = target
         return current
 
@@ -190,26 +199,27 @@ class Runner:
             count = min(width, len(ids) - position)
             chunk_ids = np.full((1, width), self.pad_id, dtype=np.int32)
             chunk_ids[0, :count] = ids[position : position + count]
-            self.engine.run(net_name(Kind.EMBED), {Names.INPUT_IDS: chunk_ids}, store={0: Resident(Buffers.HIDDEN)})
+            stage = self.chunks.index(width)
+            self._run(net_name(Kind.EMBED), {Names.INPUT_IDS: chunk_ids}, {0: Resident(Buffers.HIDDEN)}, stage)
             last = self._layers((Buffers.HIDDEN, Buffers.HIDDEN_B), position, count, width,
-                                self.sees_image(ids, range(position, position + count)), tiles)
+                                self.sees_image(ids, range(position, position + count)), tiles, stage)
             position += count
         return Resident(last, count - 1, 1)
 
     def decode(self, token: int, position: int, tiles: int | None) -> Resident:
         """One token into cache slot `position`; its hidden state."""
-        self.engine.run(net_name(Kind.EMBED_CACHE), {Names.INPUT_IDS: np.array([[token]], dtype=np.int32)},
-                        store={0: Resident(Buffers.HIDDEN1)})
+        self._run(net_name(Kind.EMBED_CACHE), {Names.INPUT_IDS: np.array([[token]], dtype=np.int32)},
+                  {0: Resident(Buffers.HIDDEN1)})
         last = self._layers((Buffers.HIDDEN1, Buffers.HIDDEN1_B), position, 1, 1, np.array([tiles is not None]), tiles)
         return Resident(last)
 
     def next_token(self, hidden: Resident, sampler: Sampler, history: Sequence[int]) -> int:
         lm_head, feeds = net_name(Kind.LM_HEAD), {Names.HIDDEN: hidden}
         if self.engine.logits_on_host:
-            return sampler(self.engine.run(lm_head, feeds)[0][0], history)
-        self.engine.run(lm_head, feeds, store={0: Resident(Buffers.LOGITS)})
+            return sampler(self._run(lm_head, feeds)[0][0], history)
+        self._run(lm_head, feeds, {0: Resident(Buffers.LOGITS)})
         config = sampler.config
-        if not config.do_sample and config.repetition_penalty == 1.0:
-            greedy = self.engine.run(net_name(Kind.GREEDY_HEAD), {Names.LOGITS: Resident(Buffers.LOGITS)})
+        if not config.needs_logits:
+            greedy = self._run(net_name(Kind.GREEDY_HEAD), {Names.LOGITS: Resident(Buffers.LOGITS)})
             return int(np.asarray(greedy[0]).ravel()[0])
         return sampler(self.engine.read(Buffers.LOGITS)[0], history)

@@ -1,9 +1,12 @@
 """Next-token selection with the semantics of transformers' ``generate``.
 
-The pipeline is generate's for these options: RepetitionPenaltyLogitsProcessor (over
-prompt + generated ids, greedy included), then, only when sampling,
-TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper (min_tokens_to_keep=1),
-then argmax or a draw from the softmax. Scores are float64 throughout; removed tokens
+The pipeline is generate's for these options: MinNewTokensLengthLogitsProcessor (the end
+tokens held back until min_new_tokens are generated), RepetitionPenaltyLogitsProcessor
+(over prompt + generated ids, greedy included), then, only when sampling,
+TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper and MinPLogitsWarper
+(min_tokens_to_keep=1), then argmax or a draw from the softmax. Two serving options come
+on top (vLLM's ignore_eos and stop_token_ids): `suppress_ids` are never picked, and a pick
+in `stop_token_ids` is returned as `stop_as`, a token the caller stops on. Scores are float64 throughout; removed tokens
 are -inf, as transformers' filter_value.
 """
 
@@ -38,6 +41,7 @@ GENERATE_DEFAULTS: dict[str, Any] = {
     "top_k": 50,
     "top_p": 1.0,
     "repetition_penalty": 1.0,
+    "min_p": 0.0,  # transformers' None: off
 }
 
 
@@ -49,6 +53,18 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0: off
     repetition_penalty: float = 1.0  # 1.0: off
     seed: int | None = None  # None: fresh entropy each run
+    min_p: float = 0.0  # 0.0: off
+    min_new_tokens: int = 0  # eos_ids are held back until this many tokens are generated
+    eos_ids: tuple[int, ...] = ()
+    suppress_ids: tuple[int, ...] = ()  # never picked
+    stop_token_ids: tuple[int, ...] = ()  # picked, they are returned as stop_as
+    stop_as: int | None = None
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether picking a token needs the logits (on a device, else its greedy head does)."""
+        return (self.do_sample or self.repetition_penalty != 1.0 or bool(self.suppress_ids) or bool(self.stop_token_ids)
+                or (self.min_new_tokens > 0 and bool(self.eos_ids)))
 
     def __post_init__(self) -> None:
         if self.do_sample and not (0 < self.temperature < math.inf):
@@ -69,6 +85,12 @@ class SamplingConfig:
             raise SamplingError(f"repetition_penalty must be a positive number (1 turns it off), got {self.repetition_penalty!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not _is_int(self.seed) or self.seed < 0):
             raise SamplingError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not (0 <= self.min_p <= 1):
+            raise SamplingError(f"min_p must be in [0, 1] (0 turns it off), got {self.min_p!r}")
+        if isinstance(self.min_new_tokens, bool) or not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
+            raise SamplingError(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
+        if self.stop_token_ids and self.stop_as is None:
+            raise SamplingError("stop_token_ids needs stop_as, the token the caller stops on")
 
     @classmethod
     def from_generation_config(cls, generation_config: Mapping[str, Any], **overrides: Any) -> SamplingConfig:
@@ -140,6 +162,17 @@ def top_p_filter(scores: np.ndarray, top_p: float) -> np.ndarray:
     return out
 
 
+def min_p_filter(scores: np.ndarray, min_p: float) -> np.ndarray:
+    """MinPLogitsWarper: -inf for tokens less likely than min_p x the most likely one's probability."""
+    probs = softmax(scores)
+    return np.where(probs < min_p * probs.max(), -np.inf, scores)
+
+
+def _ids_in(ids: Sequence[int], scores: np.ndarray) -> np.ndarray:
+    ids = np.asarray(ids, dtype=np.int64)
+    return ids[(ids >= 0) & (ids < scores.shape[-1])]
+
+
 def softmax(scores: np.ndarray) -> np.ndarray:
     top = np.max(scores)
     if not np.isfinite(top):
@@ -154,6 +187,7 @@ class Sampler:
     def __init__(self, config: SamplingConfig | None = None):
         self.config = config if config is not None else SamplingConfig()
         self._rng = np.random.default_rng(self.config.seed)
+        self._prompt_length: int | None = None
 
     def process(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         """The scores generate() would choose from (float64, -inf for removed tokens)."""
@@ -164,6 +198,12 @@ class Sampler:
             raise NotANumberError(
                 f"the model's logits hold {bad[0]} NaN and {bad[1]} +infinite values of {scores.size}: the nets "
                 "compute garbage; run `lvb verify` on this export or bmodel to find the net that does")
+        if self._prompt_length is None:  # the first call sees the prompt only
+            self._prompt_length = len(history)
+        if c.suppress_ids:
+            scores[_ids_in(c.suppress_ids, scores)] = -np.inf
+        if c.min_new_tokens and len(history) - self._prompt_length < c.min_new_tokens:
+            scores[_ids_in(c.eos_ids, scores)] = -np.inf
         if c.repetition_penalty != 1.0:
             scores = apply_repetition_penalty(scores, history, c.repetition_penalty)
         if c.do_sample:
@@ -173,10 +213,15 @@ class Sampler:
                 scores = top_k_filter(scores, c.top_k)
             if c.top_p < 1.0:
                 scores = top_p_filter(scores, c.top_p)
+            if c.min_p > 0.0:
+                scores = min_p_filter(scores, c.min_p)
         return scores
 
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
-        scores = self.process(logits, history)
+        token = self._pick(self.process(logits, history))
+        return self.config.stop_as if token in self.config.stop_token_ids else token
+
+    def _pick(self, scores: np.ndarray) -> int:
         if not self.config.do_sample:
             return int(np.argmax(scores))
         probs = softmax(scores)

@@ -1,6 +1,8 @@
 """The HTTP side: OpenAI's Chat Completions (streamed as server-sent events or whole), the
-model list, a health check and the web page. Generation runs in the Worker's thread; this
-side only parses, queues, relays and notices clients that leave."""
+model list, vLLM's /tokenize and /detokenize, Prometheus' /metrics, a health check and the
+web page. Generation runs in the Worker's thread; this side only parses (api), queues,
+relays and notices clients that leave. Every error, 404 and 405 included, has OpenAI's
+shape: {"error": {"message", "type", "param", "code"}}."""
 
 from __future__ import annotations
 
@@ -13,19 +15,30 @@ from importlib import resources
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
-from lvb.serve.api import Limits, RequestError, parse_chat_request
-from lvb.serve.worker import Job, QueueFull, Result, Worker
+from lvb.errors import LvbError
+from lvb.serve.api import (DetokenizeRequest, Limits, PixelBudget, RequestError, TokenizeRequest, check_model,
+                           map_large_allocations, parse_chat_request, release_memory, validate)
+from lvb.serve.worker import Job, QueueFull, Result, Worker, served_model
 
 log = logging.getLogger("lvb.serve")
 
 
-def error(status: int, message: str, headers: dict | None = None, param: str | None = None) -> JSONResponse:
-    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(status,
-                                                                     "server_error" if status >= 500 else "invalid_request_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+def error(status: int, message: str, headers: dict | None = None, param: str | None = None,
+          code: str | None = None) -> JSONResponse:
+    kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status, headers=headers)
+
+
+def check_api_key(api_key: str | None) -> None:
+    """A key the page and curl can send: printable ASCII without spaces; an empty one is a mistake."""
+    if api_key is not None and not (api_key and api_key.isascii() and api_key.isprintable() and " " not in api_key):
+        raise LvbError("the API key must be printable ASCII without spaces (it travels in an HTTP header), and not "
+                       "empty; give one, or leave --api-key and LVB_API_KEY out to serve without a key")
 
 
 class Refused(Exception):
@@ -33,14 +46,43 @@ class Refused(Exception):
         self.response = response
 
 
-def create_app(worker: Worker, model_name: str, api_key: str | None = None, limits: Limits = Limits()) -> FastAPI:
+def create_app(worker: Worker, model_name: str, api_key: str | None = None, limits: Limits = Limits(),
+               allow_origins: tuple[str, ...] = ()) -> FastAPI:
+    """`allow_origins`: web origins whose pages may call the API (CORS), "*" for any; none by default."""
+    check_api_key(api_key)
+    map_large_allocations()
     app = FastAPI(title="lvb serve", docs_url=None, redoc_url=None, openapi_url=None)
     page = resources.files("lvb.serve").joinpath("page.html").read_text(encoding="utf-8")
     created = int(time.time())
+    model = served_model(worker.session, model_name)
+    budget = PixelBudget(limits.decode_pixels)
+    metrics = worker.metrics
+    if allow_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "HEAD", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600,
+                           expose_headers=["Retry-After", "x-lvb-prompt-tokens", "x-lvb-prefilled-tokens",
+                                           "x-lvb-first-token-ms", "x-lvb-engine-ms"])
 
     @app.exception_handler(Refused)
     async def refused(request: Request, e: Refused):
         return e.response
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        message = {404: f"no such endpoint: {request.url.path[:200]}",
+                   405: f"{request.method} is not allowed on {request.url.path[:200]}"}.get(e.status_code, str(e.detail))
+        return error(e.status_code, message, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, e: Exception):  # a bug: logged with its traceback, answered in the one shape
+        log.exception("internal error on %s %s", request.method, request.url.path[:200])
+        return error(500, f"internal error: {type(e).__name__}: {e}"[:500])
+
+    def refuse(e: RequestError) -> JSONResponse:
+        metrics.count("busy" if e.status in (429, 503) else "refused")
+        return error(e.status, str(e), param=e.param, code=e.code)
 
     async def authorized(request: Request) -> None:
         if api_key is None:
@@ -51,34 +93,68 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, limi
             raise Refused(error(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
                                 headers={"WWW-Authenticate": "Bearer"}))
 
-    @app.get("/", response_class=HTMLResponse)
+    # HEAD wherever GET is, as HTTP asks (uvicorn sends the headers only).
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def index():
         # Static and holds no data: open like /health, so a browser can load it and ask for the key.
         return HTMLResponse(page)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok", "model": model_name, "backend": worker.session.engine.backend,
                 "busy": worker.busy.locked(), "pending": worker.pending, "served": worker.served,
                 "cancelled": worker.cancelled, "failed": worker.failed}
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    @app.api_route("/metrics", methods=["GET", "HEAD"], dependencies=[Depends(authorized)])
+    async def prometheus():
+        running = int(worker.busy.locked())
+        return PlainTextResponse(metrics.render(running, max(0, worker.pending - running), budget.used),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.api_route("/v1/models", methods=["GET", "HEAD"], dependencies=[Depends(authorized)])
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "lvb",
-                                            "max_model_len": worker.session.seq}]}
+                                            "max_model_len": worker.session.seq,
+                                            "lvb": {"system_with_picture": model.system_with_picture,
+                                                    "history": model.history}}]}
+
+    @app.post("/tokenize", dependencies=[Depends(authorized)])
+    async def tokenize(request: Request):
+        try:
+            answer = await run_in_threadpool(_refusal_or, _tokenize, await _json_body(request, limits), model, worker)
+        except RequestError as e:
+            return refuse(e)
+        return refuse(answer) if isinstance(answer, RequestError) else answer
+
+    @app.post("/detokenize", dependencies=[Depends(authorized)])
+    async def detokenize(request: Request):
+        try:
+            answer = await run_in_threadpool(_refusal_or, _detokenize, await _json_body(request, limits), model, worker)
+        except RequestError as e:
+            return refuse(e)
+        return refuse(answer) if isinstance(answer, RequestError) else answer
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(request: Request):
+        body = bytearray()
         try:
+            body = await _json_body(request, limits)
             # Decoding a picture takes a while for a large photo: off the event loop, which streams to others.
-            chat = await run_in_threadpool(parse_chat_request, await _json_body(request, limits), limits)
+            chat = await run_in_threadpool(_refusal_or, parse_chat_request, body, limits, model, budget)
         except RequestError as e:
-            return error(e.status, str(e), param=e.param)
+            return refuse(e)
+        finally:
+            if len(body) >= 4 * 2**20:  # megabytes of body and of its parse, freed: give them back
+                body = None
+                release_memory()
+        if isinstance(chat, RequestError):
+            return refuse(chat)
         loop = asyncio.get_running_loop()
         job = Job(chat, loop, asyncio.Queue())
         try:
             worker.submit(job)
         except QueueFull as e:
+            metrics.count("busy")
             return error(429, f"the server is busy ({worker.max_queue} requests already wait); retry after "
                               f"{e.retry_after} s", headers={"Retry-After": str(e.retry_after)})
         event = await _first_event(request, job)
@@ -96,7 +172,59 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, limi
     return app
 
 
-async def _json_body(request: Request, limits: Limits):
+def _refusal_or(parse, body, *args):
+    """`parse(body, *args)`, or its refusal returned bare: raised through the thread pool, its
+    traceback (and the ValidationError it came from, which quotes the input) would keep the
+    body alive in the pool's thread until that thread's next job: 32 MB after 16 MB of text."""
+    try:
+        return parse(body, *args)
+    except RequestError as e:
+        e.__traceback__ = e.__context__ = e.__cause__ = None
+        return e
+
+
+def _tokenize(body: bytes, model, worker: Worker) -> dict:
+    """vLLM's /tokenize: a prompt as the processor tokenizes it, or a chat as the session renders it."""
+    request = validate(TokenizeRequest, body)
+    check_model(request.model, model)
+    checkpoint = worker.session.checkpoint
+    tokenizer = checkpoint.tokenizer
+    texts = [request.prompt] if request.prompt is not None else [
+        p if isinstance(p, str) else p.text for m in request.messages
+        for p in ([m.content] if isinstance(m.content, str) else m.content or []) if isinstance(p, str) or p.type == "text"]
+    if sum(map(len, texts)) > model.max_text_chars:
+        raise RequestError(f"the text is {sum(map(len, texts))} characters, more than the {model.seq}-token sequence "
+                           f"can hold (a token covers at most {model.max_token_chars}); it is not tokenized")
+    try:
+        if request.prompt is not None:
+            ids = tokenizer.encode_prompt(request.prompt, add_special_tokens=request.add_special_tokens)
+        else:
+            messages = [{"role": "system" if m.role == "developer" else m.role,
+                         "content": m.content if isinstance(m.content, str) else
+                         [{"type": "image"} if p.type == "image_url" else {"type": "text", "text": p.text}
+                          for p in m.content or []]} for m in request.messages]
+            ids = tokenizer.encode_chat(checkpoint.template, messages, add_generation_prompt=request.add_generation_prompt,
+                                        now=worker.session.today)
+    except LvbError as e:
+        raise RequestError(str(e)) from None
+    out = {"count": len(ids), "max_model_len": model.seq, "tokens": ids}
+    if request.return_token_strs:
+        out["token_strs"] = [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+    return out
+
+
+def _detokenize(body: bytes, model, worker: Worker) -> dict:
+    request = validate(DetokenizeRequest, body)
+    check_model(request.model, model)
+    if len(request.tokens) > model.seq:
+        raise RequestError(f"{len(request.tokens)} tokens, more than the {model.seq} the sequence holds", param="tokens")
+    bad = [t for t in request.tokens if not 0 <= t < model.vocab_size]
+    if bad:
+        raise RequestError(f"`tokens`: {bad[0]} is not a token id (0 to {model.vocab_size - 1})", param="tokens")
+    return {"prompt": worker.session.checkpoint.tokenizer.decode(request.tokens, skip_special_tokens=False)}
+
+
+async def _json_body(request: Request, limits: Limits) -> bytearray:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limits.body_bytes:
         raise RequestError(f"the request body is {int(declared)} bytes, over the {limits.body_bytes} allowed", status=413)
@@ -105,10 +233,7 @@ async def _json_body(request: Request, limits: Limits):
         body += chunk
         if len(body) > limits.body_bytes:
             raise RequestError(f"the request body is over the {limits.body_bytes} bytes allowed", status=413)
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(f"the body is not valid JSON ({e})") from None
+    return body
 
 
 async def _first_event(request: Request, job: Job):
@@ -149,7 +274,7 @@ def _completion(job: Job, model: str, result: Result) -> dict:
     return {"id": job.id, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                          "finish_reason": result.finish_reason, "logprobs": None}],
-            "usage": _usage(result)}
+            "usage": _usage(result), "timings": result.timings(), "lvb": {"notices": result.notices}}
 
 
 async def _stream(job: Job, model: str, first):
@@ -169,8 +294,8 @@ async def _stream(job: Job, model: str, first):
             kind, value = event
             if kind == "text":
                 yield chunk({"content": value})
-            elif kind == "done":
-                yield chunk({}, value.finish_reason)
+            elif kind == "done":  # with the server's own timings (llama.cpp's `timings`) and notices
+                yield chunk({}, value.finish_reason, timings=value.timings(), lvb={"notices": value.notices})
                 if job.request.include_usage:
                     body = {"id": job.id, "object": "chat.completion.chunk", "created": created, "model": model,
                             "choices": [], "usage": _usage(value)}

@@ -21,13 +21,32 @@ from dataclasses import dataclass, field
 
 from lvb.errors import LvbError
 from lvb.runtime.engine import EngineError
+from lvb.runtime.image import preprocess
 from lvb.runtime.pipeline import Session
 from lvb.runtime.sampling import SamplingConfig
-from lvb.serve.api import ChatRequest, RequestError
+from lvb.serve.api import ChatRequest, RequestError, ServedModel
+from lvb.serve.metrics import Metrics
 
 log = logging.getLogger("lvb.serve")
 
 FINISH_REASONS = {"stop token": "stop", "stopped": "stop", "max new tokens": "length", "sequence full": "length"}
+
+
+def served_model(session: Session, name: str) -> ServedModel:
+    """What the request checks need to know about the session's model."""
+    checkpoint = session.checkpoint
+    tokenizer = checkpoint.tokenizer
+    try:  # the chat template may refuse a system message when the chat has a picture (Llama 3.2 Vision's does)
+        checkpoint.template.render([{"role": "system", "content": "x"},
+                                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}])
+        system_with_picture = True
+    except LvbError:
+        system_with_picture = False
+    return ServedModel(name=name, seq=session.seq, max_token_chars=tokenizer.max_token_chars(),
+                       vocab_size=tokenizer.vocab_size, stop_ids=tuple(sorted(tokenizer.stop_ids)),
+                       system_with_picture=system_with_picture,
+                       prepare=lambda image: preprocess(image, checkpoint.image_config),
+                       history="truncate" if session.truncate_history else "refuse")
 
 
 class QueueFull(Exception):
@@ -46,6 +65,15 @@ class Result:
     first_token_seconds: float
     tokens_per_second: float
     engine_seconds: float  # the whole Session.ask (restoring the history not included)
+    decode_seconds: float = 0.0  # after the first token
+    notices: list[str] = field(default_factory=list)  # what the session did that the client should know
+
+    def timings(self) -> dict:
+        """The server's own figures, as llama.cpp's server sends them (`timings`), for the page."""
+        prefilled = self.prompt_tokens - self.cached_tokens
+        return {"cache_n": self.cached_tokens, "prompt_n": prefilled, "prompt_ms": round(self.first_token_seconds * 1000, 2),
+                "predicted_n": self.completion_tokens, "predicted_ms": round(self.decode_seconds * 1000, 2),
+                "predicted_per_second": round(self.tokens_per_second, 2)}
 
 
 @dataclass
@@ -73,6 +101,7 @@ class Job:
 class Worker:
     def __init__(self, session: Session, max_queue: int = 16):
         self.session, self.max_queue = session, max_queue
+        self.metrics = Metrics()
         # What the session's messages hold, besides their text: each message's picture digest.
         # None when the session's state is not known to match a request (after an error).
         self.digests: list[str | None] | None = []
@@ -80,6 +109,7 @@ class Worker:
         self.pending = 0  # queued + running
         self.served = self.cancelled = self.failed = 0
         self.last_job: Job | None = None
+        self.last_result: Result | None = None
         self.busy = threading.Lock()  # held while a request runs on the engine
         self._count = threading.Lock()
         self._durations: deque[float] = deque(maxlen=20)
@@ -106,36 +136,53 @@ class Worker:
             started = time.perf_counter()
             try:
                 with self.busy:
+                    self.metrics.queue_time.observe(time.perf_counter() - job.queued_at)
                     self._answer(job)
             finally:
+                ended = time.perf_counter()
                 with self._count:
                     self.pending -= 1
-                    self._durations.append(time.perf_counter() - started)
+                    self._durations.append(ended - started)
+                with self.metrics.lock:
+                    self.metrics.engine_seconds += ended - started
+                    self.metrics.e2e.observe(ended - job.queued_at)
 
     def _answer(self, job: Job) -> None:
         self.last_job = job
         if job.cancelled.is_set():
             self.cancelled += 1
+            self.metrics.count("cancelled")
             log.info("%s: the client left while queued; skipped", job.id)
             return
         try:
             result = self._generate(job)
         except RequestError as e:
+            self.metrics.count("refused")
             job.send("error", (e.status, str(e)))
         except EngineError as e:
             self._forget()
             self.failed += 1
+            self.metrics.count("failed")
             log.error("%s: engine error: %s", job.id, e)
             job.send("error", (500, f"engine error: {e}"))
         except LvbError as e:  # too long for the sequence, a picture the processor refuses, a template error
-            job.send("error", (400, str(e)))
+            self.metrics.count("refused")
+            job.send("error", (400, self._fix(str(e))))
         except Exception as e:  # a bug; the server goes on with a fresh conversation state
             self._forget()
             self.failed += 1
+            self.metrics.count("failed")
             log.exception("%s: internal error", job.id)
             job.send("error", (500, f"internal error: {type(e).__name__}: {e}"))
         else:
+            self.last_result = result
             job.send("done", result)
+
+    def _fix(self, message: str) -> str:
+        """Session speaks to `lvb chat`'s user: say what lvb serve offers instead."""
+        if message.endswith("start a new chat or allow history truncation"):
+            return message.removesuffix("allow history truncation") + "start lvb serve with --history truncate"
+        return message
 
     def _forget(self) -> None:
         """After a failure mid-turn the cache may hold half-written state: start afresh."""
@@ -149,7 +196,7 @@ class Worker:
         digests = [t.digest for t in history]
         continued = self.digests == digests and session.messages == messages
         if not continued:
-            pictured = [i for i, t in enumerate(history) if t.image is not None]
+            pictured = [i for i, t in enumerate(history) if t.digest is not None]
             if len(pictured) > 1:  # one picture in play at a time: the newest stands for all of them
                 log.info("%s: rebuilding a conversation of %d pictures with the newest one only", job.id, len(pictured))
             last = pictured[-1] if pictured else None
@@ -171,18 +218,32 @@ class Worker:
         self.digests = digests + [turn.digest, None]
         if turn.digest is not None:
             self.image_digest = turn.digest
+        s = reply.stats
         if job.cancelled.is_set():
             self.cancelled += 1
+            self.metrics.count("cancelled")
             log.info("%s: the client left; engine freed after %d more piece(s)", job.id, job.pieces_after_cancel)
         else:
             self.served += 1
-        s = reply.stats
+            self.metrics.count("served")
+        with self.metrics.lock:
+            m = self.metrics
+            m.prompt_tokens += s.prompt_tokens
+            m.cached_tokens += s.prompt_tokens - s.prefilled_tokens
+            m.generation_tokens += s.generated_tokens
+            m.first_token.observe(s.first_token_seconds)
+            if s.generated_tokens > 1:
+                m.per_token.observe(s.decode_seconds / (s.generated_tokens - 1), s.generated_tokens - 1)
+        notices = list(reply.notices)
+        if request.dropped:
+            notices.insert(0, f"left out the {request.dropped} oldest exchange(s), too long for the {session.seq}-token "
+                              "sequence")
         log.info("%s: %s, prompt %d tokens (%d prefilled), %d generated, first token %.0f ms, %.1f tokens/s, %s",
                  job.id, "continued" if continued else "restored", s.prompt_tokens, s.prefilled_tokens,
                  s.generated_tokens, s.first_token_seconds * 1000, s.tokens_per_second, reply.stop_reason)
         finish = "stop" if stops.hit else FINISH_REASONS[reply.stop_reason]
         return Result(text, finish, s.prompt_tokens, s.prompt_tokens - s.prefilled_tokens, s.generated_tokens,
-                      s.first_token_seconds, s.tokens_per_second, engine_seconds)
+                      s.first_token_seconds, s.tokens_per_second, engine_seconds, s.decode_seconds, notices)
 
     def _sampling(self, request: ChatRequest) -> SamplingConfig:
         """OpenAI's knobs over the checkpoint's generation_config: temperature 0 is greedy, any
@@ -192,11 +253,16 @@ class Worker:
             sample = False
         elif request.temperature is not None or (request.top_p is not None and request.top_p < 1):
             sample = True
+        ends = tuple(sorted(self.session.checkpoint.tokenizer.stop_ids))
         try:
             return SamplingConfig.from_generation_config(
                 self.session.checkpoint.generation_config, do_sample=sample,
                 temperature=request.temperature if request.temperature else None, top_p=request.top_p,
-                top_k=request.top_k, repetition_penalty=request.repetition_penalty, seed=request.seed)
+                top_k=request.top_k, repetition_penalty=request.repetition_penalty, seed=request.seed,
+                min_p=request.min_p, min_new_tokens=request.min_tokens or None,
+                eos_ids=ends + request.stop_token_ids if request.min_tokens else None,
+                suppress_ids=ends if request.ignore_eos else None,
+                stop_token_ids=request.stop_token_ids or None, stop_as=ends[0] if request.stop_token_ids and ends else None)
         except ValueError as e:
             raise RequestError(str(e)) from None
 
@@ -222,7 +288,8 @@ class StopMatcher:
                 self.text, self.hit = self.text[: min(found)], True
                 self._send(len(self.text))
                 return True
-            held = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+            held = max((k for s in self.stops for k in range(1, min(len(s), len(self.text) + 1))
+                        if self.text.endswith(s[:k])), default=0)
             self._send(len(self.text) - held)
         else:
             self._send(len(self.text))

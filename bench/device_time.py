@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Time on the BM1684X at Llama-3.2-11B-Vision widths, by tpu-mlir's cost model: every net
+kind's estimate, the seed's benchmark turn (first token at 1 to 4 tiles, one decode step,
+tokens/s), lvb's layout beside the reference port's, and lvb projected onto an SE7-32.
+
+How: `lvb compile` keeps each net's estimate (lvb.devicetime). This script reads the compile
+manifest of a short stack at the real widths (bench/convert_scale.py's work directory, compiled
+with `lvb compile --check none`), stands one net of each kind in for every net of that kind in
+the full model's plan (its layer counts from the published config; layers of a kind have the
+same shapes, so the same estimate: checked where the stack has two of a kind), and prices the
+turn with lvb.runtime.turn, i.e. from the runtime's own launches. The reference layout's
+estimates come from bench/reference_layout.py (bench/results/reference_layout.json), built
+through the same toolchain. Launch overhead is left out of both (lvb inspect --launch-us
+states it apart); the projection onto the card multiplies lvb's estimate by the ratio of the
+reference's measured time to its own estimate, separately for the first token and the step.
+
+Writes bench/results/device_time.json under --label (several builds side by side: before and
+after a change). Prints its tables; no timed assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+from common import (CONFIGS, PROMPT_TOKENS, REFERENCE_FIRST_TOKEN_S, REFERENCE_SOURCE, REFERENCE_TOKENS_PER_S,  # noqa: E402
+                    RESULTS, machine, model_of, save_json, table)
+
+from lvb.contract import Kind, NetSpec, plan  # noqa: E402
+from lvb.devicetime import Estimate, NetEstimates, from_manifest  # noqa: E402
+from lvb.runtime.turn import turn_times  # noqa: E402
+from lvb.spec import ModelSpec  # noqa: E402
+from lvb.workdir import COMPILE_VERSION, WorkDir, read_manifest  # noqa: E402
+
+RESULTS_FILE = RESULTS / "device_time.json"
+REFERENCE_FILE = RESULTS / "reference_layout.json"
+
+
+def full_config(short: dict, model: str) -> dict:
+    """The short stack's config (its widths, tiles and tile size) with the published model's
+    layer structure."""
+    published = json.loads(CONFIGS[model].read_text())
+    config = json.loads(json.dumps(short))
+    for section in ("text_config", "vision_config"):
+        for key in ("num_hidden_layers", "cross_attention_layers", "num_global_layers", "intermediate_layers_indices"):
+            if key in published[section]:
+                config[section][key] = published[section][key]
+    return config
+
+
+def newest_compile(work: Path, quant: str | None, head_quant: str | None) -> dict:
+    manifests = [read_manifest(p, COMPILE_VERSION) for p in WorkDir(work).compile_manifests()]
+    manifests = [m for m in manifests if m and (quant is None or m["settings"]["quant"] == quant)
+                 and (head_quant is None or m["settings"]["head_quant"] == head_quant)]
+    if not manifests:
+        raise SystemExit(f"{work} holds no such compile (--quant {quant}, --head-quant {head_quant}); run lvb compile --check none first")
+    return max(manifests, key=lambda m: (WorkDir(work).root / m["bmodel"]).stat().st_mtime)
+
+
+def lvb_layout(work: Path, quant: str | None, head_quant: str | None, prompt_tokens: int) -> dict:
+    record = newest_compile(work, quant, head_quant)
+    export = WorkDir(work).read_export()
+    short = from_manifest(record)
+    if short.missing:
+        raise SystemExit(f"no estimate for {', '.join(short.missing)}: compiled before lvb kept them; compile again")
+    kinds = {name: Kind(entry["kind"]) for name, entry in export["nets"].items()}
+    by_kind: dict[Kind, list[str]] = defaultdict(list)
+    for name, kind in kinds.items():
+        by_kind[kind].append(name)
+    same = {}
+    for kind, names in by_kind.items():
+        if len(names) > 1:
+            cycles = {n: [e.cycles for e in short.nets[n]] for n in names}
+            same[kind.value] = {"nets": names, "equal": len({tuple(c) for c in cycles.values()}) == 1, "cycles": cycles}
+    short_config = json.loads((Path(record["model"]["dir"]) / "config.json").read_text())
+    model = model_of(short_config["text_config"]["hidden_size"])
+    spec = ModelSpec.from_config(full_config(short_config, model))
+    seq, chunks = record["settings"]["seq"], record["settings"]["chunks"]
+    full = plan(spec, seq, chunks)
+    estimates = NetEstimates({n.name: short.nets[by_kind[n.kind][0]] for n in full}, ())
+    times = turn_times(spec, seq, chunks, estimates, prompt_tokens)
+    kind_of = {n.name: n.kind.value for n in full}
+    per_kind = {}
+    for kind, names in by_kind.items():
+        stages = short.nets[names[0]]
+        per_kind[kind.value] = {"net": names[0], "quant": record["nets"][names[0]]["quant"],
+                                "options": record["nets"][names[0]]["options"], "stages": [e.to_json() for e in stages]}
+    turns = []
+    for t in times:
+        turns.append({"tiles": t.tiles, "first_token_ms": t.first_token.ms, "decode_step_ms": t.decode_step.ms,
+                      "tokens_per_second": t.tokens_per_second, "launches_first": t.first_token.launches,
+                      "launches_step": t.decode_step.launches,
+                      "first_token_by_kind": _by_kind(t.first_token.by_net, kind_of),
+                      "decode_step_by_kind": _by_kind(t.decode_step.by_net, kind_of)})
+    return {"work": str(work), "bmodel": record["bmodel"], "settings": record["settings"], "model": model,
+            "prompt_tokens": prompt_tokens, "kinds": per_kind, "same_kind_equal": same, "turns": turns}
+
+
+def _by_kind(by_net: dict[str, float], kind_of: dict[str, str]) -> dict[str, float]:
+    totals: Counter = Counter()
+    for net, ms in by_net.items():
+        totals[kind_of[net]] += ms
+    return dict(totals.most_common())
+
+
+def print_layout(label: str, result: dict) -> None:
+    rows = []
+    for kind, entry in result["kinds"].items():
+        for stage, raw in enumerate(entry["stages"]):
+            e = Estimate.from_json(raw)
+            seconds = e.cycles / 1e9
+            busiest = max(e.ops.items(), key=lambda item: max(item[1].values()))[0] if e.ops else "-"
+            rows.append([kind + (f" (stage {stage})" if len(entry["stages"]) > 1 else ""), entry["quant"],
+                         " ".join(entry["options"]) or "default", f"{e.ms:.3f}", e.bound,
+                         f"{e.read_bytes / 1e6:.1f}", f"{e.read_bytes / seconds / 1e9:.1f}", f"{e.flops / seconds / 1e12:.2f}", busiest])
+    print(f"\n[{label}] {result['bmodel']}: one net of each kind (tpu-mlir's cost model)")
+    print(table(rows, ["kind", "quant", "deploy options", "ms", "bound", "read MB", "read GB/s", "TFLOPS", "busiest op"]))
+    for kind, check in result["same_kind_equal"].items():
+        print(f"  {kind}: {', '.join(check['nets'])} estimated {'equal' if check['equal'] else 'DIFFERENT: ' + str(check['cycles'])}")
+    rows = [["none" if t["tiles"] is None else t["tiles"], f"{t['first_token_ms']:,.1f}", f"{t['decode_step_ms']:.2f}",
+             f"{t['tokens_per_second']:.2f}", f"{t['launches_first']} / {t['launches_step']}"] for t in result["turns"]]
+    print(f"\n[{label}] the full {result['model']} at these widths, a {result['prompt_tokens']}-token first turn "
+          f"(seq {result['settings']['seq']}, chunks {result['settings']['chunks']}), launch overhead not included")
+    print(table(rows, ["picture tiles", "first token ms", "decode step ms", "tokens/s", "launches first / step"]))
+    four = result["turns"][-1]
+    for what in ("first_token_by_kind", "decode_step_by_kind"):
+        total = sum(four[what].values())
+        parts = ", ".join(f"{k} {v:,.1f} ms ({v / total:.0%})" for k, v in list(four[what].items())[:5])
+        print(f"  where the {what.split('_by')[0].replace('_', ' ')} goes at {four['tiles']} tiles: {parts}")
+
+
+def reference_turn(reference: dict) -> dict | None:
+    """The reference's first token and decode step, its per-kind estimates summed over its call
+    sequence by bench/reference_layout.py (the same at any tile count: it always runs 4 tiles and
+    a 512-token prefill; its greedy head compiles to a dynamic subnet the cost model leaves unpriced)."""
+    totals = reference.get("totals") or {}
+    if "first_token" not in totals or "decode_step" not in totals:
+        return None
+    return {"first_token_ms": totals["first_token"]["ms"], "decode_step_ms": totals["decode_step"]["ms"]}
+
+
+def compare(result: dict, reference: dict | None) -> dict:
+    if not reference or not reference_turn(reference):
+        print("\nno reference layout estimates yet (bench/reference_layout.py)")
+        return {}
+    ref = reference_turn(reference)
+    k_first = REFERENCE_FIRST_TOKEN_S * 1000 / ref["first_token_ms"]
+    k_step = (1000 / REFERENCE_TOKENS_PER_S) / ref["decode_step_ms"]
+    rows, out = [], {"calibration": {"first_token": k_first, "decode_step": k_step}, "rows": []}
+    for t in result["turns"]:
+        if t["tiles"] is None:
+            continue
+        first_ratio = t["first_token_ms"] / ref["first_token_ms"]
+        step_ratio = t["decode_step_ms"] / ref["decode_step_ms"]
+        row = {"tiles": t["tiles"], "first_token_ratio": first_ratio, "decode_step_ratio": step_ratio,
+               "projected_first_token_s": t["first_token_ms"] * k_first / 1000,
+               "projected_tokens_per_second": 1000 / (t["decode_step_ms"] * k_step)}
+        out["rows"].append(row)
+        rows.append([t["tiles"], f"{t['first_token_ms']:,.1f} / {ref['first_token_ms']:,.1f}", f"{first_ratio:.3f}",
+                     f"{t['decode_step_ms']:.2f} / {ref['decode_step_ms']:.2f}", f"{step_ratio:.3f}",
+                     f"{row['projected_first_token_s']:.2f}", f"{row['projected_tokens_per_second']:.2f}"])
+    print(f"\nlvb / reference layout (the reference always runs 4 tiles and a 512-token prefill); projected on an SE7-32 "
+          f"by the reference's measured {REFERENCE_FIRST_TOKEN_S} s and {REFERENCE_TOKENS_PER_S} tokens/s "
+          f"(calibration: first token x{k_first:.2f}, decode step x{k_step:.2f} of the estimate; {REFERENCE_SOURCE})")
+    print(table(rows, ["tiles", "first token ms lvb / ref", "ratio", "decode step ms lvb / ref", "ratio",
+                       "projected first token s", "projected tokens/s"]))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, required=True, help="a work directory of bench/convert_scale.py, compiled")
+    parser.add_argument("--quant", help="which compile in it (default: the newest)")
+    parser.add_argument("--head-quant", help="which compile in it, by its LM head's quantization")
+    parser.add_argument("--label", default="lvb", help="the name this build's figures are kept under")
+    parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
+    args = parser.parse_args()
+    result = lvb_layout(args.work.resolve(), args.quant, args.head_quant, args.prompt_tokens)
+    print_layout(args.label, result)
+    reference = json.loads(REFERENCE_FILE.read_text()) if REFERENCE_FILE.is_file() else None
+    result["against_reference"] = compare(result, reference)
+    results = json.loads(RESULTS_FILE.read_text()) if RESULTS_FILE.is_file() else {}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    results[args.label] = result | {"commit": commit, "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                                    "load_average": list(os.getloadavg())}
+    RESULTS.mkdir(exist_ok=True)
+    save_json(RESULTS_FILE, results)
+    print(f"\nresults: {RESULTS_FILE.relative_to(REPO)} [{args.label}]")
+
+
+if __name__ == "__main__":
+    main()
