@@ -53,7 +53,6 @@ def _verify(model_dir: Path, work: Path, quant: str, backend: str, pictures: int
     if bmodel is not None and (problem := matches_record(bmodel, compiled.get("file"))):
         raise VerifyError(f"{problem}; run `lvb compile --work {work} --quant {quant}` again to rebuild it")
     out = directory.verify_dir(bmodel)
-    check_writable(out)  # a read-only work directory fails now, not when the report is written
     checkpoint = Checkpoint.load(model_dir)
     task = read_task(model_dir)
     # The files' digests, just checked against the disk: a report is reused only for these very files.
@@ -65,6 +64,7 @@ def _verify(model_dir: Path, work: Path, quant: str, backend: str, pictures: int
     if data.get("key") == key:
         return data | {"cached": True}
 
+    check_writable(out)  # a read-only work directory fails now, not when the report is written
     engine = open_engine(backend, bmodel=bmodel, onnx_work=work, toolchain=toolchain)
     report = Report(model=model_dir.name, backend=backend, bmodel=bmodel.name if bmodel else None,
                     quant=compiled["settings"]["quant"] if compiled else None)
