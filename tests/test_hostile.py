@@ -464,7 +464,9 @@ CONFIG_CHANGES = {  # the change, the net that must be exported again, one that 
 }
 
 
-SLOW_CONFIG_CHANGES = {"rms_norm_eps"}  # every text net reads it: 12 s of export again
+# Two stay in the fast tier, one per sub-config (text, vision); rms_norm_eps is read by every
+# text net (12 s of export again).
+SLOW_CONFIG_CHANGES = {"rms_norm_eps", "rope scaling factor"}
 
 
 @pytest.mark.parametrize("change, redone, kept", [
@@ -800,7 +802,7 @@ def _in_own_mounts(script: str) -> subprocess.CompletedProcess:
                           env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
 
 
-@pytest.mark.parametrize("where", ["read-only", "full"])
+@pytest.mark.parametrize("where", ["read-only", pytest.param("full", marks=pytest.mark.slow)])  # full: 7 s of export
 def test_export_and_pack_on_a_full_or_read_only_disk_are_one_line(where, model, work, tmp_path):
     copy = copy_export(work, tmp_path / "work")
     _fake_compile(copy)
