@@ -25,11 +25,14 @@ import pytest
 from PIL import Image
 
 from conftest import FAST_GEOMETRY
-from helpers import SEQ, chunks_of, one_error_line, runner
+from helpers import SEQ, TOY, chunks_of, one_error_line, record_as_exported, runner, scale_weights
+from lvb.check import shortfalls, torch_vs_onnx
 from lvb.cli import app
 from lvb.contract import plan
+from lvb.numerics import compare, lowest
 from lvb.runtime.backends import open_engine
 from lvb.runtime.pipeline import ChatError, Checkpoint, Session
+from lvb.runtime.sampling import NotANumberError, Sampler, SamplingConfig
 from lvb.spec import ModelSpec
 from lvb.text import ChatTemplate, Tokenizer
 
@@ -74,6 +77,7 @@ OUT_OF_RANGE = {
     "max-new-tokens -1": (RUN + ["--max-new-tokens", "-1"], "--max-new-tokens -1 is out of range"),
     "chat max-new-tokens 0": (["chat", "--model", "{model}", "--onnx", "{work}", "--max-new-tokens", "0"], "--max-new-tokens 0"),
     "temperature 0 when sampling": (RUN + ["--sample", "--temperature", "0"], "temperature must be a positive number"),
+    "temperature 1e-320 (issue 36)": (RUN + ["--sample", "--temperature", "1e-320"], "no longer a number"),
     "top-k -1": (RUN + ["--top-k", "-1"], "top_k must be an integer >= 0"),
     "top-p 0": (RUN + ["--top-p", "0"], "top_p must be in (0, 1]"),
     "top-p 1.5": (RUN + ["--top-p", "1.5"], "top_p must be in (0, 1]"),
@@ -180,6 +184,16 @@ CHECKPOINT_DAMAGE = {
                                          "processor_config.json and preprocessor_config.json describe different image preprocessing"),
     "no processor config": (lambda f: [(f / n).unlink() for n in ("preprocessor_config.json", "processor_config.json")],
                             "no preprocessor_config.json"),
+    # issue 36: every value typed, every file read by one rule
+    "config.json nested 1,500 deep": (lambda f: (f / "config.json").write_text("[" * 1500 + "]" * 1500),
+                                      "config.json: not valid JSON (nested too deeply"),
+    "chat_template.jinja not UTF-8": (lambda f: (f / "chat_template.jinja").write_bytes(b"{{ 'x' }}\xff\xfe"),
+                                      "chat_template.jinja is not UTF-8 text (byte 0xff"),
+    "image_mean 'x'": (_both(image_mean="x"), "image_mean='x'"),
+    "image_mean ['x', 0.5, 0.5]": (_both(image_mean=["x", 0.5, 0.5]), "image_mean=['x', 0.5, 0.5]"),
+    "image_std 0": (_both(image_std=[0.5, 0, 0.5]), "image_std=[0.5, 0, 0.5]"),
+    "eos_token_id 'abc'": (_set("generation_config.json", eos_token_id="abc"), "eos_token_id is 'abc'"),
+    "config.json a folder": (lambda f: ((f / "config.json").unlink(), (f / "config.json").mkdir()), "config.json"),
 }
 
 
@@ -394,3 +408,513 @@ def test_a_16_bit_picture_is_scaled_with_a_note(model, work, tmp_path):
     assert Image.open(path).mode.startswith("I")
     output = succeeds(run_args(model, work) + ["--image", path])
     assert "note: the I" in output and "scaled" in output
+
+
+# -- NaN: below every threshold, refused by every check and by the sampler (issue 36) ------
+
+NAN = float("nan")
+NOT_A_NUMBER = {
+    "shortfalls of a NaN cosine": lambda: shortfalls({"h": NAN}, {"h": 0.999}),
+    "shortfalls of a missing cosine": lambda: shortfalls({}, {"h": 0.999}),
+    "compare with a NaN output": lambda: [] if compare([np.ones(4), np.ones(4)], [np.array([1, NAN, 1, 1]), np.ones(4)])["cosine"] >= 0.999
+    else ["nan"],
+    "compare with an infinite output": lambda: [] if compare([np.ones(4)], [np.array([1, np.inf, 1, 1])])["cosine"] >= 0.999 else ["inf"],
+    "torch vs onnxruntime with NaN": lambda: [m for m in [torch_vs_onnx(
+        plan(ModelSpec.from_dir(TOY), SEQ, (SEQ,))[-1], [np.ones(4)], [np.full(4, NAN)])[1]] if m],
+    "lowest of a list with NaN second": lambda: [] if lowest([1.0, NAN]) >= 0.5 else ["nan"],
+}
+
+
+@pytest.mark.parametrize("case", NOT_A_NUMBER)
+def test_nan_fails_every_check(case):
+    assert NOT_A_NUMBER[case]()  # a shortfall, or a miss, is reported
+
+
+@pytest.mark.parametrize("logits", [[0.0, NAN, 1.0], [0.0, np.inf, 1.0]])
+def test_the_sampler_refuses_logits_that_are_not_numbers(logits):
+    for config in (SamplingConfig(), SamplingConfig(do_sample=True, seed=0)):
+        with pytest.raises(NotANumberError, match="lvb verify"):
+            Sampler(config)(np.array(logits, np.float32), [])
+
+
+def test_a_net_that_computes_nan_is_one_line_and_no_answer(model, work, tmp_path):
+    copy = copy_export(work, tmp_path / "work")
+    scale_weights(copy / "export" / "lm_head" / "lm_head.onnx", NAN)
+    record_as_exported(copy, "lm_head")  # the export believes in it: only the numbers tell
+    line = one_error_line(run_args(model, copy))
+    assert "NaN" in line and "lvb verify" in line and "!!" not in line
+
+
+# -- a config value a net read, changed: the net is exported again (issue 36) -------------
+
+def _config(change):
+    def apply(folder: Path):
+        path = folder / "config.json"
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+    return apply
+
+
+CONFIG_CHANGES = {  # the change, the net that must be exported again, one that must not
+    "rope_theta": (_config(lambda c: c["text_config"]["rope_parameters"].update(rope_theta=10000.0)), "block_0", "lm_head"),
+    "rope scaling factor": (_config(lambda c: c["text_config"]["rope_parameters"].update(factor=2.0)), "block_cache_0", "embed"),
+    "rms_norm_eps": (_config(lambda c: c["text_config"].update(rms_norm_eps=1e-2)), "lm_head", "vision_layer_0"),
+    "vision norm_eps": (_config(lambda c: c["vision_config"].update(norm_eps=1e-2)), "vision_layer_0", "block_0"),
+}
+
+
+# Two stay in the fast tier, one per sub-config (text, vision); rms_norm_eps is read by every
+# text net (12 s of export again).
+SLOW_CONFIG_CHANGES = {"rms_norm_eps", "rope scaling factor"}
+
+
+@pytest.mark.parametrize("change, redone, kept", [
+    pytest.param(*c, id=n, marks=[pytest.mark.slow] if n in SLOW_CONFIG_CHANGES else []) for n, c in CONFIG_CHANGES.items()])
+def test_a_changed_config_value_exports_the_nets_that_read_it_again(change, redone, kept, model, work, tmp_path):
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(model, folder)
+    change(folder)
+    copy = copy_export(work, tmp_path / "work")
+    entries = lambda: json.loads((copy / "export" / "manifest.json").read_text())["nets"]  # noqa: E731
+    before = entries()
+    output = succeeds(["export", "--model", folder, "--out", copy, "--seq", SEQ, "--chunk", CHUNKS])
+    after = entries()
+    assert after[redone]["files"] != before[redone]["files"], output  # exported again, and said why:
+    assert f"exporting {redone} again" in output
+    assert after[kept]["files"] == before[kept]["files"]  # a net that does not read it is kept
+    assert "note:" not in succeeds(["export", "--model", folder, "--out", copy, "--seq", SEQ, "--chunk", CHUNKS])
+
+
+# -- lvb pack trusts nothing it has not checked; a package is checked, even read-only (issue 36)
+
+def _manifest_of_work(change):
+    return lambda work: _manifest(change)(work / "export")
+
+
+def _fake_compile(work: Path, **settings) -> Path:
+    """A compile record and a bmodel of stand-in bytes (pack copies and hashes a bmodel, it never
+    loads one): what `lvb compile` writes, without the simulator."""
+    from lvb.workdir import COMPILE_VERSION, record_file
+
+    export = json.loads((work / "export" / "manifest.json").read_text())
+    bmodel = work / "toy_w4bf16_seq160_bm1684x.bmodel"
+    bmodel.write_bytes(os.urandom(64 << 10))
+    (work / "compile").mkdir(exist_ok=True)
+    record = {"version": COMPILE_VERSION, "key": "stand-in", "bmodel": bmodel.name, "file": record_file(bmodel),
+              "model": export["model"], "toolchain": {"tpu_mlir": "stand-in"}, "nets": {},
+              "settings": {"quant": "int4", "seq": export["settings"]["seq"], "chunks": export["settings"]["chunks"]} | settings,
+              "export": {name: entry["key"] for name, entry in export["nets"].items()}}
+    (work / "compile" / f"{bmodel.stem}.json").write_text(json.dumps(record))
+    return bmodel
+
+
+def _overwrite(relative, size=8 << 10):
+    def damage(work: Path):
+        path = work / "export" / relative
+        with open(path, "r+b") as f:  # same size, new time: only the digest tells
+            f.seek(path.stat().st_size // 3)
+            f.write(os.urandom(min(size, path.stat().st_size // 3)))
+    return damage
+
+
+def _compile_record(change):
+    def damage(work: Path):
+        path = next((work / "compile").glob("*.json"))
+        record = json.loads(path.read_text())
+        change(record)
+        path.write_text(json.dumps(record))
+    return damage
+
+
+def _flip_bmodel(work: Path):
+    bmodel = next(work.glob("*.bmodel"))
+    data = bytearray(bmodel.read_bytes())
+    data[100] ^= 0xFF
+    bmodel.write_bytes(bytes(data))
+
+
+PACK_REFUSALS = {  # damage to a copy of the work directory, pack's extra options, what the one line says
+    "8 KB overwritten inside block_1.weights": (_overwrite("block_1/block_1.weights"), ["--onnx"], "changed since lvb wrote it"),
+    "8 KB overwritten, bmodel package": (_overwrite("block_1/block_1.weights"), [], "changed since lvb wrote it"),
+    "unfinished export": (_manifest_of_work(lambda m: m.update(complete=False)), ["--onnx"], "unfinished"),
+    "bmodel no longer its compile record": (_flip_bmodel, [], "changed since lvb wrote it"),
+    "seq-128 bmodel beside a seq-160 export": (_compile_record(lambda r: r["settings"].update(seq=128)), [],
+                                              "compiled from an export of seq 128"),
+    "bmodel of an earlier export": (_compile_record(lambda r: r["export"].update(block_0="older")), [],
+                                    "not compiled from the export now in"),
+    "quant banana": (lambda w: None, ["--quant", "banana"], "--quant banana is not one of int4, int8, bf16"),
+}
+
+
+@pytest.mark.parametrize("case", PACK_REFUSALS)
+def test_pack_refuses_what_the_readers_refuse(case, work, tmp_path):
+    damage, options, expected = PACK_REFUSALS[case]
+    copy = copy_export(work, tmp_path / "work")
+    _fake_compile(copy)
+    damage(copy)
+    out = tmp_path / "package"
+    line = one_error_line(["pack", copy, "--out", out, *options])
+    assert expected in line and "lvb compile --quant banana" not in line
+    assert not out.exists() and not list(tmp_path.glob(".package.*"))  # nothing packed, nothing left
+
+
+def test_pack_out_dot_inside_a_package_replaces_it(work, tmp_path, monkeypatch):
+    copy = copy_export(work, tmp_path / "work")
+    _fake_compile(copy)
+    succeeds(["pack", copy, "--out", tmp_path / "package"])
+    monkeypatch.chdir(tmp_path / "package")
+    succeeds(["pack", copy, "--out", "."])
+    monkeypatch.chdir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["package", "work"]  # nothing left beside it
+    succeeds(["pack", copy, "--out", tmp_path / "package", "--onnx"])  # and it is a package pack may replace
+
+
+def test_pack_refuses_an_out_inside_the_work_directory(work, tmp_path):
+    copy = copy_export(work, tmp_path / "work")
+    _fake_compile(copy)
+    assert "overlaps the work directory" in one_error_line(["pack", copy, "--out", copy / "pkg"])
+    assert "overlaps the work directory" in one_error_line(["pack", copy, "--out", copy])
+    assert not (copy / "pkg").exists() and not (copy / "lvb-package.json").exists()
+
+
+@pytest.fixture(scope="module")
+def onnx_package(work, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("packages")
+    copy = copy_export(work, root / "work")
+    _fake_compile(copy)
+    succeeds(["pack", copy, "--out", root / "package", "--onnx"])
+    return root / "package"
+
+
+def _package_manifest(change):
+    def damage(package: Path):
+        path = package / "lvb-package.json"
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+    return damage
+
+
+def _first_entry(change):
+    return _package_manifest(lambda m: change(m["files"][next(iter(m["files"]))]))
+
+
+PACKAGE_DAMAGE = {
+    "format '1'": (_package_manifest(lambda m: m.update(format="1")), "format '1' (str), this lvb"),
+    "size '1778'": (_first_entry(lambda e: e.update(size=str(e["size"]))), "(str), not a whole number of bytes"),
+    "sha256 missing": (_first_entry(lambda e: e.pop("sha256")), "is None, not 64 hex digits"),
+    "files a list": (_package_manifest(lambda m: m.update(files=list(m["files"]))), "its files is list, not an object"),
+    "an entry an int": (_package_manifest(lambda m: m["files"].update({next(iter(m["files"])): 7})), "is 7, not an object"),
+    "files {}": (_package_manifest(lambda m: m.update(files={})), "it lists no files"),
+    "a file the manifest does not list": (lambda p: (p / "checkpoint" / "extra.json").write_text("{}"),
+                                          "is in the package but not in its manifest"),
+    "nested 1,500 deep": (lambda p: (p / "lvb-package.json").write_text("[" * 1500 + "]" * 1500), "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", PACKAGE_DAMAGE)
+def test_a_damaged_package_manifest_is_one_line(case, onnx_package, model, tmp_path):
+    damage, expected = PACKAGE_DAMAGE[case]
+    copy = tmp_path / "package"
+    shutil.copytree(onnx_package, copy)
+    damage(copy)
+    assert expected in one_error_line(["run", "--package", copy, "--prompt", "hi", "--max-new-tokens", "2"])
+
+
+def test_a_package_names_what_it_cannot_run(onnx_package, work, model, tmp_path):
+    bmodel_only = tmp_path / "package"
+    succeeds(["pack", onnx_package.parent / "work", "--out", bmodel_only])
+    line = one_error_line(["run", "--package", bmodel_only, "--backend", "onnxruntime", "--prompt", "hi"])
+    assert "holds no ONNX nets" in line and "pass --onnx" not in line  # which --package forbids
+    line = one_error_line(["run", "--model", model, "--onnx", work, "--bmodel", work / "x.bmodel", "--prompt", "hi"])
+    assert "--bmodel and --onnx" in line
+
+
+def test_a_package_on_a_read_only_mount_answers(onnx_package, tmp_path):
+    """`docker -v pkg:/pkg:ro`, or a board's read-only partition: a real read-only bind mount in
+    a mount namespace of its own (unshare), where one can be made."""
+    copy = tmp_path / "package"
+    shutil.copytree(onnx_package, copy)
+    (copy / ".lvb-checked.json").unlink(missing_ok=True)  # so the check wants to write its stamp
+    command = (f"mount --bind -o ro {copy} {copy} && touch {copy}/probe 2>/dev/null && exit 3; "
+               f"exec {sys.executable} -m lvb.cli run --package {copy} --prompt hi --max-new-tokens 2")
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", command], capture_output=True, text=True,
+                            env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+    if result.returncode == 3 or "unshare" in result.stderr and result.returncode and "lvb" not in result.stderr:
+        pytest.skip(f"no read-only mount here: {result.stderr.strip()}")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert not (copy / ".lvb-checked.json").exists()
+
+
+# -- one writer of a work directory or package at a time (issue 36) -------------------------
+
+@pytest.fixture
+def held(tmp_path):
+    """Take a lock in another process, as a running `lvb export` holds it; yields that pid."""
+    processes = []
+
+    def hold(lock: Path, by: str) -> int:
+        code = ("import sys, time\nfrom pathlib import Path\nfrom lvb.workdir import lock_folder\n"
+                f"with lock_folder(Path({str(lock)!r}), 'x', {by!r}):\n    print('held', flush=True)\n    time.sleep(120)\n")
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                                   env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+        processes.append(process)
+        assert process.stdout.readline().strip() == "held"
+        return process.pid
+
+    yield hold
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
+def test_a_work_directory_in_use_is_refused_naming_its_holder(held, model, work, tmp_path):
+    copy = copy_export(work, tmp_path / "work")
+    _fake_compile(copy)
+    before = (copy / "export" / "manifest.json").read_bytes()
+    pid = held(copy / ".lvb.lock", "lvb export")
+    for args in (["export", "--model", model, "--out", copy, "--seq", SEQ, "--chunk", CHUNKS],
+                 ["compile", "--work", copy],
+                 ["verify", "--model", model, "--work", copy, "--backend", "onnxruntime"]):
+        line = one_error_line(args)
+        assert f"is in use by lvb export (pid {pid})" in line and str(copy) in line
+    assert (copy / "export" / "manifest.json").read_bytes() == before and not (copy / "verify").exists()
+    succeeds(run_args(model, copy))  # reading is not writing: run needs no lock
+
+
+def test_a_package_folder_in_use_is_refused(held, work, tmp_path):
+    copy = copy_export(work, tmp_path / "work")
+    _fake_compile(copy)
+    pid = held(tmp_path / ".package.lock", "lvb pack")
+    assert f"in use by lvb pack (pid {pid})" in one_error_line(["pack", copy, "--out", tmp_path / "package"])
+    assert not (tmp_path / "package").exists()
+
+
+def test_a_killed_pack_leaves_no_temporary_folder_behind(work, tmp_path):
+    copy = copy_export(work, tmp_path / "work")
+    _fake_compile(copy)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f".package.tmp-{dead.stdout.strip()}"  # as a SIGKILLed pack leaves it
+    (leftover / "checkpoint").mkdir(parents=True)
+    succeeds(["pack", copy, "--out", tmp_path / "package"])
+    assert not leftover.exists()
+
+
+# -- config and weights that contradict each other: refused before any work (issue 36) --------
+
+def _text(**changes):
+    return _config(lambda c: c["text_config"].update(changes))
+
+
+def _vision(**changes):
+    return _config(lambda c: c["vision_config"].update(changes))
+
+
+def _retype(dtype: str):
+    """One tensor of the checkpoint stored as `dtype` (F8 or F64), the rest as they were."""
+    def apply(folder: Path):
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        path = folder / "model.safetensors"
+        tensors = load_file(path)
+        name = sorted(n for n in tensors if "language_model" in n and n.endswith("mlp.down_proj.weight"))[-1]
+        tensors[name] = tensors[name].to({"F8": torch.float8_e4m3fn, "F64": torch.float64}[dtype])
+        save_file(tensors, path)
+    return apply
+
+
+PREFLIGHT = {  # the change to a copy of the checkpoint, extra export options, what the one line says
+    "hidden size of another width": (_text(hidden_size=128), [], "config.json implies"),
+    "vocab_size 10": (_text(vocab_size=10), [], "config.json"),
+    "vision heads 3 (not dividing the width)": (_vision(attention_heads=3), [], "is not a multiple of attention_heads 3"),
+    "cross_attention_layers []": (_text(cross_attention_layers=[]), [], "cross_attention_layers is empty"),
+    "supported_aspect_ratios []": (_vision(supported_aspect_ratios=[]), [], "supported_aspect_ratios is empty"),
+    "intermediate_layers_indices []": (_vision(intermediate_layers_indices=[]), [], "intermediate_layers_indices is empty"),
+    "rms_norm_eps NaN": (_text(rms_norm_eps=float("nan")), [], "rms_norm_eps must be a positive number, got nan"),
+    "rms_norm_eps inf": (_text(rms_norm_eps=float("inf")), [], "rms_norm_eps must be a positive number"),
+    "F8 weights": (_retype("F8"), [], "lvb reads BF16, F16, F32 weights"),
+    "F64 weights": (_retype("F64"), [], "lvb reads BF16, F16, F32 weights"),
+    "--seq above max_position_embeddings": (_text(max_position_embeddings=SEQ - 1), [],
+                                            f"text_config.max_position_embeddings is {SEQ - 1}"),
+    "--seq 10**23": (lambda f: None, ["--seq", str(10**23)], "max_position_embeddings is"),
+    "a config.json nested 1,500 deep": (lambda f: (f / "config.json").write_text("[" * 1500 + "]" * 1500), [], "config.json"),
+}
+
+
+@pytest.mark.parametrize("case", PREFLIGHT)
+def test_contradictions_are_refused_before_any_work(case, model, tmp_path):
+    change, options, expected = PREFLIGHT[case]
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(model, folder)
+    change(folder)
+    started = time.perf_counter()
+    line = one_error_line(["export", "--model", folder, "--out", tmp_path / "w", "--seq", SEQ, "--chunk", CHUNKS, *options])
+    assert expected in line
+    assert not (tmp_path / "w" / "export" / "manifest.json").exists()  # refused before the first net
+    assert time.perf_counter() - started < 30
+
+
+# -- text that is not UTF-8, a FIFO for a picture, a failed turn's picture (issue 36) ---------
+
+def test_a_chat_line_that_is_not_utf8_is_reported_and_the_chat_goes_on(model, work):
+    result = runner.invoke(app, ["chat", "--model", str(model), "--onnx", str(work), "--max-new-tokens", "2"],
+                           input=b"x\xff\nhi\n/quit\n")
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if "error:" in line]  # after the "you> " prompt
+    assert len(errors) == 1 and "not UTF-8" in errors[0] and "0xff" in errors[0]
+    assert result.output.count("tokens/s") == 1  # the next line was answered, in the same chat
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(model, work):
+    line = one_error_line(run_args(model, work)[:-4] + ["--prompt", "x\udcff"])  # how Python hands over b"x\xff"
+    assert "--prompt is not UTF-8" in line and "0xff" in line
+
+
+def test_a_fifo_for_a_picture_is_refused_not_waited_on(model, work, tmp_path):
+    fifo = tmp_path / "pipe [1]"
+    os.mkfifo(fifo)
+    assert "is a FIFO" in one_error_line(run_args(model, work) + ["--image", fifo])
+    result = runner.invoke(app, ["chat", "--model", str(model), "--onnx", str(work), "--max-new-tokens", "2"],
+                           input=f"/image {fifo}\nwhat is this?\n/quit\n")
+    assert result.exit_code == 0 and "is a FIFO" in result.output and str(fifo) in result.output, result.output
+
+
+def test_a_failed_turn_keeps_its_picture_and_says_so(model, work, tmp_path):
+    good = picture(tmp_path / "p.png")
+    result = runner.invoke(app, ["chat", "--model", str(model), "--onnx", str(work), "--max-new-tokens", "2"],
+                           input=f"/image {good}\n{'word ' * SEQ}\nwhat is this?\n/quit\n")
+    assert result.exit_code == 0, result.output
+    assert f"{good} comes with your next message" in result.output
+    assert result.output.count("tokens/s") == 1
+
+
+# -- a full disk, a read-only folder: one line, and nothing half-written trusted (issue 36) ----
+
+def _in_own_mounts(script: str) -> subprocess.CompletedProcess:
+    """`script` (sh) in a user and mount namespace of its own, where it may mount a read-only
+    bind or a tiny tmpfs as an unprivileged user would meet them; skips where that is not allowed."""
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+    if probe.returncode:
+        pytest.skip("no user namespaces here (unshare -rm)")
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+@pytest.mark.parametrize("where", ["read-only", pytest.param("full", marks=pytest.mark.slow)])  # full: 7 s of export
+def test_export_and_pack_on_a_full_or_read_only_disk_are_one_line(where, model, work, tmp_path):
+    copy = copy_export(work, tmp_path / "work")
+    _fake_compile(copy)
+    target = tmp_path / "target"
+    target.mkdir()
+    mount = (f"mount --bind -o ro {target} {target} && mount --bind -o ro {copy} {copy}" if where == "read-only"
+             else f"mount -t tmpfs -o size=4k tmpfs {target}")
+    lvb = f"{sys.executable} -m lvb.cli"
+    commands = {"export": f"{lvb} export --model {model} --out {target}/w --seq {SEQ} --chunk {CHUNKS}",
+                "pack": f"{lvb} pack {copy} --out {target}/package --onnx",
+                "run": f"{lvb} run --model {model} --onnx {target}/w --prompt hi"}  # the interrupted export read
+    if where == "read-only":  # verify writes its report into the work directory
+        commands["verify"] = f"{lvb} verify --model {model} --work {copy} --backend onnxruntime"
+    script = mount + "".join(f"; {c} >/dev/null 2>{tmp_path}/{name}.err; echo $? >{tmp_path}/{name}.rc; "
+                             f"ls -a {target} > {tmp_path}/{name}.ls; find {target} -name manifest.json "
+                             f"-newer {tmp_path}/work >> {tmp_path}/{name}.ls" for name, c in commands.items())
+    result = _in_own_mounts(script)
+    assert result.returncode == 0, result.stderr
+    reason = "Read-only file system" if where == "read-only" else "No space left on device"
+    run = (tmp_path / "run.err").read_text()
+    assert (tmp_path / "run.rc").read_text().strip() == "1" and ("unfinished" in run or "holds no export" in run), run
+    for name in ("export", "pack", "verify")[:len(commands) - 1]:
+        err = (tmp_path / f"{name}.err").read_text()
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert (tmp_path / f"{name}.rc").read_text().strip() == "1" and "Traceback" not in err, err
+        assert len(lines) == 1 and reason in lines[0] and str(copy if name == "verify" else target) in lines[0], err
+    # nothing half-written that a later run trusts: no package, no finished export
+    assert not (target / "package").exists() and not (copy / "verify").exists()
+    assert "lvb-package.json" not in (tmp_path / "pack.ls").read_text()
+
+
+def test_verify_reads_the_task_before_any_work(model, work, tmp_path):
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(model, folder)
+    (folder / "lvb-task.json").write_text('{"kind": "shapes"}')  # no question
+    copy = copy_export(work, tmp_path / "work")
+    started = time.perf_counter()
+    line = one_error_line(["verify", "--model", folder, "--work", copy, "--backend", "onnxruntime"])
+    assert "lvb-task.json must be an object" in line and "question" in line
+    assert time.perf_counter() - started < 20 and not (copy / "verify").exists()
+
+
+# -- the Hugging Face environment, checked before it is used (issue 36) ----------------------
+
+HF_ENVIRONMENT = {
+    "HF_HOME=/dev/null/x": ("cannot use the Hugging Face cache at /dev/null/x"),
+    "HF_ENDPOINT=notaurl": ("HF_ENDPOINT 'notaurl' is not an http(s) URL"),
+    "HF_HUB_ETAG_TIMEOUT=abc": ("huggingface_hub cannot start with this environment"),
+}
+
+
+@pytest.mark.parametrize("case", HF_ENVIRONMENT)
+def test_a_broken_hugging_face_environment_is_one_line(case, tmp_path):
+    name, value = case.split("=", 1)
+    result = subprocess.run([sys.executable, "-m", "lvb.cli", "run", "--model", "meta-llama/no-such-model-x",
+                             "--prompt", "hi"], capture_output=True, text=True, cwd=tmp_path,
+                            env=os.environ | {name: value, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and HF_ENVIRONMENT[case] in lines[0], result.stderr
+
+
+# -- files this user may not read: named as unreadable, never as damaged (issue 36) ----------
+
+def _as_nobody(args: list) -> subprocess.CompletedProcess:
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run as another user")
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "lvb.cli",
+                           *map(str, args)], capture_output=True, text=True, cwd="/",
+                          env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path), "HOME": "/tmp"})
+
+
+@pytest.fixture
+def shared(model, work, onnx_package):
+    """The checkpoint's small files, the export and the package where another user can read them."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="lvb-shared-"))
+    os.chmod(root, 0o755)
+    (root / "checkpoint").mkdir()
+    for name in SMALL_FILES:
+        if (model / name).is_file():
+            shutil.copy2(model / name, root / "checkpoint" / name)
+    copy_export(work, root / "work")
+    shutil.copytree(onnx_package, root / "package")
+    picture(root / "picture.png")
+    for path in [root, *root.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    yield root
+    shutil.rmtree(root)
+
+
+UNREADABLE = {  # the file made unreadable (relative to the shared folder), what the one line says
+    "config.json": ("checkpoint/config.json", "cannot read {path} (Permission denied)"),
+    "chat_template.jinja": ("checkpoint/chat_template.jinja", "cannot read {path} (Permission denied)"),
+    "a net's .weights": ("work/export/block_1/block_1.weights", "cannot read {path} (permission denied)"),
+    "a package file": ("package/checkpoint/tokenizer.json", "cannot read {path} (Permission denied)"),
+    "an --image": ("picture.png", "cannot read image '{path}': permission denied"),
+}
+
+
+@pytest.mark.parametrize("case", UNREADABLE)
+def test_a_file_this_user_may_not_read_is_named_as_such(case, shared):
+    relative, expected = UNREADABLE[case]
+    path = shared / relative
+    os.chmod(path, 0)
+    if relative.startswith("package"):
+        (shared / "package" / ".lvb-checked.json").unlink(missing_ok=True)
+        args = ["run", "--package", shared / "package", "--prompt", "hi"]
+    else:
+        args = ["run", "--model", shared / "checkpoint", "--onnx", shared / "work", "--prompt", "hi", "--image", shared / "picture.png"]
+    result = _as_nobody(args)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and expected.format(path=path) in lines[0] and "damaged" not in lines[0], result.stderr

@@ -19,7 +19,7 @@ SRC = Path(lvb.__file__).parent
 # Bottom to top. A module may import from its own layer and the layers below.
 LAYERS: list[tuple[str, ...]] = [
     ("lvb", "lvb.errors"),
-    ("lvb.numerics", "lvb.spec", "lvb.text", "lvb.toolchain", "lvb.tasks", "lvb.hub"),
+    ("lvb.files", "lvb.numerics", "lvb.spec", "lvb.text", "lvb.toolchain", "lvb.tasks", "lvb.hub"),
     ("lvb.contract",),
     ("lvb.masks", "lvb.workdir", "lvb.package", "lvb.bmodel"),
     ("lvb.check", "lvb.devicetime"),
@@ -33,11 +33,14 @@ SIDEWAYS = {
     ("lvb.export", "lvb.patches"),  # the patches apply while transformers' layers are traced
     ("lvb.testing", "lvb.runtime"),  # the stand-in sophon.sail runs its nets on the simulator engine
     ("lvb.verify", "lvb.doctor"),
+    ("lvb.package", "lvb.workdir"),  # pack trusts an export and a compile only as their records say
+    ("lvb.spec", "lvb.files"),  # config.json is read by the one rule for user files
+    ("lvb.text", "lvb.files"),  # so are the tokenizer's and template's files
 }
 # The runtime path: what `lvb run`/`lvb chat` import. It installs on a board without these.
 HEAVY = ("torch", "transformers", "onnx", "safetensors")
 RUNTIME = ("lvb.runtime", "lvb.text", "lvb.masks", "lvb.contract", "lvb.spec", "lvb.numerics", "lvb.workdir", "lvb.devicetime",
-           "lvb.errors", "lvb.toolchain", "lvb.hub", "lvb.package")
+           "lvb.errors", "lvb.files", "lvb.toolchain", "lvb.hub", "lvb.package")
 
 
 def unit(module: str) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from lvb.contract import Kind, Names, NetSpec
-from lvb.numerics import compare, same_tokens
+from lvb.numerics import compare, reaches, same_tokens
 
 
 class CheckMode(str, Enum):
@@ -124,8 +124,10 @@ def thresholds(net: NetSpec, quant: str) -> dict[str, float]:
 
 
 def shortfalls(cosines: Mapping[str, float], need: Mapping[str, float]) -> list[str]:
-    """Each output below its threshold, as "k cosine 0.999812 < 0.99996"."""
-    return [f"{name} cosine {cosines[name]:.6f} < {need[name]}" for name in need if cosines[name] < need[name]]
+    """Each output below its threshold, as "k cosine 0.999812 < 0.99996"; a NaN cosine (or a
+    missing one) is below every threshold."""
+    return [f"{name} cosine {float(cosines.get(name, float('nan'))):.6f} < {need[name]}" for name in need
+            if not reaches(cosines.get(name, float("nan")), need[name])]
 
 
 # Whole answers: token agreement (mean share of each reference answer reproduced before the
@@ -242,7 +244,7 @@ def torch_vs_onnx(net: NetSpec, torch_outputs: list[np.ndarray], onnx_outputs: l
     """(comparison, the miss in one line or None)."""
     result = compare(torch_outputs, onnx_outputs)
     need = TORCH_VS_ONNX[net.kind]
-    if result["cosine"] >= need.min_cosine and result["max_rel_err"] <= need.max_relative_error:
+    if reaches(result["cosine"], need.min_cosine) and reaches(-result["max_rel_err"], -need.max_relative_error):
         return result, None
     return result, (f"{net.name}: PyTorch vs onnxruntime cosine {result['cosine']:.6f}, relative error "
                     f"{result['max_rel_err']:.3g}; need cosine >= {need.min_cosine} and relative error <= "

@@ -6,6 +6,7 @@ Heavy imports (torch, transformers, onnx) happen inside the commands, so
 
 from __future__ import annotations
 
+import errno
 import functools
 import typing
 from inspect import Parameter, Signature, signature
@@ -24,6 +25,7 @@ from lvb.compile.tpumlir import DEFAULT_GROUP_SIZE
 from lvb.contract import DEFAULT_CHUNKS, DEFAULT_SEQ
 from lvb.errors import LvbError
 from lvb.devicetime import DEFAULT_LAUNCH_US
+from lvb.workdir import lock_work
 
 app = typer.Typer(
     name="lvb",
@@ -37,7 +39,7 @@ errors = Console(stderr=True)
 
 ToolchainOption = Annotated[
     Optional[Path],
-    typer.Option("--toolchain", help="tpu-mlir environment (a venv or a folder of its tools); default: LVB_TOOLCHAIN, .venv-tpu, PATH"),
+    typer.Option("--toolchain", readable=False, help="tpu-mlir environment (a venv or a folder of its tools); default: LVB_TOOLCHAIN, .venv-tpu, PATH"),
 ]
 
 RevisionOption = Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit of a Hugging Face repo id (default: main).")]
@@ -58,6 +60,41 @@ def fail(message: object) -> typer.Exit:
     """Print one line naming the problem and its fix; the caller raises the result."""
     say(errors, "error:", "bold red", " ".join(str(message).splitlines()))
     return typer.Exit(code=1)
+
+
+_OS_FIXES = {
+    errno.ENOSPC: "the disk is full: free some space (or pass a folder on another disk) and run again",
+    errno.EDQUOT: "the disk quota is used up: free some space and run again",
+    errno.EROFS: "the file system is read-only: pass a folder on a writable one",
+    errno.EACCES: "make it accessible to this user (chmod, chown), or pass another folder",
+    errno.EPERM: "make it accessible to this user (chmod, chown), or pass another folder",
+}
+
+
+def problem(error: Exception, folder: Path | None = None) -> str:
+    """The one line of an error: an LvbError's message, or for an OS error (a full disk, a
+    read-only mount, a file this user may not read) the file, the reason and the fix. lvb
+    writes to temporary names and renames, so what such an error interrupts is never trusted.
+    `folder`: where the command writes, named when the error does not name its file (a full
+    disk, on write())."""
+    if not isinstance(error, OSError) or isinstance(error, LvbError):
+        return str(error)
+    where = f"{error.filename}: " if error.filename else f"writing in {folder}: " if folder is not None else ""
+    fix = _OS_FIXES.get(error.errno, "check the path and run again")
+    return f"{where}{error.strerror or error}; {fix}"
+
+
+def user_text(text: str, what: str) -> str:
+    """`text` as typed, when it is UTF-8: Python hands bytes that are not (a Latin-1 terminal,
+    `printf 'x\\xff'`) over as lone surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        byte = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+        raise LvbError(f"{what} is not UTF-8 text ({byte} at character {e.start}); set the terminal or file to "
+                       "UTF-8 and type it again") from None
+    return text
 
 
 def plain(value: object) -> Text:
@@ -156,7 +193,7 @@ def _progress():
 @app.command()
 def export(
     model: Annotated[str, typer.Option("--model", help="Checkpoint folder (config.json, safetensors, tokenizer) or Hugging Face repo id.")],
-    out: Annotated[Path, typer.Option("--out", help="Work directory; the nets go to OUT/export.")],
+    out: Annotated[Path, typer.Option("--out", readable=False, help="Work directory; the nets go to OUT/export.")],
     revision: RevisionOption = None,
     seq: Annotated[int, typer.Option(help="Sequence length the KV cache holds (prompt + answer, all turns).", callback=at_least(1))] = DEFAULT_SEQ,
     chunk: Annotated[str, typer.Option(
@@ -173,8 +210,8 @@ def export(
         # The small files as the runtime will read them (a processor config that disagrees with
         # config.json, damaged JSON) fail now, not after an hour of export.
         Checkpoint.load(source.directory)
-    except LvbError as e:
-        raise fail(str(e))
+    except (LvbError, OSError) as e:
+        raise fail(problem(e, out))
     from lvb.export.exporter import export as run_export  # torch: only once the checkpoint is there
     chunks = [int(c) for c in chunk.split(",")] if chunk else None  # None: the default sizes, capped at --seq
 
@@ -187,8 +224,8 @@ def export(
         try:
             manifest = run_export(source.directory, out, seq=seq, chunks=chunks, progress=report, source=source.to_json(),
                                   notify=lambda message: say(progress.console, "note:", "yellow", message))
-        except LvbError as e:
-            raise fail(str(e))
+        except (LvbError, OSError) as e:
+            raise fail(problem(e, out))
     nets = manifest["nets"]
     worst = min(nets.values(), key=lambda n: n["check"]["cosine"])
     say(console, "✓", "bold green", f"{len(nets)} nets in {out / 'export'}; worst onnxruntime-vs-PyTorch cosine "
@@ -197,7 +234,7 @@ def export(
 
 @app.command(name="compile")
 def compile_(
-    work: Annotated[Path, typer.Option("--work", help="Work directory of `lvb export`.")],
+    work: Annotated[Path, typer.Option("--work", readable=False, help="Work directory of `lvb export`.")],
     quant: Annotated[str, typer.Option(help="Decoder blocks: int4 (W4BF16), int8 (W8BF16) or bf16.")] = "int4",
     seq: Annotated[Optional[int], typer.Option(help="Must match the export (default: the export's).", callback=at_least(1))] = None,
     group_size: Annotated[int, typer.Option(help="INT4/INT8 weights share one scale per this many inputs.", callback=at_least(1))] = DEFAULT_GROUP_SIZE,
@@ -215,40 +252,26 @@ def compile_(
         help="Run the per-net jobs on a Ray cluster: auto, ray://HOST:PORT or HOST:PORT (README: Compiling on a cluster).",
     )] = None,
     cluster_shared_dir: Annotated[Optional[Path], typer.Option(
-        help="A folder every cluster node mounts at the same path, holding --work: nodes read and write the cache there "
+        readable=False, help="A folder every cluster node mounts at the same path, holding --work: nodes read and write the cache there "
              "instead of through Ray's object store.",
     )] = None,
 ) -> None:
     """Compile every exported net with tpu-mlir, check it on the simulator, combine into one bmodel."""
-    from lvb.compile.compiler import CompileSettings, Compiler, NetFailed
-    from lvb.toolchain import find_toolchain
+    from lvb.compile.compiler import CompileSettings, NetFailed
 
     settings = CompileSettings(quant=quant, group_size=group_size, chip=chip, vision_quant=vision_quant,
                                embed_quant=embed_quant, head_quant=head_quant, check=check)
     if cluster_shared_dir is not None and not cluster:
         raise fail("--cluster-shared-dir needs --cluster (or LVB_CLUSTER)")
     try:
-        compiler = Compiler(work, settings, find_toolchain(toolchain), seq=seq)
-        with _progress() as progress:
-            task = progress.add_task("compiling", total=len(compiler.jobs), detail="")
-            compiler.notify = lambda message: say(progress.console, "note:", "yellow", message)
-
-            def report(done: int, total: int, running: list[str]) -> None:
-                progress.update(task, completed=done, detail=", ".join(running))
-
-            if cluster:
-                from lvb.compile.cluster import ClusterSettings
-
-                progress.update(task, detail=f"connecting to the Ray cluster at {cluster}")
-                manifest = compiler.run(progress=report, cluster=ClusterSettings(cluster, cluster_shared_dir))
-            else:
-                manifest = compiler.run(jobs=jobs, progress=report)
+        with lock_work(work, "lvb compile"):
+            manifest = _compile(work, settings, toolchain, seq, jobs, cluster, cluster_shared_dir)
     except NetFailed as e:
         if e.log_tail:
             show(errors, e.log_tail)
         raise fail(str(e))
-    except LvbError as e:
-        raise fail(str(e))
+    except (LvbError, OSError) as e:
+        raise fail(problem(e, work))
     retried = [f"{name} {' '.join(r['options'])}" for name, r in manifest["nets"].items() if r["options"]]
     say(console, "✓", "bold green", work / manifest["bmodel"])
     if retried:
@@ -258,9 +281,31 @@ def compile_(
         show(console, f"  kept by tpu-mlir in another dtype than lvb asked (the runtime converts them): {', '.join(kept)}")
 
 
+def _compile(work, settings, toolchain, seq, jobs, cluster, cluster_shared_dir) -> dict:
+    from lvb.compile.compiler import Compiler
+    from lvb.toolchain import find_toolchain
+
+    compiler = Compiler(work, settings, find_toolchain(toolchain), seq=seq)
+    with _progress() as progress:
+        task = progress.add_task("compiling", total=len(compiler.jobs), detail="")
+        compiler.notify = lambda message: say(progress.console, "note:", "yellow", message)
+
+        def report(done: int, total: int, running: list[str]) -> None:
+            progress.update(task, completed=done, detail=", ".join(running))
+
+        if cluster:
+            from lvb.compile.cluster import ClusterSettings
+
+            progress.update(task, detail=f"connecting to the Ray cluster at {cluster}")
+            manifest = compiler.run(progress=report, cluster=ClusterSettings(cluster, cluster_shared_dir))
+        else:
+            manifest = compiler.run(jobs=jobs, progress=report)
+    return manifest
+
+
 @app.command()
 def inspect(
-    bmodel: Annotated[Path, typer.Argument(help="A bmodel made by `lvb compile`.")],
+    bmodel: Annotated[Path, typer.Argument(readable=False, help="A bmodel made by `lvb compile`.")],
     toolchain: ToolchainOption = None,
     device: Annotated[Optional[int], typer.Option(help="Also check the plan against this device's free memory "
                                                        "(sophon.sail; a device id, 0 or more); exit 1 when it does not fit.",
@@ -277,8 +322,8 @@ def inspect(
 
     try:
         info = inspect_bmodel(bmodel, find_toolchain(toolchain))
-    except LvbError as e:
-        raise fail(str(e))
+    except (LvbError, OSError) as e:
+        raise fail(problem(e))
     try:
         record = compile_record(bmodel)
     except NoEstimates as e:
@@ -347,8 +392,8 @@ def _print_preflight(bmodel: Path, device: int, toolchain) -> None:
     show(console, f"sophon.sail {version or 'not installed'}; {where}")
     try:
         check = preflight(bmodel, device, find_toolchain(toolchain))
-    except LvbError as e:
-        raise fail(str(e))
+    except (LvbError, OSError) as e:
+        raise fail(problem(e))
     show(console, f"preflight: {check.line()}")
 
 
@@ -375,8 +420,8 @@ def _print_memory_plan(info) -> None:
 
 @app.command()
 def pack(
-    work: Annotated[Path, typer.Argument(help="Work directory of `lvb export` and `lvb compile`.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder to write the package to (an older package there is replaced).")],
+    work: Annotated[Path, typer.Argument(readable=False, help="Work directory of `lvb export` and `lvb compile`.")],
+    out: Annotated[Path, typer.Option("--out", readable=False, help="Folder to write the package to (an older package there is replaced).")],
     quant: Annotated[Optional[str], typer.Option(help="Which compiled bmodel: int4, int8 or bf16 (default: the newest).")] = None,
     onnx: Annotated[bool, typer.Option("--onnx", help="Add the ONNX nets, for the onnxruntime backend on a machine without a card.")] = False,
     tar: Annotated[bool, typer.Option("--tar", help="Also write OUT.tar.gz.")] = False,
@@ -394,8 +439,8 @@ def pack(
             task = progress.add_task("packing", total=None, detail="")
             package = run_pack(work, out, quant=quant, checkpoint=checkpoint, onnx=onnx, tar=tar,
                                progress=lambda name, done, total: progress.update(task, completed=done, total=total, detail=name))
-    except LvbError as e:
-        raise fail(str(e))
+    except (LvbError, OSError) as e:
+        raise fail(problem(e, out))
     size = sum(entry["size"] for entry in package.manifest["files"].values())
     what = package.manifest["bmodel"] or "ONNX nets only"
     say(console, "✓", "bold green", f"{out}: {what}, {len(package.manifest['files'])} files, {_bytes(size)}")
@@ -443,9 +488,11 @@ def _print_stats(reply) -> None:
 
 ModelOption = Annotated[str, typer.Option("--model", help="Checkpoint folder or Hugging Face repo id (org/name).")]
 RuntimeModelOption = Annotated[Optional[str], typer.Option("--model", help="Checkpoint folder or Hugging Face repo id (org/name): config, tokenizer, chat template, processor.")]
-PackageOption = Annotated[Optional[Path], typer.Option("--package", help="A folder made by `lvb pack`, checked before loading (instead of --model and --bmodel/--onnx).")]
-BmodelOption = Annotated[Optional[Path], typer.Option("--bmodel", help="Combined bmodel from `lvb compile`.")]
-OnnxOption = Annotated[Optional[Path], typer.Option("--onnx", help="Work directory of `lvb export` (onnxruntime backend).")]
+# Every path option is readable=False: click's readable check would answer an unreadable path
+# with a usage box (exit 2); lvb reads it and says what is wrong in one line (exit 1).
+PackageOption = Annotated[Optional[Path], typer.Option("--package", readable=False, help="A folder made by `lvb pack`, checked before loading (instead of --model and --bmodel/--onnx).")]
+BmodelOption = Annotated[Optional[Path], typer.Option("--bmodel", readable=False, help="Combined bmodel from `lvb compile`.")]
+OnnxOption = Annotated[Optional[Path], typer.Option("--onnx", readable=False, help="Work directory of `lvb export` (onnxruntime backend).")]
 BackendOption = Annotated[Optional[str], typer.Option(help="sail (device), cmodel (simulator) or onnxruntime; default: sail for a bmodel where sophon.sail imports, else onnxruntime when there are ONNX nets, else cmodel.")]
 SampleOption = Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Sample or take the most likely token (default: the checkpoint's generation_config).")]
 MaxNewTokensOption = Annotated[Optional[int], typer.Option(help="Stop an answer after this many tokens, 1 or more (default: at a stop token or when the sequence is full).", callback=at_least(1))]
@@ -480,11 +527,20 @@ class ChatOptions:
         from lvb.runtime.pipeline import Checkpoint, Session
         from lvb.toolchain import find_toolchain
 
+        if self.bmodel is not None and self.onnx is not None:  # one of them would be ignored
+            raise LvbError("--bmodel and --onnx name two models and a backend runs one: pass --bmodel (cmodel, sail) "
+                           "or --onnx (onnxruntime)")
         model, bmodel, onnx = runtime_inputs(self.model, self.revision, self.bmodel, self.onnx, self.package)
         # The small files and every option first: no engine is loaded for a run that cannot go ahead.
         checkpoint = Checkpoint.load(model)
         self.sampling(checkpoint)
         backend = self.backend or default_backend(bmodel, onnx)
+        if self.package is not None and backend == "onnxruntime" and onnx is None:
+            raise LvbError(f"--package {self.package} holds no ONNX nets, which the onnxruntime backend runs; use "
+                           "--backend cmodel or sail, or pack again with `lvb pack --onnx`")
+        if self.package is not None and backend in ("cmodel", "sail") and bmodel is None:
+            raise LvbError(f"--package {self.package} holds ONNX nets only, and the {backend} backend runs a bmodel; "
+                           "use --backend onnxruntime, or pack a compiled work directory")
         engine = open_engine(backend, bmodel=bmodel, onnx_work=onnx,
                              toolchain=find_toolchain(self.toolchain) if backend == "cmodel" else None)
         check = getattr(engine, "preflight", None)  # the device memory check, on sail
@@ -528,7 +584,7 @@ def with_chat_options(command):
 def run(
     prompt: Annotated[str, typer.Option("--prompt", help="The question.")],
     options: ChatOptions,
-    image: Annotated[Optional[Path], typer.Option("--image", help="A picture to ask about.")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", readable=False, help="A picture to ask about.")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print first-token latency, prompt tokens and tokens/s to stderr.")] = False,
 ) -> None:
     """Answer one question (about one picture) and print the answer on stdout."""
@@ -536,11 +592,11 @@ def run(
         session = options.open_session()
         with session.engine:
             sampling = options.sampling(session.checkpoint)
-            reply = session.ask(prompt, image=image, sampling=sampling, max_new_tokens=options.max_new_tokens,
+            reply = session.ask(user_text(prompt, "--prompt"), image=image, sampling=sampling, max_new_tokens=options.max_new_tokens,
                                 on_text=lambda piece: print(piece, end="", flush=True))
             print()
-    except LvbError as e:
-        raise fail(str(e))
+    except (LvbError, OSError) as e:
+        raise fail(problem(e))
     for notice in reply.notices:
         say(errors, "note:", "yellow", notice)
     if stats:
@@ -554,17 +610,21 @@ CHAT_HELP = "commands: /image PATH (picture for your next message), /reset (new 
 @with_chat_options
 def chat(
     options: ChatOptions,
-    image: Annotated[Optional[Path], typer.Option("--image", help="A picture for the first message.")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", readable=False, help="A picture for the first message.")] = None,
     truncate_history: Annotated[bool, typer.Option(help="Drop the oldest exchanges when the chat outgrows the sequence.")] = False,
 ) -> None:
     """Multi-turn chat; a new picture can come with any message. Errors are reported and the chat goes on."""
     try:
         session = options.open_session(truncate_history)
         sampling = options.sampling(session.checkpoint)
-    except LvbError as e:
-        raise fail(str(e))
+    except (LvbError, OSError) as e:
+        raise fail(problem(e))
     show(console, f"{session.engine.backend} · seq {session.seq} · {CHAT_HELP}", style="dim")
     pending_image = image
+    import sys
+
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is reported, and the chat goes on
+        sys.stdin.reconfigure(errors="surrogateescape")
     with session.engine:
         while True:
             try:
@@ -587,16 +647,26 @@ def chat(
             if line.startswith("/"):
                 show(console, CHAT_HELP, style="dim")
                 continue
+            try:
+                user_text(line, "your message")
+            except LvbError as e:
+                say(errors, "error:", "bold red", str(e))
+                continue
             console.print("[bold magenta]lvb>[/] ", end="")
             try:
                 reply = session.ask(line, image=pending_image, sampling=sampling, max_new_tokens=options.max_new_tokens,
                                     on_text=lambda piece: show(console, piece, end=""))
             except LvbError as e:
+                from lvb.runtime.image import ImageError
+
                 console.print()
                 say(errors, "error:", "bold red", " ".join(str(e).splitlines()))
+                if pending_image is not None and not isinstance(e, ImageError):  # the picture was fine: keep it
+                    say(errors, "note:", "yellow", f"{pending_image} comes with your next message (/image alone drops it)")
+                else:
+                    pending_image = None
                 continue
-            finally:
-                pending_image = None
+            pending_image = None
             console.print()
             for notice in reply.notices:
                 say(errors, "note:", "yellow", notice)
@@ -640,8 +710,8 @@ def serve(
         check_api_key(api_key)
         session = ChatOptions(model=model, revision=revision, package=package, bmodel=bmodel, onnx=onnx,
                               backend=backend, toolchain=toolchain).open_session(truncate_history=history == "truncate")
-    except LvbError as e:
-        raise fail(str(e))
+    except (LvbError, OSError) as e:
+        raise fail(problem(e))
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -661,7 +731,7 @@ def serve(
 @app.command()
 def verify(
     model: ModelOption,
-    work: Annotated[Path, typer.Option("--work", help="Work directory of `lvb export` and `lvb compile`.")],
+    work: Annotated[Path, typer.Option("--work", readable=False, help="Work directory of `lvb export` and `lvb compile`.")],
     quant: Annotated[str, typer.Option(help="Which compiled bmodel to check: int4, int8 or bf16.")] = "int4",
     backend: Annotated[str, typer.Option(help="cmodel (simulator), sail (device) or onnxruntime (the ONNX nets only).")] = "cmodel",
     pictures: Annotated[int, typer.Option(help="Fresh pictures for the task accuracy, when the checkpoint has a task (1 or more).", callback=at_least(1))] = 100,
@@ -680,8 +750,8 @@ def verify(
             data = run_verify(model_dir, work, quant=quant, backend=backend, pictures=pictures,
                               toolchain=find_toolchain(toolchain) if backend == "cmodel" else None,
                               progress=lambda what, i, t: progress.update(task, completed=i, total=t, detail=what))
-    except LvbError as e:
-        raise fail(str(e))
+    except (LvbError, OSError) as e:
+        raise fail(problem(e, work))
     table = Table(title=plain(f"per net: cosine similarity ({data['backend']}{', ' + data['bmodel'] if data['bmodel'] else ''})"))
     for column in ("net", "quant", "compile check", "PyTorch vs ORT", "ORT vs bmodel", "bmodel vs fp32"):
         table.add_column(column)

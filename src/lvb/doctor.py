@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from lvb.check import DOCTOR_MIN_COSINE
+from lvb.numerics import reaches
 from lvb.toolchain import BUNDLED_GLIBC, Toolchain, ToolchainError, ToolFailed, find_toolchain
 
 PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "tpu_mlir")
@@ -138,7 +139,7 @@ def run_doctor(toolchain_arg: str | None = None, status=None) -> Report:
         except Exception as e:  # any failure of the chain is the finding, reported in one line
             report.problems.append(Problem(f"the end-to-end check failed: {type(e).__name__}: {e}".splitlines()[0], "run `make setup` to rebuild .venv-tpu"))
             return report
-    if report.cosine < DOCTOR_MIN_COSINE:
+    if not reaches(report.cosine, DOCTOR_MIN_COSINE):
         report.problems.append(
             Problem(f"the simulator disagrees with onnxruntime (cosine {report.cosine:.6f} < {DOCTOR_MIN_COSINE:.6f})",
                     "reinstall tpu-mlir (`make clean setup`)")

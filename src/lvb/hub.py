@@ -88,14 +88,20 @@ def resolve_model(value: str | Path, revision: str | None = None, weights: bool 
 
 
 def _download(repo_id: str, revision: str | None, weights: bool) -> Path:
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    try:  # huggingface_hub parses its HF_* variables on import (HF_HUB_ETAG_TIMEOUT=abc is a ValueError)
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ValueError as e:
+        raise HubError(f"huggingface_hub cannot start with this environment ({e}); fix or unset the HF_* "
+                       "variables, or pass a local folder") from None
+    if not re.match(r"https?://[^/]", str(constants.ENDPOINT)):
+        raise HubError(f"HF_ENDPOINT {constants.ENDPOINT!r} is not an http(s) URL; fix or unset it, or pass a local folder")
 
     patterns = list(RUNTIME_FILES) + (list(WEIGHT_FILES) if weights else [])
     try:
@@ -117,6 +123,11 @@ def _download(repo_id: str, revision: str | None, weights: bool) -> Path:
     except HfHubHTTPError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HubError(f"the Hugging Face Hub refused {repo_id} ({first}); try again later or pass a local folder") from None
+    except OSError as e:  # the cache or token under HF_HOME: not a folder, not writable, full (the Hub's own
+        # errors, some of them OSErrors, are caught above)
+        where = e.filename or constants.HF_HUB_CACHE
+        raise HubError(f"cannot use the Hugging Face cache at {where} ({e.strerror or e}); set HF_HOME (or "
+                       "HF_HUB_CACHE) to a writable folder, or pass a local folder") from None
 
 
 def _check_complete(repo_id: str, directory: Path, weights: bool) -> None:

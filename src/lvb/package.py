@@ -32,10 +32,13 @@ from pathlib import Path
 import lvb
 from lvb.errors import LvbError
 from lvb.hub import RUNTIME_FILES
+from lvb.workdir import (COMPILE_VERSION, WorkDir, WorkDirError, lock_folder, matches_record, read_manifest,
+                         remove_stale_scratch)
 
 MANIFEST = "lvb-package.json"
 STAMP = ".lvb-checked.json"
 FORMAT = 1
+QUANTS = ("int4", "int8", "bf16")
 CHECKPOINT = "checkpoint"
 EXPORT = "export"
 _BLOCK = 1 << 20
@@ -74,12 +77,9 @@ class Package:
 
 def _newest_compile(work: Path, quant: str | None) -> dict:
     candidates = []
-    for path in (work / "compile").glob("*.json"):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if not isinstance(data, dict) or "bmodel" not in data or not (work / data["bmodel"]).is_file():
+    for path in WorkDir(work).compile_manifests():
+        data = read_manifest(path, COMPILE_VERSION)
+        if not isinstance(data.get("bmodel"), str) or not (work / data["bmodel"]).is_file():
             continue
         if quant is None or data.get("settings", {}).get("quant") == quant:
             candidates.append((path.stat().st_mtime, data))
@@ -90,16 +90,29 @@ def _newest_compile(work: Path, quant: str | None) -> dict:
     return max(candidates, key=lambda c: c[0])[1]
 
 
-def _export_manifest(work: Path) -> dict:
-    path = work / "export" / "manifest.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise PackageError(f"{work} holds no export; run `lvb export --out {work}` first") from None
+def _trusted_compile(work: Path, compiled: dict, export: dict) -> None:
+    """The bmodel is the file its compile recorded, compiled from the export as it is now;
+    else PackageError naming the mismatch: a package is only as good as what went into it."""
+    rerun = f"run `lvb compile --work {work} --quant {compiled.get('settings', {}).get('quant', 'int4')}` again"
+    problem = matches_record(work / compiled["bmodel"], compiled.get("file"))
+    if problem:
+        raise PackageError(f"{problem}; {rerun}")
+    settings = compiled.get("settings", {})
+    for name in ("seq", "chunks"):
+        if settings.get(name) != export["settings"].get(name):
+            raise PackageError(f"{compiled['bmodel']} was compiled from an export of {name} {settings.get(name)}, but "
+                               f"the export in {work} is now {name} {export['settings'].get(name)}; {rerun}")
+    keys = compiled.get("export")
+    if keys != {name: entry.get("key") for name, entry in export["nets"].items()}:
+        raise PackageError(f"{compiled['bmodel']} was not compiled from the export now in {work} (its nets were "
+                           f"exported again since, or it predates this check); {rerun}")
 
 
-def _copy(source: Path, target: Path, done: int, total: int, progress: Progress | None) -> tuple[dict, int]:
-    """Copy and hash in one pass; returns the manifest entry and the bytes done so far."""
+def _copy(source: Path, target: Path, done: int, total: int, progress: Progress | None,
+          expected: str | None = None) -> tuple[dict, int]:
+    """Copy and hash in one pass; returns the manifest entry and the bytes done so far. A copy
+    whose sha256 is not `expected` (what the export or compile recorded) is refused: a file
+    changed under its record is never packed as good."""
     digest = hashlib.sha256()
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(source, "rb") as src, open(target, "wb") as dst:
@@ -109,6 +122,9 @@ def _copy(source: Path, target: Path, done: int, total: int, progress: Progress 
             done += len(block)
             if progress:
                 progress(target.name, done, total)
+    if expected is not None and digest.hexdigest() != expected:
+        raise PackageError(f"{source} changed since lvb wrote it (its sha256 is not the one recorded); "
+                           "run the stage that made it again (`lvb export` or `lvb compile`)")
     return {"size": target.stat().st_size, "sha256": digest.hexdigest()}, done
 
 
@@ -134,40 +150,60 @@ def pack(work: Path, out: Path, quant: str | None = None, checkpoint: Path | Non
          tar: bool = False, progress: Progress | None = None) -> Package:
     """Write the package of work directory `work` to `out` (replacing an older package there).
     `checkpoint` overrides the folder the export was made from (for its small files)."""
-    work, out = Path(work), Path(out)
-    export = _export_manifest(work)
+    work, out = Path(work), Path(os.path.abspath(out))  # `--out .` names the folder it is run in
+    if quant is not None and quant not in QUANTS:
+        raise PackageError(f"--quant {quant} is not one of {', '.join(QUANTS)}")
+    if out.resolve() == work.resolve() or out.resolve() in work.resolve().parents or work.resolve() in out.resolve().parents:
+        raise PackageError(f"--out {out} overlaps the work directory {work}; pass a folder outside it")
+    try:  # what every reader checks: finished, and each net's files the recorded ones
+        export = WorkDir(work).require_export()
+    except WorkDirError as e:
+        raise PackageError(str(e)) from None
     try:
         compiled = _newest_compile(work, quant)
     except PackageError:
         if not onnx or quant is not None:  # an ONNX-only package, unless a bmodel was asked for
             raise
         compiled = None
+    if compiled:
+        _trusted_compile(work, compiled, export)
     checkpoint = Path(checkpoint or export.get("model", {}).get("dir", ""))
     if not (checkpoint / "config.json").is_file():
         raise PackageError(f"the checkpoint {work} was exported from ({checkpoint}) is gone; pass --model with it")
     if out.exists() and not (out / MANIFEST).is_file():
         raise PackageError(f"{out} exists and is not an lvb package; choose another --out or remove it")
 
+
     sources: dict[str, Path] = {}
+    expected: dict[str, str] = {}  # the sha256 each recorded source must still have
     for name in RUNTIME_FILES:
         if (checkpoint / name).is_file():
             sources[f"{CHECKPOINT}/{name}"] = checkpoint / name
     if compiled:
         sources[compiled["bmodel"]] = work / compiled["bmodel"]
+        expected[compiled["bmodel"]] = compiled["file"].get("sha256")
     if onnx:
-        for entry in export["nets"].values():
-            net_dir = (work / "export" / entry["file"]).parent
-            for path in sorted(net_dir.iterdir()):
-                if path.suffix in (".onnx", ".weights"):  # not check.npz: the export's own test data
-                    sources[f"{EXPORT}/{path.relative_to(work / 'export').as_posix()}"] = path
+        for name, entry in export["nets"].items():
+            for file, record in entry["files"].items():
+                if Path(file).suffix in (".onnx", ".weights"):  # not check.npz: the export's own test data
+                    relative = f"{EXPORT}/{name}/{file}"
+                    sources[relative], expected[relative] = work / "export" / name / file, record.get("sha256")
 
+    with lock_folder(out.with_name(f".{out.name}.lock"), f"--out {out}", "lvb pack"):
+        return _write(work, out, export, compiled, checkpoint, onnx, tar, sources, expected, progress)
+
+
+def _write(work, out, export, compiled, checkpoint, onnx, tar, sources, expected, progress) -> Package:
+    # A killed pack's temporary folder (its process gone) is never trusted, and not kept either.
+    remove_stale_scratch(out.parent, pattern=f".{out.name}.tmp-*")
+    remove_stale_scratch(out.parent, pattern=f".{out.name}.old-*")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         files, done = {}, 0
         total = sum(p.stat().st_size for p in sources.values())
         for relative, source in sources.items():
-            files[relative], done = _copy(source, tmp / relative, done, total, progress)
+            files[relative], done = _copy(source, tmp / relative, done, total, progress, expected.get(relative))
         if onnx:
             files[f"{EXPORT}/manifest.json"] = _package_export_manifest(export, files, tmp)
         manifest = {
@@ -243,23 +279,61 @@ def _sha256(path: Path, done: int, total: int, progress: Progress | None) -> tup
     return digest.hexdigest(), done
 
 
+def _damaged(path: Path, why: str) -> PackageError:
+    return PackageError(f"{path} is damaged ({why}); copy the package again or re-run `lvb pack`")
+
+
+def _entries(path: Path, manifest) -> dict:
+    """The manifest's files, each {"size": int, "sha256": 64 hex digits}; else PackageError
+    saying which field has which wrong type."""
+    if not isinstance(manifest, dict):
+        raise _damaged(path, "it is not a JSON object")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise _damaged(path, f"its files is {type(files).__name__ if files is not None else 'missing'}, not an object")
+    if not files:
+        raise _damaged(path, "it lists no files, so it vouches for nothing")
+    for relative, entry in files.items():
+        if not isinstance(entry, dict):
+            raise _damaged(path, f"the entry of {relative} is {entry!r}, not an object")
+        size, digest = entry.get("size"), entry.get("sha256")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise _damaged(path, f"the size of {relative} is {size!r} ({type(size).__name__}), not a whole number of bytes")
+        if not isinstance(digest, str) or len(digest) != 64 or set(digest) - set("0123456789abcdef"):
+            raise _damaged(path, f"the sha256 of {relative} is {digest!r}, not 64 hex digits")
+        if Path(relative).is_absolute() or ".." in Path(relative).parts:
+            raise _damaged(path, f"{relative} is outside the package")
+    return files
+
+
 def open_package(directory: str | Path, progress: Progress | None = None) -> Package:
     """The package in `directory`, after checking every file its manifest lists: present,
-    the size and the sha256 it was packed with. Raises PackageError naming the first bad file."""
+    the size and the sha256 it was packed with; and that it lists every file the package
+    holds. Raises PackageError naming the first bad file."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
         raise PackageError(f"{directory} is not an lvb package (no {MANIFEST}); make one with `lvb pack WORK --out DIR`")
     try:
         manifest = json.loads(path.read_text())
-        files = manifest["files"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise PackageError(f"{path} is damaged; copy the package again or re-run `lvb pack`") from None
-    if manifest.get("format") != FORMAT:
-        raise PackageError(f"{directory} is package format {manifest.get('format')}, this lvb {lvb.__version__} "
-                           f"reads format {FORMAT}; install the lvb that made it ({manifest.get('versions', {}).get('lvb')})")
+    except OSError as e:
+        raise PackageError(f"cannot read {path} ({e.strerror}); make the package readable") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise _damaged(path, "not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or isinstance(manifest.get("format"), bool):
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise PackageError(f"{directory} is package format {found!r} ({type(found).__name__}), this lvb {lvb.__version__} "
+                           f"reads format {FORMAT!r} (int); install the lvb that made it "
+                           f"({(manifest.get('versions') or {}).get('lvb') if isinstance(manifest, dict) else None}) or pack again")
+    files = _entries(path, manifest)
+    unlisted = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                      if not p.is_dir() and p.name not in (MANIFEST, STAMP) and not p.name.startswith(f"{STAMP}.tmp-")
+                      and p.relative_to(directory).as_posix() not in files)
+    if unlisted:
+        raise PackageError(f"{directory / unlisted[0]} is in the package but not in its manifest; copy the package "
+                           "again or re-run `lvb pack`")
     stamp = _read_stamp(directory)
-    total = sum(int(entry["size"]) for entry in files.values())
+    total = sum(entry["size"] for entry in files.values())
     done = 0
     checked = {}
     for relative, entry in files.items():
@@ -273,7 +347,10 @@ def open_package(directory: str | Path, progress: Progress | None = None) -> Pac
         if stamp.get(relative) == [entry["sha256"], *fingerprint]:
             done += entry["size"]
         else:
-            digest, done = _sha256(file, done, total, progress)
+            try:
+                digest, done = _sha256(file, done, total, progress)
+            except OSError as e:
+                raise PackageError(f"cannot read {file} ({e.strerror}); make the package readable") from None
             if digest != entry["sha256"]:
                 raise PackageError(f"{file} does not match the package manifest (sha256 differs): damaged or "
                                    "from another package; copy the package again")
@@ -287,15 +364,19 @@ def _read_stamp(directory: Path) -> dict:
     try:
         data = json.loads((directory / STAMP).read_text())
         return data if isinstance(data, dict) else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 
 def _write_stamp(directory: Path, checked: dict) -> None:
-    """Best effort: a read-only package is simply hashed every time."""
+    """Best effort: a package lvb cannot write to (a read-only mount, a board's read-only
+    partition, another user's folder) is simply hashed every time; so is its cleanup."""
     tmp = directory / f"{STAMP}.tmp-{os.getpid()}"
     try:
         tmp.write_text(json.dumps(checked))
         os.replace(tmp, directory / STAMP)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # EROFS even for a file that is not there
+            pass

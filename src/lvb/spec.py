@@ -8,6 +8,7 @@ dimension is exactly how ports end up working for one checkpoint only.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,18 @@ class _Reader:
 
     def float(self, key: str) -> float:
         value = self._get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             raise SpecError(f"config.json: {self.where}{key} must be a positive number, got {value!r}")
         return float(value)
 
     def ints(self, key: str) -> tuple[int, ...]:
+        """A non-empty list of integers: every list lvb reads names at least one layer."""
         value = self._get(key)
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise SpecError(f"config.json: {self.where}{key} must be a list of integers, got {value!r}")
+        if not value:
+            raise SpecError(f"config.json: {self.where}{key} is empty; an mllama checkpoint names at least one layer "
+                            "there (re-save the checkpoint with transformers)")
         return tuple(value)
 
     def square(self, key: str) -> int:
@@ -163,6 +168,12 @@ class VisionSpec:
     kept_layers: tuple[int, ...] = field(init=False)
 
     def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise SpecError(
+                f"config.json: vision_config.hidden_size {self.hidden_size} is not a multiple of attention_heads {self.num_heads}"
+            )
+        if not self.supported_aspect_ratios:
+            raise SpecError("config.json: vision_config.supported_aspect_ratios is empty; it lists at least one [rows, cols]")
         if self.image_size % self.patch_size:
             raise SpecError(
                 f"config.json: vision_config.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
@@ -270,7 +281,15 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
         raise SpecError(f"{model_dir}: no such directory; pass the folder that holds the checkpoint's config.json")
     if not path.is_file():
         raise SpecError(f"{model_dir}: no config.json; pass the folder of a Hugging Face checkpoint")
+    from lvb.files import FileError, read_text
+
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path}: not valid JSON ({e}); re-save the checkpoint") from e
+        text = read_text(path, "re-save the checkpoint")
+    except FileError as e:
+        raise SpecError(str(e)) from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise SpecError(f"{path}: not valid JSON (nested too deeply to read); re-save the checkpoint") from None
+    except ValueError as e:
+        raise SpecError(f"{path}: not valid JSON ({e}); re-save the checkpoint") from None

@@ -28,6 +28,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
 from lvb.errors import LvbError
+from lvb.files import FileError, read_json, read_text
 
 IMAGE_TOKEN = "<|image|>"  # MllamaProcessor's placeholder unless the tokenizer names another
 
@@ -42,12 +43,12 @@ class TextError(LvbError, ValueError):
 
 def read_json_object(path: Path) -> dict[str, Any] | None:
     """A small JSON file of the checkpoint, None when absent; a damaged one is one line."""
-    if not path.is_file():
+    if not path.exists():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TextError(f"{path} is not valid JSON ({e}); copy it again from the original checkpoint") from None
+        data = read_json(path, "copy it again from the original checkpoint")
+    except FileError as e:
+        raise TextError(str(e)) from None
     if not isinstance(data, dict):
         raise TextError(f"{path} should hold a JSON object; copy it again from the original checkpoint")
     return data
@@ -236,8 +237,11 @@ def find_chat_template(model_dir: str | Path) -> tuple[str, str]:
         if template is not None:
             return _default_template(template, str(model_dir / name)), name
     jinja = model_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8"), jinja.name
+    if jinja.exists():
+        try:
+            return read_text(jinja, "copy it again from the original checkpoint"), jinja.name
+        except FileError as e:
+            raise TextError(str(e)) from None
     template = _read_json(model_dir / "tokenizer_config.json").get("chat_template")
     if template is not None:
         return _default_template(template, str(model_dir / "tokenizer_config.json")), "tokenizer_config.json"
@@ -360,12 +364,16 @@ def build_string_from_input(prompt: str, bos_token: str, image_token: str) -> st
     return f"{image_token * n}{bos_token}{prompt}"
 
 
-def _as_ids(value: Any) -> list[int]:
+def _as_ids(value: Any, where: str) -> list[int]:
+    """Token ids as a checkpoint's JSON gives them (one id or a list), each checked: `where`
+    names the file and key for the one-line error."""
     if value is None:
         return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise TextError(f"{where} is {value!r}; it must be a token id (an integer >= 0) or a list of them: "
+                        "copy the file again from the original checkpoint")
+    return values
 
 
 class Tokenizer:
@@ -389,7 +397,7 @@ class Tokenizer:
         self.pad_id = tokenizer.token_to_id(pad_token) if pad_token is not None else None
         self.image_token = image_token
         self.image_id = self.id_of(image_token)
-        self.stop_ids: frozenset[int] = frozenset(_as_ids(extra_stop_ids)) | (
+        self.stop_ids: frozenset[int] = frozenset(_as_ids(extra_stop_ids, "extra_stop_ids")) | (
             {self.eos_id} if self.eos_id is not None else set()
         )
         # Number of ids the tokenizer knows, added tokens included (len(tokenizer) in transformers).
@@ -425,24 +433,24 @@ class Tokenizer:
 
         bos = special.get("bos_token")
         if bos is None and generation.get("bos_token_id") is not None:
-            bos = tokenizer.id_to_token(int(generation["bos_token_id"]))
+            bos = tokenizer.id_to_token(_as_ids(generation["bos_token_id"], f"{model_dir / 'generation_config.json'}: bos_token_id")[0])
         if bos is None:
             raise TextError(f"{model_dir}: no bos_token in tokenizer_config.json or generation_config.json")
 
         # generate() stops on generation_config's eos ids (the model config's when it has none).
-        stop = generation.get("eos_token_id")
+        stop, where = generation.get("eos_token_id"), "generation_config.json"
         if stop is None:
-            stop = text_config.get("eos_token_id")
+            stop, where = text_config.get("eos_token_id"), "config.json"
         result = cls(
             tokenizer,
             bos_token=bos,
             eos_token=special.get("eos_token"),
             image_token=special.get("image_token", IMAGE_TOKEN),
             pad_token=special.get("pad_token"),
-            extra_stop_ids=_as_ids(stop),
+            extra_stop_ids=_as_ids(stop, f"{model_dir / where}: eos_token_id"),
         )
         expected = config.get("image_token_index")
-        if expected is not None and int(expected) != result.image_id:
+        if expected is not None and _as_ids(expected, f"{model_dir / 'config.json'}: image_token_index") != [result.image_id]:
             raise TextError(
                 f"{model_dir}: config.json image_token_index is {expected} but the tokenizer gives "
                 f"{result.image_token} id {result.image_id}; the config and tokenizer come from different checkpoints"

@@ -22,10 +22,13 @@ file a cache reuses is recorded (`record_file`) and checked before reuse
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lvb.errors import LvbError
@@ -104,6 +107,8 @@ class WorkDir:
                                f"{rerun} again to finish it")
         for name, entry in nets.items():  # what the export recorded, or nothing is read
             damaged = damaged_files(self.net_dir(name), entry.get("files"))
+            if damaged and damaged[0].startswith("cannot read"):  # intact, for all lvb knows
+                raise WorkDirError(f"{damaged[0]}; make it readable by this user (chmod, chown) or run as its owner")
             if damaged:
                 raise WorkDirError(f"{damaged[0]}: the export is damaged; {rerun} again")
         return manifest
@@ -123,9 +128,93 @@ def scratch(final: Path) -> Path:
     return tmp
 
 
-def remove_stale_scratch(root: Path, levels: int = 0) -> None:
+LOCK_FILE = ".lvb.lock"
+_held: dict[Path, int] = {}  # the locks this process holds, with how many times it took each
+
+
+@contextmanager
+def lock_folder(lock: Path, what: str, by: str) -> Iterator[None]:
+    """Hold `lock` (a file, created for the block and removed after it) for the block, or raise
+    WorkDirError naming the process that holds it: two lvb commands writing one work directory
+    or package at once leave a tree each of them believes in. `what` names the folder in the
+    message, `by` the command taking it ("lvb export"), which a second one is told.
+    The lock is the kernel's (flock), so a killed holder releases it (and its file, left
+    behind, is taken over); nested use in one process is allowed."""
+    lock = Path(lock).absolute()
+    if lock in _held:
+        _held[lock] += 1
+        try:
+            yield
+        finally:
+            _held[lock] -= 1
+        return
+    fd = _take(lock, what, by)
+    if fd is None:  # a read-only file system: nothing can write there, so nobody else can either
+        yield
+        return
+    _held[lock] = 1
+    try:
+        yield
+    finally:
+        del _held[lock]
+        try:
+            os.unlink(lock)  # while still held: a waiting process then finds its file gone and retries
+        except OSError:
+            pass
+        os.close(fd)  # releases the lock
+
+
+def _take(lock: Path, what: str, by: str) -> int | None:
+    """An open descriptor of `lock`, flock'ed by this process, or None on a read-only file system."""
+    import fcntl
+
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if e.errno == errno.EROFS:
+                return None
+            raise WorkDirError(f"{what}: cannot create the lock {lock} ({e.strerror}); pass a writable folder") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise WorkDirError(f"{what} is in use by {holder}; wait for it to finish, or stop it and run again") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:  # its holder removed it between our open and our flock
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{by} (pid {os.getpid()})".encode(), 0)
+            return fd
+        os.close(fd)
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` and a file in it, and remove the file: a read-only file system or a
+    folder this user may not write fails here, before the work, with the OSError the CLI
+    reports in one line (a full disk shows when the work writes)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = _temporary(folder / ".lvb-write-probe")
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
+def lock_work(work: Path, by: str):
+    """The work directory's lock (lock_folder), held by each command that writes into it:
+    export, compile, verify. A folder that is not there is left to the command to name."""
+    from contextlib import nullcontext
+
+    work = Path(work)
+    return lock_folder(work / LOCK_FILE, f"the work directory {work}", by) if work.is_dir() else nullcontext()
+
+
+def remove_stale_scratch(root: Path, levels: int = 0, pattern: str = ".*.tmp-*") -> None:
     """Delete the temporaries `levels` folders below `root` whose process is gone."""
-    for tmp in root.glob("*/" * levels + ".*.tmp-*"):
+    for tmp in root.glob("*/" * levels + pattern):
         try:
             os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
         except (PermissionError, ValueError):
@@ -148,7 +237,7 @@ def read_manifest(path: Path, version: int) -> dict:
     """A manifest of `version`, or {} when it is missing, unreadable or of another version."""
     try:
         manifest = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or bad UTF-8
         return {}
     return manifest if isinstance(manifest, dict) and manifest.get("version") == version else {}
 
@@ -181,10 +270,15 @@ def matches_record(path: Path, record: dict | None) -> str | None:
         return f"{path} is missing"
     if stat.st_size != record["size"]:
         return f"{path} is {stat.st_size} bytes, not the {record['size']} written (truncated or overwritten)"
+    if not os.access(path, os.R_OK):  # not damaged: another user's, or chmod'ed
+        return f"cannot read {path} (permission denied)"
     if stat.st_mtime_ns == record.get("mtime_ns"):
         return None
-    if "sha256" in record and _digest(path) != record["sha256"]:
-        return f"{path} changed since lvb wrote it"
+    try:
+        if "sha256" in record and _digest(path) != record["sha256"]:
+            return f"{path} changed since lvb wrote it"
+    except OSError as e:
+        return f"cannot read {path} ({e.strerror or e})"
     return None
 
 

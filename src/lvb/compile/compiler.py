@@ -31,6 +31,7 @@ from lvb.check import CheckMode, load_check, onnx_vs_bmodel, shortfalls, thresho
 from lvb.contract import Kind, NetSpec, QuantGroup, plan
 from lvb.devicetime import read_profile
 from lvb.errors import LvbError
+from lvb.numerics import lowest
 from lvb.spec import ModelSpec
 from lvb.toolchain import Toolchain, ToolchainError, ToolFailed, ToolServer
 from lvb.workdir import (COMPILE_VERSION, WorkDir, WorkDirError, cache_key, damaged_files, matches_record, read_manifest, record_file,
@@ -267,8 +268,8 @@ def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: To
     if not checks:
         return bmodel, None, device
     cost = {key: round(sum(c[key] for c in checks), 2) for key in ("simulator_seconds", "seconds")}  # every stage's
-    worst = min(checks, key=lambda c: c["cosine"])
-    cosines = {name: min(c["cosines"][name] for c in checks) for name in worst["cosines"]}  # each output's worst stage
+    worst = min(checks, key=lambda c: (c["cosine"] == c["cosine"], c["cosine"]))  # a NaN first
+    cosines = {name: lowest(c["cosines"][name] for c in checks) for name in worst["cosines"]}  # each output's worst stage
     return bmodel, worst | {"cosines": cosines} | cost, device
 
 
@@ -422,7 +423,13 @@ class Compiler:
         problem = matches_record(self.bmodel, previous.get("file"))
         if problem is not None:
             self.notify(f"{problem}; combining it again")
+        elif "export" not in previous:  # made before the manifest named its export: `lvb pack` checks it
+            write_json(self._manifest_path(), previous | {"export": self._export_keys()})
         return problem is None
+
+    def _export_keys(self) -> dict[str, str]:
+        """Which export the bmodel is compiled from: each net's export key."""
+        return {j.name: j.export_key for j in self.jobs}
 
     def _manifest_path(self) -> Path:
         return self.dir.compile_manifest(self.bmodel)
@@ -517,6 +524,7 @@ class Compiler:
             "settings": vars(self.settings) | {"seq": self.seq, "chunks": list(self.chunks), **executed},
             "toolchain": {"tpu_mlir": self.toolchain_version, "source": self.toolchain.source},
             "nets": {j.name: j.result for j in self.jobs},
+            "export": self._export_keys(),
         }
         write_json(self._manifest_path(), manifest)
         return manifest

@@ -19,8 +19,9 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, is_dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from lvb.contract import DEFAULT_CHUNKS, DEFAULT_SEQ, NetSpec, chunk_sizes, plan
 from lvb.errors import LvbError
 from lvb.export.weights import CheckpointWeights
 from lvb.spec import ModelSpec
-from lvb.workdir import (EXPORT_VERSION, WorkDir, cache_key, damaged_files, record_file, remove_stale_scratch,
+from lvb.workdir import (EXPORT_VERSION, WorkDir, lock_work, cache_key, damaged_files, record_file, remove_stale_scratch,
                          scratch, write_json)
 
 OPSET = 17  # tpu-mlir rejects the opset-18 graphs of the dynamo exporter
@@ -69,6 +70,88 @@ def net_key(net: NetSpec, versions: dict, weights_digest: str) -> str:
 
     return cache_key(net.to_json(), OPSET, GRAPH_FORM, versions, PARTS[net.kind].revision, weights_digest,
                      [p.attribute for p in patches.PATCHES], patches.scores_bytes_per_group())
+
+
+_PLAIN = (int, float, str, bool, type(None), list, tuple, dict)
+
+
+def _plain(value):
+    """A read value as the manifest keeps it (JSON), so that it compares equal after a reload."""
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
+@contextmanager
+def recording_reads(roots: dict[str, object]) -> Iterator[dict[str, object]]:
+    """Every plain value (number, string, list, dict) read from the objects under `roots` (a
+    transformers config and its sub-configs, the ModelSpec and its parts) while the block runs,
+    by dotted path from its root: what a part's module, its checks and its trace depended on.
+
+    A net's cache entry keeps these and the export compares them with the checkpoint's current
+    values before it reuses the net, so every config value a part reads is in its key without
+    a list kept by hand: rope_theta, rope scaling, rms_norm_eps, the vision norm_eps..."""
+    from transformers import PreTrainedConfig
+
+    paths: dict[int, str] = {}
+    classes: set[type] = {PreTrainedConfig}
+
+    def walk(obj, path):
+        if id(obj) in paths:
+            return
+        paths[id(obj)] = path
+        classes.add(type(obj))
+        children = ([(f.name, getattr(obj, f.name)) for f in fields(obj)] if is_dataclass(obj)
+                    else [(k, v) for k, v in vars(obj).items() if isinstance(v, PreTrainedConfig)])
+        for name, child in children:
+            if isinstance(child, PreTrainedConfig) or is_dataclass(child):
+                walk(child, f"{path}.{name}")
+
+    for name, root in roots.items():
+        walk(root, name)
+    reads: dict[str, object] = {}
+    originals = {cls: cls.__dict__.get("__getattribute__") for cls in classes}
+
+    def recorder(cls):
+        inner = cls.__dict__.get("__getattribute__") or object.__getattribute__
+
+        def __getattribute__(self, key):
+            value = inner(self, key)
+            path = paths.get(id(self))
+            if path is not None and not key.startswith("_") and isinstance(value, _PLAIN):
+                reads[f"{path}.{key}"] = _plain(value)
+            return value
+        return __getattribute__
+
+    try:
+        for cls in classes:
+            if cls is PreTrainedConfig or originals[cls] is None and not issubclass(cls, PreTrainedConfig):
+                cls.__getattribute__ = recorder(cls)
+        yield reads
+    finally:
+        for cls, original in originals.items():
+            if original is None:
+                if "__getattribute__" in cls.__dict__:
+                    delattr(cls, "__getattribute__")
+            else:
+                cls.__getattribute__ = original
+
+
+def read_again(roots: dict[str, object], reads: dict[str, object]) -> str | None:
+    """None when every value of `reads` is still what the objects under `roots` hold; else the
+    first that changed, as "config.text_config.rope_theta 500000.0 -> 10000.0"."""
+    for path, value in reads.items():
+        name, *steps = path.split(".")
+        obj = roots.get(name)
+        try:
+            for step in steps:
+                obj = getattr(obj, step)
+        except AttributeError:
+            return f"{path} is gone"
+        now = _plain(obj) if isinstance(obj, _PLAIN) else repr(obj)
+        if now != value:
+            return f"{path} {value!r} -> {now!r}"
+    return None
 
 
 def minimum_sequence(model_dir: Path) -> int:
@@ -290,6 +373,41 @@ def eager_config(model_dir: Path):
     return config
 
 
+def check_weights(config, weights: CheckpointWeights) -> None:
+    """Every tensor the config implies is in the checkpoint, at the shape it implies, in a
+    dtype lvb reads: a config and weights of two different models (another width, another
+    vocabulary) or F8/F64 weights are refused before any work, not at the net that first
+    loads one (after the whole vision tower, at the 11B). The expected names and shapes are
+    transformers' own model, built on the meta device (no memory)."""
+    import torch
+    from transformers import MllamaForConditionalGeneration
+
+    from lvb.export.weights import READABLE_DTYPES, canonical
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = {canonical(k): list(v.shape) for k, v in MllamaForConditionalGeneration(config).state_dict().items()}
+    except Exception as e:  # transformers' own refusal of the config, said in one line
+        raise ExportError(f"config.json describes a model transformers cannot build ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())}); fix config.json or download the checkpoint again") from None
+    tied = getattr(config.text_config, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False)
+    where = weights.model_dir
+    for name, shape in expected.items():
+        if name not in weights.location:
+            if tied and name.startswith("language_model.lm_head."):
+                continue
+            raise ExportError(f"{where}: the checkpoint has no {name}, which config.json implies; config.json and "
+                              "the weights are of different models (or the download is incomplete)")
+        meta = weights.meta(name)
+        if list(meta["shape"]) != shape:
+            raise ExportError(f"{where}: {name} is {meta['shape']} in the checkpoint, but config.json implies {shape}; "
+                              "config.json and the weights are of different models")
+        if meta["dtype"] not in READABLE_DTYPES:
+            raise ExportError(f"{where}: {name} is {meta['dtype']}; lvb reads {', '.join(READABLE_DTYPES)} weights: "
+                              "convert the checkpoint (e.g. save it with transformers in bfloat16)")
+
+
 class Exporter:
     def __init__(self, model_dir: Path, work: Path, settings: ExportSettings, source: dict | None = None,
                  notify: Callable[[str], None] | None = None):
@@ -303,6 +421,10 @@ class Exporter:
                 f"--seq {settings.seq} is too short: an image and a one-word question already take "
                 f"{needed - 1} tokens, plus one to answer; use --seq {needed} or more ({DEFAULT_SEQ} is typical)"
             )
+        limit = self.spec.text.max_position_embeddings
+        if settings.seq > limit:
+            raise ExportError(f"--seq {settings.seq} is beyond what the model was trained for: config.json's "
+                              f"text_config.max_position_embeddings is {limit}; use --seq {limit} or less")
         try:
             chunk_sizes(settings.chunks, settings.seq)
         except ValueError:
@@ -322,6 +444,8 @@ class Exporter:
         if not self.manifest and self.dir.export_manifest.is_file():
             self.notify(f"{self.dir.export_manifest} is damaged or from another lvb version; exporting every net again")
         self.weights = CheckpointWeights(self.model_dir, self.manifest.get("weight_digests", {}))
+        self.config = eager_config(self.model_dir)
+        check_weights(self.config, self.weights)  # before any work: config and weights of one model
         self.versions = exporter_versions()
         self.nets = plan(self.spec, settings.seq, settings.chunks)
         self.manifest.update(
@@ -337,10 +461,15 @@ class Exporter:
     def _save_manifest(self) -> None:
         write_json(self.dir.export_manifest, self.manifest)
 
-    def _is_current(self, net: NetSpec, key: str) -> bool:
-        """The net was exported with this key and its files are the ones recorded then."""
+    def _is_current(self, net: NetSpec, key: str, roots: dict[str, object]) -> bool:
+        """The net was exported with this key, every config value its part read then is the
+        same now, and its files are the ones recorded then."""
         entry = self.manifest["nets"].get(net.name)
-        if not entry or entry.get("key") != key:
+        if not entry or entry.get("key") != key or not isinstance(entry.get("reads"), dict):
+            return False
+        changed = read_again(roots, entry["reads"])
+        if changed:
+            self.notify(f"{net.name} read config.json's {changed.removeprefix('config.')}; exporting {net.name} again")
             return False
         damaged = damaged_files(self.dir.net_dir(net.name), entry.get("files"))
         if damaged:
@@ -358,13 +487,14 @@ class Exporter:
             )
             for net in self.nets
         }
-        todo = [net for net in self.nets if not self._is_current(net, keys[net.name])]
+        config = self.config
+        roots = {"config": config, "spec": self.spec}
+        todo = [net for net in self.nets if not self._is_current(net, keys[net.name], roots)]
         for net in todo:  # forget stale entries first: the manifest never names a net being replaced
             self.manifest["nets"].pop(net.name, None)
         # Readers refuse an export that is not complete, naming it unfinished rather than foreign.
         self.manifest["complete"] = not todo
         self._save_manifest()
-        config = eager_config(self.model_dir) if todo else None
         done = len(self.nets) - len(todo)
         # The nets of one part that share a module (a layer's prefill and decode, the two
         # embeddings) are built from the streamed weights once.
@@ -376,20 +506,21 @@ class Exporter:
             for nets in groups.values():
                 started = time.perf_counter()
                 part = PARTS[nets[0].kind]
-                module = part.module(nets[0], self.spec, config, self.weights)
-                references = []
-                for net in nets:
-                    if progress:
-                        progress(net.name, done, len(self.nets))
-                    references.append(self._reference(net, module, part))
-                stand_ins = _swap_in_stand_ins(module, part.stand_ins, nets)
-                traced = [(net, stages, self._export(net, module, inputs, stand_ins)) for net, inputs, stages in references]
+                with recording_reads(roots) as reads:  # what the module, its checks and its trace read
+                    module = part.module(nets[0], self.spec, config, self.weights)
+                    references = []
+                    for net in nets:
+                        if progress:
+                            progress(net.name, done, len(self.nets))
+                        references.append(self._reference(net, module, part))
+                    stand_ins = _swap_in_stand_ins(module, part.stand_ins, nets)
+                    traced = [(net, stages, self._export(net, module, inputs, stand_ins)) for net, inputs, stages in references]
                 # The weights go before the check: at 11B widths an embedding table is 2 GB.
                 _free_weights(module)
                 del module
                 seconds = (time.perf_counter() - started) / len(nets)
                 for net, stages, tmp in traced:
-                    self._check_and_keep(net, tmp, stages, stand_ins, keys[net.name], seconds)
+                    self._check_and_keep(net, tmp, stages, stand_ins, keys[net.name], seconds, reads)
                     done += 1
         if todo:
             self.manifest["complete"] = True
@@ -418,7 +549,7 @@ class Exporter:
         return tmp
 
     def _check_and_keep(self, net: NetSpec, tmp: Path, stages: list[tuple[dict, list]], stand_ins: list[StandIn],
-                        key: str, seconds: float) -> None:
+                        key: str, seconds: float, reads: dict[str, object]) -> None:
         """onnxruntime against PyTorch at every stage; only a net that passes is moved into place and named."""
         started = time.perf_counter()
         _move_weights_out(tmp / f"{net.name}.onnx", stand_ins, self.weights)
@@ -439,6 +570,7 @@ class Exporter:
             "file": self.dir.onnx_entry(net.name),
             "files": {path.name: record_file(path) for path in sorted(final.iterdir())},
             "key": key,
+            "reads": dict(sorted(reads.items())),
             "check": check,
             "seconds": round(time.perf_counter() - started + seconds, 3),
         }
@@ -453,4 +585,14 @@ def export(model_dir: Path, work: Path, seq: int, chunks: int | Sequence[int] | 
     and commit. `notify` hears of each cached file found damaged (and rebuilt)."""
     chunks = (chunks,) if isinstance(chunks, int) else tuple(chunks or (min(seq, c) for c in DEFAULT_CHUNKS))
     settings = ExportSettings(seq=seq, chunks=tuple(sorted(set(chunks), reverse=True)))
-    return Exporter(model_dir, work, settings, source=source, notify=notify).run(progress)
+    work = Path(work)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # a file there, or no permission: the Exporter names the problem
+    if not work.is_dir():
+        return Exporter(model_dir, work, settings, source=source, notify=notify).run(progress)
+    # One export (or compile, verify) of a work directory at a time: two at once leave a tree
+    # that each believes in.
+    with lock_work(work, "lvb export"):
+        return Exporter(model_dir, work, settings, source=source, notify=notify).run(progress)

@@ -41,6 +41,9 @@ _FLOAT_READERS = {
 }
 
 
+READABLE_DTYPES = ("BF16", "F16", "F32")  # the float dtypes of a checkpoint lvb exports from
+
+
 class WeightsError(LvbError, ValueError):
     """Missing, truncated or incomplete weights; the message names the file."""
 
@@ -90,7 +93,7 @@ class _File:
 
 class CheckpointWeights:
     def __init__(self, model_dir: str | Path, digest_cache: dict | None = None):
-        model_dir = Path(model_dir)
+        model_dir = self.model_dir = Path(model_dir)
         index = model_dir / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -119,7 +122,11 @@ class CheckpointWeights:
         return sorted(n for n in self.location if n.startswith(prefix))
 
     def shape(self, name: str) -> list[int]:
-        return self.files[self.location[name]].tensors[self._raw_names[name]]["shape"]
+        return self.meta(name)["shape"]
+
+    def meta(self, name: str) -> dict:
+        """The safetensors header entry of tensor `name`: dtype, shape, data_offsets."""
+        return self.files[self.location[name]].tensors[self._raw_names[name]]
 
     def load(self, prefix: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """Every tensor under `prefix`, with the prefix removed, read from the mapped files."""

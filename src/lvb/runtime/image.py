@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,11 @@ _DEFAULTS = {
 
 class ImageError(LvbError, ValueError):
     """An unusable image or preprocessor config; the message names the problem and the fix."""
+
+
+def _is_number(value) -> bool:
+    """A finite int or float from JSON (not a bool, not a string, not NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -85,8 +91,10 @@ class ImageProcessorConfig:
         def per_channel(key):
             value = get(key)
             values = [value] * 3 if isinstance(value, (int, float)) else value
-            if not (isinstance(values, (list, tuple)) and len(values) == 3):
+            if not (isinstance(values, (list, tuple)) and len(values) == 3 and all(_is_number(v) for v in values)):
                 raise bad(key, "(needs a number or 3 numbers, one per RGB channel)")
+            if key == "image_std" and 0 in values:
+                raise bad(key, "(a standard deviation of 0 divides by zero)")
             return tuple(float(v) for v in values)
 
         # Folding the switches into the numbers gives bit-identical results: x * 1.0 == x
@@ -94,7 +102,7 @@ class ImageProcessorConfig:
         rescale = 1.0
         if get("do_rescale"):
             rescale = get("rescale_factor")
-            if not isinstance(rescale, (int, float)):
+            if not _is_number(rescale):
                 raise bad("rescale_factor", "(needs a number)")
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         if get("do_normalize"):
@@ -135,6 +143,10 @@ def load_image(path) -> Image.Image:
         return ImageError(f"cannot read image {name!r}: {problem}; {fix}")
 
     try:
+        mode = os.stat(name).st_mode
+        if not stat.S_ISREG(mode):  # a FIFO or a device would block open() or never end
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, not a file" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise fail(f"is {kind}", "pass the path of an image file")
         file = open(name, "rb")
     except OSError as e:
         raise fail((e.strerror or str(e)).lower(), "pass the path of a readable image file") from None

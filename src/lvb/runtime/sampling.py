@@ -26,6 +26,13 @@ from lvb.errors import LvbError
 class SamplingError(LvbError, ValueError):
     """A sampling option out of range; the message names it."""
 
+
+class NotANumberError(LvbError, ArithmeticError):
+    """The net gave logits that are not numbers: nothing can be chosen from them."""
+
+
+_LARGEST_LOGIT = float(np.finfo(np.float32).max)  # what a float32 net can hand the sampler
+
 # What generate() uses for an option the checkpoint's generation_config.json leaves out
 # (GenerationConfig._get_default_generation_params); note top_k 50, not "off".
 GENERATE_DEFAULTS: dict[str, Any] = {
@@ -64,6 +71,11 @@ class SamplingConfig:
             raise SamplingError(
                 f"temperature must be a positive number when sampling, got {self.temperature!r} "
                 "(for greedy decoding turn sampling off instead)"
+            )
+        if self.do_sample and not math.isfinite(_LARGEST_LOGIT / self.temperature):
+            raise SamplingError(
+                f"temperature {self.temperature!r} is so small that a logit divided by it is no longer a number; "
+                "use 1e-6 or more (for greedy decoding turn sampling off instead)"
             )
         if isinstance(self.top_k, bool) or not _is_int(self.top_k) or self.top_k < 0:
             raise SamplingError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
@@ -181,6 +193,11 @@ class Sampler:
         """The scores generate() would choose from (float64, -inf for removed tokens)."""
         c = self.config
         scores = np.array(logits, dtype=np.float64).reshape(-1)
+        if np.isnan(scores).any() or np.isposinf(scores).any():  # argmax of NaNs is token 0: "!!!!" and exit 0
+            bad = int(np.isnan(scores).sum()), int(np.isposinf(scores).sum())
+            raise NotANumberError(
+                f"the model's logits hold {bad[0]} NaN and {bad[1]} +infinite values of {scores.size}: the nets "
+                "compute garbage; run `lvb verify` on this export or bmodel to find the net that does")
         if self._prompt_length is None:  # the first call sees the prompt only
             self._prompt_length = len(history)
         if c.suppress_ids:

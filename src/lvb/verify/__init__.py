@@ -9,7 +9,7 @@ from lvb.compile.tpumlir import QUANTIZE
 from lvb.check import MIN_AGREEMENT
 from lvb.verify.checks import Report, VerifyError, check_answers, check_parts, read_task, task_accuracy
 from lvb.verify.report import REPORT_VERSION, write_reports
-from lvb.workdir import COMPILE_VERSION, WorkDir, WorkDirError, cache_key, matches_record, read_manifest
+from lvb.workdir import COMPILE_VERSION, WorkDir, WorkDirError, cache_key, check_writable, lock_work, matches_record, read_manifest
 
 
 def find_compiled(work: Path, quant: str) -> dict:
@@ -27,6 +27,11 @@ def find_compiled(work: Path, quant: str) -> dict:
 def verify(model_dir: Path, work: Path, quant: str = "int4", backend: str = "cmodel", pictures: int = 100,
            toolchain=None, progress=None) -> dict:
     """Run every check; returns report.json's content (from cache when nothing changed)."""
+    with lock_work(work, "lvb verify"):
+        return _verify(model_dir, work, quant, backend, pictures, toolchain, progress)
+
+
+def _verify(model_dir: Path, work: Path, quant: str, backend: str, pictures: int, toolchain, progress) -> dict:
     from lvb.runtime.backends import BACKENDS, open_engine
     from lvb.runtime.pipeline import Checkpoint, Session
 
@@ -59,6 +64,7 @@ def verify(model_dir: Path, work: Path, quant: str = "int4", backend: str = "cmo
     if data.get("key") == key:
         return data | {"cached": True}
 
+    check_writable(out)  # a read-only work directory fails now, not when the report is written
     engine = open_engine(backend, bmodel=bmodel, onnx_work=work, toolchain=toolchain)
     report = Report(model=model_dir.name, backend=backend, bmodel=bmodel.name if bmodel else None,
                     quant=compiled["settings"]["quant"] if compiled else None)

@@ -11,7 +11,6 @@ task (the toy does).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -211,8 +210,22 @@ def check_answers(model_dir: Path, session, question: str) -> list[AnswerResult]
 
 def read_task(model_dir: Path) -> dict | None:
     """A checkpoint that knows a task says so in lvb-task.json (the toy does)."""
+    from lvb.files import FileError, read_json
+
     path = Path(model_dir) / "lvb-task.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.exists():
+        return None
+    fix = "fix it or delete it (it only adds the task accuracy to `lvb verify`)"
+    try:
+        task = read_json(path, fix)
+    except FileError as e:
+        raise VerifyError(str(e)) from None
+    if not isinstance(task, dict) or task.get("kind") != "shapes" or not isinstance(task.get("question"), str):
+        raise VerifyError(f"{path} must be an object with \"kind\": \"shapes\" and a \"question\" string; {fix}")
+    for name, kind in (("max_new_tokens", int), ("min_accuracy", (int, float))):
+        if name in task and (isinstance(task[name], bool) or not isinstance(task[name], kind)):
+            raise VerifyError(f"{path}: {name} must be a number, got {task[name]!r}; {fix}")
+    return task
 
 
 def task_accuracy(session, task: dict, pictures: int, seed: int = 20261125, progress=None) -> dict:
