@@ -8,6 +8,7 @@ small is refused before loading. SailEngine, Session and the CLI are the real on
 from __future__ import annotations
 
 import math
+from collections import Counter
 import os
 import subprocess
 import sys
@@ -71,13 +72,21 @@ def _pictures(checkpoint, count: int):
 
 
 def _converse(session, pictures) -> list[list[int]]:
-    """Each picture as a fresh chat, then one more turn about the last one."""
+    """Each picture as a fresh chat, then one more turn about the last one. Each first turn
+    launches what the device-time model (lvb.runtime.turn) prices for it."""
+    from lvb.runtime.turn import turn_launches
     from lvb.tasks import QUESTION
 
     tokens = []
     for image, _ in pictures:
         session.reset()
-        tokens.append(session.ask(QUESTION, image=image, max_new_tokens=NEW_TOKENS).tokens)
+        reply = session.ask(QUESTION, image=image, max_new_tokens=NEW_TOKENS)
+        tokens.append(reply.tokens)
+        model = turn_launches(session.spec, session.seq, session.chunks, reply.stats.prompt_tokens, session.image.num_tiles,
+                              logits_on_host=session.engine.logits_on_host)
+        steps = reply.stats.generated_tokens - 1
+        assert reply.stats.first_token_launches == model.first_token
+        assert reply.stats.decode_launches == Counter({k: v * steps for k, v in model.decode_step.items()})
     tokens.append(session.ask("Are you sure?", max_new_tokens=NEW_TOKENS).tokens)
     return tokens
 
