@@ -173,7 +173,7 @@ def _both(**changes):
 
 
 CHECKPOINT_DAMAGE = {
-    "config.json garbage": (_garbage("config.json"), "config.json: not valid JSON"),
+    "config.json garbage": (_garbage("config.json"), "config.json is not valid JSON"),
     "tokenizer.json garbage": (_garbage("tokenizer.json"), "tokenizer.json cannot be loaded"),
     "preprocessor_config.json garbage": (_garbage("preprocessor_config.json"), "preprocessor_config.json is not valid JSON"),
     "processor_config.json garbage": (_garbage("processor_config.json"), "processor_config.json is not valid JSON"),
@@ -186,7 +186,7 @@ CHECKPOINT_DAMAGE = {
                             "no preprocessor_config.json"),
     # issue 36: every value typed, every file read by one rule
     "config.json nested 1,500 deep": (lambda f: (f / "config.json").write_text("[" * 1500 + "]" * 1500),
-                                      "config.json: not valid JSON (nested too deeply"),
+                                      "config.json is not valid JSON (nested too deeply"),
     "chat_template.jinja not UTF-8": (lambda f: (f / "chat_template.jinja").write_bytes(b"{{ 'x' }}\xff\xfe"),
                                       "chat_template.jinja is not UTF-8 text (byte 0xff"),
     "image_mean 'x'": (_both(image_mean="x"), "image_mean='x'"),

@@ -7,7 +7,6 @@ dimension is exactly how ports end up working for one checkpoint only.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,15 +280,9 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
         raise SpecError(f"{model_dir}: no such directory; pass the folder that holds the checkpoint's config.json")
     if not path.is_file():
         raise SpecError(f"{model_dir}: no config.json; pass the folder of a Hugging Face checkpoint")
-    from lvb.files import FileError, read_text
+    from lvb.files import FileError, read_json
 
     try:
-        text = read_text(path, "re-save the checkpoint")
+        return read_json(path, "re-save the checkpoint")
     except FileError as e:
         raise SpecError(str(e)) from None
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise SpecError(f"{path}: not valid JSON (nested too deeply to read); re-save the checkpoint") from None
-    except ValueError as e:
-        raise SpecError(f"{path}: not valid JSON ({e}); re-save the checkpoint") from None
