@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -290,3 +291,71 @@ def test_bf16_state_takes_two_bytes_a_value_on_every_backend(sail, tmp_path):
         # The host backends store a bf16 output's bits as they are.
         host.store(to_bf16_bits(values[:, 2:]), Resident("k", 1, 1), bf16_bits=True)
         assert np.array_equal(host.read("k")[:, 1], rounded[:, 2])
+
+
+def test_a_short_turn_runs_at_the_smallest_bucket_that_holds_it(sail, toy_staged_bmodel):
+    """The toy's first turn with a picture and the task's question (26 tokens) on a bmodel with
+    prefill buckets of 64, 32 and 16: the stand-in, which runs a static net only at a stage whose
+    input shapes the bound tensors have (as bmruntime does), launches every prefill net at the
+    32-token stage and never at 64; the answer is the simulator's; the runner's own record is what
+    the device ran."""
+    from lvb.contract import chunk_for
+    from lvb.runtime.cmodel import CmodelEngine
+    from lvb.runtime.pipeline import Checkpoint, Session
+    from lvb.runtime.sail import SailEngine
+    from lvb.tasks import QUESTION
+
+    checkpoint = Checkpoint.load(TOY)
+    (image, _), = _pictures(checkpoint, 1)
+    device = sail.device(0)
+    device.reset_counters()
+    with SailEngine(toy_staged_bmodel) as engine:
+        chunks = tuple(i[0].shape[1] for i in (engine.nets["embed"].inputs, *engine.nets["embed"].smaller))
+        assert chunks == (64, 32, 16)
+        reply = Session(checkpoint, engine).ask(QUESTION, image=image, max_new_tokens=NEW_TOKENS)
+        launched = Counter(device.stages)
+        assert engine.stage_launches == launched
+    assert reply.stats.prompt_tokens == 26
+    stage = chunks.index(chunk_for(26, chunks))
+    assert stage == 1
+    prefill = {net for net, info in engine.nets.items() if info.smaller}
+    assert prefill >= {"embed", "block_0"}
+    assert {(net, s) for net, s in launched if net in prefill} == {(net, stage) for net in prefill}
+    # What the runner recorded for the first token is what the device ran.
+    assert all(launched[key] >= calls for key, calls in reply.stats.first_token_launches.items())
+    assert sum(launched.values()) == sum(reply.stats.first_token_launches.values()) + sum(reply.stats.decode_launches.values())
+    with CmodelEngine(toy_staged_bmodel) as engine:
+        assert Session(checkpoint, engine).ask(QUESTION, image=image, max_new_tokens=NEW_TOKENS).tokens == reply.tokens
+
+
+def test_a_launch_at_shapes_no_stage_has_is_refused_naming_the_net(sail, toy_staged_bmodel):
+    """bmruntime runs a static net only at one of its stages' input shapes: EngineLLM raises, the
+    old Engine only logs (its outputs keep their contents), and lvb's engine refuses such feeds
+    itself, naming the net and the shapes its stages take."""
+    from lvb.runtime.sail import SailEngine
+
+    handle = sail.Handle(0)
+    device = sail.device(0)
+    llm = sail.EngineLLM(str(toy_staged_bmodel), sail.BmrtFlag.BM_RUNTIME_SHARE_MEM, [0])
+    try:
+        assert llm.get_stage_num("embed") == 3 and llm.get_input_shape("embed", 0, 2) == [1, 16]
+        hidden = llm.get_output_shape("embed", 0, 0)  # room for any stage: only the input shapes decide
+        out = {0: sail.Tensor(handle, hidden, llm.get_output_dtype("embed", 0), False, True)}
+        before = Counter(device.stages)
+        # [2, 32] holds as many bytes as the largest stage's [1, 64]: only the shapes differ.
+        for shape, ok in (([1, 16], True), ([2, 32], False)):
+            ids = {0: sail.Tensor(handle, shape, sail.Dtype.BM_INT32, False, True)}
+            if ok:
+                llm.process("embed", ids, out)
+            else:
+                with pytest.raises(sail.SailEngineError):
+                    llm.process("embed", ids, out)
+        assert Counter(device.stages) - before == Counter({("embed", 2): 1})
+    finally:
+        llm.close()
+    with SailEngine(toy_staged_bmodel) as engine:
+        engine.allocate("hidden", tuple(engine.nets["embed"].outputs[0].shape), engine.nets["embed"].outputs[0].dtype)
+        with pytest.raises(EngineError, match=r"net embed: input input_ids holds 20 values.*\[1, 64\] or \[1, 32\] or \[1, 16\]"):
+            engine.run("embed", {"input_ids": np.zeros((1, 20), np.int32)}, store={0: Resident("hidden")})
+        engine.run("embed", {"input_ids": np.zeros((1, 16), np.int32)}, store={0: Resident("hidden")})
+        assert engine.stage_launches == Counter({("embed", 2): 1})
