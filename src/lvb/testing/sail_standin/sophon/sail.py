@@ -15,6 +15,8 @@ What it adds for tests, none of which the SDK has:
   many copies of each, so a test or bench can count what one step moves;
 - fault injection: LVB_SAIL_STANDIN_FAIL=net[,net...] (or `fail_launches`)
   makes every launch of those nets fail the way bmrt_launch_tensor_ex does;
+- LVB_SAIL_STANDIN_CORRUPT=net[,net...]: those nets run but write wrong values (noise),
+  as a card with mismatched firmware does;
 - LVB_SAIL_STANDIN_REPORT=path: a JSON summary (peak memory, traffic) written
   when the process exits, for tests that run lvb as a subprocess;
 - `register_bmodel(path, nets)`: a bmodel known by its nets' shapes only, whose
@@ -428,6 +430,9 @@ class _Runtime:
         feeds = {t.name: _to_host(tensor._device()[: math.prod(t.shape)], t.dtype).reshape(t.shape)
                  for t, tensor in zip(stage_inputs, inputs)}
         results = self.simulator.run(net, feeds)
+        if net in os.environ.get("LVB_SAIL_STANDIN_CORRUPT", "").split(","):
+            noise = np.random.default_rng(0)
+            results = [noise.standard_normal(np.shape(r)).astype(np.float32) * 100 for r in results]
         for tensor, t, value in zip(outputs, stage_outputs, results):
             tensor._device()[: math.prod(t.shape)] = _to_device(value, t.dtype).reshape(-1)
         return True
