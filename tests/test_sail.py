@@ -220,8 +220,9 @@ def test_standin_tensors_follow_the_sdk(sail):
         b.sync_d2d(a, 4, 4, 5)
     with pytest.raises(sail.SailTensorError):
         b.sync_d2d(sail.Tensor(handle, [8], sail.Dtype.BM_INT32, False, True), 0, 0, 1)
-    row = sail.Tensor(b, [1, 1, 2], 6)  # a view of b's last row
-    row.update_data(np.array([[[9, 9]]], np.float32))
+    row = sail.Tensor(b, [1, 1, 2], 6)  # a view of b's last row, and of its host memory (tensor.cpp:791-796)
+    row.update_data(np.array([[[9, 9]]], np.float32))  # into the shared host memory ...
+    row.sync_s2d()  # ... and the view's bytes to the device
     b.sync_d2s()
     assert b.asnumpy().ravel().tolist()[-2:] == [9, 9]
     with pytest.raises(sail.SailTensorError):
