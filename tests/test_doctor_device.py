@@ -61,3 +61,13 @@ def test_an_injected_fault_is_one_line_naming_it(cache, fault, words):
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error:") and all(w in errors[0] for w in words), result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_plan_too_large_for_the_device_names_the_heap_layout(cache, toy_staged_bmodel):
+    """--bmodel: the bmodel's memory plan against the device's free memory; too little ends the
+    run before any micro-net, with the SE7 heap layout advice."""
+    result, _ = _doctor(cache, "--bmodel", str(toy_staged_bmodel), LVB_SAIL_STANDIN_MEMORY_MB="1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "needs" in errors[0] and "memory_edit.sh" in errors[0], result.stderr
+    assert "doctor_w4" not in result.stdout
