@@ -23,6 +23,11 @@ PICTURES=${PICTURES:-100}
 LVB=${LVB:-.venv/bin/lvb}
 DEVICE=${DEVICE:-0}
 
+if [ "$BACKEND" = sail ]; then
+    # Before anything else: the SDK, driver and libsophon, the device's memory, and micro-nets
+    # run on the card against the simulator (exits 1 naming the first failure and its cause).
+    "$LVB" doctor --device "$DEVICE"
+fi
 "$LVB" export --model "$MODEL" --out "$WORK" --seq "$SEQ" --chunk "$CHUNK"
 "$LVB" compile --work "$WORK" --quant "$QUANT" --seq "$SEQ"
 if [ "$BACKEND" = sail ]; then

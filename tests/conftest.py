@@ -15,7 +15,7 @@ from helpers import CHUNK, PIPELINE_PICTURES, SEQ, chunks_of
 from lvb.testing.checkpoints import GEOMETRIES, write_checkpoint
 
 # Fixtures whose users need the toolchain: they are marked without being named twice.
-TOOLCHAIN_FIXTURES = {"compile_factory", "toy_pipeline"}
+TOOLCHAIN_FIXTURES = {"compile_factory", "toy_pipeline", "toy_staged_bmodel"}
 # A test parametrized over the fixture geometries runs for this one in the fast tier, for
 # all of them in the full suite: one export instead of three for the inner loop.
 FAST_GEOMETRY = "gqa2-cross-last"
@@ -126,6 +126,23 @@ def toy_export(tmp_path_factory):
     work = tmp_path_factory.mktemp("work-toy")
     export(Path(__file__).resolve().parent.parent / "models" / "toy", work, seq=SEQ, chunks=(CHUNK,))
     return work
+
+
+@pytest.fixture(scope="session")
+def toy_staged_bmodel(tmp_path_factory):
+    """The trained toy at INT4 with prefill buckets of 64, 32 and 16 tokens (seq 128), made once
+    per session without the per-net simulator check (the tests that use it compare a whole turn
+    with the simulator instead): a picture and the task's question (26 tokens) fit the middle
+    bucket, so a test can tell the smallest bucket that holds a turn from the largest."""
+    from lvb.compile.compiler import CompileSettings, Compiler
+    from lvb.export.exporter import export
+    from lvb.toolchain import find_toolchain
+
+    work = tmp_path_factory.mktemp("toy-staged")
+    export(ROOT / "models" / "toy", work, seq=128, chunks=(64, 32, 16))
+    compiler = Compiler(work, CompileSettings(quant="int4", check="none"), find_toolchain())
+    compiler.run()
+    return compiler.bmodel
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from collections import Counter
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,7 @@ def test_sail_answers_as_the_simulator_within_the_memory_goal(sail, toy_int4_bmo
     before, device.peak = device.used, device.used
     model_before = device.model
     with SailEngine(toy_int4_bmodel) as engine:
+        loaded = device.used - before
         on_sail = _converse(Session(checkpoint, engine), pictures)
         model = device.model - model_before
         peak = device.peak - before
@@ -120,6 +122,20 @@ def test_sail_answers_as_the_simulator_within_the_memory_goal(sail, toy_int4_bmo
              and t.name != Buffers.LOGITS]
     assert state and {t.dtype for t in state} == {"bfloat16"}
     print(f"engine: {peak - model} B; float32 state would add {sum(math.prod(t.shape) * 2 for t in state)} B")
+    # Loading takes the bmodel and nothing else (no I/O tensor per net), and what the session
+    # allocated is the plan's buffers and scratch; greedy answers never read the logits, whose
+    # host mirror the plan counts.
+    assert loaded == model
+    logits = inspect_bmodel(toy_int4_bmodel, find_toolchain()).nets["lm_head"].outputs[0]
+    assert_engine_memory_is_the_plan(peak - model, plan, unread=logits.bytes)
+
+
+def assert_engine_memory_is_the_plan(engine_bytes: int, plan, unread: int = 0, slack: int = 4096) -> None:
+    """What the engine allocated beyond the model is the plan's resident buffers and scratch, to
+    within `slack` bytes (less `unread`, a tensor the run had no call to make)."""
+    want = plan.resident_bytes + plan.scratch_bytes
+    print(f"engine {engine_bytes} B, plan {want} B (resident {plan.resident_bytes}, scratch {plan.scratch_bytes})")
+    assert want - unread - slack <= engine_bytes <= want + slack
 
 
 def test_a_failed_launch_ends_the_answer_with_that_error(sail, toy_int4_bmodel, tmp_path):
@@ -213,8 +229,9 @@ def test_standin_tensors_follow_the_sdk(sail):
         b.sync_d2d(a, 4, 4, 5)
     with pytest.raises(sail.SailTensorError):
         b.sync_d2d(sail.Tensor(handle, [8], sail.Dtype.BM_INT32, False, True), 0, 0, 1)
-    row = sail.Tensor(b, [1, 1, 2], 6)  # a view of b's last row
-    row.update_data(np.array([[[9, 9]]], np.float32))
+    row = sail.Tensor(b, [1, 1, 2], 6)  # a view of b's last row, and of its host memory (tensor.cpp:791-796)
+    row.update_data(np.array([[[9, 9]]], np.float32))  # into the shared host memory ...
+    row.sync_s2d()  # ... and the view's bytes to the device
     b.sync_d2s()
     assert b.asnumpy().ravel().tolist()[-2:] == [9, 9]
     with pytest.raises(sail.SailTensorError):
@@ -299,3 +316,133 @@ def test_bf16_state_takes_two_bytes_a_value_on_every_backend(sail, tmp_path):
         # The host backends store a bf16 output's bits as they are.
         host.store(to_bf16_bits(values[:, 2:]), Resident("k", 1, 1), bf16_bits=True)
         assert np.array_equal(host.read("k")[:, 1], rounded[:, 2])
+
+
+def test_a_short_turn_runs_at_the_smallest_bucket_that_holds_it(sail, toy_staged_bmodel):
+    """The toy's first turn with a picture and the task's question (26 tokens) on a bmodel with
+    prefill buckets of 64, 32 and 16: the stand-in, which runs a static net only at a stage whose
+    input shapes the bound tensors have (as bmruntime does), launches every prefill net at the
+    32-token stage and never at 64; the answer is the simulator's; the runner's own record is what
+    the device ran."""
+    from lvb.contract import chunk_for
+    from lvb.runtime.cmodel import CmodelEngine
+    from lvb.runtime.pipeline import Checkpoint, Session
+    from lvb.runtime.sail import SailEngine
+    from lvb.tasks import QUESTION
+
+    from lvb.runtime.sampling import SamplingConfig
+
+    checkpoint = Checkpoint.load(TOY)
+    (image, _), = _pictures(checkpoint, 1)
+    device = sail.device(0)
+    device.reset_counters()
+    before, device.peak, model_before = device.used, device.used, device.model
+    with SailEngine(toy_staged_bmodel) as engine:
+        loaded, model = device.used - before, device.model - model_before
+        chunks = tuple(i[0].shape[1] for i in (engine.nets["embed"].inputs, *engine.nets["embed"].smaller))
+        assert chunks == (64, 32, 16)
+        session = Session(checkpoint, engine)
+        reply = session.ask(QUESTION, image=image, max_new_tokens=NEW_TOKENS)
+        launched = Counter(device.stages)
+        assert engine.stage_launches == launched
+        # A sampled turn reads the logits (the plan's host mirror).
+        session.ask("Are you sure?", sampling=SamplingConfig(do_sample=True, seed=0), max_new_tokens=2)
+        engine_bytes = device.peak - before - model
+    # The stages cost nothing beyond the largest's: scratch views, and the plan is what was made.
+    assert loaded == model > 0
+    assert_engine_memory_is_the_plan(engine_bytes, plan_for_bmodel(inspect_bmodel(toy_staged_bmodel, find_toolchain())),
+                                     slack=0)
+    assert reply.stats.prompt_tokens == 26
+    stage = chunks.index(chunk_for(26, chunks))
+    assert stage == 1
+    prefill = {net for net, info in engine.nets.items() if info.smaller}
+    assert prefill >= {"embed", "block_0"}
+    assert {(net, s) for net, s in launched if net in prefill} == {(net, stage) for net in prefill}
+    # What the runner recorded for the first token is what the device ran.
+    assert all(launched[key] >= calls for key, calls in reply.stats.first_token_launches.items())
+    assert sum(launched.values()) == sum(reply.stats.first_token_launches.values()) + sum(reply.stats.decode_launches.values())
+    with CmodelEngine(toy_staged_bmodel) as engine:
+        assert Session(checkpoint, engine).ask(QUESTION, image=image, max_new_tokens=NEW_TOKENS).tokens == reply.tokens
+
+
+def test_a_launch_at_shapes_no_stage_has_is_refused_naming_the_net(sail, toy_staged_bmodel):
+    """bmruntime runs a static net only at one of its stages' input shapes: EngineLLM raises, the
+    old Engine only logs (its outputs keep their contents), and lvb's engine refuses such feeds
+    itself, naming the net and the shapes its stages take."""
+    from lvb.runtime.sail import SailEngine
+
+    handle = sail.Handle(0)
+    device = sail.device(0)
+    llm = sail.EngineLLM(str(toy_staged_bmodel), sail.BmrtFlag.BM_RUNTIME_SHARE_MEM, [0])
+    try:
+        assert llm.get_stage_num("embed") == 3 and llm.get_input_shape("embed", 0, 2) == [1, 16]
+        hidden = llm.get_output_shape("embed", 0, 0)  # room for any stage: only the input shapes decide
+        out = {0: sail.Tensor(handle, hidden, llm.get_output_dtype("embed", 0), False, True)}
+        before = Counter(device.stages)
+        # [2, 32] holds as many bytes as the largest stage's [1, 64]: only the shapes differ.
+        for shape, ok in (([1, 16], True), ([2, 32], False)):
+            ids = {0: sail.Tensor(handle, shape, sail.Dtype.BM_INT32, False, True)}
+            if ok:
+                llm.process("embed", ids, out)
+            else:
+                with pytest.raises(sail.SailEngineError):
+                    llm.process("embed", ids, out)
+        assert Counter(device.stages) - before == Counter({("embed", 2): 1})
+    finally:
+        llm.close()
+    with SailEngine(toy_staged_bmodel) as engine:
+        engine.allocate("hidden", tuple(engine.nets["embed"].outputs[0].shape), engine.nets["embed"].outputs[0].dtype)
+        with pytest.raises(EngineError, match=r"net embed: input input_ids holds 20 values.*\[1, 64\] or \[1, 32\] or \[1, 16\]"):
+            engine.run("embed", {"input_ids": np.zeros((1, 20), np.int32)}, store={0: Resident("hidden")})
+        engine.run("embed", {"input_ids": np.zeros((1, 16), np.int32)}, store={0: Resident("hidden")})
+        assert engine.stage_launches == Counter({("embed", 2): 1})
+
+
+def test_the_engine_at_the_11b_shapes_allocates_the_plan_within_the_overhead_goal(sail, tmp_path):
+    """The 11B's nets (from its config, seq 512, buckets 128 and 32) registered with the stand-in
+    by shape, nothing computed: loading allocates only the bmodel, a first turn with a 4-tile
+    picture, a decode step and a sampled token allocate the plan's buffers and scratch to the
+    byte, and with the activations measured at the 11B's widths (bench/memory_plan.py) the
+    engine's overhead is within 1 GiB."""
+    import json
+
+    from lvb.contract import plan
+    from lvb.runtime.image import ProcessedImage
+    from lvb.runtime.memory import GiB, MemoryPlan, resident_buffers, scratch_tensors
+    from lvb.runtime.runner import Runner
+    from lvb.runtime.sail import SailEngine
+    from lvb.runtime.sampling import Sampler, SamplingConfig
+    from lvb.spec import ModelSpec
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from memory_plan import MEASURED
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    spec = ModelSpec.from_config(json.loads((ROOT / "tests" / "data" / "llama-3.2-11b-vision.config.json").read_text()))
+    nets = [n.on_device() for n in plan(spec, 512, (128, 32))]
+    bmodel = tmp_path / "11b.bmodel"
+    bmodel.write_bytes(b"")
+    weights = 1 << 20  # what the registered bmodel's load charges
+    sail.register_bmodel(str(bmodel), nets, loaded_bytes=weights)
+    expected = MemoryPlan(weights, 0, {"largest net": MEASURED[0]}, resident_buffers({n.name: n for n in nets}),
+                          scratch_tensors({n.name: n for n in nets}))
+    device = sail.device(0)
+    before, device.peak = device.used, device.used
+    with SailEngine(bmodel) as engine:
+        assert device.used - before == weights
+        runner = Runner(spec, engine, image_token_id=1)
+        v = spec.vision
+        runner.encode_image(ProcessedImage(
+            pixel_values=np.zeros((1, 1, v.max_num_tiles, 3, v.image_size, v.image_size), np.float32),
+            aspect_ratio_ids=np.ones((1, 1), np.int64), aspect_ratio_mask=np.ones((1, 1, v.max_num_tiles), np.int64),
+            num_tiles=v.max_num_tiles, tile_grid=(2, 2), resized_size=(v.image_size, v.image_size)))
+        ids = [1] + [2] * 25
+        greedy, sampled = Sampler(SamplingConfig()), Sampler(SamplingConfig(do_sample=True, seed=0))
+        token = runner.next_token(runner.prefill(ids, 0, v.max_num_tiles), greedy, ids)
+        runner.next_token(runner.decode(token, len(ids), v.max_num_tiles), sampled, ids)
+        engine_bytes = device.peak - before - weights
+        assert {s for (net, s) in engine.stage_launches if net == "embed"} == {1}  # 26 tokens: the 32 bucket
+    assert_engine_memory_is_the_plan(engine_bytes, expected, slack=0)
+    print(f"11B engine overhead: {expected.overhead / GiB:.3f} GiB (activations {MEASURED[0]} B)")
+    assert engine_bytes + MEASURED[0] == expected.overhead <= GiB

@@ -54,6 +54,8 @@ class Net:
     outputs: list[Tensor] = field(default_factory=list)
     weight_bytes: int = 0
     neuron_bytes: int = 0  # activation memory: its largest stage's
+    # The inputs of its later stages (the prefill nets at smaller chunks), in the bmodel's order.
+    smaller: list[list[Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -92,23 +94,31 @@ def _model_tool(toolchain: Toolchain, *args: str) -> str:
 
 
 def _read_info(path: Path, toolchain: Toolchain) -> tuple[dict[str, Net], str, int, int]:
-    """(nets with their first stage's tensors, chip, device weight bytes, instruction bytes)."""
+    """(nets with their first stage's tensors and later stages' inputs, chip, device weight
+    bytes, instruction bytes)."""
     if not Path(path).is_file():
         raise ToolchainError(f"{path}: no such bmodel; run `lvb compile` first")
     nets: dict[str, Net] = {}
     chip, device_weight, instructions = "?", 0, 0
     current = None
+    stage = 0
     for line in _model_tool(toolchain, "--info", str(path)).splitlines():
         line = line.strip()
         if line.startswith("chip:"):
             chip = line.split(":", 1)[1].strip()
         elif m := _NET.match(line):
-            current = nets.setdefault(m["name"], Net(m["name"]))
-        elif (m := _STAGE.match(line)) and int(m["stage"]) > 0:
-            current = None
+            current, stage = nets.setdefault(m["name"], Net(m["name"])), 0
+        elif (m := _STAGE.match(line)) and current is not None:
+            stage = int(m["stage"])
+            if stage > 0:
+                current.smaller.append([])
         elif (m := _TENSOR.match(line)) and current is not None:
             shape = tuple(int(d) for d in m["shape"].split(",") if d.strip())
-            (current.inputs if m["io"] == "input" else current.outputs).append(Tensor(m["name"], shape, m["dtype"]))
+            tensor = Tensor(m["name"], shape, m["dtype"])
+            if stage == 0:
+                (current.inputs if m["io"] == "input" else current.outputs).append(tensor)
+            elif m["io"] == "input":
+                current.smaller[-1].append(tensor)
         elif m := _DEVICE.match(line):
             device_weight, instructions = int(m["weight"]), int(m["instruct"])
     return nets, chip, device_weight, instructions

@@ -155,9 +155,31 @@ def main(
 
 
 @app.command()
-def doctor(toolchain: ToolchainOption = None) -> None:
+def doctor(
+    toolchain: ToolchainOption = None,
+    device: Annotated[Optional[int], typer.Option("--device", help="Check the card with this device id instead: SDK, "
+                      "driver, memory, and micro-nets run on it against the simulator.")] = None,
+    bmodel: Annotated[Optional[Path], typer.Option("--bmodel", help="With --device: also say whether this bmodel's "
+                      "memory plan fits the device's free memory.")] = None,
+) -> None:
     """Show the environments and the toolchain lvb uses, and prove the toolchain works end to end."""
     from lvb.doctor import run_doctor
+
+    if device is not None:
+        from lvb.doctor import run_device_doctor
+
+        with console.status("asking the SDK") as status:
+            try:
+                checks = run_device_doctor(device, str(toolchain) if toolchain else None, bmodel, status=status.update)
+            except LvbError as e:
+                raise fail(e) from None
+        for check in checks:
+            if check.ok:
+                say(console, "✓", "bold green", check.line)
+        failed = next((c for c in checks if not c.ok), None)
+        if failed is not None:
+            raise fail(failed.line if failed.line.startswith(failed.name) else f"{failed.name}: {failed.line}")
+        return
 
     with console.status("checking environments") as status:
         report = run_doctor(str(toolchain) if toolchain else None, status=status.update)

@@ -35,9 +35,9 @@ def _load_runtime(bmodel: str):
     return pyruntime_bm
 
 
-def stage_shapes(bmodel: str) -> dict[str, list[list[list[int]]]]:
-    """Each net's input shapes per stage, in the bmodel's stage order, read from its
-    flatbuffer header only (pyruntime_bm shows the first stage alone)."""
+def stage_shapes(bmodel: str, outputs: bool = False) -> dict[str, list[list[list[int]]]]:
+    """Each net's input (or output) shapes per stage, in the bmodel's stage order, read from
+    its flatbuffer header only (pyruntime_bm shows the first stage alone)."""
     from debugger import bmodel_fbs
     from debugger.disassembler import bmodel_header_type
 
@@ -48,8 +48,10 @@ def stage_shapes(bmodel: str) -> dict[str, list[list[list[int]]]]:
     for i in range(model.NetLength()):
         net = model.Net(i)
         shapes[net.Name().decode()] = [
-            [[int(d) for d in stage.InputTensor(k).Shape(0).DimAsNumpy()] for k in range(stage.InputTensorLength())]
+            [[int(d) for d in tensor(k).Shape(0).DimAsNumpy()] for k in range(count())]
             for stage in (net.Parameter(j) for j in range(net.ParameterLength()))
+            for tensor, count in [(stage.OutputTensor, stage.OutputTensorLength) if outputs else
+                                  (stage.InputTensor, stage.InputTensorLength)]
         ]
     return shapes
 
@@ -70,6 +72,7 @@ class Worker:
         runtime = _load_runtime(bmodel)
         self.model = runtime.Model(bmodel, 0, "")
         self.stages = stage_shapes(bmodel)
+        output_stages = stage_shapes(bmodel, outputs=True)
         info = {}
         for name in self.model.networks:
             net = self.model.Net(name)
@@ -78,6 +81,7 @@ class Worker:
                 "inputs": [{"name": t.name, "shape": list(t.data.shape), "dtype": t.dtype} for t in net.inputs],
                 "outputs": [{"name": t.name, "shape": list(t.data.shape), "dtype": t.dtype} for t in net.outputs],
                 "smaller": self.stages.get(name, [])[1:],
+                "smaller_outputs": output_stages.get(name, [])[1:],
             }
         return info
 

@@ -159,12 +159,27 @@ def scratch_tensors(nets: Mapping) -> list[TensorInfo]:
         if net in nets:
             need(inputs(net)[name])
     need(nets[net_name(Kind.GREEDY_HEAD)].outputs[0])  # the token comes back
-    need(nets[net_name(Kind.LM_HEAD)].outputs[0], 2)  # reading the logits to sample: a host mirror beside the buffer
+    # Reading the logits to sample: a host mirror of the buffer (the second of its shape, as
+    # SailEngine._host_copy takes it; the first is never made on the card).
+    logits = nets[net_name(Kind.LM_HEAD)].outputs[0]
+    needed.setdefault((tuple(logits.shape), logits.dtype, 1), 1)
+    # A net input in another dtype than the buffer that feeds it (tpu-mlir may keep one of the
+    # vision head's inputs in float32) goes through a scratch tensor of the input's and a host
+    # mirror of the buffer's (the second of its shape).
+    vision = nets[net_name(Kind.VISION_EMBED)].outputs[0]
+    head = [x for x in nets[net_name(Kind.VISION_HEAD)].inputs
+            if x.dtype != vision.dtype and (x.name == n.HIDDEN or n.kept_layer_index(x.name) is not None)]
+    for x in head:
+        need(x, sum(y.shape == x.shape and y.dtype == x.dtype for y in head))
+    if head:
+        needed.setdefault((tuple(vision.shape), vision.dtype, 1), 1)
     prefill = next((name for name in sorted(nets, key=lambda x: layer_of(x) or 0)
                     if Kind.SELF_PREFILL in kinds_named(name) and n.PAST_K in inputs(name)), None)
     if prefill:  # a partial last chunk writes its K and V rows through scratch
         need(nets[prefill].outputs[1], 2)
-    return [TensorInfo(f"{dtype} {list(shape)}", shape, dtype) for (shape, dtype), count in needed.items()
+    # A mirror is the second tensor of its shape: already counted where two are needed anyway.
+    needed = {key: count for key, count in needed.items() if len(key) == 2 or needed.get(key[:2], 0) < 2}
+    return [TensorInfo(f"{key[1]} {list(key[0])}", key[0], key[1]) for key, count in needed.items()
             for _ in range(count)]
 
 

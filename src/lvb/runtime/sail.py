@@ -184,34 +184,51 @@ class SailEngine(Engine):
             graphs = list(self._engine.get_graph_names())
         except Exception as e:
             raise EngineError(f"{bmodel}: sail could not load it on device {device_id}: {e}") from e
-        self._specs: dict[str, tuple[tuple[str, ...], tuple[_Slot, ...], tuple[_Slot, ...]]] = {}
+        # net -> (input names, [(input slots, output slots) per stage, largest first])
+        self._specs: dict[str, tuple[tuple[str, ...], list[tuple[tuple[_Slot, ...], tuple[_Slot, ...]]]]] = {}
         self._nets = {name: self._describe(name) for name in graphs}
         self._buffers: dict[str, _Slot] = {}
         self._scratch: dict[tuple, _Slot] = {}  # (shape, kind, n): shared by every net
+        self._scratch_views: dict[tuple, _Slot] = {}  # (shape, kind, n, stage shape): a smaller stage's
         self._views: dict[tuple, Any] = {}  # (buffer, offset, shape): sail.Tensor views
         self._has_views = True  # until the SDK says otherwise (Tensor(src, shape, offset) since v3.9.1)
+        # What this engine launched, (net, stage) -> calls: the stage the bound shapes chose.
+        self.stage_launches: Counter[tuple[str, int]] = Counter()
 
     def _describe(self, net: str) -> NetInfo:
+        """The net's tensors at every stage (EngineLLM.get_stage_num, get_input_shape(net, i, stage):
+        bind.cpp:409-457); stage 0 is the largest, as lvb compiles them."""
         engine = self._engine
         try:
             names = tuple(engine.get_input_names(net))
             output_count = int(engine.get_output_num(net))
-            specs = [(engine.get_input_shape(net, i), engine.get_input_dtype(net, i)) for i in range(len(names))]
-            specs += [(engine.get_output_shape(net, i), engine.get_output_dtype(net, i)) for i in range(output_count)]
             output_names = tuple(engine.get_output_names(net))
+            dtypes = [engine.get_input_dtype(net, i) for i in range(len(names))]
+            dtypes += [engine.get_output_dtype(net, i) for i in range(output_count)]
+            stage_count = int(engine.get_stage_num(net)) if hasattr(engine, "get_stage_num") else 1
+            shapes = []
+            for stage in range(stage_count):
+                extra = (stage,) if stage else ()  # SDKs before per-stage queries take no stage
+                shapes.append([engine.get_input_shape(net, i, *extra) for i in range(len(names))]
+                              + [engine.get_output_shape(net, i, *extra) for i in range(output_count)])
         except Exception as e:
             raise EngineError(f"sail: cannot describe net {net}: {e}") from e
-        slots = []
-        for index, (shape, dtype) in enumerate(specs):
+        kinds = []
+        for index, dtype in enumerate(dtypes):
             kind = next((k for k in self._kinds.values() if k.dtype == dtype), None)
             if kind is None:
                 role = f"input {names[index]}" if index < len(names) else f"output {index - len(names)}"
                 raise EngineError(f"net {net}: {role} has dtype {dtype}, which lvb cannot convert")
-            slots.append(_Slot(None, tuple(int(d) for d in shape), kind))
-        inputs, outputs = tuple(slots[: len(names)]), tuple(slots[len(names) :])
-        self._specs[net] = (names, inputs, outputs)
+            kinds.append(kind)
+        stages = []
+        for stage_shapes in shapes:
+            slots = [_Slot(None, tuple(int(d) for d in shape), kind) for shape, kind in zip(stage_shapes, kinds)]
+            stages.append((tuple(slots[: len(names)]), tuple(slots[len(names) :])))
+        self._specs[net] = (names, stages)
+        (inputs, outputs), smaller = stages[0], stages[1:]
         return NetInfo(net, tuple(TensorInfo(n, s.shape, s.dtype) for n, s in zip(names, inputs)),
-                       tuple(TensorInfo(n, s.shape, s.dtype) for n, s in zip(output_names, outputs)))
+                       tuple(TensorInfo(n, s.shape, s.dtype) for n, s in zip(output_names, outputs)),
+                       tuple(tuple(TensorInfo(n, s.shape, s.dtype) for n, s in zip(names, ins)) for ins, _ in smaller))
 
     @property
     def nets(self) -> dict[str, NetInfo]:
@@ -224,9 +241,12 @@ class SailEngine(Engine):
         # (tensor.cpp:706-719). Resident buffers need no host mirror: update_data writes to the device.
         return self._sail.Tensor(self._handle, list(shape), kind.dtype, host, True)
 
-    def _scratch_for(self, shape: tuple[int, ...], kind: _Kind, taken: Counter) -> _Slot:
+    def _scratch_for(self, shape: tuple[int, ...], kind: _Kind, taken: Counter,
+                     stage_shape: tuple[int, ...] | None = None) -> _Slot:
         """A tensor with a host mirror, shared by every net: the n-th one of this shape and
-        kind in one run, so two inputs of one net never share."""
+        kind in one run, so two inputs of one net never share. `shape` is the tensor's at the
+        net's largest stage; a smaller stage (`stage_shape`) gets a view of its start, whose host
+        mirror is the same memory (tensor.cpp:756-800), so the stages cost no device memory."""
         key = (shape, kind.name)
         n = taken[key]
         taken[key] += 1
@@ -236,7 +256,21 @@ class SailEngine(Engine):
                 slot = self._scratch[(*key, n)] = _Slot(self._tensor(shape, kind, True), shape, kind)
             except Exception as e:
                 raise EngineError(f"sail: cannot allocate a {list(shape)} {kind.name} tensor: {e}") from e
-        return slot
+        if stage_shape is None or stage_shape == shape:
+            return slot
+        view_key = (*key, n, stage_shape)
+        view = self._scratch_views.get(view_key)
+        if view is None:
+            tensor = None
+            if self._has_views:
+                try:
+                    tensor = self._sail.Tensor(slot.tensor, list(stage_shape), 0)
+                except TypeError:  # before v3.9.1: no views, a tensor of the stage's own
+                    self._has_views = False
+            if tensor is None:
+                return self._scratch_for(stage_shape, kind, taken)
+            view = self._scratch_views[view_key] = _Slot(tensor, stage_shape, kind)
+        return view
 
     def _view(self, buffer: str, slot: _Slot, offset: int, shape: tuple[int, ...]):
         """Elements [offset, offset+prod(shape)) of a buffer as a tensor of `shape`, without a
@@ -349,7 +383,7 @@ class SailEngine(Engine):
             raise EngineError("the sail engine is closed")
         if net not in self._nets:
             raise EngineError(f"the bmodel has no net {net!r}; it has {', '.join(sorted(self._nets))}")
-        names, input_slots, output_slots = self._specs[net]
+        names, stages = self._specs[net]
         unknown = sorted(set(feeds) - set(names))
         if unknown:  # sail.Engine would have written it over input 0 (graph.cpp:274)
             raise EngineError(f"net {net} has no input {unknown[0]}; its inputs are {', '.join(names)}")
@@ -357,16 +391,20 @@ class SailEngine(Engine):
         if missing:
             raise EngineError(f"net {net}: no feed for input {missing[0]}")
         store = dict(store or {})
-        if any(not 0 <= index < len(output_slots) for index in store):
-            raise EngineError(f"net {net} has {len(output_slots)} outputs; cannot store output {max(store)}")
+        largest_inputs, largest_outputs = stages[0]
+        if any(not 0 <= index < len(largest_outputs) for index in store):
+            raise EngineError(f"net {net} has {len(largest_outputs)} outputs; cannot store output {max(store)}")
         try:
+            stage = self._stage(names, stages, feeds)
+            self.stage_launches[net, stage] += 1
+            input_slots, output_slots = stages[stage]
             taken: Counter = Counter()
             bound: set[str] = set()  # buffers bound as inputs: an output must not write them in place
-            inputs = {i: self._feed(name, feeds[name], spec, taken, bound)
-                      for i, (name, spec) in enumerate(zip(names, input_slots))}
+            inputs = {i: self._feed(name, feeds[name], spec, largest, taken, bound)
+                      for i, (name, spec, largest) in enumerate(zip(names, input_slots, largest_inputs))}
             targets = Counter(t.buffer for t in store.values())
             outputs, after = {}, []  # after: (scratch, target) pairs to copy or read once the net ran
-            for index, spec in enumerate(output_slots):
+            for index, (spec, largest) in enumerate(zip(output_slots, largest_outputs)):
                 target = store.get(index)
                 tensor = None
                 rows = target is not None and not (target.start == 0 and target.count is None)
@@ -377,7 +415,7 @@ class SailEngine(Engine):
                 if target is not None and (rows or target.buffer not in bound) and targets[target.buffer] == 1:
                     tensor = self._bind_output(target, spec)
                 if tensor is None:
-                    scratch = self._scratch_for(spec.shape, spec.kind, taken)
+                    scratch = self._scratch_for(largest.shape, spec.kind, taken, spec.shape)
                     tensor = scratch.tensor
                     after.append((index, scratch, target))
                 outputs[index] = tensor
@@ -406,7 +444,30 @@ class SailEngine(Engine):
             raise EngineError(f"sail: net {net}: storing its outputs: {e}") from e
         return result
 
-    def _feed(self, name: str, value, spec: _Slot, taken: Counter, bound: set[str]):
+    def _stage(self, names: tuple[str, ...], stages, feeds) -> int:
+        """The stage whose inputs the feeds fill (the first, largest, that fits). sail passes
+        each bound tensor's own shape to bmrt_launch_tensor_ex (EngineLLM: engine_llm.cpp
+        attach_io_tensor; Engine: graph.cpp:811-829), which runs a static net only at a stage
+        with exactly those input shapes: so the stage is chosen by binding tensors, or views, of
+        that stage's shapes, as sophon-demo's llama3.py does with sail.Tensor(buf, [1, length], 0)."""
+        sizes = []
+        for name in names:
+            value = feeds[name]
+            if isinstance(value, Resident):
+                buffer = self._buffer(value.buffer)
+                count = buffer.rows - value.start if value.count is None else value.count
+                sizes.append(buffer.span(value.start, count)[1])
+            else:
+                sizes.append(np.asarray(value).size)
+        for index, (inputs, _) in enumerate(stages):
+            if all(size == slot.size for size, slot in zip(sizes, inputs)):
+                return index
+        name, size = next((n, z) for n, z, slot in zip(names, sizes, stages[0][0]) if z != slot.size)
+        i = names.index(name)
+        takes = " or ".join(str(list(inputs[i].shape)) for inputs, _ in stages)
+        raise EngineError(f"input {name} holds {size} values; no stage of the net takes that (it takes {takes})")
+
+    def _feed(self, name: str, value, spec: _Slot, largest: _Slot, taken: Counter, bound: set[str]):
         if isinstance(value, Resident):
             buffer = self._buffer(value.buffer)
             count = buffer.rows - value.start if value.count is None else value.count
@@ -419,13 +480,13 @@ class SailEngine(Engine):
                 if view is not None:
                     bound.add(value.buffer)
                     return view
-            scratch = self._scratch_for(spec.shape, spec.kind, taken)
+            scratch = self._scratch_for(largest.shape, spec.kind, taken, spec.shape)
             self._copy(buffer, (offset, length), scratch, (0, spec.size))
             return scratch.tensor
         array = np.asarray(value)
         if array.size != spec.size:
             raise EngineError(f"input {name} is {list(spec.shape)}, got an array of {list(array.shape)}")
-        scratch = self._scratch_for(spec.shape, spec.kind, taken)
+        scratch = self._scratch_for(largest.shape, spec.kind, taken, spec.shape)
         self._to_device(scratch, array)
         return scratch.tensor
 
@@ -448,6 +509,7 @@ class SailEngine(Engine):
         # sail frees device memory when its Tensors and Engine are collected.
         self._views.clear()
         self._buffers.clear()
+        self._scratch_views.clear()
         self._scratch.clear()
         if self._engine is not None and hasattr(self._engine, "close"):  # the stand-in's simulator worker
             self._engine.close()

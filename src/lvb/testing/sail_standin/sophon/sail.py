@@ -15,10 +15,16 @@ What it adds for tests, none of which the SDK has:
   many copies of each, so a test or bench can count what one step moves;
 - fault injection: LVB_SAIL_STANDIN_FAIL=net[,net...] (or `fail_launches`)
   makes every launch of those nets fail the way bmrt_launch_tensor_ex does;
+- LVB_SAIL_STANDIN_CORRUPT=net[,net...]: those nets run but write wrong values (noise),
+  as a card with mismatched firmware does;
 - LVB_SAIL_STANDIN_REPORT=path: a JSON summary (peak memory, traffic) written
   when the process exits, for tests that run lvb as a subprocess;
 - `register_bmodel(path, nets)`: a bmodel known by its nets' shapes only, whose
-  launches compute nothing, to count traffic at shapes the simulator cannot run.
+  launches compute nothing, to count traffic at shapes the simulator cannot run;
+- a record of the stage each launch ran (`Device.stages`, (net, stage) -> launches).
+
+Stages follow bmruntime: a static multi-stage net runs at the stage whose input shapes
+equal the bound tensors' shapes exactly, and a launch with shapes no stage has fails.
 """
 
 from __future__ import annotations
@@ -109,6 +115,7 @@ class Device:
     traffic: Counter = field(default_factory=Counter)  # bytes: h2d, d2h, d2d
     copies: Counter = field(default_factory=Counter)  # how many: h2d, d2h, d2d
     launches: Counter = field(default_factory=Counter)  # per net
+    stages: Counter = field(default_factory=Counter)  # (net, stage) of every launch that ran; 0 is the first
 
     def malloc(self, nbytes: int, what: str) -> None:
         # bm_malloc_device_byte_heap_mask fails, sail throws (tensor.cpp:697-705).
@@ -130,10 +137,12 @@ class Device:
         self.traffic.clear()
         self.copies.clear()
         self.launches.clear()
+        self.stages.clear()
 
     def summary(self) -> dict:
         return {"total": self.total, "used": self.used, "peak": self.peak, "model": self.model,
-                "traffic": dict(self.traffic), "copies": dict(self.copies), "launches": dict(self.launches)}
+                "traffic": dict(self.traffic), "copies": dict(self.copies), "launches": dict(self.launches),
+                "stages": {f"{net}:{stage}": n for (net, stage), n in self.stages.items()}}
 
 
 _DEVICES: dict[int, Device] = {}
@@ -230,7 +239,9 @@ class Tensor:
         if not no_copy:
             raise NotImplementedError("the stand-in has views only (no_copy=True)")
         self._memory, self._offset = src._memory, src._offset + offset * itemsize
-        self._sys = None
+        # A view of a tensor with host memory shares that too, at the same offset (tensor.cpp:791-796).
+        start = offset * itemsize
+        self._sys = None if src._sys is None else src._sys[start : start + self._nbytes]
 
     # device bytes of this tensor, as the raw numpy dtype
     def _device(self) -> np.ndarray:
@@ -306,8 +317,13 @@ class _TensorSpec:
 @dataclass(frozen=True)
 class _NetSpec:
     name: str
-    inputs: tuple[_TensorSpec, ...]
+    inputs: tuple[_TensorSpec, ...]  # of stage 0
     outputs: tuple[_TensorSpec, ...]
+    smaller: tuple[tuple[tuple[_TensorSpec, ...], tuple[_TensorSpec, ...]], ...] = ()  # stages 1..: (inputs, outputs)
+
+    @property
+    def stages(self) -> list[tuple[tuple[_TensorSpec, ...], tuple[_TensorSpec, ...]]]:
+        return [(self.inputs, self.outputs), *self.smaller]
 
 
 def _to_host(raw: np.ndarray, dtype: Dtype) -> np.ndarray:
@@ -331,11 +347,16 @@ _REGISTERED: dict[str, dict[str, _NetSpec]] = {}
 def register_bmodel(path: str, nets, loaded_bytes: int = 0) -> None:
     """Make `path` load as these nets (not in the SDK): `nets` is a list of objects with
     .name, .inputs and .outputs, whose tensors have .name, .shape and .dtype (numpy names:
-    float32, int32, bfloat16). Launches leave the outputs as they are."""
+    float32, int32, bfloat16), and optionally .smaller, the smaller stages as objects with
+    .inputs and .outputs (lvb.contract's NetSpec). Launches leave the outputs as they are."""
     kinds = {"float32": Dtype.BM_FLOAT32, "int32": Dtype.BM_INT32, "bfloat16": Dtype.BM_BFLOAT16}
+
+    def specs(tensors):
+        return tuple(_TensorSpec(t.name, tuple(t.shape), kinds[t.dtype]) for t in tensors)
+
     _REGISTERED[str(path)] = {
-        n.name: _NetSpec(n.name, tuple(_TensorSpec(t.name, tuple(t.shape), kinds[t.dtype]) for t in n.inputs),
-                         tuple(_TensorSpec(t.name, tuple(t.shape), kinds[t.dtype]) for t in n.outputs))
+        n.name: _NetSpec(n.name, specs(n.inputs), specs(n.outputs),
+                         tuple((specs(s.inputs), specs(s.outputs)) for s in getattr(n, "smaller", ())))
         for n in nets
     }
     _REGISTERED[str(path)][""] = loaded_bytes  # type: ignore[assignment]
@@ -372,27 +393,48 @@ class _Runtime:
         self.simulator = CmodelEngine(path, toolchain)
         self.nets = {}
         for name, net in self.simulator.wire_nets.items():
-            self.nets[name] = _NetSpec(
-                name,
-                tuple(_TensorSpec(t["name"], tuple(t["shape"]), _WIRE[t["dtype"]]) for t in net["inputs"]),
-                tuple(_TensorSpec(t["name"], tuple(t["shape"]), _WIRE[t["dtype"]]) for t in net["outputs"]),
-            )
+            def specs(tensors, shapes=None):
+                return tuple(_TensorSpec(t["name"], tuple(shape or t["shape"]), _WIRE[t["dtype"]])
+                             for t, shape in zip(tensors, shapes or [None] * len(tensors)))
 
-    def launch(self, net: str, inputs: list[Tensor], outputs: list[Tensor]) -> bool:
-        """bmrt_launch_tensor_ex with user memory: False when the launch fails."""
+            smaller = tuple((specs(net["inputs"], ins), specs(net["outputs"], outs))
+                            for ins, outs in zip(net.get("smaller", ()), net.get("smaller_outputs", ())))
+            self.nets[name] = _NetSpec(name, specs(net["inputs"]), specs(net["outputs"]), smaller)
+
+    def stage_of(self, net: str, shapes: list[tuple[int, ...]]) -> int | None:
+        """The stage whose input shapes are exactly these (bmruntime's static nets), or None."""
+        return next((i for i, (ins, _) in enumerate(self.nets[net].stages) if [t.shape for t in ins] == shapes), None)
+
+    def launch(self, net: str, inputs: list[Tensor], outputs: list[Tensor],
+               shapes: list[tuple[int, ...]] | None = None) -> bool:
+        """bmrt_launch_tensor_ex with user memory, the inputs at `shapes` (default: the tensors'
+        own shapes, as sail passes them): False when the launch fails."""
         spec = self.nets[net]
         self.dev.launches[net] += 1
         if net in _failing():
             return False
-        for tensor, want in zip(inputs + outputs, spec.inputs + spec.outputs):
-            if tuple(tensor.shape()) != want.shape or tensor.dtype() != want.dtype:
-                return False  # a static net rejects other shapes; a dtype other than the net's is misread
+        shapes = shapes or [tuple(t.shape()) for t in inputs]
+        stage = self.stage_of(net, [tuple(s) for s in shapes])
+        if stage is None:  # a static net runs only at one of its stages' input shapes
+            log.error("%s: input shapes %s match no stage", net, shapes)
+            return False
+        stage_inputs, stage_outputs = spec.stages[stage]
+        for tensor, want in zip(inputs + outputs, stage_inputs + stage_outputs):
+            if tensor.dtype() != want.dtype:
+                return False  # a dtype other than the net's is misread
+            if tensor._nbytes < math.prod(want.shape) * np.dtype(_BYTES[want.dtype]).itemsize:
+                return False  # the stage would read or write past the tensor's memory
+        self.dev.stages[net, stage] += 1
         if self.simulator is None:
             return True  # a registered bmodel: shapes only
-        feeds = {t.name: _to_host(tensor._device(), t.dtype).reshape(t.shape) for t, tensor in zip(spec.inputs, inputs)}
+        feeds = {t.name: _to_host(tensor._device()[: math.prod(t.shape)], t.dtype).reshape(t.shape)
+                 for t, tensor in zip(stage_inputs, inputs)}
         results = self.simulator.run(net, feeds)
-        for tensor, t, value in zip(outputs, spec.outputs, results):
-            tensor._device()[:] = _to_device(value, t.dtype).reshape(-1)
+        if net in os.environ.get("LVB_SAIL_STANDIN_CORRUPT", "").split(","):
+            noise = np.random.default_rng(0)
+            results = [noise.standard_normal(np.shape(r)).astype(np.float32) * 100 for r in results]
+        for tensor, t, value in zip(outputs, stage_outputs, results):
+            tensor._device()[: math.prod(t.shape)] = _to_device(value, t.dtype).reshape(-1)
         return True
 
     def close(self) -> None:
@@ -435,11 +477,14 @@ class EngineLLM:
     def get_output_names(self, graph_name: str) -> list[str]:
         return [t.name for t in self._runtime.nets[graph_name].outputs]
 
+    def get_stage_num(self, graph_name: str) -> int:  # bind.cpp:409, GraphLLM::get_stage_num
+        return len(self._runtime.nets[graph_name].stages)
+
     def get_input_shape(self, graph_name: str, index: int, stage: int = 0) -> list[int]:
-        return list(self._runtime.nets[graph_name].inputs[index].shape)
+        return list(self._runtime.nets[graph_name].stages[stage][0][index].shape)
 
     def get_output_shape(self, graph_name: str, index: int, stage: int = 0) -> list[int]:
-        return list(self._runtime.nets[graph_name].outputs[index].shape)
+        return list(self._runtime.nets[graph_name].stages[stage][1][index].shape)
 
     def get_input_dtype(self, graph_name: str, index: int) -> Dtype:
         return self._runtime.nets[graph_name].inputs[index].dtype
@@ -514,6 +559,12 @@ class Engine:
     def get_input_shape(self, graph_name: str, tensor_name: str) -> list[int]:
         return list(next(t.shape for t in self._net(graph_name)[1].inputs if t.name == tensor_name))
 
+    def get_max_input_shapes(self, graph_name: str) -> dict[str, list[int]]:
+        """engine.cpp:465-497: per input, the largest of every stage's dims."""
+        stages = self._net(graph_name)[1].stages
+        return {t.name: [max(ins[i].shape[d] for ins, _ in stages) for d in range(len(t.shape))]
+                for i, t in enumerate(stages[0][0])}
+
     def get_output_shape(self, graph_name: str, tensor_name: str) -> list[int]:
         return list(next(t.shape for t in self._net(graph_name)[1].outputs if t.name == tensor_name))
 
@@ -523,7 +574,11 @@ class Engine:
     def get_output_dtype(self, graph_name: str, tensor_name: str) -> Dtype:
         return next(t.dtype for t in self._net(graph_name)[1].outputs if t.name == tensor_name)
 
-    def process(self, graph_name: str, input: dict, output: dict, core_list=()) -> None:  # noqa: A002
+    def process(self, graph_name: str, input: dict, *args, core_list=()) -> None:  # noqa: A002
+        """process(graph, input, output) or process(graph, input, input_shapes, output): the
+        shapes given, else each input tensor's own, go to bmrt_launch_tensor_ex
+        (graph.cpp:665-700, 811-829)."""
+        input_shapes, output = (args[0], args[1]) if len(args) >= 2 and isinstance(args[1], dict) else (None, args[0])
         runtime, spec = self._net(graph_name)
         bound_in: list[Tensor | None] = [None] * len(spec.inputs)
         names = [t.name for t in spec.inputs]
@@ -533,7 +588,12 @@ class Engine:
         out_names = [t.name for t in spec.outputs]
         for name, tensor in output.items():
             bound_out[out_names.index(name) if name in out_names else 0] = tensor
-        if None in bound_in or None in bound_out or not runtime.launch(graph_name, bound_in, bound_out):
+        shapes = None
+        if None not in bound_in:
+            shapes = [tuple(t.shape()) for t in bound_in]
+            for name, shape in (input_shapes or {}).items():
+                shapes[names.index(name) if name in names else 0] = tuple(shape)
+        if None in bound_in or None in bound_out or not runtime.launch(graph_name, bound_in, bound_out, shapes):
             log.error("bmrt_launch_tensor_ex() err")  # and carry on, as graph.cpp:646-648 does
 
     def close(self) -> None:  # not in the SDK
