@@ -369,14 +369,13 @@ def inspect(
     if record is None:
         show(console, f"no device-time estimates: {no_estimates}")
     else:
-        _print_turn_times(record, model, prompt_tokens, launch_us)
+        _print_turn_times(record, estimates, model, prompt_tokens, launch_us)
     _print_memory_plan(info)
     if device is not None:
         _print_preflight(bmodel, device, toolchain)
 
 
-def _print_turn_times(record: dict, model: Optional[Path], prompt_tokens: int, launch_us: float) -> None:
-    from lvb.devicetime import from_manifest
+def _print_turn_times(record: dict, estimates, model: Optional[Path], prompt_tokens: int, launch_us: float) -> None:
     from lvb.runtime.turn import turn_times
     from lvb.spec import ModelSpec
 
@@ -385,7 +384,6 @@ def _print_turn_times(record: dict, model: Optional[Path], prompt_tokens: int, l
     except LvbError as e:
         show(console, f"no turn estimate: {e}; pass --model with the checkpoint's folder")
         return
-    estimates = from_manifest(record)
     times = turn_times(spec, record["settings"]["seq"], record["settings"]["chunks"], estimates, prompt_tokens, launch_us)
     table = Table(title=f"a {prompt_tokens}-token first turn on the chip (tpu-mlir's cost model, greedy)")
     for column in ("picture", "first token ms", "decode step ms", "tokens/s", "launches first / step"):
