@@ -86,8 +86,8 @@ class NullEngine(Engine):
     def read(self, buffer):
         return self._host.read(buffer)
 
-    def upload(self, buffer, array):
-        self._host.upload(buffer, array)
+    def upload(self, buffer, array, slot=None):
+        self._host.upload(buffer, array, slot)
 
     def run(self, net, feeds, store=None):
         self.calls += 1

@@ -126,7 +126,7 @@ def in_range(low: int, high: int):
 
 
 def chunk_list(param: typer.CallbackParam, value: str) -> str:
-    """An option callback refusing a --chunk that is not a list of sizes of 1 or more before any
+    """An option callback refusing a --chunk or --batch that is not a list of sizes of 1 or more before any
     work starts; sizes above --seq are refused by the export, which knows the sequence."""
     if not value:
         return value
@@ -222,6 +222,10 @@ def export(
         help=f"Tokens per prefill call, 1 to --seq (default: {','.join(map(str, DEFAULT_CHUNKS))}, capped at --seq); a list "
              "such as 16,32,64,128 gives the prefill nets one stage per size, and a turn is prefilled with the smallest "
              "that holds it.", callback=chunk_list, show_default=False)] = "",
+    batch: Annotated[str, typer.Option(
+        help="Conversations one decode step serves (continuous batching in `lvb serve`): a list such as 1,2,4 gives "
+             "the decode nets one stage per size, sharing the weights; `lvb compile` builds what the export holds.",
+        callback=chunk_list)] = "1",
 ) -> None:
     """Export every part to ONNX (opset 17), one layer at a time, each checked against PyTorch."""
     from lvb.hub import resolve_model
@@ -245,7 +249,8 @@ def export(
 
         try:
             manifest = run_export(source.directory, out, seq=seq, chunks=chunks, progress=report, source=source.to_json(),
-                                  notify=lambda message: say(progress.console, "note:", "yellow", message))
+                                  notify=lambda message: say(progress.console, "note:", "yellow", message),
+                                  batch=[int(b) for b in batch.split(",")])
         except (LvbError, OSError) as e:
             raise fail(problem(e, out))
     nets = manifest["nets"]

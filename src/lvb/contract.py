@@ -16,7 +16,13 @@ turn use the same nets, and a short turn costs C tokens, not S. The prefill
 nets (`embed`, `block_{i}`) exist at every chunk size of a list, the largest
 first, as tpu-mlir stages of one net that share its weights; a turn is
 prefilled with the smallest chunk that holds it, a long one with the largest.
-`block_cache_{i}` is the same computation for one token. A cross-attention
+`block_cache_{i}` is the same computation for one token. The decode nets
+(`embed_cache`, `block_cache_{i}`, `lm_head`, `greedy_head`) take B rows, one token of
+each of B conversations (continuous batching: one read of the weights serves B
+conversations), at every B of a list, the largest first, as stages of one net; the
+default list is (1,), the nets of one conversation. Each row has its own position,
+causal mask, KV-cache slot (row b of the [B, S, KV, d] cache) and cross K/V. A
+cross-attention
 layer's K/V depend only on the image: `cross_kv_{i}` computes them once per
 image, at KV heads, and its blocks repeat them to the query heads inside.
 """
@@ -33,6 +39,7 @@ from lvb.spec import ModelSpec
 # What `lvb export` builds unless told otherwise: KV-cache slots and prefill chunks.
 DEFAULT_SEQ = 512
 DEFAULT_CHUNKS = (128,)  # `--chunk 16,32,64,128` prefills a short turn faster; each size is one more compile per layer
+DEFAULT_BATCH = (1,)  # `--batch 1,2,4` decodes up to 4 conversations in one step; each size is one more stage per decode net
 
 # Added to attention scores that must be ignored. Large enough that exp()
 # underflows to 0 in fp32 and bf16, finite so that bf16 hardware and
@@ -62,7 +69,8 @@ class NetInfo:
     name: str
     inputs: tuple[TensorInfo, ...]  # of the largest stage
     outputs: tuple[TensorInfo, ...]
-    # The inputs of the net's smaller stages (the prefill nets at smaller chunks), largest first.
+    # The inputs of the net's smaller stages (the prefill nets at smaller chunks, the decode nets
+    # at smaller batches), largest first.
     smaller: tuple[tuple[TensorInfo, ...], ...] = ()
 
 
@@ -262,8 +270,8 @@ class NetSpec:
     layer: int | None
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
-    # The same net at smaller prefill chunks, largest first: tpu-mlir stages that share its
-    # weights. `inputs` and `outputs` are the largest stage's.
+    # The same net at smaller prefill chunks (or decode batches), largest first: tpu-mlir
+    # stages that share its weights. `inputs` and `outputs` are the largest stage's.
     smaller: tuple[NetSpec, ...] = ()
 
     def on_device(self) -> NetSpec:
@@ -312,6 +320,24 @@ def chunk_sizes(chunks: int | Sequence[int], seq: int) -> tuple[int, ...]:
     return tuple(sorted(set(sizes), reverse=True))
 
 
+def batch_sizes(batch: int | Sequence[int]) -> tuple[int, ...]:
+    """The decode batch sizes (rows of the decode nets), largest first; each 1 or more. 1 is
+    always one: a lone conversation, and every prefill's first token, take it."""
+    sizes = (batch,) if isinstance(batch, int) else tuple(batch)
+    bad = [b for b in sizes if isinstance(b, bool) or not isinstance(b, int) or b < 1]
+    if not sizes or bad:
+        raise ValueError(f"batch sizes {list(sizes)} must be whole numbers of 1 or more")
+    return tuple(sorted({*sizes, 1}, reverse=True))
+
+
+def batch_for(rows: int, batch: Sequence[int]) -> int:
+    """The decode stage to run `rows` conversations in: the smallest that holds them all."""
+    fitting = [b for b in batch if b >= rows]
+    if not fitting:
+        raise ValueError(f"{rows} rows do not fit the decode nets' largest batch {max(batch)}")
+    return min(fitting)
+
+
 def chunk_for(tokens: int, chunks: Sequence[int]) -> int:
     """The chunk to prefill `tokens` more tokens with: the smallest that holds them all,
     else the largest (the rest goes in later chunks)."""
@@ -347,10 +373,12 @@ def vision_nets(spec: ModelSpec) -> list[NetSpec]:
     return nets
 
 
-def plan(spec: ModelSpec, seq: int, chunks: int | Sequence[int]) -> list[NetSpec]:
+def plan(spec: ModelSpec, seq: int, chunks: int | Sequence[int], batch: int | Sequence[int] = DEFAULT_BATCH) -> list[NetSpec]:
     """Every net of a model compiled for `seq` cache slots and prefill in chunks of the
-    given sizes (one size, or several: the prefill nets then carry the smaller ones as stages)."""
+    given sizes (one size, or several: the prefill nets then carry the smaller ones as stages),
+    and decode in batches of `batch` rows (the decode nets' stages, likewise)."""
     sizes = chunk_sizes(chunks, seq)
+    rows = batch_sizes(batch)
     t, v, n = spec.text, spec.vision, Names
     D, KV, d, V = t.hidden_size, t.num_kv_heads, t.head_dim, v.tokens_per_image
     S = seq
@@ -361,32 +389,35 @@ def plan(spec: ModelSpec, seq: int, chunks: int | Sequence[int]) -> list[NetSpec
     def embed(C: int) -> NetSpec:
         return net(Kind.EMBED, None, (_t(n.INPUT_IDS, 1, C, dtype="int32"),), (_t(n.HIDDEN, 1, C, D),))
 
-    def block(layer: int, C: int, decode: bool) -> NetSpec:
+    def block(layer: int, C: int, decode: bool, B: int = 1) -> NetSpec:
         if t.is_cross(layer):
             kind = Kind.CROSS_DECODE if decode else Kind.CROSS_PREFILL
             inputs = (
-                _t(n.HIDDEN, 1, C, D),
-                _t(n.CROSS_K, 1, KV, V, d),
-                _t(n.CROSS_V, 1, KV, V, d),
-                _t(n.CROSS_MASK, 1, 1, C, V),
-                _t(n.TEXT_ROW_MASK, 1, 1, C, 1),
+                _t(n.HIDDEN, B, C, D),
+                _t(n.CROSS_K, B, KV, V, d),
+                _t(n.CROSS_V, B, KV, V, d),
+                _t(n.CROSS_MASK, B, 1, C, V),
+                _t(n.TEXT_ROW_MASK, B, 1, C, 1),
             )
-            outputs = (_t(n.HIDDEN, 1, C, D),)
+            outputs = (_t(n.HIDDEN, B, C, D),)
         else:
             kind = Kind.SELF_DECODE if decode else Kind.SELF_PREFILL
             inputs = (
-                _t(n.HIDDEN, 1, C, D),
-                _t(n.POSITION_IDS, 1, C, dtype="int32"),
-                _t(n.ATTENTION_MASK, 1, 1, C, S + C),
-                _t(n.PAST_K, 1, S, KV, d),
-                _t(n.PAST_V, 1, S, KV, d),
+                _t(n.HIDDEN, B, C, D),
+                _t(n.POSITION_IDS, B, C, dtype="int32"),
+                _t(n.ATTENTION_MASK, B, 1, C, S + C),
+                _t(n.PAST_K, B, S, KV, d),
+                _t(n.PAST_V, B, S, KV, d),
             )
-            outputs = (_t(n.HIDDEN, 1, C, D), _t(n.K, 1, C, KV, d), _t(n.V, 1, C, KV, d))
+            outputs = (_t(n.HIDDEN, B, C, D), _t(n.K, B, C, KV, d), _t(n.V, B, C, KV, d))
         return net(kind, layer, inputs, outputs)
 
-    def staged(make) -> NetSpec:
-        largest, *smaller = (make(C) for C in sizes)
+    def staged(make, over=sizes) -> NetSpec:
+        largest, *smaller = (make(x) for x in over)
         return replace(largest, smaller=tuple(smaller))
+
+    def batched(make) -> NetSpec:
+        return staged(make, rows)
 
     nets = vision_nets(spec)
     nets += [
@@ -395,13 +426,13 @@ def plan(spec: ModelSpec, seq: int, chunks: int | Sequence[int]) -> list[NetSpec
     ]
     nets += [
         staged(embed),
-        net(Kind.EMBED_CACHE, None, (_t(n.INPUT_IDS, 1, 1, dtype="int32"),), (_t(n.HIDDEN, 1, 1, D),)),
+        batched(lambda B: net(Kind.EMBED_CACHE, None, (_t(n.INPUT_IDS, B, 1, dtype="int32"),), (_t(n.HIDDEN, B, 1, D),))),
     ]
     for layer in range(t.num_layers):
         nets.append(staged(lambda C, layer=layer: block(layer, C, decode=False)))
-        nets.append(block(layer, 1, decode=True))
+        nets.append(batched(lambda B, layer=layer: block(layer, 1, decode=True, B=B)))
     nets += [
-        net(Kind.LM_HEAD, None, (_t(n.HIDDEN, 1, 1, D),), (_t(n.LOGITS, 1, t.vocab_size),)),
-        net(Kind.GREEDY_HEAD, None, (_t(n.LOGITS, 1, t.vocab_size),), (_t(n.TOKEN, 1, 1, dtype="int32"),)),
+        batched(lambda B: net(Kind.LM_HEAD, None, (_t(n.HIDDEN, B, 1, D),), (_t(n.LOGITS, B, t.vocab_size),))),
+        batched(lambda B: net(Kind.GREEDY_HEAD, None, (_t(n.LOGITS, B, t.vocab_size),), (_t(n.TOKEN, B, 1, dtype="int32"),))),
     ]
     return nets

@@ -28,7 +28,7 @@ from lvb.compile.tpumlir import (CHIPS, DEFAULT_GROUP_SIZE, QUANTIZE, TRANSFORM_
                                  transform)
 from lvb.bmodel import declared_tensors
 from lvb.check import CheckMode, load_check, onnx_vs_bmodel, shortfalls, thresholds
-from lvb.contract import Kind, NetSpec, QuantGroup, plan
+from lvb.contract import DEFAULT_BATCH, Kind, NetSpec, QuantGroup, plan
 from lvb.devicetime import read_profile
 from lvb.errors import LvbError
 from lvb.numerics import lowest
@@ -349,8 +349,9 @@ class Compiler:
         if seq is not None and seq != exported_seq:
             raise CompileError(f"the export in {self.work} is for --seq {exported_seq}, not {seq}; run `lvb export --seq {seq}` first")
         self.seq, self.chunks = exported_seq, tuple(self.export["settings"]["chunks"])
+        self.batch = tuple(self.export["settings"].get("batch", DEFAULT_BATCH))
         self.spec = ModelSpec.from_dir(self.export["model"]["dir"])
-        missing = [n.name for n in plan(self.spec, self.seq, self.chunks) if n.name not in self.export["nets"]]
+        missing = [n.name for n in plan(self.spec, self.seq, self.chunks, self.batch) if n.name not in self.export["nets"]]
         if missing:  # a manifest from before `complete` existed, or one edited by hand
             raise CompileError(f"the export in {self.work} is unfinished ({len(missing)} nets missing, e.g. "
                                f"{', '.join(missing[:3]) or '?'}; was it interrupted?); run `lvb export --out {self.work}` again to finish it")
@@ -361,7 +362,8 @@ class Compiler:
         self.jobs = [self._job(name, entry) for name, entry in self.export["nets"].items()]
         model_name = self.export["model"]["name"]
         chunks = "-".join(map(str, sorted(self.chunks)))
-        self.bmodel = self.dir.bmodel(f"{model_name}_{settings.tag()}_seq{self.seq}_chunk{chunks}_{settings.chip}.bmodel")
+        batch = f"_batch{'-'.join(map(str, sorted(self.batch)))}" if self.batch != DEFAULT_BATCH else ""
+        self.bmodel = self.dir.bmodel(f"{model_name}_{settings.tag()}_seq{self.seq}_chunk{chunks}{batch}_{settings.chip}.bmodel")
         self._cancel = threading.Event()
 
     def _job(self, name: str, entry: dict) -> NetJob:

@@ -29,7 +29,7 @@ import numpy as np
 
 import lvb
 from lvb.check import run_once, run_torch, save_check, torch_vs_onnx
-from lvb.contract import DEFAULT_CHUNKS, DEFAULT_SEQ, NetSpec, chunk_sizes, plan
+from lvb.contract import DEFAULT_BATCH, DEFAULT_CHUNKS, DEFAULT_SEQ, NetSpec, batch_sizes, chunk_sizes, plan
 from lvb.errors import LvbError
 from lvb.export.weights import CheckpointWeights
 from lvb.spec import ModelSpec
@@ -50,9 +50,12 @@ class ExportError(LvbError, RuntimeError):
 class ExportSettings:
     seq: int
     chunks: tuple[int, ...]  # prefill chunk sizes, largest first
+    batch: tuple[int, ...] = DEFAULT_BATCH  # decode batch sizes (rows), largest first
 
     def to_json(self) -> dict:
-        return {"seq": self.seq, "chunks": list(self.chunks), "opset": OPSET}
+        # A single-conversation export's manifest stays as it was before batches existed.
+        batch = {"batch": list(self.batch)} if self.batch != DEFAULT_BATCH else {}
+        return {"seq": self.seq, "chunks": list(self.chunks), "opset": OPSET} | batch
 
 
 def exporter_versions() -> dict[str, str]:
@@ -447,7 +450,7 @@ class Exporter:
         self.config = eager_config(self.model_dir)
         check_weights(self.config, self.weights)  # before any work: config and weights of one model
         self.versions = exporter_versions()
-        self.nets = plan(self.spec, settings.seq, settings.chunks)
+        self.nets = plan(self.spec, settings.seq, settings.chunks, settings.batch)
         self.manifest.update(
             version=EXPORT_VERSION,
             model={"dir": str(self.model_dir.resolve()), "name": self.model_dir.resolve().name} | self.source,
@@ -578,13 +581,18 @@ class Exporter:
 
 
 def export(model_dir: Path, work: Path, seq: int, chunks: int | Sequence[int] | None = None, progress=None,
-           source: dict | None = None, notify: Callable[[str], None] | None = None) -> dict:
+           source: dict | None = None, notify: Callable[[str], None] | None = None,
+           batch: int | Sequence[int] = DEFAULT_BATCH) -> dict:
     """`chunks`: the prefill chunk sizes (one or several); by default DEFAULT_CHUNKS, capped at seq;
     an explicit size outside 1..seq is refused. `source` adds to the manifest's model entry: a Hub
     checkpoint's name (which names the bmodel; its snapshot folder is named by the commit), repo id
     and commit. `notify` hears of each cached file found damaged (and rebuilt)."""
     chunks = (chunks,) if isinstance(chunks, int) else tuple(chunks or (min(seq, c) for c in DEFAULT_CHUNKS))
-    settings = ExportSettings(seq=seq, chunks=tuple(sorted(set(chunks), reverse=True)))
+    try:
+        rows = batch_sizes(batch)
+    except ValueError:
+        raise ExportError(f"--batch {batch}: every batch size must be a whole number of 1 or more, e.g. --batch 1,2,4") from None
+    settings = ExportSettings(seq=seq, chunks=tuple(sorted(set(chunks), reverse=True)), batch=rows)
     work = Path(work)
     try:
         work.mkdir(parents=True, exist_ok=True)

@@ -224,12 +224,14 @@ class CrossAttentionBlock(nn.Module):
 
 
 class LmHead(nn.Module):
-    def __init__(self, norm: nn.Module, head: nn.Linear):
+    def __init__(self, norm: nn.Module, head: nn.Linear, rows: int = 1):
         super().__init__()
-        self.norm, self.head = norm, head
+        self.norm, self.head, self.rows = norm, head, rows
 
     def forward(self, hidden_states):
-        return self.head(self.norm(hidden_states)).reshape(1, -1)
+        logits = self.head(self.norm(hidden_states))
+        # [rows, 1, vocab] -> [rows, vocab]; a batched net's rows are a symbolic axis of its stages.
+        return logits.reshape(1, -1) if self.rows == 1 else logits.flatten(1)
 
 
 class GreedyHead(nn.Module):
@@ -437,11 +439,13 @@ class SelfAttentionPart(Part):
 
     def dummy_inputs(self, net, spec, rng):
         inputs = super().dummy_inputs(net, spec, rng)
-        chunk = net.inputs[0].shape[1]
+        rows, chunk = net.inputs[0].shape[:2]
         seq = net.inputs[3].shape[1]
         past = (seq - chunk) // 2 if chunk > 1 else seq // 2
-        inputs["position_ids"] = (past + np.arange(chunk, dtype=np.int32))[None]
-        inputs["attention_mask"] = self_attention_mask(past, chunk, seq)
+        # The rows of a decode batch (conversations) are at different positions.
+        pasts = [(past + row * (seq // 3 + 1)) % (seq + 1) for row in range(rows)]
+        inputs["position_ids"] = np.stack([p + np.arange(chunk, dtype=np.int32) for p in pasts])
+        inputs["attention_mask"] = np.concatenate([self_attention_mask(p, chunk, seq) for p in pasts])
         return inputs
 
 
@@ -480,9 +484,14 @@ class CrossAttentionPart(Part):
         # Some tokens before the image (fully masked rows) and an image short of the tile maximum.
         sees_image = np.arange(chunk) >= chunk // 4
         tiles = max(1, spec.vision.max_num_tiles - 1)
-        inputs["cross_attention_mask"], inputs["text_row_mask"] = cross_attention_mask(
-            sees_image, tiles, spec.vision.max_num_tiles, spec.vision.patches_per_tile
-        )
+        masks = cross_attention_mask(sees_image, tiles, spec.vision.max_num_tiles, spec.vision.patches_per_tile)
+        rows = net.inputs[0].shape[0]
+        if rows > 1:
+            # A decode batch: the last row is a conversation without a picture (zero V, row masked out).
+            masks = tuple(np.repeat(m, rows, axis=0) for m in masks)
+            masks[1][-1] = 0.0
+            inputs["cross_v"][-1] = 0.0
+        inputs["cross_attention_mask"], inputs["text_row_mask"] = masks
         return inputs
 
 
@@ -502,7 +511,7 @@ class LmHeadPart(Part):
         norm = _load(_on_meta(lambda: MllamaTextRMSNorm(text.hidden_size, eps=text.rms_norm_eps)), norm_weights)
         vocab, hidden = head_weights["weight"].shape
         head = _load(_on_meta(lambda: nn.Linear(hidden, vocab, bias=False)), head_weights)
-        return LmHead(norm, head)
+        return LmHead(norm, head, rows=net.inputs[0].shape[0])
 
 
 @part(Kind.GREEDY_HEAD)

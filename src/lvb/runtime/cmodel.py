@@ -94,8 +94,8 @@ class CmodelEngine(Engine):
     def read(self, buffer: str) -> np.ndarray:
         return self._call({"op": "read", "buffer": buffer})
 
-    def upload(self, buffer: str, array: np.ndarray) -> None:
-        self._call({"op": "upload", "buffer": buffer, "array": np.asarray(array)})
+    def upload(self, buffer: str, array: np.ndarray, slot: int | None = None) -> None:
+        self._call({"op": "upload", "buffer": buffer, "array": np.asarray(array), "slot": slot})
 
     def run(self, net: str, feeds: Mapping[str, np.ndarray | Resident], store: Mapping[int, Resident] | None = None):
         if net not in self._nets:

@@ -130,7 +130,7 @@ class Worker:
             self.buffers.allocate(request["buffer"], request["shape"], request["dtype"])
             return None
         if op == "upload":
-            self.buffers.upload(request["buffer"], request["array"])
+            self.buffers.upload(request["buffer"], request["array"], request.get("slot"))
             return None
         if op == "read":
             return self.buffers.read(request["buffer"])

@@ -32,11 +32,23 @@ class EngineError(LvbError, RuntimeError):
 class Resident:
     """A buffer that lives in the engine. As a feed: rows [start, start+count) of
     axis 1 (all rows when count is None). As a store target: where an output's
-    first `count` rows along axis 1 are written."""
+    first `count` rows along axis 1 are written.
+
+    A batched buffer (the decode nets' B conversations on axis 0) is addressed by slot:
+    slots [slot, slot + slots) of axis 0 (all of them when slots is None). As a store target,
+    `starts` gives each slot's own row along axis 1 (None: that slot is not written), so that
+    every conversation's new K/V land at its own position."""
 
     buffer: str
     start: int = 0
     count: int | None = None
+    slot: int = 0
+    slots: int | None = None
+    starts: tuple[int | None, ...] | None = None
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.count is None and self.slot == 0 and self.slots is None and self.starts is None
 
 
 class Engine(ABC):
@@ -59,9 +71,10 @@ class Engine(ABC):
     def read(self, buffer: str) -> np.ndarray: ...
 
     @abstractmethod
-    def upload(self, buffer: str, array: np.ndarray) -> None:
-        """Write a host array (as many elements as the buffer) into a resident buffer, so that
-        many nets can read it without crossing to the device again."""
+    def upload(self, buffer: str, array: np.ndarray, slot: int | None = None) -> None:
+        """Write a host array (as many elements as the buffer, or as one slot of axis 0 when
+        `slot` is given) into a resident buffer, so that many nets can read it without crossing
+        to the device again."""
 
     @abstractmethod
     def run(
@@ -104,18 +117,26 @@ class HostBuffers:
         data = self.buffers[buffer]
         return from_bf16_bits(data) if buffer in self.bf16 else data.copy()
 
-    def upload(self, buffer: str, array: np.ndarray) -> None:
+    def upload(self, buffer: str, array: np.ndarray, slot: int | None = None) -> None:
         data = self.buffers[buffer]
+        if slot is not None:
+            data = data[slot : slot + 1]
         array = np.asarray(array)
         if array.size != data.size:
             raise ValueError(f"buffer {buffer} is {list(data.shape)}, got an array of {list(array.shape)}")
         data[...] = (to_bf16_bits(array) if buffer in self.bf16 else array).reshape(data.shape)
 
+    @staticmethod
+    def _slots(data: np.ndarray, value: Resident) -> np.ndarray:
+        if value.slot == 0 and value.slots is None:
+            return data
+        return data[value.slot : data.shape[0] if value.slots is None else value.slot + value.slots]
+
     def resolve_raw(self, value) -> tuple[np.ndarray, bool]:
         """(the array a feed names, True when it is bf16 bits)."""
         if not isinstance(value, Resident):
             return value, False
-        data = self.buffers[value.buffer]
+        data = self._slots(self.buffers[value.buffer], value)
         if not (value.start == 0 and value.count is None):
             stop = data.shape[1] if value.count is None else value.start + value.count
             data = data[:, value.start : stop]
@@ -128,11 +149,17 @@ class HostBuffers:
 
     def store(self, output: np.ndarray, target: Resident, bf16_bits: bool = False) -> None:
         """Write an output (bf16 bits when `bf16_bits`, else values) into a buffer's rows."""
-        data = self.buffers[target.buffer]
+        data = self._slots(self.buffers[target.buffer], target)
         count = output.shape[1] if target.count is None else target.count
         rows = output[:, :count]
         if target.buffer in self.bf16:
             rows = rows if bf16_bits else to_bf16_bits(rows)
         elif bf16_bits:
             rows = from_bf16_bits(rows)
-        data[:, target.start : target.start + count] = rows.astype(data.dtype, copy=False)
+        rows = rows.astype(data.dtype, copy=False)
+        if target.starts is None:
+            data[:, target.start : target.start + count] = rows
+            return
+        for index, start in enumerate(target.starts):
+            if start is not None:
+                data[index, start : start + count] = rows[index]

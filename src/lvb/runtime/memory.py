@@ -71,9 +71,10 @@ class Buffers:
         return net_name(Kind.VISION_LAYER, j)
 
     @staticmethod
-    def step(name: str, width: int) -> str:
-        """What every layer of one step of `width` tokens reads (positions, masks), uploaded once."""
-        return f"{name}_{width}"
+    def step(name: str, width: int, rows: int = 1) -> str:
+        """What every layer of one step of `width` tokens (of `rows` conversations, a decode
+        batch) reads (positions, masks), uploaded once."""
+        return f"{name}_{width}" if rows == 1 else f"{name}_{rows}x{width}"
 
     KV_CACHE, CROSS_KV, VISION_STATES, HIDDEN_STATES, STEP = (
         "KV cache", "cross-attention K/V", "vision states", "hidden states, logits", "per-step masks and positions")
@@ -134,8 +135,8 @@ def resident_buffers(nets: Mapping) -> list[TensorInfo]:
             continue
         for net in (block_name(layer_of(group[0]), decode=False), group[0]):
             for stage in _stage_inputs(nets[net]):
-                width = next(x for x in stage if x.name == n.HIDDEN).shape[1]
-                buffers += [t(b.step(x.name, width), x) for x in stage if x.name in names]
+                rows, width = next(x for x in stage if x.name == n.HIDDEN).shape[:2]
+                buffers += [t(b.step(x.name, width, rows), x) for x in stage if x.name in names]
     return buffers
 
 

@@ -73,9 +73,9 @@ class OnnxEngine(Engine):
     def read(self, buffer: str) -> np.ndarray:
         return self._buffers.read(buffer)
 
-    def upload(self, buffer: str, array: np.ndarray) -> None:
+    def upload(self, buffer: str, array: np.ndarray, slot: int | None = None) -> None:
         try:
-            self._buffers.upload(buffer, array)
+            self._buffers.upload(buffer, array, slot)
         except (KeyError, ValueError) as e:
             raise EngineError(f"cannot upload buffer {buffer}: {e}") from e
 

@@ -33,7 +33,7 @@ from lvb.runtime.sampling import Sampler, SamplingConfig
 from lvb.spec import ModelSpec
 from lvb.text import ChatTemplate, Tokenizer, read_json_object
 
-__all__ = ["ChatError", "Checkpoint", "Reply", "Session", "Stats"]
+__all__ = ["Answer", "ChatError", "Checkpoint", "Reply", "Session", "Stats"]
 
 
 @dataclass(frozen=True)
@@ -120,16 +120,80 @@ def _same_image(a: ProcessedImage | None, b: ProcessedImage | None) -> bool:
                       and np.array_equal(a.aspect_ratio_mask, b.aspect_ratio_mask))
 
 
+class Answer:
+    """An answer being generated: its tokens so far, the text streamed out, and whether it has
+    ended (and why). `Session.ask` runs one to the end; `lvb.runtime.batch` steps several at once."""
+
+    def __init__(self, session: Session, messages: list[dict], ids: list[int], sampler: Sampler, limit: int,
+                 on_text: Callable[[str], bool | None] | None, stats: Stats, notices: list[str]):
+        self.session, self.messages, self.ids, self.sampler, self.limit = session, messages, ids, sampler, limit
+        self.on_text, self.stats, self.notices = on_text, stats, notices
+        self.generated: list[int] = []
+        self.stream = session.checkpoint.tokenizer.stream()
+        self.pieces: list[str] = []
+        self.stop_reason: str | None = None
+        self.decode_started = time.perf_counter()
+        self.launched = Counter(session.runner.launches)
+
+    @property
+    def token(self) -> int:
+        return self.generated[-1]
+
+    @property
+    def history(self) -> list[int]:
+        return self.ids + self.generated
+
+    def _emit(self, piece: str) -> bool:
+        """Pass a piece on; True when the caller wants no more."""
+        if not piece:
+            return False
+        self.pieces.append(piece)
+        return bool(self.on_text and self.on_text(piece))
+
+    def push(self, token: int) -> bool:
+        """Take the next token; True when the answer has ended (a stop token, the caller, the
+        token limit or a full sequence)."""
+        self.generated.append(token)
+        tokenizer, session = self.session.checkpoint.tokenizer, self.session
+        if token in tokenizer.stop_ids:
+            self.stop_reason = "stop token"
+        elif self._emit(self.stream.push(token)):
+            self.stop_reason = "stopped"
+        elif len(self.generated) >= self.limit:
+            self.stop_reason = "max new tokens"
+        elif len(session.cached) >= session.seq:
+            self.stop_reason = "sequence full"
+            self.notices.append(f"stopped: the {session.seq}-token sequence is full")
+        return self.stop_reason is not None
+
+    def end(self, reason: str | None = None) -> Reply:
+        """The reply (`reason`: the answer is cut short from outside, e.g. "stopped"), and the
+        conversation grown by it."""
+        self.stop_reason = reason or self.stop_reason or "stopped"
+        if self.stop_reason != "stopped":
+            self._emit(self.stream.flush())
+        stats, runner = self.stats, self.session.runner
+        stats.decode_seconds = time.perf_counter() - self.decode_started
+        stats.decode_launches = runner.launches - self.launched
+        stats.generated_tokens = len(self.generated)
+        reply = "".join(self.pieces)
+        self.session.messages = self.messages + [{"role": "assistant", "content": [{"type": "text", "text": reply}]}]
+        return Reply(reply, self.generated, stats, self.stop_reason, self.notices)
+
+
 class Session:
     def __init__(self, checkpoint: Checkpoint, engine: Engine, truncate_history: bool = False,
-                 system: str | None = None, today: datetime | None = None):
+                 system: str | None = None, today: datetime | None = None, runner: Runner | None = None,
+                 slot: int = 0):
         """`system`: a system message heading every chat. `today`: the date the chat template
         sees (strftime_now), pinned when the session starts so that a chat going on past
-        midnight keeps its prompt, and its cache."""
+        midnight keeps its prompt, and its cache. `runner` and `slot`: a runner shared by the
+        conversations of a decode batch, and this conversation's cache slot in it."""
         self.checkpoint, self.engine, self.truncate_history = checkpoint, engine, truncate_history
         self.system, self.today = system, today or datetime.now()
         self.spec = checkpoint.spec
-        self.runner = Runner(self.spec, engine, checkpoint.tokenizer.image_id, checkpoint.tokenizer.pad_id or 0)
+        self.runner = runner or Runner(self.spec, engine, checkpoint.tokenizer.image_id, checkpoint.tokenizer.pad_id or 0)
+        self.slot = slot
         self.seq, self.chunks = self.runner.seq, self.runner.chunks
         self.reset()
 
@@ -150,7 +214,7 @@ class Session:
             # Every cached token attended to the old picture (or to none): none of them stays.
             self.cached = []
             if image is not None:
-                self.runner.encode_image(image)
+                self.runner.encode_image(image, self.slot)
         self.messages = list(messages)
         self.image, self.image_turn = image, image_turn if image is not None else None
 
@@ -168,6 +232,21 @@ class Session:
         piece by piece and may return True to end it there (stop reason "stopped"). Raises
         ChatError and leaves the conversation as it was when the turn cannot be answered.
         `max_new_tokens` None: until a stop token or a full sequence."""
+        answer = self.begin(text, image, sampling, max_new_tokens, on_text)
+        while answer.stop_reason is None:
+            answer.push(self._decode(answer.token, answer.history, answer.sampler))
+        return answer.end()
+
+    def begin(
+        self,
+        text: str,
+        image=None,
+        sampling: SamplingConfig | None = None,
+        max_new_tokens: int | None = None,
+        on_text: Callable[[str], bool | None] | None = None,
+    ) -> Answer:
+        """`ask` up to its first token (the prompt prefilled into this conversation's cache slot):
+        the answer to push further tokens into. Raises ChatError as `ask` does."""
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ChatError(f"max_new_tokens {max_new_tokens} is out of range: it must be 1 or more")
         started = time.perf_counter()
@@ -189,52 +268,17 @@ class Session:
             while keep < min(len(self.cached), len(ids) - 1) and self.cached[keep] == ids[keep]:
                 keep += 1
         if new_image is not None:
-            self.runner.encode_image(new_image)
+            self.runner.encode_image(new_image, self.slot)
         self.image, self.image_turn = image, image_turn
         self.cached = self.cached[:keep]
         stats = Stats(prompt_tokens=len(ids), prefilled_tokens=len(ids) - keep)
         token = self._prefill(ids, keep, sampler)
         stats.first_token_seconds = time.perf_counter() - started
         stats.first_token_launches = self.runner.launches - launched
-        launched = Counter(self.runner.launches)
-
-        generated = [token]
-        stream = self.checkpoint.tokenizer.stream()
-        pieces: list[str] = []
-
-        def emit(piece: str) -> bool:
-            """Pass a piece on; True when the caller wants no more."""
-            if not piece:
-                return False
-            pieces.append(piece)
-            return bool(on_text and on_text(piece))
-
-        stop_reason = "max new tokens"
-        decode_started = time.perf_counter()
-        limit = self.seq if max_new_tokens is None else max_new_tokens
-        while True:
-            if token in self.checkpoint.tokenizer.stop_ids:
-                stop_reason = "stop token"
-                break
-            if emit(stream.push(token)):
-                stop_reason = "stopped"
-                break
-            if len(generated) >= limit:
-                break
-            if len(self.cached) >= self.seq:
-                stop_reason = "sequence full"
-                notices.append(f"stopped: the {self.seq}-token sequence is full")
-                break
-            token = self._decode(token, ids + generated, sampler)
-            generated.append(token)
-        if stop_reason != "stopped":
-            emit(stream.flush())
-        stats.decode_seconds = time.perf_counter() - decode_started
-        stats.decode_launches = self.runner.launches - launched
-        stats.generated_tokens = len(generated)
-        reply = "".join(pieces)
-        self.messages = messages + [{"role": "assistant", "content": [{"type": "text", "text": reply}]}]
-        return Reply(reply, generated, stats, stop_reason, notices)
+        answer = Answer(self, messages, ids, sampler, self.seq if max_new_tokens is None else max_new_tokens,
+                        on_text, stats, notices)
+        answer.push(token)
+        return answer
 
     def _process_image(self, image) -> ProcessedImage:
         if isinstance(image, ProcessedImage):
@@ -285,11 +329,11 @@ class Session:
         return self.image.num_tiles if self.image is not None else None
 
     def _prefill(self, ids: list[int], start: int, sampler: Sampler) -> int:
-        hidden = self.runner.prefill(ids, start, self._tiles())
+        hidden = self.runner.prefill(ids, start, self._tiles(), self.slot)
         self.cached = list(ids)
         return self.runner.next_token(hidden, sampler, ids)
 
     def _decode(self, token: int, history: list[int], sampler: Sampler) -> int:
-        hidden = self.runner.decode(token, len(self.cached), self._tiles())
+        hidden = self.runner.decode(token, len(self.cached), self._tiles(), self.slot)
         self.cached.append(token)
         return self.runner.next_token(hidden, sampler, history)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from lvb.contract import Kind, Names, NetInfo, NetSpec, block_name, chunk_for, net_name, plan
+from lvb.contract import Kind, Names, NetInfo, NetSpec, batch_for, block_name, chunk_for, net_name, plan
 from lvb.errors import LvbError
 from lvb.masks import cross_attention_mask, self_attention_mask
 from lvb.runtime.engine import Engine, Resident
@@ -30,15 +30,29 @@ class ChatError(LvbError):
     """A turn that cannot be answered (too long, bad image, wrong bmodel); the session goes on."""
 
 
-def discover_shapes(engine: Engine) -> tuple[int, tuple[int, ...]]:
-    """(seq, prefill chunk sizes largest first) the engine's nets were built for."""
+@dataclass(frozen=True)
+class Row:
+    """One conversation's token in a batched decode step: its cache slot, the token, the
+    position it takes, and the real tiles of its picture (None: a chat without one)."""
+
+    slot: int
+    token: int
+    position: int
+    tiles: int | None
+
+
+def discover_shapes(engine: Engine) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """(seq, prefill chunk sizes largest first, decode batch sizes largest first) the engine's
+    nets were built for."""
     try:
         embed = engine.nets[net_name(Kind.EMBED)]
         chunks = tuple(inputs[0].shape[1] for inputs in (embed.inputs, *embed.smaller))
+        embed1 = engine.nets[net_name(Kind.EMBED_CACHE)]
+        batch = tuple(inputs[0].shape[0] for inputs in (embed1.inputs, *embed1.smaller))
         seq = next(t.shape[1] for net in engine.nets.values() for t in net.inputs if t.name == Names.PAST_K)
     except (KeyError, StopIteration, IndexError) as e:
         raise ChatError("the model file lacks lvb's nets (embed, block_cache_*); build it with `lvb compile`") from e
-    return seq, chunks
+    return seq, chunks, batch
 
 
 def check_contract(engine: Engine, nets: list[NetSpec]) -> None:
@@ -79,8 +93,10 @@ class Runner:
     def __init__(self, spec: ModelSpec, engine: Engine, image_token_id: int, pad_id: int = 0):
         self.spec, self.engine = spec, engine
         self.image_token_id, self.pad_id = image_token_id, pad_id
-        self.seq, self.chunks = discover_shapes(engine)
-        nets = plan(spec, self.seq, self.chunks)
+        self.seq, self.chunks, self.batch = discover_shapes(engine)
+        # Conversations the buffers hold (KV cache and cross K/V slots on axis 0).
+        self.slots = max(self.batch)
+        nets = plan(spec, self.seq, self.chunks, self.batch)
         check_contract(engine, nets)
         self.nets = {n.name: declared(n, engine.nets[n.name]) for n in nets}
         # What this runner launched, (net, stage) -> calls; stage 0 is a net's largest. The
@@ -100,6 +116,14 @@ class Runner:
         for buffer in resident_buffers(self.nets):
             self.engine.allocate(buffer.name, buffer.shape, buffer.dtype)
         self._uploaded: dict[str, np.ndarray] = {}
+        # The slots whose cross V are zeros (a chat without a picture in a batch with pictures).
+        self._blank_cross: set[int] = set()
+
+    def _in(self, buffer: str, slot: int, start: int = 0, count: int | None = None) -> Resident:
+        """One conversation's part of a buffer (all of it when the buffers hold one)."""
+        if self.slots == 1:
+            return Resident(buffer, start, count)
+        return Resident(buffer, start, count, slot=slot, slots=1)
 
     def _upload(self, buffer: str, array: np.ndarray) -> Resident:
         """The buffer holding `array`, uploaded only when it differs from what it holds: the
@@ -114,9 +138,10 @@ class Runner:
     def _other(current: str, pair: tuple[str, str]) -> str:
         return pair[1] if current == pair[0] else pair[0]
 
-    def encode_image(self, image: ProcessedImage) -> None:
+    def encode_image(self, image: ProcessedImage, slot: int = 0) -> None:
         """The vision tower, layer by layer, then the image's cross-attention K/V for every
-        cross-attention layer, once per image."""
+        cross-attention layer, once per image, into the conversation's `slot`."""
+        self._blank_cross.discard(slot)
         v, n, b, run = self.spec.vision, Names, Buffers, self._run
         ids = image.aspect_ratio_ids.astype(np.int32)
         tiles = image.aspect_ratio_mask.astype(np.int32)
@@ -143,7 +168,7 @@ class Runner:
         for layer in self.spec.text.cross_attention_layers:
             cross_k, cross_v = b.cross_kv(layer)
             run(net_name(Kind.CROSS_KV, layer), {n.CROSS_STATES: Resident(b.CROSS_STATES)},
-                store={0: Resident(cross_k), 1: Resident(cross_v)})
+                store={0: self._in(cross_k, slot), 1: self._in(cross_v, slot)})
 
     def sees_image(self, ids: Sequence[int], positions: range) -> np.ndarray:
         """Which of `positions` come at or after the first image token of `ids`."""
@@ -152,7 +177,7 @@ class Runner:
         return np.array([p >= first for p in positions], dtype=bool)
 
     def _layers(self, hidden: tuple[str, str], past: int, count: int, width: int, sees: np.ndarray,
-                tiles: int | None, stage: int = 0) -> str:
+                tiles: int | None, stage: int = 0, slot: int = 0) -> str:
         """Run every layer on `count` tokens at positions past.. (padded to `width`), from the
         hidden states in hidden[0], ping-ponging with hidden[1]; `tiles`: the real tiles of the
         image in play, None without one; `stage`: the blocks' stage of that width. Returns the
@@ -176,21 +201,21 @@ class Runner:
                     continue  # no image in the conversation: transformers skips these layers too
                 target = self._other(current, hidden)
                 k, v = b.cross_kv(layer)
-                feeds = {n.HIDDEN: Resident(current, 0, width), n.CROSS_K: Resident(k), n.CROSS_V: Resident(v),
+                feeds = {n.HIDDEN: Resident(current, 0, width), n.CROSS_K: self._in(k, slot), n.CROSS_V: self._in(v, slot),
                          n.CROSS_MASK: cross_mask, n.TEXT_ROW_MASK: row_mask}
                 self._run(name, feeds, {0: Resident(target)}, stage)
             else:
                 target = self._other(current, hidden)
                 k, v = b.kv(layer)
                 feeds = {n.HIDDEN: Resident(current, 0, width), n.POSITION_IDS: positions, n.ATTENTION_MASK: mask,
-                         n.PAST_K: Resident(k), n.PAST_V: Resident(v)}
-                self._run(name, feeds, {0: Resident(target), 1: Resident(k, past, count), 2: Resident(v, past, count)},
-                          stage)
+                         n.PAST_K: self._in(k, slot), n.PAST_V: self._in(v, slot)}
+                self._run(name, feeds, {0: Resident(target), 1: self._in(k, slot, past, count),
+                                        2: self._in(v, slot, past, count)}, stage)
             current = target
         return current
 
-    def prefill(self, ids: Sequence[int], start: int, tiles: int | None) -> Resident:
-        """ids[start:] into cache slots start.., a chunk at a time, each the smallest compiled
+    def prefill(self, ids: Sequence[int], start: int, tiles: int | None, slot: int = 0) -> Resident:
+        """ids[start:] into cache positions start.. of conversation `slot`, a chunk at a time, each the smallest compiled
         chunk that holds the rest (the largest while more remains); the last token's hidden state."""
         position = start
         count = 0
@@ -202,24 +227,120 @@ class Runner:
             stage = self.chunks.index(width)
             self._run(net_name(Kind.EMBED), {Names.INPUT_IDS: chunk_ids}, {0: Resident(Buffers.HIDDEN)}, stage)
             last = self._layers((Buffers.HIDDEN, Buffers.HIDDEN_B), position, count, width,
-                                self.sees_image(ids, range(position, position + count)), tiles, stage)
+                                self.sees_image(ids, range(position, position + count)), tiles, stage, slot)
             position += count
         return Resident(last, count - 1, 1)
 
-    def decode(self, token: int, position: int, tiles: int | None) -> Resident:
-        """One token into cache slot `position`; its hidden state."""
-        self._run(net_name(Kind.EMBED_CACHE), {Names.INPUT_IDS: np.array([[token]], dtype=np.int32)},
-                  {0: Resident(Buffers.HIDDEN1)})
-        last = self._layers((Buffers.HIDDEN1, Buffers.HIDDEN1_B), position, 1, 1, np.array([tiles is not None]), tiles)
-        return Resident(last)
+    def decode(self, token: int, position: int, tiles: int | None, slot: int = 0) -> Resident:
+        """One token into cache position `position` of conversation `slot`; its hidden state."""
+        if self.slots == 1:
+            self._run(net_name(Kind.EMBED_CACHE), {Names.INPUT_IDS: np.array([[token]], dtype=np.int32)},
+                      {0: Resident(Buffers.HIDDEN1)})
+            last = self._layers((Buffers.HIDDEN1, Buffers.HIDDEN1_B), position, 1, 1, np.array([tiles is not None]), tiles)
+            return Resident(last)
+        hidden = self.decode_rows([Row(slot, token, position, tiles)])
+        return Resident(hidden.buffer, slot=slot, slots=1)
+
+    def decode_rows(self, rows: Sequence[Row]) -> Resident:
+        """One token of each of several conversations in one batched step (the smallest batch
+        stage that holds the highest slot); the hidden states of the stage's slots (a slot no
+        row names computes a throwaway row and keeps its cache as it was)."""
+        n, b, vision = Names, Buffers, self.spec.vision
+        by_slot = {row.slot: row for row in rows}
+        if len(by_slot) != len(rows) or not rows or min(by_slot) < 0 or max(by_slot) >= self.slots:
+            raise ValueError(f"rows {[r.slot for r in rows]}: one row per slot, slots 0..{self.slots - 1}")
+        B = batch_for(max(by_slot) + 1, self.batch)
+        stage = self.batch.index(B)
+        slots = [by_slot.get(s) for s in range(B)]
+        # Only a batched engine's buffers have slots; a one-conversation engine runs as `decode` always has.
+        def part(buffer: str) -> Resident:
+            return Resident(buffer, slots=B) if self.slots > 1 else Resident(buffer)
+
+        ids = np.array([[r.token if r else self.pad_id] for r in slots], dtype=np.int32)
+        self._run(net_name(Kind.EMBED_CACHE), {n.INPUT_IDS: ids}, {0: part(b.HIDDEN1)}, stage)
+        pasts = [r.position if r else 0 for r in slots]
+        positions = self._upload(b.step(n.POSITION_IDS, 1, B), np.array(pasts, dtype=np.int32)[:, None])
+        mask = self._upload(b.step(n.ATTENTION_MASK, 1, B),
+                            np.concatenate([self_attention_mask(p, 1, self.seq) for p in pasts]))
+        starts = tuple(r.position if r else None for r in slots)
+        cross_layers = self.spec.text.cross_attention_layers
+        # No row with a picture: the cross-attention layers are skipped, as for one conversation.
+        pictures = any(r is not None and r.tiles is not None for r in slots) and cross_layers
+        if pictures:
+            cross, row_masks = [], []
+            for slot, r in enumerate(slots):
+                if r is None or r.tiles is None:
+                    # Without a picture the row's cross-attention must add nothing: zero V makes the
+                    # attention's output zero (no bias), a text-row mask of 0 the MLP's.
+                    self._blank(slot)
+                    cross.append(np.zeros((1, 1, 1, vision.tokens_per_image), np.float32))
+                    row_masks.append(np.zeros((1, 1, 1, 1), np.float32))
+                else:
+                    masks = cross_attention_mask(np.array([True]), r.tiles, vision.max_num_tiles, vision.patches_per_tile)
+                    cross.append(masks[0])
+                    row_masks.append(masks[1])
+            cross_mask = self._upload(b.step(n.CROSS_MASK, 1, B), np.concatenate(cross))
+            row_mask = self._upload(b.step(n.TEXT_ROW_MASK, 1, B), np.concatenate(row_masks))
+        pair = (b.HIDDEN1, b.HIDDEN1_B)
+        current = pair[0]
+        for layer in range(self.spec.text.num_layers):
+            name = block_name(layer, decode=True)
+            target = self._other(current, pair)
+            if layer in cross_layers:
+                if not pictures:
+                    continue
+                k, v = b.cross_kv(layer)
+                feeds = {n.HIDDEN: part(current), n.CROSS_K: part(k), n.CROSS_V: part(v),
+                         n.CROSS_MASK: cross_mask, n.TEXT_ROW_MASK: row_mask}
+                self._run(name, feeds, {0: part(target)}, stage)
+            else:
+                k, v = b.kv(layer)
+                feeds = {n.HIDDEN: part(current), n.POSITION_IDS: positions, n.ATTENTION_MASK: mask,
+                         n.PAST_K: part(k), n.PAST_V: part(v)}
+                if self.slots == 1:
+                    new_k, new_v = Resident(k, pasts[0], 1), Resident(v, pasts[0], 1)
+                else:
+                    new_k, new_v = (Resident(x, count=1, slots=B, starts=starts) for x in (k, v))
+                self._run(name, feeds, {0: part(target), 1: new_k, 2: new_v}, stage)
+            current = target
+        return part(current)
+
+    def _blank(self, slot: int) -> None:
+        """Zero the cross K/V of a conversation without a picture, once."""
+        if slot in self._blank_cross:
+            return
+        for layer in self.spec.text.cross_attention_layers:
+            for buffer in Buffers.cross_kv(layer):
+                shape = self.nets[block_name(layer, decode=True)].inputs[1].shape
+                self.engine.upload(buffer, np.zeros((1, *shape[1:]), np.float32), slot)
+        self._blank_cross.add(slot)
+
+    def next_tokens(self, hidden: Resident, rows: Sequence[Row], samplers: Sequence[Sampler],
+                    histories: Sequence[Sequence[int]]) -> list[int]:
+        """The next token of each row of a batched step (`hidden` from decode_rows), each with
+        its own sampler."""
+        B = hidden.slots or 1
+        stage = self.batch.index(B)
+        lm_head, feeds = net_name(Kind.LM_HEAD), {Names.HIDDEN: hidden}
+        if self.engine.logits_on_host:
+            logits = self._run(lm_head, feeds, stage=stage)[0]
+        else:
+            target = Resident(Buffers.LOGITS, slots=B) if self.slots > 1 else Resident(Buffers.LOGITS)
+            self._run(lm_head, feeds, {0: target}, stage)
+            if not any(s.config.needs_logits for s in samplers):
+                greedy = np.asarray(self._run(net_name(Kind.GREEDY_HEAD), {Names.LOGITS: target}, stage=stage)[0])
+                return [int(greedy.reshape(B, -1)[r.slot, 0]) for r in rows]
+            logits = self.engine.read(Buffers.LOGITS)
+        return [sampler(logits[r.slot], history) for r, sampler, history in zip(rows, samplers, histories)]
 
     def next_token(self, hidden: Resident, sampler: Sampler, history: Sequence[int]) -> int:
         lm_head, feeds = net_name(Kind.LM_HEAD), {Names.HIDDEN: hidden}
+        stage = self.batch.index(1)  # one row: the heads' smallest stage
         if self.engine.logits_on_host:
-            return sampler(self._run(lm_head, feeds)[0][0], history)
-        self._run(lm_head, feeds, {0: Resident(Buffers.LOGITS)})
+            return sampler(self._run(lm_head, feeds, stage=stage)[0][0], history)
+        self._run(lm_head, feeds, {0: Resident(Buffers.LOGITS)}, stage)
         config = sampler.config
         if not config.needs_logits:
-            greedy = self._run(net_name(Kind.GREEDY_HEAD), {Names.LOGITS: Resident(Buffers.LOGITS)})
+            greedy = self._run(net_name(Kind.GREEDY_HEAD), {Names.LOGITS: Resident(Buffers.LOGITS)}, stage=stage)
             return int(np.asarray(greedy[0]).ravel()[0])
         return sampler(self.engine.read(Buffers.LOGITS)[0], history)

@@ -359,7 +359,10 @@ class SailEngine(Engine):
             raise EngineError(f"no resident buffer {name!r}; allocate it first")
         return self._buffers[name]
 
-    def upload(self, buffer: str, array: np.ndarray) -> None:
+    def upload(self, buffer: str, array: np.ndarray, slot: int | None = None) -> None:
+        if slot is not None:
+            raise EngineError("sail: batched decode (a buffer's slots) is not supported on the device yet; "
+                              "export with --batch 1, or serve batches on onnxruntime or the simulator")
         slot = self._buffer(buffer)
         array = np.asarray(array)
         if array.size != slot.size:
@@ -391,6 +394,10 @@ class SailEngine(Engine):
         if missing:
             raise EngineError(f"net {net}: no feed for input {missing[0]}")
         store = dict(store or {})
+        if any(isinstance(r, Resident) and (r.slot or r.slots is not None or r.starts is not None)
+               for r in (*feeds.values(), *store.values())):
+            raise EngineError("sail: batched decode (a buffer's slots) is not supported on the device yet; "
+                              "export with --batch 1, or serve batches on onnxruntime or the simulator")
         largest_inputs, largest_outputs = stages[0]
         if any(not 0 <= index < len(largest_outputs) for index in store):
             raise EngineError(f"net {net} has {len(largest_outputs)} outputs; cannot store output {max(store)}")

@@ -47,7 +47,7 @@ class DryRunEngine(Engine):
     def read(self, buffer: str) -> np.ndarray:
         return np.zeros(self._shapes[buffer], np.float32)
 
-    def upload(self, buffer: str, array: np.ndarray) -> None:
+    def upload(self, buffer: str, array: np.ndarray, slot: int | None = None) -> None:
         pass
 
     def run(self, net: str, feeds: Mapping[str, np.ndarray | Resident], store: Mapping[int, Resident] | None = None):

@@ -1,0 +1,74 @@
+"""Continuous batching: several conversations decode in one step.
+
+A decode step reads every weight of the model once; on the BM1684X that read, not the
+arithmetic, is the step's time. Nets exported with `--batch` take B rows, one token of each
+of B conversations, so one read serves B answers. `Batch` holds one Runner, whose KV caches
+and cross-attention K/V have a slot per conversation, and a Session per slot. A conversation
+is prefilled alone (its chunks into its own slot, as `Session.ask` does), then its answer
+joins the running ones: `step` decodes one token of every running answer at once, and an
+answer that ends leaves at that step. Each row keeps its own position, masks, picture (or
+none), sampler and stop conditions, so a greedy answer is the one the conversation gets alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+from lvb.runtime.engine import Engine
+from lvb.runtime.pipeline import Answer, Checkpoint, Reply, Session
+from lvb.runtime.runner import Row, Runner
+from lvb.runtime.sampling import SamplingConfig
+
+
+class Batch:
+    def __init__(self, checkpoint: Checkpoint, engine: Engine, system: str | None = None,
+                 today: datetime | None = None):
+        tokenizer = checkpoint.tokenizer
+        self.runner = Runner(checkpoint.spec, engine, tokenizer.image_id, tokenizer.pad_id or 0)
+        today = today or datetime.now()
+        self.sessions = [Session(checkpoint, engine, system=system, today=today, runner=self.runner, slot=slot)
+                         for slot in range(self.runner.slots)]
+        self.answers: dict[int, Answer] = {}  # running answers by slot
+
+    @property
+    def slots(self) -> int:
+        return self.runner.slots
+
+    def free_slot(self) -> int | None:
+        """The lowest slot without a running answer (a low slot keeps the step's batch stage small)."""
+        return next((slot for slot in range(self.slots) if slot not in self.answers), None)
+
+    def begin(self, slot: int, text: str, image=None, sampling: SamplingConfig | None = None,
+              max_new_tokens: int | None = None, on_text: Callable[[str], bool | None] | None = None) -> Answer:
+        """Prefill one turn of the conversation in `slot` and take its first token; the answer
+        runs with the others from the next `step` unless it has already ended."""
+        if slot in self.answers:
+            raise ValueError(f"slot {slot} is answering already")
+        answer = self.sessions[slot].begin(text, image, sampling, max_new_tokens, on_text)
+        if answer.stop_reason is None:
+            self.answers[slot] = answer
+        return answer
+
+    def step(self) -> dict[int, Reply]:
+        """One token of every running answer, in one batched pass; the replies of the answers
+        that ended, by slot (their slots are free again)."""
+        if not self.answers:
+            return {}
+        slots = sorted(self.answers)
+        sessions = [self.sessions[s] for s in slots]
+        answers = [self.answers[s] for s in slots]
+        rows = [Row(s, a.token, len(session.cached), session._tiles()) for s, a, session in zip(slots, answers, sessions)]
+        hidden = self.runner.decode_rows(rows)
+        for session, answer in zip(sessions, answers):
+            session.cached.append(answer.token)
+        tokens = self.runner.next_tokens(hidden, rows, [a.sampler for a in answers], [a.history for a in answers])
+        ended = {}
+        for slot, answer, token in zip(slots, answers, tokens):
+            if answer.push(token):
+                ended[slot] = self.finish(slot)
+        return ended
+
+    def finish(self, slot: int, reason: str | None = None) -> Reply:
+        """End the answer in `slot` now (`reason`: why, when it is cut short, e.g. a client gone)."""
+        return self.answers.pop(slot).end(reason)
