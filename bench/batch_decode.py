@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Continuous batching on the BM1684X at Llama-3.2-11B-Vision widths, by tpu-mlir's cost model:
+what one decode step of B conversations costs, the aggregate and per-conversation tokens/s at
+B = 1, 2, 4, 8, against the goals (B=4 aggregate >= 3x B=1; per conversation >= 0.75x a lone one).
+
+How: a synthetic checkpoint with the 11B's widths (bench/common.py; 2 text layers, one of them
+cross-attention, 1 + 1 vision layers, 4 tiles of 560 px) is exported with `lvb export --batch
+8,4,2,1 --seq 512`, and only the decode nets (embed_cache, a self- and a cross-attention
+block_cache, lm_head, greedy_head) are compiled (INT4 blocks, BF16 head, `--check none`),
+each with one stage per B sharing the weights, as `lvb compile` builds them. Each stage's
+estimate comes from the deploy's compiler_profile_0.txt (lvb.devicetime). A step of the full
+11B is the embedding, 32 self-attention and 8 cross-attention layers (the published config's
+counts, lvb.contract.plan), the LM head and the greedy head, all at one B; a batch without any
+picture skips the cross-attention layers, as one conversation does. Launch overhead is left out,
+as in bench/device_time.py.
+
+Heavy (tpu-mlir's transform of an 11B-width net peaks near 10 GB): run it as
+`flock /work/heavy.lock python bench/batch_decode.py`; `--clean` deletes the work folder after.
+Writes bench/results/batch_decode.json; prints a table; no timed assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+from common import CONFIGS, OUT, RESULTS, checkpoint_complete, geometry_11b, geometry_tiny, machine, save_json, table  # noqa: E402
+
+from lvb.contract import Kind, plan  # noqa: E402
+from lvb.devicetime import Estimate  # noqa: E402
+from lvb.spec import ModelSpec  # noqa: E402
+
+RESULTS_FILE = RESULTS / "batch_decode.json"
+DECODE_KINDS = (Kind.EMBED_CACHE, Kind.SELF_DECODE, Kind.CROSS_DECODE, Kind.LM_HEAD, Kind.GREEDY_HEAD)
+
+
+def export(checkpoint: Path, work: Path, seq: int, chunk: int, batch: list[int]) -> None:
+    """`lvb export` (its own cache skips what is already exported)."""
+    env = os.environ | {"PYTHONPATH": str(REPO / "src")}
+    argv = [sys.executable, "-m", "lvb.cli", "export", "--model", str(checkpoint), "--out", str(work), "--seq", str(seq),
+            "--chunk", str(chunk), "--batch", ",".join(map(str, batch))]
+    print("exporting:", " ".join(argv[3:]), flush=True)
+    subprocess.run(argv, check=True, env=env)
+
+
+def compile_decode_nets(work: Path, quant: str, head_quant: str) -> dict[str, dict]:
+    """The decode nets only, each with its stages (one per B), unchecked: {net: compile result}."""
+    from lvb.compile.compiler import CheckMode, CompileSettings, Compiler, LocalExecutor
+    from lvb.toolchain import find_toolchain
+
+    toolchain = find_toolchain(None)
+    compiler = Compiler(work, CompileSettings(quant=quant, head_quant=head_quant, check=CheckMode.NONE), toolchain)
+    wanted, seen = [], set()
+    for job in compiler.jobs:  # the first net of each decode kind stands for its siblings
+        if job.kind in DECODE_KINDS and job.kind not in seen:
+            seen.add(job.kind)
+            wanted.append(job)
+    log_dir = compiler.dir.logs
+    log_dir.mkdir(parents=True, exist_ok=True)
+    executor = LocalExecutor(toolchain, 1)
+    results = {}
+    try:
+        for job in wanted:
+            started = time.perf_counter()
+            print(f"compiling {job.name} ({job.kind.value}, {len(job.net.stages)} stages) ...", flush=True)
+            results[job.name] = compiler._compile(job, log_dir, executor) | {"kind": job.kind.value}
+            print(f"  {time.perf_counter() - started:.0f} s", flush=True)
+    finally:
+        executor.close()
+    return results
+
+
+def figures(results: dict[str, dict], batch: list[int], seq: int, chunk: int) -> dict:
+    full = plan(ModelSpec.from_config(json.loads(CONFIGS["11b"].read_text())), seq, chunk, batch)
+    counts = {kind: sum(n.kind is kind for n in full) for kind in DECODE_KINDS}
+    rows_of = sorted(batch, reverse=True)  # the stages' order
+    per_kind = {}
+    for result in results.values():
+        per_kind[result["kind"]] = {B: Estimate.from_json(s).cycles / 1e6 for B, s in zip(rows_of, result["device"])}
+    steps = []
+    for B in sorted(batch):
+        ms = {kind.value: per_kind[kind.value][B] * counts[kind] for kind in DECODE_KINDS}
+        for pictures, label in ((True, "pictures"), (False, "text only")):
+            step = sum(v for k, v in ms.items() if pictures or k != Kind.CROSS_DECODE.value)
+            steps.append({"B": B, "rows": label, "step_ms": step, "aggregate_tokens_per_s": B * 1000 / step,
+                          "per_conversation_tokens_per_s": 1000 / step,
+                          "by_kind_ms": {k: v for k, v in ms.items() if pictures or k != Kind.CROSS_DECODE.value}})
+    lone = {s["rows"]: s for s in steps if s["B"] == 1}
+    for s in steps:
+        s["aggregate_vs_B1"] = s["aggregate_tokens_per_s"] / lone[s["rows"]]["aggregate_tokens_per_s"]
+        s["per_conversation_vs_B1"] = s["per_conversation_tokens_per_s"] / lone[s["rows"]]["per_conversation_tokens_per_s"]
+    return {"counts": {k.value: v for k, v in counts.items()}, "per_net_ms": per_kind, "steps": steps}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", default="8,4,2,1", help="decode batch sizes (stages)")
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--chunk", type=int, default=32, help="prefill chunk of the export (not priced here)")
+    parser.add_argument("--quant", default="int4")
+    parser.add_argument("--head-quant", default="bf16")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--clean", action="store_true", help="delete the checkpoint and work folder afterwards")
+    parser.add_argument("--tiny", action="store_true", help="a small geometry of the same structure (tries the script in a minute; writes no results)")
+    args = parser.parse_args()
+    batch = sorted({int(b) for b in args.batch.split(",")} | {1})
+    geometry = geometry_tiny(layers=2, vision_layers=1) if args.tiny else geometry_11b(layers=2, vision_layers=1, global_layers=1, cross=(1,))
+    checkpoint = args.out / f"ckpt-{geometry.name}"
+    work = args.out / f"work-{geometry.name}-seq{args.seq}-batch{'-'.join(map(str, batch))}"
+    if not checkpoint_complete(checkpoint):
+        from common import write_streaming_checkpoint
+
+        print(f"writing {checkpoint} ...", flush=True)
+        write_streaming_checkpoint(checkpoint, geometry)
+    try:
+        export(checkpoint, work, args.seq, args.chunk, batch)
+        results = compile_decode_nets(work, args.quant, args.head_quant)
+        data = {"settings": {"batch": batch, "seq": args.seq, "quant": args.quant, "head_quant": args.head_quant,
+                             "geometry": geometry.name, "check": "none"},
+                "nets": {name: {"kind": r["kind"], "options": r["options"], "seconds": r["seconds"], "device": r["device"]}
+                         for name, r in results.items()}}
+        data |= figures(results, batch, args.seq, args.chunk)
+        data |= {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
+    finally:
+        if args.clean:
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    if not args.tiny:
+        save_json(RESULTS_FILE, data)
+    rows = [[s["B"], s["rows"], f"{s['step_ms']:.1f}", f"{s['aggregate_tokens_per_s']:.2f}",
+             f"{s['aggregate_vs_B1']:.2f}x", f"{s['per_conversation_tokens_per_s']:.2f}",
+             f"{s['per_conversation_vs_B1']:.2f}x"] for s in data["steps"]]
+    print(table(rows, ["B", "rows", "step ms", "aggregate tok/s", "vs B=1", "per conversation tok/s", "vs lone"]))
+    print("(tiny geometry: not written)" if args.tiny else f"wrote {RESULTS_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
