@@ -271,8 +271,10 @@ class Runner:
             for slot, r in enumerate(slots):
                 if r is None or r.tiles is None:
                     # Without a picture the row's cross-attention must add nothing: zero V makes the
-                    # attention's output zero (no bias), a text-row mask of 0 the MLP's.
-                    self._blank(slot)
+                    # attention's output zero (no bias), a text-row mask of 0 the MLP's. A free
+                    # slot's row is thrown away: its K/V stay for the conversation's next turn.
+                    if r is not None:
+                        self._blank(slot)
                     cross.append(np.zeros((1, 1, 1, vision.tokens_per_image), np.float32))
                     row_masks.append(np.zeros((1, 1, 1, 1), np.float32))
                 else:

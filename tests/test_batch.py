@@ -1,0 +1,162 @@
+"""Continuous batching on onnxruntime: conversations decoded together in one batched step each
+get, token for token, the greedy answer they get alone from the one-conversation nets, whatever
+joins or leaves the batch around them, with or without a picture."""
+
+from datetime import datetime
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import SEQ, chunks_of
+from lvb.contract import Kind, batch_sizes, net_name, plan
+from lvb.runtime.backends import open_engine
+from lvb.runtime.batch import Batch
+from lvb.runtime.pipeline import Checkpoint, Session
+from lvb.runtime.sampling import SamplingConfig
+from lvb.spec import ModelSpec
+from lvb.testing.checkpoints import GEOMETRIES
+
+DAY = datetime(2026, 3, 1)
+BATCH = (4, 2)  # and 1, always
+
+
+def picture(seed: int, size=(90, 50)) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype(np.uint8))
+
+
+# (question, picture, max new tokens): three different pictures and a chat without one, answers
+# of different lengths so that rows leave the batch at different steps.
+CONVERSATIONS = [
+    ("What is in the picture?", picture(1), 9),
+    ("Describe this image in a few words please", picture(2, (40, 120)), 4),
+    ("Hello there", None, 7),
+    ("What colour is it?", picture(3, (200, 60)), 12),
+]
+
+
+@pytest.fixture(scope="module", params=sorted(GEOMETRIES))
+def batched(request, tmp_path_factory, checkpoint_factory, export_factory):
+    """(checkpoint, the one-conversation export's engine, the batched export's engine)."""
+    from lvb.export.exporter import export
+
+    name = request.param
+    model = checkpoint_factory(name)
+    work = tmp_path_factory.mktemp(f"batched-{name}")
+    export(model, work, seq=SEQ, chunks=chunks_of(name), batch=BATCH)
+    alone = open_engine("onnxruntime", onnx_work=export_factory(name))
+    together = open_engine("onnxruntime", onnx_work=work)
+    yield Checkpoint.load(model), alone, together
+    alone.close()
+    together.close()
+
+
+def alone_answers(checkpoint, engine, conversations) -> list[list[int]]:
+    return [Session(checkpoint, engine, today=DAY).ask(text, image, max_new_tokens=n).tokens
+            for text, image, n in conversations]
+
+
+def test_the_plan_gives_the_decode_nets_a_stage_per_batch_size(checkpoint_factory):
+    spec = ModelSpec.from_dir(checkpoint_factory("gqa2-cross-last"))
+    assert batch_sizes((4, 2)) == (4, 2, 1) and batch_sizes(1) == (1,)
+    with pytest.raises(ValueError):
+        batch_sizes((0, 2))
+    single = {n.name: n for n in plan(spec, SEQ, 32)}
+    nets = {n.name: n for n in plan(spec, SEQ, 32, (4, 2))}
+    decode = {Kind.EMBED_CACHE, Kind.SELF_DECODE, Kind.CROSS_DECODE, Kind.LM_HEAD, Kind.GREEDY_HEAD}
+    for name, net in nets.items():
+        if net.kind not in decode:
+            assert net == single[name]
+            continue
+        # Largest first; the B=1 stage is today's net; every tensor has B rows.
+        assert [s.inputs[0].shape[0] for s in net.stages] == [4, 2, 1]
+        assert (net.stages[-1].inputs, net.stages[-1].outputs) == (single[name].inputs, single[name].outputs)
+        assert all(t.shape[0] == 4 for t in (*net.inputs, *net.outputs))
+
+
+def test_batched_rows_equal_each_conversation_alone(batched):
+    """Two conversations start, two more join the running batch one step apart, each leaves
+    when its answer ends (slots free in the middle: the step's stage computes a throwaway row
+    there and keeps its cache), and the first slot takes a second turn that reuses its cache."""
+    checkpoint, alone, together = batched
+    expected = alone_answers(checkpoint, alone, CONVERSATIONS)
+    batch = Batch(checkpoint, together, today=DAY)
+    assert batch.slots == 4
+    got: dict[int, list[int]] = {}
+    steps = 0
+
+    def collect(ended):
+        for slot, reply in ended.items():
+            got[slot] = reply.tokens
+
+    for slot, (text, image, n) in enumerate(CONVERSATIONS[:2]):
+        batch.begin(slot, text, image, max_new_tokens=n)
+    collect(batch.step())
+    steps += 1
+    for slot, (text, image, n) in enumerate(CONVERSATIONS[2:], start=2):
+        batch.begin(slot, text, image, max_new_tokens=n)
+        collect(batch.step())
+        steps += 1
+    while batch.answers:
+        collect(batch.step())
+        steps += 1
+    assert [got[slot] for slot in range(4)] == expected
+    # Every step ran the decode nets once, at a batch stage, for all its rows together.
+    launches = batch.runner.launches
+    decode_steps = sum(count for (net, _), count in launches.items() if net == net_name(Kind.EMBED_CACHE))
+    assert decode_steps == steps
+
+    # A second turn in slot 0 keeps its cached prompt and answers as the same chat alone does.
+    session = Session(checkpoint, alone, today=DAY)
+    first_text, first_image, n = CONVERSATIONS[0]
+    session.ask(first_text, first_image, max_new_tokens=n)
+    second = session.ask("And what else?", max_new_tokens=6)
+    answer = batch.begin(0, "And what else?", max_new_tokens=6)
+    assert answer.stats.prefilled_tokens == second.stats.prefilled_tokens < answer.stats.prompt_tokens
+    # The chat without a picture, new, in the slot whose K/V held a picture's: they must not leak in.
+    text, image, n = CONVERSATIONS[2]
+    batch.sessions[1].reset()
+    batch.begin(1, text, image, max_new_tokens=n)
+    while batch.answers:
+        collect(batch.step())
+    assert got[0] == second.tokens and got[1] == expected[2]
+
+
+def test_the_greedy_head_picks_each_rows_token(batched):
+    """A device keeps the logits and runs the greedy head on all rows at once."""
+    checkpoint, alone, together = batched
+    expected = alone_answers(checkpoint, alone, CONVERSATIONS[:3])
+    together.logits_on_host = False
+    try:
+        batch = Batch(checkpoint, together, today=DAY)
+        for slot, (text, image, n) in enumerate(CONVERSATIONS[:3]):
+            batch.begin(slot, text, image, max_new_tokens=n)
+        got = {}
+        while batch.answers:
+            got |= {slot: r.tokens for slot, r in batch.step().items()}
+    finally:
+        together.logits_on_host = True
+    assert [got[slot] for slot in range(3)] == expected
+    assert any(net == net_name(Kind.GREEDY_HEAD) and stage == 0 for net, stage in batch.runner.launches)
+
+
+def test_per_row_sampling_options_and_a_row_cut_short(batched):
+    """Each row samples with its own seeded sampler, as it does alone; a row ended from outside
+    (a client gone) leaves without disturbing the others."""
+    checkpoint, alone, together = batched
+    sampled = SamplingConfig(do_sample=True, temperature=0.9, top_k=20, seed=5)
+    text, image, n = CONVERSATIONS[0]
+    lone = Session(checkpoint, alone, today=DAY).ask(text, image, sampled, max_new_tokens=n).tokens
+    greedy = alone_answers(checkpoint, alone, CONVERSATIONS[2:3])[0]
+    batch = Batch(checkpoint, together, today=DAY)
+    batch.begin(0, text, image, sampled, max_new_tokens=n)
+    batch.begin(1, *CONVERSATIONS[1][:2], max_new_tokens=50)
+    text2, image2, n2 = CONVERSATIONS[2]
+    batch.begin(2, text2, image2, max_new_tokens=n2)
+    batch.step()
+    cut = batch.finish(1, "stopped")
+    assert cut.stop_reason == "stopped" and 1 not in batch.answers
+    got = {}
+    while batch.answers:
+        got |= {slot: r.tokens for slot, r in batch.step().items()}
+    assert got[0] == lone and got[2] == greedy
