@@ -16,6 +16,10 @@ Sources:
   for this) or as a byte count; by default the figure activation_memory.py measured
   (MEASURED below). The table's title says where the figure came from.
 
+Then continuous batching (`lvb export --batch 1,B`): the KV caches, cross-attention K/V and
+per-step buffers grow with B (each conversation has its slot); the largest B whose plan leaves
+at least SPARE on a 12 GB and a 16 GB chip at seq 512, written to bench/results/batch_memory.json.
+
 Prints a table per plan; exits 0.
 """
 
@@ -28,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table  # noqa: E402
+from common import RESULTS, machine, save_json, table  # noqa: E402
 
 from lvb.contract import plan  # noqa: E402
 from lvb.runtime.memory import CARDS, GiB, MemoryPlan, resident_buffers, scratch_tensors  # noqa: E402
@@ -65,6 +69,23 @@ def activations(source: str | None) -> tuple[int, str]:
     return net.neuron_bytes, f"{net.name}'s ctx_size, the largest of {len(nets)} nets in {source}"
 
 
+SPARE = 1e9  # what a chip keeps free beside the plan (bytes)
+BATCH_CARDS = ("SC7 chip, 12 GB", "SC7 chip, 16 GB")
+
+
+def batch_fit(spec: ModelSpec, weights: int, activation: int, seq: int, chunk: int, largest: int = 32) -> dict:
+    """Each B's plan total at `seq`, and the largest B that leaves SPARE on each of BATCH_CARDS."""
+    totals = {}
+    for B in range(1, largest + 1):
+        nets = {n.name: n.on_device() for n in plan(spec, seq, chunk, (B,))}
+        totals[B] = MemoryPlan(weights, 0, {"largest net": activation}, resident_buffers(nets), scratch_tensors(nets)).total
+    fits = {card: max((B for B, total in totals.items() if CARDS[card] - total >= SPARE), default=0) for card in BATCH_CARDS}
+    per_conversation = totals[2] - totals[1]
+    return {"seq": seq, "chunk": chunk, "weights": weights, "activations": activation, "spare": SPARE,
+            "totals": {str(B): t for B, t in totals.items()}, "per_conversation": per_conversation,
+            "largest_batch": fits, "cards": {card: CARDS[card] for card in BATCH_CARDS}}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", type=float, default=9.2e9, help="weights + instructions, bytes")
@@ -84,6 +105,14 @@ def main() -> int:
         rows += [[f"spare on {card} ({gb(size)})", gb(size - p.total)] for card, size in CARDS.items()]
         print(f"\n11B INT4, seq {seq}, chunk {args.chunk}; activations: {source}")
         print(table(rows, ["", ""]))
+    fit = batch_fit(spec, int(args.weights), activation, 512, args.chunk)
+    print(f"\ncontinuous batching, seq 512: each more conversation adds {gb(fit['per_conversation'])} "
+          f"(its KV cache and cross-attention K/V, bf16)")
+    rows = [[card, fit["largest_batch"][card], gb(fit["totals"][str(fit["largest_batch"][card])]),
+             gb(fit["cards"][card] - fit["totals"][str(fit["largest_batch"][card])])] for card in BATCH_CARDS]
+    print(table(rows, ["chip", f"largest B with >= {gb(SPARE)} spare", "plan", "spare"]))
+    save_json(RESULTS / "batch_memory.json", fit | {"activation_source": source, "machine": machine()})
+    print(f"wrote {RESULTS / 'batch_memory.json'}")
     return 0
 
 

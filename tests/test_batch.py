@@ -2,6 +2,7 @@
 get, token for token, the greedy answer they get alone from the one-conversation nets, whatever
 joins or leaves the batch around them, with or without a picture."""
 
+from collections import Counter
 from datetime import datetime
 
 import numpy as np
@@ -160,3 +161,32 @@ def test_per_row_sampling_options_and_a_row_cut_short(batched):
     while batch.answers:
         got |= {slot: r.tokens for slot, r in batch.step().items()}
     assert got[0] == lone and got[2] == greedy
+
+
+def test_memory_plan_and_device_time_know_the_batch(checkpoint_factory):
+    """Each conversation of a batch has its own KV cache and cross K/V slot in the plan that
+    the preflight holds against the device; the device-time model launches every decode net
+    once per step at the stage of the step's rows."""
+    from lvb.runtime.memory import Buffers, resident_buffers
+    from lvb.runtime.turn import batch_step_launches
+
+    spec = ModelSpec.from_dir(checkpoint_factory("gqa2-cross-last"))
+
+    def held(batch):
+        nets = {n.name: n.on_device() for n in plan(spec, SEQ, 32, batch)}
+        sizes = Counter()
+        for t in resident_buffers(nets):
+            sizes[Buffers.holds(t.name)] += int(np.prod(t.shape))
+        return sizes
+
+    one, four = held(1), held((4, 2))
+    for what in (Buffers.KV_CACHE, Buffers.CROSS_KV):
+        assert four[what] == 4 * one[what] > 0
+    assert four[Buffers.VISION_STATES] == one[Buffers.VISION_STATES]  # one picture is encoded at a time
+    layers = spec.text.num_layers
+    for rows, stage in ((3, 0), (2, 1), (1, 2)):
+        launches = batch_step_launches(spec, SEQ, (32,), (4, 2), rows, pictures=True)
+        assert sum(launches.values()) == layers + 3  # embedding, every layer, LM head, greedy head
+        assert {s for _, s in launches} == {stage}
+    text_only = batch_step_launches(spec, SEQ, (32,), (4, 2), 2, pictures=False)
+    assert sum(text_only.values()) == layers + 3 - len(spec.text.cross_attention_layers)

@@ -389,7 +389,9 @@ def _print_turn_times(record: dict, estimates, model: Optional[Path], prompt_tok
     except LvbError as e:
         show(console, f"no turn estimate: {e}; pass --model with the checkpoint's folder")
         return
-    times = turn_times(spec, record["settings"]["seq"], record["settings"]["chunks"], estimates, prompt_tokens, launch_us)
+    settings = record["settings"]
+    batch = settings.get("batch", [1])
+    times = turn_times(spec, settings["seq"], settings["chunks"], estimates, prompt_tokens, launch_us, batch)
     table = Table(title=f"a {prompt_tokens}-token first turn on the chip (tpu-mlir's cost model, greedy)")
     for column in ("picture", "first token ms", "decode step ms", "tokens/s", "launches first / step"):
         table.add_column(column, justify="left" if column == "picture" else "right")
@@ -398,6 +400,16 @@ def _print_turn_times(record: dict, estimates, model: Optional[Path], prompt_tok
                       f"{t.decode_step.ms:,.2f}", f"{t.tokens_per_second:.2f}",
                       f"{t.first_token.launches} / {t.decode_step.launches}")
     console.print(table)
+    if len(batch) > 1:
+        from lvb.runtime.turn import batch_step_times
+
+        table = Table(title="a decode step of several conversations (continuous batching, tpu-mlir's cost model)")
+        for column in ("conversations", "pictures", "step ms", "tokens/s, all", "tokens/s, each"):
+            table.add_column(column, justify="right")
+        for t in batch_step_times(spec, settings["seq"], settings["chunks"], batch, estimates, launch_us):
+            table.add_row(str(t.rows), "1 tile each" if t.pictures else "none", f"{t.step.ms:,.2f}",
+                          f"{t.tokens_per_second:.2f}", f"{t.per_conversation:.2f}")
+        console.print(table)
     show(console, f"not included: {launch_us:g} µs per launch on the card (--launch-us), host work, DDR contention")
     if estimates.missing:
         show(console, f"no estimate for {len(estimates.missing)} nets compiled before lvb kept them "

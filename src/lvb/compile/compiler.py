@@ -523,7 +523,8 @@ class Compiler:
             "bmodel": self.bmodel.name,
             "file": record_file(self.bmodel),
             "model": self.export["model"],
-            "settings": vars(self.settings) | {"seq": self.seq, "chunks": list(self.chunks), **executed},
+            "settings": vars(self.settings) | {"seq": self.seq, "chunks": list(self.chunks), **executed}
+            | ({"batch": list(self.batch)} if self.batch != DEFAULT_BATCH else {}),
             "toolchain": {"tpu_mlir": self.toolchain_version, "source": self.toolchain.source},
             "nets": {j.name: j.result for j in self.jobs},
             "export": self._export_keys(),

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lvb.contract import NetInfo, NetSpec, plan
+from lvb.contract import DEFAULT_BATCH, NetInfo, NetSpec, plan
 from lvb.devicetime import DEFAULT_LAUNCH_US, NetEstimates
 from lvb.runtime.engine import Engine, Resident
 from lvb.runtime.image import ProcessedImage
-from lvb.runtime.runner import Runner
+from lvb.runtime.runner import Row, Runner
 from lvb.runtime.sampling import Sampler, SamplingConfig
 from lvb.spec import ModelSpec
 
@@ -63,10 +63,10 @@ class Turn:
 
 
 def turn_launches(spec: ModelSpec, seq: int, chunks: Sequence[int], prompt_tokens: int, tiles: int | None,
-                  logits_on_host: bool = False) -> Turn:
+                  logits_on_host: bool = False, batch: Sequence[int] = DEFAULT_BATCH) -> Turn:
     """The launches of a first turn of `prompt_tokens` tokens with a picture of `tiles` tiles
     (None: no picture), greedy; `logits_on_host` False as on the card (the greedy head picks)."""
-    engine = DryRunEngine(plan(spec, seq, chunks), logits_on_host)
+    engine = DryRunEngine(plan(spec, seq, chunks, batch), logits_on_host)
     runner = Runner(spec, engine, image_token_id=_IMAGE)
     ids = ([_IMAGE] if tiles is not None else []) + [_TEXT] * (prompt_tokens - (tiles is not None))
     sampler = Sampler(SamplingConfig())
@@ -122,12 +122,48 @@ class TurnTime:
 
 
 def turn_times(spec: ModelSpec, seq: int, chunks: Sequence[int], estimates: NetEstimates, prompt_tokens: int,
-               launch_us: float = DEFAULT_LAUNCH_US) -> list[TurnTime]:
+               launch_us: float = DEFAULT_LAUNCH_US, batch: Sequence[int] = DEFAULT_BATCH) -> list[TurnTime]:
     """A first turn of `prompt_tokens` tokens without a picture and with one of every tile
     count, on the card (greedy). Every decode step launches the same static nets, so one
     step's time holds at any position."""
     times = []
     for tiles in (None, *range(1, spec.vision.max_num_tiles + 1)):
-        turn = turn_launches(spec, seq, chunks, prompt_tokens, tiles)
+        turn = turn_launches(spec, seq, chunks, prompt_tokens, tiles, batch=batch)
         times.append(TurnTime(tiles, price(turn.first_token, estimates, launch_us), price(turn.decode_step, estimates, launch_us)))
     return times
+
+
+def batch_step_launches(spec: ModelSpec, seq: int, chunks: Sequence[int], batch: Sequence[int], rows: int,
+                        pictures: bool) -> Counter:
+    """The launches of one batched decode step of `rows` conversations (slots 0..rows-1), each
+    with a one-tile picture or, `pictures` False, none, on the card (the greedy head picks)."""
+    engine = DryRunEngine(plan(spec, seq, chunks, batch), logits_on_host=False)
+    runner = Runner(spec, engine, image_token_id=_IMAGE)
+    step = [Row(slot, _TEXT, 1, 1 if pictures else None) for slot in range(rows)]
+    sampler = Sampler(SamplingConfig())
+    runner.next_tokens(runner.decode_rows(step), step, [sampler] * rows, [[_TEXT]] * rows)
+    return runner.launches
+
+
+@dataclass(frozen=True)
+class BatchStepTime:
+    rows: int  # conversations in the step
+    pictures: bool  # each with a picture, or none
+    step: Priced
+
+    @property
+    def tokens_per_second(self) -> float:
+        """All rows together."""
+        return self.rows * 1000 / self.step.ms if self.step.ms else 0.0
+
+    @property
+    def per_conversation(self) -> float:
+        return 1000 / self.step.ms if self.step.ms else 0.0
+
+
+def batch_step_times(spec: ModelSpec, seq: int, chunks: Sequence[int], batch: Sequence[int], estimates: NetEstimates,
+                     launch_us: float = DEFAULT_LAUNCH_US) -> list[BatchStepTime]:
+    """A decode step at every batch size the nets were built for, with and without pictures."""
+    return [BatchStepTime(rows, pictures, price(batch_step_launches(spec, seq, chunks, batch, rows, pictures), estimates,
+                                                launch_us))
+            for rows in sorted(batch) for pictures in (True, False)]
