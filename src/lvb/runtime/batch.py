@@ -23,12 +23,17 @@ from lvb.runtime.sampling import SamplingConfig
 
 class Batch:
     def __init__(self, checkpoint: Checkpoint, engine: Engine, system: str | None = None,
-                 today: datetime | None = None):
+                 today: datetime | None = None, first: Session | None = None):
+        """`first`: a session to be slot 0 (its runner, settings and conversation are kept)."""
         tokenizer = checkpoint.tokenizer
-        self.runner = Runner(checkpoint.spec, engine, tokenizer.image_id, tokenizer.pad_id or 0)
-        today = today or datetime.now()
-        self.sessions = [Session(checkpoint, engine, system=system, today=today, runner=self.runner, slot=slot)
-                         for slot in range(self.runner.slots)]
+        self.runner = first.runner if first else Runner(checkpoint.spec, engine, tokenizer.image_id, tokenizer.pad_id or 0)
+        if first is not None:
+            system, today, truncate = first.system, first.today, first.truncate_history
+        else:
+            today, truncate = today or datetime.now(), False
+        self.sessions = [first] if first else []
+        self.sessions += [Session(checkpoint, engine, truncate, system=system, today=today, runner=self.runner, slot=slot)
+                          for slot in range(len(self.sessions), self.runner.slots)]
         self.answers: dict[int, Answer] = {}  # running answers by slot
 
     @property

@@ -102,13 +102,15 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, limi
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok", "model": model_name, "backend": worker.session.engine.backend,
-                "busy": worker.busy.locked(), "pending": worker.pending, "served": worker.served,
-                "cancelled": worker.cancelled, "failed": worker.failed}
+                "busy": worker.busy.locked(), "pending": worker.pending, "running": worker.in_flight,
+                "slots": worker.batch.slots, "tokens_per_second": round(worker.tokens_per_second(), 2),
+                "served": worker.served, "cancelled": worker.cancelled, "failed": worker.failed}
 
     @app.api_route("/metrics", methods=["GET", "HEAD"], dependencies=[Depends(authorized)])
     async def prometheus():
-        running = int(worker.busy.locked())
-        return PlainTextResponse(metrics.render(running, max(0, worker.pending - running), budget.used),
+        running = worker.in_flight
+        return PlainTextResponse(metrics.render(running, max(0, worker.pending - running), budget.used,
+                                                worker.tokens_per_second()),
                                  media_type="text/plain; version=0.0.4")
 
     @app.api_route("/v1/models", methods=["GET", "HEAD"], dependencies=[Depends(authorized)])

@@ -51,6 +51,8 @@ class Metrics:
                                    "(each request's mean, counted once per token).", PER_TOKEN_BUCKETS)
         self.queue_time = Histogram("lvb_request_queue_time_seconds", "Time a request waited for the engine.",
                                     REQUEST_BUCKETS)
+        self.stall = Histogram("lvb_decode_stall_seconds", "Time between two decode steps of the running answers "
+                               "(a step, and at most one newcomer's prefill).", PER_TOKEN_BUCKETS + (5.0, 10.0, 20.0))
         self.e2e = Histogram("lvb_e2e_request_latency_seconds", "Time from a request's arrival in the queue to its "
                              "last token.", REQUEST_BUCKETS)
 
@@ -58,7 +60,7 @@ class Metrics:
         with self.lock:
             self.requests[outcome] += 1
 
-    def render(self, running: int, waiting: int, decoding_pixels: int) -> str:
+    def render(self, running: int, waiting: int, decoding_pixels: int, tokens_per_second: float = 0.0) -> str:
         with self.lock:
             lines = ["# HELP lvb_requests_total Requests by outcome: served, cancelled (the client left), "
                      "failed (engine or internal error), refused (4xx), busy (429 or 503).",
@@ -66,15 +68,17 @@ class Metrics:
             for outcome in ("served", "cancelled", "failed", "refused", "busy"):
                 lines.append(f'lvb_requests_total{{outcome="{outcome}"}} {self.requests[outcome]}')
             for name, kind, help, value in (
-                ("lvb_num_requests_running", "gauge", "Requests on the engine (0 or 1).", running),
+                ("lvb_num_requests_running", "gauge", "Requests on the engine (up to the decode batch).", running),
                 ("lvb_num_requests_waiting", "gauge", "Requests queued for the engine.", waiting),
                 ("lvb_decoding_pixels", "gauge", "Pixels of the pictures being decoded now.", decoding_pixels),
                 ("lvb_prompt_tokens_total", "counter", "Prompt tokens of answered requests.", self.prompt_tokens),
                 ("lvb_cached_prompt_tokens_total", "counter", "Of which reused from the cache.", self.cached_tokens),
                 ("lvb_generation_tokens_total", "counter", "Generated tokens.", self.generation_tokens),
+                ("lvb_generation_tokens_per_second", "gauge", "Tokens the decode steps of the last 10 s generated, "
+                 "per second (all running answers).", tokens_per_second),
                 ("lvb_engine_seconds_total", "counter", "Time the engine spent on requests.", self.engine_seconds),
             ):
                 lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {value!r}"]
-            for histogram in (self.first_token, self.per_token, self.queue_time, self.e2e):
+            for histogram in (self.first_token, self.per_token, self.queue_time, self.stall, self.e2e):
                 lines += histogram.lines()
         return "\n".join(lines) + "\n"

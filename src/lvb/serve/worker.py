@@ -1,10 +1,18 @@
-"""One engine, many clients: a single thread owns the Session and answers requests in
+"""One engine, many clients: a single thread owns the engine and answers requests in
 arrival order from a bounded queue.
 
-The Session's KV cache outlives requests. A request whose earlier turns are the
-conversation the session last answered (same pictures) continues it, so only its new
-turn is prefilled; any other request restores its own history into the session, which
-keeps whatever cached tokens still agree (Session.restore) and prefills the rest.
+Continuous batching: an engine whose decode nets take B rows (`lvb export --batch`) holds B
+conversations, one per cache slot (lvb.runtime.batch). A request takes a free slot as soon as
+there is one; its prefill runs between two decode steps of the running answers, and it joins
+them at the next step. At most one newcomer is admitted between two steps, so a running answer
+stalls for at most one prefill (a picture's vision tower and the prompt's chunks;
+`lvb_decode_stall_seconds` measures it). An answer that ends, or whose client has gone, leaves
+at the next step. With B = 1 this is one request at a time.
+
+Each slot's KV cache outlives requests. A request whose earlier turns are the conversation a
+free slot last answered (same pictures) continues it there, so only its new turn is prefilled;
+any other request restores its own history into a slot, which keeps whatever cached tokens
+still agree (Session.restore) and prefills the rest.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ from dataclasses import dataclass, field
 from lvb.errors import LvbError
 from lvb.runtime.engine import EngineError
 from lvb.runtime.image import preprocess
-from lvb.runtime.pipeline import Session
+from lvb.runtime.batch import Batch
+from lvb.runtime.pipeline import Answer, Reply, Session
 from lvb.runtime.sampling import SamplingConfig
 from lvb.serve.api import ChatRequest, RequestError, ServedModel
 from lvb.serve.metrics import Metrics
@@ -98,31 +107,69 @@ class Job:
             pass
 
 
+@dataclass
+class Slot:
+    """What a slot's session holds besides its text: each message's picture digest (None when
+    the state is not known to match a request, after an error), and the picture whose K/V the
+    slot holds."""
+
+    digests: list[str | None] | None = field(default_factory=list)
+    image_digest: str | None = None
+
+
+@dataclass
+class Running:
+    """A request being answered in a slot."""
+
+    job: Job
+    answer: Answer
+    stops: StopMatcher
+    digests: list[str | None]
+    turn: object  # the request's last turn
+    continued: bool
+    started: float  # when the engine took it
+    engine_started: float  # when its turn started (its history restored)
+
+
 class Worker:
     def __init__(self, session: Session, max_queue: int = 16):
         self.session, self.max_queue = session, max_queue
+        self.batch = Batch(session.checkpoint, session.engine, first=session)
         self.metrics = Metrics()
-        # What the session's messages hold, besides their text: each message's picture digest.
-        # None when the session's state is not known to match a request (after an error).
-        self.digests: list[str | None] | None = []
-        self.image_digest: str | None = None  # the picture whose K/V the engine holds
+        self.slots = [Slot() for _ in range(self.batch.slots)]
+        self.running: dict[int, Running] = {}
         self.pending = 0  # queued + running
+        self.admitting = 0  # taken from the queue, not yet running
         self.served = self.cancelled = self.failed = 0
         self.last_job: Job | None = None
         self.last_result: Result | None = None
-        self.busy = threading.Lock()  # held while a request runs on the engine
+        self.busy = threading.Lock()  # held while the engine works (a prefill or a step)
         self._count = threading.Lock()
         self._durations: deque[float] = deque(maxlen=20)
+        self._tokens: deque[tuple[float, int]] = deque()  # (when, tokens) of recent steps, for tokens/s
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="lvb-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
-        """Queue a job, or raise QueueFull when max_queue requests already wait besides the running one."""
+    @property
+    def in_flight(self) -> int:
+        """Requests the engine holds: running answers and the one being admitted."""
+        return len(self.running) + self.admitting
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Generated tokens per second over the last `window` seconds."""
+        now = time.perf_counter()
         with self._count:
-            if self.pending > self.max_queue:
+            while self._tokens and self._tokens[0][0] < now - window:
+                self._tokens.popleft()
+            return sum(n for _, n in self._tokens) / window
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or raise QueueFull when max_queue requests already wait besides the running ones."""
+        with self._count:
+            if self.pending >= self.max_queue + max(1, self.in_flight):
                 average = sum(self._durations) / len(self._durations) if self._durations else 1.0
-                raise QueueFull(max(1, math.ceil(average * self.pending)))
+                raise QueueFull(max(1, math.ceil(average * self.pending / self.batch.slots)))
             self.pending += 1
         self._jobs.put(job)
 
@@ -132,51 +179,131 @@ class Worker:
 
     def _run(self) -> None:
         log.info("engine thread %d ready", threading.get_native_id())  # for per-thread CPU accounting (bench)
-        while (job := self._jobs.get()) is not None:
-            started = time.perf_counter()
-            try:
-                with self.busy:
-                    self.metrics.queue_time.observe(time.perf_counter() - job.queued_at)
-                    self._answer(job)
-            finally:
-                ended = time.perf_counter()
+        closing = False
+        last_step = None  # when the running answers last took a step
+        while True:
+            job = None
+            if not self.running:
+                job = self._jobs.get()  # idle: wait for work
+                last_step = None
+                if job is None:
+                    return
+            elif not closing and len(self.running) < self.batch.slots:
+                # One newcomer between two steps at most: the running answers' stall bound.
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    job = None
+                else:
+                    closing = job is None  # close(): finish the running answers, then stop
+            if job is not None:
                 with self._count:
-                    self.pending -= 1
-                    self._durations.append(ended - started)
-                with self.metrics.lock:
-                    self.metrics.engine_seconds += ended - started
-                    self.metrics.e2e.observe(ended - job.queued_at)
+                    self.admitting += 1
+                try:
+                    with self.busy:
+                        started = time.perf_counter()
+                        self.metrics.queue_time.observe(started - job.queued_at)
+                        self._admit(job)
+                        self._engine_time(started)
+                finally:
+                    with self._count:
+                        self.admitting -= 1
+            if self.running:
+                with self.busy:
+                    started = time.perf_counter()
+                    if last_step is not None:
+                        with self.metrics.lock:
+                            self.metrics.stall.observe(started - last_step)
+                    self._step()
+                    last_step = time.perf_counter()
+                    self._engine_time(started)
+            elif closing:
+                return
 
-    def _answer(self, job: Job) -> None:
+    def _engine_time(self, started: float) -> None:
+        with self.metrics.lock:
+            self.metrics.engine_seconds += time.perf_counter() - started
+
+    def _choose(self, job: Job) -> int:
+        """A free slot, the one whose conversation the request continues if any (its cache is reused)."""
+        free = [i for i in range(self.batch.slots) if i not in self.running]
+        request = job.request
+        digests = [t.digest for t in request.turns[:-1]]
+        messages = [t.message() for t in request.turns[:-1]]
+        for i in free:
+            if self.slots[i].digests == digests and self.batch.sessions[i].messages == messages:
+                return i
+        return free[0]
+
+    def _admit(self, job: Job) -> None:
         self.last_job = job
         if job.cancelled.is_set():
             self.cancelled += 1
             self.metrics.count("cancelled")
             log.info("%s: the client left while queued; skipped", job.id)
+            self._done(job)
             return
+        slot = self._choose(job)
         try:
-            result = self._generate(job)
-        except RequestError as e:
+            running = self._start(job, slot)
+        except Exception as e:
+            self._fail(job, slot, e)
+            self._done(job)
+            return
+        if running.answer.stop_reason is None:
+            self.running[slot] = running
+        else:
+            self._finish(slot, running, running.answer.end())
+
+    def _step(self) -> None:
+        """One decode step of every running answer; answers whose client left end first."""
+        for slot, running in list(self.running.items()):
+            if running.job.cancelled.is_set():
+                self._finish(slot, self.running.pop(slot), self.batch.finish(slot, "stopped"))
+        if not self.running:
+            return
+        rows = len(self.running)
+        try:
+            ended = self.batch.step()
+        except Exception as e:
+            for slot, running in list(self.running.items()):
+                self.batch.answers.pop(slot, None)
+                self._fail(running.job, slot, e)
+                self._done(running.job)
+            self.running.clear()
+            return
+        with self._count:
+            self._tokens.append((time.perf_counter(), rows))
+        for slot, reply in ended.items():
+            self._finish(slot, self.running.pop(slot), reply)
+
+    def _fail(self, job: Job, slot: int, e: Exception) -> None:
+        if isinstance(e, RequestError):
             self.metrics.count("refused")
             job.send("error", (e.status, str(e)))
-        except EngineError as e:
-            self._forget()
+        elif isinstance(e, EngineError):
+            self._forget(slot)
             self.failed += 1
             self.metrics.count("failed")
             log.error("%s: engine error: %s", job.id, e)
             job.send("error", (500, f"engine error: {e}"))
-        except LvbError as e:  # too long for the sequence, a picture the processor refuses, a template error
+        elif isinstance(e, LvbError):  # too long for the sequence, a picture the processor refuses, a template error
             self.metrics.count("refused")
             job.send("error", (400, self._fix(str(e))))
-        except Exception as e:  # a bug; the server goes on with a fresh conversation state
-            self._forget()
+        else:  # a bug; the server goes on with a fresh conversation state
+            self._forget(slot)
             self.failed += 1
             self.metrics.count("failed")
-            log.exception("%s: internal error", job.id)
+            log.error("%s: internal error", job.id, exc_info=e)
             job.send("error", (500, f"internal error: {type(e).__name__}: {e}"))
-        else:
-            self.last_result = result
-            job.send("done", result)
+
+    def _done(self, job: Job) -> None:
+        ended = time.perf_counter()
+        with self._count:
+            self.pending -= 1
+            self._durations.append(ended - job.queued_at)
+        with self.metrics.lock:
+            self.metrics.e2e.observe(ended - job.queued_at)
 
     def _fix(self, message: str) -> str:
         """Session speaks to `lvb chat`'s user: say what lvb serve offers instead."""
@@ -184,40 +311,47 @@ class Worker:
             return message.removesuffix("allow history truncation") + "start lvb serve with --history truncate"
         return message
 
-    def _forget(self) -> None:
-        """After a failure mid-turn the cache may hold half-written state: start afresh."""
-        self.session.reset()
-        self.digests, self.image_digest = [], None
+    def _forget(self, slot: int) -> None:
+        """After a failure mid-turn the slot's cache may hold half-written state: start afresh."""
+        self.batch.sessions[slot].reset()
+        self.slots[slot] = Slot()
 
-    def _generate(self, job: Job) -> Result:
-        request, session = job.request, self.session
+    def _start(self, job: Job, slot: int) -> Running:
+        """The request's history restored into the slot, its turn prefilled: its first token."""
+        request, session, state = job.request, self.batch.sessions[slot], self.slots[slot]
+        started = time.perf_counter()
         history, turn = request.turns[:-1], request.turns[-1]
         messages = [t.message() for t in history]
         digests = [t.digest for t in history]
-        continued = self.digests == digests and session.messages == messages
+        continued = state.digests == digests and session.messages == messages
         if not continued:
             pictured = [i for i, t in enumerate(history) if t.digest is not None]
             if len(pictured) > 1:  # one picture in play at a time: the newest stands for all of them
                 log.info("%s: rebuilding a conversation of %d pictures with the newest one only", job.id, len(pictured))
             last = pictured[-1] if pictured else None
             # The same picture already holds the cross-attention K/V: hand the session its own copy.
-            same = last is not None and digests[last] == self.image_digest and session.image is not None
+            same = last is not None and digests[last] == state.image_digest and session.image is not None
             image = session.image if same else history[last].image if last is not None else None
             session.restore(messages, image=image, image_turn=last)
-            self.digests, self.image_digest = digests, digests[last] if last is not None else None
+            state.digests, state.image_digest = digests, digests[last] if last is not None else None
         sampling = self._sampling(request)
-        self.digests = None  # unknown until the turn completes
+        state.digests = None  # unknown until the turn completes
         stops = StopMatcher(request.stop, job)
-        started = time.perf_counter()
-        reply = session.ask(turn.text, image=turn.image, sampling=sampling, max_new_tokens=request.max_tokens,
-                            on_text=stops.push)
-        engine_seconds = time.perf_counter() - started
+        engine_started = time.perf_counter()
+        answer = self.batch.begin(slot, turn.text, image=turn.image, sampling=sampling,
+                                  max_new_tokens=request.max_tokens, on_text=stops.push)
+        return Running(job, answer, stops, digests, turn, continued, started, engine_started)
+
+    def _finish(self, slot: int, running: Running, reply: Reply) -> None:
+        job, session, state = running.job, self.batch.sessions[slot], self.slots[slot]
+        engine_seconds = time.perf_counter() - running.engine_started
+        stops, turn, digests = running.stops, running.turn, running.digests
         text = stops.finish()
         if text != reply.text:  # cut at a stop sequence: the conversation holds what the client got
             session.messages[-1] = {"role": "assistant", "content": [{"type": "text", "text": text}]}
-        self.digests = digests + [turn.digest, None]
+        state.digests = digests + [turn.digest, None]
         if turn.digest is not None:
-            self.image_digest = turn.digest
+            state.image_digest = turn.digest
         s = reply.stats
         if job.cancelled.is_set():
             self.cancelled += 1
@@ -234,16 +368,20 @@ class Worker:
             m.first_token.observe(s.first_token_seconds)
             if s.generated_tokens > 1:
                 m.per_token.observe(s.decode_seconds / (s.generated_tokens - 1), s.generated_tokens - 1)
+        request = job.request
         notices = list(reply.notices)
         if request.dropped:
             notices.insert(0, f"left out the {request.dropped} oldest exchange(s), too long for the {session.seq}-token "
                               "sequence")
-        log.info("%s: %s, prompt %d tokens (%d prefilled), %d generated, first token %.0f ms, %.1f tokens/s, %s",
-                 job.id, "continued" if continued else "restored", s.prompt_tokens, s.prefilled_tokens,
+        log.info("%s: %s, slot %d, prompt %d tokens (%d prefilled), %d generated, first token %.0f ms, %.1f tokens/s, %s",
+                 job.id, "continued" if running.continued else "restored", slot, s.prompt_tokens, s.prefilled_tokens,
                  s.generated_tokens, s.first_token_seconds * 1000, s.tokens_per_second, reply.stop_reason)
         finish = "stop" if stops.hit else FINISH_REASONS[reply.stop_reason]
-        return Result(text, finish, s.prompt_tokens, s.prompt_tokens - s.prefilled_tokens, s.generated_tokens,
-                      s.first_token_seconds, s.tokens_per_second, engine_seconds, s.decode_seconds, notices)
+        result = Result(text, finish, s.prompt_tokens, s.prompt_tokens - s.prefilled_tokens, s.generated_tokens,
+                        s.first_token_seconds, s.tokens_per_second, engine_seconds, s.decode_seconds, notices)
+        self.last_result = result
+        job.send("done", result)
+        self._done(job)
 
     def _sampling(self, request: ChatRequest) -> SamplingConfig:
         """OpenAI's knobs over the checkpoint's generation_config: temperature 0 is greedy, any
