@@ -190,3 +190,52 @@ def test_memory_plan_and_device_time_know_the_batch(checkpoint_factory):
         assert {s for _, s in launches} == {stage}
     text_only = batch_step_launches(spec, SEQ, (32,), (4, 2), 2, pictures=False)
     assert sum(text_only.values()) == layers + 3 - len(spec.text.cross_attention_layers)
+
+
+def test_served_requests_share_decode_steps_and_keep_their_answers(tmp_path_factory, toy_export):
+    """lvb serve on the toy exported with --batch 4: ten clients at once (pictures, a chat
+    without one, streamed or not, one with a stop string) each get the answer the toy gives
+    alone; several answers ran together, and the queue behind them drained."""
+    import threading
+    from pathlib import Path
+
+    from lvb.export.exporter import export
+    from lvb.tasks import QUESTION, sample
+    from test_serve import Server, ask, user
+
+    toy = Path(__file__).resolve().parent.parent / "models" / "toy"
+    work = tmp_path_factory.mktemp("batched-toy")
+    export(toy, work, seq=SEQ, chunks=(32,), batch=(4,))
+    checkpoint = Checkpoint.load(toy)
+    reference = Session(checkpoint, open_engine("onnxruntime", onnx_work=toy_export))
+    server = Server(Session(checkpoint, open_engine("onnxruntime", onnx_work=work)), max_queue=16)
+    pictures = sample(8, seed=321)
+    asks = [(QUESTION, image, {}) for image, _ in pictures]
+    asks += [("Hello there", None, {"max_tokens": 6}), (QUESTION, pictures[0][0], {"stop": [" "]})]
+    requests = [([user(text, image)], options) for text, image, options in asks]
+    expected = []
+    for text, image, options in asks:
+        reference.reset()
+        reply = reference.ask(text, image, max_new_tokens=options.get("max_tokens"))
+        expected.append(reply.text.split(" ")[0] if options.get("stop") else reply.text)
+    assert expected[:8] == [label for _, label in pictures]  # the toy knows its pictures
+    results: dict[int, str] = {}
+    try:
+        def call(i):
+            messages, options = requests[i]
+            results[i] = ask(server.client(), messages, stream=i % 2 == 0, temperature=0, **options)[0]
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        server.idle()
+        metrics = server.worker.metrics
+        assert metrics.stall.count > 0  # steps followed one another while answers ran together
+        assert server.worker.served == len(requests) and not server.worker.running
+    finally:
+        server.stop()
+    assert [results[i] for i in range(len(requests))] == expected
+    together = server.worker.batch.runner.launches
+    assert any(net == net_name(Kind.EMBED_CACHE) and stage == 0 for net, stage in together)  # a step of 4 rows ran
