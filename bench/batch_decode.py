@@ -10,9 +10,10 @@ block_cache, lm_head, greedy_head) are compiled (INT4 blocks, BF16 head, `--chec
 each with one stage per B sharing the weights, as `lvb compile` builds them. Each stage's
 estimate comes from the deploy's compiler_profile_0.txt (lvb.devicetime). A step of the full
 11B is the embedding, 32 self-attention and 8 cross-attention layers (the published config's
-counts, lvb.contract.plan), the LM head and the greedy head, all at one B; a batch without any
-picture skips the cross-attention layers, as one conversation does. Launch overhead is left out,
-as in bench/device_time.py.
+counts, lvb.contract.plan), the LM head and the greedy head, all at one B, priced from the
+runtime's own launches (lvb.runtime.turn.batch_step_times); a batch without any picture skips
+the cross-attention layers, as one conversation does. Launch overhead is left out, as in
+bench/device_time.py.
 
 Heavy (tpu-mlir's transform of an 11B-width net peaks near 10 GB): run it as
 `flock /work/heavy.lock python bench/batch_decode.py`; `--clean` deletes the work folder after.
@@ -36,7 +37,8 @@ sys.path.insert(0, str(REPO / "bench"))
 from common import CONFIGS, OUT, RESULTS, checkpoint_complete, geometry_11b, geometry_tiny, machine, save_json, table  # noqa: E402
 
 from lvb.contract import Kind, plan  # noqa: E402
-from lvb.devicetime import Estimate  # noqa: E402
+from lvb.devicetime import Estimate, NetEstimates  # noqa: E402
+from lvb.runtime.turn import batch_step_times  # noqa: E402
 from lvb.spec import ModelSpec  # noqa: E402
 
 RESULTS_FILE = RESULTS / "batch_decode.json"
@@ -80,25 +82,26 @@ def compile_decode_nets(work: Path, quant: str, head_quant: str) -> dict[str, di
 
 
 def figures(results: dict[str, dict], batch: list[int], seq: int, chunk: int) -> dict:
-    full = plan(ModelSpec.from_config(json.loads(CONFIGS["11b"].read_text())), seq, chunk, batch)
-    counts = {kind: sum(n.kind is kind for n in full) for kind in DECODE_KINDS}
+    """Every net of the full 11B plan takes the estimates of the compiled net of its kind, and a
+    step is priced from the Runner's own launches (lvb.runtime.turn.batch_step_times)."""
+    spec = ModelSpec.from_config(json.loads(CONFIGS["11b"].read_text()))
+    full = plan(spec, seq, chunk, batch)
+    by_kind = {result["kind"]: tuple(Estimate.from_json(s) for s in result["device"]) for result in results.values()}
+    estimates = NetEstimates({n.name: by_kind[n.kind.value] for n in full if n.kind.value in by_kind}, ())
     rows_of = sorted(batch, reverse=True)  # the stages' order
-    per_kind = {}
-    for result in results.values():
-        per_kind[result["kind"]] = {B: Estimate.from_json(s).cycles / 1e6 for B, s in zip(rows_of, result["device"])}
+    per_net_ms = {kind: {B: e.ms for B, e in zip(rows_of, stages)} for kind, stages in by_kind.items()}
     steps = []
-    for B in sorted(batch):
-        ms = {kind.value: per_kind[kind.value][B] * counts[kind] for kind in DECODE_KINDS}
-        for pictures, label in ((True, "pictures"), (False, "text only")):
-            step = sum(v for k, v in ms.items() if pictures or k != Kind.CROSS_DECODE.value)
-            steps.append({"B": B, "rows": label, "step_ms": step, "aggregate_tokens_per_s": B * 1000 / step,
-                          "per_conversation_tokens_per_s": 1000 / step,
-                          "by_kind_ms": {k: v for k, v in ms.items() if pictures or k != Kind.CROSS_DECODE.value}})
+    for t in batch_step_times(spec, seq, (chunk,), batch, estimates, launch_us=0.0):
+        if t.step.missing:
+            raise SystemExit(f"no estimate for {', '.join(t.step.missing)}")
+        steps.append({"B": t.rows, "rows": "pictures" if t.pictures else "text only", "step_ms": t.step.ms,
+                      "launches": t.step.launches, "aggregate_tokens_per_s": t.tokens_per_second,
+                      "per_conversation_tokens_per_s": t.per_conversation})
     lone = {s["rows"]: s for s in steps if s["B"] == 1}
     for s in steps:
         s["aggregate_vs_B1"] = s["aggregate_tokens_per_s"] / lone[s["rows"]]["aggregate_tokens_per_s"]
         s["per_conversation_vs_B1"] = s["per_conversation_tokens_per_s"] / lone[s["rows"]]["per_conversation_tokens_per_s"]
-    return {"counts": {k.value: v for k, v in counts.items()}, "per_net_ms": per_kind, "steps": steps}
+    return {"per_net_ms": per_net_ms, "steps": steps}
 
 
 def main() -> int:

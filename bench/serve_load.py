@@ -28,6 +28,15 @@ same export opened a second time in this process to call the engine directly.
 
 Prints the figures and a Markdown table; exits 1 when a request is lost, mixed up or
 failed, or the server is unhealthy after. No timed assertions.
+
+`--batched`: continuous batching instead. The toy exported twice, as above and with
+`--batch 8,4,2,1`; a server on each; 1, 2, 4 and 8 clients, each sending --requests
+non-streamed requests one after another (a different picture each, greedy, `ignore_eos` and
+`max_tokens` --answer-tokens, so that decoding dominates): aggregate completion tokens/s and
+per-request latency (median, p95); every answer must equal the direct engine's for its own
+picture. Then 16 clients at once on the batched server: none lost or mixed up. The chip's
+figures beside them come from bench/batch_decode.py (bench/results/batch_decode.json).
+Writes bench/results/serve_batch.json.
 """
 
 from __future__ import annotations
@@ -45,7 +54,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, machine, table  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's lvb, as the server runs it
+from common import OUT, RESULTS, machine, save_json, table  # noqa: E402
 
 from lvb.runtime.backends import open_engine  # noqa: E402
 from lvb.runtime.pipeline import Checkpoint, Session  # noqa: E402
@@ -81,6 +91,7 @@ class Outcome:
         self.ended = None
         self.error = ""
         self.engine_seconds = None  # x-lvb-engine-ms: the server's own Session.ask time
+        self.tokens = 0  # completion tokens (not streamed: from usage)
 
 
 def send(port: int, body: bytes, stream: bool, timeout: float) -> Outcome:
@@ -100,6 +111,7 @@ def send(port: int, body: bytes, stream: bool, timeout: float) -> Outcome:
                 out.text = data["choices"][0]["message"]["content"]
                 out.first = now
                 out.engine_seconds = float(response.getheader("x-lvb-engine-ms")) / 1000
+                out.tokens = data["usage"]["completion_tokens"]
             else:
                 out.error = data["error"]["message"]
         else:
@@ -173,6 +185,141 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(work: Path, port: int, max_queue: int, log_path: Path) -> subprocess.Popen:
+    """`lvb serve` on the toy's export in `work`, answering /health (or SystemExit)."""
+    lvb = Path(sys.executable).with_name("lvb")
+    command = [str(lvb), "serve", "--model", str(TOY), "--onnx", str(work), "--port", str(port),
+               "--max-queue", str(max_queue)]
+    log = open(log_path, "w")
+    env = dict(os.environ, LVB_API_KEY=KEY, PYTHONPATH=str(ROOT / "src"))
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            connection.request("GET", "/health")
+            if connection.getresponse().status == 200:
+                return server
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise SystemExit(f"error: the server did not start; see {log_path}")
+        time.sleep(0.2)
+
+
+def toy_export(seq: int, chunk: int, batch: tuple[int, ...] = (1,)) -> Path:
+    suffix = f"-batch{'-'.join(map(str, sorted(batch)))}" if batch != (1,) else ""
+    work = OUT / f"toy-serve-seq{seq}-chunk{chunk}{suffix}"
+    if not (work / "export" / "manifest.json").is_file():
+        from lvb.export.exporter import export
+
+        print(f"exporting the toy to {work}", flush=True)
+        export(TOY, work, seq=seq, chunks=chunk, batch=batch)
+    return work
+
+
+def batched_load(args) -> int:
+    from lvb.runtime.sampling import SamplingConfig
+
+    single, batched = toy_export(args.seq, args.chunk), toy_export(args.seq, args.chunk, (8, 4, 2, 1))
+    checkpoint = Checkpoint.load(TOY)
+    ends = tuple(sorted(checkpoint.tokenizer.stop_ids))
+    greedy = SamplingConfig(suppress_ids=ends)  # ignore_eos, as the requests ask
+    clients_list = (1, 2, 4, 8)
+    pool = sample(max(clients_list) * args.requests + 16 * args.requests, seed=700)
+    with open_engine("onnxruntime", onnx_work=single) as engine:
+        session = Session(checkpoint, engine)
+        expected = []
+        for image, _ in pool:
+            session.reset()
+            expected.append(session.ask(QUESTION, image=image, sampling=greedy, max_new_tokens=args.answer_tokens).text)
+
+    def body(i: int, stream: bool = False) -> bytes:
+        message = {"role": "user", "content": [{"type": "text", "text": QUESTION},
+                                               {"type": "image_url", "image_url": {"url": data_url(pool[i][0])}}]}
+        return json.dumps({"model": "toy", "messages": [message], "stream": stream, "temperature": 0,
+                           "max_tokens": args.answer_tokens, "ignore_eos": True}).encode()
+
+    def run_clients(port: int, clients: int, first: int, stream=lambda i: False) -> tuple[dict[int, Outcome], float]:
+        outcomes: dict[int, Outcome] = {}
+
+        def client(c: int) -> None:
+            for r in range(args.requests):
+                i = first + c * args.requests + r
+                outcomes[i] = send(port, body(i, stream(i)), stream(i), args.timeout)
+
+        started = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return outcomes, time.perf_counter() - started
+
+    results: dict = {"settings": {"seq": args.seq, "chunk": args.chunk, "requests_per_client": args.requests,
+                                  "answer_tokens": args.answer_tokens, "max_queue": args.max_queue}, "runs": []}
+    problems = []
+    for label, work in (("one at a time", single), ("batched (--batch 8,4,2,1)", batched)):
+        port = free_port()
+        server = start_server(work, port, args.max_queue, OUT / "serve_load.server.log")
+        try:
+            send(port, body(0), False, args.timeout)  # warm up
+            for clients in clients_list:
+                outcomes, wall = run_clients(port, clients, 0)
+                answered = [i for i, o in outcomes.items() if o.status == 200]
+                mixed = [i for i in answered if outcomes[i].text != expected[i]]
+                tokens = sum(outcomes[i].tokens for i in answered)
+                latency = [outcomes[i].ended - outcomes[i].started for i in answered]
+                run = {"server": label, "clients": clients, "requests": len(outcomes), "answered": len(answered),
+                       "mixed": len(mixed), "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+                       "latency_p50_s": percentile(latency, 0.5), "latency_p95_s": percentile(latency, 0.95)}
+                results["runs"].append(run)
+                print(f"{label}, {clients} clients: {run['tokens_per_s']:.1f} tokens/s, latency p50 "
+                      f"{run['latency_p50_s']:.2f} s, {len(mixed)} mixed", flush=True)
+                if mixed or len(answered) != len(outcomes):
+                    problems.append(f"{label}, {clients} clients: {len(outcomes) - len(answered)} not answered, "
+                                    f"{len(mixed)} mixed up")
+            if work == batched:
+                first = max(clients_list) * args.requests
+                outcomes, wall = run_clients(port, 16, first, stream=lambda i: i % 2 == 0)
+                answered = [i for i, o in outcomes.items() if o.status == 200]
+                refused = [i for i, o in outcomes.items() if o.status == 429]
+                lost = 16 * args.requests - len(answered) - len(refused)
+                mixed = [i for i in answered if outcomes[i].text != expected[i]]
+                results["sixteen_clients"] = {"requests": 16 * args.requests, "answered": len(answered),
+                                              "refused_429": len(refused), "lost": lost, "mixed": len(mixed),
+                                              "wall_s": wall}
+                print(f"16 clients: {len(answered)} answered, {len(refused)} refused (429), {lost} lost, "
+                      f"{len(mixed)} mixed up", flush=True)
+                if lost or mixed:
+                    problems.append(f"16 clients: {lost} lost, {len(mixed)} mixed up")
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                connection.request("GET", "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+                stall = [line for line in connection.getresponse().read().decode().splitlines()
+                         if line.startswith("lvb_decode_stall_seconds_sum") or line.startswith("lvb_decode_stall_seconds_count")]
+                values = {line.split()[0]: float(line.split()[1]) for line in stall}
+                count = values.get("lvb_decode_stall_seconds_count", 0)
+                results["stall_mean_s"] = values.get("lvb_decode_stall_seconds_sum", 0) / count if count else 0.0
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    chip = RESULTS / "batch_decode.json"
+    if chip.is_file():
+        steps = json.loads(chip.read_text())["steps"]
+        results["chip"] = [{k: s[k] for k in ("B", "rows", "step_ms", "aggregate_tokens_per_s",
+                                               "per_conversation_tokens_per_s")} for s in steps]
+    results |= {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
+    save_json(RESULTS / "serve_batch.json", results)
+    rows = [[r["server"], r["clients"], f"{r['tokens_per_s']:.1f}", f"{r['latency_p50_s']:.2f} / {r['latency_p95_s']:.2f}",
+             f"{r['answered']}/{r['requests']}", r["mixed"]] for r in results["runs"]]
+    print(table(rows, ["server (onnxruntime, toy)", "clients", "tokens/s", "latency p50 / p95 s", "answered", "mixed up"]))
+    print(f"wrote {RESULTS / 'serve_batch.json'}")
+    for problem in problems:
+        print(f"error: {problem}")
+    return 1 if problems else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=16)
@@ -183,7 +330,11 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=600.0, help="seconds for the load phase")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=32)
+    parser.add_argument("--batched", action="store_true", help="continuous batching: clients 1, 2, 4, 8, then 16")
+    parser.add_argument("--answer-tokens", type=int, default=32, help="--batched: tokens per answer")
     args = parser.parse_args()
+    if args.batched:
+        return batched_load(args)
 
     work = OUT / f"toy-serve-seq{args.seq}-chunk{args.chunk}"
     if not (work / "export" / "manifest.json").is_file():

@@ -17,7 +17,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +28,7 @@ from lvb.compile.tpumlir import (CHIPS, DEFAULT_GROUP_SIZE, QUANTIZE, TRANSFORM_
                                  transform)
 from lvb.bmodel import declared_tensors
 from lvb.check import CheckMode, load_check, onnx_vs_bmodel, shortfalls, thresholds
-from lvb.contract import DEFAULT_BATCH, Kind, NetSpec, QuantGroup, plan
+from lvb.contract import DEFAULT_BATCH, Kind, NetSpec, QuantGroup, batch_sizes, plan
 from lvb.devicetime import read_profile
 from lvb.errors import LvbError
 from lvb.numerics import lowest
@@ -331,7 +331,8 @@ class LocalExecutor:
 
 class Compiler:
     def __init__(self, work: Path, settings: CompileSettings, toolchain: Toolchain, seq: int | None = None,
-                 notify: Callable[[str], None] | None = None):
+                 notify: Callable[[str], None] | None = None, batch: Sequence[int] | None = None):
+        """`seq`, `batch`: what the caller expects the export to hold (refused when it does not)."""
         self.work, self.settings, self.toolchain = Path(work).resolve(), settings, toolchain
         self.notify = notify or (lambda message: None)  # a cached file that is damaged, and rebuilt
         if settings.chip not in CHIPS:
@@ -350,6 +351,10 @@ class Compiler:
             raise CompileError(f"the export in {self.work} is for --seq {exported_seq}, not {seq}; run `lvb export --seq {seq}` first")
         self.seq, self.chunks = exported_seq, tuple(self.export["settings"]["chunks"])
         self.batch = tuple(self.export["settings"].get("batch", DEFAULT_BATCH))
+        if batch is not None and batch_sizes(batch) != self.batch:
+            have, want = (",".join(map(str, sorted(b))) for b in (self.batch, batch_sizes(batch)))
+            raise CompileError(f"the export in {self.work} is for --batch {have}, not {want}; run `lvb export --batch {want}` "
+                               "first (the decode nets' stages are made there)")
         self.spec = ModelSpec.from_dir(self.export["model"]["dir"])
         missing = [n.name for n in plan(self.spec, self.seq, self.chunks, self.batch) if n.name not in self.export["nets"]]
         if missing:  # a manifest from before `complete` existed, or one edited by hand
