@@ -49,3 +49,21 @@ def test_the_turn_is_priced_from_the_recorded_nets():
     step = ((config["num_hidden_layers"] - cross) * ms["self_decode"] + cross * ms["cross_decode"] + ms["lm_head"]
             + ms["greedy_head"] + ms["embed_cache"])
     assert four_tiles("lvb")["decode_step_ms"] == pytest.approx(step)
+
+
+BATCH_MEMORY = json.loads((ROOT / "bench" / "results" / "batch_memory.json").read_text())
+SERVE_BATCH = json.loads((ROOT / "bench" / "results" / "serve_batch.json").read_text())
+
+
+def test_readme_batch_memory_and_serve_figures_are_the_recorded_ones():
+    fits = BATCH_MEMORY["largest_batch"]
+    assert f"{fits['SC7 chip, 12 GB']} on a 12 GB chip and {fits['SC7 chip, 16 GB']} on a 16 GB chip" in README
+    assert f"{BATCH_MEMORY['per_conversation'] / 1e9:.2f} GB" in README
+    runs = {(r["server"].split(" ")[0], r["clients"]): r for r in SERVE_BATCH["runs"]}
+    for (server, clients), run in runs.items():
+        assert f"{run['tokens_per_s']:.1f}" in BENCH_README, (server, clients)
+    eight = runs["batched", 8]["tokens_per_s"], runs["one", 8]["tokens_per_s"]
+    assert f"{eight[0]:.1f} tokens/s" in README and f"{eight[1]:.1f}" in README
+    sixteen = SERVE_BATCH["sixteen_clients"]
+    assert sixteen["lost"] == 0 and sixteen["mixed"] == 0
+    assert f"{sixteen['answered']} answered, {sixteen['refused_429']} refused (429), none lost or mixed up" in README

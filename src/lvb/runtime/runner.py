@@ -96,6 +96,10 @@ class Runner:
         self.seq, self.chunks, self.batch = discover_shapes(engine)
         # Conversations the buffers hold (KV cache and cross K/V slots on axis 0).
         self.slots = max(self.batch)
+        if self.slots > 1 and engine.backend == "sail":
+            raise ChatError(f"the model file decodes batches of up to {self.slots} conversations (--batch), which the "
+                            "sail backend does not run yet; compile an export made with --batch 1 for the card, or use "
+                            "the simulator or onnxruntime")
         nets = plan(spec, self.seq, self.chunks, self.batch)
         check_contract(engine, nets)
         self.nets = {n.name: declared(n, engine.nets[n.name]) for n in nets}
