@@ -806,6 +806,3 @@ def _bytes(n: int) -> str:
         n /= 1024
     return f"{n} B"
 
-
-if __name__ == "__main__":
-    app()
