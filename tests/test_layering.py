@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lvb.export", "lvb.compile", "lvb.runtime", "lvb.patches", "lvb.testing"),
     ("lvb.verify", "lvb.doctor", "lvb.serve"),
     ("lvb.cli",),
+    ("lvb.__main__",),
 ]
 # Within a layer, imports between different packages are allowed only along these edges.
 SIDEWAYS = {

@@ -6,25 +6,24 @@ Heavy imports (torch, transformers, onnx) happen inside the commands, so
 
 from __future__ import annotations
 
-import errno
-import functools
-import typing
-from inspect import Parameter, Signature, signature
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 import lvb
 from lvb.check import CheckMode
+from lvb.cli.chat import CHAT_HELP, chat_loop
+from lvb.cli.options import (BackendOption, BmodelOption, ChatOptions, ModelOption, OnnxOption, PackageOption, RevisionOption,
+                             RuntimeModelOption, ToolchainOption, at_least, chunk_list, in_range, user_text,
+                             with_chat_options)
+from lvb.cli.output import (byte_progress, console, errors, fail, plain, print_memory_plan, print_preflight, print_stats,
+                            print_turn_times, problem, progress_bar, say, show, size_text)
 from lvb.compile.tpumlir import DEFAULT_GROUP_SIZE
 from lvb.contract import DEFAULT_CHUNKS, DEFAULT_SEQ
-from lvb.errors import LvbError
 from lvb.devicetime import DEFAULT_LAUNCH_US
+from lvb.errors import LvbError
 from lvb.workdir import lock_work
 
 app = typer.Typer(
@@ -34,109 +33,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-errors = Console(stderr=True)
-
-ToolchainOption = Annotated[
-    Optional[Path],
-    typer.Option("--toolchain", readable=False, help="tpu-mlir environment (a venv or a folder of its tools); default: LVB_TOOLCHAIN, .venv-tpu, PATH"),
-]
-
-RevisionOption = Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit of a Hugging Face repo id (default: main).")]
-
-
-def show(where: Console, message: object, style: str = "", end: str = "\n") -> None:
-    """Text printed literally, never read as Rich markup: lvb's lines carry paths, tool
-    output, exception text and model output, any of which may hold [brackets]."""
-    where.print(Text(str(message), style=style), end=end, highlight=False, soft_wrap=True)
-
-
-def say(where: Console, label: str, style: str, message: object) -> None:
-    """A styled label, then `message` printed literally (as `show` does)."""
-    where.print(Text.assemble((label, style), " ", str(message)), highlight=False, soft_wrap=True)
-
-
-def fail(message: object) -> typer.Exit:
-    """Print one line naming the problem and its fix; the caller raises the result."""
-    say(errors, "error:", "bold red", " ".join(str(message).splitlines()))
-    return typer.Exit(code=1)
-
-
-_OS_FIXES = {
-    errno.ENOSPC: "the disk is full: free some space (or pass a folder on another disk) and run again",
-    errno.EDQUOT: "the disk quota is used up: free some space and run again",
-    errno.EROFS: "the file system is read-only: pass a folder on a writable one",
-    errno.EACCES: "make it accessible to this user (chmod, chown), or pass another folder",
-    errno.EPERM: "make it accessible to this user (chmod, chown), or pass another folder",
-}
-
-
-def problem(error: Exception, folder: Path | None = None) -> str:
-    """The one line of an error: an LvbError's message, or for an OS error (a full disk, a
-    read-only mount, a file this user may not read) the file, the reason and the fix. lvb
-    writes to temporary names and renames, so what such an error interrupts is never trusted.
-    `folder`: where the command writes, named when the error does not name its file (a full
-    disk, on write())."""
-    if not isinstance(error, OSError) or isinstance(error, LvbError):
-        return str(error)
-    where = f"{error.filename}: " if error.filename else f"writing in {folder}: " if folder is not None else ""
-    fix = _OS_FIXES.get(error.errno, "check the path and run again")
-    return f"{where}{error.strerror or error}; {fix}"
-
-
-def user_text(text: str, what: str) -> str:
-    """`text` as typed, when it is UTF-8: Python hands bytes that are not (a Latin-1 terminal,
-    `printf 'x\\xff'`) over as lone surrogates, which no tokenizer takes."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        code = ord(text[e.start])
-        byte = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
-        raise LvbError(f"{what} is not UTF-8 text ({byte} at character {e.start}); set the terminal or file to "
-                       "UTF-8 and type it again") from None
-    return text
-
-
-def plain(value: object) -> Text:
-    """A table cell or title taken literally (Rich parses plain strings as markup)."""
-    return Text(str(value))
-
-
-def at_least(low: int):
-    """An option callback refusing a count below `low` before any work starts (Typer's own
-    min= would exit 2 with a usage box; lvb's bad input is one `error:` line and exit 1)."""
-
-    def check(param: typer.CallbackParam, value: Optional[int]) -> Optional[int]:
-        if value is not None and value < low:
-            raise fail(f"{param.opts[0]} {value} is out of range: it must be {low} or more")
-        return value
-
-    return check
-
-
-def in_range(low: int, high: int):
-    """An option callback refusing a number outside low..high before any work starts."""
-
-    def check(param: typer.CallbackParam, value: Optional[int]) -> Optional[int]:
-        if value is not None and not low <= value <= high:
-            raise fail(f"{param.opts[0]} {value} is out of range: it must be {low} to {high}")
-        return value
-
-    return check
-
-
-def chunk_list(param: typer.CallbackParam, value: str) -> str:
-    """An option callback refusing a --chunk that is not a list of sizes of 1 or more before any
-    work starts; sizes above --seq are refused by the export, which knows the sequence."""
-    if not value:
-        return value
-    try:
-        sizes = [int(c) for c in value.split(",")]
-    except ValueError:
-        raise fail(f"{param.opts[0]} {value}: give one size or a comma-separated list of sizes, such as 16,32,64,128") from None
-    if min(sizes) < 1:
-        raise fail(f"{param.opts[0]} {value} is out of range: every size must be 1 or more")
-    return value
 
 
 def _version(value: bool) -> None:
@@ -203,14 +99,6 @@ def doctor(
     )
 
 
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[detail]}", markup=False), console=console, transient=False,
-    )
-
 
 @app.command()
 def export(
@@ -237,7 +125,7 @@ def export(
     from lvb.export.exporter import export as run_export  # torch: only once the checkpoint is there
     chunks = [int(c) for c in chunk.split(",")] if chunk else None  # None: the default sizes, capped at --seq
 
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("exporting", total=None, detail="")
 
         def report(net: str, done: int, total: int) -> None:
@@ -308,7 +196,7 @@ def _compile(work, settings, toolchain, seq, jobs, cluster, cluster_shared_dir) 
     from lvb.toolchain import find_toolchain
 
     compiler = Compiler(work, settings, find_toolchain(toolchain), seq=seq)
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("compiling", total=len(compiler.jobs), detail="")
         compiler.notify = lambda message: say(progress.console, "note:", "yellow", message)
 
@@ -358,84 +246,21 @@ def inspect(
     for net in info.nets.values():
         stages = estimates.nets.get(net.name, ()) if estimates else ()
         ms = "\n".join(f"{e.ms:.3f} ({e.bound})" for e in stages) or "-"
-        table.add_row(*map(plain, (net.name, describe(net.inputs), describe(net.outputs), _bytes(net.weight_bytes), ms)))
+        table.add_row(*map(plain, (net.name, describe(net.inputs), describe(net.outputs), size_text(net.weight_bytes), ms)))
     console.print(table)
     step = info.decode_step()
     console.print(
-        f"weights on the device: {_bytes(info.device_weight_bytes)} (shared between nets)\n"
-        f"one decode step reads {_bytes(step['total'])}: weights {_bytes(step['weights'])}, "
-        f"KV cache {_bytes(step['kv_cache'])}, cross-attention K/V {_bytes(step['cross_kv'])}"
+        f"weights on the device: {size_text(info.device_weight_bytes)} (shared between nets)\n"
+        f"one decode step reads {size_text(step['total'])}: weights {size_text(step['weights'])}, "
+        f"KV cache {size_text(step['kv_cache'])}, cross-attention K/V {size_text(step['cross_kv'])}"
     )
     if record is None:
         show(console, f"no device-time estimates: {no_estimates}")
     else:
-        _print_turn_times(record, estimates, model, prompt_tokens, launch_us)
-    _print_memory_plan(info)
+        print_turn_times(record, estimates, model, prompt_tokens, launch_us)
+    print_memory_plan(info)
     if device is not None:
-        _print_preflight(bmodel, device, toolchain)
-
-
-def _print_turn_times(record: dict, estimates, model: Optional[Path], prompt_tokens: int, launch_us: float) -> None:
-    from lvb.runtime.turn import turn_times
-    from lvb.spec import ModelSpec
-
-    try:
-        spec = ModelSpec.from_dir(model or record["model"]["dir"])
-    except LvbError as e:
-        show(console, f"no turn estimate: {e}; pass --model with the checkpoint's folder")
-        return
-    times = turn_times(spec, record["settings"]["seq"], record["settings"]["chunks"], estimates, prompt_tokens, launch_us)
-    table = Table(title=f"a {prompt_tokens}-token first turn on the chip (tpu-mlir's cost model, greedy)")
-    for column in ("picture", "first token ms", "decode step ms", "tokens/s", "launches first / step"):
-        table.add_column(column, justify="left" if column == "picture" else "right")
-    for t in times:
-        table.add_row("none" if t.tiles is None else f"{t.tiles} tile{'s' * (t.tiles > 1)}", f"{t.first_token.ms:,.1f}",
-                      f"{t.decode_step.ms:,.2f}", f"{t.tokens_per_second:.2f}",
-                      f"{t.first_token.launches} / {t.decode_step.launches}")
-    console.print(table)
-    show(console, f"not included: {launch_us:g} µs per launch on the card (--launch-us), host work, DDR contention")
-    if estimates.missing:
-        show(console, f"no estimate for {len(estimates.missing)} nets compiled before lvb kept them "
-                      f"({', '.join(estimates.missing[:3])}...): their time is missing above; compile them again to add it")
-
-
-def _print_preflight(bmodel: Path, device: int, toolchain) -> None:
-    from lvb.runtime.memory import format_bytes, preflight
-    from lvb.runtime.sail import device_memory, device_target, sdk_version
-    from lvb.toolchain import find_toolchain
-
-    version = sdk_version()
-    memory = device_memory(device)
-    where = f"device {device} ({device_target(device) or 'no chip found'}): "
-    where += (f"{format_bytes(memory[1])} free of {format_bytes(memory[0])}" if memory
-              else "sophon.sail exposes no memory figures")
-    show(console, f"sophon.sail {version or 'not installed'}; {where}")
-    try:
-        check = preflight(bmodel, device, find_toolchain(toolchain))
-    except (LvbError, OSError) as e:
-        raise fail(problem(e))
-    show(console, f"preflight: {check.line()}")
-
-
-def _print_memory_plan(info) -> None:
-    from lvb.runtime.memory import CARDS, format_bytes, plan_for_bmodel
-
-    try:
-        plan = plan_for_bmodel(info)
-    except LvbError as e:
-        show(console, f"no device memory plan: {e}")
-        return
-    table = Table(title="device memory plan (lvb's runtime, sail backend)")
-    table.add_column("what")
-    table.add_column("bytes", justify="right")
-    table.add_column("", justify="right")
-    for label, size in plan.rows():
-        table.add_row(label, f"{size:,}", format_bytes(size))
-    console.print(table)
-    fits = ", ".join(f"{card} {'fits' if plan.total <= size else 'too small'}" for card, size in CARDS.items())
-    show(console, f"against a card: {fits}")
-    for note in plan.notes:
-        show(console, f"note: {note}")
+        print_preflight(bmodel, device, toolchain)
 
 
 @app.command()
@@ -455,7 +280,7 @@ def pack(
 
     try:
         checkpoint = resolve_model(model, revision).directory if model is not None else None
-        with _byte_progress() as progress:
+        with byte_progress() as progress:
             task = progress.add_task("packing", total=None, detail="")
             package = run_pack(work, out, quant=quant, checkpoint=checkpoint, onnx=onnx, tar=tar,
                                progress=lambda name, done, total: progress.update(task, completed=done, total=total, detail=name))
@@ -463,140 +288,10 @@ def pack(
         raise fail(problem(e, out))
     size = sum(entry["size"] for entry in package.manifest["files"].values())
     what = package.manifest["bmodel"] or "ONNX nets only"
-    say(console, "✓", "bold green", f"{out}: {what}, {len(package.manifest['files'])} files, {_bytes(size)}")
+    say(console, "✓", "bold green", f"{out}: {what}, {len(package.manifest['files'])} files, {size_text(size)}")
     if tar:
         show(console, str(tar_path(out)))
 
-
-def _byte_progress():
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[detail]}", markup=False), console=console, transient=False,
-    )
-
-
-def runtime_inputs(model: Optional[str], revision: Optional[str], bmodel: Optional[Path], onnx: Optional[Path],
-                   package: Optional[Path]) -> tuple[Path, Optional[Path], Optional[Path]]:
-    """(checkpoint folder, bmodel, ONNX work dir) from --model/--bmodel/--onnx or from a checked
-    --package; every command that runs a model (run, chat, serve) goes through here."""
-    from lvb.hub import resolve_model
-    from lvb.package import open_package
-
-    if package is not None:
-        given = [name for name, value in (("--model", model), ("--revision", revision), ("--bmodel", bmodel),
-                                          ("--onnx", onnx)) if value is not None]
-        if given:
-            raise LvbError(f"--package holds the model files; drop {', '.join(given)}")
-        with console.status("checking the package (sha256 of every file)"):
-            found = open_package(package)
-        return found.checkpoint, found.bmodel, found.onnx_work
-    if model is None:
-        raise LvbError("pass --model (a checkpoint folder or Hugging Face repo id) with --bmodel or --onnx, or --package DIR")
-    return resolve_model(model, revision).directory, bmodel, onnx
-
-
-def _print_stats(reply) -> None:
-    s = reply.stats
-    show(errors, f"first token {s.first_token_seconds:.3f} s · prompt {s.prompt_tokens} tokens ({s.prefilled_tokens} prefilled) · "
-                 f"{s.generated_tokens} generated · {s.tokens_per_second:.2f} tokens/s · {reply.stop_reason}", style="dim")
-    steps = max(1, s.generated_tokens - 1)
-    show(errors, f"net launches: {sum(s.first_token_launches.values())} to the first token, "
-                 f"{sum(s.decode_launches.values()) / steps:.0f} per decode step", style="dim")
-
-
-ModelOption = Annotated[str, typer.Option("--model", help="Checkpoint folder or Hugging Face repo id (org/name).")]
-RuntimeModelOption = Annotated[Optional[str], typer.Option("--model", help="Checkpoint folder or Hugging Face repo id (org/name): config, tokenizer, chat template, processor.")]
-# Every path option is readable=False: click's readable check would answer an unreadable path
-# with a usage box (exit 2); lvb reads it and says what is wrong in one line (exit 1).
-PackageOption = Annotated[Optional[Path], typer.Option("--package", readable=False, help="A folder made by `lvb pack`, checked before loading (instead of --model and --bmodel/--onnx).")]
-BmodelOption = Annotated[Optional[Path], typer.Option("--bmodel", readable=False, help="Combined bmodel from `lvb compile`.")]
-OnnxOption = Annotated[Optional[Path], typer.Option("--onnx", readable=False, help="Work directory of `lvb export` (onnxruntime backend).")]
-BackendOption = Annotated[Optional[str], typer.Option(help="sail (device), cmodel (simulator) or onnxruntime; default: sail for a bmodel where sophon.sail imports, else onnxruntime when there are ONNX nets, else cmodel.")]
-SampleOption = Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Sample or take the most likely token (default: the checkpoint's generation_config).")]
-MaxNewTokensOption = Annotated[Optional[int], typer.Option(help="Stop an answer after this many tokens, 1 or more (default: at a stop token or when the sequence is full).", callback=at_least(1))]
-TemperatureOption = Annotated[Optional[float], typer.Option(help="Divide the logits by this when sampling.")]
-TopKOption = Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens (0: all).")]
-TopPOption = Annotated[Optional[float], typer.Option(help="Sample among the most likely tokens that hold this much probability.")]
-RepetitionPenaltyOption = Annotated[Optional[float], typer.Option(help="Penalize tokens already in the chat (1.0: off).")]
-SeedOption = Annotated[Optional[int], typer.Option(help="Seed of the sampler, for repeatable answers.")]
-
-
-@dataclass(frozen=True)
-class ChatOptions:
-    """The options `run` and `chat` share: where the nets run and how tokens are picked."""
-
-    model: RuntimeModelOption = None
-    revision: RevisionOption = None
-    package: PackageOption = None
-    bmodel: BmodelOption = None
-    onnx: OnnxOption = None
-    backend: BackendOption = None
-    max_new_tokens: MaxNewTokensOption = None
-    sample: SampleOption = None
-    temperature: TemperatureOption = None
-    top_k: TopKOption = None
-    top_p: TopPOption = None
-    repetition_penalty: RepetitionPenaltyOption = None
-    seed: SeedOption = None
-    toolchain: ToolchainOption = None
-
-    def open_session(self, truncate_history: bool = False):
-        from lvb.runtime.backends import default_backend, open_engine
-        from lvb.runtime.pipeline import Checkpoint, Session
-        from lvb.toolchain import find_toolchain
-
-        if self.bmodel is not None and self.onnx is not None:  # one of them would be ignored
-            raise LvbError("--bmodel and --onnx name two models and a backend runs one: pass --bmodel (cmodel, sail) "
-                           "or --onnx (onnxruntime)")
-        model, bmodel, onnx = runtime_inputs(self.model, self.revision, self.bmodel, self.onnx, self.package)
-        # The small files and every option first: no engine is loaded for a run that cannot go ahead.
-        checkpoint = Checkpoint.load(model)
-        self.sampling(checkpoint)
-        backend = self.backend or default_backend(bmodel, onnx)
-        if self.package is not None and backend == "onnxruntime" and onnx is None:
-            raise LvbError(f"--package {self.package} holds no ONNX nets, which the onnxruntime backend runs; use "
-                           "--backend cmodel or sail, or pack again with `lvb pack --onnx`")
-        if self.package is not None and backend in ("cmodel", "sail") and bmodel is None:
-            raise LvbError(f"--package {self.package} holds ONNX nets only, and the {backend} backend runs a bmodel; "
-                           "use --backend onnxruntime, or pack a compiled work directory")
-        engine = open_engine(backend, bmodel=bmodel, onnx_work=onnx,
-                             toolchain=find_toolchain(self.toolchain) if backend == "cmodel" else None)
-        check = getattr(engine, "preflight", None)  # the device memory check, on sail
-        if check is not None:
-            show(errors, f"preflight: {check.line()}", style="dim")
-        try:
-            return Session(checkpoint, engine, truncate_history=truncate_history)
-        except BaseException:
-            engine.close()
-            raise
-
-    def sampling(self, checkpoint):
-        from lvb.runtime.sampling import SamplingConfig
-
-        return SamplingConfig.from_generation_config(
-            checkpoint.generation_config, do_sample=self.sample, temperature=self.temperature, top_k=self.top_k,
-            top_p=self.top_p, repetition_penalty=self.repetition_penalty, seed=self.seed,
-        )
-
-
-def with_chat_options(command):
-    """Give a command ChatOptions' fields as its own options; they arrive as `options`."""
-    own = [p for p in signature(command, eval_str=True).parameters.values() if p.name != "options"]
-    hints = typing.get_type_hints(ChatOptions, include_extras=True)
-    shared = [Parameter(f.name, Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
-              for f in fields(ChatOptions)]
-
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        options = ChatOptions(**{f.name: kwargs.pop(f.name) for f in fields(ChatOptions)})
-        return command(**kwargs, options=options)
-
-    parameters = [p.replace(kind=Parameter.KEYWORD_ONLY) for p in own] + shared
-    wrapper.__signature__ = Signature(parameters)
-    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
-    return wrapper
 
 
 @app.command()
@@ -620,10 +315,8 @@ def run(
     for notice in reply.notices:
         say(errors, "note:", "yellow", notice)
     if stats:
-        _print_stats(reply)
+        print_stats(reply)
 
-
-CHAT_HELP = "commands: /image PATH (picture for your next message), /reset (new chat), /quit"
 
 
 @app.command()
@@ -640,58 +333,7 @@ def chat(
     except (LvbError, OSError) as e:
         raise fail(problem(e))
     show(console, f"{session.engine.backend} · seq {session.seq} · {CHAT_HELP}", style="dim")
-    pending_image = image
-    import sys
-
-    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is reported, and the chat goes on
-        sys.stdin.reconfigure(errors="surrogateescape")
-    with session.engine:
-        while True:
-            try:
-                line = console.input("[bold cyan]you>[/] ").strip()
-            except (EOFError, KeyboardInterrupt):
-                console.print()
-                return
-            if not line:
-                continue
-            if line in ("/quit", "/exit"):
-                return
-            if line == "/reset":
-                session.reset()
-                show(console, "new chat", style="dim")
-                continue
-            if line.startswith("/image"):
-                pending_image = Path(line[len("/image"):].strip()) if line[len("/image"):].strip() else None
-                show(console, f"next message comes with {pending_image}" if pending_image else CHAT_HELP, style="dim")
-                continue
-            if line.startswith("/"):
-                show(console, CHAT_HELP, style="dim")
-                continue
-            try:
-                user_text(line, "your message")
-            except LvbError as e:
-                say(errors, "error:", "bold red", str(e))
-                continue
-            console.print("[bold magenta]lvb>[/] ", end="")
-            try:
-                reply = session.ask(line, image=pending_image, sampling=sampling, max_new_tokens=options.max_new_tokens,
-                                    on_text=lambda piece: show(console, piece, end=""))
-            except LvbError as e:
-                from lvb.runtime.image import ImageError
-
-                console.print()
-                say(errors, "error:", "bold red", " ".join(str(e).splitlines()))
-                if pending_image is not None and not isinstance(e, ImageError):  # the picture was fine: keep it
-                    say(errors, "note:", "yellow", f"{pending_image} comes with your next message (/image alone drops it)")
-                else:
-                    pending_image = None
-                continue
-            pending_image = None
-            console.print()
-            for notice in reply.notices:
-                say(errors, "note:", "yellow", notice)
-            _print_stats(reply)
-
+    chat_loop(session, sampling, image, options.max_new_tokens)
 
 def _bad_history(value: str):
     raise fail(f"--history {value} is not known: it must be refuse or truncate")
@@ -765,7 +407,7 @@ def verify(
 
     try:
         model_dir = resolve_model(model, revision, weights=True).directory
-        with _progress() as progress:
+        with progress_bar() as progress:
             task = progress.add_task("verifying", total=None, detail="")
             data = run_verify(model_dir, work, quant=quant, backend=backend, pictures=pictures,
                               toolchain=find_toolchain(toolchain) if backend == "cmodel" else None,
@@ -797,12 +439,4 @@ def verify(
             say(errors, "✗", "bold red", miss)
         raise typer.Exit(code=1)
     console.print("[bold green]✓ lvb verify: every threshold met[/]")
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
