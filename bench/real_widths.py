@@ -77,7 +77,7 @@ def check_first_nets(work: Path, quant: str, nets: list[str]) -> None:
     them. `lvb compile` takes the nets in the export's order, the vision tower first; at real
     widths a check is many minutes of simulator, so this lets the cheap kinds go first and two
     of these processes share the work."""
-    from lvb.check import CheckMode
+    from lvb.contract import CheckMode
     from lvb.compile.compiler import Compiler, CompileSettings, LocalExecutor, NetFailed
     from lvb.toolchain import find_toolchain
 

@@ -13,13 +13,13 @@ from typer.testing import CliRunner
 
 from helpers import SEQ, bmodel_digest, chunks_of, manifest, one_error_line, record_as_exported
 from lvb.cli import app
-from lvb.check import CheckMode, shortfalls, thresholds
+from lvb.check import shortfalls, thresholds
 from lvb.bmodel import inspect_bmodel
 from lvb.devicetime import Estimate, compile_record, from_manifest
 from lvb.runtime.turn import turn_times
 from lvb.spec import ModelSpec
 from lvb.compile.compiler import CompileSettings, Compiler, record_transform
-from lvb.contract import Kind, NetSpec
+from lvb.contract import CheckMode, Kind, NetSpec
 from lvb.testing.checkpoints import GEOMETRIES
 from lvb.toolchain import Toolchain, find_toolchain
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lvb
+from lvb.contract import Quant
 from lvb.errors import LvbError
 from lvb.hub import RUNTIME_FILES
 from lvb.workdir import (COMPILE_VERSION, WorkDir, WorkDirError, lock_folder, matches_record, read_manifest,
@@ -38,7 +39,6 @@ from lvb.workdir import (COMPILE_VERSION, WorkDir, WorkDirError, lock_folder, ma
 MANIFEST = "lvb-package.json"
 STAMP = ".lvb-checked.json"
 FORMAT = 1
-QUANTS = ("int4", "int8", "bf16")
 CHECKPOINT = "checkpoint"
 EXPORT = "export"
 _BLOCK = 1 << 20
@@ -151,8 +151,7 @@ def pack(work: Path, out: Path, quant: str | None = None, checkpoint: Path | Non
     """Write the package of work directory `work` to `out` (replacing an older package there).
     `checkpoint` overrides the folder the export was made from (for its small files)."""
     work, out = Path(work), Path(os.path.abspath(out))  # `--out .` names the folder it is run in
-    if quant is not None and quant not in QUANTS:
-        raise PackageError(f"--quant {quant} is not one of {', '.join(QUANTS)}")
+    quant = Quant.of(quant, "--quant") if quant is not None else None
     if out.resolve() == work.resolve() or out.resolve() in work.resolve().parents or work.resolve() in out.resolve().parents:
         raise PackageError(f"--out {out} overlaps the work directory {work}; pass a folder outside it")
     try:  # what every reader checks: finished, and each net's files the recorded ones

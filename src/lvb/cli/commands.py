@@ -13,15 +13,13 @@ import typer
 from rich.table import Table
 
 import lvb
-from lvb.check import CheckMode
 from lvb.cli.chat import CHAT_HELP, chat_loop
-from lvb.cli.options import (BackendOption, BmodelOption, ChatOptions, ModelOption, OnnxOption, PackageOption, RevisionOption,
-                             RuntimeModelOption, ToolchainOption, at_least, chunk_list, in_range, user_text,
-                             with_chat_options)
+from lvb.cli.options import (ChatOptions, History, ModelOption, ModelOptions, OneLineErrors, RevisionOption, ToolchainOption,
+                             at_least, chunk_list, in_range, user_text, with_options)
 from lvb.cli.output import (byte_progress, console, errors, fail, plain, print_memory_plan, print_preflight, print_stats,
                             print_turn_times, problem, progress_bar, say, show, size_text)
 from lvb.compile.tpumlir import DEFAULT_GROUP_SIZE
-from lvb.contract import DEFAULT_CHUNKS, DEFAULT_SEQ
+from lvb.contract import DEFAULT_CHUNKS, DEFAULT_SEQ, Backend, CheckMode, Chip, Quant
 from lvb.devicetime import DEFAULT_LAUNCH_US
 from lvb.errors import LvbError
 from lvb.workdir import lock_work
@@ -32,6 +30,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OneLineErrors,
 )
 
 
@@ -145,14 +144,14 @@ def export(
 @app.command(name="compile")
 def compile_(
     work: Annotated[Path, typer.Option("--work", readable=False, help="Work directory of `lvb export`.")],
-    quant: Annotated[str, typer.Option(help="Decoder blocks: int4 (W4BF16), int8 (W8BF16) or bf16.")] = "int4",
+    quant: Annotated[Quant, typer.Option(help="Decoder blocks: int4 (W4BF16), int8 (W8BF16) or bf16.")] = Quant.INT4,
     seq: Annotated[Optional[int], typer.Option(help="Must match the export (default: the export's).", callback=at_least(1))] = None,
     group_size: Annotated[int, typer.Option(help="INT4/INT8 weights share one scale per this many inputs.", callback=at_least(1))] = DEFAULT_GROUP_SIZE,
-    chip: Annotated[str, typer.Option(help="Target chip.")] = "bm1684x",
+    chip: Annotated[Chip, typer.Option(help="Target chip.")] = Chip.BM1684X,
     jobs: Annotated[Optional[int], typer.Option(help="Parallel compile jobs (default: from cores and free memory).", callback=at_least(1))] = None,
-    vision_quant: Annotated[str, typer.Option(help="Vision tower: bf16, int8 or int4.")] = "bf16",
-    embed_quant: Annotated[str, typer.Option(help="Embedding: bf16, int8 or int4.")] = "bf16",
-    head_quant: Annotated[str, typer.Option(help="LM head: bf16, int8 or int4.")] = "bf16",
+    vision_quant: Annotated[Quant, typer.Option(help="Vision tower: bf16, int8 or int4.")] = Quant.BF16,
+    embed_quant: Annotated[Quant, typer.Option(help="Embedding: bf16, int8 or int4.")] = Quant.BF16,
+    head_quant: Annotated[Quant, typer.Option(help="LM head: bf16, int8 or int4.")] = Quant.BF16,
     check: Annotated[CheckMode, typer.Option(
         help="Which nets run on the simulator against onnxruntime: all; the first of each kind (its siblings take "
              "its options; `lvb verify` checks every net); none.")] = CheckMode.ALL,
@@ -267,7 +266,7 @@ def inspect(
 def pack(
     work: Annotated[Path, typer.Argument(readable=False, help="Work directory of `lvb export` and `lvb compile`.")],
     out: Annotated[Path, typer.Option("--out", readable=False, help="Folder to write the package to (an older package there is replaced).")],
-    quant: Annotated[Optional[str], typer.Option(help="Which compiled bmodel: int4, int8 or bf16 (default: the newest).")] = None,
+    quant: Annotated[Optional[Quant], typer.Option(help="Which compiled bmodel: int4, int8 or bf16 (default: the newest).")] = None,
     onnx: Annotated[bool, typer.Option("--onnx", help="Add the ONNX nets, for the onnxruntime backend on a machine without a card.")] = False,
     tar: Annotated[bool, typer.Option("--tar", help="Also write OUT.tar.gz.")] = False,
     model: Annotated[Optional[str], typer.Option("--model", help="Checkpoint folder or repo id for the small files (default: the one WORK was exported from).")] = None,
@@ -295,7 +294,7 @@ def pack(
 
 
 @app.command()
-@with_chat_options
+@with_options(ChatOptions)
 def run(
     prompt: Annotated[str, typer.Option("--prompt", help="The question.")],
     options: ChatOptions,
@@ -320,7 +319,7 @@ def run(
 
 
 @app.command()
-@with_chat_options
+@with_options(ChatOptions)
 def chat(
     options: ChatOptions,
     image: Annotated[Optional[Path], typer.Option("--image", readable=False, help="A picture for the first message.")] = None,
@@ -335,30 +334,20 @@ def chat(
     show(console, f"{session.engine.backend} · seq {session.seq} · {CHAT_HELP}", style="dim")
     chat_loop(session, sampling, image, options.max_new_tokens)
 
-def _bad_history(value: str):
-    raise fail(f"--history {value} is not known: it must be refuse or truncate")
-
-
 @app.command()
+@with_options(ModelOptions)
 def serve(
-    model: RuntimeModelOption = None,
-    revision: RevisionOption = None,
-    package: PackageOption = None,
-    bmodel: BmodelOption = None,
-    onnx: OnnxOption = None,
-    backend: BackendOption = None,
+    options: ModelOptions,
     host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback exposes the model to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port, 1 to 65535.", callback=in_range(1, 65535))] = 8000,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for the engine, 0 or more; beyond them the answer is 429.",
                                            callback=at_least(0))] = 16,
     api_key: Annotated[Optional[str], typer.Option(envvar="LVB_API_KEY", show_envvar=True,
                                                    help="Require `Authorization: Bearer KEY` on every endpoint but /health and the page.")] = None,
-    history: Annotated[str, typer.Option(help="A chat longer than the sequence: refuse it (400), or truncate it, dropping "
-                                              "the oldest exchanges as `lvb chat --truncate-history` does.",
-                                         callback=lambda value: value if value in ("refuse", "truncate") else _bad_history(value))] = "refuse",
+    history: Annotated[History, typer.Option(help="A chat longer than the sequence: refuse it (400), or truncate it, dropping "
+                                                  "the oldest exchanges as `lvb chat --truncate-history` does.")] = History.REFUSE,
     allow_origin: Annotated[Optional[list[str]], typer.Option(help="A web origin (https://host:port) whose pages may call "
                                                                    "the API (CORS); repeat for more, * for any.")] = None,
-    toolchain: ToolchainOption = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions) with a chat page at /."""
     try:
@@ -370,8 +359,7 @@ def serve(
         raise fail(f"lvb serve needs the serve extra ({e.name} is missing): pip install 'lvb[serve]'")
     try:
         check_api_key(api_key)
-        session = ChatOptions(model=model, revision=revision, package=package, bmodel=bmodel, onnx=onnx,
-                              backend=backend, toolchain=toolchain).open_session(truncate_history=history == "truncate")
+        session = options.open_session(truncate_history=history is History.TRUNCATE)
     except (LvbError, OSError) as e:
         raise fail(problem(e))
     import logging
@@ -394,23 +382,25 @@ def serve(
 def verify(
     model: ModelOption,
     work: Annotated[Path, typer.Option("--work", readable=False, help="Work directory of `lvb export` and `lvb compile`.")],
-    quant: Annotated[str, typer.Option(help="Which compiled bmodel to check: int4, int8 or bf16.")] = "int4",
-    backend: Annotated[str, typer.Option(help="cmodel (simulator), sail (device) or onnxruntime (the ONNX nets only).")] = "cmodel",
-    pictures: Annotated[int, typer.Option(help="Fresh pictures for the task accuracy, when the checkpoint has a task (1 or more).", callback=at_least(1))] = 100,
+    quant: Annotated[Quant, typer.Option(help="Which compiled bmodel to check: int4, int8 or bf16.")] = Quant.INT4,
+    backend: Annotated[Backend, typer.Option(help="cmodel (simulator), sail (device) or onnxruntime (the ONNX nets only).")] = Backend.CMODEL,
+    pictures: Annotated[int, typer.Option(help="Fresh pictures for the task accuracy, when the checkpoint has a task (1 or more).")] = 100,
     revision: RevisionOption = None,
     toolchain: ToolchainOption = None,
 ) -> None:
     """Check every hop (PyTorch, onnxruntime, bmodel) per net and whole answers; write report.json and report.html."""
     from lvb.hub import resolve_model
     from lvb.toolchain import find_toolchain
+    from lvb.verify import check_options
     from lvb.verify import verify as run_verify
 
     try:
+        check_options(quant, backend, pictures)  # before the model, which may be downloaded
         model_dir = resolve_model(model, revision, weights=True).directory
         with progress_bar() as progress:
             task = progress.add_task("verifying", total=None, detail="")
             data = run_verify(model_dir, work, quant=quant, backend=backend, pictures=pictures,
-                              toolchain=find_toolchain(toolchain) if backend == "cmodel" else None,
+                              toolchain=find_toolchain(toolchain) if backend is Backend.CMODEL else None,
                               progress=lambda what, i, t: progress.update(task, completed=i, total=t, detail=what))
     except (LvbError, OSError) as e:
         raise fail(problem(e, work))

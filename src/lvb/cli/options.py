@@ -1,9 +1,11 @@
 """Options several commands share, the callbacks that refuse a bad value before any work starts,
-and ChatOptions: what run, chat and serve need to open a session."""
+lvb's one style for a bad value Typer refuses, and ModelOptions and ChatOptions: what serve, run and
+chat need to open a session, parsed once."""
 
 from __future__ import annotations
 
 import functools
+import re
 import typing
 from dataclasses import dataclass, fields
 from inspect import Parameter, Signature, signature
@@ -11,9 +13,44 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from lvb.cli.output import console, errors, fail, show
+from lvb.contract import Backend, Choice, not_one_of
 from lvb.errors import LvbError
+
+
+class History(Choice):
+    """What `lvb serve` does with a chat longer than the sequence."""
+
+    REFUSE = "refuse"
+    TRUNCATE = "truncate"
+
+
+class OneLineErrors(TyperGroup):
+    """lvb's one style for a bad option value, Typer's own checks included (a name outside an Enum's
+    choices, a number that is not one): one `error:` line and exit 1, as for every other bad input,
+    instead of click's usage box and exit 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except typer.BadParameter as e:
+            raise fail(bad_value(e)) from None
+
+
+def bad_value(error: typer.BadParameter) -> str:
+    """The line for a value Typer refused: the option, the value as typed, and what it may be.
+    Typer says "'VALUE' is not one of 'A', 'B'" for a choice, with click and with pydantic alike."""
+    option = error.param.opts[0] if error.param is not None and error.param.opts else (error.param_hint or "an option")
+    message = " ".join(str(error.message).split()).removeprefix("Value error, ")
+    found = re.search(r"'(.*)' is not one of (.*?)\.?$", message)
+    if found:
+        return not_one_of(option, found.group(1), re.findall(r"'([^']*)'", found.group(2)))
+    errors = getattr(error.__cause__, "errors", None)  # pydantic's, which keep the value as typed
+    given = errors()[0].get("input") if callable(errors) and errors() else None
+    return f"{option} {given}: {message}" if given is not None else f"{option}: {message}"
+
 
 ToolchainOption = Annotated[
     Optional[Path],
@@ -82,7 +119,7 @@ RuntimeModelOption = Annotated[Optional[str], typer.Option("--model", help="Chec
 PackageOption = Annotated[Optional[Path], typer.Option("--package", readable=False, help="A folder made by `lvb pack`, checked before loading (instead of --model and --bmodel/--onnx).")]
 BmodelOption = Annotated[Optional[Path], typer.Option("--bmodel", readable=False, help="Combined bmodel from `lvb compile`.")]
 OnnxOption = Annotated[Optional[Path], typer.Option("--onnx", readable=False, help="Work directory of `lvb export` (onnxruntime backend).")]
-BackendOption = Annotated[Optional[str], typer.Option(help="sail (device), cmodel (simulator) or onnxruntime; default: sail for a bmodel where sophon.sail imports, else onnxruntime when there are ONNX nets, else cmodel.")]
+BackendOption = Annotated[Optional[Backend], typer.Option(help="sail (device), cmodel (simulator) or onnxruntime; default: sail for a bmodel where sophon.sail imports, else onnxruntime when there are ONNX nets, else cmodel.")]
 SampleOption = Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Sample or take the most likely token (default: the checkpoint's generation_config).")]
 MaxNewTokensOption = Annotated[Optional[int], typer.Option(help="Stop an answer after this many tokens, 1 or more (default: at a stop token or when the sequence is full).", callback=at_least(1))]
 TemperatureOption = Annotated[Optional[float], typer.Option(help="Divide the logits by this when sampling.")]
@@ -93,8 +130,8 @@ SeedOption = Annotated[Optional[int], typer.Option(help="Seed of the sampler, fo
 
 
 @dataclass(frozen=True)
-class ChatOptions:
-    """The options `run` and `chat` share: where the nets run and how tokens are picked."""
+class ModelOptions:
+    """The options of every command that answers (run, chat, serve): which model, where its nets run."""
 
     model: RuntimeModelOption = None
     revision: RevisionOption = None
@@ -102,14 +139,10 @@ class ChatOptions:
     bmodel: BmodelOption = None
     onnx: OnnxOption = None
     backend: BackendOption = None
-    max_new_tokens: MaxNewTokensOption = None
-    sample: SampleOption = None
-    temperature: TemperatureOption = None
-    top_k: TopKOption = None
-    top_p: TopPOption = None
-    repetition_penalty: RepetitionPenaltyOption = None
-    seed: SeedOption = None
     toolchain: ToolchainOption = None
+
+    def check(self, checkpoint) -> None:
+        """Refuse what the checkpoint makes wrong before an engine is loaded (a subclass's options)."""
 
     def open_session(self, truncate_history: bool = False):
         from lvb.runtime.backends import default_backend, open_engine
@@ -122,16 +155,16 @@ class ChatOptions:
         model, bmodel, onnx = runtime_inputs(self.model, self.revision, self.bmodel, self.onnx, self.package)
         # The small files and every option first: no engine is loaded for a run that cannot go ahead.
         checkpoint = Checkpoint.load(model)
-        self.sampling(checkpoint)
+        self.check(checkpoint)
         backend = self.backend or default_backend(bmodel, onnx)
-        if self.package is not None and backend == "onnxruntime" and onnx is None:
+        if self.package is not None and backend is Backend.ONNXRUNTIME and onnx is None:
             raise LvbError(f"--package {self.package} holds no ONNX nets, which the onnxruntime backend runs; use "
                            "--backend cmodel or sail, or pack again with `lvb pack --onnx`")
-        if self.package is not None and backend in ("cmodel", "sail") and bmodel is None:
+        if self.package is not None and backend is not Backend.ONNXRUNTIME and bmodel is None:
             raise LvbError(f"--package {self.package} holds ONNX nets only, and the {backend} backend runs a bmodel; "
                            "use --backend onnxruntime, or pack a compiled work directory")
         engine = open_engine(backend, bmodel=bmodel, onnx_work=onnx,
-                             toolchain=find_toolchain(self.toolchain) if backend == "cmodel" else None)
+                             toolchain=find_toolchain(self.toolchain) if backend is Backend.CMODEL else None)
         check = getattr(engine, "preflight", None)  # the device memory check, on sail
         if check is not None:
             show(errors, f"preflight: {check.line()}", style="dim")
@@ -140,6 +173,22 @@ class ChatOptions:
         except BaseException:
             engine.close()
             raise
+
+
+@dataclass(frozen=True)
+class ChatOptions(ModelOptions):
+    """The options `run` and `chat` add: how tokens are picked, and how many."""
+
+    max_new_tokens: MaxNewTokensOption = None
+    sample: SampleOption = None
+    temperature: TemperatureOption = None
+    top_k: TopKOption = None
+    top_p: TopPOption = None
+    repetition_penalty: RepetitionPenaltyOption = None
+    seed: SeedOption = None
+
+    def check(self, checkpoint) -> None:
+        self.sampling(checkpoint)
 
     def sampling(self, checkpoint):
         from lvb.runtime.sampling import SamplingConfig
@@ -150,23 +199,27 @@ class ChatOptions:
         )
 
 
-def with_chat_options(command):
-    """Give a command ChatOptions' fields as its own options; they arrive as `options`."""
-    own = [p for p in signature(command, eval_str=True).parameters.values() if p.name != "options"]
-    hints = typing.get_type_hints(ChatOptions, include_extras=True)
-    shared = [Parameter(f.name, Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
-              for f in fields(ChatOptions)]
+def with_options(kind: type[ModelOptions]):
+    """Give a command the fields of `kind` (ModelOptions or ChatOptions) as its own options; they
+    arrive, parsed once, as `options`."""
 
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        options = ChatOptions(**{f.name: kwargs.pop(f.name) for f in fields(ChatOptions)})
-        return command(**kwargs, options=options)
+    def decorate(command):
+        own = [p for p in signature(command, eval_str=True).parameters.values() if p.name != "options"]
+        hints = typing.get_type_hints(kind, include_extras=True)
+        shared = [Parameter(f.name, Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+                  for f in fields(kind)]
 
-    parameters = [p.replace(kind=Parameter.KEYWORD_ONLY) for p in own] + shared
-    wrapper.__signature__ = Signature(parameters)
-    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
-    return wrapper
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            options = kind(**{f.name: kwargs.pop(f.name) for f in fields(kind)})
+            return command(**kwargs, options=options)
 
+        parameters = [p.replace(kind=Parameter.KEYWORD_ONLY) for p in own] + shared
+        wrapper.__signature__ = Signature(parameters)
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+        return wrapper
+
+    return decorate
 
 
 def runtime_inputs(model: Optional[str], revision: Optional[str], bmodel: Optional[Path], onnx: Optional[Path],

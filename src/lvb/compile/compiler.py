@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import lvb
-from lvb.compile.tpumlir import (CHIPS, DEFAULT_GROUP_SIZE, QUANTIZE, TRANSFORM_OPTIONS, DeployOptions, combine, deploy,
+from lvb.compile.tpumlir import (DEFAULT_GROUP_SIZE, TRANSFORM_OPTIONS, DeployOptions, combine, deploy,
                                  transform)
 from lvb.bmodel import declared_tensors
-from lvb.check import CheckMode, load_check, onnx_vs_bmodel, shortfalls, thresholds
-from lvb.contract import Kind, NetSpec, QuantGroup, plan
+from lvb.check import load_check, onnx_vs_bmodel, shortfalls, thresholds
+from lvb.contract import CheckMode, Chip, Kind, NetSpec, Quant, QuantGroup, plan
 from lvb.devicetime import read_profile
 from lvb.errors import LvbError
 from lvb.numerics import lowest
@@ -64,26 +64,32 @@ class NetFailed(CompileError):
 
 @dataclass(frozen=True)
 class CompileSettings:
-    quant: str  # for the decoder blocks
+    """What `lvb compile` was asked for; names (from a caller or a manifest) become choices here,
+    and a name outside them is a ChoiceError naming the option."""
+
+    quant: Quant  # for the decoder blocks
     group_size: int = DEFAULT_GROUP_SIZE
-    chip: str = "bm1684x"
-    vision_quant: str = "bf16"
-    embed_quant: str = "bf16"
-    head_quant: str = "bf16"
+    chip: Chip = Chip.BM1684X
+    vision_quant: Quant = Quant.BF16
+    embed_quant: Quant = Quant.BF16
+    head_quant: Quant = Quant.BF16
     check: CheckMode = CheckMode.ALL
 
     def __post_init__(self):
-        object.__setattr__(self, "check", CheckMode(self.check))  # "kinds" from a caller or a manifest
+        for name, kind in (("quant", Quant), ("vision_quant", Quant), ("embed_quant", Quant), ("head_quant", Quant),
+                           ("chip", Chip), ("check", CheckMode)):
+            object.__setattr__(self, name, kind.of(getattr(self, name), "--" + name.replace("_", "-")))
 
     def quant_of(self, kind: Kind) -> str:
+        """The net's key of tpumlir.QUANTIZE."""
         group = kind.policy.quant
-        return "f32" if group is QuantGroup.F32 else getattr(self, group.value)
+        return "f32" if group is QuantGroup.F32 else getattr(self, group.value).value
 
     def tag(self) -> str:
-        parts = [self.quant] + ([f"g{self.group_size}"] if self.quant in ("int4", "int8") else [])
+        parts = [self.quant.value] + ([f"g{self.group_size}"] if self.quant.grouped else [])
         for name, value in (("vision", self.vision_quant), ("embed", self.embed_quant), ("head", self.head_quant)):
-            if value != "bf16":
-                parts.append(f"{name}-{value}")
+            if value is not Quant.BF16:
+                parts.append(f"{name}-{value.value}")
         return "_".join(parts)
 
 
@@ -177,12 +183,12 @@ def validate_group_size(spec: ModelSpec, settings: CompileSettings) -> None:
     """Every quantized matmul's input width must be a multiple of the group size."""
     t, v = spec.text, spec.vision
     widths = {}
-    if settings.quant in ("int4", "int8"):
+    if settings.quant.grouped:
         widths.update({"text hidden_size": t.hidden_size, "text intermediate_size": t.intermediate_size})
-    if settings.vision_quant in ("int4", "int8"):
+    if settings.vision_quant.grouped:
         widths.update({"vision hidden_size": v.hidden_size, "vision intermediate_size": v.intermediate_size,
                        "vision_output_dim": v.output_dim})
-    if settings.head_quant in ("int4", "int8"):
+    if settings.head_quant.grouped:
         widths["text hidden_size"] = t.hidden_size
     bad = {name: width for name, width in widths.items() if width % settings.group_size}
     if bad:
@@ -334,12 +340,6 @@ class Compiler:
                  notify: Callable[[str], None] | None = None):
         self.work, self.settings, self.toolchain = Path(work).resolve(), settings, toolchain
         self.notify = notify or (lambda message: None)  # a cached file that is damaged, and rebuilt
-        if settings.chip not in CHIPS:
-            raise CompileError(f"--chip {settings.chip} is not supported; lvb targets {', '.join(CHIPS)}")
-        for option, value in (("--quant", settings.quant), ("--vision-quant", settings.vision_quant),
-                              ("--embed-quant", settings.embed_quant), ("--head-quant", settings.head_quant)):
-            if value not in QUANTIZE:
-                raise CompileError(f"{option} {value} is not one of {', '.join(k for k in QUANTIZE if k != 'f32')}")
         self.dir = WorkDir(self.work)
         try:
             self.export = self.dir.require_export()
@@ -374,7 +374,7 @@ class Compiler:
             check_files=tuple(self.dir.check_file(name, i) for i in range(len(net.stages))),
             export_key=entry["key"],
             quant=quant,
-            options=DeployOptions(quantize=quant, chip=self.settings.chip, group_size=self.settings.group_size,
+            options=DeployOptions(quantize=quant, chip=self.settings.chip.value, group_size=self.settings.group_size,
                                   bf16_inputs=bf16_inputs, bf16_outputs=bf16_outputs),
         )
 
