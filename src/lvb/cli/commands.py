@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
 import lvb
 from lvb.cli.chat import CHAT_HELP, chat_loop
 from lvb.cli.options import (ChatOptions, History, ModelOption, ModelOptions, OneLineErrors, RevisionOption, ToolchainOption,
                              at_least, chunk_list, in_range, user_text, with_options)
-from lvb.cli.output import (byte_progress, console, errors, fail, plain, print_memory_plan, print_preflight, print_stats,
+from lvb.cli.output import (byte_progress, console, errors, fail, print_environments, print_memory_plan, print_nets,
+                            print_preflight, print_stats, print_verify_report,
                             print_turn_times, problem, progress_bar, say, show, size_text)
 from lvb.compile.tpumlir import DEFAULT_GROUP_SIZE
 from lvb.contract import DEFAULT_CHUNKS, DEFAULT_SEQ, Backend, CheckMode, Chip, Quant
@@ -78,14 +78,7 @@ def doctor(
 
     with console.status("checking environments") as status:
         report = run_doctor(str(toolchain) if toolchain else None, status=status.update)
-    table = Table(title="environments")
-    names = list(report.environments)
-    table.add_column("package")
-    for name in names:
-        table.add_column(name)
-    for package in ("python", "torch", "transformers", "onnx", "onnxruntime", "tpu_mlir"):
-        table.add_row(*map(plain, [package, *[report.environments[n].get(package) or "-" for n in names]]))
-    console.print(table)
+    print_environments(report)
     if report.toolchain:
         show(console, f"toolchain: {report.toolchain.bin_dir} (found via {report.toolchain.source})")
     for problem in report.problems:
@@ -238,21 +231,7 @@ def inspect(
     except NoEstimates as e:
         record, no_estimates = None, str(e)
     estimates = from_manifest(record) if record else None
-    table = Table(title=plain(f"{bmodel.name} ({info.chip})"))
-    for column in ("net", "inputs", "outputs", "weights", "est. ms"):
-        table.add_column(column, justify="right" if column == "est. ms" else "left")
-    describe = lambda ts: "\n".join(f"{t.name} {list(t.shape)} {t.dtype}" for t in ts)  # noqa: E731
-    for net in info.nets.values():
-        stages = estimates.nets.get(net.name, ()) if estimates else ()
-        ms = "\n".join(f"{e.ms:.3f} ({e.bound})" for e in stages) or "-"
-        table.add_row(*map(plain, (net.name, describe(net.inputs), describe(net.outputs), size_text(net.weight_bytes), ms)))
-    console.print(table)
-    step = info.decode_step()
-    console.print(
-        f"weights on the device: {size_text(info.device_weight_bytes)} (shared between nets)\n"
-        f"one decode step reads {size_text(step['total'])}: weights {size_text(step['weights'])}, "
-        f"KV cache {size_text(step['kv_cache'])}, cross-attention K/V {size_text(step['cross_kv'])}"
-    )
+    print_nets(bmodel, info, estimates)
     if record is None:
         show(console, f"no device-time estimates: {no_estimates}")
     else:
@@ -404,26 +383,7 @@ def verify(
                               progress=lambda what, i, t: progress.update(task, completed=i, total=t, detail=what))
     except (LvbError, OSError) as e:
         raise fail(problem(e, work))
-    table = Table(title=plain(f"per net: cosine similarity ({data['backend']}{', ' + data['bmodel'] if data['bmodel'] else ''})"))
-    for column in ("net", "quant", "compile check", "PyTorch vs ORT", "ORT vs bmodel", "bmodel vs fp32"):
-        table.add_column(column)
-    fmt = lambda v: "-" if v is None else f"{v:.6f}"  # noqa: E731
-    for part in data["parts"]:
-        style = "red" if part["misses"] else None
-        table.add_row(*map(plain, (part["net"], part["quant"] or "-", part.get("compile_check") or "-",
-                                   fmt(part["torch_vs_onnx"]), fmt(part["onnx_vs_bmodel"]), fmt(part["bmodel_vs_fp32"]))),
-                      style=style)
-    console.print(table)
-    answers = Table(title=f"answers vs transformers' generate: agreement {data['agreement']:.2f} (needs {data['min_agreement']})")
-    for column in ("prompt", "agreement", "answer"):
-        answers.add_column(column)
-    for answer in data["answers"]:
-        answers.add_row(*map(plain, (answer["name"], fmt(answer["agreement"]), answer["text"][:60])))
-    console.print(answers)
-    if data["task"]:
-        t = data["task"]
-        console.print(f"task accuracy: {t['correct']}/{t['pictures']} = {t['accuracy']:.1%} (needs {t['min_accuracy']:.0%})")
-    show(console, f"reports: {data['directory']}/report.json, report.html{' (cached: nothing changed)' if data.get('cached') else ''}")
+    print_verify_report(data)
     if data["misses"]:
         for miss in data["misses"]:
             say(errors, "✗", "bold red", miss)

@@ -165,3 +165,58 @@ def size_text(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def print_environments(report) -> None:
+    """doctor's table: each environment's package versions."""
+    table = Table(title="environments")
+    names = list(report.environments)
+    table.add_column("package")
+    for name in names:
+        table.add_column(name)
+    for package in ("python", "torch", "transformers", "onnx", "onnxruntime", "tpu_mlir"):
+        table.add_row(*map(plain, [package, *[report.environments[n].get(package) or "-" for n in names]]))
+    console.print(table)
+
+
+def print_nets(bmodel: Path, info, estimates) -> None:
+    """inspect's table: every net's tensors, weights and estimated time; then what a decode step reads."""
+    table = Table(title=plain(f"{bmodel.name} ({info.chip})"))
+    for column in ("net", "inputs", "outputs", "weights", "est. ms"):
+        table.add_column(column, justify="right" if column == "est. ms" else "left")
+    describe = lambda ts: "\n".join(f"{t.name} {list(t.shape)} {t.dtype}" for t in ts)  # noqa: E731
+    for net in info.nets.values():
+        stages = estimates.nets.get(net.name, ()) if estimates else ()
+        ms = "\n".join(f"{e.ms:.3f} ({e.bound})" for e in stages) or "-"
+        table.add_row(*map(plain, (net.name, describe(net.inputs), describe(net.outputs), size_text(net.weight_bytes), ms)))
+    console.print(table)
+    step = info.decode_step()
+    console.print(
+        f"weights on the device: {size_text(info.device_weight_bytes)} (shared between nets)\n"
+        f"one decode step reads {size_text(step['total'])}: weights {size_text(step['weights'])}, "
+        f"KV cache {size_text(step['kv_cache'])}, cross-attention K/V {size_text(step['cross_kv'])}"
+    )
+
+
+def print_verify_report(data: dict) -> None:
+    """verify's tables: per net, the answers, the task; and where the reports are."""
+    table = Table(title=plain(f"per net: cosine similarity ({data['backend']}{', ' + data['bmodel'] if data['bmodel'] else ''})"))
+    for column in ("net", "quant", "compile check", "PyTorch vs ORT", "ORT vs bmodel", "bmodel vs fp32"):
+        table.add_column(column)
+    fmt = lambda v: "-" if v is None else f"{v:.6f}"  # noqa: E731
+    for part in data["parts"]:
+        style = "red" if part["misses"] else None
+        table.add_row(*map(plain, (part["net"], part["quant"] or "-", part.get("compile_check") or "-",
+                                   fmt(part["torch_vs_onnx"]), fmt(part["onnx_vs_bmodel"]), fmt(part["bmodel_vs_fp32"]))),
+                      style=style)
+    console.print(table)
+    answers = Table(title=f"answers vs transformers' generate: agreement {data['agreement']:.2f} (needs {data['min_agreement']})")
+    for column in ("prompt", "agreement", "answer"):
+        answers.add_column(column)
+    for answer in data["answers"]:
+        answers.add_row(*map(plain, (answer["name"], fmt(answer["agreement"]), answer["text"][:60])))
+    console.print(answers)
+    if data["task"]:
+        t = data["task"]
+        console.print(f"task accuracy: {t['correct']}/{t['pictures']} = {t['accuracy']:.1%} (needs {t['min_accuracy']:.0%})")
+    show(console, f"reports: {data['directory']}/report.json, report.html{' (cached: nothing changed)' if data.get('cached') else ''}")
