@@ -38,7 +38,6 @@ Prints tables; exits 0. No timed assertions.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from common import PROMPT_TOKENS, REFERENCE_FIRST_TOKEN_S, REFERENCE_SEQ, REFERENCE_SOURCE, REFERENCE_TOKENS_PER_S, table  # noqa: E402
 
 from lvb.contract import Kind, NetSpec, chunk_for, chunk_sizes, padded_patches, plan, vision_nets  # noqa: E402
+from lvb.dtypes import tensor_bytes  # noqa: E402
 from lvb.spec import ModelSpec  # noqa: E402
 
 CONFIG = REPO / "tests" / "data" / "llama-3.2-11b-vision.config.json"
@@ -62,8 +62,6 @@ PEAK_SOURCE = (
     "32 TOPS INT8 as in Sophgo's product material for the chip (e.g. https://www.iotdt.com/news/chanpingxunxi/1727.html). "
     "Sophgo's own product page was not in the searchable corpora."
 )
-
-DTYPE_BYTES = {"float32": 4, "int32": 4, "bfloat16": 2, "float16": 2, "uint16": 2}
 
 
 def weight_bytes_per_param(quant: str, group: int = 64) -> float:
@@ -126,7 +124,7 @@ def vision_embed_params_read(spec: ModelSpec, tiles: int) -> int:
 
 
 def io_bytes(net: NetSpec) -> float:
-    return sum(math.prod(t.shape) * DTYPE_BYTES[t.dtype] for t in (*net.inputs, *net.outputs))
+    return sum(tensor_bytes(t.shape, t.dtype) for t in (*net.inputs, *net.outputs))
 
 
 def shape_of(net: NetSpec, name: str, outputs: bool = False) -> tuple[int, ...]:

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 
+from lvb.dtypes import BF16  # the device dtype of the state the nets hand each other (see `device_dtype`)
 from lvb.errors import LvbError
 from lvb.spec import ModelSpec
 
@@ -39,10 +40,6 @@ DEFAULT_CHUNKS = (128,)  # `--chunk 16,32,64,128` prefills a short turn faster; 
 # underflows to 0 in fp32 and bf16, finite so that bf16 hardware and
 # tpu-mlir's comparisons stay clear of infinities.
 MASK_VALUE = -10000.0
-
-# The device dtype of the state the nets hand each other (see `device_dtype`).
-BF16 = "bfloat16"
-
 
 
 class ChoiceError(LvbError, ValueError):
