@@ -35,7 +35,7 @@ from lvb.numerics import lowest
 from lvb.spec import ModelSpec
 from lvb.toolchain import Toolchain, ToolchainError, ToolFailed, ToolServer
 from lvb.workdir import (COMPILE_VERSION, WorkDir, WorkDirError, cache_key, damaged_files, matches_record, read_manifest, record_file,
-                         remove_stale_scratch, scratch, write_json)
+                         remove_stale_scratch, scratch, temporary, write_json)
 
 if TYPE_CHECKING:
     from lvb.compile.cluster import ClusterSettings
@@ -440,6 +440,7 @@ class Compiler:
     def run(self, jobs: int | None = None, progress: Callable[[int, int, list[str]], None] | None = None,
             cluster: ClusterSettings | None = None) -> dict:
         """Compile every net not yet cached, here or on a Ray cluster (`cluster`), then combine here."""
+        remove_stale_scratch(self.work)  # a killed combine's bmodel, even when all else is cached
         if self.cached():
             return read_manifest(self._manifest_path(), COMPILE_VERSION)
         remove_stale_scratch(self.out, levels=1)
@@ -512,7 +513,7 @@ class Compiler:
 
     def _combine(self, executed: dict) -> dict:
         log = self.dir.logs / "combine.log"
-        tmp = self.bmodel.with_name(self.bmodel.name + ".tmp")
+        tmp = temporary(self.bmodel)  # swept with the others' when its run was killed
         combine(self.toolchain, [self.work / j.result["bmodel"] for j in self.jobs], tmp, log)
         os.replace(tmp, self.bmodel)
         manifest = {

@@ -9,19 +9,15 @@ from lvb.check import MIN_AGREEMENT
 from lvb.contract import Backend, Quant
 from lvb.verify.checks import Report, VerifyError, check_answers, check_parts, read_task, task_accuracy
 from lvb.verify.report import REPORT_VERSION, write_reports
-from lvb.workdir import COMPILE_VERSION, WorkDir, WorkDirError, cache_key, check_writable, lock_work, matches_record, read_manifest
+from lvb.workdir import WorkDir, WorkDirError, cache_key, check_writable, lock_work, matches_record, read_manifest
 
 
 def find_compiled(work: Path, quant: str) -> dict:
     """The newest compile of `quant` in the work directory."""
-    candidates = []
-    for path in WorkDir(work).compile_manifests():
-        data = read_manifest(path, COMPILE_VERSION)
-        if data.get("settings", {}).get("quant") == quant and (work / data.get("bmodel", "")).is_file():
-            candidates.append((path.stat().st_mtime, data))
-    if not candidates:
+    compiled = WorkDir(work).newest_compile(quant)
+    if compiled is None:
         raise VerifyError(f"{work} holds no {quant} bmodel; run `lvb compile --work {work} --quant {quant}` first")
-    return max(candidates, key=lambda c: c[0])[1]
+    return compiled
 
 
 def check_options(quant: str, backend: str, pictures: int) -> tuple[Quant, Backend, int]:
