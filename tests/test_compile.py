@@ -18,7 +18,8 @@ from lvb.bmodel import inspect_bmodel
 from lvb.devicetime import Estimate, compile_record, from_manifest
 from lvb.runtime.turn import turn_times
 from lvb.spec import ModelSpec
-from lvb.compile.compiler import CompileSettings, Compiler, record_transform
+from lvb.compile.build import record_transform
+from lvb.compile.compiler import CompileSettings, Compiler
 from lvb.contract import CheckMode, Kind, NetSpec
 from lvb.testing.checkpoints import GEOMETRIES
 from lvb.toolchain import Toolchain, find_toolchain

@@ -180,7 +180,7 @@ class MeasuredPeak:
     and that net's ONNX + weight bytes, at Llama-3.2-11B-Vision widths (bench/README.md §1,
     measured by bench/convert_scale.py). A kind without weights peaks at its measure.
     `simplified` is the peak with tpu-mlir's ONNX simplifier, which a graph that computes
-    shapes (a net with stages) still needs (lvb.compile.compiler.needs_simplifier)."""
+    shapes (a net with stages) still needs (lvb.compile.build.needs_simplifier)."""
 
     rss: float
     weight_bytes: float
