@@ -8,6 +8,8 @@ import functools
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +82,8 @@ class Attempt:
     check: bool
     thresholds: dict[str, float]  # per output (lvb.check.thresholds)
     bmodel: str  # the bmodel's path in result.json, relative to the work directory
+    # A file the transforms of compiles sharing this machine take turns on (Compiler's transform_lock).
+    transform_lock: Path | None = None
 
 
 def needs_simplifier(onnx_path: Path) -> bool:
@@ -117,11 +121,25 @@ def _mlir(attempt: Attempt, stage: NetSpec, toolchain: Toolchain, server: ToolSe
             return mlir
         notes.append(f"{damaged[0]}; transforming {job.name} again")
     tmp = scratch(folder)
-    transform(toolchain, job.onnx, tmp, job.name, shapes, attempt.log, server, options)
+    with _turn(attempt.transform_lock):
+        transform(toolchain, job.onnx, tmp, job.name, shapes, attempt.log, server, options)
     record_transform(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return mlir
+
+
+@contextmanager
+def _turn(lock: Path | None) -> Iterator[None]:
+    """Wait until no other holder of `lock` (flock) is inside; no lock, no waiting."""
+    if lock is None:
+        yield
+        return
+    import fcntl
+
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield
 
 
 def _simulate(job: NetJob, stage: NetSpec, check_file: Path, bmodel: Path, toolchain: Toolchain) -> dict:

@@ -145,9 +145,13 @@ class LocalExecutor:
 
 class Compiler:
     def __init__(self, work: Path, settings: CompileSettings, toolchain: Toolchain, seq: int | None = None,
-                 notify: Callable[[str], None] | None = None):
+                 notify: Callable[[str], None] | None = None, transform_lock: Path | None = None):
+        """`transform_lock`: a file on which this compile's transforms take turns with those of other
+        compiles given the same file (each transform's memory peaks far above its deploy's, so two
+        compiles sharing a machine can overlap everything else)."""
         self.work, self.settings, self.toolchain = Path(work).resolve(), settings, toolchain
         self.notify = notify or (lambda message: None)  # a cached file that is damaged, and rebuilt
+        self.transform_lock = transform_lock
         self.dir = WorkDir(self.work)
         try:
             self.export = self.dir.require_export()
@@ -208,10 +212,13 @@ class Compiler:
             else:
                 if result:
                     self.notify(f"{problem}; compiling {job.name} again")
-                result = executor.build(Attempt(
-                    job=job, options=options, net_folder=net_folder, folder=folder, log=log_dir / f"{job.name}.log",
-                    check=check, thresholds=need,
-                    bmodel=str((folder / f"{job.name}.bmodel").relative_to(self.work))))
+                try:
+                    result = executor.build(Attempt(
+                        job=job, options=options, net_folder=net_folder, folder=folder, log=log_dir / f"{job.name}.log",
+                        check=check, thresholds=need, bmodel=str((folder / f"{job.name}.bmodel").relative_to(self.work)),
+                        transform_lock=self.transform_lock))
+                except ToolFailed as e:
+                    raise NetFailed(job.name, f"{e.tool} failed (exit {e.code}); log: {e.log}", e.tail()) from e
                 for note in result.pop("notes", ()):
                     self.notify(note)
             if result["passed"]:
@@ -220,6 +227,20 @@ class Compiler:
         summary = "; ".join(f"options {r['options'] or 'default'}: {', '.join(shortfalls(r['check']['cosines'], need))}"
                             for r in tried)
         raise NetFailed(job.name, f"the simulator disagrees with onnxruntime ({summary})")
+
+    def compile_net(self, name: str) -> dict:
+        """Build one net here as `run` would (checked when `--check` asks for it: under kinds, when it
+        is the first of its kind, as it has no checked sibling to follow), into the cache `run` then
+        reuses; its result record, or NetFailed."""
+        job = next((j for j in self.jobs if j.name == name), None)
+        if job is None:
+            raise CompileError(f"{name} is not a net of the export in {self.work}")
+        self.dir.logs.mkdir(exist_ok=True)
+        executor = LocalExecutor(self.toolchain, 1)
+        try:
+            return self._compile(job, self.dir.logs, executor)
+        finally:
+            executor.close()
 
     # -- all nets ----------------------------------------------------------------
 
@@ -284,8 +305,6 @@ class Compiler:
             try:
                 lead = first.get(job.kind)
                 job.result = self._compile(job, log_dir, executor, lead if lead is not job else None)
-            except ToolFailed as e:
-                raise NetFailed(job.name, f"{e.tool} failed (exit {e.code}); log: {e.log}", e.tail()) from e
             finally:
                 with lock:
                     running.remove(job.name)
