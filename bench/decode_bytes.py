@@ -24,8 +24,8 @@ Sophgo's own LLM performance model in tpu-mlir (python/llm/LlmProfile.py, chip "
 dma_bw = 64., with decode_ddr_util = 0.8; tpu-mlir 1.30.2's python/tools/llm_analyse.py
 usage line `-c bm1684x -s 2048 -t 16 -b 64`, -b = chip memory bandwidth in GB/s). No
 product page or datasheet with a DRAM bandwidth figure was found in the searchable corpora.
-Compared with the reference port's measured 7.5 tokens/s (sophon-demo
-sample/Llama3_2_Vision README, SE7-32, int4, seq 512).
+Compared with the reference port's measured tokens/s (common.REFERENCE_TOKENS_PER_S, with its
+source).
 
 Prints a table; exits 0. No timed assertions.
 """

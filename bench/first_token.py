@@ -29,7 +29,7 @@ W4BF16 too, the vision output bf16.
 Projected time: each net call takes max(FLOPs / peak, bytes / bandwidth) at the BM1684X's
 published peak, 16 TFLOPS BF16 (W4BF16/W8BF16 compute in BF16 after dequantizing) and
 64 GB/s; the sum is scaled by the factor that maps the reference's own sum to its measured
-5.723 s first token and 7.506 tokens/s (sophon-demo README, SE7-32, int4, seq 512). Same
+first token and tokens/s (common.REFERENCE_*, with their source). Same
 factor for lvb: the projection assumes lvb's nets run at the reference's efficiency.
 
 Prints tables; exits 0. No timed assertions.

@@ -5,7 +5,7 @@ port's (sophon-demo sample/Llama3_2_Vision/python/llama3.py, `forward_next`).
 Setup: the config-only 11B checkpoint folder of host_overhead.py (40 text layers, 8
 cross, hidden 4096, 8 KV heads, vocab 128256, 4 x 1601 vision tokens; no weights) and
 lvb's stand-in sophon.sail (src/lvb/testing/sail_standin), with a bmodel registered by
-the contract's net shapes (float32 I/O, as lvb compiles), whose launches compute
+the contract's net shapes in the dtypes lvb compiles them with (NetSpec.on_device), whose launches compute
 nothing. lvb's real SailEngine and Session run on it; the stand-in counts every copy
 its Tensors make: host->device (update_data to a device-only tensor, sync_s2d),
 device->host (sync_d2s) and device->device (sync_d2d), in bytes and in calls.

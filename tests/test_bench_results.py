@@ -5,6 +5,7 @@ fails here."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,25 @@ def test_the_turn_is_priced_from_the_recorded_nets():
     step = ((config["num_hidden_layers"] - cross) * ms["self_decode"] + cross * ms["cross_decode"] + ms["lm_head"]
             + ms["greedy_head"] + ms["embed_cache"])
     assert four_tiles("lvb")["decode_step_ms"] == pytest.approx(step)
+
+
+MEMORY_PLAN = json.loads((ROOT / "bench" / "results" / "memory_plan.json").read_text())["plans"]
+
+
+def flat(text: str) -> str:
+    """Table rows with their padding collapsed."""
+    return re.sub(r" +", " ", text)
+
+
+@pytest.mark.parametrize("seq", ["512", "1024"])
+def test_readme_memory_plans_are_the_recorded_ones(seq):
+    """bench/memory_plan.py's tables in bench/README §6 and the README's summary, against
+    bench/results/memory_plan.json."""
+    plan, gb = MEMORY_PLAN[seq], lambda n: f"{n / 1e9:.2f} GB"
+    overhead = f"{plan['overhead'] / 2**30:.2f} GiB"
+    printed = flat(BENCH_README)
+    for row in (f"| total | {gb(plan['total'])} |", f"| engine overhead (all but weights) | {gb(plan['overhead'])} ({overhead}) |",
+                f"| weights + instructions | {gb(plan['weights'])} |", f"| activations (shared) | {gb(plan['activations'])} |"):
+        assert row in printed, (seq, row)
+    assert f"**{gb(plan['total'])}** / {overhead}" in README, seq
+    assert f"{plan['spare']['SC7 chip, 12 GB'] / 1e9:+.2f} / {plan['spare']['SC7 chip, 16 GB'] / 1e9:+.2f} GB" in README, seq
