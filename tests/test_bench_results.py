@@ -72,3 +72,34 @@ def test_readme_memory_plans_are_the_recorded_ones(seq):
         assert row in printed, (seq, row)
     assert f"**{gb(plan['total'])}** / {overhead}" in README, seq
     assert f"{plan['spare']['SC7 chip, 12 GB'] / 1e9:+.2f} / {plan['spare']['SC7 chip, 16 GB'] / 1e9:+.2f} GB" in README, seq
+
+
+FIRST_TOKEN = json.loads((ROOT / "bench" / "results" / "first_token.json").read_text())
+
+
+def test_bench_readme_first_token_table_is_the_recorded_one():
+    """bench/README §4's table: per tile count, `--chunk 128` beside `--chunk 16,32,64,128`."""
+    single, buckets = FIRST_TOKEN["chunk 128"]["first_token"], FIRST_TOKEN["chunk 16,32,64,128"]["first_token"]
+    for a, b in zip(single, buckets):
+        ref = a["reference_flops"]
+        row = (f"| {a['tiles']} | {ref / 1e12:.1f} | {a['flops'] / 1e12:.1f} | {b['flops'] / 1e12:.1f} ({b['vision_flops'] / 1e12:.1f}) "
+               f"| {a['flops'] / ref:.2f} / **{b['flops'] / ref:.3f}** | {a['reference_bytes'] / 1e9:.2f} "
+               f"| {a['bytes'] / 1e9:.2f} / {b['bytes'] / 1e9:.2f} | {a['reference_s']:.2f} "
+               f"| {a['projected_s']:.2f} / {b['projected_s']:.2f} |")
+        assert row in BENCH_README, row
+    four = buckets[-1]
+    ratios = " / ".join(f"{t['flops'] / t['reference_flops']:.3f}" for t in buckets)
+    assert f"`--chunk 16,32,64,128`: {ratios} (" in README
+    assert f"({four['flops'] / 1e12:.1f} of {four['reference_flops'] / 1e12:.1f} TFLOP" in README
+    assert f"{four['projected_s']:.2f} s for every tile count with buckets, {single[-1]['projected_s']:.2f} s" in README
+
+
+def test_bench_readme_decode_step_table_is_the_recorded_one():
+    for plan in FIRST_TOKEN["chunk 16,32,64,128"]["decode_step"]:
+        weights, moved = plan["weight_bytes"] / 1e9, plan["bytes"] / 1e9
+        line = next(line for line in BENCH_README.splitlines()
+                    if line.startswith({"reference": "| reference (", "lvb": "| lvb (",
+                                        "lvb, --head-quant int4": "| lvb with `--head-quant int4`"}[plan["plan"]]))
+        for figure in (f"{weights:.2f} GB", f"{moved - weights:.3f} GB", f"{moved:.2f} GB", f"{plan['vs_reference']:.3f}",
+                       f"{plan['projected_tokens_per_s']:.2f}"):
+            assert figure in line, (plan["plan"], figure, line)
