@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "src" / "lvb" / "testing" / "sail_standin"))
-from common import full_model, OUT, geometry_11b, table, write_config_only  # noqa: E402
+from common import OUT, REPO, full_model, geometry_11b, record_result, table, write_config_only  # noqa: E402
 
 import sophon.sail as sail  # noqa: E402  (the stand-in)
 
@@ -99,6 +99,11 @@ def main() -> int:
     print(table(rows, ["per decode step", "lvb sail (counted)", "llama3.py (from its code)"]))
     print(f"host->device copies per step: {int(ours['h2d calls'])} for {layers} layers (lvb), {ref['h2d calls']} (llama3.py): "
           "none per layer")
+    if (args.seq, args.chunk, args.steps) == (512, 128, 20):  # what the READMEs show
+        path = record_result("sail_traffic", {"seq": args.seq, "chunk": args.chunk, "steps": args.steps, "layers": layers,
+                                              "launches": int(ours["launches"]), "lvb": {k: int(ours[k]) for k in ref},
+                                              "reference": ref})
+        print(f"\nresults: {path.relative_to(REPO)}")
     return 0
 
 

@@ -103,3 +103,19 @@ def test_bench_readme_decode_step_table_is_the_recorded_one():
         for figure in (f"{weights:.2f} GB", f"{moved - weights:.3f} GB", f"{moved:.2f} GB", f"{plan['vs_reference']:.3f}",
                        f"{plan['projected_tokens_per_s']:.2f}"):
             assert figure in line, (plan["plan"], figure, line)
+
+
+SAIL_TRAFFIC = json.loads((ROOT / "bench" / "results" / "sail_traffic.json").read_text())
+
+
+def test_readme_host_traffic_is_the_recorded_one():
+    lvb, ref = SAIL_TRAFFIC["lvb"], SAIL_TRAFFIC["reference"]
+    assert f"| host → device | {lvb['h2d']:,} B in {lvb['h2d calls']} copies" in BENCH_README
+    assert f"| {ref['h2d']:,} B in {ref['h2d calls']} (" in BENCH_README
+    assert f"| device → host | {lvb['d2h']:,} B (the greedy token) | {ref['d2h']:,} B |" in BENCH_README
+    assert f"| device → device | {lvb['d2d']:,} | {ref['d2d']:,} |" in BENCH_README
+    assert f"0 (the {SAIL_TRAFFIC['launches']} launches" in BENCH_README
+    moved, copies = lvb["h2d"] + lvb["d2h"] + lvb["d2d"], lvb["h2d calls"] + lvb["d2h calls"] + lvb["d2d calls"]
+    assert f"{moved:,} bytes in {copies} copies, no per-layer upload (reference port: {ref['h2d'] + ref['d2h'] + ref['d2d']:,})" in README
+    assert (f"moves {lvb['h2d']:,} bytes host→device in {lvb['h2d calls']} copies" in " ".join(README.split())
+            and f"moves {ref['h2d']:,} and {ref['d2h']}" in README)
