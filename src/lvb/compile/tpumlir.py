@@ -14,9 +14,9 @@ QUANTIZE = {Quant.INT4: "W4BF16", Quant.INT8: "W8BF16", Quant.BF16: "BF16", "f32
 DEFAULT_GROUP_SIZE = 64
 
 
-# model_transform.py without its ONNX simplifier, which held about 11 bytes per weight byte
-# (24 GB projected for an 11B vocabulary table, 10.4 GB for an 11B decoder layer; bench/README.md
-# §1b) and which a net of one stage does not need: its graph is static, and the exporter folds
+# model_transform.py without its ONNX simplifier, which holds several bytes of memory per weight
+# byte (bench/README.md §1b: more than this machine has for an 11B vocabulary table) and which a
+# net of one stage does not need: its graph is static, and the exporter folds
 # what the converter needs folded (lvb.export.exporter._prepare_for_tpu_mlir).
 TRANSFORM_OPTIONS = ("--do_onnx_sim", "")
 
