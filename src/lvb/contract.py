@@ -216,7 +216,7 @@ class KindPolicy:
 # bench/README.md §10), so they start with them too.
 _VISION = KindPolicy(QuantGroup.VISION)
 _DECODER = KindPolicy(QuantGroup.DECODER)
-# Measured without the simplifier, as the tables are transformed (bench/README.md §1b).
+# Measured without the simplifier, as the tables are transformed (bench/README.md §1c).
 _TABLE = KindPolicy(QuantGroup.EMBED, peak=MeasuredPeak(9.81e9, 2.10e9))
 
 POLICY: dict[Kind, KindPolicy] = {
