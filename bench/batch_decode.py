@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
-from common import CONFIGS, OUT, RESULTS, checkpoint_complete, geometry_11b, geometry_tiny, machine, save_json, table  # noqa: E402
+from common import CONFIGS, OUT, RESULTS, checkpoint_complete, geometry_11b, geometry_tiny, record_result, table  # noqa: E402
 
 from lvb.contract import Kind, plan  # noqa: E402
 from lvb.devicetime import Estimate, NetEstimates  # noqa: E402
@@ -132,13 +132,12 @@ def main() -> int:
                 "nets": {name: {"kind": r["kind"], "options": r["options"], "seconds": r["seconds"], "device": r["device"]}
                          for name, r in results.items()}}
         data |= figures(results, batch, args.seq, args.chunk)
-        data |= {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
     finally:
         if args.clean:
             shutil.rmtree(work, ignore_errors=True)
             shutil.rmtree(checkpoint, ignore_errors=True)
     if not args.tiny:
-        save_json(RESULTS_FILE, data)
+        record_result("batch_decode", data)
     rows = [[s["B"], s["rows"], f"{s['step_ms']:.1f}", f"{s['aggregate_tokens_per_s']:.2f}",
              f"{s['aggregate_vs_B1']:.2f}x", f"{s['per_conversation_tokens_per_s']:.2f}",
              f"{s['per_conversation_vs_B1']:.2f}x"] for s in data["steps"]]

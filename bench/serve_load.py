@@ -55,7 +55,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's lvb, as the server runs it
-from common import OUT, RESULTS, machine, save_json, table  # noqa: E402
+from common import OUT, RESULTS, machine, record_result, table  # noqa: E402
 
 from lvb.runtime.backends import open_engine  # noqa: E402
 from lvb.runtime.pipeline import Checkpoint, Session  # noqa: E402
@@ -309,8 +309,7 @@ def batched_load(args) -> int:
         steps = json.loads(chip.read_text())["steps"]
         results["chip"] = [{k: s[k] for k in ("B", "rows", "step_ms", "aggregate_tokens_per_s",
                                                "per_conversation_tokens_per_s")} for s in steps]
-    results |= {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
-    save_json(RESULTS / "serve_batch.json", results)
+    record_result("serve_batch", results)
     rows = [[r["server"], r["clients"], f"{r['tokens_per_s']:.1f}", f"{r['latency_p50_s']:.2f} / {r['latency_p95_s']:.2f}",
              f"{r['answered']}/{r['requests']}", r["mixed"]] for r in results["runs"]]
     print(table(rows, ["server (onnxruntime, toy)", "clients", "tokens/s", "latency p50 / p95 s", "answered", "mixed up"]))

@@ -239,3 +239,37 @@ def test_served_requests_share_decode_steps_and_keep_their_answers(tmp_path_fact
     assert [results[i] for i in range(len(requests))] == expected
     together = server.worker.batch.runner.launches
     assert any(net == net_name(Kind.EMBED_CACHE) and stage == 0 for net, stage in together)  # a step of 4 rows ran
+
+
+@pytest.mark.toolchain
+@pytest.mark.slow
+def test_the_simulator_runs_a_batch_of_three_pictures_and_a_chat_without_one(tmp_path_factory):
+    """The toy compiled with --batch 4 (INT4, decode nets with stages of 4 and 1 rows sharing
+    their weights): on the simulator, three conversations about different pictures and one
+    without a picture, decoded together, each answer as the same bmodel gives it alone."""
+    from pathlib import Path
+
+    from lvb.compile.compiler import CompileSettings, Compiler
+    from lvb.export.exporter import export
+    from lvb.runtime.cmodel import CmodelEngine
+    from lvb.tasks import QUESTION, sample
+    from lvb.toolchain import find_toolchain
+
+    toy = Path(__file__).resolve().parent.parent / "models" / "toy"
+    work = tmp_path_factory.mktemp("toy-batched")
+    export(toy, work, seq=128, chunks=(32,), batch=(4,))
+    compiler = Compiler(work, CompileSettings(quant="int4", check="none"), find_toolchain(), batch=(4,))
+    compiler.run()
+    checkpoint = Checkpoint.load(toy)
+    asks = [(QUESTION, image, 6) for image, _ in sample(3, seed=77)] + [("Hello", None, 4)]
+    with CmodelEngine(compiler.bmodel) as engine:
+        assert [i[0].shape[0] for i in (engine.nets["block_cache_0"].inputs, *engine.nets["block_cache_0"].smaller)] == [4, 1]
+        alone = [Session(checkpoint, engine, today=DAY).ask(text, image, max_new_tokens=n).tokens for text, image, n in asks]
+        batch = Batch(checkpoint, engine, today=DAY)
+        for slot, (text, image, n) in enumerate(asks):
+            batch.begin(slot, text, image, max_new_tokens=n)
+        got = {}
+        while batch.answers:
+            got |= {slot: reply.tokens for slot, reply in batch.step().items()}
+    assert [got[slot] for slot in range(4)] == alone
+    assert batch.runner.launches[net_name(Kind.EMBED_CACHE), 0] >= 3  # steps of 4 rows
