@@ -112,7 +112,7 @@ def main() -> int:
     parser.add_argument("--quant", default="int4")
     parser.add_argument("--head-quant", default="bf16")
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--clean", action="store_true", help="delete the checkpoint and work folder afterwards")
+    parser.add_argument("--clean", action="store_true", help="delete the checkpoint and work folder after a successful run")
     parser.add_argument("--tiny", action="store_true", help="a small geometry of the same structure (tries the script in a minute; writes no results)")
     args = parser.parse_args()
     batch = sorted({int(b) for b in args.batch.split(",")} | {1})
@@ -124,18 +124,16 @@ def main() -> int:
 
         print(f"writing {checkpoint} ...", flush=True)
         write_streaming_checkpoint(checkpoint, geometry)
-    try:
-        export(checkpoint, work, args.seq, args.chunk, batch)
-        results = compile_decode_nets(work, args.quant, args.head_quant)
-        data = {"settings": {"batch": batch, "seq": args.seq, "quant": args.quant, "head_quant": args.head_quant,
-                             "geometry": geometry.name, "check": "none"},
-                "nets": {name: {"kind": r["kind"], "options": r["options"], "seconds": r["seconds"], "device": r["device"]}
-                         for name, r in results.items()}}
-        data |= figures(results, batch, args.seq, args.chunk)
-    finally:
-        if args.clean:
-            shutil.rmtree(work, ignore_errors=True)
-            shutil.rmtree(checkpoint, ignore_errors=True)
+    export(checkpoint, work, args.seq, args.chunk, batch)
+    results = compile_decode_nets(work, args.quant, args.head_quant)
+    data = {"settings": {"batch": batch, "seq": args.seq, "quant": args.quant, "head_quant": args.head_quant,
+                         "geometry": geometry.name, "check": "none"},
+            "nets": {name: {"kind": r["kind"], "options": r["options"], "seconds": r["seconds"], "device": r["device"]}
+                     for name, r in results.items()}}
+    data |= figures(results, batch, args.seq, args.chunk)
+    if args.clean:  # only after success: a failed compile's logs and cached stages are kept to look at and resume
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(checkpoint, ignore_errors=True)
     if not args.tiny:
         record_result("batch_decode", data)
     rows = [[s["B"], s["rows"], f"{s['step_ms']:.1f}", f"{s['aggregate_tokens_per_s']:.2f}",
