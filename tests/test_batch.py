@@ -192,20 +192,45 @@ def test_memory_plan_and_device_time_know_the_batch(checkpoint_factory):
     assert sum(text_only.values()) == layers + 3 - len(spec.text.cross_attention_layers)
 
 
-def test_served_requests_share_decode_steps_and_keep_their_answers(tmp_path_factory, toy_export):
-    """lvb serve on the toy exported with --batch 4: ten clients at once (pictures, a chat
-    without one, streamed or not, one with a stop string) each get the answer the toy gives
-    alone; several answers ran together, and the queue behind them drained."""
-    import threading
+@pytest.fixture(scope="module")
+def toy_batched(tmp_path_factory):
+    """The trained toy exported with --batch 4 (seq and chunk as the session's toy export)."""
     from pathlib import Path
 
     from lvb.export.exporter import export
-    from lvb.tasks import QUESTION, sample
-    from test_serve import Server, ask, user
 
     toy = Path(__file__).resolve().parent.parent / "models" / "toy"
     work = tmp_path_factory.mktemp("batched-toy")
     export(toy, work, seq=SEQ, chunks=(32,), batch=(4,))
+    return toy, work
+
+
+def test_batch_sizes_are_checked_before_any_work(toy_batched, tmp_path):
+    """`lvb export --batch` refuses a size below 1 in one line, and `lvb compile --batch` one the
+    export was not made for, naming both."""
+    from typer.testing import CliRunner
+
+    from lvb.cli import app
+
+    toy, work = toy_batched
+    result = CliRunner().invoke(app, ["export", "--model", str(toy), "--out", str(tmp_path / "w"), "--batch", "0,2"])
+    assert result.exit_code != 0 and "--batch 0,2 is out of range" in result.output
+    assert not (tmp_path / "w").exists()
+    result = CliRunner().invoke(app, ["compile", "--work", str(work), "--batch", "2"])
+    assert result.exit_code != 0
+    assert "is for --batch 1,4, not 1,2; run `lvb export --batch 1,2` first" in " ".join(result.output.split())
+
+
+def test_served_requests_share_decode_steps_and_keep_their_answers(toy_batched, toy_export):
+    """lvb serve on the toy exported with --batch 4: ten clients at once (pictures, a chat
+    without one, streamed or not, one with a stop string) each get the answer the toy gives
+    alone; several answers ran together, and the queue behind them drained."""
+    import threading
+
+    from lvb.tasks import QUESTION, sample
+    from test_serve import Server, ask, user
+
+    toy, work = toy_batched
     checkpoint = Checkpoint.load(toy)
     reference = Session(checkpoint, open_engine("onnxruntime", onnx_work=toy_export))
     server = Server(Session(checkpoint, open_engine("onnxruntime", onnx_work=work)), max_queue=16)
