@@ -62,43 +62,81 @@ def newest_compile(work: Path, quant: str | None, head_quant: str | None) -> dic
     return max(manifests, key=lambda m: (WorkDir(work).root / m["bmodel"]).stat().st_mtime)
 
 
-def lvb_layout(work: Path, quant: str | None, head_quant: str | None, prompt_tokens: int) -> dict:
+def measured_kinds(work: Path, quant: str | None, head_quant: str | None) -> tuple[dict, dict, dict, dict]:
+    """One net of each kind from a compile's record: (the record, its config, per-kind estimates as
+    device_time.json keeps them, whether nets of one kind were estimated equal)."""
     record = newest_compile(work, quant, head_quant)
     export = WorkDir(work).read_export()
     short = from_manifest(record)
     if short.missing:
         raise SystemExit(f"no estimate for {', '.join(short.missing)}: compiled before lvb kept them; compile again")
-    kinds = {name: Kind(entry["kind"]) for name, entry in export["nets"].items()}
     by_kind: dict[Kind, list[str]] = defaultdict(list)
-    for name, kind in kinds.items():
-        by_kind[kind].append(name)
+    for name, entry in export["nets"].items():
+        by_kind[Kind(entry["kind"])].append(name)
     same = {}
     for kind, names in by_kind.items():
         if len(names) > 1:
             cycles = {n: [e.cycles for e in short.nets[n]] for n in names}
             same[kind.value] = {"nets": names, "equal": len({tuple(c) for c in cycles.values()}) == 1, "cycles": cycles}
-    short_config = json.loads((Path(record["model"]["dir"]) / "config.json").read_text())
+    per_kind = {kind.value: {"net": names[0], "quant": record["nets"][names[0]]["quant"],
+                             "options": record["nets"][names[0]]["options"],
+                             "stages": [e.to_json() for e in short.nets[names[0]]]} for kind, names in by_kind.items()}
+    config = json.loads((Path(record["model"]["dir"]) / "config.json").read_text())
+    return record, config, per_kind, same
+
+
+def price(spec: ModelSpec, seq: int, chunks: list[int], per_kind: dict, prompt_tokens: int) -> list[dict]:
+    """The turn at 1 to 4 tiles (and without a picture) with every net of the full plan at its
+    kind's estimate, by the runtime's own launches (lvb.runtime.turn)."""
+    full = plan(spec, seq, chunks)
+    stages = {kind: [Estimate.from_json(raw) for raw in entry["stages"]] for kind, entry in per_kind.items()}
+    estimates = NetEstimates({n.name: stages[n.kind.value] for n in full}, ())
+    kind_of = {n.name: n.kind.value for n in full}
+    return [{"tiles": t.tiles, "first_token_ms": t.first_token.ms, "decode_step_ms": t.decode_step.ms,
+             "tokens_per_second": t.tokens_per_second, "launches_first": t.first_token.launches,
+             "launches_step": t.decode_step.launches,
+             "first_token_by_kind": _by_kind(t.first_token.by_net, kind_of),
+             "decode_step_by_kind": _by_kind(t.decode_step.by_net, kind_of)}
+            for t in turn_times(spec, seq, chunks, estimates, prompt_tokens)]
+
+
+def lvb_layout(work: Path, quant: str | None, head_quant: str | None, prompt_tokens: int) -> dict:
+    record, short_config, per_kind, same = measured_kinds(work, quant, head_quant)
     model = model_of(short_config["text_config"]["hidden_size"])
     spec = ModelSpec.from_config(full_config(short_config, model))
     seq, chunks = record["settings"]["seq"], record["settings"]["chunks"]
-    full = plan(spec, seq, chunks)
-    estimates = NetEstimates({n.name: short.nets[by_kind[n.kind][0]] for n in full}, ())
-    times = turn_times(spec, seq, chunks, estimates, prompt_tokens)
-    kind_of = {n.name: n.kind.value for n in full}
-    per_kind = {}
-    for kind, names in by_kind.items():
-        stages = short.nets[names[0]]
-        per_kind[kind.value] = {"net": names[0], "quant": record["nets"][names[0]]["quant"],
-                                "options": record["nets"][names[0]]["options"], "stages": [e.to_json() for e in stages]}
-    turns = []
-    for t in times:
-        turns.append({"tiles": t.tiles, "first_token_ms": t.first_token.ms, "decode_step_ms": t.decode_step.ms,
-                      "tokens_per_second": t.tokens_per_second, "launches_first": t.first_token.launches,
-                      "launches_step": t.decode_step.launches,
-                      "first_token_by_kind": _by_kind(t.first_token.by_net, kind_of),
-                      "decode_step_by_kind": _by_kind(t.decode_step.by_net, kind_of)})
     return {"work": str(work), "bmodel": record["bmodel"], "settings": record["settings"], "model": model,
-            "prompt_tokens": prompt_tokens, "kinds": per_kind, "same_kind_equal": same, "turns": turns}
+            "prompt_tokens": prompt_tokens, "kinds": per_kind, "same_kind_equal": same,
+            "turns": price(spec, seq, chunks, per_kind, prompt_tokens)}
+
+
+# What must equal the published model's for a vision tower's estimates to stand in for its own.
+VISION_GEOMETRY = ("hidden_size", "attention_heads", "intermediate_size", "image_size", "patch_size", "max_num_tiles")
+
+
+def substituted_layout(work: Path, base_label: str, kinds: list[str], prompt_tokens: int) -> dict:
+    """An earlier build's figures (device_time.json[base_label]) with `kinds` estimated again from
+    the compile in `work`, priced over the full model again: for a change to a few kinds, compiled
+    in a checkpoint that has only those at the real widths (bench/vision_time.py)."""
+    results = json.loads((RESULTS / "device_time.json").read_text())
+    if base_label not in results:
+        raise SystemExit(f"--base {base_label}: not in bench/results/device_time.json ({', '.join(results)})")
+    base = results[base_label]
+    record, config, measured, same = measured_kinds(work, None, None)
+    published = json.loads(CONFIGS[base["model"]].read_text())
+    differs = [k for k in VISION_GEOMETRY if config["vision_config"].get(k) != published["vision_config"].get(k)]
+    if any(k.startswith("vision") for k in kinds) and differs:
+        raise SystemExit(f"{work}: its vision tower differs from the {base['model']}'s in {', '.join(differs)}")
+    unknown = [k for k in kinds if k not in measured or k not in base["kinds"]]
+    if unknown:
+        raise SystemExit(f"--kinds {','.join(unknown)}: not compiled in {work} or not in --base {base_label}")
+    per_kind = base["kinds"] | {k: measured[k] for k in kinds}
+    spec = ModelSpec.from_config(published)
+    settings = base["settings"]
+    return {"work": str(work), "bmodel": record["bmodel"], "base": base_label, "substituted": kinds,
+            "settings": settings, "model": base["model"], "prompt_tokens": prompt_tokens, "kinds": per_kind,
+            "same_kind_equal": base["same_kind_equal"] | {k: v for k, v in same.items() if k in kinds},
+            "turns": price(spec, settings["seq"], settings["chunks"], per_kind, prompt_tokens)}
 
 
 def _by_kind(by_net: dict[str, float], kind_of: dict[str, str]) -> dict[str, float]:
@@ -179,8 +217,16 @@ def main() -> None:
     parser.add_argument("--head-quant", help="which compile in it, by its LM head's quantization")
     parser.add_argument("--label", default="lvb", help="the name this build's figures are kept under")
     parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
+    parser.add_argument("--base", help="an earlier build in device_time.json to keep every kind of but --kinds")
+    parser.add_argument("--kinds", type=lambda v: v.split(","), default=[],
+                        help="with --base: the kinds (e.g. vision_layer,vision_global) estimated from --work's compile")
     args = parser.parse_args()
-    result = lvb_layout(args.work.resolve(), args.quant, args.head_quant, args.prompt_tokens)
+    if bool(args.base) != bool(args.kinds):
+        raise SystemExit("--base and --kinds go together")
+    if args.base:
+        result = substituted_layout(args.work.resolve(), args.base, args.kinds, args.prompt_tokens)
+    else:
+        result = lvb_layout(args.work.resolve(), args.quant, args.head_quant, args.prompt_tokens)
     print_layout(args.label, result)
     reference = json.loads(REFERENCE_FILE.read_text()) if REFERENCE_FILE.is_file() else None
     result["against_reference"] = compare(result, reference)
