@@ -27,6 +27,14 @@ runner = CliRunner()
 pytestmark = pytest.mark.toolchain  # every test here runs tpu-mlir or its simulator
 
 
+# How much closer (in 1 - cosine) every quantized net is to the quantized reference than to fp32.
+# Measured over every INT4/INT8 net of the three fixtures (this test's compiles, the ratio of
+# each net's cosine_fp32 and cosine deficits): INT4 179 - 1,486, so half the minimum; INT8
+# 1.06 - 4.05 (a decode layer, where bf16 arithmetic dominates, is the least), where half the
+# minimum would be below 1, so no looser than "closer than fp32".
+CLOSER = {"int4": 89.0, "int8": 1.0}
+
+
 @pytest.mark.parametrize("quant", ["int4", "int8"])
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
 def test_every_net_compiles_and_matches_onnxruntime_on_the_simulator(name, quant, compile_factory, export_factory):
@@ -39,8 +47,8 @@ def test_every_net_compiles_and_matches_onnxruntime_on_the_simulator(name, quant
     for net, result in compiled.items():
         check = result["check"]
         assert result["passed"] and not shortfalls(check["cosines"], thresholds(NetSpec.from_json(exported[net]), result["quant"])), net
-        if result["quant"] in ("int4", "int8"):  # the quantization-aware reference fits: closer than fp32
-            assert 1 - check["cosine"] < 1 - check["cosine_fp32"], (net, check)
+        if result["quant"] in ("int4", "int8"):  # the quantization-aware reference fits: far closer than fp32
+            assert 1 - check["cosine_fp32"] > CLOSER[result["quant"]] * (1 - check["cosine"]), (net, check)
         decoder = net.startswith(("block_", "cross_kv_"))
         assert result["quant"] == (quant if decoder else ("f32" if net == "greedy_head" else "bf16"))
     info = inspect_bmodel(bmodel, find_toolchain())
