@@ -5,21 +5,25 @@ so that a test can take a node away under it. The whole-object-store path is tes
 --cluster-shared-dir differs only in where a task reads and writes, and is tried by hand."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 from helpers import bmodel_digest, manifest, record_as_exported
 from lvb.bmodel import inspect_bmodel
+from lvb.compile.cluster import SCRATCH_PREFIX
 from lvb.toolchain import find_toolchain
 
 # Ray's start-up and every compile take minutes; the nodes run tpu-mlir.
 pytestmark = [pytest.mark.toolchain, pytest.mark.slow]
 NAME = "mha-cross-first"  # the smallest fixture: 17 nets
+SCRATCH = re.compile(rf"{SCRATCH_PREFIX}\d+-(\w+)-\w{{8}}")  # tempfile.mkdtemp's suffix: 8 of [a-z0-9_]
 NODE = {"num_cpus": 1, "object_store_memory": 150 << 20, "memory": 4 << 30}
 
 
@@ -43,18 +47,23 @@ def copy_export(export_factory, tmp_path):
     return work
 
 
-def tool_running_on(node) -> bool:
-    """A tpu-mlir tool runs on this node: its tool server (under the node's raylet) has a child."""
+def tool_running_on(node) -> Path | None:
+    """The job scratch folder (SCRATCH_PREFIX<pid>-<net>-<8 chars>) of a tpu-mlir tool running on
+    this node: its tool server (under the node's raylet) has a child working in it."""
     from ray._private import ray_constants
 
     raylet = psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
     for process in raylet.children(recursive=True):
         try:
-            if "lvb.compile.toolserver" in " ".join(process.cmdline()) and process.children():
-                return True
+            if "lvb.compile.toolserver" in " ".join(process.cmdline()):
+                for child in process.children():
+                    cwd = Path(child.cwd())
+                    folder = next((p for p in (cwd, *cwd.parents) if SCRATCH.fullmatch(p.name)), None)
+                    if folder is not None:
+                        return folder
         except psutil.Error:
             continue
-    return False
+    return None
 
 
 def test_a_node_without_the_toolchain_stops_the_compile_naming_it(cluster, export_factory, tmp_path):
@@ -90,12 +99,17 @@ def test_compiles_through_a_lost_node_to_the_local_pools_bmodel(cluster, compile
     worker = cluster.add_node(**NODE)
     process = start_compile(work, cluster, "--check", "none")
     deadline = time.time() + 600
-    while not tool_running_on(worker) and process.poll() is None and time.time() < deadline:
+    while not (lost := tool_running_on(worker)) and process.poll() is None and time.time() < deadline:
         time.sleep(0.1)
-    assert process.poll() is None, process.communicate()
+    assert process.poll() is None and lost, process.communicate()
     cluster.remove_node(worker, allow_graceful=False)  # mid-job: its task must run again on the head
     out, err = process.communicate(timeout=900)
     assert process.returncode == 0, err
+    # It did run again: the net the lost node was building has the log of another run, in a
+    # scratch folder of its own (a job the node had finished would have the lost folder's log).
+    net = SCRATCH.fullmatch(lost.name)[1]
+    runs = {m[0] for m in SCRATCH.finditer((work / "compile" / "logs" / f"{net}.log").read_text())}
+    assert len(runs) == 1 and lost.name not in runs and SCRATCH.fullmatch(runs.pop())[1] == net, (lost, runs)
     remote = work / local.name
     ours, theirs = manifest(remote), manifest(local)
     assert ours["settings"]["cluster"] == cluster.address and ours["settings"]["nodes"] == 2
