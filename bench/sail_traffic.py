@@ -20,7 +20,8 @@ mask (4 x 1601 bf16) with update_data, binds block 0's tensors for every layer, 
 the KV rows and the hidden state in place through views, feeds the embedding from the
 greedy head's output tensor, and reads the token (1 int32) back.
 
-Prints a table; exits 0. No timed assertions.
+Prints a table and writes bench/results/sail_traffic.json (the README's figures are held
+to it by tests/test_bench_results.py); exits 0. No timed assertions.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "src" / "lvb" / "testing" / "sail_standin"))
-from common import full_model, OUT, geometry_11b, table, write_config_only  # noqa: E402
+from common import RESULTS, full_model, OUT, geometry_11b, save_json, table, write_config_only  # noqa: E402
 
 import sophon.sail as sail  # noqa: E402  (the stand-in)
 
@@ -99,6 +100,9 @@ def main() -> int:
     print(table(rows, ["per decode step", "lvb sail (counted)", "llama3.py (from its code)"]))
     print(f"host->device copies per step: {int(ours['h2d calls'])} for {layers} layers (lvb), {ref['h2d calls']} (llama3.py): "
           "none per layer")
+    RESULTS.mkdir(exist_ok=True)
+    save_json(RESULTS / "sail_traffic.json", {"seq": args.seq, "chunk": args.chunk, "steps": args.steps, "layers": layers,
+                                              "lvb": {k: int(v) for k, v in ours.items()}, "reference": ref})
     return 0
 
 

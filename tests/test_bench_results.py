@@ -49,3 +49,20 @@ def test_the_turn_is_priced_from_the_recorded_nets():
     step = ((config["num_hidden_layers"] - cross) * ms["self_decode"] + cross * ms["cross_decode"] + ms["lm_head"]
             + ms["greedy_head"] + ms["embed_cache"])
     assert four_tiles("lvb")["decode_step_ms"] == pytest.approx(step)
+
+
+def test_readme_host_traffic_is_the_recorded_one():
+    """One decode step's host traffic at 11B shapes (bench/sail_traffic.py), the same in both
+    READMEs' places: host to device apart from the token read back."""
+    traffic = json.loads((ROOT / "bench" / "results" / "sail_traffic.json").read_text())
+    ours, reference = traffic["lvb"], traffic["reference"]
+    assert ours["d2d"] == 0 and ours["d2h"] == reference["d2h"] == 4
+    row = (f"{ours['h2d']:,} bytes host→device in {ours['h2d calls']} copies and {ours['d2h']} back, no per-layer upload "
+           f"(reference port: {reference['h2d']:,} and {reference['d2h']})")
+    prose = (f"the card moves {ours['h2d']:,} bytes host→device in {ours['h2d calls']} copies (the token, the positions, "
+             f"the causal mask), {ours['d2h']} bytes back (the token) and nothing device to device; the reference port "
+             f"(`llama3.py`) moves {reference['h2d']:,} and {reference['d2h']}")
+    assert row in README and prose in " ".join(README.split())
+    bench = (f"| host → device | {ours['h2d']:,} B in {ours['h2d calls']} copies (token, positions, causal mask) | "
+             f"{reference['h2d']:,} B in {reference['h2d calls']} ")
+    assert bench in BENCH_README
