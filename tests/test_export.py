@@ -17,6 +17,10 @@ from lvb.testing.checkpoints import GEOMETRIES
 
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
 def test_every_net_is_exported_and_matches_pytorch(name, export_factory, checkpoint_factory):
+    """Each net's recorded check: onnxruntime against the PyTorch module it was exported from
+    (lvb.export.parts, transformers' layers with lvb's patches). That the parts together are
+    transformers' model is held elsewhere, against transformers itself: greedy answers equal to
+    its generate on every fixture (tests/test_runtime.py)."""
     work = export_factory(name)
     manifest = json.loads((work / "export" / "manifest.json").read_text())
     spec = ModelSpec.from_dir(checkpoint_factory(name))
