@@ -79,6 +79,69 @@ def test_a_node_without_the_toolchain_stops_the_compile_naming_it(cluster, expor
     assert not list(work.glob("*.bmodel")) and not list((work / "compile").glob("*/*/result.json"))
 
 
+def test_a_node_with_another_tpu_mlir_version_stops_the_compile_naming_it(cluster, export_factory, tmp_path):
+    """The node's toolchain reports tpu-mlir 0.0.1 (a distribution record first on its
+    PYTHONPATH): refused before any job, as cache keys include the version."""
+    import os
+
+    site = tmp_path / "site"
+    (site / "tpu_mlir-0.0.1.dist-info").mkdir(parents=True)
+    (site / "tpu_mlir-0.0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: tpu_mlir\nVersion: 0.0.1\n")
+    tools = tmp_path / "old-toolchain"
+    tools.mkdir()
+    (tools / "model_transform.py").touch()
+    env = {"LVB_TOOLCHAIN": str(tools), "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    other = cluster.add_node(**NODE, env_vars=env)
+    try:
+        work = copy_export(export_factory, tmp_path)
+        out, err = start_compile(work, cluster).communicate(timeout=300)
+    finally:
+        cluster.remove_node(other)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"({other.node_id[:8]})" in lines[0] and "has tpu-mlir 0.0.1, the command's has " in lines[0], lines[0]
+    assert not list(work.glob("*.bmodel")) and not list((work / "compile").glob("*/*/result.json"))
+
+
+def test_files_travel_in_32_mb_pieces(cluster, tmp_path):
+    """A file over the piece size goes into the object store as 32 MB pieces (the README's
+    figure) and a node writes the same bytes back from them."""
+    import numpy as np
+
+    from lvb.compile.cluster import CHUNK, ClusterSettings, RayExecutor, receive
+
+    assert CHUNK == 32 * 2**20
+    data = np.random.default_rng(0).integers(0, 256, 2 * CHUNK + 12345, dtype=np.uint8).tobytes()
+    (tmp_path / "weights.bin").write_bytes(data)
+    executor = RayExecutor(ClusterSettings(cluster.address))
+    try:
+        pieces = [executor.ray.get(ref) for ref in executor.upload(tmp_path / "weights.bin")]
+        assert [len(p) for p in pieces] == [CHUNK, CHUNK, 12345]
+        (tmp_path / "node").mkdir()
+        receive([("weights.bin", len(pieces))], pieces, tmp_path / "node")
+    finally:
+        executor.close()
+    assert (tmp_path / "node" / "weights.bin").read_bytes() == data
+
+
+def test_a_net_larger_than_any_node_is_an_error_up_front(cluster, export_factory, tmp_path):
+    """A net whose memory need (its kind's measured peak scaled by its files' bytes) is over the
+    largest node's Ray memory stops the compile before any job: a sparse file in its export
+    folder, recorded as exported, makes it 400 MB of weights (a staged prefill net: about 5 GB)."""
+    work = copy_export(export_factory, tmp_path)
+    net = next(n for n, e in json.loads((work / "export" / "manifest.json").read_text())["nets"].items()
+               if e["kind"] == "self_prefill")
+    with open(work / "export" / net / "padding.bin", "wb") as f:
+        f.truncate(400 << 20)
+    record_as_exported(work, net)
+    out, err = start_compile(work, cluster).communicate(timeout=300)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    offered = NODE["memory"] / 1e9
+    assert f"{net} needs " in lines[0] and f"the largest node of the cluster offers {offered:.1f} GB" in lines[0], lines[0]
+    assert not list((work / "compile").glob("*/*/result.json"))
+
+
 def test_a_net_that_fails_is_named_and_not_run_again(cluster, export_factory, tmp_path):
     work = copy_export(export_factory, tmp_path)
     first = next(iter(json.loads((work / "export" / "manifest.json").read_text())["nets"]))  # fails before the rest run
