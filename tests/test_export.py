@@ -19,8 +19,9 @@ from lvb.testing.checkpoints import GEOMETRIES
 def test_every_net_is_exported_and_matches_pytorch(name, export_factory, checkpoint_factory):
     """Each net's recorded check: onnxruntime against the PyTorch module it was exported from
     (lvb.export.parts, transformers' layers with lvb's patches). That the parts together are
-    transformers' model is held elsewhere, against transformers itself: greedy answers equal to
-    its generate on every fixture (tests/test_runtime.py)."""
+    transformers' model is held against transformers itself: below, the vision chain against its
+    whole tower and the attention against its own, and greedy answers equal to its generate on
+    every fixture (tests/test_runtime.py)."""
     work = export_factory(name)
     manifest = json.loads((work / "export" / "manifest.json").read_text())
     spec = ModelSpec.from_dir(checkpoint_factory(name))
