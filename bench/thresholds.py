@@ -13,8 +13,11 @@ quantization for int4/int8 ones, lvb.check.quantized_reference) and against fp32
 verify's answer check (lvb.verify.checks.check_answers: four chats, 16 new tokens, on
 the simulator) gives each fixture's token agreement.
 
-Writes out/thresholds/measured.json and prints the tables; exits 0. Cached: an export or
-compile that exists is reused (lvb's own caches).
+Writes out/thresholds/measured.json and prints the tables; exits 0. With --write, also
+the table the checks load (src/lvb/thresholds.json): its bench/thresholds.py column becomes
+this run's minimum per net kind and quantization (run it over every fixture and quantization),
+the other benches' columns stay. Cached: an export or compile that exists is reused (lvb's own
+caches).
 """
 
 from __future__ import annotations
@@ -110,6 +113,41 @@ def tables(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+TABLE = REPO / "src" / "lvb" / "thresholds.json"
+SOURCE = "bench/thresholds.py"
+KV = ("k", "v")
+
+
+def minima(results: dict[str, dict]) -> dict[tuple[str, str, str], float]:
+    """(kind, quant, outputs) -> the worst cosine measured: "all" over every net's worst output,
+    "k, v" over a self-attention block's K and V."""
+    found: dict[tuple[str, str, str], float] = {}
+    for result in results.values():
+        for nets in result["nets"].values():
+            for r in nets.values():
+                kv = [r["cosines"][o] for o in KV if o in r["cosines"]]
+                for outputs, value in (("all", r["cosine"]), ("k, v", min(kv) if kv else None)):
+                    if value is not None:
+                        key = r["kind"], r["quant"], outputs
+                        found[key] = min(found.get(key, 1.0), round(value, 6))
+    return found
+
+
+def write_table(results: dict[str, dict], path: Path = TABLE) -> None:
+    """This run's minima into the table's bench/thresholds.py column. A "k, v" row is kept only
+    where the table has one (K and V take their kind's row unless both widths were measured)."""
+    table = json.loads(path.read_text())
+    rows = {(r["kind"], r["quant"], r["outputs"]): r for r in table["rows"]}
+    for (kind, quant, outputs), value in minima(results).items():
+        if outputs == "all" and (kind, quant, outputs) not in rows:
+            rows[kind, quant, outputs] = {"kind": kind, "quant": quant, "outputs": outputs, "measured": {}}
+            table["rows"].append(rows[kind, quant, outputs])
+        if (kind, quant, outputs) in rows:
+            rows[kind, quant, outputs]["measured"][SOURCE] = value
+    lines = ",\n".join("  " + json.dumps(row) for row in table["rows"])
+    path.write_text(f'{{\n "about": {json.dumps(table["about"])},\n "rows": [\n{lines}\n ]\n}}\n')
+
+
 def main() -> None:
     from lvb.testing.checkpoints import GEOMETRIES
 
@@ -118,6 +156,7 @@ def main() -> None:
     parser.add_argument("--fixtures", nargs="*", default=[*sorted(GEOMETRIES), "toy"])
     parser.add_argument("--quants", nargs="+", default=list(QUANTS))
     parser.add_argument("--no-answers", action="store_true", help="only the per-net checks")
+    parser.add_argument("--write", action="store_true", help=f"write this run's minima into {TABLE.relative_to(REPO)}")
     parser.add_argument("--also", nargs="*", type=Path, default=[],
                         help="more compile manifests (WORK/compile/<bmodel>.json, e.g. the tests' work dirs) to include")
     args = parser.parse_args()
@@ -128,6 +167,8 @@ def main() -> None:
     for manifest in args.also:
         results[f"{manifest.parent.parent.name}/{manifest.stem}"] = from_manifest(manifest)
     (args.out / "measured.json").write_text(json.dumps(results, indent=1))
+    if args.write:
+        write_table(results)
     print(tables(results))
 
 

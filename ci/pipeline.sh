@@ -10,7 +10,8 @@
 # Settings (environment): MODEL (required), WORK (default work/<model name>),
 # QUANT (int4), SEQ (512), CHUNK (128, or SEQ when shorter), BACKEND (sail), PICTURES (100, for a
 # checkpoint that declares a task), LVB (the lvb command, default .venv/bin/lvb),
-# DEVICE (0: the card's device id, BACKEND=sail only).
+# DEVICE (0: the card's device id, BACKEND=sail only), CHECK (all: which nets the compile checks on the
+# simulator; verify checks every net whatever it is).
 set -euo pipefail
 
 : "${MODEL:?set MODEL to the checkpoint folder}"
@@ -22,6 +23,7 @@ BACKEND=${BACKEND:-sail}
 PICTURES=${PICTURES:-100}
 LVB=${LVB:-.venv/bin/lvb}
 DEVICE=${DEVICE:-0}
+CHECK=${CHECK:-all}
 
 if [ "$BACKEND" = sail ]; then
     # Before anything else: the SDK, driver and libsophon, the device's memory, and micro-nets
@@ -29,7 +31,7 @@ if [ "$BACKEND" = sail ]; then
     "$LVB" doctor --device "$DEVICE"
 fi
 "$LVB" export --model "$MODEL" --out "$WORK" --seq "$SEQ" --chunk "$CHUNK"
-"$LVB" compile --work "$WORK" --quant "$QUANT" --seq "$SEQ"
+"$LVB" compile --work "$WORK" --quant "$QUANT" --seq "$SEQ" --check "$CHECK"
 if [ "$BACKEND" = sail ]; then
     # Before the card runs anything: the SDK version, the device, the memory plan of this
     # bmodel and the preflight against the device's free memory (exits 1 when it cannot fit).

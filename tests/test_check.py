@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from lvb.check import MEASURED_MIN_COSINE, MEASURED_MIN_COSINE_KV, MIN_AGREEMENT, TORCH_VS_ONNX, min_cosine
 from lvb.contract import Kind, Names
 
@@ -61,3 +63,44 @@ def test_an_output_is_judged_on_its_own_threshold():
     between = (need[Names.HIDDEN] + need[Names.K]) / 2
     assert shortfalls({Names.HIDDEN: need[Names.HIDDEN], Names.K: need[Names.K], Names.V: 1.0}, need) == []
     assert shortfalls({Names.HIDDEN: 1.0, Names.K: between, Names.V: 1.0}, need) == [f"k cosine {between:.6f} < {need[Names.K]}"]
+
+
+def test_the_table_is_what_bench_thresholds_writes(tmp_path):
+    """lvb.check loads src/lvb/thresholds.json, which bench/thresholds.py --write writes from its
+    measurements: the committed file is byte for byte what the bench writes from the values in
+    it, a lower measurement becomes the threshold, and another bench's lower column stays."""
+    import json
+    import shutil
+    import sys
+
+    from lvb.check import MEASURED_TABLE, measured_minima
+
+    sys.path.insert(0, str(README.parent / "bench"))
+    from thresholds import SOURCE, write_table
+
+    table = tmp_path / "thresholds.json"
+    shutil.copy(MEASURED_TABLE, table)
+    rows = json.loads(table.read_text())["rows"]
+    own = [r for r in rows if SOURCE in r["measured"]]
+    nets = {}
+    for i, r in enumerate(r for r in own if r["outputs"] == "all"):
+        kv = next((k["measured"][SOURCE] for k in own if k["outputs"] == "k, v" and (k["kind"], k["quant"]) == (r["kind"], r["quant"])), None)
+        nets[f"net{i}"] = {"kind": r["kind"], "quant": r["quant"], "cosine": r["measured"][SOURCE],
+                           "cosines": {} if kv is None else {"k": kv, "v": 1.0}}
+    write_table({"fixture": {"nets": {"int4": nets}}}, table)
+    assert table.read_text() == MEASURED_TABLE.read_text()
+    assert measured_minima("all", table) == MEASURED_MIN_COSINE and measured_minima("k, v", table) == MEASURED_MIN_COSINE_KV
+
+    # The cross K/V INT4 row: the 11B's widths set it; a fixture measured lower takes over, one
+    # measured higher leaves it.
+    kind, quant = Kind.CROSS_KV, "int4"
+    real_widths = min(v for s, v in next(r for r in rows if (r["kind"], r["quant"], r["outputs"]) == (kind.value, quant, "all"))["measured"].items() if s != SOURCE)
+    assert MEASURED_MIN_COSINE[kind, quant] == real_widths
+    for measured, expected in ((real_widths - 1e-5, real_widths - 1e-5), (0.9999999, real_widths)):
+        write_table({"fixture": {"nets": {quant: {"n": {"kind": kind.value, "quant": quant, "cosine": measured, "cosines": {}}}}}}, table)
+        assert measured_minima("all", table)[kind, quant] == pytest.approx(expected, abs=1e-9)
+
+
+def test_the_readme_names_the_table_and_its_writer():
+    text = " ".join(section("Checks and thresholds").split())
+    assert "`src/lvb/thresholds.json`" in text and "`bench/thresholds.py --write`" in text

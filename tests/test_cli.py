@@ -2,6 +2,7 @@
 
 import re
 import stat
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -15,10 +16,22 @@ from lvb.toolchain import find_toolchain
 runner = CliRunner()
 
 
+STAGES = ("doctor", "export", "compile", "inspect", "pack", "run", "chat", "serve", "verify")
+
+
 def test_help_lists_the_stages():
-    result = runner.invoke(app, ["--help"])
+    """Every command the README uses, and no other, each in --help with its own summary."""
+    import typer.main
+
+    commands = typer.main.get_command(app).commands
+    assert sorted(commands) == sorted(STAGES)
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert {name for name in STAGES if f"lvb {name} " in readme} == set(STAGES)
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    assert "doctor" in result.output
+    for name, command in commands.items():
+        summary = " ".join(command.help.split())[:60]
+        assert re.search(rf"^│ {name} +{re.escape(summary)}", result.output, re.M), (name, result.output)
 
 
 def test_version():

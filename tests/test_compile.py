@@ -28,6 +28,14 @@ runner = CliRunner()
 pytestmark = pytest.mark.toolchain  # every test here runs tpu-mlir or its simulator
 
 
+# How much closer (in 1 - cosine) every quantized net is to the quantized reference than to fp32.
+# Measured over every INT4/INT8 net of the three fixtures (this test's compiles, the ratio of
+# each net's cosine_fp32 and cosine deficits): INT4 179 - 1,486, so half the minimum; INT8
+# 1.06 - 4.05 (a decode layer, where bf16 arithmetic dominates, is the least), where half the
+# minimum would be below 1, so no looser than "closer than fp32".
+CLOSER = {"int4": 89.0, "int8": 1.0}
+
+
 @pytest.mark.parametrize("quant", ["int4", "int8"])
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
 def test_every_net_compiles_and_matches_onnxruntime_on_the_simulator(name, quant, compile_factory, export_factory):
@@ -40,8 +48,8 @@ def test_every_net_compiles_and_matches_onnxruntime_on_the_simulator(name, quant
     for net, result in compiled.items():
         check = result["check"]
         assert result["passed"] and not shortfalls(check["cosines"], thresholds(NetSpec.from_json(exported[net]), result["quant"])), net
-        if result["quant"] in ("int4", "int8"):  # the quantization-aware reference fits: closer than fp32
-            assert 1 - check["cosine"] < 1 - check["cosine_fp32"], (net, check)
+        if result["quant"] in ("int4", "int8"):  # the quantization-aware reference fits: far closer than fp32
+            assert 1 - check["cosine_fp32"] > CLOSER[result["quant"]] * (1 - check["cosine"]), (net, check)
         decoder = net.startswith(("block_", "cross_kv_"))
         assert result["quant"] == (quant if decoder else ("f32" if net == "greedy_head" else "bf16"))
     info = inspect_bmodel(bmodel, find_toolchain())
@@ -98,6 +106,44 @@ def test_check_kinds_checks_the_first_net_of_each_kind_and_trusts_its_siblings(c
             assert result["check"] is None and result["checked_by"] == checked_on, net
             assert result["options"] == compiled["nets"][checked_on]["options"], net
     assert compiled["settings"]["check"] == CheckMode.KINDS
+
+
+# The quantizations the other tests do not compile, in one compile (a second, each group at the
+# other width, would add about a minute of CI): BF16 decoder blocks, INT4 vision nets and LM head,
+# an INT8 embedding, at group size 32 (the fixtures' vision width is 32).
+OTHER_QUANTS = {"quant": "bf16", "vision_quant": "int4", "embed_quant": "int8", "head_quant": "int4"}
+
+
+def test_bf16_and_the_vision_embed_and_head_quantizations_compile_and_pass(export_factory, tmp_path):
+    """--quant bf16 and --vision-quant / --embed-quant / --head-quant compile, each net at its
+    group's quantization and checked on the simulator against its reference; a kind with no
+    measured row at its quantization (here the vision nets, the embedding and the LM head) is
+    held to that quantization's loosest threshold."""
+    from lvb.check import MEASURED_MIN_COSINE
+    from lvb.contract import QuantGroup
+
+    name = "gqa2-cross-last"
+    work = tmp_path / "work"
+    shutil.copytree(export_factory(name) / "export", work / "export")
+    exported = json.loads((work / "export" / "manifest.json").read_text())["nets"]
+    options = [a for key, value in OTHER_QUANTS.items() for a in (f"--{key.replace('_', '-')}", value)]
+    result = runner.invoke(app, ["compile", "--work", str(work), "--group-size", "32", *options])
+    assert result.exit_code == 0, result.output
+    (bmodel,) = work.glob(f"{name}_{CompileSettings(**OTHER_QUANTS, group_size=32).tag()}_seq*.bmodel")
+    compiled = manifest(bmodel)["nets"]
+    assert list(compiled) == list(exported)
+    unmeasured = set()
+    for net, entry in compiled.items():
+        kind = Kind(exported[net]["kind"])
+        group = kind.policy.quant
+        assert entry["quant"] == ("f32" if group is QuantGroup.F32 else OTHER_QUANTS[group.value]), net
+        assert entry["passed"] and entry["check"] is not None, net
+        assert not shortfalls(entry["check"]["cosines"], thresholds(NetSpec.from_json(exported[net]), entry["quant"])), net
+        if entry["quant"] in ("int4", "int8") and (kind, entry["quant"]) not in MEASURED_MIN_COSINE:
+            loosest = min(v for (_, q), v in MEASURED_MIN_COSINE.items() if q == entry["quant"])
+            assert set(entry["thresholds"].values()) == {round(1 - 2 * (1 - loosest), 6)}, net
+            unmeasured.add(kind)
+    assert {Kind.VISION_LAYER, Kind.EMBED, Kind.LM_HEAD} <= unmeasured
 
 
 def test_vision_attention_is_one_flash_attention_per_head_group(compile_factory, checkpoint_factory):

@@ -17,6 +17,11 @@ from lvb.testing.checkpoints import GEOMETRIES
 
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
 def test_every_net_is_exported_and_matches_pytorch(name, export_factory, checkpoint_factory):
+    """Each net's recorded check: onnxruntime against the PyTorch module it was exported from
+    (lvb.export.parts, transformers' layers with lvb's patches). That the parts together are
+    transformers' model is held against transformers itself: below, the vision chain against its
+    whole tower and the attention against its own, and greedy answers equal to its generate on
+    every fixture (tests/test_runtime.py)."""
     work = export_factory(name)
     manifest = json.loads((work / "export" / "manifest.json").read_text())
     spec = ModelSpec.from_dir(checkpoint_factory(name))
@@ -114,7 +119,17 @@ def test_streaming_reads_one_layer_at_a_time(checkpoint_factory, tmp_path, monke
     export(model, tmp_path, seq=SEQ, chunks=CHUNK)
     layers = {int(p.split(".layers.")[1].split(".")[0]) for p, _ in loads if p.startswith("language_model.model.layers.")}
     assert layers == set(range(spec.text.num_layers))  # every layer read by a prefix of its own
-    assert max(n for _, n in loads) < total / 2  # never the whole model, or anything near it
+    size = {name: int(np.prod(weights.shape(name))) for name in weights.location}
+    for prefix, n in loads:  # a load holds its prefix's tensors and nothing else
+        assert n == sum(v for name, v in size.items() if name.startswith(prefix)), prefix
+    # The most ever held at once is one layer: the largest prefix that ends at a layer number.
+    layer_sizes: dict[str, int] = {}
+    for name, v in size.items():
+        if ".layers." in name:
+            head, tail = name.split(".layers.", 1)
+            prefix = f"{head}.layers.{tail.split('.')[0]}."
+            layer_sizes[prefix] = layer_sizes.get(prefix, 0) + v
+    assert max(n for _, n in loads) <= max(layer_sizes.values()) < total / 5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

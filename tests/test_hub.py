@@ -205,3 +205,74 @@ def test_revision_with_a_folder_is_refused(tmp_path):
     line = one_line_error(lvb("run", "--model", str(TOY), "--revision", "v1", "--prompt", "hi",
                               env={"PYTHONPATH": os.environ.get("PYTHONPATH", "")}, cwd=tmp_path))
     assert "--revision" in line
+
+
+class RepoHub(http.server.BaseHTTPRequestHandler):
+    """Serves one repo as the Hub's API does for a public one (repo info, file tree, files by
+    commit) and records every file it sends: the toy's files and the other files a real repo
+    holds besides (other weight formats, Meta's original/ folder, a README, an ONNX export)."""
+
+    files: dict[str, bytes] = {}
+    sent: list[str] = []
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        path = self.path.split("?")[0]
+        api = f"/api/models/{REPO}"
+        if path.startswith(f"{api}/revision/"):
+            self._json({"id": REPO, "sha": COMMIT, "siblings": [{"rfilename": name} for name in self.files]})
+        elif path.startswith(f"{api}/tree/"):
+            self._json([{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                        for name, data in self.files.items()])
+        elif path.startswith(f"/{REPO}/resolve/{COMMIT}/") and (name := path.split(f"/{COMMIT}/", 1)[1]) in self.files:
+            data = self.files[name]
+            self._answer(200, data, {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'})
+            if self.command == "GET":
+                self.sent.append(name)
+        else:
+            self._answer(404, b"{}", {"X-Error-Code": "EntryNotFound"})
+
+    do_HEAD = do_GET
+
+    def _json(self, value) -> None:
+        self._answer(200, json.dumps(value).encode(), {"Content-Type": "application/json"})
+
+    def _answer(self, status: int, body: bytes, headers: dict) -> None:
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("weights", [False, True], ids=["runtime", "weights"])
+def test_the_hub_path_downloads_only_the_files_lvb_reads(weights, tmp_path):
+    """From a repo holding far more than lvb reads, the runtime path fetches the small files and
+    the export path adds the top-level safetensors, nothing else (huggingface_hub against a
+    loopback server that answers as the Hub)."""
+    extra = {"README.md": b"# card", "pytorch_model.bin": b"torch" * 100, "original/consolidated.pth": b"meta" * 100,
+             "original/params.json": b"{}", "onnx/model.onnx": b"onnx", "model-int4/model.safetensors": b"w4" * 100}
+    RepoHub.files = {p.name: p.read_bytes() for p in sorted(TOY.iterdir())} | extra
+    RepoHub.sent = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RepoHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env |= {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+                "HF_HUB_DISABLE_XET": "1"}
+        code = f"from lvb.hub import resolve_model; print(resolve_model({REPO!r}, weights={weights}).directory)"
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 0, result.stderr
+    expected = {p.name for p in TOY.iterdir() if p.name in RUNTIME_FILES or (weights and p.name == "model.safetensors")}
+    assert "model.safetensors" not in expected or weights
+    assert sorted(RepoHub.sent) == sorted(expected)
+    folder = Path(result.stdout.strip().splitlines()[-1])
+    assert {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} == expected
+    assert all((folder / name).read_bytes() == RepoHub.files[name] for name in expected)

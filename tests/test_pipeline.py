@@ -19,4 +19,7 @@ def test_pipeline_on_the_toy_with_the_simulator(quant, toy_pipeline):
     report = json.loads((toy_work / "verify" / bmodel / "report.json").read_text())
     assert report["ok"] and report["backend"] == "cmodel"
     assert report["task"]["pictures"] == PIPELINE_PICTURES[quant] and report["task"]["accuracy"] >= 0.95
-    assert all(p["onnx_vs_bmodel"] is not None for p in report["parts"])
+    # Verify checks every net; at INT8, compiled with --check kinds, those the compile trusted on
+    # a sibling's check too.
+    assert all(p["onnx_vs_bmodel"] is not None and not p["misses"] for p in report["parts"])
+    assert any(p["compile_check"].startswith("as ") for p in report["parts"]) == (quant == "int8")

@@ -302,6 +302,9 @@ def test_simulator_backend_runs_a_chat(compile_factory, checkpoint_factory):
     assert first.stats.first_token_seconds > 0
 
 
+STAGE_DISAGREEMENT = {"onnxruntime": 1e-6, "cmodel": 1e-5}  # 1 - cosine, a small stage against the large one
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "cmodel"])
 def test_each_prefill_call_takes_the_smallest_chunk_that_holds_the_rest(backend, checkpoint_factory, export_factory,
                                                                          compile_factory):
@@ -334,7 +337,9 @@ def test_each_prefill_call_takes_the_smallest_chunk_that_holds_the_rest(backend,
         assert widths == [small, large, small]
         runner.chunks = (large,)  # the same first turn through the large stage alone
         hidden = runner.prefill(ids[: small - 3], 0, None)
-        assert cosine(last[0], engine.read(Buffers.HIDDEN)[0, hidden.start]) > 0.9999
+        # Measured: the same bits on both backends (1 - cosine 0). The bounds: fp32 rounding
+        # for onnxruntime; for the simulator, a little over one bf16 rounding of the state.
+        assert 1 - cosine(last[0], engine.read(Buffers.HIDDEN)[0, hidden.start]) <= STAGE_DISAGREEMENT[backend]
 
 
 def test_the_turn_model_launches_what_a_simulator_turn_launches(checkpoint_factory, compile_factory):

@@ -52,17 +52,14 @@ class Server:
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
         self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
+        wait_for(lambda: self.server.started or not self.thread.is_alive(), "the server to start")
+        assert self.server.started, "uvicorn stopped before it started"
 
     def client(self, key: str | None = KEY, timeout: float = 120) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, timeout=timeout)
 
     def idle(self) -> None:
-        deadline = time.monotonic() + 60
-        while self.worker.pending and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not self.worker.pending
+        wait_for(lambda: not self.worker.pending, "the queue to empty")
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -78,6 +75,14 @@ def toy(toy_export):
     server = Server(Session(checkpoint, engine))
     yield server, Session(checkpoint, reference_engine)
     server.stop()
+
+
+def wait_for(condition, what: str, seconds: float = 60) -> None:
+    """Until `condition()` holds; fails naming `what` after `seconds` (generous: the machine may be busy)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {seconds} s for {what}"
+        time.sleep(0.01)
 
 
 def call(method: str, url: str, body: bytes | None = None, key: str | None = KEY) -> tuple[int, bytes]:
@@ -266,13 +271,21 @@ def test_a_full_queue_answers_429_and_every_accepted_request_is_answered(toy):
         for i in range(MAX_QUEUE + 1):
             threads.append(threading.Thread(target=call, args=(i,)))
             threads[-1].start()
-        deadline = time.monotonic() + 30
-        while server.worker.pending < MAX_QUEUE + 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        call(MAX_QUEUE + 1)
+        wait_for(lambda: server.worker.pending == MAX_QUEUE + 1, "the queue to fill")
+        # Retry-After is the recent requests' mean time times the requests ahead, rounded up:
+        # with 0.7 s recorded (no request ends while the engine is held), 3 ahead make 3 s
+        # (not the 2 of rounding down or of counting only those waiting, not the floor of 1 s).
+        recorded = list(server.worker._durations)
+        server.worker._durations.clear()
+        server.worker._durations.extend([0.7] * 5)
+        try:
+            call(MAX_QUEUE + 1)
+        finally:
+            server.worker._durations.clear()
+            server.worker._durations.extend(recorded)
         refused = results.pop(MAX_QUEUE + 1)
         assert isinstance(refused, openai.RateLimitError)
-        assert int(refused.response.headers["Retry-After"]) >= 1
+        assert refused.response.headers["Retry-After"] == "3" and MAX_QUEUE + 1 == 3
     for thread in threads:
         thread.join()
     assert results == {i: pictures[i][1] for i in range(MAX_QUEUE + 1)}  # each answer names its own picture
@@ -307,17 +320,19 @@ def test_a_client_that_hangs_up_frees_the_engine_within_a_token(babbler):
     assert finish == "length" and usage.completion_tokens == 8
 
     # A client that leaves while waiting in the queue costs the engine nothing.
+    submitted = []  # the jobs as the server queues them, to wait on the queued one's cancel
+    submit = server.worker.submit
+    server.worker.submit = lambda job: (submitted.append(job), submit(job))[-1]
     with server.worker.busy:
         payload = json.dumps(body).encode()
         port = int(server.url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as raw:  # no answer comes while the engine is held
             raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                         + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
-            deadline = time.monotonic() + 10
-            while not server.worker.pending and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert server.worker.pending == 1
-        time.sleep(0.2)  # the server notices the hang-up
+            wait_for(lambda: server.worker.pending, "the request to be queued")
+            assert server.worker.pending == 1 and len(submitted) == 1
+        wait_for(submitted[0].cancelled.is_set, "the server to notice the hang-up")
+    del server.worker.submit
     server.idle()
     assert server.worker.cancelled == 2 and server.worker.last_job.pieces_after_cancel == 0
 
@@ -508,6 +523,36 @@ def test_the_simulator_backend_serves(compile_factory, checkpoint_factory):
             server.stop()
 
 
+def declared_body(url: str, length: int) -> tuple[int, str]:
+    """(status, error message) for a POST whose headers declare `length` bytes and send none."""
+    connection = http.client.HTTPConnection(*url.rsplit("/", 1)[1].split(":"), timeout=60)
+    connection.putrequest("POST", "/v1/chat/completions")
+    for name, value in (("Authorization", f"Bearer {KEY}"), ("Content-Type", "application/json"), ("Content-Length", str(length))):
+        connection.putheader(name, value)
+    connection.endheaders()
+    response = connection.getresponse()
+    try:
+        return response.status, json.loads(response.read())["error"]["message"]
+    finally:
+        connection.close()
+
+
+def test_the_command_warns_when_it_listens_beyond_loopback_without_a_key(toy_export):
+    """`--host 0.0.0.0` without a key: the note comes before the server binds. The port is held
+    (bound, never listening: nothing is exposed), so the server stops there."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "LVB_API_KEY"}
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        result = subprocess.run([sys.executable, "-m", "lvb.cli", "serve", "--model", str(Path(__file__).resolve().parent.parent / "models" / "toy"),
+                                 "--onnx", str(toy_export), "--host", "0.0.0.0", "--port", str(held.getsockname()[1])],
+                                env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    output = " ".join((result.stdout + result.stderr).split())
+    assert "listening on 0.0.0.0 without --api-key: anyone who reaches it can use the model" in output, output[-2000:]
+
+
 def test_the_command_serves_with_the_key_from_the_environment(toy_export, tmp_path):
     """`lvb serve` itself, as a subprocess on loopback, with LVB_API_KEY."""
     import os
@@ -533,6 +578,10 @@ def test_the_command_serves_with_the_key_from_the_environment(toy_export, tmp_pa
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
         assert call("GET", url + "/v1/models", key=None)[0] == 401
+        # The command's own limits are the defaults the README states (Limits() in this file's
+        # servers is set smaller): a body declared one byte over 32 MiB is refused unread.
+        code, reply = declared_body(url, 32 * 2**20 + 1)
+        assert code == 413 and f"over the {32 * 2**20} allowed" in reply
         image, answer = sample(1, seed=12)[0]
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
         assert ask(client, [user(QUESTION, image)], stream=True)[0] == answer

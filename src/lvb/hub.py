@@ -32,9 +32,10 @@ RUNTIME_FILES = (
     "processor_config.json",
     "lvb-task.json",
 )
-# Top-level weights only: fnmatch's "*" crosses "/", and Meta's repos keep other
-# formats under original/.
+# Top-level weights only (Meta's repos keep other formats under original/, others keep
+# variants in folders of their own): fnmatch's "*" crosses "/", so SUBFOLDERS is left out.
 WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json")
+SUBFOLDERS = ("*/*",)
 
 # huggingface_hub's rule for a repo name: letters, digits, "-", "_", "."; no "--" or "..",
 # no leading or trailing "-" or "."; at most 96 characters.
@@ -105,7 +106,7 @@ def _download(repo_id: str, revision: str | None, weights: bool) -> Path:
 
     patterns = list(RUNTIME_FILES) + (list(WEIGHT_FILES) if weights else [])
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=list(SUBFOLDERS)))
     except GatedRepoError:
         raise HubError(f"{repo_id} is gated: accept its license on https://huggingface.co/{repo_id}, "
                        "then log in with `hf auth login` or set HF_TOKEN") from None

@@ -205,14 +205,10 @@ class ModelSpec:
     vision: VisionSpec
     image_token_id: int
     cross_kv_shape: tuple[int, ...] = field(init=False)  # one of cross K or V, [1, kv heads, tokens, head dim]
-    self_kv_bytes_per_token: int = field(init=False)  # K+V of all self-attention layers, fp32
 
     def __post_init__(self):
         t, v = self.text, self.vision
         object.__setattr__(self, "cross_kv_shape", (1, t.num_kv_heads, v.tokens_per_image, t.head_dim))
-        object.__setattr__(
-            self, "self_kv_bytes_per_token", 2 * len(t.self_attention_layers) * t.num_kv_heads * t.head_dim * 4
-        )
 
     @property
     def num_aspect_ratio_ids(self) -> int:
