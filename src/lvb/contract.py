@@ -352,7 +352,8 @@ def plan(spec: ModelSpec, seq: int, chunks: int | Sequence[int]) -> list[NetSpec
     given sizes (one size, or several: the prefill nets then carry the smaller ones as stages)."""
     sizes = chunk_sizes(chunks, seq)
     t, v, n = spec.text, spec.vision, Names
-    D, KV, d, V = t.hidden_size, t.num_kv_heads, t.head_dim, v.tokens_per_image
+    D, KV, d = t.hidden_size, t.num_kv_heads, t.head_dim
+    V = v.tokens_per_image if v is not None else 0  # only cross-attention layers read it
     S = seq
 
     def net(kind: Kind, layer: int | None, inputs, outputs) -> NetSpec:
@@ -388,7 +389,7 @@ def plan(spec: ModelSpec, seq: int, chunks: int | Sequence[int]) -> list[NetSpec
         largest, *smaller = (make(C) for C in sizes)
         return replace(largest, smaller=tuple(smaller))
 
-    nets = vision_nets(spec)
+    nets = vision_nets(spec) if not spec.text_only else []
     nets += [
         net(Kind.CROSS_KV, layer, (_t(n.CROSS_STATES, 1, V, D),), (_t(n.CROSS_K, 1, KV, V, d), _t(n.CROSS_V, 1, KV, V, d)))
         for layer in t.cross_attention_layers

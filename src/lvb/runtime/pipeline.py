@@ -44,14 +44,14 @@ class Checkpoint:
     spec: ModelSpec
     template: ChatTemplate
     tokenizer: Tokenizer
-    image_config: ImageProcessorConfig
+    image_config: ImageProcessorConfig | None  # None for a text model
     generation_config: dict
 
     @classmethod
     def load(cls, directory: str | Path) -> Checkpoint:
         directory = Path(directory)
         spec = ModelSpec.from_dir(directory)
-        image_config = read_image_config(directory, spec)
+        image_config = None if spec.text_only else read_image_config(directory, spec)
         generation = read_json_object(directory / "generation_config.json") or {}
         return cls(directory, spec, ChatTemplate.from_dir(directory), Tokenizer.from_dir(directory), image_config, generation)
 
@@ -237,6 +237,8 @@ class Session:
         return Reply(reply, generated, stats, stop_reason, notices)
 
     def _process_image(self, image) -> ProcessedImage:
+        if self.spec.text_only:
+            raise ChatError(f"{self.checkpoint.directory.name} is a text model (no vision tower); ask without an image")
         if isinstance(image, ProcessedImage):
             return image
         if not hasattr(image, "mode"):
