@@ -29,7 +29,8 @@ import numpy as np
 from lvb.runtime.engine import Engine
 from lvb.runtime.image import ImageProcessorConfig, ProcessedImage, load_image, preprocess
 from lvb.runtime.runner import ChatError, Runner
-from lvb.runtime.sampling import Sampler, SamplingConfig
+from lvb.runtime.sampling import Sampler, SamplingConfig, softmax
+from lvb.runtime.speculative import DEFAULT_DRAFT_TOKENS, Draft, DraftStats, accept_greedy, accept_sampled
 from lvb.spec import ModelSpec
 from lvb.text import ChatTemplate, Tokenizer, read_json_object
 
@@ -97,6 +98,7 @@ class Stats:
     # and for the rest of the answer.
     first_token_launches: Counter = field(default_factory=Counter)
     decode_launches: Counter = field(default_factory=Counter)
+    speculative: DraftStats | None = None  # with a draft: what it proposed and the model kept
 
     @property
     def tokens_per_second(self) -> float:
@@ -122,15 +124,25 @@ def _same_image(a: ProcessedImage | None, b: ProcessedImage | None) -> bool:
 
 class Session:
     def __init__(self, checkpoint: Checkpoint, engine: Engine, truncate_history: bool = False,
-                 system: str | None = None, today: datetime | None = None):
+                 system: str | None = None, today: datetime | None = None,
+                 draft: tuple[Checkpoint, Engine] | None = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS):
         """`system`: a system message heading every chat. `today`: the date the chat template
         sees (strftime_now), pinned when the session starts so that a chat going on past
-        midnight keeps its prompt, and its cache."""
+        midnight keeps its prompt, and its cache. `draft`: a Llama text checkpoint and its
+        engine that propose `draft_tokens` tokens for each pass of this model (lvb.runtime.speculative)."""
         self.checkpoint, self.engine, self.truncate_history = checkpoint, engine, truncate_history
         self.system, self.today = system, today or datetime.now()
         self.spec = checkpoint.spec
         self.runner = Runner(self.spec, engine, checkpoint.tokenizer.image_id, checkpoint.tokenizer.pad_id or 0)
         self.seq, self.chunks = self.runner.seq, self.runner.chunks
+        self.draft = None
+        if draft is not None:
+            if not 1 <= draft_tokens < max(self.chunks):
+                raise ChatError(f"--draft-tokens {draft_tokens}: the model checks the draft's tokens and one of its own "
+                                f"in one prefill chunk of at most {max(self.chunks)}; use 1 to {max(self.chunks) - 1}")
+            self.draft = Draft(draft[0].spec, draft[1], draft[0].tokenizer, checkpoint.tokenizer, self.spec,
+                               name=f"the draft {draft[0].directory.name}")
+        self.draft_tokens = draft_tokens
         self.reset()
 
     def reset(self) -> None:
@@ -139,6 +151,8 @@ class Session:
         self.cached: list[int] = []  # token ids whose K/V fill cache slots 0..len-1
         self.image: ProcessedImage | None = None
         self.image_turn: int | None = None  # index in self.messages of the turn that brought it
+        if self.draft is not None:
+            self.draft.reset()
 
     def restore(self, messages: list[dict], image=None, image_turn: int | None = None) -> None:
         """Take `messages` (in the form `messages` holds) as the conversation so far, with `image`
@@ -179,6 +193,7 @@ class Session:
         if new_image is not None:
             notices = [*new_image.notes, *notices]
         sampler = Sampler(sampling or SamplingConfig())
+        self._draft_sampler: Sampler | None = None
 
         # Cached K/V were computed with or without an image in play; transformers runs the
         # cross-attention layers for every token once a chat has an image, so a change either
@@ -212,6 +227,10 @@ class Session:
         stop_reason = "max new tokens"
         decode_started = time.perf_counter()
         limit = self.seq if max_new_tokens is None else max_new_tokens
+        # Tokens a verify pass produced beyond the one in hand: the cache holds all but the last.
+        queue: list[int] = []
+        if self.draft is not None:
+            stats.speculative = DraftStats()
         while True:
             if token in self.checkpoint.tokenizer.stop_ids:
                 stop_reason = "stop token"
@@ -221,11 +240,13 @@ class Session:
                 break
             if len(generated) >= limit:
                 break
-            if len(self.cached) >= self.seq:
+            if not queue and len(self.cached) >= self.seq:
                 stop_reason = "sequence full"
                 notices.append(f"stopped: the {self.seq}-token sequence is full")
                 break
-            token = self._decode(token, ids + generated, sampler)
+            if not queue:
+                queue = self._step(token, ids + generated, sampler, limit - len(generated), stats.speculative)
+            token = queue.pop(0)
             generated.append(token)
         if stop_reason != "stopped":
             emit(stream.flush())
@@ -290,6 +311,39 @@ class Session:
         hidden = self.runner.prefill(ids, start, self._tiles())
         self.cached = list(ids)
         return self.runner.next_token(hidden, sampler, ids)
+
+    def _step(self, token: int, history: list[int], sampler: Sampler, room: int, stats: DraftStats | None) -> list[int]:
+        """The next token(s) after `token` (history's last, not in the cache yet): one decode step,
+        or with a draft, one verify pass over its proposals (at most `room` tokens)."""
+        k = 0
+        if self.draft is not None:
+            k = min(self.draft_tokens, room - 1, self.seq - len(self.cached) - 1, self.draft.room(history))
+        if k < 1:
+            return [self._decode(token, history, sampler)]
+        sampled = sampler.config.do_sample
+        if sampled and self._draft_sampler is None:
+            self._draft_sampler = Sampler(sampler.config)
+        drafts, dists = self.draft.propose(history, k, self._draft_sampler if sampled else None)
+        hiddens = self.runner.verify(history + drafts, len(self.cached), self._tiles())
+        if sampled:
+            def target(i: int) -> np.ndarray:
+                return softmax(sampler.process(self.runner.logits(hiddens[i]), history + drafts[:i]))
+
+            out = accept_sampled(drafts, dists, target, sampler._rng, sampler.draw)
+            stop = sampler.config.stop_token_ids
+            out = [sampler.config.stop_as if t in stop else t for t in out]
+        else:
+            out = accept_greedy(drafts, lambda i: self.runner.next_token(hiddens[i], sampler, history + drafts[:i]))
+        accepted = len(out) - 1
+        # The K/V rows of the rejected proposals stay in both caches, past the position every
+        # later pass's mask ends at: forgetting them is counting them out.
+        self.cached = history + drafts[:accepted]
+        self.draft.keep(self.cached)
+        stats.proposed += k
+        stats.accepted += accepted
+        stats.verify_steps += 1
+        stats.tokens += len(out)
+        return out
 
     def _decode(self, token: int, history: list[int], sampler: Sampler) -> int:
         hidden = self.runner.decode(token, len(self.cached), self._tiles())

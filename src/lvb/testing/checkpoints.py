@@ -433,3 +433,33 @@ def write_llama_checkpoint(directory: str | Path, geometry: LlamaGeometry | str,
     tokenizer.chat_template = (Path(__file__).parent / "chat_template.jinja").read_text()
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def write_text_stack(directory: str | Path, mllama_dir: str | Path) -> Path:
+    """A Llama text checkpoint holding an mllama checkpoint's self-attention layers, table, norm
+    and head: without a picture transformers skips the cross-attention layers, so on text-only
+    turns it answers exactly as the mllama model does (a draft that agrees with its model)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, MllamaForConditionalGeneration
+
+    source = MllamaForConditionalGeneration.from_pretrained(mllama_dir, dtype=torch.float32).eval()
+    text = source.config.text_config
+    selfs = [i for i in range(text.num_hidden_layers) if i not in text.cross_attention_layers]
+    config = LlamaConfig(
+        vocab_size=text.vocab_size, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+        num_hidden_layers=len(selfs), num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads, rope_parameters=text.rope_parameters, rms_norm_eps=text.rms_norm_eps,
+        max_position_embeddings=text.max_position_embeddings, bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    language = source.model.language_model
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(language.embed_tokens.weight[: text.vocab_size])
+        for mine, theirs in zip(model.model.layers, selfs):
+            mine.load_state_dict(language.layers[theirs].state_dict())
+        model.model.norm.load_state_dict(language.norm.state_dict())
+        model.lm_head.load_state_dict(source.lm_head.state_dict())
+    geometry = LlamaGeometry("text-stack", len(selfs), text.hidden_size, text.intermediate_size,
+                             text.num_attention_heads, text.num_key_value_heads, tied=False)
+    return write_llama_checkpoint(directory, geometry, model=model)
