@@ -174,3 +174,22 @@ def test_a_vision_draft_or_a_too_long_draft_is_refused(checkpoint_factory, expor
         Session(model, engine, draft=vision)
     with pytest.raises(ChatError, match="--draft-tokens 40"):
         Session(model, engine, draft=(model, engine), draft_tokens=40)
+
+
+def test_run_cli_with_a_draft(checkpoint_factory, export_factory):
+    from typer.testing import CliRunner
+
+    from helpers import one_error_line
+    from lvb.cli import app
+
+    name = "llama-gqa2-tied"
+    model, work = checkpoint_factory(name), export_factory(name)
+    common = ["run", "--model", model, "--onnx", work, "--prompt", "Hello there", "--max-new-tokens", "8"]
+    plain = CliRunner().invoke(app, [str(a) for a in common])
+    result = CliRunner().invoke(app, [str(a) for a in common + ["--draft", model, "--draft-onnx", work, "--draft-tokens", "3", "--stats"]])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == plain.stdout
+    # 8 tokens: the prefill's, then a check of 3 proposals (4 tokens), then one of the 2 that fit (3)
+    assert "draft: 5 of 5 proposed tokens kept (100%), 3.50 tokens per check of the model (2 checks)" in result.output
+    assert "pass --draft-onnx" in one_error_line(common + ["--draft", model])
+    assert "go with --draft" in one_error_line(common + ["--draft-tokens", "3"])

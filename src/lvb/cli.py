@@ -504,6 +504,10 @@ def _print_stats(reply) -> None:
     steps = max(1, s.generated_tokens - 1)
     show(errors, f"net launches: {sum(s.first_token_launches.values())} to the first token, "
                  f"{sum(s.decode_launches.values()) / steps:.0f} per decode step", style="dim")
+    if s.speculative is not None:
+        d = s.speculative
+        show(errors, f"draft: {d.accepted} of {d.proposed} proposed tokens kept ({d.acceptance:.0%}), "
+                     f"{d.tokens_per_step:.2f} tokens per check of the model ({d.verify_steps} checks)", style="dim")
 
 
 ModelOption = Annotated[str, typer.Option("--model", help="Checkpoint folder or Hugging Face repo id (org/name).")]
@@ -521,6 +525,10 @@ TopKOption = Annotated[Optional[int], typer.Option(help="Sample among the k most
 TopPOption = Annotated[Optional[float], typer.Option(help="Sample among the most likely tokens that hold this much probability.")]
 RepetitionPenaltyOption = Annotated[Optional[float], typer.Option(help="Penalize tokens already in the chat (1.0: off).")]
 SeedOption = Annotated[Optional[int], typer.Option(help="Seed of the sampler, for repeatable answers.")]
+DraftOption = Annotated[Optional[Path], typer.Option("--draft", readable=False, help="Speculative decoding: a Llama text checkpoint folder with the model's tokenizer (e.g. Llama-3.2-1B-Instruct) that proposes tokens the model checks several at a time; with --draft-bmodel or --draft-onnx.")]
+DraftBmodelOption = Annotated[Optional[Path], typer.Option("--draft-bmodel", readable=False, help="The draft's bmodel from `lvb compile` (with --bmodel).")]
+DraftOnnxOption = Annotated[Optional[Path], typer.Option("--draft-onnx", readable=False, help="The draft's `lvb export` work directory (with --onnx).")]
+DraftTokensOption = Annotated[Optional[int], typer.Option("--draft-tokens", help="Tokens the draft proposes per check (default 4; below the model's largest prefill chunk).", callback=at_least(1))]
 
 
 @dataclass(frozen=True)
@@ -541,6 +549,10 @@ class ChatOptions:
     repetition_penalty: RepetitionPenaltyOption = None
     seed: SeedOption = None
     toolchain: ToolchainOption = None
+    draft: DraftOption = None
+    draft_bmodel: DraftBmodelOption = None
+    draft_onnx: DraftOnnxOption = None
+    draft_tokens: DraftTokensOption = None
 
     def open_session(self, truncate_history: bool = False):
         from lvb.runtime.backends import default_backend, open_engine
@@ -566,11 +578,35 @@ class ChatOptions:
         check = getattr(engine, "preflight", None)  # the device memory check, on sail
         if check is not None:
             show(errors, f"preflight: {check.line()}", style="dim")
+        draft = None
         try:
-            return Session(checkpoint, engine, truncate_history=truncate_history)
+            draft = self.open_draft(backend)
+            return Session(checkpoint, engine, truncate_history=truncate_history, draft=draft,
+                           **({"draft_tokens": self.draft_tokens} if self.draft_tokens is not None else {}))
         except BaseException:
+            if draft is not None:
+                draft[1].close()
             engine.close()
             raise
+
+    def open_draft(self, backend: str):
+        """(draft checkpoint, its engine on the model's backend), or None without --draft."""
+        from lvb.runtime.backends import open_engine
+        from lvb.runtime.pipeline import Checkpoint
+        from lvb.toolchain import find_toolchain
+
+        files = (self.draft_bmodel, self.draft_onnx)
+        if self.draft is None:
+            if any(f is not None for f in files) or self.draft_tokens is not None:
+                raise LvbError("--draft-bmodel, --draft-onnx and --draft-tokens go with --draft (the draft's checkpoint folder)")
+            return None
+        if backend == "onnxruntime" and self.draft_onnx is None or backend != "onnxruntime" and self.draft_bmodel is None:
+            need = "--draft-onnx (its `lvb export` work directory)" if backend == "onnxruntime" else "--draft-bmodel (its `lvb compile` bmodel)"
+            raise LvbError(f"--draft {self.draft}: the {backend} backend runs the draft too; pass {need}")
+        checkpoint = Checkpoint.load(self.draft)
+        engine = open_engine(backend, bmodel=self.draft_bmodel, onnx_work=self.draft_onnx,
+                             toolchain=find_toolchain(self.toolchain) if backend == "cmodel" else None)
+        return checkpoint, engine
 
     def sampling(self, checkpoint):
         from lvb.runtime.sampling import SamplingConfig
@@ -610,7 +646,7 @@ def run(
     """Answer one question (about one picture) and print the answer on stdout."""
     try:
         session = options.open_session()
-        with session.engine:
+        with session:
             sampling = options.sampling(session.checkpoint)
             reply = session.ask(user_text(prompt, "--prompt"), image=image, sampling=sampling, max_new_tokens=options.max_new_tokens,
                                 on_text=lambda piece: print(piece, end="", flush=True))
@@ -645,7 +681,7 @@ def chat(
 
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is reported, and the chat goes on
         sys.stdin.reconfigure(errors="surrogateescape")
-    with session.engine:
+    with session:
         while True:
             try:
                 line = console.input("[bold cyan]you>[/] ").strip()

@@ -145,6 +145,15 @@ class Session:
         self.draft_tokens = draft_tokens
         self.reset()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        """Close the engines: the model's, and the draft's."""
+        if self.draft is not None:
+            self.draft.engine.close()
+        self.engine.close()
+
     def reset(self) -> None:
         """Forget the conversation (the buffers stay allocated)."""
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
