@@ -2,6 +2,8 @@
 token, whether the draft is poor (random weights) or good (the model's own text stack); the K/V
 rows written for rejected proposals never reach a later token."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -193,3 +195,32 @@ def test_run_cli_with_a_draft(checkpoint_factory, export_factory):
     assert "draft: 5 of 5 proposed tokens kept (100%), 3.50 tokens per check of the model (2 checks)" in result.output
     assert "pass --draft-onnx" in one_error_line(common + ["--draft", model])
     assert "go with --draft" in one_error_line(common + ["--draft-tokens", "3"])
+
+
+@pytest.mark.slow
+def test_the_toy_and_its_draft_on_the_simulator(toy_staged_bmodel, tmp_path):
+    """The trained toy (INT4, simulator) answers fresh pictures with its trained draft (INT4)
+    exactly as without it, and the draft's proposals are kept now and then."""
+    from lvb.compile.compiler import CompileSettings, Compiler
+    from lvb.export.exporter import export
+    from lvb.tasks import QUESTION, sample
+    from lvb.toolchain import find_toolchain
+
+    root = Path(__file__).resolve().parent.parent
+    draft_dir = root / "models" / "toy-draft"
+    export(draft_dir, tmp_path, seq=128, chunks=(16,))
+    compiler = Compiler(tmp_path, CompileSettings(quant="int4", check="none"), find_toolchain())
+    compiler.run()
+    toolchain = find_toolchain()
+    model = Checkpoint.load(root / "models" / "toy")
+    engine = open_engine("cmodel", bmodel=toy_staged_bmodel, toolchain=toolchain)
+    draft = Checkpoint.load(draft_dir), open_engine("cmodel", bmodel=compiler.bmodel, toolchain=toolchain)
+    plain, speculative = Session(model, engine), Session(model, engine, draft=draft, draft_tokens=3)
+    kept = 0
+    with engine, draft[1]:
+        for image, _ in sample(3, 77):
+            expected = answers(plain, [(QUESTION, image)])[0]
+            reply = answers(speculative, [(QUESTION, image)])[0]
+            assert reply.tokens == expected.tokens
+            kept += reply.stats.speculative.accepted
+    assert kept > 0

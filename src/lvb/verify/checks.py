@@ -138,7 +138,10 @@ def _pictures():
     return {"photo": photo, "synthetic": synthetic}
 
 
-def conversations(question: str):
+def conversations(question: str, text_only: bool = False):
+    if text_only:  # a Llama text model: the same chats without their pictures
+        return {"text only": [("Hello, how are you today?", None)],
+                "two turns": [(question, None), ("Tell me more.", None)]}
     pictures = _pictures()
     return {
         "photo": [(question, pictures["photo"])],
@@ -195,7 +198,7 @@ def check_answers(model_dir: Path, session, question: str) -> list[AnswerResult]
 
     reference = TransformersChat(model_dir)
     results = []
-    for name, turns in conversations(question).items():
+    for name, turns in conversations(question, session.spec.text_only).items():
         session.reset()
         messages, images = [], []
         for index, (text, image) in enumerate(turns):
