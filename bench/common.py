@@ -33,6 +33,9 @@ REFERENCE_SEQ = 512
 # <|start_header_id|> assistant <|end_header_id|> "\n\n" (no system block when a picture is sent).
 PROMPT_TOKENS = 17
 RESULTS = BENCH / "results"  # committed: what the README's performance tables are read from
+# The 11B INT4 combined bmodel's weights and instructions, extrapolated by convert_scale.py from
+# per-net bmodels at real widths (bench/README §1): what the memory plan counts on the device.
+BMODEL_11B_INT4_BYTES = 9.2e9
 
 # The published configs whose widths the bench uses (the weights are synthetic).
 CONFIGS = {name: REPO / "tests" / "data" / f"llama-3.2-{name}-vision.config.json" for name in ("11b", "90b")}
@@ -119,9 +122,31 @@ def run_paths(out: Path, geometry, seq: int, chunk: int, results: str) -> tuple[
 
 def save_json(path: Path, data: dict) -> None:
     """Written whole or not at all: a run killed mid-write keeps the previous results."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    from lvb.workdir import write_atomic
+
+    write_atomic(path, json.dumps(data, indent=1, default=str))
+
+
+def stamp() -> dict:
+    """Where and when figures were measured: the commit, the time (UTC), the machine, its load."""
+    import subprocess
+    from datetime import datetime, timezone
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return {"commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+            "load_average": list(os.getloadavg())}
+
+
+def record_result(name: str, figures: dict, label: str | None = None) -> Path:
+    """bench/results/<name>.json (committed; tests/test_bench_results.py holds the READMEs' tables
+    to it): `figures` with their stamp(), under `label` when the file keeps several builds."""
+    path = RESULTS / f"{name}.json"
+    entry = figures | stamp()
+    if label is not None:
+        entry = (json.loads(path.read_text()) if path.is_file() else {}) | {label: entry}
+    RESULTS.mkdir(exist_ok=True)
+    save_json(path, entry)
+    return path
 
 
 def geometry_11b(layers: int = 3, vision_layers: int = 2, global_layers: int = 1, cross: tuple[int, ...] | None = None,

@@ -24,8 +24,8 @@ Sophgo's own LLM performance model in tpu-mlir (python/llm/LlmProfile.py, chip "
 dma_bw = 64., with decode_ddr_util = 0.8; tpu-mlir 1.30.2's python/tools/llm_analyse.py
 usage line `-c bm1684x -s 2048 -t 16 -b 64`, -b = chip memory bandwidth in GB/s). No
 product page or datasheet with a DRAM bandwidth figure was found in the searchable corpora.
-Compared with the reference port's measured 7.5 tokens/s (sophon-demo
-sample/Llama3_2_Vision README, SE7-32, int4, seq 512).
+Compared with the reference port's measured tokens/s (common.REFERENCE_TOKENS_PER_S, with its
+source).
 
 Prints a table; exits 0. No timed assertions.
 """
@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, REFERENCE_SOURCE, REFERENCE_TOKENS_PER_S, full_model, gb, machine, mb, model_of, table  # noqa: E402
 
 from lvb.bmodel import inspect_bmodel  # noqa: E402
+from lvb.dtypes import value_bytes  # noqa: E402
 from lvb.compile.tpumlir import DeployOptions, deploy  # noqa: E402
 from lvb.contract import NetSpec  # noqa: E402
 from lvb.spec import ModelSpec  # noqa: E402
@@ -53,7 +54,6 @@ DDR_UTIL = 0.8  # same file: decode_ddr_util for bm1684x
 SOURCE = ("tpu-mlir's LLM performance model, https://github.com/sophgo/tpu-mlir/blob/06ee352af9c2d8120d7f0bc338ab8d0348d6d676/"
           "python/llm/LlmProfile.py (chip bm1684x: tflops = 16., dma_bw = 64., decode_ddr_util = 0.8); tpu-mlir 1.30.2's "
           "python/tools/llm_analyse.py documents the same: `-c bm1684x ... -t 16 -b 64`, -b = chip memory bandwidth in GB/s")
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def default_work() -> Path | None:
@@ -156,9 +156,9 @@ def main() -> int:
     self_inputs = measured[quants[0]]["self"]["inputs"]
     kv_dtype = self_inputs["past_k"][1]
     cross_dtype = measured[quants[0]]["cross"]["inputs"]["cross_k"][1]
-    kv_io = n_self * 2 * seq * KV * d * DTYPE_BYTES.get(kv_dtype, 4)
+    kv_io = n_self * 2 * seq * KV * d * value_bytes(kv_dtype)
     kv_bf16 = n_self * 2 * seq * KV * d * 2
-    cross_io = n_cross * 2 * V * KV * d * DTYPE_BYTES.get(cross_dtype, 4)
+    cross_io = n_cross * 2 * V * KV * d * value_bytes(cross_dtype)
     cross_bf16 = n_cross * 2 * V * KV * d * 2
     cross_ref = n_cross * 2 * V * t.num_heads * d * 2  # [1, 32, 6404, 128] bf16 per tensor
 

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -33,15 +30,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 from common import (CONFIGS, PROMPT_TOKENS, REFERENCE_FIRST_TOKEN_S, REFERENCE_SOURCE, REFERENCE_TOKENS_PER_S,  # noqa: E402
-                    RESULTS, machine, model_of, save_json, table)
+                    RESULTS, model_of, record_result, table)
 
-from lvb.contract import Kind, NetSpec, plan  # noqa: E402
+from lvb.contract import Kind, plan  # noqa: E402
 from lvb.devicetime import Estimate, NetEstimates, from_manifest  # noqa: E402
 from lvb.runtime.turn import turn_times  # noqa: E402
 from lvb.spec import ModelSpec  # noqa: E402
 from lvb.workdir import COMPILE_VERSION, WorkDir, read_manifest  # noqa: E402
 
-RESULTS_FILE = RESULTS / "device_time.json"
 REFERENCE_FILE = RESULTS / "reference_layout.json"
 
 
@@ -188,13 +184,8 @@ def main() -> None:
     print_layout(args.label, result)
     reference = json.loads(REFERENCE_FILE.read_text()) if REFERENCE_FILE.is_file() else None
     result["against_reference"] = compare(result, reference)
-    results = json.loads(RESULTS_FILE.read_text()) if RESULTS_FILE.is_file() else {}
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    results[args.label] = result | {"commit": commit, "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-                                    "load_average": list(os.getloadavg())}
-    RESULTS.mkdir(exist_ok=True)
-    save_json(RESULTS_FILE, results)
-    print(f"\nresults: {RESULTS_FILE.relative_to(REPO)} [{args.label}]")
+    path = record_result("device_time", result, label=args.label)
+    print(f"\nresults: {path.relative_to(REPO)} [{args.label}]")
 
 
 if __name__ == "__main__":

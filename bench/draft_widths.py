@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import LVB, OUT, RESULTS, machine, save_json
+from common import LVB, OUT, record_result
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
@@ -79,9 +79,9 @@ def main():
     per_layer = weights["block_0"] + weights["block_cache_0"]
     total = sum(weights.values()) + (WIDTHS_1B["layers"] - 1) * per_layer + info.instruction_bytes
     print(weights, total)
-    save_json(RESULTS / "draft_widths.json", {"widths": WIDTHS_1B, "settings": manifest["settings"], "ms": nets,
-                                             "weight_bytes": weights, "instruction_bytes": info.instruction_bytes,
-                                             "weight_bytes_16_layers": total, "machine": machine()})
+    record_result("draft_widths", {"widths": WIDTHS_1B, "settings": manifest["settings"], "ms": nets,
+                                   "weight_bytes": weights, "instruction_bytes": info.instruction_bytes,
+                                   "weight_bytes_16_layers": total})
     if not args.keep:
         shutil.rmtree(args.out)
 

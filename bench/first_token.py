@@ -29,7 +29,7 @@ W4BF16 too, the vision output bf16.
 Projected time: each net call takes max(FLOPs / peak, bytes / bandwidth) at the BM1684X's
 published peak, 16 TFLOPS BF16 (W4BF16/W8BF16 compute in BF16 after dequantizing) and
 64 GB/s; the sum is scaled by the factor that maps the reference's own sum to its measured
-5.723 s first token and 7.506 tokens/s (sophon-demo README, SE7-32, int4, seq 512). Same
+first token and tokens/s (common.REFERENCE_*, with their source). Same
 factor for lvb: the projection assumes lvb's nets run at the reference's efficiency.
 
 Prints tables; exits 0. No timed assertions.
@@ -38,7 +38,6 @@ Prints tables; exits 0. No timed assertions.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +45,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
-from common import PROMPT_TOKENS, REFERENCE_FIRST_TOKEN_S, REFERENCE_SEQ, REFERENCE_SOURCE, REFERENCE_TOKENS_PER_S, table  # noqa: E402
+from common import (PROMPT_TOKENS, REFERENCE_FIRST_TOKEN_S, REFERENCE_SEQ, REFERENCE_SOURCE, REFERENCE_TOKENS_PER_S,  # noqa: E402
+                    REPO, record_result, table)
 
 from lvb.contract import Kind, NetSpec, chunk_for, chunk_sizes, padded_patches, plan, vision_nets  # noqa: E402
+from lvb.dtypes import tensor_bytes  # noqa: E402
 from lvb.spec import ModelSpec  # noqa: E402
 
 CONFIG = REPO / "tests" / "data" / "llama-3.2-11b-vision.config.json"
@@ -62,8 +63,6 @@ PEAK_SOURCE = (
     "32 TOPS INT8 as in Sophgo's product material for the chip (e.g. https://www.iotdt.com/news/chanpingxunxi/1727.html). "
     "Sophgo's own product page was not in the searchable corpora."
 )
-
-DTYPE_BYTES = {"float32": 4, "int32": 4, "bfloat16": 2, "float16": 2, "uint16": 2}
 
 
 def weight_bytes_per_param(quant: str, group: int = 64) -> float:
@@ -126,7 +125,7 @@ def vision_embed_params_read(spec: ModelSpec, tiles: int) -> int:
 
 
 def io_bytes(net: NetSpec) -> float:
-    return sum(math.prod(t.shape) * DTYPE_BYTES[t.dtype] for t in (*net.inputs, *net.outputs))
+    return sum(tensor_bytes(t.shape, t.dtype) for t in (*net.inputs, *net.outputs))
 
 
 def shape_of(net: NetSpec, name: str, outputs: bool = False) -> tuple[int, ...]:
@@ -310,11 +309,17 @@ def main() -> int:
 
     rows = []
     results = {}
+    recorded = {"calibration": {"reference_roofline_first_token_s": rf_s, "reference_roofline_decode_step_s": rd_s,
+                                "first_token_factor": k_first, "decode_factor": k_decode},
+                "first_token": [], "decode_step": []}
     for tiles in grid_tiles(spec):
         calls = lvb_first_token(spec, args.seq, chunks, tiles, args.prompt_tokens, args.quant, args.head_quant)
         flops, moved, seconds = totals(calls)
         vision = sum(c.flops for c in calls if c.net.startswith("vision"))
         results[tiles] = flops / rf_flops
+        recorded["first_token"].append({"tiles": tiles, "reference_flops": rf_flops, "flops": flops, "vision_flops": vision,
+                                        "reference_bytes": rf_bytes, "bytes": moved, "reference_s": k_first * rf_s,
+                                        "projected_s": k_first * seconds})
         rows.append([f"{tiles}", f"{rf_flops / 1e12:.1f}", f"{flops / 1e12:.1f}", f"{vision / 1e12:.1f}",
                      f"{flops / rf_flops:.2f}", f"{rf_bytes / 1e9:.2f}", f"{moved / 1e9:.2f}",
                      f"{k_first * rf_s:.2f}", f"{k_first * seconds:.2f}", f"{seconds / rf_s:.2f}"])
@@ -327,9 +332,13 @@ def main() -> int:
         calls = lvb_decode(spec, args.seq, chunks, spec.vision.max_num_tiles, quant, head)
         flops, moved, seconds = totals(calls)
         weights = sum(c.weight_bytes for c in calls)
+        recorded["decode_step"].append({"plan": label, "weight_bytes": weights, "bytes": moved, "vs_reference": moved / rd_bytes,
+                                        "projected_tokens_per_s": 1 / (k_decode * seconds)})
         rows.append([label, f"{weights / 1e9:.2f}", f"{(moved - weights) / 1e9:.3f}", f"{moved / 1e9:.2f}",
                      f"{moved / rd_bytes:.3f}", f"{1 / (k_decode * seconds):.2f}"])
     ref_weights = sum(c.weight_bytes for c in ref_dec)
+    recorded["decode_step"].insert(0, {"plan": "reference", "weight_bytes": ref_weights, "bytes": rd_bytes, "vs_reference": 1.0,
+                                       "projected_tokens_per_s": REFERENCE_TOKENS_PER_S})
     rows.insert(0, ["reference", f"{ref_weights / 1e9:.2f}", f"{(rd_bytes - ref_weights) / 1e9:.3f}", f"{rd_bytes / 1e9:.2f}",
                     "1.000", f"{REFERENCE_TOKENS_PER_S:.2f} (measured)"])
     print(f"\nOne decode step ({spec.vision.max_num_tiles}-tile picture, seq {args.seq}):")
@@ -344,6 +353,11 @@ def main() -> int:
     decode_ratio = float(rows[1][4])
     print(f"  decode bytes/token at {spec.vision.max_num_tiles} tiles: {decode_ratio:.3f}x (goal <= 0.9) "
           f"{'met' if decode_ratio <= 0.9 else 'MISSED'}")
+    defaults = (args.config, args.seq, args.quant, args.head_quant, args.prompt_tokens) == (
+        CONFIG, 512, "int4", "bf16", PROMPT_TOKENS)
+    if defaults:  # the plans the READMEs show, one entry per chunk list
+        path = record_result("first_token", recorded, label=f"chunk {','.join(map(str, sorted(chunks)))}")
+        print(f"\nresults: {path.relative_to(REPO)} [chunk {','.join(map(str, sorted(chunks)))}]")
     return 0
 
 

@@ -3,8 +3,8 @@
 seq 512 and 1024, against an SE7 and an SC7 chip.
 
 Sources:
-- weights and instructions: the 11B INT4 bmodel's size from convert_scale.py (bench
-  README §1: "about 9.2 GB", extrapolated from per-net bmodels at real widths), or
+- weights and instructions: the 11B INT4 bmodel's size from convert_scale.py
+  (common.BMODEL_11B_INT4_BYTES, extrapolated from per-net bmodels at real widths), or
   --weights to use another figure (model_tool's `weight` + `instruct` of a real one);
 - engine buffers and scratch I/O: computed by lvb.runtime.memory from the contract's
   nets for the 11B's own config (tests/data/llama-3.2-11b-vision.config.json) in the
@@ -16,7 +16,8 @@ Sources:
   for this) or as a byte count; by default the figure activation_memory.py measured
   (MEASURED below). The table's title says where the figure came from.
 
-Prints a table per plan; exits 0.
+Prints a table per plan and writes them to bench/results/memory_plan.json (committed; the
+READMEs' figures are tested against it); exits 0.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table  # noqa: E402
+from common import BMODEL_11B_INT4_BYTES, REPO, record_result, table  # noqa: E402
 
 from lvb.contract import plan  # noqa: E402
 from lvb.runtime.memory import CARDS, GiB, MemoryPlan, resident_buffers, scratch_tensors  # noqa: E402
@@ -67,12 +68,13 @@ def activations(source: str | None) -> tuple[int, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", type=float, default=9.2e9, help="weights + instructions, bytes")
+    parser.add_argument("--weights", type=float, default=BMODEL_11B_INT4_BYTES, help="weights + instructions, bytes")
     parser.add_argument("--chunk", type=int, default=128)
     parser.add_argument("--activations", help="a bmodel to read the largest net's ctx_size from, or bytes")
     args = parser.parse_args()
     spec = ModelSpec.from_config(json.loads(CONFIG.read_text()))
     activation, source = activations(args.activations)
+    plans = {}
     for seq in (512, 1024):
         nets = {n.name: n.on_device() for n in plan(spec, seq, args.chunk)}
         p = MemoryPlan(int(args.weights), 0, {"largest net": activation}, resident_buffers(nets), scratch_tensors(nets))
@@ -84,6 +86,12 @@ def main() -> int:
         rows += [[f"spare on {card} ({gb(size)})", gb(size - p.total)] for card, size in CARDS.items()]
         print(f"\n11B INT4, seq {seq}, chunk {args.chunk}; activations: {source}")
         print(table(rows, ["", ""]))
+        plans[str(seq)] = {"weights": p.weights, "activations": p.activation, **{f"engine: {n}": b for n, b in p.groups()},
+                           "scratch": p.scratch_bytes, "overhead": p.overhead, "total": p.total,
+                           "spare": {card: size - p.total for card, size in CARDS.items()}}
+    if args.weights == BMODEL_11B_INT4_BYTES and args.activations is None:  # the plan the READMEs show
+        path = record_result("memory_plan", {"chunk": args.chunk, "activations_source": source, "plans": plans})
+        print(f"\nresults: {path.relative_to(REPO)}")
     return 0
 
 

@@ -77,48 +77,32 @@ def check_first_nets(work: Path, quant: str, nets: list[str]) -> None:
     them. `lvb compile` takes the nets in the export's order, the vision tower first; at real
     widths a check is many minutes of simulator, so this lets the cheap kinds go first and two
     of these processes share the work."""
-    from lvb.check import CheckMode
-    from lvb.compile.compiler import Compiler, CompileSettings, LocalExecutor, NetFailed
+    from lvb.contract import CheckMode
+    from lvb.compile.compiler import Compiler, CompileSettings, NetFailed
     from lvb.toolchain import find_toolchain
 
-    import fcntl
-
-    from lvb.compile import compiler as compiler_module
-
-    transform = compiler_module.transform
-
-    def one_transform_at_a_time(*args, **kwargs):
-        """tpu-mlir's transform of an 11B-width net peaks at ≈ 10 GB: two at once would not fit
-        beside the rest of a shared machine, the simulator runs that follow them can overlap."""
-        with open(work.parent / "transform.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            return transform(*args, **kwargs)
-
-    compiler_module.transform = one_transform_at_a_time
-    compiler = Compiler(work, CompileSettings(quant=quant, check=CheckMode.KINDS), find_toolchain())
+    # tpu-mlir's transform of an 11B-width net peaks far above the rest (bench/README §1): two of
+    # these processes take turns at it and overlap the simulator runs that follow.
+    compiler = Compiler(work, CompileSettings(quant=quant, check=CheckMode.KINDS), find_toolchain(),
+                        transform_lock=work.parent / "transform.lock")
     first: dict = {}
     for job in compiler.jobs:
         first.setdefault(job.kind, job)
-    jobs = {job.name: job for job in first.values()}
-    unknown = [n for n in nets if n not in jobs]
+    unknown = [n for n in nets if n not in {job.name for job in first.values()}]
     if unknown:
-        raise SystemExit(f"--first {','.join(unknown)}: not the first net of a kind; those are {', '.join(jobs)}")
-    compiler.dir.logs.mkdir(exist_ok=True)
-    executor = LocalExecutor(compiler.toolchain, 1)
-    try:
-        for name in nets:
-            started = time.perf_counter()
-            try:
-                result = compiler._compile(jobs[name], compiler.dir.logs, executor)
-            except NetFailed as e:  # its attempts are in the cache with their checks; go on to the next kind
-                print(f"{name}: {e} ({time.perf_counter() - started:.0f} s here)", flush=True)
-                continue
-            check = result["check"] or {}
-            cosines = ", ".join(f"{k} {v:.6f}" for k, v in check.get("cosines", {}).items())
-            print(f"{name}: {cosines}, check {check.get('seconds')} s, net {result['seconds']} s "
-                  f"({time.perf_counter() - started:.0f} s here)", flush=True)
-    finally:
-        executor.close()
+        raise SystemExit(f"--first {','.join(unknown)}: not the first net of a kind; those are "
+                         f"{', '.join(job.name for job in first.values())}")
+    for name in nets:
+        started = time.perf_counter()
+        try:
+            result = compiler.compile_net(name)
+        except NetFailed as e:  # its attempts are in the cache with their checks; go on to the next kind
+            print(f"{name}: {e} ({time.perf_counter() - started:.0f} s here)", flush=True)
+            continue
+        check = result["check"] or {}
+        cosines = ", ".join(f"{k} {v:.6f}" for k, v in check.get("cosines", {}).items())
+        print(f"{name}: {cosines}, check {check.get('seconds')} s, net {result['seconds']} s "
+              f"({time.perf_counter() - started:.0f} s here)", flush=True)
 
 
 def per_output(work: Path, quant: str, net: str, group_size: int = 64) -> list[dict]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The reference port's layout priced by tpu-mlir's cost model: Sophgo's sophon-demo
-sample/Llama3_2_Vision (5.72 s to first token, 7.51 tokens/s on an SE7-32, int4, seq 512), one
+sample/Llama3_2_Vision (measured figures: common.REFERENCE_*), one
 net of each kind at the Llama-3.2-11B-Vision widths, compiled by the same tpu-mlir as lvb.
 
 How: each kind is a small torch module that repeats, op for op, what the reference exports
@@ -32,7 +32,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -40,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (CONFIGS, OUT, REFERENCE_FIRST_TOKEN_S, REFERENCE_SEQ, REFERENCE_SOURCE, REFERENCE_TOKENS_PER_S,  # noqa: E402
-                    REPO, RESULTS, machine, mb, save_json, table)
+                    REPO, RESULTS, mb, save_json, stamp, table)
 
 from lvb.compile.tpumlir import TRANSFORM_OPTIONS  # noqa: E402
 from lvb.devicetime import Estimate, ProfileError, read_profile  # noqa: E402
@@ -467,11 +466,9 @@ def main() -> int:
             kinds[kind]["calls"] = {name: t["calls"][kind] for name, t in sums.items() if kind in t["calls"]}
             kinds[kind].pop("per_model", None)
             kinds[kind].setdefault("unpriced", None)
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
         save_json(OUTPUT, {
             "what": "the sophon-demo Llama3_2_Vision port's nets at the 11B widths, priced by tpu-mlir's cost model",
-            "commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-            "load_average": os.getloadavg(), "tpu_mlir": toolchain.tpu_mlir_version, "seq": args.seq, "widths": w,
+            **stamp(), "tpu_mlir": toolchain.tpu_mlir_version, "seq": args.seq, "widths": w,
             "reference": {"first_token_s": REFERENCE_FIRST_TOKEN_S, "tokens_per_s": REFERENCE_TOKENS_PER_S,
                           "source": REFERENCE_SOURCE, "lines": "L99-L101 (the performance table)"},
             "kinds": kinds, "totals": sums,

@@ -5,7 +5,7 @@ port's (sophon-demo sample/Llama3_2_Vision/python/llama3.py, `forward_next`).
 Setup: the config-only 11B checkpoint folder of host_overhead.py (40 text layers, 8
 cross, hidden 4096, 8 KV heads, vocab 128256, 4 x 1601 vision tokens; no weights) and
 lvb's stand-in sophon.sail (src/lvb/testing/sail_standin), with a bmodel registered by
-the contract's net shapes (float32 I/O, as lvb compiles), whose launches compute
+the contract's net shapes in the dtypes lvb compiles them with (NetSpec.on_device), whose launches compute
 nothing. lvb's real SailEngine and Session run on it; the stand-in counts every copy
 its Tensors make: host->device (update_data to a device-only tensor, sync_s2d),
 device->host (sync_d2s) and device->device (sync_d2d), in bytes and in calls.
@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "src" / "lvb" / "testing" / "sail_standin"))
-from common import full_model, OUT, geometry_11b, table, write_config_only  # noqa: E402
+from common import OUT, REPO, full_model, geometry_11b, record_result, table, write_config_only  # noqa: E402
 
 import sophon.sail as sail  # noqa: E402  (the stand-in)
 
@@ -99,6 +99,11 @@ def main() -> int:
     print(table(rows, ["per decode step", "lvb sail (counted)", "llama3.py (from its code)"]))
     print(f"host->device copies per step: {int(ours['h2d calls'])} for {layers} layers (lvb), {ref['h2d calls']} (llama3.py): "
           "none per layer")
+    if (args.seq, args.chunk, args.steps) == (512, 128, 20):  # what the READMEs show
+        path = record_result("sail_traffic", {"seq": args.seq, "chunk": args.chunk, "steps": args.steps, "layers": layers,
+                                              "launches": int(ours["launches"]), "lvb": {k: int(ours[k]) for k in ref},
+                                              "reference": ref})
+        print(f"\nresults: {path.relative_to(REPO)}")
     return 0
 
 

@@ -7,7 +7,7 @@
    counted by the Session itself (Reply.stats.speculative).
 2. On the chip, estimated: tokens/s of one conversation at the 11B's widths (INT4 blocks, INT4
    LM head), plain against speculative with a 1B draft (Llama-3.2-1B's widths), for acceptance
-   rates 0.3-0.9 and k = 2..8. Times are tpu-mlir's cost model: the 11B's nets from
+   rates 0.3-0.9 and k = 1..8. Times are tpu-mlir's cost model: the 11B's nets from
    bench/results/device_time.json (label lvb-head-int4: one net of each kind at the real widths,
    layer counts from the published config), the draft's from bench/results/draft_widths.json
    (bench/draft_widths.py). Launch overhead is left out of both sides, as in device_time.json.
@@ -38,12 +38,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
-from common import OUT, RESULTS, machine, save_json, table  # noqa: E402
+from common import OUT, RESULTS, record_result, table  # noqa: E402
 
 RESULTS_FILE = RESULTS / "speculative.json"
 CONFIG_11B = REPO / "tests" / "data" / "llama-3.2-11b-vision.config.json"
 ACCEPTANCE = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
-DRAFT_TOKENS = (2, 3, 4, 5, 6, 8)
+DRAFT_TOKENS = (1, 2, 3, 4, 5, 6, 8)
 
 
 # ----------------------------------------------------------------------------- 1. the toy
@@ -96,19 +96,46 @@ def expected_tokens(a: float, k: int) -> float:
     return float(k + 1) if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
 
 
-def estimates(label: str) -> tuple[dict, dict, dict]:
-    """(11B per-kind ms, draft per-net ms, layer counts) from the committed results."""
+# Llama-3.2-1B's published widths (its config.json), what bench/draft_widths.py compiles.
+WIDTHS_1B = {"layers": 16, "hidden": 2048, "heads": 32, "kv_heads": 8, "intermediate": 8192, "vocab": 128256}
+
+
+def layer_parameters(hidden: int, heads: int, kv_heads: int, intermediate: int) -> int:
+    """The weights of one Llama decoder layer's projections (q, k, v, o and the MLP)."""
+    head_dim = hidden // heads
+    return 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim + 3 * hidden * intermediate
+
+
+def scaled_draft(kinds: dict) -> dict:
+    """The draft's nets priced from the 11B's by their weight bytes (a decode step reads every
+    weight once, at the same bandwidth): used only without bench/results/draft_widths.json."""
+    config = json.loads(CONFIG_11B.read_text())["text_config"]
+    w = WIDTHS_1B
+    layer = (layer_parameters(w["hidden"], w["heads"], w["kv_heads"], w["intermediate"])
+             / layer_parameters(config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"],
+                                config["intermediate_size"]))
+    head = w["hidden"] / config["hidden_size"]  # the same vocabulary
+    return {"block_cache_0": kinds["self_decode"] * layer, "block_0": kinds["self_prefill"] * layer,
+            "lm_head": kinds["lm_head"] * head, "greedy_head": kinds["greedy_head"], "embed": kinds["embed"],
+            "embed_cache": kinds["embed_cache"]}
+
+
+def estimates(label: str) -> tuple[dict, dict, dict, str]:
+    """(11B per-kind ms, draft per-net ms, layer counts, where the draft's figures come from)."""
     device = json.loads((RESULTS / "device_time.json").read_text())[label]
     kinds = {kind: entry["stages"][0]["cycles"] / 1e6 for kind, entry in device["kinds"].items()}
-    draft = json.loads((RESULTS / "draft_widths.json").read_text())
     config = json.loads(CONFIG_11B.read_text())["text_config"]
     counts = {"self": config["num_hidden_layers"] - len(config["cross_attention_layers"]),
-              "cross": len(config["cross_attention_layers"]), "draft": draft["widths"]["layers"]}
-    return kinds, {name: stages[0] for name, stages in draft["ms"].items()}, counts
+              "cross": len(config["cross_attention_layers"]), "draft": WIDTHS_1B["layers"]}
+    path = RESULTS / "draft_widths.json"
+    if path.is_file():
+        draft = {name: stages[0] for name, stages in json.loads(path.read_text())["ms"].items()}
+        return kinds, draft, counts, "bench/draft_widths.py: the 1B's nets compiled at its widths (cost model)"
+    return kinds, scaled_draft(kinds), counts, "the 11B's nets scaled by weight bytes (bench/draft_widths.py not run)"
 
 
 def chip(label: str) -> dict:
-    kinds, draft, n = estimates(label)
+    kinds, draft, n, source = estimates(label)
     head = kinds["lm_head"] + kinds["greedy_head"]
     # One step of the 11B without a draft, as lvb.runtime.turn prices it (text-only chat, and
     # a chat with a picture: the cross-attention layers run too).
@@ -131,7 +158,7 @@ def chip(label: str) -> dict:
                 grid.append({"chat": chat, "acceptance": a, "k": k, "tokens_per_check": tokens, "draft_ms": drafting,
                              "check_ms": check, "tokens_per_s": 1000 * tokens / ms,
                              "plain_tokens_per_s": 1000 / plain[chat], "speedup": plain[chat] * tokens / ms})
-    return {"label": label, "plain_step_ms": plain, "verify_pass_ms": verify, "draft_step_ms": draft_step,
+    return {"label": label, "draft_source": source, "plain_step_ms": plain, "verify_pass_ms": verify, "draft_step_ms": draft_step,
             "draft_prefill_ms": draft_prefill, "head_ms": head, "grid": grid}
 
 
@@ -164,8 +191,22 @@ def memory(draft_weights: float, target_weights: float = 9.2e9, seq: int = 512) 
             "total": total, "spare": {card: size - total for card, size in CARDS.items()}}
 
 
+def draft_weights() -> float:
+    """The 1B draft's device weights: compiled (bench/draft_widths.py), else counted: INT4
+    blocks (half a byte a weight, a bf16 scale per 64), each layer in its prefill and its decode
+    net; the BF16 table in embed and embed_cache; the INT4 tied head."""
+    path = RESULTS / "draft_widths.json"
+    if path.is_file():
+        return json.loads(path.read_text())["weight_bytes_16_layers"]
+    w = WIDTHS_1B
+    int4 = 0.5 + 2 / 64
+    layer = layer_parameters(w["hidden"], w["heads"], w["kv_heads"], w["intermediate"]) * int4
+    table = w["vocab"] * w["hidden"]
+    return 2 * w["layers"] * layer + 2 * table * 2 + table * int4
+
+
 def draft_config() -> dict:
-    widths = json.loads((RESULTS / "draft_widths.json").read_text())["widths"]
+    widths = WIDTHS_1B
     return {"model_type": "llama", "num_hidden_layers": widths["layers"], "hidden_size": widths["hidden"],
             "intermediate_size": widths["intermediate"], "num_attention_heads": widths["heads"],
             "num_key_value_heads": widths["kv_heads"], "vocab_size": widths["vocab"], "rms_norm_eps": 1e-5,
@@ -182,10 +223,10 @@ def main() -> int:
     previous = json.loads(RESULTS_FILE.read_text()) if RESULTS_FILE.exists() else {}
     toy_rows = previous.get("toy") if args.skip_toy else toy(args.pictures, args.work)
     if not args.skip_toy:  # kept while the chip's figures wait for bench/draft_widths.py
-        save_json(RESULTS_FILE, previous | {"toy": toy_rows})
+        record_result("speculative", previous | {"toy": toy_rows})
     estimate = chip(args.label)
-    draft = json.loads((RESULTS / "draft_widths.json").read_text())
-    mem = memory(draft["weight_bytes_16_layers"])
+    mem = memory(draft_weights())
+    print(f"draft's figures: {estimate['draft_source']}")
     print(f"\n11B step without a draft: {estimate['plain_step_ms']['text']:.1f} ms (text), "
           f"{estimate['plain_step_ms']['picture']:.1f} ms (picture); check pass {estimate['verify_pass_ms']['text']:.1f} / "
           f"{estimate['verify_pass_ms']['picture']:.1f} ms + {estimate['head_ms']:.2f} ms a head; 1B draft step "
@@ -203,8 +244,7 @@ def main() -> int:
     rows += [["both", "", f"{mem['total'] / 1e9:.2f} GB"]]
     rows += [[f"spare on {card}", "", f"{spare / 1e9:.2f} GB"] for card, spare in mem["spare"].items()]
     print(table(rows, ["", "weights", "total"]))
-    save_json(RESULTS_FILE, {"toy": toy_rows, "chip": estimate, "memory": mem, "machine": machine(),
-                             "date": time.strftime("%Y-%m-%d")})
+    record_result("speculative", {"toy": toy_rows, "chip": estimate, "memory": mem})
     return 0
 
 

@@ -68,7 +68,7 @@ def export_onnx(kind: str, rows: int, path: Path) -> int:
 
 def run_work_nets(args, out: Path, results: dict, results_path: Path, tpu_python: Path) -> list[list]:
     """Transform nets of a convert_scale.py work dir with --do_onnx_sim '' and deploy them with lvb's options."""
-    from lvb.check import CheckMode
+    from lvb.contract import CheckMode
     from lvb.compile.compiler import CompileSettings
     from lvb.compile.tpumlir import DeployOptions, shapes_arg
     from lvb.contract import Kind

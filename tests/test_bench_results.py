@@ -5,6 +5,7 @@ fails here."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,72 @@ def test_the_turn_is_priced_from_the_recorded_nets():
     step = ((config["num_hidden_layers"] - cross) * ms["self_decode"] + cross * ms["cross_decode"] + ms["lm_head"]
             + ms["greedy_head"] + ms["embed_cache"])
     assert four_tiles("lvb")["decode_step_ms"] == pytest.approx(step)
+
+
+MEMORY_PLAN = json.loads((ROOT / "bench" / "results" / "memory_plan.json").read_text())["plans"]
+
+
+def flat(text: str) -> str:
+    """Table rows with their padding collapsed."""
+    return re.sub(r" +", " ", text)
+
+
+@pytest.mark.parametrize("seq", ["512", "1024"])
+def test_readme_memory_plans_are_the_recorded_ones(seq):
+    """bench/memory_plan.py's tables in bench/README §6 and the README's summary, against
+    bench/results/memory_plan.json."""
+    plan, gb = MEMORY_PLAN[seq], lambda n: f"{n / 1e9:.2f} GB"
+    overhead = f"{plan['overhead'] / 2**30:.2f} GiB"
+    printed = flat(BENCH_README)
+    for row in (f"| total | {gb(plan['total'])} |", f"| engine overhead (all but weights) | {gb(plan['overhead'])} ({overhead}) |",
+                f"| weights + instructions | {gb(plan['weights'])} |", f"| activations (shared) | {gb(plan['activations'])} |"):
+        assert row in printed, (seq, row)
+    assert f"**{gb(plan['total'])}** / {overhead}" in README, seq
+    assert f"{plan['spare']['SC7 chip, 12 GB'] / 1e9:+.2f} / {plan['spare']['SC7 chip, 16 GB'] / 1e9:+.2f} GB" in README, seq
+
+
+FIRST_TOKEN = json.loads((ROOT / "bench" / "results" / "first_token.json").read_text())
+
+
+def test_bench_readme_first_token_table_is_the_recorded_one():
+    """bench/README §4's table: per tile count, `--chunk 128` beside `--chunk 16,32,64,128`."""
+    single, buckets = FIRST_TOKEN["chunk 128"]["first_token"], FIRST_TOKEN["chunk 16,32,64,128"]["first_token"]
+    for a, b in zip(single, buckets):
+        ref = a["reference_flops"]
+        row = (f"| {a['tiles']} | {ref / 1e12:.1f} | {a['flops'] / 1e12:.1f} | {b['flops'] / 1e12:.1f} ({b['vision_flops'] / 1e12:.1f}) "
+               f"| {a['flops'] / ref:.2f} / **{b['flops'] / ref:.3f}** | {a['reference_bytes'] / 1e9:.2f} "
+               f"| {a['bytes'] / 1e9:.2f} / {b['bytes'] / 1e9:.2f} | {a['reference_s']:.2f} "
+               f"| {a['projected_s']:.2f} / {b['projected_s']:.2f} |")
+        assert row in BENCH_README, row
+    four = buckets[-1]
+    ratios = " / ".join(f"{t['flops'] / t['reference_flops']:.3f}" for t in buckets)
+    assert f"`--chunk 16,32,64,128`: {ratios} (" in README
+    assert f"({four['flops'] / 1e12:.1f} of {four['reference_flops'] / 1e12:.1f} TFLOP" in README
+    assert f"{four['projected_s']:.2f} s for every tile count with buckets, {single[-1]['projected_s']:.2f} s" in README
+
+
+def test_bench_readme_decode_step_table_is_the_recorded_one():
+    for plan in FIRST_TOKEN["chunk 16,32,64,128"]["decode_step"]:
+        weights, moved = plan["weight_bytes"] / 1e9, plan["bytes"] / 1e9
+        line = next(line for line in BENCH_README.splitlines()
+                    if line.startswith({"reference": "| reference (", "lvb": "| lvb (",
+                                        "lvb, --head-quant int4": "| lvb with `--head-quant int4`"}[plan["plan"]]))
+        for figure in (f"{weights:.2f} GB", f"{moved - weights:.3f} GB", f"{moved:.2f} GB", f"{plan['vs_reference']:.3f}",
+                       f"{plan['projected_tokens_per_s']:.2f}"):
+            assert figure in line, (plan["plan"], figure, line)
+
+
+SAIL_TRAFFIC = json.loads((ROOT / "bench" / "results" / "sail_traffic.json").read_text())
+
+
+def test_readme_host_traffic_is_the_recorded_one():
+    lvb, ref = SAIL_TRAFFIC["lvb"], SAIL_TRAFFIC["reference"]
+    assert f"| host → device | {lvb['h2d']:,} B in {lvb['h2d calls']} copies" in BENCH_README
+    assert f"| {ref['h2d']:,} B in {ref['h2d calls']} (" in BENCH_README
+    assert f"| device → host | {lvb['d2h']:,} B (the greedy token) | {ref['d2h']:,} B |" in BENCH_README
+    assert f"| device → device | {lvb['d2d']:,} | {ref['d2d']:,} |" in BENCH_README
+    assert f"0 (the {SAIL_TRAFFIC['launches']} launches" in BENCH_README
+    moved, copies = lvb["h2d"] + lvb["d2h"] + lvb["d2d"], lvb["h2d calls"] + lvb["d2h calls"] + lvb["d2d calls"]
+    assert f"{moved:,} bytes in {copies} copies, no per-layer upload (reference port: {ref['h2d'] + ref['d2h'] + ref['d2d']:,})" in README
+    assert (f"moves {lvb['h2d']:,} bytes host→device in {lvb['h2d calls']} copies" in " ".join(README.split())
+            and f"moves {ref['h2d']:,} and {ref['d2h']}" in README)

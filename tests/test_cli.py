@@ -84,3 +84,40 @@ def test_export_names_a_bad_chunk_list(chunk, problem, checkpoint_factory, tmp_p
     output = one_error_line(["export", "--model", str(checkpoint_factory("mha-cross-first")), "--out", str(tmp_path),
                              "--seq", "160", "--chunk", chunk])
     assert problem in output and not (tmp_path / "export" / "manifest.json").exists()
+
+
+BAD_CHOICES = {  # every choice option, refused in lvb's one style before any work: one line, exit 1
+    "compile --check": (["compile", "--work", "{tmp}", "--check", "foo"], "--check foo is not one of all, kinds, none"),
+    "compile --quant": (["compile", "--work", "{tmp}", "--quant", "int3"], "--quant int3 is not one of int4, int8, bf16"),
+    "compile --head-quant": (["compile", "--work", "{tmp}", "--head-quant", "fp8"], "--head-quant fp8 is not one of int4, int8, bf16"),
+    "compile --chip": (["compile", "--work", "{tmp}", "--chip", "bm1688"], "--chip bm1688 is not one of bm1684x"),
+    "compile --jobs (not a number)": (["compile", "--work", "{tmp}", "--jobs", "two"], "--jobs two:"),
+    "pack --quant": (["pack", "{tmp}", "--out", "{tmp}/package", "--quant", "banana"], "--quant banana is not one of int4, int8, bf16"),
+    "verify --backend": (["verify", "--model", "{tmp}", "--work", "{tmp}", "--backend", "tpu"],
+                         "--backend tpu is not one of cmodel, sail, onnxruntime"),
+    "verify --pictures": (["verify", "--model", "{tmp}/no-model", "--work", "{tmp}", "--pictures", "0"], "--pictures 0 is out of range"),
+    "run --backend": (["run", "--model", "{tmp}", "--prompt", "hi", "--backend", "tpu"], "--backend tpu is not one of"),
+    "serve --history": (["serve", "--model", "{tmp}", "--history", "forever"], "--history forever is not one of refuse, truncate"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHOICES)
+def test_a_bad_choice_is_one_line_and_exit_1(case, tmp_path):
+    args, expected = BAD_CHOICES[case]
+    output = one_error_line([a.format(tmp=tmp_path) for a in args])
+    assert expected in output and "Usage:" not in output
+    assert not list(tmp_path.iterdir())  # nothing started
+
+
+def test_the_library_refuses_a_bad_choice_in_the_same_words():
+    """CompileSettings, open_engine, pack and verify take names from callers other than the CLI."""
+    from lvb.compile.compiler import CompileSettings
+    from lvb.contract import ChoiceError, Quant
+    from lvb.runtime.backends import open_engine
+
+    with pytest.raises(ChoiceError, match="^--vision-quant f32 is not one of int4, int8, bf16$"):
+        CompileSettings(quant="int4", vision_quant="f32")
+    with pytest.raises(ChoiceError, match="^--backend tpu is not one of cmodel, sail, onnxruntime$"):
+        open_engine("tpu")
+    settings = CompileSettings(quant="int8", check="kinds")  # names from a manifest become the choices
+    assert settings.quant is Quant.INT8 and f"{settings.quant}" == "int8" and {"int8": 1}[settings.quant] == 1

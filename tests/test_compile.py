@@ -13,13 +13,14 @@ from typer.testing import CliRunner
 
 from helpers import SEQ, bmodel_digest, chunks_of, manifest, one_error_line, record_as_exported
 from lvb.cli import app
-from lvb.check import CheckMode, shortfalls, thresholds
+from lvb.check import shortfalls, thresholds
 from lvb.bmodel import inspect_bmodel
 from lvb.devicetime import Estimate, compile_record, from_manifest
 from lvb.runtime.turn import turn_times
 from lvb.spec import ModelSpec
-from lvb.compile.compiler import CompileSettings, Compiler, record_transform
-from lvb.contract import Kind, NetSpec
+from lvb.compile.build import record_transform
+from lvb.compile.compiler import CompileSettings, Compiler
+from lvb.contract import CheckMode, Kind, NetSpec
 from lvb.testing.checkpoints import GEOMETRIES
 from lvb.toolchain import Toolchain, find_toolchain
 
@@ -182,7 +183,7 @@ def test_bad_input(export_factory, tmp_path):
     work = str(export_factory("gqa2-cross-last"))
     assert "holds no export" in one_error_line(["compile", "--work", str(tmp_path)])
     assert "no-such-toolchain" in one_error_line(["compile", "--work", work, "--toolchain", str(tmp_path / "no-such-toolchain")])
-    assert "--chip bm1688 is not supported" in one_error_line(["compile", "--work", work, "--chip", "bm1688"])
+    assert "--chip bm1688 is not one of bm1684x" in one_error_line(["compile", "--work", work, "--chip", "bm1688"])
     assert "--quant int3 is not one of" in one_error_line(["compile", "--work", work, "--quant", "int3"])
     output = one_error_line(["compile", "--work", work, "--group-size", "48"])
     assert "--group-size 48 does not divide text hidden_size 64" in output and "--group-size 64" in output
@@ -199,6 +200,22 @@ def test_a_failing_net_stops_the_pool_and_is_named(export_factory, tmp_path):
     assert result.exit_code == 1
     assert "error: block_1: model_transform.py failed" in result.output
     assert not list(work.glob("*.bmodel"))  # nothing a later run would trust
+
+
+def test_compile_net_builds_one_net_as_run_would(export_factory, tmp_path):
+    """The public way to build one net ahead of `run` (bench/real_widths.py builds the first net of
+    each kind so): checked, cached where `run` looks, its transform taken in turn on the lock."""
+    from lvb.compile.build import CompileError
+
+    work = tmp_path / "work"
+    shutil.copytree(export_factory("gqa2-cross-last") / "export", work / "export")
+    turns = tmp_path / "transform.lock"
+    compiler = Compiler(work, CompileSettings(quant="int4", check="kinds"), find_toolchain(), transform_lock=turns)
+    result = compiler.compile_net("greedy_head")
+    assert result["passed"] and result["check"] is not None and (work / result["bmodel"]).is_file()
+    assert turns.is_file()  # the transform ran under the lock
+    with pytest.raises(CompileError, match="no_such_net is not a net of the export"):
+        compiler.compile_net("no_such_net")
 
 
 def test_inspect_reports_decode_bytes(compile_factory):

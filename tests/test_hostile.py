@@ -284,6 +284,9 @@ def test_compile_rebuilds_damaged_cache_entries_and_names_them(compile_factory, 
     work = tmp_path / "work"
     shutil.copytree(bmodel.parent, work, ignore=shutil.ignore_patterns("verify", "*.tmp-*"))
     copied = work / bmodel.name
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    combined = work / f".{bmodel.name}.tmp-{dead.stdout.strip()}"  # as a SIGKILLed combine leaves it
+    combined.write_bytes(b"half")
     net = "greedy_head"  # the cheapest net to build again
     net_bmodel = next((work / "compile" / net).glob(f"*/{net}.bmodel"))
     mlir_file = next((work / "compile" / net).glob(f"mlir-*/{net}.mlir"))
@@ -294,7 +297,7 @@ def test_compile_rebuilds_damaged_cache_entries_and_names_them(compile_factory, 
     for path, redo in ((copied, "combining it again"), (net_bmodel, f"compiling {net} again"),
                        (mlir_file, f"transforming {net} again")):
         assert f"{path} is 100 bytes" in output and redo in output
-    assert copied.stat().st_size == bmodel.stat().st_size
+    assert copied.stat().st_size == bmodel.stat().st_size and not combined.exists()
     assert "note:" not in succeeds(["compile", "--work", work, "--quant", "int4"])  # and now trusted again
 
 
@@ -697,8 +700,12 @@ def test_a_killed_pack_leaves_no_temporary_folder_behind(work, tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     leftover = tmp_path / f".package.tmp-{dead.stdout.strip()}"  # as a SIGKILLed pack leaves it
     (leftover / "checkpoint").mkdir(parents=True)
+    replaced = tmp_path / f".package.old-{dead.stdout.strip()}"  # killed while replacing an older package
+    replaced.mkdir()
+    archive = tmp_path / f".package.tar.gz.tmp-{dead.stdout.strip()}"  # killed while writing --tar
+    archive.write_bytes(b"half")
     succeeds(["pack", copy, "--out", tmp_path / "package"])
-    assert not leftover.exists()
+    assert not leftover.exists() and not replaced.exists() and not archive.exists()
 
 
 # -- config and weights that contradict each other: refused before any work (issue 36) --------

@@ -19,13 +19,14 @@ SRC = Path(lvb.__file__).parent
 # Bottom to top. A module may import from its own layer and the layers below.
 LAYERS: list[tuple[str, ...]] = [
     ("lvb", "lvb.errors"),
-    ("lvb.files", "lvb.numerics", "lvb.spec", "lvb.text", "lvb.toolchain", "lvb.tasks", "lvb.hub"),
+    ("lvb.files", "lvb.numerics", "lvb.dtypes", "lvb.spec", "lvb.text", "lvb.toolchain", "lvb.tasks", "lvb.hub"),
     ("lvb.contract",),
     ("lvb.masks", "lvb.workdir", "lvb.package", "lvb.bmodel"),
     ("lvb.check", "lvb.devicetime"),
     ("lvb.export", "lvb.compile", "lvb.runtime", "lvb.patches", "lvb.testing"),
     ("lvb.verify", "lvb.doctor", "lvb.serve"),
     ("lvb.cli",),
+    ("lvb.__main__",),
 ]
 # Within a layer, imports between different packages are allowed only along these edges.
 SIDEWAYS = {
@@ -39,7 +40,7 @@ SIDEWAYS = {
 }
 # The runtime path: what `lvb run`/`lvb chat` import. It installs on a board without these.
 HEAVY = ("torch", "transformers", "onnx", "safetensors")
-RUNTIME = ("lvb.runtime", "lvb.text", "lvb.masks", "lvb.contract", "lvb.spec", "lvb.numerics", "lvb.workdir", "lvb.devicetime",
+RUNTIME = ("lvb.runtime", "lvb.text", "lvb.masks", "lvb.contract", "lvb.spec", "lvb.numerics", "lvb.dtypes", "lvb.workdir", "lvb.devicetime",
            "lvb.errors", "lvb.files", "lvb.toolchain", "lvb.hub", "lvb.package")
 
 

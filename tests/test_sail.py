@@ -245,6 +245,18 @@ def test_standin_tensors_follow_the_sdk(sail):
         device.total = total
 
 
+def test_the_dtype_table_names_every_sdk_dtype_once(sail):
+    """lvb.dtypes, which the engines, the memory plan and the bmodel reader all read: one row per
+    bm_data_type_t of libsophon (the stand-in's Dtype copies bmdef.h), each as wide on the host
+    as on the device, and bf16 rounded as the chip rounds (to nearest, ties to even)."""
+    from lvb.dtypes import BY_TPU_MLIR, DTYPES, from_bf16_bits, to_bf16_bits
+
+    assert sorted(d.sail for d in DTYPES) == sorted(member.name for member in sail.Dtype)
+    assert len(BY_TPU_MLIR) == len(DTYPES) and all(np.dtype(d.raw).itemsize == d.bytes for d in DTYPES)
+    ties = np.array([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8)], np.float32)  # halfway between two bf16 values
+    assert from_bf16_bits(to_bf16_bits(ties)).tolist() == [1.0, 1 + 2**-6, -1.0]
+
+
 def test_without_sophon_sail_the_error_is_one_line(monkeypatch, tmp_path):
     from lvb.runtime.sail import SailEngine
 
@@ -285,7 +297,7 @@ def test_bf16_state_takes_two_bytes_a_value_on_every_backend(sail, tmp_path):
     float32 shadow; values go in and come out as float32, rounded to bf16; a bf16 net reads
     and writes rows of it in place (a shape-only bmodel: nothing runs)."""
     from lvb.contract import BF16, NetInfo, TensorInfo
-    from lvb.numerics import from_bf16_bits, to_bf16_bits
+    from lvb.dtypes import from_bf16_bits, to_bf16_bits
     from lvb.runtime.engine import HostBuffers
     from lvb.runtime.sail import SailEngine
 

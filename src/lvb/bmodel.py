@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lvb.contract import Kind, Names, kinds_named
+from lvb.dtypes import tensor_bytes
 from lvb.toolchain import Toolchain, ToolchainError
 
-_DTYPE_BYTES = {"float32": 4, "int32": 4, "uint32": 4, "bfloat16": 2, "float16": 2, "uint16": 2, "int16": 2,
-                "int8": 1, "uint8": 1}
 _NET = re.compile(r"^net \d+: \[(?P<name>[^\]]+)\]")
 _TENSOR = re.compile(r"^(?P<io>input|output): (?P<name>[^,]+), \[(?P<shape>[^\]]*)\], (?P<dtype>\w+)")
 _WEIGHT_NET = re.compile(r'^net \d+ : "(?P<name>[^"]+)"(, stage:(?P<stage>\d+))?')
@@ -41,10 +40,7 @@ class Tensor:
 
     @property
     def bytes(self) -> int:
-        count = 1
-        for d in self.shape:
-            count *= d
-        return count * _DTYPE_BYTES.get(self.dtype, 4)
+        return tensor_bytes(self.shape, self.dtype)
 
 
 @dataclass

@@ -23,23 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
 
 from lvb.contract import Kind, Names, NetSpec
 from lvb.numerics import compare, reaches, same_tokens
-
-
-class CheckMode(str, Enum):
-    """Which nets the compile runs on the simulator against onnxruntime."""
-
-    ALL = "all"
-    # The first net of each kind; its siblings differ only in weights, so they take its passing
-    # options unchecked (at real widths a check costs minutes per net). `lvb verify` checks them all.
-    KINDS = "kinds"
-    NONE = "none"
 
 
 @dataclass(frozen=True)

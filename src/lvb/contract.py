@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 
+from lvb.dtypes import BF16  # the device dtype of the state the nets hand each other (see `device_dtype`)
+from lvb.errors import LvbError
 from lvb.spec import ModelSpec
 
 # What `lvb export` builds unless told otherwise: KV-cache slots and prefill chunks.
@@ -39,9 +41,76 @@ DEFAULT_CHUNKS = (128,)  # `--chunk 16,32,64,128` prefills a short turn faster; 
 # tpu-mlir's comparisons stay clear of infinities.
 MASK_VALUE = -10000.0
 
-# The device dtype of the state the nets hand each other (see `device_dtype`).
-BF16 = "bfloat16"
 
+class ChoiceError(LvbError, ValueError):
+    """A name outside an option's choices."""
+
+
+def not_one_of(option: str, value: object, choices) -> str:
+    """The one message for a value outside an option's choices, from the library and the CLI alike."""
+    return f"{option} {value} is not one of {', '.join(map(str, choices))}"
+
+
+class Choice(str, Enum):
+    """A closed set of names an option takes (the CLI's Enum choices, the library's arguments).
+    A member reads, formats, hashes and serializes as its name, so it and the plain name are
+    interchangeable in messages, file names, JSON and dict keys."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+    @classmethod
+    def of(cls, value: object, option: str):
+        """`value` (a name or a member) as a member; a name outside the choices is a ChoiceError
+        naming `option` and the choices."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ChoiceError(not_one_of(option, value, [c.value for c in cls])) from None
+
+
+class Quant(Choice):
+    """How a group of nets is compiled (`--quant`, `--vision-quant`, `--embed-quant`, `--head-quant`):
+    INT4 or INT8 weights with bf16 activations (tpu-mlir's W4BF16, W8BF16), or bf16 throughout."""
+
+    INT4 = "int4"
+    INT8 = "int8"
+    BF16 = "bf16"
+
+    @property
+    def grouped(self) -> bool:
+        """Whether its weights share one scale per `--group-size` inputs."""
+        return self is not Quant.BF16
+
+
+class Backend(Choice):
+    """Where the nets run."""
+
+    CMODEL = "cmodel"  # tpu-mlir's simulator of the chip
+    SAIL = "sail"  # the device, through sophon.sail
+    ONNXRUNTIME = "onnxruntime"  # the exported ONNX nets, no bmodel
+
+
+class Chip(Choice):
+    """The chips lvb compiles for."""
+
+    BM1684X = "bm1684x"
+
+
+class CheckMode(Choice):
+    """Which nets the compile runs on the simulator against onnxruntime."""
+
+    ALL = "all"
+    # The first net of each kind; its siblings differ only in weights, so they take its passing
+    # options unchecked (at real widths a check costs minutes per net). `lvb verify` checks them all.
+    KINDS = "kinds"
+    NONE = "none"
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -111,7 +180,7 @@ class MeasuredPeak:
     and that net's ONNX + weight bytes, at Llama-3.2-11B-Vision widths (bench/README.md §1,
     measured by bench/convert_scale.py). A kind without weights peaks at its measure.
     `simplified` is the peak with tpu-mlir's ONNX simplifier, which a graph that computes
-    shapes (a net with stages) still needs (lvb.compile.compiler.needs_simplifier)."""
+    shapes (a net with stages) still needs (lvb.compile.build.needs_simplifier)."""
 
     rss: float
     weight_bytes: float
@@ -147,7 +216,7 @@ class KindPolicy:
 # bench/README.md §10), so they start with them too.
 _VISION = KindPolicy(QuantGroup.VISION)
 _DECODER = KindPolicy(QuantGroup.DECODER)
-# Measured 2026-11-30 without the simplifier (with it, 2026-11-25: 10.0 GB for the tables).
+# Measured without the simplifier, as the tables are transformed (bench/README.md §1c).
 _TABLE = KindPolicy(QuantGroup.EMBED, peak=MeasuredPeak(9.81e9, 2.10e9))
 
 POLICY: dict[Kind, KindPolicy] = {

@@ -1,4 +1,4 @@
-"""Numbers shared by every stage: bf16 bit patterns and how close two outputs are.
+"""Numbers shared by every stage: how close two outputs are (bf16 bit patterns: lvb.dtypes).
 
 Depends on numpy alone, so the lean runtime, the exporter, the compiler and
 the checks can all use it without importing each other.
@@ -7,17 +7,6 @@ the checks can all use it without importing each other.
 from __future__ import annotations
 
 import numpy as np
-
-
-def to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even, for nets with bf16 I/O."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
-    return (rounded >> 16).astype(np.uint16)
-
-
-def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def lowest(values) -> float:

@@ -30,18 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lvb
+from lvb.contract import Quant
 from lvb.errors import LvbError
 from lvb.hub import RUNTIME_FILES
-from lvb.workdir import (COMPILE_VERSION, WorkDir, WorkDirError, lock_folder, matches_record, read_manifest,
-                         remove_stale_scratch)
+from lvb.workdir import (BLOCK, WorkDir, WorkDirError, lock_folder, read_json, scratch, sha256_of, sweep_temporaries,
+                         temporary, temporary_prefix, write_json)
 
 MANIFEST = "lvb-package.json"
 STAMP = ".lvb-checked.json"
 FORMAT = 1
-QUANTS = ("int4", "int8", "bf16")
 CHECKPOINT = "checkpoint"
 EXPORT = "export"
-_BLOCK = 1 << 20
 
 Progress = Callable[[str, int, int], None]  # (file, bytes done, bytes in all)
 
@@ -75,39 +74,6 @@ class Package:
 # -- making one ------------------------------------------------------------------
 
 
-def _newest_compile(work: Path, quant: str | None) -> dict:
-    candidates = []
-    for path in WorkDir(work).compile_manifests():
-        data = read_manifest(path, COMPILE_VERSION)
-        if not isinstance(data.get("bmodel"), str) or not (work / data["bmodel"]).is_file():
-            continue
-        if quant is None or data.get("settings", {}).get("quant") == quant:
-            candidates.append((path.stat().st_mtime, data))
-    if not candidates:
-        which = f"{quant} bmodel" if quant else "bmodel"
-        raise PackageError(f"{work} holds no {which}; run `lvb compile --work {work}`"
-                           f"{f' --quant {quant}' if quant else ''} first, or pack the ONNX nets alone with --onnx")
-    return max(candidates, key=lambda c: c[0])[1]
-
-
-def _trusted_compile(work: Path, compiled: dict, export: dict) -> None:
-    """The bmodel is the file its compile recorded, compiled from the export as it is now;
-    else PackageError naming the mismatch: a package is only as good as what went into it."""
-    rerun = f"run `lvb compile --work {work} --quant {compiled.get('settings', {}).get('quant', 'int4')}` again"
-    problem = matches_record(work / compiled["bmodel"], compiled.get("file"))
-    if problem:
-        raise PackageError(f"{problem}; {rerun}")
-    settings = compiled.get("settings", {})
-    for name in ("seq", "chunks"):
-        if settings.get(name) != export["settings"].get(name):
-            raise PackageError(f"{compiled['bmodel']} was compiled from an export of {name} {settings.get(name)}, but "
-                               f"the export in {work} is now {name} {export['settings'].get(name)}; {rerun}")
-    keys = compiled.get("export")
-    if keys != {name: entry.get("key") for name, entry in export["nets"].items()}:
-        raise PackageError(f"{compiled['bmodel']} was not compiled from the export now in {work} (its nets were "
-                           f"exported again since, or it predates this check); {rerun}")
-
-
 def _copy(source: Path, target: Path, done: int, total: int, progress: Progress | None,
           expected: str | None = None) -> tuple[dict, int]:
     """Copy and hash in one pass; returns the manifest entry and the bytes done so far. A copy
@@ -116,7 +82,7 @@ def _copy(source: Path, target: Path, done: int, total: int, progress: Progress 
     digest = hashlib.sha256()
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(source, "rb") as src, open(target, "wb") as dst:
-        while block := src.read(_BLOCK):
+        while block := src.read(BLOCK):
             digest.update(block)
             dst.write(block)
             done += len(block)
@@ -151,22 +117,23 @@ def pack(work: Path, out: Path, quant: str | None = None, checkpoint: Path | Non
     """Write the package of work directory `work` to `out` (replacing an older package there).
     `checkpoint` overrides the folder the export was made from (for its small files)."""
     work, out = Path(work), Path(os.path.abspath(out))  # `--out .` names the folder it is run in
-    if quant is not None and quant not in QUANTS:
-        raise PackageError(f"--quant {quant} is not one of {', '.join(QUANTS)}")
+    quant = Quant.of(quant, "--quant") if quant is not None else None
     if out.resolve() == work.resolve() or out.resolve() in work.resolve().parents or work.resolve() in out.resolve().parents:
         raise PackageError(f"--out {out} overlaps the work directory {work}; pass a folder outside it")
     try:  # what every reader checks: finished, and each net's files the recorded ones
         export = WorkDir(work).require_export()
     except WorkDirError as e:
         raise PackageError(str(e)) from None
-    try:
-        compiled = _newest_compile(work, quant)
-    except PackageError:
-        if not onnx or quant is not None:  # an ONNX-only package, unless a bmodel was asked for
-            raise
-        compiled = None
+    directory = WorkDir(work)
+    compiled = directory.newest_compile(quant)
+    if compiled is None and (not onnx or quant is not None):  # an ONNX-only package, unless a bmodel was asked for
+        raise PackageError(f"{work} holds no {f'{quant} bmodel' if quant else 'bmodel'}; run `lvb compile --work {work}`"
+                           f"{f' --quant {quant}' if quant else ''} first, or pack the ONNX nets alone with --onnx")
     if compiled:
-        _trusted_compile(work, compiled, export)
+        try:  # a package is only as good as what went into it
+            directory.check_compile(compiled, export)
+        except WorkDirError as e:
+            raise PackageError(str(e)) from None
     checkpoint = Path(checkpoint or export.get("model", {}).get("dir", ""))
     if not (checkpoint / "config.json").is_file():
         raise PackageError(f"the checkpoint {work} was exported from ({checkpoint}) is gone; pass --model with it")
@@ -195,10 +162,9 @@ def pack(work: Path, out: Path, quant: str | None = None, checkpoint: Path | Non
 
 def _write(work, out, export, compiled, checkpoint, onnx, tar, sources, expected, progress) -> Package:
     # A killed pack's temporary folder (its process gone) is never trusted, and not kept either.
-    remove_stale_scratch(out.parent, pattern=f".{out.name}.tmp-*")
-    remove_stale_scratch(out.parent, pattern=f".{out.name}.old-*")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    sweep_temporaries(out)
+    sweep_temporaries(tar_path(out))
+    tmp = scratch(out)
     try:
         files, done = {}, 0
         total = sum(p.stat().st_size for p in sources.values())
@@ -218,7 +184,7 @@ def _write(work, out, export, compiled, checkpoint, onnx, tar, sources, expected
                         | ({"export": export.get("versions", {})} if onnx else {}),
             "files": files,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        write_json(tmp / MANIFEST, manifest)
         _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -229,7 +195,7 @@ def _write(work, out, export, compiled, checkpoint, onnx, tar, sources, expected
 
 def _replace(tmp: Path, out: Path) -> None:
     """Rename `tmp` to `out`; an older package there is moved aside first, then removed."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    old = temporary(out, "old")
     if out.exists():
         os.replace(out, old)
     try:
@@ -248,7 +214,7 @@ def tar_path(directory: Path) -> Path:
 def write_tar(directory: Path) -> Path:
     """`<directory>.tar.gz` holding the package under its folder's name."""
     target = tar_path(directory)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp = temporary(target)
     try:
         with tarfile.open(tmp, "w:gz") as archive:
             for path in sorted(directory.rglob("*")):
@@ -269,14 +235,14 @@ def _fingerprint(path: Path) -> list[int]:
 
 
 def _sha256(path: Path, done: int, total: int, progress: Progress | None) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            digest.update(block)
-            done += len(block)
-            if progress:
-                progress(path.name, done, total)
-    return digest.hexdigest(), done
+    read = [done]
+
+    def count(n: int) -> None:
+        read[0] += n
+        if progress:
+            progress(path.name, read[0], total)
+
+    return sha256_of(path, count), read[0]
 
 
 def _damaged(path: Path, why: str) -> PackageError:
@@ -327,12 +293,12 @@ def open_package(directory: str | Path, progress: Progress | None = None) -> Pac
                            f"({(manifest.get('versions') or {}).get('lvb') if isinstance(manifest, dict) else None}) or pack again")
     files = _entries(path, manifest)
     unlisted = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
-                      if not p.is_dir() and p.name not in (MANIFEST, STAMP) and not p.name.startswith(f"{STAMP}.tmp-")
+                      if not p.is_dir() and p.name not in (MANIFEST, STAMP) and not p.name.startswith(temporary_prefix(p.parent / STAMP))
                       and p.relative_to(directory).as_posix() not in files)
     if unlisted:
         raise PackageError(f"{directory / unlisted[0]} is in the package but not in its manifest; copy the package "
                            "again or re-run `lvb pack`")
-    stamp = _read_stamp(directory)
+    stamp = read_json(directory / STAMP)
     total = sum(entry["size"] for entry in files.values())
     done = 0
     checked = {}
@@ -360,23 +326,10 @@ def open_package(directory: str | Path, progress: Progress | None = None) -> Pac
     return Package(directory, manifest)
 
 
-def _read_stamp(directory: Path) -> dict:
-    try:
-        data = json.loads((directory / STAMP).read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError, RecursionError):
-        return {}
-
-
 def _write_stamp(directory: Path, checked: dict) -> None:
     """Best effort: a package lvb cannot write to (a read-only mount, a board's read-only
-    partition, another user's folder) is simply hashed every time; so is its cleanup."""
-    tmp = directory / f"{STAMP}.tmp-{os.getpid()}"
+    partition, another user's folder) is simply hashed every time."""
     try:
-        tmp.write_text(json.dumps(checked))
-        os.replace(tmp, directory / STAMP)
+        write_json(directory / STAMP, checked)
     except OSError:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # EROFS even for a file that is not there
-            pass
+        pass

@@ -13,8 +13,9 @@
     <model>_<tag>_seq<S>_chunk<C>_<chip>.bmodel   a combined bmodel (<C>: the chunk sizes, 16-32-64-128)
     verify/<bmodel stem or onnxruntime>/report.json, report.html
 
-Every file here is written to a temporary name and renamed into place, so a
-killed run leaves either the old file or the new one. Every manifest carries a
+Every file here is written to a temporary name (`temporary`: `.<name>.tmp-<pid>`) and renamed
+into place, so a killed run leaves either the old file or the new one; the next run removes what
+a killed one left (`remove_stale_scratch`). Every manifest carries a
 version and is checked on every read: one of another version reads as absent. Every
 file a cache reuses is recorded (`record_file`) and checked before reuse
 (`matches_record`, `damaged_files`); a damaged one is rebuilt or refused, never trusted.
@@ -23,11 +24,12 @@ file a cache reuses is recorded (`record_file`) and checked before reuse
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -86,6 +88,34 @@ class WorkDir:
         return self.verify_dir(bmodel) / REPORT_FILE
 
     # manifests
+    def newest_compile(self, quant: str | None = None) -> dict | None:
+        """The record of the newest combined bmodel still here (of `quant`, when given), or None."""
+        candidates = []
+        for path in self.compile_manifests():
+            data = read_manifest(path, COMPILE_VERSION)
+            if not isinstance(data.get("bmodel"), str) or not self.bmodel(data["bmodel"]).is_file():
+                continue
+            if quant is None or data.get("settings", {}).get("quant") == quant:
+                candidates.append((path.stat().st_mtime, data))
+        return max(candidates, key=lambda c: c[0])[1] if candidates else None
+
+    def check_compile(self, compiled: dict, export: dict) -> None:
+        """The bmodel of `compiled` is the file its compile recorded, compiled from `export` as
+        it is now; else WorkDirError naming the mismatch."""
+        rerun = f"run `lvb compile --work {self.root} --quant {compiled.get('settings', {}).get('quant', 'int4')}` again"
+        problem = matches_record(self.bmodel(compiled["bmodel"]), compiled.get("file"))
+        if problem:
+            raise WorkDirError(f"{problem}; {rerun}")
+        settings = compiled.get("settings", {})
+        for name in ("seq", "chunks"):
+            if settings.get(name) != export["settings"].get(name):
+                raise WorkDirError(f"{compiled['bmodel']} was compiled from an export of {name} {settings.get(name)}, but "
+                                   f"the export in {self.root} is now {name} {export['settings'].get(name)}; {rerun}")
+        keys = compiled.get("export")
+        if keys != {name: entry.get("key") for name, entry in export["nets"].items()}:
+            raise WorkDirError(f"{compiled['bmodel']} was not compiled from the export now in {self.root} (its nets were "
+                               f"exported again since, or it predates this check); {rerun}")
+
     def read_export(self) -> dict:
         """The export manifest, or {} when there is none of this version."""
         return read_manifest(self.export_manifest, EXPORT_VERSION)
@@ -114,15 +144,28 @@ class WorkDir:
         return manifest
 
 
-def _temporary(final: Path) -> Path:
-    """Where this process builds `final` before renaming it into place."""
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+def temporary(final: Path, kind: str = "tmp") -> Path:
+    """Where this process builds `final` before renaming it into place (`kind` "old": where it
+    moves the one it replaces). The one naming rule, which remove_stale_scratch reads back."""
+    return final.with_name(f"{temporary_prefix(final, kind)}{os.getpid()}")
+
+
+def temporary_prefix(final: Path, kind: str = "tmp") -> str:
+    """The name of every process's temporary of `final`, but the pid."""
+    return f".{Path(final).name}.{kind}-"
+
+
+def sweep_temporaries(final: Path) -> None:
+    """Remove what killed runs left while building or replacing `final` (their process gone)."""
+    final = Path(final)
+    for kind in ("tmp", "old"):
+        remove_stale_scratch(final.parent, pattern=glob.escape(temporary_prefix(final, kind)) + "*")
 
 
 def scratch(final: Path) -> Path:
     """A fresh folder to build `final` in, private to this process (a killed run's leftover
     tools may still be writing into theirs); the caller renames it into place when done."""
-    tmp = _temporary(final)
+    tmp = temporary(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
@@ -198,7 +241,7 @@ def check_writable(folder: Path) -> None:
     reports in one line (a full disk shows when the work writes)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    probe = _temporary(folder / ".lvb-write-probe")
+    probe = temporary(folder / ".lvb-write-probe")
     probe.write_bytes(b"")
     probe.unlink()
 
@@ -226,20 +269,40 @@ def remove_stale_scratch(root: Path, levels: int = 0, pattern: str = ".*.tmp-*")
                 tmp.unlink(missing_ok=True)
 
 
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write `path` so that a reader sees the old file or the new one, never half of one; a
+    failed write leaves neither half a file nor its temporary."""
+    path = Path(path)
+    tmp = temporary(path)
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # EROFS even for a file that is not there
+            pass
+        raise
+
+
 def write_json(path: Path, data) -> None:
-    """Atomically: a reader sees the old file or the new one, never half of one."""
-    tmp = _temporary(path)
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    """Atomically (write_atomic)."""
+    write_atomic(path, json.dumps(data, indent=1))
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object lvb wrote, or {} when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or bad UTF-8
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def read_manifest(path: Path, version: int) -> dict:
     """A manifest of `version`, or {} when it is missing, unreadable or of another version."""
-    try:
-        manifest = json.loads(Path(path).read_text())
-    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or bad UTF-8
-        return {}
-    return manifest if isinstance(manifest, dict) and manifest.get("version") == version else {}
+    manifest = read_json(path)
+    return manifest if manifest.get("version") == version else {}
 
 
 def cache_key(*parts) -> str:
@@ -251,7 +314,7 @@ def record_file(path: Path) -> dict:
     """What a later run checks before it trusts `path` again: its size, modification time and
     SHA-256. Hashed once, when written (bench/file_records.py: ~1 CPU-second per GB here)."""
     stat = os.stat(path)
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _digest(path)}
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_of(path)}
 
 
 def matches_record(path: Path, record: dict | None) -> str | None:
@@ -275,7 +338,7 @@ def matches_record(path: Path, record: dict | None) -> str | None:
     if stat.st_mtime_ns == record.get("mtime_ns"):
         return None
     try:
-        if "sha256" in record and _digest(path) != record["sha256"]:
+        if "sha256" in record and sha256_of(path) != record["sha256"]:
             return f"{path} changed since lvb wrote it"
     except OSError as e:
         return f"cannot read {path} ({e.strerror or e})"
@@ -290,9 +353,15 @@ def damaged_files(folder: Path, records: dict | None) -> list[str]:
     return [problem for name, record in records.items() if (problem := matches_record(Path(folder) / name, record))]
 
 
-def _digest(path: Path) -> str:
+BLOCK = 1 << 20  # bytes read at a time when hashing or copying
+
+
+def sha256_of(path: Path, read: Callable[[int], None] | None = None) -> str:
+    """The SHA-256 of a file, read a block at a time; `read(bytes)` after each block (progress)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        while block := f.read(BLOCK):
             h.update(block)
+            if read:
+                read(len(block))
     return h.hexdigest()

@@ -2,7 +2,7 @@
 
 The compiler keeps everything else: the cache, the option ladder, logs, progress, the
 fail-fast message and the combine all stay where the command was started. This module
-only builds one attempt (lvb.compile.compiler.Attempt) on a cluster node:
+only builds one attempt (lvb.compile.build.Attempt) on a cluster node:
 
 - Files. Without a shared filesystem, the driver puts the net's ONNX, its external
   weights and check inputs into Ray's object store in CHUNK-sized pieces (it holds one
@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lvb
-from lvb.compile.compiler import Attempt, CompileError, Compiler, build_attempt, memory_need
+from lvb.compile.build import Attempt, CompileError, NetJob, build_attempt, memory_need
 from lvb.toolchain import Toolchain, ToolchainError, ToolFailed, ToolServer, find_toolchain
 from lvb.workdir import scratch
 
@@ -219,8 +219,10 @@ class Lost(Exception):
 class RayExecutor:
     """Builds attempts as Ray tasks; each of the Compiler's threads (slots) sends one and waits for it."""
 
-    def __init__(self, settings: ClusterSettings, compiler: Compiler | None = None):
-        """Connects; with a compiler, also sizes the pool and probes every node for it."""
+    def __init__(self, settings: ClusterSettings, work: Path | None = None, jobs: list[NetJob] = (),
+                 tpu_mlir: str | None = None):
+        """Connects; with a compile's work directory, jobs and tpu-mlir version, also sizes the pool and
+        probes every node for them."""
         try:
             import ray
         except ImportError as e:
@@ -228,8 +230,8 @@ class RayExecutor:
         self.ray, self.settings = ray, settings
         if settings.shared_dir is not None:
             shared = settings.shared_dir.resolve()
-            if compiler is not None and not compiler.work.is_relative_to(shared):
-                raise CompileError(f"--work {compiler.work} is not inside --cluster-shared-dir {shared}; "
+            if work is not None and not work.is_relative_to(shared):
+                raise CompileError(f"--work {work} is not inside --cluster-shared-dir {shared}; "
                                    "put the work directory on the shared filesystem")
         import logging
 
@@ -254,21 +256,21 @@ class RayExecutor:
             # One job queued per node beyond its CPUs: its inputs travel while the node works.
             self.slots = max(1, int(sum(n["Resources"]["CPU"] for n in nodes))) + len(nodes)
             self.nodes = len(nodes)
-            if compiler is not None:
-                self._prepare(compiler, nodes)
+            if work is not None:
+                self._prepare(jobs, tpu_mlir, nodes)
         except BaseException:
             ray.shutdown()
             raise
 
-    def _prepare(self, compiler: Compiler, nodes: list[dict]) -> None:
+    def _prepare(self, jobs: list[NetJob], tpu_mlir: str | None, nodes: list[dict]) -> None:
         ray = self.ray
         largest = max(n["Resources"].get("memory", 0) for n in nodes)
-        self.need = {job.name: memory_need(job) for job in compiler.jobs}
-        worst = max(compiler.jobs, key=lambda j: self.need[j.name])
+        self.need = {job.name: memory_need(job) for job in jobs}
+        worst = max(jobs, key=lambda j: self.need[j.name])
         if self.need[worst.name] > largest:
             raise CompileError(f"{worst.name} needs {self.need[worst.name] / 1e9:.1f} GB of memory and the largest node of "
                                f"the cluster offers {largest / 1e9:.1f} GB (Ray's memory resource); add a larger node")
-        self.expect = {"tpu_mlir": compiler.toolchain_version, "lvb": lvb.__version__}
+        self.expect = {"tpu_mlir": tpu_mlir, "lvb": lvb.__version__}
         shared = str(self.settings.shared_dir.resolve()) if self.settings.shared_dir else None
         probe = ray.remote(num_cpus=0)(probe_node)
         problems = ray.get([probe.options(scheduling_strategy=self._pinned(n["NodeID"])).remote(self.expect, shared)

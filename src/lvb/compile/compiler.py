@@ -12,119 +12,57 @@ run killed at any point resumes where it stopped and ends with the same nets.
 
 from __future__ import annotations
 
-import functools
 import os
-import shutil
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import lvb
-from lvb.compile.tpumlir import (CHIPS, DEFAULT_GROUP_SIZE, QUANTIZE, TRANSFORM_OPTIONS, DeployOptions, combine, deploy,
-                                 transform)
-from lvb.bmodel import declared_tensors
-from lvb.check import CheckMode, load_check, onnx_vs_bmodel, shortfalls, thresholds
-from lvb.contract import Kind, NetSpec, QuantGroup, plan
-from lvb.devicetime import read_profile
-from lvb.errors import LvbError
-from lvb.numerics import lowest
+from lvb.compile.build import Attempt, CompileError, NetFailed, NetJob, build_attempt, memory_need
+from lvb.compile.tpumlir import DEFAULT_GROUP_SIZE, DeployOptions, combine
+from lvb.check import shortfalls, thresholds
+from lvb.contract import CheckMode, Chip, Kind, NetSpec, Quant, QuantGroup, plan
 from lvb.spec import ModelSpec
 from lvb.toolchain import Toolchain, ToolchainError, ToolFailed, ToolServer
-from lvb.workdir import (COMPILE_VERSION, WorkDir, WorkDirError, cache_key, damaged_files, matches_record, read_manifest, record_file,
-                         remove_stale_scratch, scratch, write_json)
+from lvb.workdir import (COMPILE_VERSION, WorkDir, WorkDirError, cache_key, matches_record, read_manifest, record_file,
+                         remove_stale_scratch, temporary, write_json)
 
 if TYPE_CHECKING:
     from lvb.compile.cluster import ClusterSettings
 
 
-# In a transform folder: the records of what model_transform.py wrote there.
-TRANSFORM_FILES = "files.json"
-
-
-def record_transform(folder: Path) -> None:
-    """Record what model_transform.py wrote in `folder`: the folder is reused only while its
-    files are these."""
-    files = {p.name: record_file(p) for p in sorted(Path(folder).iterdir()) if p.name != TRANSFORM_FILES}
-    write_json(Path(folder) / TRANSFORM_FILES, {"version": COMPILE_VERSION, "files": files})
-
-
-class CompileError(LvbError, RuntimeError):
-    """A compile that cannot go on; the message names the net or setting."""
-
-
-class NetFailed(CompileError):
-    def __init__(self, net: str, message: str, log_tail: str = ""):
-        self.net, self.log_tail = net, log_tail
-        super().__init__(f"{net}: {message}")
-
-
 @dataclass(frozen=True)
 class CompileSettings:
-    quant: str  # for the decoder blocks
+    """What `lvb compile` was asked for; names (from a caller or a manifest) become choices here,
+    and a name outside them is a ChoiceError naming the option."""
+
+    quant: Quant  # for the decoder blocks
     group_size: int = DEFAULT_GROUP_SIZE
-    chip: str = "bm1684x"
-    vision_quant: str = "bf16"
-    embed_quant: str = "bf16"
-    head_quant: str = "bf16"
+    chip: Chip = Chip.BM1684X
+    vision_quant: Quant = Quant.BF16
+    embed_quant: Quant = Quant.BF16
+    head_quant: Quant = Quant.BF16
     check: CheckMode = CheckMode.ALL
 
     def __post_init__(self):
-        object.__setattr__(self, "check", CheckMode(self.check))  # "kinds" from a caller or a manifest
+        for name, kind in (("quant", Quant), ("vision_quant", Quant), ("embed_quant", Quant), ("head_quant", Quant),
+                           ("chip", Chip), ("check", CheckMode)):
+            object.__setattr__(self, name, kind.of(getattr(self, name), "--" + name.replace("_", "-")))
 
     def quant_of(self, kind: Kind) -> str:
+        """The net's key of tpumlir.QUANTIZE."""
         group = kind.policy.quant
-        return "f32" if group is QuantGroup.F32 else getattr(self, group.value)
+        return "f32" if group is QuantGroup.F32 else getattr(self, group.value).value
 
     def tag(self) -> str:
-        parts = [self.quant] + ([f"g{self.group_size}"] if self.quant in ("int4", "int8") else [])
+        parts = [self.quant.value] + ([f"g{self.group_size}"] if self.quant.grouped else [])
         for name, value in (("vision", self.vision_quant), ("embed", self.embed_quant), ("head", self.head_quant)):
-            if value != "bf16":
-                parts.append(f"{name}-{value}")
+            if value is not Quant.BF16:
+                parts.append(f"{name}-{value.value}")
         return "_".join(parts)
-
-
-@dataclass
-class NetJob:
-    net: NetSpec
-    onnx: Path
-    check_files: tuple[Path, ...]  # one per stage, largest first
-    export_key: str
-    quant: str
-    options: DeployOptions
-    result: dict = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.net.name
-
-    @property
-    def kind(self) -> Kind:
-        return self.net.kind
-
-    @functools.cached_property
-    def simplified(self) -> bool:
-        """Whether its transform needs tpu-mlir's simplifier: read once, for the memory plan and
-        every stage's transform."""
-        return needs_simplifier(self.onnx)
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One deploy of one net with one option set: what to build and where it goes. Plain
-    data, so that a cluster node can build it too (lvb.compile.cluster)."""
-
-    job: NetJob
-    options: DeployOptions
-    net_folder: Path  # the net's compile folder: its stages' MLIR (mlir-<key>/), cached apart from the deploys
-    folder: Path  # the attempt's cache folder: bmodel, compile.log, result.json
-    log: Path
-    check: bool
-    thresholds: dict[str, float]  # per output (lvb.check.thresholds)
-    bmodel: str  # the bmodel's path in result.json, relative to the work directory
 
 
 class Executor(Protocol):
@@ -139,27 +77,6 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
     def describe(self) -> dict: ...  # what the manifest's settings record of where it ran
-
-
-def needs_simplifier(onnx_path: Path) -> bool:
-    """Whether the graph computes shapes (Shape ops): a net with stages is exported with
-    symbolic axes, and only tpu-mlir's ONNX simplifier makes them static per stage (without it
-    its shape inference fails on their Reshapes). Other graphs are transformed without it."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    try:
-        graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    except (DecodeError, OSError):
-        return False  # model_transform.py reports the broken file, naming its net
-    return any(node.op_type == "Shape" for node in graph.node)
-
-
-def memory_need(job: NetJob) -> int:
-    """Bytes of memory one job of this net needs: its kind's measured peak, scaled by the
-    net's ONNX and weight bytes."""
-    weight_bytes = sum(p.stat().st_size for p in job.onnx.parent.iterdir() if p.is_file() and p not in job.check_files)
-    return job.kind.policy.peak.need(weight_bytes, simplified=job.simplified)
 
 
 def default_jobs(largest_need: int) -> int:
@@ -177,12 +94,12 @@ def validate_group_size(spec: ModelSpec, settings: CompileSettings) -> None:
     """Every quantized matmul's input width must be a multiple of the group size."""
     t, v = spec.text, spec.vision
     widths = {}
-    if settings.quant in ("int4", "int8"):
+    if settings.quant.grouped:
         widths.update({"text hidden_size": t.hidden_size, "text intermediate_size": t.intermediate_size})
-    if settings.vision_quant in ("int4", "int8"):
+    if settings.vision_quant.grouped:
         widths.update({"vision hidden_size": v.hidden_size, "vision intermediate_size": v.intermediate_size,
                        "vision_output_dim": v.output_dim})
-    if settings.head_quant in ("int4", "int8"):
+    if settings.head_quant.grouped:
         widths["text hidden_size"] = t.hidden_size
     bad = {name: width for name, width in widths.items() if width % settings.group_size}
     if bad:
@@ -190,109 +107,6 @@ def validate_group_size(spec: ModelSpec, settings: CompileSettings) -> None:
         divisors = [g for g in (256, 128, 64, 32, 16, 8) if all(w % g == 0 for w in widths.values())]
         hint = f"--group-size {divisors[0]}" if divisors else "--quant bf16"
         raise CompileError(f"--group-size {settings.group_size} does not divide {name} {width}; use {hint}")
-
-
-def _mlir(attempt: Attempt, stage: NetSpec, toolchain: Toolchain, server: ToolServer | None, notes: list[str]) -> Path:
-    """One stage's MLIR (a net without smaller stages has one): the ONNX graph at that
-    stage's input shapes, made once and shared by the net's deploys."""
-    job = attempt.job
-    options = () if job.simplified else TRANSFORM_OPTIONS
-    shapes = [t.shape for t in stage.inputs]
-    folder = attempt.net_folder / f"mlir-{cache_key(job.export_key, toolchain.tpu_mlir_version, options, shapes)}"
-    mlir = folder / f"{job.name}.mlir"
-    if folder.is_dir():
-        damaged = damaged_files(folder, read_manifest(folder / TRANSFORM_FILES, COMPILE_VERSION).get("files"))
-        if not damaged:
-            return mlir
-        notes.append(f"{damaged[0]}; transforming {job.name} again")
-    tmp = scratch(folder)
-    transform(toolchain, job.onnx, tmp, job.name, shapes, attempt.log, server, options)
-    record_transform(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return mlir
-
-
-def _simulate(job: NetJob, stage: NetSpec, check_file: Path, bmodel: Path, toolchain: Toolchain) -> dict:
-    """One stage's bmodel on the simulator against onnxruntime on the export's check inputs."""
-    from lvb.runtime.cmodel import CmodelEngine
-
-    started = time.perf_counter()
-    feeds, fp32 = load_check(check_file)
-    with CmodelEngine(bmodel, toolchain) as simulator:
-        simulated = time.perf_counter()
-        got = simulator.run(job.name, feeds)
-        simulator_seconds = time.perf_counter() - simulated
-    check, _ = onnx_vs_bmodel(stage, job.onnx, feeds, fp32, got, job.quant, job.options.group_size)
-    # What a check costs (bench/real_widths.py weighs --check kinds against the compile):
-    # the simulator's run, and the whole check with loading and the quantized reference.
-    return check | {"simulator_seconds": round(simulator_seconds, 2), "seconds": round(time.perf_counter() - started, 2)}
-
-
-def dtype_exceptions(bmodel: Path, net: NetSpec, toolchain: Toolchain) -> dict[str, str]:
-    """The tensors a bmodel declares in another dtype than the contract gives the device
-    (NetSpec.on_device), by name. Seen once: tpu-mlir keeping the float32 cast of a
-    vision-head input it unsqueezes first. The runtime and the memory plan read dtypes from
-    the bmodel, so the net still runs right (the host converts that input); the manifest says which."""
-    found, want = declared_tensors(bmodel, toolchain)[net.name], net.on_device()
-    inputs = {t.name: t.dtype for t in found.inputs}
-    exceptions = {t.name: inputs[t.name] for t in want.inputs if inputs.get(t.name, t.dtype) != t.dtype}
-    return exceptions | {t.name: o.dtype for t, o in zip(want.outputs, found.outputs) if o.dtype != t.dtype}
-
-
-def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: ToolServer | None,
-                   notes: list[str]) -> tuple[Path, dict | None, list[dict] | None]:
-    """Every stage deployed and checked on its own, then, when there are several, joined
-    largest first into one net whose stages share the weights (tpu-mlir's own LLM converter
-    orders them so; the simulator crashes on a combined net whose first stage is not its largest).
-    Also each stage's device-time estimate, which the deploy leaves in its folder."""
-    job = attempt.job
-    stage_bmodels, checks, estimates = [], [], []
-    for index, (stage, check_file) in enumerate(zip(job.net.stages, job.check_files)):
-        mlir = _mlir(attempt, stage, toolchain, server, notes)
-        folder = tmp / f"stage{index}" if len(job.net.stages) > 1 else tmp
-        folder.mkdir(exist_ok=True)
-        for needed in mlir.parent.iterdir():  # deploy reads the MLIR's weight file from its own folder
-            (folder / needed.name).symlink_to(needed)
-        bmodel = deploy(toolchain, mlir, folder, f"{job.name}.bmodel", attempt.options, attempt.log, server)
-        for link in [p for p in folder.iterdir() if p.is_symlink()]:
-            link.unlink()
-        estimates.append(read_profile(folder))
-        stage_bmodels.append(bmodel)
-        if attempt.check:
-            checks.append(_simulate(job, stage, check_file, bmodel, toolchain))
-    bmodel = stage_bmodels[0]
-    if len(stage_bmodels) > 1:
-        bmodel = combine(toolchain, stage_bmodels, tmp / f"{job.name}.bmodel", attempt.log)
-    device = [e.to_json() for e in estimates] if all(estimates) else None
-    if not checks:
-        return bmodel, None, device
-    cost = {key: round(sum(c[key] for c in checks), 2) for key in ("simulator_seconds", "seconds")}  # every stage's
-    worst = min(checks, key=lambda c: (c["cosine"] == c["cosine"], c["cosine"]))  # a NaN first
-    cosines = {name: lowest(c["cosines"][name] for c in checks) for name in worst["cosines"]}  # each output's worst stage
-    return bmodel, worst | {"cosines": cosines} | cost, device
-
-
-def build_attempt(attempt: Attempt, toolchain: Toolchain, server: ToolServer | None) -> dict:
-    """Transform (cached), deploy and check one net, on this machine's pool or a cluster node;
-    the attempt's folder appears only complete. Its "notes" name damaged cached files it rebuilt."""
-    job = attempt.job
-    tmp = scratch(attempt.folder)
-    started = time.perf_counter()
-    notes: list[str] = []
-    bmodel, check, device = _deploy_stages(attempt, tmp, toolchain, server, notes)
-    exceptions = dtype_exceptions(bmodel, job.net, toolchain)
-    seconds = time.perf_counter() - started
-    passed = check is None or not shortfalls(check["cosines"], attempt.thresholds)
-    result = {"version": COMPILE_VERSION, "net": job.name, "quant": job.quant, "options": list(attempt.options.extra),
-              "check": check, "thresholds": attempt.thresholds, "passed": passed, "seconds": round(seconds, 2),
-              "bmodel": attempt.bmodel, "file": record_file(bmodel), "dtype_exceptions": exceptions,
-              "device": device}
-    shutil.copy(attempt.log, tmp / "compile.log")
-    write_json(tmp / "result.json", result)
-    shutil.rmtree(attempt.folder, ignore_errors=True)
-    os.replace(tmp, attempt.folder)
-    return result | ({"notes": notes} if notes else {})
 
 
 class LocalExecutor:
@@ -331,15 +145,13 @@ class LocalExecutor:
 
 class Compiler:
     def __init__(self, work: Path, settings: CompileSettings, toolchain: Toolchain, seq: int | None = None,
-                 notify: Callable[[str], None] | None = None):
+                 notify: Callable[[str], None] | None = None, transform_lock: Path | None = None):
+        """`transform_lock`: a file on which this compile's transforms take turns with those of other
+        compiles given the same file (each transform's memory peaks far above its deploy's, so two
+        compiles sharing a machine can overlap everything else)."""
         self.work, self.settings, self.toolchain = Path(work).resolve(), settings, toolchain
         self.notify = notify or (lambda message: None)  # a cached file that is damaged, and rebuilt
-        if settings.chip not in CHIPS:
-            raise CompileError(f"--chip {settings.chip} is not supported; lvb targets {', '.join(CHIPS)}")
-        for option, value in (("--quant", settings.quant), ("--vision-quant", settings.vision_quant),
-                              ("--embed-quant", settings.embed_quant), ("--head-quant", settings.head_quant)):
-            if value not in QUANTIZE:
-                raise CompileError(f"{option} {value} is not one of {', '.join(k for k in QUANTIZE if k != 'f32')}")
+        self.transform_lock = transform_lock
         self.dir = WorkDir(self.work)
         try:
             self.export = self.dir.require_export()
@@ -374,7 +186,7 @@ class Compiler:
             check_files=tuple(self.dir.check_file(name, i) for i in range(len(net.stages))),
             export_key=entry["key"],
             quant=quant,
-            options=DeployOptions(quantize=quant, chip=self.settings.chip, group_size=self.settings.group_size,
+            options=DeployOptions(quantize=quant, chip=self.settings.chip.value, group_size=self.settings.group_size,
                                   bf16_inputs=bf16_inputs, bf16_outputs=bf16_outputs),
         )
 
@@ -400,10 +212,13 @@ class Compiler:
             else:
                 if result:
                     self.notify(f"{problem}; compiling {job.name} again")
-                result = executor.build(Attempt(
-                    job=job, options=options, net_folder=net_folder, folder=folder, log=log_dir / f"{job.name}.log",
-                    check=check, thresholds=need,
-                    bmodel=str((folder / f"{job.name}.bmodel").relative_to(self.work))))
+                try:
+                    result = executor.build(Attempt(
+                        job=job, options=options, net_folder=net_folder, folder=folder, log=log_dir / f"{job.name}.log",
+                        check=check, thresholds=need, bmodel=str((folder / f"{job.name}.bmodel").relative_to(self.work)),
+                        transform_lock=self.transform_lock))
+                except ToolFailed as e:
+                    raise NetFailed(job.name, f"{e.tool} failed (exit {e.code}); log: {e.log}", e.tail()) from e
                 for note in result.pop("notes", ()):
                     self.notify(note)
             if result["passed"]:
@@ -412,6 +227,20 @@ class Compiler:
         summary = "; ".join(f"options {r['options'] or 'default'}: {', '.join(shortfalls(r['check']['cosines'], need))}"
                             for r in tried)
         raise NetFailed(job.name, f"the simulator disagrees with onnxruntime ({summary})")
+
+    def compile_net(self, name: str) -> dict:
+        """Build one net here as `run` would (checked when `--check` asks for it: under kinds, when it
+        is the first of its kind, as it has no checked sibling to follow), into the cache `run` then
+        reuses; its result record, or NetFailed."""
+        job = next((j for j in self.jobs if j.name == name), None)
+        if job is None:
+            raise CompileError(f"{name} is not a net of the export in {self.work}")
+        self.dir.logs.mkdir(exist_ok=True)
+        executor = LocalExecutor(self.toolchain, 1)
+        try:
+            return self._compile(job, self.dir.logs, executor)
+        finally:
+            executor.close()
 
     # -- all nets ----------------------------------------------------------------
 
@@ -440,6 +269,7 @@ class Compiler:
     def run(self, jobs: int | None = None, progress: Callable[[int, int, list[str]], None] | None = None,
             cluster: ClusterSettings | None = None) -> dict:
         """Compile every net not yet cached, here or on a Ray cluster (`cluster`), then combine here."""
+        remove_stale_scratch(self.work)  # a killed combine's bmodel, even when all else is cached
         if self.cached():
             return read_manifest(self._manifest_path(), COMPILE_VERSION)
         remove_stale_scratch(self.out, levels=1)
@@ -450,7 +280,7 @@ class Compiler:
         if cluster is not None:
             from lvb.compile.cluster import RayExecutor
 
-            executor: Executor = RayExecutor(cluster, self)
+            executor: Executor = RayExecutor(cluster, self.work, self.jobs, self.toolchain_version)
         else:
             executor = LocalExecutor(self.toolchain, jobs or default_jobs(max(map(memory_need, self.jobs))))
         running: list[str] = []
@@ -475,8 +305,6 @@ class Compiler:
             try:
                 lead = first.get(job.kind)
                 job.result = self._compile(job, log_dir, executor, lead if lead is not job else None)
-            except ToolFailed as e:
-                raise NetFailed(job.name, f"{e.tool} failed (exit {e.code}); log: {e.log}", e.tail()) from e
             finally:
                 with lock:
                     running.remove(job.name)
@@ -512,7 +340,7 @@ class Compiler:
 
     def _combine(self, executed: dict) -> dict:
         log = self.dir.logs / "combine.log"
-        tmp = self.bmodel.with_name(self.bmodel.name + ".tmp")
+        tmp = temporary(self.bmodel)  # swept with the others' when its run was killed
         combine(self.toolchain, [self.work / j.result["bmodel"] for j in self.jobs], tmp, log)
         os.replace(tmp, self.bmodel)
         manifest = {

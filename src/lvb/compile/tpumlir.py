@@ -5,18 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lvb.contract import Quant
 from lvb.toolchain import Toolchain, ToolServer
 
-CHIPS = ("bm1684x",)
-# --quantize values of model_deploy.py, by lvb's names.
-QUANTIZE = {"int4": "W4BF16", "int8": "W8BF16", "bf16": "BF16", "f32": "F32"}
+# --quantize values of model_deploy.py, by lvb's names (f32: the nets always kept in float32).
+QUANTIZE = {Quant.INT4: "W4BF16", Quant.INT8: "W8BF16", Quant.BF16: "BF16", "f32": "F32"}
 # INT4/INT8 weights share one scale and zero point per this many inputs.
 DEFAULT_GROUP_SIZE = 64
 
 
-# model_transform.py without its ONNX simplifier, which held about 11 bytes per weight byte
-# (24 GB projected for an 11B vocabulary table, 10.4 GB for an 11B decoder layer; bench/README.md
-# §1b) and which a net of one stage does not need: its graph is static, and the exporter folds
+# model_transform.py without its ONNX simplifier, which holds several bytes of memory per weight
+# byte (bench/README.md §1b: more than this machine has for an 11B vocabulary table) and which a
+# net of one stage does not need: its graph is static, and the exporter folds
 # what the converter needs folded (lvb.export.exporter._prepare_for_tpu_mlir).
 TRANSFORM_OPTIONS = ("--do_onnx_sim", "")
 
@@ -37,7 +37,7 @@ class DeployOptions:
 
     def args(self) -> list[str]:
         args = ["--quantize", QUANTIZE[self.quantize], "--chip", self.chip]
-        if self.quantize in ("int4", "int8"):
+        if self.quantize != "f32" and Quant(self.quantize).grouped:
             args += ["--q_group_size", str(self.group_size)]
         if self.bf16_inputs:
             args += ["--quant_input", "--quant_input_list", ",".join(map(str, self.bf16_inputs))]

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from lvb.errors import LvbError
-from lvb.numerics import from_bf16_bits
+from lvb.dtypes import from_bf16_bits
 
 # The same tensors are named differently by Meta's checkpoints / transformers 4
 # (left, which is what lvb uses) and by transformers 5's in-memory layout (right).

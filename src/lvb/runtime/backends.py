@@ -4,28 +4,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lvb.contract import Backend
 from lvb.runtime.engine import Engine, EngineError
 from lvb.workdir import WorkDir, WorkDirError
 
-BACKENDS = ("cmodel", "sail", "onnxruntime")
 
-
-def default_backend(bmodel: Path | None, onnx_work: Path | None) -> str:
+def default_backend(bmodel: Path | None, onnx_work: Path | None) -> Backend:
     """The device for a bmodel where sophon.sail imports; else onnxruntime when there are ONNX
     nets (a package made with --onnx on a machine without a card); else the simulator."""
     if bmodel is None and onnx_work is not None:
-        return "onnxruntime"
+        return Backend.ONNXRUNTIME
     try:
         import sophon.sail  # noqa: F401
     except ImportError:
-        return "onnxruntime" if onnx_work is not None else "cmodel"
-    return "sail"
+        return Backend.ONNXRUNTIME if onnx_work is not None else Backend.CMODEL
+    return Backend.SAIL
 
 
 def open_engine(backend: str, bmodel: Path | None = None, onnx_work: Path | None = None, toolchain=None) -> Engine:
-    if backend not in BACKENDS:
-        raise EngineError(f"--backend {backend} is not one of {', '.join(BACKENDS)}")
-    if backend == "onnxruntime":
+    backend = Backend.of(backend, "--backend")
+    if backend is Backend.ONNXRUNTIME:
         if onnx_work is None:
             raise EngineError("the onnxruntime backend runs the exported ONNX nets: pass --onnx WORKDIR")
         work = WorkDir(onnx_work)
@@ -40,7 +38,7 @@ def open_engine(backend: str, bmodel: Path | None = None, onnx_work: Path | None
                           specs={name: NetSpec.from_json(entry) for name, entry in nets.items()})
     if bmodel is None:
         raise EngineError(f"the {backend} backend runs a bmodel: pass --bmodel FILE")
-    if backend == "cmodel":
+    if backend is Backend.CMODEL:
         from lvb.runtime.cmodel import CmodelEngine
 
         return CmodelEngine(bmodel, toolchain)

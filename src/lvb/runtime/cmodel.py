@@ -11,13 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from lvb.contract import BF16, NetInfo, TensorInfo
+from lvb.contract import NetInfo, TensorInfo
+from lvb.dtypes import BY_TPU_MLIR
 from lvb.runtime.engine import Engine, EngineError, Resident
 from lvb.runtime.wire import receive, send
 from lvb.toolchain import Toolchain, find_toolchain
 
-_DTYPES = {"f32": "float32", "i32": "int32", "bf16": BF16, "f16": "float32", "u16": "uint16", "i8": "int8",
-           "u8": "uint8", "u32": "uint32", "i16": "int16"}
+
+def _declared(tpu_mlir: str) -> str:
+    """The dtype a tensor named so by the worker is declared in; a name the table lacks as it is."""
+    known = BY_TPU_MLIR.get(tpu_mlir)
+    return known.declared if known else tpu_mlir
 
 
 class _WorkerError(EngineError):
@@ -53,9 +57,9 @@ class CmodelEngine(Engine):
         self._nets = {
             name: NetInfo(
                 name,
-                tuple(TensorInfo(t["name"], tuple(t["shape"]), _DTYPES.get(t["dtype"], t["dtype"])) for t in net["inputs"]),
-                tuple(TensorInfo(t["name"], tuple(t["shape"]), _DTYPES.get(t["dtype"], t["dtype"])) for t in net["outputs"]),
-                tuple(tuple(TensorInfo(t["name"], tuple(shape), _DTYPES.get(t["dtype"], t["dtype"]))
+                tuple(TensorInfo(t["name"], tuple(t["shape"]), _declared(t["dtype"])) for t in net["inputs"]),
+                tuple(TensorInfo(t["name"], tuple(t["shape"]), _declared(t["dtype"])) for t in net["outputs"]),
+                tuple(tuple(TensorInfo(t["name"], tuple(shape), _declared(t["dtype"]))
                             for t, shape in zip(net["inputs"], stage)) for stage in net.get("smaller", ())),
             )
             for name, net in info.items()

@@ -14,7 +14,7 @@ import traceback
 
 import numpy as np
 
-from lvb.numerics import from_bf16_bits, to_bf16_bits
+from lvb.dtypes import BY_TPU_MLIR, from_bf16_bits, to_bf16_bits
 from lvb.runtime.engine import HostBuffers, Resident
 from lvb.runtime.wire import receive, send
 
@@ -119,7 +119,8 @@ class Worker:
                 outputs.append(None)
             else:
                 data = from_bf16_bits(raw) if tensor.dtype == "bf16" else raw
-                outputs.append(np.array(data, dtype=np.float32 if tensor.dtype in ("bf16", "f16") else data.dtype))
+                known = BY_TPU_MLIR.get(tensor.dtype)  # 16-bit floats are given back as float32
+                outputs.append(np.array(data, dtype=known.host if known else data.dtype))
         return outputs
 
     def handle(self, request: dict):

@@ -21,7 +21,7 @@ import numpy as np
 
 from lvb.contract import BF16, NetInfo
 from lvb.errors import LvbError
-from lvb.numerics import from_bf16_bits, to_bf16_bits
+from lvb.dtypes import from_bf16_bits, to_bf16_bits
 
 
 class EngineError(LvbError, RuntimeError):

@@ -15,12 +15,12 @@ compares it with the device's free memory before loading.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lvb.contract import Kind, Names, TensorInfo, block_name, kinds_named, layer_of, net_name
+from lvb.dtypes import tensor_bytes
 from lvb.runtime.engine import EngineError
 
 GiB = 1 << 30
@@ -39,8 +39,7 @@ SE7_FIX = "on an SE7, give the NPU the VPU and VPP heaps (memory_edit.sh -c -npu
 
 
 def _bytes(t: TensorInfo) -> int:
-    return math.prod(t.shape) * (2 if t.dtype in ("bfloat16", "float16", "uint16", "int16") else
-                                 1 if t.dtype in ("int8", "uint8") else 4)
+    return tensor_bytes(t.shape, t.dtype)
 
 
 class Buffers:

@@ -45,27 +45,10 @@ from typing import Any
 
 import numpy as np
 
-from lvb.contract import BF16, NetInfo, TensorInfo
-from lvb.numerics import from_bf16_bits, to_bf16_bits
+from lvb.contract import NetInfo, TensorInfo
+from lvb.dtypes import BF16, BY_NAME, DTYPES, from_bf16_bits, to_bf16_bits
 from lvb.runtime.engine import Engine, EngineError, Resident
 
-# sail.Dtype member -> (numpy dtype of its bytes, numpy dtype callers give and get).
-_KINDS = {
-    "BM_FLOAT32": ("float32", "float32"),
-    "BM_FLOAT16": ("float16", "float32"),
-    "BM_BFLOAT16": ("uint16", "float32"),  # numpy has no bfloat16: the bits as uint16
-    "BM_INT32": ("int32", "int32"),
-    "BM_UINT32": ("uint32", "uint32"),
-    "BM_INT16": ("int16", "int16"),
-    "BM_UINT16": ("uint16", "uint16"),
-    "BM_INT8": ("int8", "int8"),
-    "BM_UINT8": ("uint8", "uint8"),
-}
-# Resident buffers hold what `allocate` names; these are the names sail can hold (numpy's, and
-# the contract's bfloat16, which lives on the device as bf16 and is given and read as float32).
-_BUFFER_KINDS = {"float32": "BM_FLOAT32", "float16": "BM_FLOAT16", "int32": "BM_INT32", "uint32": "BM_UINT32",
-                 "int16": "BM_INT16", "uint16": "BM_UINT16", "int8": "BM_INT8", "uint8": "BM_UINT8",
-                 BF16: "BM_BFLOAT16"}
 
 
 @dataclass(frozen=True)
@@ -173,8 +156,8 @@ class SailEngine(Engine):
             raise EngineError(f"sophon.sail {sdk_version()} has no EngineLLM, which lvb needs to notice failed "
                               "launches; install sophon-sail 3.8 or later")
         self._sail, self._device_id = sail, device_id
-        self._kinds = {name: _Kind(name, getattr(sail.Dtype, name), np.dtype(raw), np.dtype(host))
-                       for name, (raw, host) in _KINDS.items() if hasattr(sail.Dtype, name)}
+        self._kinds = {d.sail: _Kind(d.sail, getattr(sail.Dtype, d.sail), np.dtype(d.raw), np.dtype(d.host))
+                       for d in DTYPES if hasattr(sail.Dtype, d.sail)}
         try:
             if hasattr(sail, "BmrtFlag"):  # bind.cpp:400-402, built with SAIL_WITH_BMRT_FLAG
                 self._engine = sail.EngineLLM(str(bmodel), sail.BmrtFlag.BM_RUNTIME_SHARE_MEM, [device_id])
@@ -334,10 +317,12 @@ class SailEngine(Engine):
     # -- Engine ----------------------------------------------------------------
 
     def allocate(self, buffer: str, shape: tuple[int, ...], dtype: str = "float32") -> None:
+        # Resident buffers hold numpy's dtypes, and bf16 (on the device as bf16, given and read as float32).
         try:
-            name = _BUFFER_KINDS.get(dtype if dtype == BF16 else np.dtype(dtype).name)
+            known = BY_NAME.get(dtype if dtype == BF16 else np.dtype(dtype).name)
         except TypeError:
-            name = None
+            known = None
+        name = known.sail if known else None
         if name not in self._kinds:
             raise EngineError(f"buffer {buffer}: sail cannot hold {dtype}")
         known = self._kinds[name]

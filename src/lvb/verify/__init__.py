@@ -5,44 +5,42 @@ from __future__ import annotations
 from pathlib import Path
 
 import lvb
-from lvb.compile.tpumlir import QUANTIZE
 from lvb.check import MIN_AGREEMENT
+from lvb.contract import Backend, Quant
 from lvb.verify.checks import Report, VerifyError, check_answers, check_parts, read_task, task_accuracy
 from lvb.verify.report import REPORT_VERSION, write_reports
-from lvb.workdir import COMPILE_VERSION, WorkDir, WorkDirError, cache_key, check_writable, lock_work, matches_record, read_manifest
+from lvb.workdir import WorkDir, WorkDirError, cache_key, check_writable, lock_work, matches_record, read_manifest
 
 
 def find_compiled(work: Path, quant: str) -> dict:
     """The newest compile of `quant` in the work directory."""
-    candidates = []
-    for path in WorkDir(work).compile_manifests():
-        data = read_manifest(path, COMPILE_VERSION)
-        if data.get("settings", {}).get("quant") == quant and (work / data.get("bmodel", "")).is_file():
-            candidates.append((path.stat().st_mtime, data))
-    if not candidates:
+    compiled = WorkDir(work).newest_compile(quant)
+    if compiled is None:
         raise VerifyError(f"{work} holds no {quant} bmodel; run `lvb compile --work {work} --quant {quant}` first")
-    return max(candidates, key=lambda c: c[0])[1]
+    return compiled
+
+
+def check_options(quant: str, backend: str, pictures: int) -> tuple[Quant, Backend, int]:
+    """verify's options, refused in one line when bad; the CLI asks before it resolves the model
+    (which may download it)."""
+    if pictures < 1:
+        raise VerifyError(f"--pictures {pictures} is out of range: it must be 1 or more")
+    return Quant.of(quant, "--quant"), Backend.of(backend, "--backend"), pictures
 
 
 def verify(model_dir: Path, work: Path, quant: str = "int4", backend: str = "cmodel", pictures: int = 100,
            toolchain=None, progress=None) -> dict:
     """Run every check; returns report.json's content (from cache when nothing changed)."""
+    quant, backend, pictures = check_options(quant, backend, pictures)
     with lock_work(work, "lvb verify"):
         return _verify(model_dir, work, quant, backend, pictures, toolchain, progress)
 
 
-def _verify(model_dir: Path, work: Path, quant: str, backend: str, pictures: int, toolchain, progress) -> dict:
-    from lvb.runtime.backends import BACKENDS, open_engine
+def _verify(model_dir: Path, work: Path, quant: Quant, backend: Backend, pictures: int, toolchain, progress) -> dict:
+    from lvb.runtime.backends import open_engine
     from lvb.runtime.pipeline import Checkpoint, Session
 
     model_dir, work = Path(model_dir), Path(work)
-    if backend not in BACKENDS:
-        raise VerifyError(f"--backend {backend} is not one of {', '.join(BACKENDS)}")
-    choices = [k for k in QUANTIZE if k != "f32"]
-    if quant not in choices:
-        raise VerifyError(f"--quant {quant} is not one of {', '.join(choices)}")
-    if pictures < 1:
-        raise VerifyError(f"--pictures {pictures} is out of range: it must be 1 or more")
     directory = WorkDir(work)
     try:
         export = directory.require_export(str(model_dir))

@@ -6,7 +6,7 @@ import html
 from pathlib import Path
 
 from lvb.verify.checks import Report
-from lvb.workdir import REPORT_FILE, write_json
+from lvb.workdir import REPORT_FILE, write_atomic, write_json
 
 # report.json's layout; a cached report of another version is not reused.
 REPORT_VERSION = 1
@@ -79,8 +79,6 @@ Result: <b>{"all thresholds met" if report.ok else f"{len(report.misses)} thresh
 {task}
 </body></html>"""
     html_path = directory / "report.html"
-    tmp = html_path.with_name(f"{html_path.name}.tmp")
-    tmp.write_text(page)
-    tmp.replace(html_path)
+    write_atomic(html_path, page)
     write_json(directory / REPORT_FILE, data)  # last: a report.json names a finished verify
     return data

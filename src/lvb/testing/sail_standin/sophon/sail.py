@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lvb.dtypes import BY_NAME, DTYPES, from_bf16_bits, to_bf16_bits
+
 __version__ = "3.10.7 (lvb stand-in)"
 
 log = logging.getLogger("sophon.sail")
@@ -90,15 +92,12 @@ class SailRuntimeError(RuntimeError):  # tensor.cpp:703 "no enough device memory
     pass
 
 
-_BYTES = {Dtype.BM_FLOAT32: np.float32, Dtype.BM_FLOAT16: np.float16, Dtype.BM_BFLOAT16: np.uint16,
-          Dtype.BM_INT32: np.int32, Dtype.BM_UINT32: np.uint32, Dtype.BM_INT16: np.int16,
-          Dtype.BM_UINT16: np.uint16, Dtype.BM_INT8: np.int8, Dtype.BM_UINT8: np.uint8}
+# Each Dtype's bits in host memory (bf16's as uint16), from lvb's one table of device dtypes.
+_BYTES = {Dtype[d.sail]: np.dtype(d.raw).type for d in DTYPES}
 # update_data's accepted numpy types (bind.cpp:310-316): float16 and bf16 as uint16 bits.
 _UPDATE = {**_BYTES, Dtype.BM_FLOAT16: np.uint16}
-# The simulator worker's dtype names for a net's tensors.
-_WIRE = {"f32": Dtype.BM_FLOAT32, "f16": Dtype.BM_FLOAT16, "bf16": Dtype.BM_BFLOAT16, "i32": Dtype.BM_INT32,
-         "u32": Dtype.BM_UINT32, "i16": Dtype.BM_INT16, "u16": Dtype.BM_UINT16, "i8": Dtype.BM_INT8,
-         "u8": Dtype.BM_UINT8}
+# The simulator worker's dtype names for a net's tensors (tpu-mlir's).
+_WIRE = {d.tpu_mlir: Dtype[d.sail] for d in DTYPES}
 
 
 # -- the device ------------------------------------------------------------------------------
@@ -329,15 +328,14 @@ class _NetSpec:
 def _to_host(raw: np.ndarray, dtype: Dtype) -> np.ndarray:
     """Device values as the simulator worker takes them (floats as float32)."""
     if dtype == Dtype.BM_BFLOAT16:
-        return (raw.astype(np.uint32) << 16).view(np.float32)
+        return from_bf16_bits(raw)
     return raw.astype(np.float32) if dtype == Dtype.BM_FLOAT16 else raw
 
 
 def _to_device(values: np.ndarray, dtype: Dtype) -> np.ndarray:
     values = np.asarray(values)
     if dtype == Dtype.BM_BFLOAT16:
-        bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
-        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        return to_bf16_bits(values)
     return values.astype(_BYTES[dtype])
 
 
@@ -349,10 +347,8 @@ def register_bmodel(path: str, nets, loaded_bytes: int = 0) -> None:
     .name, .inputs and .outputs, whose tensors have .name, .shape and .dtype (numpy names:
     float32, int32, bfloat16), and optionally .smaller, the smaller stages as objects with
     .inputs and .outputs (lvb.contract's NetSpec). Launches leave the outputs as they are."""
-    kinds = {"float32": Dtype.BM_FLOAT32, "int32": Dtype.BM_INT32, "bfloat16": Dtype.BM_BFLOAT16}
-
     def specs(tensors):
-        return tuple(_TensorSpec(t.name, tuple(t.shape), kinds[t.dtype]) for t in tensors)
+        return tuple(_TensorSpec(t.name, tuple(t.shape), Dtype[BY_NAME[t.dtype].sail]) for t in tensors)
 
     _REGISTERED[str(path)] = {
         n.name: _NetSpec(n.name, specs(n.inputs), specs(n.outputs),

@@ -1,0 +1,3 @@
+from lvb.cli import app
+
+app(prog_name="lvb")

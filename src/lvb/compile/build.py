@@ -1,0 +1,224 @@
+"""Building one net: transform (cached), deploy each stage, check it on the simulator, and
+record the result; the attempt's folder appears only complete. The compiler runs this in its own
+threads (lvb.compile.compiler.LocalExecutor), a cluster node in a Ray task (lvb.compile.cluster)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lvb.bmodel import declared_tensors
+from lvb.check import load_check, onnx_vs_bmodel, shortfalls
+from lvb.compile.tpumlir import TRANSFORM_OPTIONS, DeployOptions, combine, deploy, transform
+from lvb.contract import Kind, NetSpec
+from lvb.devicetime import read_profile
+from lvb.errors import LvbError
+from lvb.numerics import lowest
+from lvb.toolchain import Toolchain, ToolServer
+from lvb.workdir import COMPILE_VERSION, cache_key, damaged_files, read_manifest, record_file, scratch, write_json
+
+# In a transform folder: the records of what model_transform.py wrote there.
+TRANSFORM_FILES = "files.json"
+
+
+def record_transform(folder: Path) -> None:
+    """Record what model_transform.py wrote in `folder`: the folder is reused only while its
+    files are these."""
+    files = {p.name: record_file(p) for p in sorted(Path(folder).iterdir()) if p.name != TRANSFORM_FILES}
+    write_json(Path(folder) / TRANSFORM_FILES, {"version": COMPILE_VERSION, "files": files})
+
+
+class CompileError(LvbError, RuntimeError):
+    """A compile that cannot go on; the message names the net or setting."""
+
+
+class NetFailed(CompileError):
+    def __init__(self, net: str, message: str, log_tail: str = ""):
+        self.net, self.log_tail = net, log_tail
+        super().__init__(f"{net}: {message}")
+
+
+@dataclass
+class NetJob:
+    net: NetSpec
+    onnx: Path
+    check_files: tuple[Path, ...]  # one per stage, largest first
+    export_key: str
+    quant: str
+    options: DeployOptions
+    result: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.net.name
+
+    @property
+    def kind(self) -> Kind:
+        return self.net.kind
+
+    @functools.cached_property
+    def simplified(self) -> bool:
+        """Whether its transform needs tpu-mlir's simplifier: read once, for the memory plan and
+        every stage's transform."""
+        return needs_simplifier(self.onnx)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One deploy of one net with one option set: what to build and where it goes. Plain
+    data, so that a cluster node can build it too (lvb.compile.cluster)."""
+
+    job: NetJob
+    options: DeployOptions
+    net_folder: Path  # the net's compile folder: its stages' MLIR (mlir-<key>/), cached apart from the deploys
+    folder: Path  # the attempt's cache folder: bmodel, compile.log, result.json
+    log: Path
+    check: bool
+    thresholds: dict[str, float]  # per output (lvb.check.thresholds)
+    bmodel: str  # the bmodel's path in result.json, relative to the work directory
+    # A file the transforms of compiles sharing this machine take turns on (Compiler's transform_lock).
+    transform_lock: Path | None = None
+
+
+def needs_simplifier(onnx_path: Path) -> bool:
+    """Whether the graph computes shapes (Shape ops): a net with stages is exported with
+    symbolic axes, and only tpu-mlir's ONNX simplifier makes them static per stage (without it
+    its shape inference fails on their Reshapes). Other graphs are transformed without it."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    except (DecodeError, OSError):
+        return False  # model_transform.py reports the broken file, naming its net
+    return any(node.op_type == "Shape" for node in graph.node)
+
+
+def memory_need(job: NetJob) -> int:
+    """Bytes of memory one job of this net needs: its kind's measured peak, scaled by the
+    net's ONNX and weight bytes."""
+    weight_bytes = sum(p.stat().st_size for p in job.onnx.parent.iterdir() if p.is_file() and p not in job.check_files)
+    return job.kind.policy.peak.need(weight_bytes, simplified=job.simplified)
+
+
+def _mlir(attempt: Attempt, stage: NetSpec, toolchain: Toolchain, server: ToolServer | None, notes: list[str]) -> Path:
+    """One stage's MLIR (a net without smaller stages has one): the ONNX graph at that
+    stage's input shapes, made once and shared by the net's deploys."""
+    job = attempt.job
+    options = () if job.simplified else TRANSFORM_OPTIONS
+    shapes = [t.shape for t in stage.inputs]
+    folder = attempt.net_folder / f"mlir-{cache_key(job.export_key, toolchain.tpu_mlir_version, options, shapes)}"
+    mlir = folder / f"{job.name}.mlir"
+    if folder.is_dir():
+        damaged = damaged_files(folder, read_manifest(folder / TRANSFORM_FILES, COMPILE_VERSION).get("files"))
+        if not damaged:
+            return mlir
+        notes.append(f"{damaged[0]}; transforming {job.name} again")
+    tmp = scratch(folder)
+    with _turn(attempt.transform_lock):
+        transform(toolchain, job.onnx, tmp, job.name, shapes, attempt.log, server, options)
+    record_transform(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return mlir
+
+
+@contextmanager
+def _turn(lock: Path | None) -> Iterator[None]:
+    """Wait until no other holder of `lock` (flock) is inside; no lock, no waiting."""
+    if lock is None:
+        yield
+        return
+    import fcntl
+
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield
+
+
+def _simulate(job: NetJob, stage: NetSpec, check_file: Path, bmodel: Path, toolchain: Toolchain) -> dict:
+    """One stage's bmodel on the simulator against onnxruntime on the export's check inputs."""
+    from lvb.runtime.cmodel import CmodelEngine
+
+    started = time.perf_counter()
+    feeds, fp32 = load_check(check_file)
+    with CmodelEngine(bmodel, toolchain) as simulator:
+        simulated = time.perf_counter()
+        got = simulator.run(job.name, feeds)
+        simulator_seconds = time.perf_counter() - simulated
+    check, _ = onnx_vs_bmodel(stage, job.onnx, feeds, fp32, got, job.quant, job.options.group_size)
+    # What a check costs (bench/real_widths.py weighs --check kinds against the compile):
+    # the simulator's run, and the whole check with loading and the quantized reference.
+    return check | {"simulator_seconds": round(simulator_seconds, 2), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def dtype_exceptions(bmodel: Path, net: NetSpec, toolchain: Toolchain) -> dict[str, str]:
+    """The tensors a bmodel declares in another dtype than the contract gives the device
+    (NetSpec.on_device), by name. Seen once: tpu-mlir keeping the float32 cast of a
+    vision-head input it unsqueezes first. The runtime and the memory plan read dtypes from
+    the bmodel, so the net still runs right (the host converts that input); the manifest says which."""
+    found, want = declared_tensors(bmodel, toolchain)[net.name], net.on_device()
+    inputs = {t.name: t.dtype for t in found.inputs}
+    exceptions = {t.name: inputs[t.name] for t in want.inputs if inputs.get(t.name, t.dtype) != t.dtype}
+    return exceptions | {t.name: o.dtype for t, o in zip(want.outputs, found.outputs) if o.dtype != t.dtype}
+
+
+def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: ToolServer | None,
+                   notes: list[str]) -> tuple[Path, dict | None, list[dict] | None]:
+    """Every stage deployed and checked on its own, then, when there are several, joined
+    largest first into one net whose stages share the weights (tpu-mlir's own LLM converter
+    orders them so; the simulator crashes on a combined net whose first stage is not its largest).
+    Also each stage's device-time estimate, which the deploy leaves in its folder."""
+    job = attempt.job
+    stage_bmodels, checks, estimates = [], [], []
+    for index, (stage, check_file) in enumerate(zip(job.net.stages, job.check_files)):
+        mlir = _mlir(attempt, stage, toolchain, server, notes)
+        folder = tmp / f"stage{index}" if len(job.net.stages) > 1 else tmp
+        folder.mkdir(exist_ok=True)
+        for needed in mlir.parent.iterdir():  # deploy reads the MLIR's weight file from its own folder
+            (folder / needed.name).symlink_to(needed)
+        bmodel = deploy(toolchain, mlir, folder, f"{job.name}.bmodel", attempt.options, attempt.log, server)
+        for link in [p for p in folder.iterdir() if p.is_symlink()]:
+            link.unlink()
+        estimates.append(read_profile(folder))
+        stage_bmodels.append(bmodel)
+        if attempt.check:
+            checks.append(_simulate(job, stage, check_file, bmodel, toolchain))
+    bmodel = stage_bmodels[0]
+    if len(stage_bmodels) > 1:
+        bmodel = combine(toolchain, stage_bmodels, tmp / f"{job.name}.bmodel", attempt.log)
+    device = [e.to_json() for e in estimates] if all(estimates) else None
+    if not checks:
+        return bmodel, None, device
+    cost = {key: round(sum(c[key] for c in checks), 2) for key in ("simulator_seconds", "seconds")}  # every stage's
+    worst = min(checks, key=lambda c: (c["cosine"] == c["cosine"], c["cosine"]))  # a NaN first
+    cosines = {name: lowest(c["cosines"][name] for c in checks) for name in worst["cosines"]}  # each output's worst stage
+    return bmodel, worst | {"cosines": cosines} | cost, device
+
+
+def build_attempt(attempt: Attempt, toolchain: Toolchain, server: ToolServer | None) -> dict:
+    """Transform (cached), deploy and check one net, on this machine's pool or a cluster node;
+    the attempt's folder appears only complete. Its "notes" name damaged cached files it rebuilt."""
+    job = attempt.job
+    tmp = scratch(attempt.folder)
+    started = time.perf_counter()
+    notes: list[str] = []
+    bmodel, check, device = _deploy_stages(attempt, tmp, toolchain, server, notes)
+    exceptions = dtype_exceptions(bmodel, job.net, toolchain)
+    seconds = time.perf_counter() - started
+    passed = check is None or not shortfalls(check["cosines"], attempt.thresholds)
+    result = {"version": COMPILE_VERSION, "net": job.name, "quant": job.quant, "options": list(attempt.options.extra),
+              "check": check, "thresholds": attempt.thresholds, "passed": passed, "seconds": round(seconds, 2),
+              "bmodel": attempt.bmodel, "file": record_file(bmodel), "dtype_exceptions": exceptions,
+              "device": device}
+    shutil.copy(attempt.log, tmp / "compile.log")
+    write_json(tmp / "result.json", result)
+    shutil.rmtree(attempt.folder, ignore_errors=True)
+    os.replace(tmp, attempt.folder)
+    return result | ({"notes": notes} if notes else {})
