@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import CHUNK, PIPELINE_PICTURES, SEQ, chunks_of
-from lvb.testing.checkpoints import GEOMETRIES, write_checkpoint
+from lvb.testing.checkpoints import GEOMETRIES, LLAMA_GEOMETRIES, write_checkpoint, write_llama_checkpoint
 
 # Fixtures whose users need the toolchain: they are marked without being named twice.
 TOOLCHAIN_FIXTURES = {"compile_factory", "toy_pipeline", "toy_staged_bmodel"}
@@ -39,12 +39,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def checkpoint_factory(tmp_path_factory):
-    """Returns a function name -> checkpoint dir, writing each geometry once."""
+    """Returns a function name -> checkpoint dir (an mllama geometry or a Llama text one),
+    writing each once."""
     written: dict[str, object] = {}
 
     def make(name: str):
         if name not in written:
-            written[name] = write_checkpoint(tmp_path_factory.mktemp("checkpoints") / name, name)
+            write = write_llama_checkpoint if name in LLAMA_GEOMETRIES else write_checkpoint
+            written[name] = write(tmp_path_factory.mktemp("checkpoints") / name, name)
         return written[name]
 
     return make

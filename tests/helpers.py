@@ -17,7 +17,7 @@ TOY = Path(__file__).resolve().parent.parent / "models" / "toy"
 SEQ, CHUNK = 160, 32
 # One fixture is exported with two prefill chunk sizes, so that every test over the fixtures
 # (onnxruntime parity, compile and simulator checks) also covers nets with stages.
-CHUNKS = {"mha-cross-first": (CHUNK, 8)}
+CHUNKS = {"mha-cross-first": (CHUNK, 8), "llama-gqa2-tied": (CHUNK, 8)}
 
 
 def chunks_of(name: str) -> tuple[int, ...]:

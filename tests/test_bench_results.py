@@ -139,3 +139,25 @@ def test_readme_batch_memory_and_serve_figures_are_the_recorded_ones():
     sixteen = SERVE_BATCH["sixteen_clients"]
     assert sixteen["lost"] == 0 and sixteen["mixed"] == 0
     assert f"{sixteen['answered']} answered, {sixteen['refused_429']} refused (429), none lost or mixed up" in README
+
+
+SPECULATIVE = json.loads((ROOT / "bench" / "results" / "speculative.json").read_text())
+
+
+def test_readme_speculative_figures_are_the_recorded_ones():
+    """The README's best-k table and the toy's table are bench/speculative.py's figures."""
+    grid = SPECULATIVE["chip"]["grid"]
+    for a in (0.3, 0.5, 0.7, 0.9):
+        for chat in ("text", "picture"):
+            best = max((g for g in grid if g["chat"] == chat and g["acceptance"] == a), key=lambda g: g["speedup"])
+            assert f"{best['tokens_per_s']:.2f} ({best['speedup']:.2f}×)" in README, (a, chat)
+    for k, row in SPECULATIVE["toy"].items():
+        assert f"| {k} | {row['same_tokens']}/{row['pictures']} | {row['accepted']}/{row['proposed']} = " \
+               f"{row['acceptance']:.2f} | {row['tokens_per_check']:.2f} |" in README
+    assert f"{SPECULATIVE['memory']['total'] / 1e9:.2f} GB of device memory" in README
+
+
+def test_a_check_is_priced_from_the_recorded_nets():
+    """The plain step bench/speculative.py compares with is device_time.json's own (text turn)."""
+    plain = SPECULATIVE["chip"]["plain_step_ms"]["text"]
+    assert plain == pytest.approx(RESULTS[SPECULATIVE["chip"]["label"]]["turns"][0]["decode_step_ms"])

@@ -62,7 +62,9 @@ def test_fixture_by_hand(name, checkpoint_factory):
 
 
 def test_not_mllama_is_named():
-    with pytest.raises(SpecError, match="model_type is 'llama'"):
+    with pytest.raises(SpecError, match="model_type is 'qwen2'"):
+        ModelSpec.from_config({"model_type": "qwen2"})
+    with pytest.raises(SpecError, match="hidden_size is missing"):  # a Llama text config is read as one
         ModelSpec.from_config({"model_type": "llama"})
 
 

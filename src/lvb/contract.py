@@ -449,7 +449,8 @@ def plan(spec: ModelSpec, seq: int, chunks: int | Sequence[int], batch: int | Se
     sizes = chunk_sizes(chunks, seq)
     rows = batch_sizes(batch)
     t, v, n = spec.text, spec.vision, Names
-    D, KV, d, V = t.hidden_size, t.num_kv_heads, t.head_dim, v.tokens_per_image
+    D, KV, d = t.hidden_size, t.num_kv_heads, t.head_dim
+    V = v.tokens_per_image if v is not None else 0  # only cross-attention layers read it
     S = seq
 
     def net(kind: Kind, layer: int | None, inputs, outputs) -> NetSpec:
@@ -488,7 +489,7 @@ def plan(spec: ModelSpec, seq: int, chunks: int | Sequence[int], batch: int | Se
     def batched(make) -> NetSpec:
         return staged(make, rows)
 
-    nets = vision_nets(spec)
+    nets = vision_nets(spec) if not spec.text_only else []
     nets += [
         net(Kind.CROSS_KV, layer, (_t(n.CROSS_STATES, 1, V, D),), (_t(n.CROSS_K, 1, KV, V, d), _t(n.CROSS_V, 1, KV, V, d)))
         for layer in t.cross_attention_layers

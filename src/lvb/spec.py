@@ -202,13 +202,20 @@ class VisionSpec:
 @dataclass(frozen=True)
 class ModelSpec:
     text: TextSpec
-    vision: VisionSpec
-    image_token_id: int
-    cross_kv_shape: tuple[int, ...] = field(init=False)  # one of cross K or V, [1, kv heads, tokens, head dim]
+    # None for a plain Llama text checkpoint (LlamaForCausalLM): no vision tower, no
+    # cross-attention layers, no image token; the same text nets otherwise.
+    vision: VisionSpec | None
+    image_token_id: int | None
 
-    def __post_init__(self):
+    @property
+    def text_only(self) -> bool:
+        return self.vision is None
+
+    @property
+    def cross_kv_shape(self) -> tuple[int, ...] | None:
+        """One of cross K or V, [1, kv heads, tokens, head dim]; None without a vision tower."""
         t, v = self.text, self.vision
-        object.__setattr__(self, "cross_kv_shape", (1, t.num_kv_heads, v.tokens_per_image, t.head_dim))
+        return None if v is None else (1, t.num_kv_heads, v.tokens_per_image, t.head_dim)
 
     @property
     def num_aspect_ratio_ids(self) -> int:
@@ -220,9 +227,12 @@ class ModelSpec:
         if not isinstance(config, dict):
             raise SpecError("config.json must hold a JSON object")
         model_type = config.get("model_type")
+        if model_type == "llama":
+            return cls(text=_llama_text(_Reader(config, "")), vision=None, image_token_id=None)
         if model_type != "mllama":
             raise SpecError(
-                f"config.json: model_type is {model_type!r}, not 'mllama'; lvb converts Llama-3.2-Vision (mllama) checkpoints only"
+                f"config.json: model_type is {model_type!r}; lvb converts Llama-3.2-Vision (mllama) and Llama text "
+                "(llama) checkpoints only"
             )
         root = _Reader(config, "")
         text = root.section_of("text_config")
@@ -266,6 +276,34 @@ class ModelSpec:
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelSpec:
         return cls.from_config(read_config(model_dir))
+
+
+def _llama_text(root: _Reader) -> TextSpec:
+    """A LlamaForCausalLM's text stack: an mllama text model without cross-attention layers
+    (same layers, same weights, same rotary embedding)."""
+    config = root.section
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            raise SpecError(f"config.json: {key} is true; lvb converts Llama 3.x checkpoints, whose projections have no bias")
+    if config.get("hidden_act", "silu") != "silu":
+        raise SpecError(f"config.json: hidden_act is {config['hidden_act']!r}; lvb converts Llama 3.x checkpoints (silu)")
+    hidden, heads = root.int("hidden_size"), root.int("num_attention_heads")
+    head_dim = config.get("head_dim")
+    if head_dim is not None and head_dim * heads != hidden:
+        raise SpecError(f"config.json: head_dim {head_dim} x num_attention_heads {heads} is not hidden_size {hidden}; "
+                        "lvb needs head_dim = hidden_size / num_attention_heads")
+    return TextSpec(
+        num_layers=root.int("num_hidden_layers"),
+        cross_attention_layers=(),
+        hidden_size=hidden,
+        intermediate_size=root.int("intermediate_size"),
+        num_heads=heads,
+        num_kv_heads=root.int("num_key_value_heads"),
+        vocab_size=root.int("vocab_size"),
+        rms_norm_eps=root.float("rms_norm_eps"),
+        max_position_embeddings=root.int("max_position_embeddings"),
+        rope=RopeSpec.from_text_config(root),
+    )
 
 
 def read_config(model_dir: str | Path) -> dict[str, Any]:

@@ -396,7 +396,7 @@ class Tokenizer:
         self.pad_token = pad_token
         self.pad_id = tokenizer.token_to_id(pad_token) if pad_token is not None else None
         self.image_token = image_token
-        self.image_id = self.id_of(image_token)
+        self.image_id = tokenizer.token_to_id(image_token)  # None for a text model's tokenizer
         self.stop_ids: frozenset[int] = frozenset(_as_ids(extra_stop_ids, "extra_stop_ids")) | (
             {self.eos_id} if self.eos_id is not None else set()
         )

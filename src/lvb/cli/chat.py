@@ -14,11 +14,11 @@ CHAT_HELP = "commands: /image PATH (picture for your next message), /reset (new 
 
 
 def chat_loop(session, sampling, image: Path | None, max_new_tokens: int | None) -> None:
-    """Read a line, answer it, until /quit or the end of input; `session.engine` is closed on the way out."""
+    """Read a line, answer it, until /quit or the end of input; the session's engines are closed on the way out."""
     pending_image = image
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is reported, and the chat goes on
         sys.stdin.reconfigure(errors="surrogateescape")
-    with session.engine:
+    with session:
         while True:
             try:
                 line = console.input("[bold cyan]you>[/] ").strip()

@@ -292,7 +292,7 @@ def run(
     """Answer one question (about one picture) and print the answer on stdout."""
     try:
         session = options.open_session()
-        with session.engine:
+        with session:
             sampling = options.sampling(session.checkpoint)
             reply = session.ask(user_text(prompt, "--prompt"), image=image, sampling=sampling, max_new_tokens=options.max_new_tokens,
                                 on_text=lambda piece: print(piece, end="", flush=True))

@@ -127,6 +127,10 @@ TopKOption = Annotated[Optional[int], typer.Option(help="Sample among the k most
 TopPOption = Annotated[Optional[float], typer.Option(help="Sample among the most likely tokens that hold this much probability.")]
 RepetitionPenaltyOption = Annotated[Optional[float], typer.Option(help="Penalize tokens already in the chat (1.0: off).")]
 SeedOption = Annotated[Optional[int], typer.Option(help="Seed of the sampler, for repeatable answers.")]
+DraftOption = Annotated[Optional[Path], typer.Option("--draft", readable=False, help="Speculative decoding: a Llama text checkpoint folder with the model's tokenizer (e.g. Llama-3.2-1B-Instruct) that proposes tokens the model checks several at a time; with --draft-bmodel or --draft-onnx.")]
+DraftBmodelOption = Annotated[Optional[Path], typer.Option("--draft-bmodel", readable=False, help="The draft's bmodel from `lvb compile` (with --bmodel).")]
+DraftOnnxOption = Annotated[Optional[Path], typer.Option("--draft-onnx", readable=False, help="The draft's `lvb export` work directory (with --onnx).")]
+DraftTokensOption = Annotated[Optional[int], typer.Option("--draft-tokens", help="Tokens the draft proposes per check (default 3; below the model's largest prefill chunk).", callback=at_least(1))]
 
 
 @dataclass(frozen=True)
@@ -168,11 +172,19 @@ class ModelOptions:
         check = getattr(engine, "preflight", None)  # the device memory check, on sail
         if check is not None:
             show(errors, f"preflight: {check.line()}", style="dim")
+        draft = None
         try:
-            return Session(checkpoint, engine, truncate_history=truncate_history)
+            draft = self.open_draft(backend)
+            return Session(checkpoint, engine, truncate_history=truncate_history, **draft)
         except BaseException:
+            if draft:
+                draft["draft"][1].close()
             engine.close()
             raise
+
+    def open_draft(self, backend: Backend) -> dict:
+        """Session's draft arguments (none here: `serve` takes no draft yet)."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -186,9 +198,33 @@ class ChatOptions(ModelOptions):
     top_p: TopPOption = None
     repetition_penalty: RepetitionPenaltyOption = None
     seed: SeedOption = None
+    draft: DraftOption = None
+    draft_bmodel: DraftBmodelOption = None
+    draft_onnx: DraftOnnxOption = None
+    draft_tokens: DraftTokensOption = None
 
     def check(self, checkpoint) -> None:
         self.sampling(checkpoint)
+        if self.draft is None and (self.draft_bmodel, self.draft_onnx, self.draft_tokens) != (None, None, None):
+            raise LvbError("--draft-bmodel, --draft-onnx and --draft-tokens go with --draft (the draft's checkpoint folder)")
+
+    def open_draft(self, backend: Backend) -> dict:
+        """(draft checkpoint, its engine on the model's backend) and --draft-tokens, as Session takes them."""
+        from lvb.runtime.backends import open_engine
+        from lvb.runtime.pipeline import Checkpoint
+        from lvb.toolchain import find_toolchain
+
+        if self.draft is None:
+            return {}
+        onnx = backend is Backend.ONNXRUNTIME
+        if onnx and self.draft_onnx is None or not onnx and self.draft_bmodel is None:
+            need = "--draft-onnx (its `lvb export` work directory)" if onnx else "--draft-bmodel (its `lvb compile` bmodel)"
+            raise LvbError(f"--draft {self.draft}: the {backend.value} backend runs the draft too; pass {need}")
+        checkpoint = Checkpoint.load(self.draft)
+        engine = open_engine(backend, bmodel=self.draft_bmodel, onnx_work=self.draft_onnx,
+                             toolchain=find_toolchain(self.toolchain) if backend is Backend.CMODEL else None)
+        tokens = {"draft_tokens": self.draft_tokens} if self.draft_tokens is not None else {}
+        return {"draft": (checkpoint, engine)} | tokens
 
     def sampling(self, checkpoint):
         from lvb.runtime.sampling import SamplingConfig

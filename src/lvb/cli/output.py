@@ -168,6 +168,10 @@ def print_stats(reply) -> None:
     steps = max(1, s.generated_tokens - 1)
     show(errors, f"net launches: {sum(s.first_token_launches.values())} to the first token, "
                  f"{sum(s.decode_launches.values()) / steps:.0f} per decode step", style="dim")
+    if s.speculative is not None:
+        d = s.speculative
+        show(errors, f"draft: {d.accepted} of {d.proposed} proposed tokens kept ({d.acceptance:.0%}), "
+                     f"{d.tokens_per_step:.2f} tokens per check of the model ({d.verify_steps} checks)", style="dim")
 
 
 

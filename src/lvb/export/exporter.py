@@ -157,11 +157,12 @@ def read_again(roots: dict[str, object], reads: dict[str, object]) -> str | None
     return None
 
 
-def minimum_sequence(model_dir: Path) -> int:
-    """Tokens of the shortest useful chat: an image and a one-word question, plus one to answer."""
+def minimum_sequence(model_dir: Path, text_only: bool = False) -> int:
+    """Tokens of the shortest useful chat: an image (unless the model is text-only) and a
+    one-word question, plus one to answer."""
     from lvb.text import ChatTemplate, Tokenizer
 
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    messages = [{"role": "user", "content": [*([] if text_only else [{"type": "image"}]), {"type": "text", "text": "Hi"}]}]
     return len(Tokenizer.from_dir(model_dir).encode_chat(ChatTemplate.from_dir(model_dir), messages)) + 1
 
 
@@ -370,10 +371,25 @@ def eager_config(model_dir: Path):
     """The checkpoint's config with eager attention, as every part is built for export and its checks."""
     from transformers import MllamaConfig
 
-    config = MllamaConfig.from_pretrained(model_dir)
+    config = text_only_config(model_dir) if ModelSpec.from_dir(model_dir).text_only else MllamaConfig.from_pretrained(model_dir)
     for sub in (config, config.text_config, config.vision_config):
         sub._attn_implementation = "eager"  # one plain graph; sdpa does not export to opset 17 cleanly
     return config
+
+
+def text_only_config(model_dir: Path):
+    """A Llama text checkpoint's config as an mllama one without cross-attention layers: a
+    LlamaDecoderLayer is an MllamaSelfAttentionDecoderLayer (same weights, same arithmetic, same
+    rotary embedding), so the text parts and patches serve both. The vision config is
+    transformers' default and never read (a text model has no vision nets)."""
+    from transformers import LlamaConfig, MllamaConfig
+
+    llama = LlamaConfig.from_pretrained(model_dir)
+    text = {key: getattr(llama, key) for key in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "rope_parameters", "rms_norm_eps", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+        "tie_word_embeddings")}
+    return MllamaConfig(text_config=text | {"cross_attention_layers": []}, tie_word_embeddings=llama.tie_word_embeddings)
 
 
 def check_weights(config, weights: CheckpointWeights) -> None:
@@ -391,13 +407,17 @@ def check_weights(config, weights: CheckpointWeights) -> None:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             expected = {canonical(k): list(v.shape) for k, v in MllamaForConditionalGeneration(config).state_dict().items()}
+        if not config.text_config.cross_attention_layers:  # a Llama text checkpoint: no vision tower
+            expected = {k: v for k, v in expected.items() if k.startswith("language_model.")}
+            # mllama's table has 8 rows past the LM vocabulary for the image token; Llama's has not.
+            expected["language_model.model.embed_tokens.weight"] = list(expected["language_model.lm_head.weight"])
     except Exception as e:  # transformers' own refusal of the config, said in one line
         raise ExportError(f"config.json describes a model transformers cannot build ({type(e).__name__}: "
                           f"{' '.join(str(e).split())}); fix config.json or download the checkpoint again") from None
     tied = getattr(config.text_config, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False)
     where = weights.model_dir
     for name, shape in expected.items():
-        if name not in weights.location:
+        if name not in weights.location or name in weights.aliased and not tied:
             if tied and name.startswith("language_model.lm_head."):
                 continue
             raise ExportError(f"{where}: the checkpoint has no {name}, which config.json implies; config.json and "
@@ -418,10 +438,10 @@ class Exporter:
         self.notify = notify or (lambda message: None)  # a cached file that is damaged, and rebuilt
         self.source = source or {}
         self.spec = ModelSpec.from_dir(self.model_dir)
-        needed = minimum_sequence(self.model_dir)
+        needed = minimum_sequence(self.model_dir, self.spec.text_only)
         if settings.seq < needed:
             raise ExportError(
-                f"--seq {settings.seq} is too short: an image and a one-word question already take "
+                f"--seq {settings.seq} is too short: {'a' if self.spec.text_only else 'an image and a'} one-word question already take "
                 f"{needed - 1} tokens, plus one to answer; use --seq {needed} or more ({DEFAULT_SEQ} is typical)"
             )
         limit = self.spec.text.max_position_embeddings

@@ -414,7 +414,8 @@ class EmbeddingPart(Part):
     def dummy_inputs(self, net, spec, rng):
         shape = net.inputs[0].shape
         ids = rng.integers(0, spec.text.vocab_size, size=shape).astype(np.int32)
-        ids.flat[0] = spec.image_token_id  # beyond the LM vocabulary, inside the table
+        if spec.image_token_id is not None:
+            ids.flat[0] = spec.image_token_id  # beyond the LM vocabulary, inside the table
         return {"input_ids": ids}
 
 

@@ -30,7 +30,11 @@ NAME_PREFIXES: tuple[tuple[str, str], ...] = (
     ("multi_modal_projector.", "model.multi_modal_projector."),
     ("language_model.model.", "model.language_model."),
     ("language_model.lm_head.", "lm_head."),
+    # A Llama text checkpoint (LlamaForCausalLM): its stack is an mllama text model's.
+    ("language_model.model.", "model."),
 )
+# With tied embeddings a checkpoint has no LM head of its own: the head reads the table.
+TIED = {"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"}
 
 
 # safetensors dtype -> (bytes per value, raw bytes -> float32 array)
@@ -115,6 +119,11 @@ class CheckpointWeights:
             for tensor in self.files[name].tensors:
                 self.location[canonical(tensor)] = name
         self._raw_names = {canonical(t): t for f in self.files.values() for t in f.tensors}
+        # Names served by another tensor (TIED); the export's weight check refuses them unless
+        # the config ties the embeddings.
+        self.aliased = {name for name, table in TIED.items() if name not in self.location and table in self.location}
+        for name in self.aliased:
+            self.location[name], self._raw_names[name] = self.location[TIED[name]], self._raw_names[TIED[name]]
         # {file: {"stat": [size, mtime_ns], "tensors": {raw name: digest}}}, kept in the export manifest
         self.digest_cache = digest_cache if digest_cache is not None else {}
 

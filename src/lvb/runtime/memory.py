@@ -121,10 +121,11 @@ def resident_buffers(nets: Mapping) -> list[TensorInfo]:
         buffers += [t(name, inputs(net)[n.PAST_K]) for name in b.kv(layer_of(net))]
     for net in cross_layers:
         buffers += [t(name, inputs(net)[n.CROSS_K]) for name in b.cross_kv(layer_of(net))]
-    buffers.append(t(b.CROSS_STATES, nets[net_name(Kind.VISION_HEAD)].outputs[0]))
-    vision = nets[net_name(Kind.VISION_EMBED)].outputs[0]
-    kept = sorted(j for x in nets[net_name(Kind.VISION_HEAD)].inputs if (j := n.kept_layer_index(x.name)) is not None)
-    buffers += [t(name, vision) for name in [b.VISION, b.VISION_B, *(b.kept(j) for j in kept)]]
+    if net_name(Kind.VISION_HEAD) in nets:  # a text-only (Llama) model has no vision tower
+        buffers.append(t(b.CROSS_STATES, nets[net_name(Kind.VISION_HEAD)].outputs[0]))
+        vision = nets[net_name(Kind.VISION_EMBED)].outputs[0]
+        kept = sorted(j for x in nets[net_name(Kind.VISION_HEAD)].inputs if (j := n.kept_layer_index(x.name)) is not None)
+        buffers += [t(name, vision) for name in [b.VISION, b.VISION_B, *(b.kept(j) for j in kept)]]
     buffers += [t(name, nets[net_name(Kind.EMBED)].outputs[0]) for name in (b.HIDDEN, b.HIDDEN_B)]
     buffers += [t(name, nets[net_name(Kind.EMBED_CACHE)].outputs[0]) for name in (b.HIDDEN1, b.HIDDEN1_B)]
     buffers.append(t(b.LOGITS, nets[net_name(Kind.LM_HEAD)].outputs[0]))
@@ -166,9 +167,11 @@ def scratch_tensors(nets: Mapping) -> list[TensorInfo]:
     # A net input in another dtype than the buffer that feeds it (tpu-mlir may keep one of the
     # vision head's inputs in float32) goes through a scratch tensor of the input's and a host
     # mirror of the buffer's (the second of its shape).
-    vision = nets[net_name(Kind.VISION_EMBED)].outputs[0]
-    head = [x for x in nets[net_name(Kind.VISION_HEAD)].inputs
-            if x.dtype != vision.dtype and (x.name == n.HIDDEN or n.kept_layer_index(x.name) is not None)]
+    head = []
+    if net_name(Kind.VISION_HEAD) in nets:
+        vision = nets[net_name(Kind.VISION_EMBED)].outputs[0]
+        head = [x for x in nets[net_name(Kind.VISION_HEAD)].inputs
+                if x.dtype != vision.dtype and (x.name == n.HIDDEN or n.kept_layer_index(x.name) is not None)]
     for x in head:
         need(x, sum(y.shape == x.shape and y.dtype == x.dtype for y in head))
     if head:
@@ -234,7 +237,7 @@ class MemoryPlan:
 
 def plan_for_bmodel(info) -> MemoryPlan:
     """The plan of a bmodel read by lvb.bmodel.inspect_bmodel."""
-    once = (Kind.VISION_EMBED, Kind.VISION_HEAD, Kind.EMBED, Kind.EMBED_CACHE, Kind.LM_HEAD, Kind.GREEDY_HEAD)
+    once = (Kind.EMBED, Kind.EMBED_CACHE, Kind.LM_HEAD, Kind.GREEDY_HEAD)  # a Llama text model has no vision nets
     missing = [name for name in map(net_name, once) if name not in info.nets]
     if missing:
         raise EngineError(f"{info.path}: no net {missing[0]}; lvb's runtime plan needs a bmodel made by `lvb compile`")

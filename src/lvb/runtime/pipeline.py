@@ -29,7 +29,8 @@ import numpy as np
 from lvb.runtime.engine import Engine
 from lvb.runtime.image import ImageProcessorConfig, ProcessedImage, load_image, preprocess
 from lvb.runtime.runner import ChatError, Runner
-from lvb.runtime.sampling import Sampler, SamplingConfig
+from lvb.runtime.sampling import Sampler, SamplingConfig, softmax
+from lvb.runtime.speculative import DEFAULT_DRAFT_TOKENS, Draft, DraftStats, accept_greedy, accept_sampled
 from lvb.spec import ModelSpec
 from lvb.text import ChatTemplate, Tokenizer, read_json_object
 
@@ -44,14 +45,14 @@ class Checkpoint:
     spec: ModelSpec
     template: ChatTemplate
     tokenizer: Tokenizer
-    image_config: ImageProcessorConfig
+    image_config: ImageProcessorConfig | None  # None for a text model
     generation_config: dict
 
     @classmethod
     def load(cls, directory: str | Path) -> Checkpoint:
         directory = Path(directory)
         spec = ModelSpec.from_dir(directory)
-        image_config = read_image_config(directory, spec)
+        image_config = None if spec.text_only else read_image_config(directory, spec)
         generation = read_json_object(directory / "generation_config.json") or {}
         return cls(directory, spec, ChatTemplate.from_dir(directory), Tokenizer.from_dir(directory), image_config, generation)
 
@@ -97,6 +98,7 @@ class Stats:
     # and for the rest of the answer.
     first_token_launches: Counter = field(default_factory=Counter)
     decode_launches: Counter = field(default_factory=Counter)
+    speculative: DraftStats | None = None  # with a draft: what it proposed and the model kept
 
     @property
     def tokens_per_second(self) -> float:
@@ -150,9 +152,10 @@ class Answer:
         self.pieces.append(piece)
         return bool(self.on_text and self.on_text(piece))
 
-    def push(self, token: int) -> bool:
+    def push(self, token: int, pending: int = 0) -> bool:
         """Take the next token; True when the answer has ended (a stop token, the caller, the
-        token limit or a full sequence)."""
+        token limit or a full sequence). `pending`: tokens a verify pass produced after this one,
+        which need no cache row more (speculative decoding)."""
         self.generated.append(token)
         tokenizer, session = self.session.checkpoint.tokenizer, self.session
         if token in tokenizer.stop_ids:
@@ -161,7 +164,7 @@ class Answer:
             self.stop_reason = "stopped"
         elif len(self.generated) >= self.limit:
             self.stop_reason = "max new tokens"
-        elif len(session.cached) >= session.seq:
+        elif len(session.cached) >= session.seq and not pending:
             self.stop_reason = "sequence full"
             self.notices.append(f"stopped: the {session.seq}-token sequence is full")
         return self.stop_reason is not None
@@ -184,18 +187,40 @@ class Answer:
 class Session:
     def __init__(self, checkpoint: Checkpoint, engine: Engine, truncate_history: bool = False,
                  system: str | None = None, today: datetime | None = None, runner: Runner | None = None,
-                 slot: int = 0):
+                 slot: int = 0, draft: tuple[Checkpoint, Engine] | None = None,
+                 draft_tokens: int = DEFAULT_DRAFT_TOKENS):
         """`system`: a system message heading every chat. `today`: the date the chat template
         sees (strftime_now), pinned when the session starts so that a chat going on past
         midnight keeps its prompt, and its cache. `runner` and `slot`: a runner shared by the
-        conversations of a decode batch, and this conversation's cache slot in it."""
+        conversations of a decode batch, and this conversation's cache slot in it. `draft`: a
+        Llama text checkpoint and its engine that propose `draft_tokens` tokens for each pass of
+        this model (lvb.runtime.speculative); one conversation at a time."""
         self.checkpoint, self.engine, self.truncate_history = checkpoint, engine, truncate_history
         self.system, self.today = system, today or datetime.now()
         self.spec = checkpoint.spec
         self.runner = runner or Runner(self.spec, engine, checkpoint.tokenizer.image_id, checkpoint.tokenizer.pad_id or 0)
         self.slot = slot
         self.seq, self.chunks = self.runner.seq, self.runner.chunks
+        self.draft = None
+        if draft is not None and (runner is not None or slot):
+            raise ChatError("--draft takes one conversation at a time; it does not join a decode batch")
+        if draft is not None:
+            if not 1 <= draft_tokens < max(self.chunks):
+                raise ChatError(f"--draft-tokens {draft_tokens}: the model checks the draft's tokens and one of its own "
+                                f"in one prefill chunk of at most {max(self.chunks)}; use 1 to {max(self.chunks) - 1}")
+            self.draft = Draft(draft[0].spec, draft[1], draft[0].tokenizer, checkpoint.tokenizer, self.spec,
+                               name=f"the draft {draft[0].directory.name}")
+        self.draft_tokens = draft_tokens
         self.reset()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        """Close the engines: the model's, and the draft's."""
+        if self.draft is not None:
+            self.draft.engine.close()
+        self.engine.close()
 
     def reset(self) -> None:
         """Forget the conversation (the buffers stay allocated)."""
@@ -203,6 +228,8 @@ class Session:
         self.cached: list[int] = []  # token ids whose K/V fill cache slots 0..len-1
         self.image: ProcessedImage | None = None
         self.image_turn: int | None = None  # index in self.messages of the turn that brought it
+        if self.draft is not None:
+            self.draft.reset()
 
     def restore(self, messages: list[dict], image=None, image_turn: int | None = None) -> None:
         """Take `messages` (in the form `messages` holds) as the conversation so far, with `image`
@@ -233,8 +260,13 @@ class Session:
         ChatError and leaves the conversation as it was when the turn cannot be answered.
         `max_new_tokens` None: until a stop token or a full sequence."""
         answer = self.begin(text, image, sampling, max_new_tokens, on_text)
+        queue: list[int] = []  # tokens a verify pass produced beyond the one in hand
         while answer.stop_reason is None:
-            answer.push(self._decode(answer.token, answer.history, answer.sampler))
+            if not queue:
+                queue = self._step(answer.token, answer.history, answer.sampler,
+                                   answer.limit - len(answer.generated), answer.stats.speculative)
+            token = queue.pop(0)
+            answer.push(token, pending=len(queue))
         return answer.end()
 
     def begin(
@@ -258,6 +290,7 @@ class Session:
         if new_image is not None:
             notices = [*new_image.notes, *notices]
         sampler = Sampler(sampling or SamplingConfig())
+        self._draft_sampler: Sampler | None = None
 
         # Cached K/V were computed with or without an image in play; transformers runs the
         # cross-attention layers for every token once a chat has an image, so a change either
@@ -277,10 +310,14 @@ class Session:
         stats.first_token_launches = self.runner.launches - launched
         answer = Answer(self, messages, ids, sampler, self.seq if max_new_tokens is None else max_new_tokens,
                         on_text, stats, notices)
+        if self.draft is not None:
+            stats.speculative = DraftStats()
         answer.push(token)
         return answer
 
     def _process_image(self, image) -> ProcessedImage:
+        if self.spec.text_only:
+            raise ChatError(f"{self.checkpoint.directory.name} is a text model (no vision tower); ask without an image")
         if isinstance(image, ProcessedImage):
             return image
         if not hasattr(image, "mode"):
@@ -332,6 +369,39 @@ class Session:
         hidden = self.runner.prefill(ids, start, self._tiles(), self.slot)
         self.cached = list(ids)
         return self.runner.next_token(hidden, sampler, ids)
+
+    def _step(self, token: int, history: list[int], sampler: Sampler, room: int, stats: DraftStats | None) -> list[int]:
+        """The next token(s) after `token` (history's last, not in the cache yet): one decode step,
+        or with a draft, one verify pass over its proposals (at most `room` tokens)."""
+        k = 0
+        if self.draft is not None:
+            k = min(self.draft_tokens, room - 1, self.seq - len(self.cached) - 1, self.draft.room(history))
+        if k < 1:
+            return [self._decode(token, history, sampler)]
+        sampled = sampler.config.do_sample
+        if sampled and self._draft_sampler is None:
+            self._draft_sampler = Sampler(sampler.config)
+        drafts, dists = self.draft.propose(history, k, self._draft_sampler if sampled else None)
+        hiddens = self.runner.verify(history + drafts, len(self.cached), self._tiles())
+        if sampled:
+            def target(i: int) -> np.ndarray:
+                return softmax(sampler.process(self.runner.logits(hiddens[i]), history + drafts[:i]))
+
+            out = accept_sampled(drafts, dists, target, sampler._rng, sampler.draw)
+            stop = sampler.config.stop_token_ids
+            out = [sampler.config.stop_as if t in stop else t for t in out]
+        else:
+            out = accept_greedy(drafts, lambda i: self.runner.next_token(hiddens[i], sampler, history + drafts[:i]))
+        accepted = len(out) - 1
+        # The K/V rows of the rejected proposals stay in both caches, past the position every
+        # later pass's mask ends at: forgetting them is counting them out.
+        self.cached = history + drafts[:accepted]
+        self.draft.keep(self.cached)
+        stats.proposed += k
+        stats.accepted += accepted
+        stats.verify_steps += 1
+        stats.tokens += len(out)
+        return out
 
     def _decode(self, token: int, history: list[int], sampler: Sampler) -> int:
         hidden = self.runner.decode(token, len(self.cached), self._tiles(), self.slot)

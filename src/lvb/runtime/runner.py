@@ -221,6 +221,21 @@ class Runner:
     def prefill(self, ids: Sequence[int], start: int, tiles: int | None, slot: int = 0) -> Resident:
         """ids[start:] into cache positions start.. of conversation `slot`, a chunk at a time, each the smallest compiled
         chunk that holds the rest (the largest while more remains); the last token's hidden state."""
+        last, count = self._chunks(ids, start, tiles, slot)
+        return Resident(last, count - 1, 1)
+
+    def verify(self, ids: Sequence[int], start: int, tiles: int | None) -> list[Resident]:
+        """ids[start:] (at most the largest chunk) into cache slots start.. in one pass, as a
+        prefill chunk: the hidden state of every one of them (speculative decoding's check of a
+        draft's tokens). Slots past those a caller keeps are never read again: every later
+        pass's mask stops at its own position."""
+        if not 0 < len(ids) - start <= max(self.chunks):
+            raise ValueError(f"verify takes 1 to {max(self.chunks)} tokens, got {len(ids) - start}")
+        last, count = self._chunks(ids, start, tiles)
+        return [Resident(last, i, 1) for i in range(count)]
+
+    def _chunks(self, ids: Sequence[int], start: int, tiles: int | None, slot: int = 0) -> tuple[str, int]:
+        """(the buffer holding the last chunk's hidden states, that chunk's real tokens)."""
         position = start
         count = 0
         while position < len(ids):
@@ -233,7 +248,7 @@ class Runner:
             last = self._layers((Buffers.HIDDEN, Buffers.HIDDEN_B), position, count, width,
                                 self.sees_image(ids, range(position, position + count)), tiles, stage, slot)
             position += count
-        return Resident(last, count - 1, 1)
+        return last, count
 
     def decode(self, token: int, position: int, tiles: int | None, slot: int = 0) -> Resident:
         """One token into cache position `position` of conversation `slot`; its hidden state."""
@@ -338,6 +353,14 @@ class Runner:
                 return [int(greedy.reshape(B, -1)[r.slot, 0]) for r in rows]
             logits = self.engine.read(Buffers.LOGITS)
         return [sampler(logits[r.slot], history) for r, sampler, history in zip(rows, samplers, histories)]
+
+    def logits(self, hidden: Resident) -> np.ndarray:
+        """The LM head's logits of one hidden state, on the host."""
+        lm_head, feeds = net_name(Kind.LM_HEAD), {Names.HIDDEN: hidden}
+        if self.engine.logits_on_host:
+            return np.asarray(self._run(lm_head, feeds)[0][0])
+        self._run(lm_head, feeds, {0: Resident(Buffers.LOGITS)})
+        return self.engine.read(Buffers.LOGITS)[0]
 
     def next_token(self, hidden: Resident, sampler: Sampler, history: Sequence[int]) -> int:
         lm_head, feeds = net_name(Kind.LM_HEAD), {Names.HIDDEN: hidden}

@@ -224,7 +224,10 @@ class Sampler:
     def _pick(self, scores: np.ndarray) -> int:
         if not self.config.do_sample:
             return int(np.argmax(scores))
-        probs = softmax(scores)
+        return self.draw(softmax(scores))
+
+    def draw(self, probs: np.ndarray) -> int:
+        """A token drawn from a distribution, with this sampler's generator."""
         cdf = np.cumsum(probs)
         # side="right" never lands on a zero-probability token; rounding can only push past the end.
         index = int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"))

@@ -342,3 +342,124 @@ def write_checkpoint(directory: str | Path, geometry: Geometry | str, seed: int 
     model.save_pretrained(directory)
     save_processor(directory, geometry)
     return directory
+
+
+# ----------------------------------------------------------------------------- Llama text checkpoints
+
+
+@dataclass(frozen=True)
+class LlamaGeometry:
+    """A plain Llama text checkpoint (LlamaForCausalLM) with the fixtures' tokenizer, so that it
+    can draft for any of them (same vocabulary, same chat template)."""
+
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    tied: bool
+    rope: str = "llama3"
+    tokenizer_vocab: int = 384
+    init_std: float = 0.25
+    description: str = field(default="", compare=False)
+
+
+LLAMA_GEOMETRIES: dict[str, LlamaGeometry] = {
+    g.name: g
+    for g in (
+        LlamaGeometry("llama-gqa2-tied", layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, tied=True,
+                      description="2 layers, 4 heads / 2 KV heads, tied embeddings, llama3 rope (as Llama-3.2-1B)"),
+        LlamaGeometry("llama-mha-untied", layers=3, hidden=64, intermediate=192, heads=2, kv_heads=2, tied=False,
+                      rope="default", description="3 layers, 2 heads / 2 KV heads, its own LM head, default rope"),
+    )
+}
+
+
+def llama_config(geometry: LlamaGeometry):
+    from transformers import LlamaConfig
+
+    tokenizer = build_tokenizer(geometry.tokenizer_vocab)
+    ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    rope = {"rope_type": "default", "rope_theta": 500000.0}
+    if geometry.rope == "llama3":
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    g = geometry
+    return LlamaConfig(
+        # The mllama fixtures' LM vocabulary: every token below <|image|>, so a draft's logits
+        # and a target's cover the same ids.
+        vocab_size=tokenizer.token_to_id(IMAGE_TOKEN),
+        hidden_size=g.hidden,
+        intermediate_size=g.intermediate,
+        num_hidden_layers=g.layers,
+        num_attention_heads=g.heads,
+        num_key_value_heads=g.kv_heads,
+        rope_parameters=rope,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=131072,
+        initializer_range=g.init_std,
+        bos_token_id=ids[BOS],
+        eos_token_id=[ids[END_OF_TEXT], ids[EOM], ids[EOT]],
+        pad_token_id=ids[PAD],
+        tie_word_embeddings=g.tied,
+    )
+
+
+def build_llama(geometry: LlamaGeometry | str, seed: int = 0):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    geometry = LLAMA_GEOMETRIES[geometry] if isinstance(geometry, str) else geometry
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config(geometry)).eval()
+
+
+def write_llama_checkpoint(directory: str | Path, geometry: LlamaGeometry | str, seed: int = 0, model=None) -> Path:
+    """A complete Llama text checkpoint folder (weights, tokenizer, chat template); `model`
+    lets a trainer save its weights with the same files."""
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    geometry = LLAMA_GEOMETRIES[geometry] if isinstance(geometry, str) else geometry
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = model if model is not None else build_llama(geometry, seed)
+    config = model.config
+    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                                               pad_token_id=config.pad_token_id, do_sample=False)
+    model.save_pretrained(directory)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=build_tokenizer(geometry.tokenizer_vocab), bos_token=BOS,
+                                        eos_token=EOT, pad_token=PAD, model_max_length=131072)
+    tokenizer.chat_template = (Path(__file__).parent / "chat_template.jinja").read_text()
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_text_stack(directory: str | Path, mllama_dir: str | Path) -> Path:
+    """A Llama text checkpoint holding an mllama checkpoint's self-attention layers, table, norm
+    and head: without a picture transformers skips the cross-attention layers, so on text-only
+    turns it answers exactly as the mllama model does (a draft that agrees with its model)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, MllamaForConditionalGeneration
+
+    source = MllamaForConditionalGeneration.from_pretrained(mllama_dir, dtype=torch.float32).eval()
+    text = source.config.text_config
+    selfs = [i for i in range(text.num_hidden_layers) if i not in text.cross_attention_layers]
+    config = LlamaConfig(
+        vocab_size=text.vocab_size, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+        num_hidden_layers=len(selfs), num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads, rope_parameters=text.rope_parameters, rms_norm_eps=text.rms_norm_eps,
+        max_position_embeddings=text.max_position_embeddings, bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    language = source.model.language_model
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(language.embed_tokens.weight[: text.vocab_size])
+        for mine, theirs in zip(model.model.layers, selfs):
+            mine.load_state_dict(language.layers[theirs].state_dict())
+        model.model.norm.load_state_dict(language.norm.state_dict())
+        model.lm_head.load_state_dict(source.lm_head.state_dict())
+    geometry = LlamaGeometry("text-stack", len(selfs), text.hidden_size, text.intermediate_size,
+                             text.num_attention_heads, text.num_key_value_heads, tied=False)
+    return write_llama_checkpoint(directory, geometry, model=model)

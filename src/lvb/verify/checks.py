@@ -138,7 +138,10 @@ def _pictures():
     return {"photo": photo, "synthetic": synthetic}
 
 
-def conversations(question: str):
+def conversations(question: str, text_only: bool = False):
+    if text_only:  # a Llama text model: the same chats without their pictures
+        return {"text only": [("Hello, how are you today?", None)],
+                "two turns": [(question, None), ("Tell me more.", None)]}
     pictures = _pictures()
     return {
         "photo": [(question, pictures["photo"])],
@@ -155,18 +158,27 @@ class TransformersChat:
     def __init__(self, model_dir: Path, quant: str | None = None, group_size: int = 64):
         """`quant` int4/int8: the decoder layers' weights quantized as such a bmodel's are."""
         import torch
-        from transformers import AutoProcessor, MllamaForConditionalGeneration
+        from transformers import AutoProcessor, AutoTokenizer, LlamaForCausalLM, MllamaForConditionalGeneration
 
         from lvb.check import BITS, quantize_like_the_bmodel
+        from lvb.spec import ModelSpec
 
-        self.processor = AutoProcessor.from_pretrained(model_dir)
-        self.model = MllamaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+        if ModelSpec.from_dir(model_dir).text_only:  # a Llama text checkpoint: its tokenizer is its processor
+            self.processor = AutoTokenizer.from_pretrained(model_dir)
+            self.model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            layers = self.model.model.layers
+        else:
+            self.processor = AutoProcessor.from_pretrained(model_dir)
+            self.model = MllamaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+            layers = self.model.model.language_model.layers
         if quant in BITS:
-            quantize_like_the_bmodel(self.model.model.language_model.layers, quant, group_size)
+            quantize_like_the_bmodel(layers, quant, group_size)
 
     def inputs(self, messages: list[dict], images: list, **template):
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, **template)
-        return self.processor(text=prompt, images=images or None, return_tensors="pt", add_special_tokens=False)
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template)
+        if images:
+            return self.processor(text=prompt, images=images, return_tensors="pt", add_special_tokens=False)
+        return self.processor(text=prompt, return_tensors="pt", add_special_tokens=False)
 
     def generate(self, messages: list[dict], images: list, max_new_tokens: int, date_string: str | None = None,
                  **generation) -> list[int]:
@@ -186,7 +198,7 @@ def check_answers(model_dir: Path, session, question: str) -> list[AnswerResult]
 
     reference = TransformersChat(model_dir)
     results = []
-    for name, turns in conversations(question).items():
+    for name, turns in conversations(question, session.spec.text_only).items():
         session.reset()
         messages, images = [], []
         for index, (text, image) in enumerate(turns):
