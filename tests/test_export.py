@@ -286,10 +286,14 @@ def test_bad_input_gives_one_line(tmp_path, checkpoint_factory):
     empty.mkdir()
     assert "no config.json" in one_error_line(["export", "--model", str(empty), "--out", str(out)])
 
-    not_mllama = tmp_path / "llama"
+    not_mllama = tmp_path / "gpt2"
     not_mllama.mkdir()
-    (not_mllama / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    assert "not 'mllama'" in one_error_line(["export", "--model", str(not_mllama), "--out", str(out)])
+    (not_mllama / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert "model_type is 'gpt2'" in one_error_line(["export", "--model", str(not_mllama), "--out", str(out)])
+    text_llama = tmp_path / "llama"  # a Llama text config is taken (issue 34), and its missing widths named
+    text_llama.mkdir()
+    (text_llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert "hidden_size is missing" in one_error_line(["export", "--model", str(text_llama), "--out", str(out)])
 
     model = checkpoint_factory("mha-cross-first")
     truncated = tmp_path / "truncated"
