@@ -111,10 +111,13 @@ def test_check_kinds_checks_the_first_net_of_each_kind_and_trusts_its_siblings(c
 # The quantizations the other tests do not compile, in one compile (a second, each group at the
 # other width, would add about a minute of CI): BF16 decoder blocks, INT4 vision nets and LM head,
 # an INT8 embedding, at group size 32 (the fixtures' vision width is 32).
-OTHER_QUANTS = {"quant": "bf16", "vision_quant": "int4", "embed_quant": "int8", "head_quant": "int4"}
+# Each of the vision, embedding and head groups at both weight quantizations, over the two compiles.
+OTHER_QUANTS = [{"quant": "bf16", "vision_quant": "int4", "embed_quant": "int8", "head_quant": "int4"},
+                {"quant": "bf16", "vision_quant": "int8", "embed_quant": "int4", "head_quant": "int8"}]
 
 
-def test_bf16_and_the_vision_embed_and_head_quantizations_compile_and_pass(export_factory, tmp_path):
+@pytest.mark.parametrize("quants", OTHER_QUANTS, ids=lambda q: "-".join(f"{k.split('_')[0]}-{v}" for k, v in q.items()))
+def test_bf16_and_the_vision_embed_and_head_quantizations_compile_and_pass(quants, export_factory, tmp_path):
     """--quant bf16 and --vision-quant / --embed-quant / --head-quant compile, each net at its
     group's quantization and checked on the simulator against its reference; a kind with no
     measured row at its quantization (here the vision nets, the embedding and the LM head) is
@@ -126,17 +129,17 @@ def test_bf16_and_the_vision_embed_and_head_quantizations_compile_and_pass(expor
     work = tmp_path / "work"
     shutil.copytree(export_factory(name) / "export", work / "export")
     exported = json.loads((work / "export" / "manifest.json").read_text())["nets"]
-    options = [a for key, value in OTHER_QUANTS.items() for a in (f"--{key.replace('_', '-')}", value)]
+    options = [a for key, value in quants.items() for a in (f"--{key.replace('_', '-')}", value)]
     result = runner.invoke(app, ["compile", "--work", str(work), "--group-size", "32", *options])
     assert result.exit_code == 0, result.output
-    (bmodel,) = work.glob(f"{name}_{CompileSettings(**OTHER_QUANTS, group_size=32).tag()}_seq*.bmodel")
+    (bmodel,) = work.glob(f"{name}_{CompileSettings(**quants, group_size=32).tag()}_seq*.bmodel")
     compiled = manifest(bmodel)["nets"]
     assert list(compiled) == list(exported)
     unmeasured = set()
     for net, entry in compiled.items():
         kind = Kind(exported[net]["kind"])
         group = kind.policy.quant
-        assert entry["quant"] == ("f32" if group is QuantGroup.F32 else OTHER_QUANTS[group.value]), net
+        assert entry["quant"] == ("f32" if group is QuantGroup.F32 else quants[group.value]), net
         assert entry["passed"] and entry["check"] is not None, net
         assert not shortfalls(entry["check"]["cosines"], thresholds(NetSpec.from_json(exported[net]), entry["quant"])), net
         if entry["quant"] in ("int4", "int8") and (kind, entry["quant"]) not in MEASURED_MIN_COSINE:
