@@ -335,36 +335,14 @@ def main() -> int:
     if args.batched:
         return batched_load(args)
 
-    work = OUT / f"toy-serve-seq{args.seq}-chunk{args.chunk}"
-    if not (work / "export" / "manifest.json").is_file():
-        from lvb.export.exporter import export
-
-        print(f"exporting the toy to {work}", flush=True)
-        export(TOY, work, seq=args.seq, chunks=args.chunk)
+    work = toy_export(args.seq, args.chunk)
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
 
     port = free_port()
-    lvb = Path(sys.executable).with_name("lvb")
-    command = [str(lvb), "serve", "--model", str(TOY), "--onnx", str(work), "--port", str(port),
-               "--max-queue", str(args.max_queue)]
-    log = open(OUT / "serve_load.server.log", "w")
-    server = subprocess.Popen(command, env=dict(os.environ, LVB_API_KEY=KEY), stdout=log, stderr=subprocess.STDOUT)
+    log_path = OUT / "serve_load.server.log"
+    server = start_server(work, port, args.max_queue, log_path)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                connection.request("GET", "/health")
-                if connection.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                print(f"error: the server did not start; see {log.name}")
-                return 1
-            time.sleep(0.2)
-
         checkpoint = Checkpoint.load(TOY)
         with open_engine("onnxruntime", onnx_work=work) as engine:
             session = Session(checkpoint, engine)
@@ -375,8 +353,7 @@ def main() -> int:
                 send(port, request_body(image, True), True, args.timeout)
 
             # -- 1. overhead, one request at a time ----------------------------------
-            log.flush()
-            engine_thread = engine_thread_id(Path(log.name))
+            engine_thread = engine_thread_id(log_path)
             me = threading.get_native_id()
             # Per thread: the server's event loop (uvicorn runs it in the main thread: HTTP, JSON,
             # SSE, sockets, all of it server overhead), its engine thread (Session.ask plus the
@@ -457,7 +434,6 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(timeout=30)
-        log.close()
 
     answered = [i for i, o in outcomes.items() if o.status == 200]
     refused = [i for i, o in outcomes.items() if o.status == 429]

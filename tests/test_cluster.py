@@ -66,14 +66,21 @@ def tool_running_on(node) -> Path | None:
     return None
 
 
-def test_a_node_without_the_toolchain_stops_the_compile_naming_it(cluster, export_factory, tmp_path):
-    broken = cluster.add_node(**NODE, env_vars={"LVB_TOOLCHAIN": str(tmp_path / "no-toolchain")})
+def compile_beside_a_node(cluster, export_factory, tmp_path, env: dict):
+    """A compile while a node with `env` is in the cluster: (that node, the compile's work dir,
+    its error lines, its stderr)."""
+    node = cluster.add_node(**NODE, env_vars=env)
     try:
         work = copy_export(export_factory, tmp_path)
         out, err = start_compile(work, cluster).communicate(timeout=300)
     finally:
-        cluster.remove_node(broken)
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
+        cluster.remove_node(node)
+    return node, work, [line for line in err.splitlines() if line.startswith("error:")], err
+
+
+def test_a_node_without_the_toolchain_stops_the_compile_naming_it(cluster, export_factory, tmp_path):
+    broken, work, lines, err = compile_beside_a_node(cluster, export_factory, tmp_path,
+                                                     {"LVB_TOOLCHAIN": str(tmp_path / "no-toolchain")})
     assert len(lines) == 1 and "Traceback" not in err, err
     assert f"({broken.node_id[:8]})" in lines[0] and "no-toolchain holds no model_transform.py" in lines[0], lines[0]
     assert not list(work.glob("*.bmodel")) and not list((work / "compile").glob("*/*/result.json"))
@@ -91,13 +98,7 @@ def test_a_node_with_another_tpu_mlir_version_stops_the_compile_naming_it(cluste
     tools.mkdir()
     (tools / "model_transform.py").touch()
     env = {"LVB_TOOLCHAIN": str(tools), "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
-    other = cluster.add_node(**NODE, env_vars=env)
-    try:
-        work = copy_export(export_factory, tmp_path)
-        out, err = start_compile(work, cluster).communicate(timeout=300)
-    finally:
-        cluster.remove_node(other)
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    other, work, lines, err = compile_beside_a_node(cluster, export_factory, tmp_path, env)
     assert len(lines) == 1 and "Traceback" not in err, err
     assert f"({other.node_id[:8]})" in lines[0] and "has tpu-mlir 0.0.1, the command's has " in lines[0], lines[0]
     assert not list(work.glob("*.bmodel")) and not list((work / "compile").glob("*/*/result.json"))

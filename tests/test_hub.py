@@ -144,24 +144,13 @@ def test_offline_and_not_cached(tmp_path):
     assert "not in the Hugging Face cache" in line and "HF_HUB_OFFLINE" in line
 
 
-class FakeHub(http.server.BaseHTTPRequestHandler):
-    """Answers every API call as the Hub answers for a gated repo or a missing one."""
+class LoopbackHub(http.server.BaseHTTPRequestHandler):
+    """A loopback server answering as the Hub: what the handlers below share."""
 
-    def do_GET(self):  # noqa: N802 (http.server's name)
-        if "/gated" in self.path:
-            self._answer(403, "GatedRepo", "Access to model lvb-test/gated is restricted.")
-        else:
-            # The Hub answers 401 for a missing repo to anonymous callers (a private one looks the same).
-            self._answer(401, "RepoNotFound", "Repository not found")
-
-    do_HEAD = do_GET
-
-    def _answer(self, status: int, code: str, message: str) -> None:
-        body = json.dumps({"error": message}).encode()
+    def _answer(self, status: int, body: bytes, headers: dict) -> None:
         self.send_response(status)
-        self.send_header("X-Error-Code", code)
-        self.send_header("X-Error-Message", message)
-        self.send_header("Content-Type", "application/json")
+        for key, value in headers.items():
+            self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.command != "HEAD":
@@ -169,6 +158,23 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+class FakeHub(LoopbackHub):
+    """Answers every API call as the Hub answers for a gated repo or a missing one."""
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        if "/gated" in self.path:
+            self._error(403, "GatedRepo", "Access to model lvb-test/gated is restricted.")
+        else:
+            # The Hub answers 401 for a missing repo to anonymous callers (a private one looks the same).
+            self._error(401, "RepoNotFound", "Repository not found")
+
+    do_HEAD = do_GET
+
+    def _error(self, status: int, code: str, message: str) -> None:
+        self._answer(status, json.dumps({"error": message}).encode(),
+                     {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"})
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +213,7 @@ def test_revision_with_a_folder_is_refused(tmp_path):
     assert "--revision" in line
 
 
-class RepoHub(http.server.BaseHTTPRequestHandler):
+class RepoHub(LoopbackHub):
     """Serves one repo as the Hub's API does for a public one (repo info, file tree, files by
     commit) and records every file it sends: the toy's files and the other files a real repo
     holds besides (other weight formats, Meta's original/ folder, a README, an ONNX export)."""
@@ -235,18 +241,6 @@ class RepoHub(http.server.BaseHTTPRequestHandler):
 
     def _json(self, value) -> None:
         self._answer(200, json.dumps(value).encode(), {"Content-Type": "application/json"})
-
-    def _answer(self, status: int, body: bytes, headers: dict) -> None:
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.mark.parametrize("weights", [False, True], ids=["runtime", "weights"])

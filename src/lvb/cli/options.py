@@ -149,9 +149,8 @@ class ModelOptions:
         """Refuse what the checkpoint makes wrong before an engine is loaded (a subclass's options)."""
 
     def open_session(self, truncate_history: bool = False):
-        from lvb.runtime.backends import default_backend, open_engine
+        from lvb.runtime.backends import default_backend
         from lvb.runtime.pipeline import Checkpoint, Session
-        from lvb.toolchain import find_toolchain
 
         if self.bmodel is not None and self.onnx is not None:  # one of them would be ignored
             raise LvbError("--bmodel and --onnx name two models and a backend runs one: pass --bmodel (cmodel, sail) "
@@ -167,8 +166,7 @@ class ModelOptions:
         if self.package is not None and backend is not Backend.ONNXRUNTIME and bmodel is None:
             raise LvbError(f"--package {self.package} holds ONNX nets only, and the {backend} backend runs a bmodel; "
                            "use --backend onnxruntime, or pack a compiled work directory")
-        engine = open_engine(backend, bmodel=bmodel, onnx_work=onnx,
-                             toolchain=find_toolchain(self.toolchain) if backend is Backend.CMODEL else None)
+        engine = self.open_engine(backend, bmodel, onnx)
         check = getattr(engine, "preflight", None)  # the device memory check, on sail
         if check is not None:
             show(errors, f"preflight: {check.line()}", style="dim")
@@ -185,6 +183,14 @@ class ModelOptions:
     def open_draft(self, backend: Backend) -> dict:
         """Session's draft arguments (none here: `serve` takes no draft yet)."""
         return {}
+
+    def open_engine(self, backend: Backend, bmodel: Path | None, onnx: Path | None):
+        """The model's or the draft's engine on `backend` (the simulator with --toolchain's tpu-mlir)."""
+        from lvb.runtime.backends import open_engine
+        from lvb.toolchain import find_toolchain
+
+        return open_engine(backend, bmodel=bmodel, onnx_work=onnx,
+                           toolchain=find_toolchain(self.toolchain) if backend is Backend.CMODEL else None)
 
 
 @dataclass(frozen=True)
@@ -210,9 +216,7 @@ class ChatOptions(ModelOptions):
 
     def open_draft(self, backend: Backend) -> dict:
         """(draft checkpoint, its engine on the model's backend) and --draft-tokens, as Session takes them."""
-        from lvb.runtime.backends import open_engine
         from lvb.runtime.pipeline import Checkpoint
-        from lvb.toolchain import find_toolchain
 
         if self.draft is None:
             return {}
@@ -221,8 +225,7 @@ class ChatOptions(ModelOptions):
             need = "--draft-onnx (its `lvb export` work directory)" if onnx else "--draft-bmodel (its `lvb compile` bmodel)"
             raise LvbError(f"--draft {self.draft}: the {backend.value} backend runs the draft too; pass {need}")
         checkpoint = Checkpoint.load(self.draft)
-        engine = open_engine(backend, bmodel=self.draft_bmodel, onnx_work=self.draft_onnx,
-                             toolchain=find_toolchain(self.toolchain) if backend is Backend.CMODEL else None)
+        engine = self.open_engine(backend, self.draft_bmodel, self.draft_onnx)
         tokens = {"draft_tokens": self.draft_tokens} if self.draft_tokens is not None else {}
         return {"draft": (checkpoint, engine)} | tokens
 

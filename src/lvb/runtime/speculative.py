@@ -97,9 +97,7 @@ class Draft:
 
     def _feed(self, ids: list[int]) -> Resident:
         """Bring the cache to `ids` (reusing the prefix it already holds); the last one's hidden state."""
-        keep = 0
-        while keep < min(len(self.cached), len(ids) - 1) and self.cached[keep] == ids[keep]:
-            keep += 1
+        keep = min(shared_prefix(self.cached, ids), len(ids) - 1)  # the last token is fed again
         if len(ids) - keep == 1:  # one token: the decode nets, as plain decoding runs them
             hidden = self.runner.decode(ids[-1], keep, None)
         else:
@@ -124,11 +122,15 @@ class Draft:
 
     def keep(self, history: Sequence[int]) -> None:
         """Forget what the cache holds past the accepted tokens."""
-        ids = self._text(history)
-        keep = 0
-        while keep < min(len(self.cached), len(ids)) and self.cached[keep] == ids[keep]:
-            keep += 1
-        self.cached = self.cached[:keep]
+        self.cached = self.cached[:shared_prefix(self.cached, self._text(history))]
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` have in common."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def accept_greedy(drafts: Sequence[int], pick) -> list[int]:

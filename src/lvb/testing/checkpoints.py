@@ -224,39 +224,41 @@ def text_vocab_size(geometry: Geometry) -> int:
     return max(geometry.vocab_size or 0, tokens_below_image)
 
 
+def _text_fields(tokenizer, g, layers: int, rope_factor: float) -> dict:
+    """The Llama text stack's config fields a test geometry sets, mllama's or a plain Llama's
+    (`rope_factor`: llama3 rope's scaling, 8 in Llama-3.2-Vision, 32 in Llama-3.2-1B)."""
+    ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    rope = {"rope_type": "default", "rope_theta": 500000.0}
+    if g.rope == "llama3":
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": rope_factor, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    return dict(
+        hidden_size=g.hidden,
+        intermediate_size=g.intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=g.heads,
+        num_key_value_heads=g.kv_heads,
+        rope_parameters=rope,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=131072,
+        initializer_range=g.init_std,
+        bos_token_id=ids[BOS],
+        eos_token_id=[ids[END_OF_TEXT], ids[EOM], ids[EOT]],
+        pad_token_id=ids[PAD],
+    )
+
+
 def mllama_config(geometry: Geometry):
     from transformers import MllamaConfig
 
     tokenizer = build_tokenizer(geometry.tokenizer_vocab)
-    ids = {t: tokenizer.token_to_id(t) for t in (*SPECIAL_TOKENS, IMAGE_TOKEN)}
-    rope = {"rope_type": "default", "rope_theta": 500000.0}
-    if geometry.rope == "llama3":
-        rope = {
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        }
     g = geometry
     return MllamaConfig(
-        image_token_index=ids[IMAGE_TOKEN],
+        image_token_index=tokenizer.token_to_id(IMAGE_TOKEN),
         text_config=dict(
             vocab_size=text_vocab_size(g),
-            hidden_size=g.hidden,
-            intermediate_size=g.intermediate,
-            num_hidden_layers=g.text_layers,
-            num_attention_heads=g.heads,
-            num_key_value_heads=g.kv_heads,
+            **_text_fields(tokenizer, g, g.text_layers, rope_factor=8.0),
             cross_attention_layers=list(g.cross_layers),
-            rope_parameters=rope,
-            rms_norm_eps=1e-5,
-            max_position_embeddings=131072,
-            initializer_range=g.init_std,
-            bos_token_id=ids[BOS],
-            eos_token_id=[ids[END_OF_TEXT], ids[EOM], ids[EOT]],
-            pad_token_id=ids[PAD],
             tie_word_embeddings=False,
         ),
         vision_config=dict(
@@ -380,29 +382,12 @@ def llama_config(geometry: LlamaGeometry):
     from transformers import LlamaConfig
 
     tokenizer = build_tokenizer(geometry.tokenizer_vocab)
-    ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
-    rope = {"rope_type": "default", "rope_theta": 500000.0}
-    if geometry.rope == "llama3":
-        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    g = geometry
     return LlamaConfig(
         # The mllama fixtures' LM vocabulary: every token below <|image|>, so a draft's logits
         # and a target's cover the same ids.
         vocab_size=tokenizer.token_to_id(IMAGE_TOKEN),
-        hidden_size=g.hidden,
-        intermediate_size=g.intermediate,
-        num_hidden_layers=g.layers,
-        num_attention_heads=g.heads,
-        num_key_value_heads=g.kv_heads,
-        rope_parameters=rope,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=131072,
-        initializer_range=g.init_std,
-        bos_token_id=ids[BOS],
-        eos_token_id=[ids[END_OF_TEXT], ids[EOM], ids[EOT]],
-        pad_token_id=ids[PAD],
-        tie_word_embeddings=g.tied,
+        **_text_fields(tokenizer, geometry, geometry.layers, rope_factor=32.0),
+        tie_word_embeddings=geometry.tied,
     )
 
 
