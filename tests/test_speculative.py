@@ -93,6 +93,40 @@ def test_greedy_answers_with_a_draft_are_the_models_own(target, draft, checkpoin
     draft_engine.close()
 
 
+@pytest.mark.parametrize("draft", ["poor", "good"])
+def test_a_check_scores_its_rows_in_one_launch(draft, checkpoint_factory, export_factory, text_stack_factory, tmp_path):
+    """Built with --draft-tokens 3, the model checks a draft's proposals in a prefill chunk of 4
+    and one launch of its LM head over those rows: answers stay the model's, greedy and with a
+    seeded sampler equal to the plain build's check one row at a time."""
+    import shutil
+
+    from lvb.contract import Kind, net_name
+    from lvb.export.exporter import export
+
+    name = "gqa2-cross-last"
+    checkpoint = checkpoint_factory(name)
+    shutil.copytree(export_factory(name), tmp_path, dirs_exist_ok=True)  # its cache keeps the nets the build shares
+    export(checkpoint, tmp_path, seq=SEQ, chunks=chunks_of(name), draft_tokens=3)
+    model, engine = open_model(checkpoint, tmp_path)
+    one_row = open_model(checkpoint, export_factory(name))[1]
+    draft = open_model(*(text_stack_factory(name) if draft == "good" else (checkpoint_factory(POOR), export_factory(POOR))))
+    session = Session(model, engine, draft=draft)
+    assert session.draft_tokens == 3 and 4 in session.chunks  # what the build was made for
+    plain = answers(Session(model, engine), CHATS["picture"])
+    replies = answers(session, CHATS["picture"])
+    assert [r.tokens for r in replies] == [r.tokens for r in plain]
+    checks = sum(r.stats.speculative.verify_steps for r in replies)
+    head = net_name(Kind.LM_HEAD)
+    check_stage = session.runner._head_stage(Kind.LM_HEAD, (1, 4))
+    assert checks > 0 and session.runner.launches[head, check_stage] == checks
+    sampling = SamplingConfig(do_sample=True, temperature=0.9, top_k=20, seed=5)
+    sampled = answers(Session(model, engine, draft=draft), CHATS["picture"], sampling)
+    row_at_a_time = answers(Session(model, one_row, draft=draft, draft_tokens=3), CHATS["picture"], sampling)
+    assert [r.tokens for r in sampled] == [r.tokens for r in row_at_a_time]
+    for e in (engine, one_row, draft[1]):
+        e.close()
+
+
 def poison(engine, layers, rows: range, rng) -> None:
     """Overwrite cache rows of every self-attention layer with random K/V of the cache's scale."""
     for layer in layers:

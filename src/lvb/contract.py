@@ -442,12 +442,18 @@ def vision_nets(spec: ModelSpec) -> list[NetSpec]:
     return nets
 
 
-def plan(spec: ModelSpec, seq: int, chunks: int | Sequence[int], batch: int | Sequence[int] = DEFAULT_BATCH) -> list[NetSpec]:
+def plan(spec: ModelSpec, seq: int, chunks: int | Sequence[int], batch: int | Sequence[int] = DEFAULT_BATCH,
+         verify: int = 0) -> list[NetSpec]:
     """Every net of a model compiled for `seq` cache slots and prefill in chunks of the
     given sizes (one size, or several: the prefill nets then carry the smaller ones as stages),
-    and decode in batches of `batch` rows (the decode nets' stages, likewise)."""
+    and decode in batches of `batch` rows (the decode nets' stages, likewise). `verify`: rows of
+    a prefill chunk the heads also score in one launch (speculative decoding's check of a
+    draft's k tokens and one more; 0: none), as a stage of [1, verify] rows beside the batches'
+    [B, 1]; at most the largest chunk, whose hidden states they are."""
     sizes = chunk_sizes(chunks, seq)
     rows = batch_sizes(batch)
+    if isinstance(verify, bool) or not isinstance(verify, int) or verify == 1 or not 0 <= verify <= max(sizes):
+        raise ValueError(f"verify rows {verify} must be 0 (none) or 2 to the largest prefill chunk {max(sizes)}")
     t, v, n = spec.text, spec.vision, Names
     D, KV, d = t.hidden_size, t.num_kv_heads, t.head_dim
     V = v.tokens_per_image if v is not None else 0  # only cross-attention layers read it
@@ -489,6 +495,11 @@ def plan(spec: ModelSpec, seq: int, chunks: int | Sequence[int], batch: int | Se
     def batched(make) -> NetSpec:
         return staged(make, rows)
 
+    # The heads' stages: a decode batch's B rows of one token, and a check's R tokens of one
+    # row (the chunk's hidden states as they lie), largest first.
+    head_shapes = sorted([(B, 1) for B in rows] + ([(1, verify)] if verify else []), key=lambda s: (-s[0] * s[1], -s[0]))
+    picks = sorted({*rows, *([verify] if verify else [])}, reverse=True)
+
     nets = vision_nets(spec) if not spec.text_only else []
     nets += [
         net(Kind.CROSS_KV, layer, (_t(n.CROSS_STATES, 1, V, D),), (_t(n.CROSS_K, 1, KV, V, d), _t(n.CROSS_V, 1, KV, V, d)))
@@ -502,7 +513,9 @@ def plan(spec: ModelSpec, seq: int, chunks: int | Sequence[int], batch: int | Se
         nets.append(staged(lambda C, layer=layer: block(layer, C, decode=False)))
         nets.append(batched(lambda B, layer=layer: block(layer, 1, decode=True, B=B)))
     nets += [
-        batched(lambda B: net(Kind.LM_HEAD, None, (_t(n.HIDDEN, B, 1, D),), (_t(n.LOGITS, B, t.vocab_size),))),
-        batched(lambda B: net(Kind.GREEDY_HEAD, None, (_t(n.LOGITS, B, t.vocab_size),), (_t(n.TOKEN, B, 1, dtype="int32"),))),
+        staged(lambda s: net(Kind.LM_HEAD, None, (_t(n.HIDDEN, *s, D),), (_t(n.LOGITS, s[0] * s[1], t.vocab_size),)),
+               head_shapes),
+        staged(lambda B: net(Kind.GREEDY_HEAD, None, (_t(n.LOGITS, B, t.vocab_size),), (_t(n.TOKEN, B, 1, dtype="int32"),)),
+               picks),
     ]
     return nets

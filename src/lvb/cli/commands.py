@@ -106,6 +106,10 @@ def export(
         help="Conversations one decode step serves (continuous batching in `lvb serve`): a list such as 1,2,4 gives "
              "the decode nets one stage per size, sharing the weights; `lvb compile` builds what the export holds.",
         callback=chunk_list)] = "1",
+    draft_tokens: Annotated[int, typer.Option(
+        "--draft-tokens", help="Build for speculative decoding (`--draft` in run, chat, serve) with this many proposals "
+                               "a check: a prefill chunk of k + 1 tokens, and LM and greedy heads that score its rows in "
+                               "one launch (0: none).", callback=at_least(0))] = 0,
 ) -> None:
     """Export every part to ONNX (opset 17), one layer at a time, each checked against PyTorch."""
     from lvb.hub import resolve_model
@@ -130,7 +134,7 @@ def export(
         try:
             manifest = run_export(source.directory, out, seq=seq, chunks=chunks, progress=report, source=source.to_json(),
                                   notify=lambda message: say(progress.console, "note:", "yellow", message),
-                                  batch=[int(b) for b in batch.split(",")])
+                                  batch=[int(b) for b in batch.split(",")], draft_tokens=draft_tokens)
         except (LvbError, OSError) as e:
             raise fail(problem(e, out))
     nets = manifest["nets"]

@@ -95,7 +95,8 @@ def print_turn_times(record: dict, estimates, model: Optional[Path], prompt_toke
         return
     settings = record["settings"]
     batch = settings.get("batch", [1])
-    times = turn_times(spec, settings["seq"], settings["chunks"], estimates, prompt_tokens, launch_us, batch)
+    times = turn_times(spec, settings["seq"], settings["chunks"], estimates, prompt_tokens, launch_us, batch,
+                       settings.get("verify", 0))
     table = Table(title=f"a {prompt_tokens}-token first turn on the chip (tpu-mlir's cost model, greedy)")
     for column in ("picture", "first token ms", "decode step ms", "tokens/s", "launches first / step"):
         table.add_column(column, justify="left" if column == "picture" else "right")
@@ -110,7 +111,8 @@ def print_turn_times(record: dict, estimates, model: Optional[Path], prompt_toke
         table = Table(title="a decode step of several conversations (continuous batching, tpu-mlir's cost model)")
         for column in ("conversations", "pictures", "step ms", "tokens/s, all", "tokens/s, each"):
             table.add_column(column, justify="right")
-        for t in batch_step_times(spec, settings["seq"], settings["chunks"], batch, estimates, launch_us):
+        for t in batch_step_times(spec, settings["seq"], settings["chunks"], batch, estimates, launch_us,
+                                  settings.get("verify", 0)):
             table.add_row(str(t.rows), "1 tile each" if t.pictures else "none", f"{t.step.ms:,.2f}",
                           f"{t.tokens_per_second:.2f}", f"{t.per_conversation:.2f}")
         console.print(table)

@@ -168,8 +168,10 @@ class Compiler:
             have, want = (",".join(map(str, sorted(b))) for b in (self.batch, batch_sizes(batch)))
             raise CompileError(f"the export in {self.work} is for --batch {have}, not {want}; run `lvb export --batch {want}` "
                                "first (the decode nets' stages are made there)")
+        self.verify = self.export["settings"].get("verify", 0)
         self.spec = ModelSpec.from_dir(self.export["model"]["dir"])
-        missing = [n.name for n in plan(self.spec, self.seq, self.chunks, self.batch) if n.name not in self.export["nets"]]
+        missing = [n.name for n in plan(self.spec, self.seq, self.chunks, self.batch, self.verify)
+                   if n.name not in self.export["nets"]]
         if missing:  # a manifest from before `complete` existed, or one edited by hand
             raise CompileError(f"the export in {self.work} is unfinished ({len(missing)} nets missing, e.g. "
                                f"{', '.join(missing[:3]) or '?'}; was it interrupted?); run `lvb export --out {self.work}` again to finish it")
@@ -181,7 +183,8 @@ class Compiler:
         model_name = self.export["model"]["name"]
         chunks = "-".join(map(str, sorted(self.chunks)))
         batch = f"_batch{'-'.join(map(str, sorted(self.batch)))}" if self.batch != DEFAULT_BATCH else ""
-        self.bmodel = self.dir.bmodel(f"{model_name}_{settings.tag()}_seq{self.seq}_chunk{chunks}{batch}_{settings.chip}.bmodel")
+        verify = f"_verify{self.verify}" if self.verify else ""
+        self.bmodel = self.dir.bmodel(f"{model_name}_{settings.tag()}_seq{self.seq}_chunk{chunks}{batch}{verify}_{settings.chip}.bmodel")
         self._cancel = threading.Event()
 
     def _job(self, name: str, entry: dict) -> NetJob:
@@ -358,7 +361,8 @@ class Compiler:
             "file": record_file(self.bmodel),
             "model": self.export["model"],
             "settings": vars(self.settings) | {"seq": self.seq, "chunks": list(self.chunks), **executed}
-            | ({"batch": list(self.batch)} if self.batch != DEFAULT_BATCH else {}),
+            | ({"batch": list(self.batch)} if self.batch != DEFAULT_BATCH else {})
+            | ({"verify": self.verify} if self.verify else {}),
             "toolchain": {"tpu_mlir": self.toolchain_version, "source": self.toolchain.source},
             "nets": {j.name: j.result for j in self.jobs},
             "export": self._export_keys(),

@@ -51,11 +51,13 @@ class ExportSettings:
     seq: int
     chunks: tuple[int, ...]  # prefill chunk sizes, largest first
     batch: tuple[int, ...] = DEFAULT_BATCH  # decode batch sizes (rows), largest first
+    verify: int = 0  # rows of a speculative check the heads score at once (0: none)
 
     def to_json(self) -> dict:
-        # A single-conversation export's manifest stays as it was before batches existed.
+        # A single-conversation export's manifest stays as it was before batches and checks existed.
         batch = {"batch": list(self.batch)} if self.batch != DEFAULT_BATCH else {}
-        return {"seq": self.seq, "chunks": list(self.chunks), "opset": OPSET} | batch
+        verify = {"verify": self.verify} if self.verify else {}
+        return {"seq": self.seq, "chunks": list(self.chunks), "opset": OPSET} | batch | verify
 
 
 def exporter_versions() -> dict[str, str]:
@@ -470,7 +472,7 @@ class Exporter:
         self.config = eager_config(self.model_dir)
         check_weights(self.config, self.weights)  # before any work: config and weights of one model
         self.versions = exporter_versions()
-        self.nets = plan(self.spec, settings.seq, settings.chunks, settings.batch)
+        self.nets = plan(self.spec, settings.seq, settings.chunks, settings.batch, settings.verify)
         self.manifest.update(
             version=EXPORT_VERSION,
             model={"dir": str(self.model_dir.resolve()), "name": self.model_dir.resolve().name} | self.source,
@@ -602,9 +604,11 @@ class Exporter:
 
 def export(model_dir: Path, work: Path, seq: int, chunks: int | Sequence[int] | None = None, progress=None,
            source: dict | None = None, notify: Callable[[str], None] | None = None,
-           batch: int | Sequence[int] = DEFAULT_BATCH) -> dict:
+           batch: int | Sequence[int] = DEFAULT_BATCH, draft_tokens: int = 0) -> dict:
     """`chunks`: the prefill chunk sizes (one or several); by default DEFAULT_CHUNKS, capped at seq;
-    an explicit size outside 1..seq is refused. `source` adds to the manifest's model entry: a Hub
+    an explicit size outside 1..seq is refused. `draft_tokens` k > 0 builds for speculative
+    decoding with k proposals a check: a prefill chunk of k + 1 tokens, and heads that score
+    those k + 1 rows in one launch. `source` adds to the manifest's model entry: a Hub
     checkpoint's name (which names the bmodel; its snapshot folder is named by the commit), repo id
     and commit. `notify` hears of each cached file found damaged (and rebuilt)."""
     chunks = (chunks,) if isinstance(chunks, int) else tuple(chunks or (min(seq, c) for c in DEFAULT_CHUNKS))
@@ -612,7 +616,13 @@ def export(model_dir: Path, work: Path, seq: int, chunks: int | Sequence[int] | 
         rows = batch_sizes(batch)
     except ValueError:
         raise ExportError(f"--batch {batch}: every batch size must be a whole number of 1 or more, e.g. --batch 1,2,4") from None
-    settings = ExportSettings(seq=seq, chunks=tuple(sorted(set(chunks), reverse=True)), batch=rows)
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or not 0 <= draft_tokens < seq:
+        raise ExportError(f"--draft-tokens {draft_tokens}: give 0 (no draft) or the tokens a draft proposes a check, "
+                          f"1 to {seq - 1} (below --seq)")
+    if draft_tokens:
+        chunks = (*chunks, draft_tokens + 1)
+    settings = ExportSettings(seq=seq, chunks=tuple(sorted(set(chunks), reverse=True)), batch=rows,
+                              verify=draft_tokens + 1 if draft_tokens else 0)
     work = Path(work)
     try:
         work.mkdir(parents=True, exist_ok=True)

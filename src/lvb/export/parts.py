@@ -224,14 +224,15 @@ class CrossAttentionBlock(nn.Module):
 
 
 class LmHead(nn.Module):
-    def __init__(self, norm: nn.Module, head: nn.Linear, rows: int = 1):
+    def __init__(self, norm: nn.Module, head: nn.Linear, staged: bool = False):
         super().__init__()
-        self.norm, self.head, self.rows = norm, head, rows
+        self.norm, self.head, self.staged = norm, head, staged
 
     def forward(self, hidden_states):
         logits = self.head(self.norm(hidden_states))
-        # [rows, 1, vocab] -> [rows, vocab]; a batched net's rows are a symbolic axis of its stages.
-        return logits.reshape(1, -1) if self.rows == 1 else logits.flatten(1)
+        # [B, 1, vocab] (a decode batch) or [1, R, vocab] (a check's rows) -> [B * R, vocab]; a
+        # staged net's two row axes are symbolic in its graph.
+        return logits.reshape(-1, logits.shape[-1]) if self.staged else logits.reshape(1, -1)
 
 
 class GreedyHead(nn.Module):
@@ -512,7 +513,7 @@ class LmHeadPart(Part):
         norm = _load(_on_meta(lambda: MllamaTextRMSNorm(text.hidden_size, eps=text.rms_norm_eps)), norm_weights)
         vocab, hidden = head_weights["weight"].shape
         head = _load(_on_meta(lambda: nn.Linear(hidden, vocab, bias=False)), head_weights)
-        return LmHead(norm, head, rows=net.inputs[0].shape[0])
+        return LmHead(norm, head, staged=bool(net.smaller))
 
 
 @part(Kind.GREEDY_HEAD)

@@ -52,7 +52,8 @@ class Buffers:
     HIDDEN_B = "hidden_b"
     HIDDEN1 = "hidden1"  # one token's
     HIDDEN1_B = "hidden1_b"
-    LOGITS = "logits"
+    LOGITS = "logits"  # a decode step's (each row of a batch)
+    CHECK_LOGITS = "check_logits"  # the rows of a speculative check, scored in one launch
 
     @staticmethod
     def kv(layer: int) -> tuple[str, str]:
@@ -83,7 +84,7 @@ class Buffers:
         """What a resident buffer holds (the memory plan's rows), by the names made above."""
         if name in (cls.VISION, cls.VISION_B, cls.CROSS_STATES):
             return cls.VISION_STATES
-        if name in (cls.HIDDEN, cls.HIDDEN_B, cls.HIDDEN1, cls.HIDDEN1_B, cls.LOGITS):
+        if name in (cls.HIDDEN, cls.HIDDEN_B, cls.HIDDEN1, cls.HIDDEN1_B, cls.LOGITS, cls.CHECK_LOGITS):
             return cls.HIDDEN_STATES
         layer = layer_of(name)
         if layer is not None and name == cls.kept(layer):
@@ -128,7 +129,13 @@ def resident_buffers(nets: Mapping) -> list[TensorInfo]:
         buffers += [t(name, vision) for name in [b.VISION, b.VISION_B, *(b.kept(j) for j in kept)]]
     buffers += [t(name, nets[net_name(Kind.EMBED)].outputs[0]) for name in (b.HIDDEN, b.HIDDEN_B)]
     buffers += [t(name, nets[net_name(Kind.EMBED_CACHE)].outputs[0]) for name in (b.HIDDEN1, b.HIDDEN1_B)]
-    buffers.append(t(b.LOGITS, nets[net_name(Kind.LM_HEAD)].outputs[0]))
+    head = nets[net_name(Kind.LM_HEAD)]
+    logits = head.outputs[0]
+    rows = [next(x for x in stage if x.name == n.HIDDEN).shape[:2] for stage in _stage_inputs(head)]
+    for name, axis in ((b.LOGITS, 0), (b.CHECK_LOGITS, 1)):  # the [B, 1] stages', the [1, R] stages'
+        largest = max((r[axis] for r in rows if r[1 - axis] == 1 and (axis == 0 or r[1] > 1)), default=None)
+        if largest is not None:
+            buffers.append(TensorInfo(name, (largest, logits.shape[-1]), logits.dtype))
     # What every layer of one step reads, one buffer per width (each prefill chunk size, decode).
     for group, names in ((self_layers, (n.POSITION_IDS, n.ATTENTION_MASK)), (cross_layers, (n.CROSS_MASK, n.TEXT_ROW_MASK))):
         if not group:

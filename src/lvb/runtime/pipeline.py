@@ -188,13 +188,15 @@ class Session:
     def __init__(self, checkpoint: Checkpoint, engine: Engine, truncate_history: bool = False,
                  system: str | None = None, today: datetime | None = None, runner: Runner | None = None,
                  slot: int = 0, draft: tuple[Checkpoint, Engine] | None = None,
-                 draft_tokens: int = DEFAULT_DRAFT_TOKENS):
+                 draft_tokens: int | None = None):
         """`system`: a system message heading every chat. `today`: the date the chat template
         sees (strftime_now), pinned when the session starts so that a chat going on past
         midnight keeps its prompt, and its cache. `runner` and `slot`: a runner shared by the
         conversations of a decode batch, and this conversation's cache slot in it. `draft`: a
         Llama text checkpoint and its engine that propose `draft_tokens` tokens for each pass of
-        this model (lvb.runtime.speculative); one conversation at a time."""
+        this model (lvb.runtime.speculative; by default what the model was built to check in one
+        launch of its heads, `lvb export --draft-tokens`, else DEFAULT_DRAFT_TOKENS); one
+        conversation at a time."""
         self.checkpoint, self.engine, self.truncate_history = checkpoint, engine, truncate_history
         self.system, self.today = system, today or datetime.now()
         self.spec = checkpoint.spec
@@ -204,6 +206,8 @@ class Session:
         self.draft = None
         if draft is not None and (runner is not None or slot):
             raise ChatError("--draft takes one conversation at a time; it does not join a decode batch")
+        if draft_tokens is None:
+            draft_tokens = self.runner.check_rows - 1 if self.runner.check_rows else DEFAULT_DRAFT_TOKENS
         if draft is not None:
             if not 1 <= draft_tokens < max(self.chunks):
                 raise ChatError(f"--draft-tokens {draft_tokens}: the model checks the draft's tokens and one of its own "
@@ -384,14 +388,16 @@ class Session:
         drafts, dists = self.draft.propose(history, k, self._draft_sampler if sampled else None)
         hiddens = self.runner.verify(history + drafts, len(self.cached), self._tiles())
         if sampled:
+            logits = self.runner.check_logits(hiddens)
+
             def target(i: int) -> np.ndarray:
-                return softmax(sampler.process(self.runner.logits(hiddens[i]), history + drafts[:i]))
+                return softmax(sampler.process(logits(i), history + drafts[:i]))
 
             out = accept_sampled(drafts, dists, target, sampler._rng, sampler.draw)
             stop = sampler.config.stop_token_ids
             out = [sampler.config.stop_as if t in stop else t for t in out]
         else:
-            out = accept_greedy(drafts, lambda i: self.runner.next_token(hiddens[i], sampler, history + drafts[:i]))
+            out = accept_greedy(drafts, self.runner.check_tokens(hiddens, sampler, [history + drafts[:i] for i in range(k + 1)]))
         accepted = len(out) - 1
         # The K/V rows of the rejected proposals stay in both caches, past the position every
         # later pass's mask ends at: forgetting them is counting them out.

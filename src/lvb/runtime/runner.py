@@ -11,7 +11,7 @@ keeps the conversation and the tokens the cache holds, and calls it.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -41,18 +41,20 @@ class Row:
     tiles: int | None
 
 
-def discover_shapes(engine: Engine) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
-    """(seq, prefill chunk sizes largest first, decode batch sizes largest first) the engine's
-    nets were built for."""
+def discover_shapes(engine: Engine) -> tuple[int, tuple[int, ...], tuple[int, ...], int]:
+    """(seq, prefill chunk sizes largest first, decode batch sizes largest first, rows of a
+    speculative check the heads score at once or 0) the engine's nets were built for."""
     try:
         embed = engine.nets[net_name(Kind.EMBED)]
         chunks = tuple(inputs[0].shape[1] for inputs in (embed.inputs, *embed.smaller))
         embed1 = engine.nets[net_name(Kind.EMBED_CACHE)]
         batch = tuple(inputs[0].shape[0] for inputs in (embed1.inputs, *embed1.smaller))
         seq = next(t.shape[1] for net in engine.nets.values() for t in net.inputs if t.name == Names.PAST_K)
+        head = engine.nets[net_name(Kind.LM_HEAD)]
+        verify = max((inputs[0].shape[1] for inputs in (head.inputs, *head.smaller) if inputs[0].shape[0] == 1), default=1)
     except (KeyError, StopIteration, IndexError) as e:
         raise ChatError("the model file lacks lvb's nets (embed, block_cache_*); build it with `lvb compile`") from e
-    return seq, chunks, batch
+    return seq, chunks, batch, verify if verify > 1 else 0
 
 
 def check_contract(engine: Engine, nets: list[NetSpec]) -> None:
@@ -93,14 +95,14 @@ class Runner:
     def __init__(self, spec: ModelSpec, engine: Engine, image_token_id: int, pad_id: int = 0):
         self.spec, self.engine = spec, engine
         self.image_token_id, self.pad_id = image_token_id, pad_id
-        self.seq, self.chunks, self.batch = discover_shapes(engine)
+        self.seq, self.chunks, self.batch, self.check_rows = discover_shapes(engine)
         # Conversations the buffers hold (KV cache and cross K/V slots on axis 0).
         self.slots = max(self.batch)
         if self.slots > 1 and engine.backend == "sail":
             raise ChatError(f"the model file decodes batches of up to {self.slots} conversations (--batch), which the "
                             "sail backend does not run yet; compile an export made with --batch 1 for the card, or use "
                             "the simulator or onnxruntime")
-        nets = plan(spec, self.seq, self.chunks, self.batch)
+        nets = plan(spec, self.seq, self.chunks, self.batch, self.check_rows)
         check_contract(engine, nets)
         self.nets = {n.name: declared(n, engine.nets[n.name]) for n in nets}
         # What this runner launched, (net, stage) -> calls; stage 0 is a net's largest. The
@@ -336,12 +338,17 @@ class Runner:
                 self.engine.upload(buffer, np.zeros((1, *shape[1:]), np.float32), slot)
         self._blank_cross.add(slot)
 
+    def _head_stage(self, kind: Kind, rows: tuple[int, ...]) -> int:
+        """The stage of a head whose first input's leading axes are `rows`: [B, R] hidden states
+        for the LM head, [B * R] logits for the greedy head."""
+        return [s.inputs[0].shape[: len(rows)] for s in self.nets[net_name(kind)].stages].index(rows)
+
     def next_tokens(self, hidden: Resident, rows: Sequence[Row], samplers: Sequence[Sampler],
                     histories: Sequence[Sequence[int]]) -> list[int]:
         """The next token of each row of a batched step (`hidden` from decode_rows), each with
         its own sampler."""
         B = hidden.slots or 1
-        stage = self.batch.index(B)
+        stage, pick = self._head_stage(Kind.LM_HEAD, (B, 1)), self._head_stage(Kind.GREEDY_HEAD, (B,))
         lm_head, feeds = net_name(Kind.LM_HEAD), {Names.HIDDEN: hidden}
         if self.engine.logits_on_host:
             logits = self._run(lm_head, feeds, stage=stage)[0]
@@ -349,7 +356,7 @@ class Runner:
             target = Resident(Buffers.LOGITS, slots=B) if self.slots > 1 else Resident(Buffers.LOGITS)
             self._run(lm_head, feeds, {0: target}, stage)
             if not any(s.config.needs_logits for s in samplers):
-                greedy = np.asarray(self._run(net_name(Kind.GREEDY_HEAD), {Names.LOGITS: target}, stage=stage)[0])
+                greedy = np.asarray(self._run(net_name(Kind.GREEDY_HEAD), {Names.LOGITS: target}, stage=pick)[0])
                 return [int(greedy.reshape(B, -1)[r.slot, 0]) for r in rows]
             logits = self.engine.read(Buffers.LOGITS)
         return [sampler(logits[r.slot], history) for r, sampler, history in zip(rows, samplers, histories)]
@@ -357,19 +364,60 @@ class Runner:
     def logits(self, hidden: Resident) -> np.ndarray:
         """The LM head's logits of one hidden state, on the host."""
         lm_head, feeds = net_name(Kind.LM_HEAD), {Names.HIDDEN: hidden}
+        stage = self._head_stage(Kind.LM_HEAD, (1, 1))
         if self.engine.logits_on_host:
-            return np.asarray(self._run(lm_head, feeds)[0][0])
-        self._run(lm_head, feeds, {0: Resident(Buffers.LOGITS)})
+            return np.asarray(self._run(lm_head, feeds, stage=stage)[0][0])
+        self._run(lm_head, feeds, {0: Resident(Buffers.LOGITS)}, stage)
         return self.engine.read(Buffers.LOGITS)[0]
 
     def next_token(self, hidden: Resident, sampler: Sampler, history: Sequence[int]) -> int:
         lm_head, feeds = net_name(Kind.LM_HEAD), {Names.HIDDEN: hidden}
-        stage = self.batch.index(1)  # one row: the heads' smallest stage
+        stage = self._head_stage(Kind.LM_HEAD, (1, 1))
         if self.engine.logits_on_host:
             return sampler(self._run(lm_head, feeds, stage=stage)[0][0], history)
         self._run(lm_head, feeds, {0: Resident(Buffers.LOGITS)}, stage)
         config = sampler.config
         if not config.needs_logits:
-            greedy = self._run(net_name(Kind.GREEDY_HEAD), {Names.LOGITS: Resident(Buffers.LOGITS)}, stage=stage)
+            greedy = self._run(net_name(Kind.GREEDY_HEAD), {Names.LOGITS: Resident(Buffers.LOGITS)},
+                               stage=self._head_stage(Kind.GREEDY_HEAD, (1,)))
             return int(np.asarray(greedy[0]).ravel()[0])
         return sampler(self.engine.read(Buffers.LOGITS)[0], history)
+
+    def _scores_at_once(self, hiddens: Sequence[Resident]) -> bool:
+        """Whether the heads have a stage for a check's rows (`lvb export --draft-tokens`): the
+        rows `verify` returned lie at the start of one buffer, which that stage reads as they lie."""
+        return 0 < len(hiddens) <= self.check_rows
+
+    def _check_logits(self, hiddens: Sequence[Resident], read: bool = True) -> np.ndarray | None:
+        """The logits after each of a check's hidden states, in one launch of the LM head; on a
+        device left in their buffer unless `read`."""
+        lm_head, feeds = net_name(Kind.LM_HEAD), {Names.HIDDEN: Resident(hiddens[0].buffer, 0, self.check_rows)}
+        stage = self._head_stage(Kind.LM_HEAD, (1, self.check_rows))
+        if self.engine.logits_on_host:
+            return np.asarray(self._run(lm_head, feeds, stage=stage)[0])[: len(hiddens)]
+        self._run(lm_head, feeds, {0: Resident(Buffers.CHECK_LOGITS)}, stage)
+        return self.engine.read(Buffers.CHECK_LOGITS)[: len(hiddens)] if read else None
+
+    def check_logits(self, hiddens: Sequence[Resident]) -> Callable[[int], np.ndarray]:
+        """logits(i): the LM head's logits after the i-th of a check's hidden states (`verify`'s),
+        on the host. All rows in one launch when the heads have a stage for them, else each row
+        when it is asked for (a check stops at its first rejection)."""
+        if not self._scores_at_once(hiddens):
+            return lambda i: self.logits(hiddens[i])
+        return self._check_logits(hiddens).__getitem__
+
+    def check_tokens(self, hiddens: Sequence[Resident], sampler: Sampler,
+                     histories: Sequence[Sequence[int]]) -> Callable[[int], int]:
+        """pick(i): the next token after the i-th of a check's hidden states, `histories[i]`
+        before it; one launch of each head for all rows when they have a stage for them, else
+        each row's when it is asked for."""
+        if not self._scores_at_once(hiddens):
+            return lambda i: self.next_token(hiddens[i], sampler, histories[i])
+        if self.engine.logits_on_host or sampler.config.needs_logits:
+            logits = self._check_logits(hiddens)
+            return lambda i: sampler(logits[i], histories[i])
+        self._check_logits(hiddens, read=False)
+        greedy = self._run(net_name(Kind.GREEDY_HEAD), {Names.LOGITS: Resident(Buffers.CHECK_LOGITS)},
+                           stage=self._head_stage(Kind.GREEDY_HEAD, (self.check_rows,)))
+        tokens = [int(t) for t in np.asarray(greedy[0]).ravel()]
+        return tokens.__getitem__

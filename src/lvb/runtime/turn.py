@@ -54,6 +54,15 @@ class DryRunEngine(Engine):
         return [None if i in (store or {}) else np.zeros(t.shape, t.dtype) for i, t in enumerate(self._outputs[net])]
 
 
+def _encode_blank(runner: Runner, spec: ModelSpec, tiles: int) -> None:
+    """A picture of `tiles` tiles through the vision nets (its pixels do not change the launches)."""
+    v = spec.vision
+    runner.encode_image(ProcessedImage(
+        pixel_values=np.zeros((1, 1, v.max_num_tiles, 3, v.image_size, v.image_size), np.float32),
+        aspect_ratio_ids=np.zeros((1, 1), np.int64), aspect_ratio_mask=np.zeros((1, 1, v.max_num_tiles), np.int64),
+        num_tiles=tiles, tile_grid=(1, tiles), resized_size=(v.image_size, v.image_size)))
+
+
 @dataclass(frozen=True)
 class Turn:
     """What the runtime launches, (net, stage) -> calls."""
@@ -63,19 +72,15 @@ class Turn:
 
 
 def turn_launches(spec: ModelSpec, seq: int, chunks: Sequence[int], prompt_tokens: int, tiles: int | None,
-                  logits_on_host: bool = False, batch: Sequence[int] = DEFAULT_BATCH) -> Turn:
+                  logits_on_host: bool = False, batch: Sequence[int] = DEFAULT_BATCH, verify: int = 0) -> Turn:
     """The launches of a first turn of `prompt_tokens` tokens with a picture of `tiles` tiles
     (None: no picture), greedy; `logits_on_host` False as on the card (the greedy head picks)."""
-    engine = DryRunEngine(plan(spec, seq, chunks, batch), logits_on_host)
+    engine = DryRunEngine(plan(spec, seq, chunks, batch, verify), logits_on_host)
     runner = Runner(spec, engine, image_token_id=_IMAGE)
     ids = ([_IMAGE] if tiles is not None else []) + [_TEXT] * (prompt_tokens - (tiles is not None))
     sampler = Sampler(SamplingConfig())
     if tiles is not None:
-        v = spec.vision
-        runner.encode_image(ProcessedImage(
-            pixel_values=np.zeros((1, 1, v.max_num_tiles, 3, v.image_size, v.image_size), np.float32),
-            aspect_ratio_ids=np.zeros((1, 1), np.int64), aspect_ratio_mask=np.zeros((1, 1, v.max_num_tiles), np.int64),
-            num_tiles=tiles, tile_grid=(1, tiles), resized_size=(v.image_size, v.image_size)))
+        _encode_blank(runner, spec, tiles)
     token = runner.next_token(runner.prefill(ids, 0, tiles), sampler, ids)
     first = Counter(runner.launches)
     runner.next_token(runner.decode(token, len(ids), tiles), sampler, ids)
@@ -122,22 +127,22 @@ class TurnTime:
 
 
 def turn_times(spec: ModelSpec, seq: int, chunks: Sequence[int], estimates: NetEstimates, prompt_tokens: int,
-               launch_us: float = DEFAULT_LAUNCH_US, batch: Sequence[int] = DEFAULT_BATCH) -> list[TurnTime]:
+               launch_us: float = DEFAULT_LAUNCH_US, batch: Sequence[int] = DEFAULT_BATCH, verify: int = 0) -> list[TurnTime]:
     """A first turn of `prompt_tokens` tokens without a picture and with one of every tile
     count, on the card (greedy). Every decode step launches the same static nets, so one
     step's time holds at any position."""
     times = []
     for tiles in (None, *range(1, spec.vision.max_num_tiles + 1)):
-        turn = turn_launches(spec, seq, chunks, prompt_tokens, tiles, batch=batch)
+        turn = turn_launches(spec, seq, chunks, prompt_tokens, tiles, batch=batch, verify=verify)
         times.append(TurnTime(tiles, price(turn.first_token, estimates, launch_us), price(turn.decode_step, estimates, launch_us)))
     return times
 
 
 def batch_step_launches(spec: ModelSpec, seq: int, chunks: Sequence[int], batch: Sequence[int], rows: int,
-                        pictures: bool) -> Counter:
+                        pictures: bool, verify: int = 0) -> Counter:
     """The launches of one batched decode step of `rows` conversations (slots 0..rows-1), each
     with a one-tile picture or, `pictures` False, none, on the card (the greedy head picks)."""
-    engine = DryRunEngine(plan(spec, seq, chunks, batch), logits_on_host=False)
+    engine = DryRunEngine(plan(spec, seq, chunks, batch, verify), logits_on_host=False)
     runner = Runner(spec, engine, image_token_id=_IMAGE)
     step = [Row(slot, _TEXT, 1, 1 if pictures else None) for slot in range(rows)]
     sampler = Sampler(SamplingConfig())
@@ -162,8 +167,29 @@ class BatchStepTime:
 
 
 def batch_step_times(spec: ModelSpec, seq: int, chunks: Sequence[int], batch: Sequence[int], estimates: NetEstimates,
-                     launch_us: float = DEFAULT_LAUNCH_US) -> list[BatchStepTime]:
+                     launch_us: float = DEFAULT_LAUNCH_US, verify: int = 0) -> list[BatchStepTime]:
     """A decode step at every batch size the nets were built for, with and without pictures."""
-    return [BatchStepTime(rows, pictures, price(batch_step_launches(spec, seq, chunks, batch, rows, pictures), estimates,
-                                                launch_us))
+    return [BatchStepTime(rows, pictures, price(batch_step_launches(spec, seq, chunks, batch, rows, pictures, verify),
+                                                estimates, launch_us))
             for rows in sorted(batch) for pictures in (True, False)]
+
+
+def check_launches(spec: ModelSpec, seq: int, chunks: Sequence[int], verify: int, draft_tokens: int,
+                   tiles: int | None) -> Counter:
+    """The model's launches for one speculative check of `draft_tokens` proposals (its token and
+    the proposals in one prefill chunk, then its heads over every row), greedy on the card, with
+    a picture of `tiles` tiles or none. Heads without a stage for the rows (`verify` 0) run once a
+    row, all rows here: a check that keeps every proposal."""
+    engine = DryRunEngine(plan(spec, seq, chunks, DEFAULT_BATCH, verify), logits_on_host=False)
+    runner = Runner(spec, engine, image_token_id=_IMAGE)
+    ids = ([_IMAGE] if tiles is not None else []) + [_TEXT] * 8
+    if tiles is not None:
+        _encode_blank(runner, spec, tiles)
+    runner.prefill(ids, 0, tiles)
+    runner.launches.clear()
+    rows = draft_tokens + 1
+    hiddens = runner.verify(ids + [_TEXT] * rows, len(ids), tiles)
+    pick = runner.check_tokens(hiddens, Sampler(SamplingConfig()), [ids] * rows)
+    for i in range(rows):
+        pick(i)
+    return Counter(runner.launches)
