@@ -251,17 +251,24 @@ def test_a_failing_net_stops_the_pool_and_is_named(export_factory, tmp_path):
     assert not list(work.glob("*.bmodel"))  # nothing a later run would trust
 
 
-def test_compile_net_builds_one_net_as_run_would(export_factory, tmp_path):
+def test_compile_net_builds_one_net_as_run_would(export_factory, checkpoint_factory, tmp_path):
     """The public way to build one net ahead of `run` (bench/real_widths.py builds the first net of
-    each kind so): checked, cached where `run` looks, its transform taken in turn on the lock."""
+    each kind so): checked, cached where `run` looks, its transform taken in turn on the lock. The
+    heads of an export for speculative decoding (--draft-tokens 3) pass at each stage: a decode
+    step's one row and a check's four."""
     from lvb.compile.build import CompileError
+    from lvb.export.exporter import export
 
+    name = "gqa2-cross-last"
     work = tmp_path / "work"
-    shutil.copytree(export_factory("gqa2-cross-last") / "export", work / "export")
+    shutil.copytree(export_factory(name) / "export", work / "export")
+    export(checkpoint_factory(name), work, seq=SEQ, chunks=chunks_of(name), draft_tokens=3)
     turns = tmp_path / "transform.lock"
     compiler = Compiler(work, CompileSettings(quant="int4", check="kinds"), find_toolchain(), transform_lock=turns)
-    result = compiler.compile_net("greedy_head")
-    assert result["passed"] and result["check"] is not None and (work / result["bmodel"]).is_file()
+    for head in ("greedy_head", "lm_head"):
+        result = compiler.compile_net(head)
+        assert result["passed"] and result["check"] is not None and (work / result["bmodel"]).is_file()
+        assert len(result["device"]) == 2  # an estimate per stage
     assert turns.is_file()  # the transform ran under the lock
     with pytest.raises(CompileError, match="no_such_net is not a net of the export"):
         compiler.compile_net("no_such_net")

@@ -127,6 +127,31 @@ def test_a_check_scores_its_rows_in_one_launch(draft, checkpoint_factory, export
         e.close()
 
 
+def test_the_device_time_model_prices_a_check_as_the_runtime_launches_it(checkpoint_factory):
+    """With a [1, k+1] head stage a check launches each head once, at that stage, beside a
+    decode batch's [B, 1] stages; without one, once a row. Each logits buffer holds its stages'
+    rows."""
+    from lvb.contract import plan
+    from lvb.runtime.memory import resident_buffers
+    from lvb.runtime.turn import check_launches
+    from lvb.spec import ModelSpec
+
+    spec = ModelSpec.from_dir(checkpoint_factory("gqa2-cross-last"))
+    layers = spec.text.num_layers
+    heads = {"lm_head", "greedy_head"}
+    for verify, calls in ((0, 4), (4, 1)):
+        launches = check_launches(spec, SEQ, (32, 4) if verify else (32,), verify, 3, tiles=1)
+        assert {net: n for (net, _), n in launches.items() if net in heads} == {"lm_head": calls, "greedy_head": calls}
+        assert sum(n for (net, _), n in launches.items() if net.startswith("block_")) == layers  # one chunk
+    nets = {n.name: n for n in plan(spec, SEQ, (32, 4), (2, 1), verify=4)}
+    assert [s.inputs[0].shape[:2] for s in nets["lm_head"].stages] == [(1, 4), (2, 1), (1, 1)]
+    assert [s.inputs[0].shape[0] for s in nets["greedy_head"].stages] == [4, 2, 1]
+    logits = {t.name: t.shape for t in resident_buffers(nets) if "logits" in t.name}
+    assert logits == {Buffers.LOGITS: (2, spec.text.vocab_size), Buffers.CHECK_LOGITS: (4, spec.text.vocab_size)}
+    with pytest.raises(ValueError, match="verify rows 40"):
+        plan(spec, SEQ, 32, verify=40)
+
+
 def poison(engine, layers, rows: range, rng) -> None:
     """Overwrite cache rows of every self-attention layer with random K/V of the cache's scale."""
     for layer in layers:
@@ -229,6 +254,10 @@ def test_run_cli_with_a_draft(checkpoint_factory, export_factory):
     assert "draft: 5 of 5 proposed tokens kept (100%), 3.50 tokens per check of the model (2 checks)" in result.output
     assert "pass --draft-onnx" in one_error_line(common + ["--draft", model])
     assert "go with --draft" in one_error_line(common + ["--draft-tokens", "3"])
+    export = ["export", "--model", model, "--out", work.parent / "never", "--seq", "64"]
+    assert "1 to 63 (below --seq)" in one_error_line(export + ["--draft-tokens", "64"])
+    assert "must be 0 or more" in one_error_line(export + ["--draft-tokens", "-1"])
+    assert not (work.parent / "never").exists()
 
 
 @pytest.mark.slow
