@@ -268,8 +268,10 @@ def main() -> int:
 
     # -- KV bookkeeping --------------------------------------------------------------------
     hb = engine._host
-    k_chunk = np.zeros((1, C, t.num_kv_heads, t.head_dim), np.float32)
-    k_one = np.zeros((1, 1, t.num_kv_heads, t.head_dim), np.float32)
+    # Row shapes from the buffers the Session allocated, so the figures follow the contract's layouts.
+    kv_rows = hb.buffers[Buffers.kv(t.self_attention_layers[0])[0]].shape[2:]
+    k_chunk = np.zeros((1, C, *kv_rows), np.float32)
+    k_one = np.zeros((1, 1, *kv_rows), np.float32)
     hidden_chunk = np.zeros((1, C, t.hidden_size), np.float32)
 
     def store_chunk():
@@ -286,7 +288,9 @@ def main() -> int:
 
     add(f"KV bookkeeping, prefill chunk ({len(t.self_attention_layers)} layers' K+V rows + hidden)", median_seconds(store_chunk, args.reps))
     add(f"KV bookkeeping, decode step", median_seconds(store_one, args.reps))
-    cross_kv = np.zeros((1, V, t.num_kv_heads, t.head_dim), np.float32)
+    cross_name = Buffers.cross_kv(t.cross_attention_layers[0])[0]
+    cross_kv = np.zeros(hb.buffers[cross_name].shape, np.float32)
+    cross_bytes = hb.buffers[cross_name].nbytes  # as held: bf16 bits when the contract keeps the state in bf16
 
     def store_cross():  # what Runner.encode_image stores for every cross layer, once per image
         for layer in t.cross_attention_layers:
@@ -294,7 +298,7 @@ def main() -> int:
                 hb.store(cross_kv, Resident(name))
 
     add(f"cross K/V stored per image ({len(t.cross_attention_layers)} layers x K+V, "
-        f"{2 * len(t.cross_attention_layers) * cross_kv.nbytes / 1e6:.0f} MB)", median_seconds(store_cross, max(10, args.reps // 10)),
+        f"{2 * len(t.cross_attention_layers) * cross_bytes / 1e6:.0f} MB)", median_seconds(store_cross, max(10, args.reps // 10)),
         note="(once per image, by cross_kv_i)")
 
     # -- sampling over the full vocabulary ---------------------------------------------------
