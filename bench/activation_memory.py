@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Activation (neuron) memory of some nets compiled at the 11B's widths: the `ctx_size`
 the card must hold for each, which bmruntime shares between nets so that the largest net
-sets it (bench README §6, memory_plan.py).
+sets it (bench README §3.1, memory_plan.py).
 
 What it does:
 

@@ -21,7 +21,7 @@ What it does:
      writing the pieces to disk. That is the per-job overhead.
 3. Projects the compile of the full 11B and 90B on N nodes: the jobs of each model's
    plan (lvb.contract.plan on tests/data/*.config.json), each lasting its kind's measured
-   transform + deploy seconds at 11B widths (bench/README.md §1, or convert_scale.py's
+   transform + deploy seconds at 11B widths (bench/README.md §1.2, or convert_scale.py's
    results when bench/out holds them), scaled by the net's weight bytes for the 90B's
    wider text layers, plus the measured overhead for its bytes. List scheduling, longest
    job first, on nodes of this machine's cores and Ray memory resource, each job asking
@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, REPO, gb, machine, table  # noqa: E402
 
 GiB = 1 << 30
-# Per net kind at 11B widths, measured by convert_scale.py (bench/README.md §1, idle
+# Per net kind at 11B widths, measured by convert_scale.py (bench/README.md §1.2, idle
 # machine, 2026-11-25; `lvb compile --quant int4 --check none --jobs 1`): mean transform s,
 # mean deploy s, ONNX + weight bytes. Used when bench/out holds no results of that script.
 MEASURED_11B = {
@@ -66,7 +66,7 @@ MEASURED_11B = {
     "lm_head": (28.1, 24.1, 2.10e9),
     "greedy_head": (0.0, 0.2, 0.0),
 }
-# Start-up and `model_tool --combine` of the 11B where the command runs (bench/README.md §1:
+# Start-up and `model_tool --combine` of the 11B where the command runs (bench/README.md §1.2:
 # "start-up, weight digest, combine: 1 m"); grows with the bmodel's bytes.
 SERIAL_11B_S = 60.0
 DECODER = {"self_prefill", "self_decode", "cross_prefill", "cross_decode", "cross_kv"}
@@ -120,7 +120,7 @@ def measured_from_convert_scale() -> tuple[dict, str]:
         mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
         return ({k: (mean(rs, "transform_s"), mean(rs, "deploy_s"), mean(rs, "onnx_bytes")) for k, rs in rows.items()},
                 str(path.relative_to(REPO)))
-    return MEASURED_11B, "bench/README.md §1 (convert_scale.py, 2026-11-25)"
+    return MEASURED_11B, "bench/README.md §1.2 (convert_scale.py, 2026-11-25)"
 
 
 # ----------------------------------------------------------------------------- scheduling

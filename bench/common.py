@@ -5,8 +5,8 @@ The checkpoint writer never holds the model: it builds MllamaForConditionalGener
 on the meta device (names and shapes only), then draws each group of tensors
 (one text layer, the embedding, the head, the vision tower) in bfloat16 and
 writes it as its own safetensors shard, plus model.safetensors.index.json last.
-Peak memory is about twice the largest group (the 128264 x 4096 embedding,
-1.05 GB in bfloat16), whatever the layer count.
+Peak memory is about twice the largest group (the embedding table), whatever the layer
+count.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ REFERENCE_SEQ = 512
 PROMPT_TOKENS = 17
 RESULTS = BENCH / "results"  # committed: what the README's performance tables are read from
 # The 11B INT4 combined bmodel's weights and instructions, extrapolated by convert_scale.py from
-# per-net bmodels at real widths (bench/README §1): what the memory plan counts on the device.
+# per-net bmodels at real widths (bench/README §1.2): what the memory plan counts on the device.
 BMODEL_11B_INT4_BYTES = 9.2e9
 
 # The published configs whose widths the bench uses (the weights are synthetic).

@@ -470,6 +470,12 @@ def main() -> int:
     def save():
         save_json(results_path, results)
 
+    def measure(stage: str, argv: list, resumed: bool) -> int:
+        """Run and record one lvb stage; its exit code (a failed stage is measured again next run)."""
+        results[stage] = run_measured(stage, argv, work, out, min_available) | {"resumed": resumed}
+        save()
+        return results[stage]["exit_code"]
+
     # 1. checkpoint
     if "checkpoint" in args.remeasure:
         shutil.rmtree(checkpoint, ignore_errors=True)
@@ -497,13 +503,10 @@ def main() -> int:
         shutil.rmtree(work / "export", ignore_errors=True)
         results.pop("export", None)
     if "export" not in results or results["export"].get("exit_code") != 0:
-        resumed = (work / "export" / "manifest.json").is_file()
-        results["export"] = run_measured("export", [LVB, "export", "--model", checkpoint, "--out", work, "--seq", str(args.seq),
-                                                    "--chunk", str(args.chunk)], work, out, min_available)
-        results["export"]["resumed"] = resumed
-        save()
-        if results["export"]["exit_code"] != 0:
-            return results["export"]["exit_code"] or 1
+        code = measure("export", [LVB, "export", "--model", checkpoint, "--out", work, "--seq", str(args.seq), "--chunk",
+                                  str(args.chunk)], resumed=(work / "export" / "manifest.json").is_file())
+        if code != 0:
+            return code or 1
     else:
         print(f"export: measured before ({results['export']['wall_seconds']} s); --remeasure export to redo")
 
@@ -517,12 +520,9 @@ def main() -> int:
     if args.export_only:
         print("lvb compile: not run (--export-only)")
     elif "compile_int4" not in results or results["compile_int4"].get("exit_code") != 0:
-        resumed = any((work / "compile").glob("*/*/result.json"))
-        results["compile_int4"] = run_measured("compile_int4", compile_cmd, work, out, min_available)
-        results["compile_int4"]["resumed"] = resumed
-        save()
-        if results["compile_int4"]["exit_code"] != 0:
-            return results["compile_int4"]["exit_code"] or 1
+        code = measure("compile_int4", compile_cmd, resumed=any((work / "compile").glob("*/*/result.json")))
+        if code != 0:
+            return code or 1
     else:
         print(f"lvb compile: measured before ({results['compile_int4']['wall_seconds']} s); --remeasure compile_int4 to redo")
 

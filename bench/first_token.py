@@ -67,8 +67,7 @@ PEAK_SOURCE = (
 
 def weight_bytes_per_param(quant: str, group: int = 64) -> float:
     """Stored bytes per weight: W4/W8 add a bf16 scale and a uint8 zero point per group of
-    `group` (matches the per-net bmodels measured in bench/decode_bytes.py: 119.3 MB for the
-    11B's 218.1 M-parameter decoder layer at int4)."""
+    `group` (as the per-net bmodels bench/decode_bytes.py reads hold them, bench README §2.2)."""
     return {"bf16": 2.0, "int8": 1.0 + 3 / group, "int4": 0.5 + 3 / group}[quant]
 
 

@@ -33,7 +33,9 @@ prefill causal mask of C x (S+C), the cross mask of C x 6404 element by element 
 way the reference actually fills it (row x tile slices), and the reference's own
 whole-prompt S x S causal mask. Loop versions are timed over only --loop-reps repetitions.
 
-Prints a table and the ratios; exits 0. No timed assertions.
+Prints a table and the ratios and records them in bench/results/host_overhead.json (the
+READMEs' host-work figures are held to it by tests/test_bench_results.py); exits 0.
+No timed assertions.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, REFERENCE_TOKENS_PER_S, full_model, geometry_11b, machine, table, write_config_only  # noqa: E402
+from common import OUT, REFERENCE_TOKENS_PER_S, full_model, geometry_11b, machine, record_result, table, write_config_only  # noqa: E402
 
 from lvb.contract import MASK_VALUE, plan  # noqa: E402
 from lvb.contract import NetInfo  # noqa: E402
@@ -103,6 +105,13 @@ class NullEngine(Engine):
             else:
                 result.append(out)
         return result
+
+
+def host_row(row: dict) -> list[str]:
+    """One row of the printed table, as bench/README quotes it."""
+    ref, lvb = row["reference_us"], row["lvb_us"]
+    ratio = (f"{ref / lvb:,.0f}x" if ref / lvb >= 10 else f"{ref / lvb:.2f}x") if ref else ""
+    return [row["work"], f"{lvb:,.1f}", f"{ref:,.0f}" if ref else "", ratio, row["how"]]
 
 
 def median_seconds(fn, reps: int, warmup: int = 2) -> float:
@@ -217,12 +226,11 @@ def main() -> int:
     first_turn = time.perf_counter() - started
     preprocess_s = median_seconds(lambda: session._process_image(photo), 5, warmup=1)
     rows: list[list] = []
-    figures: dict[str, float] = {}
+    recorded: list[dict] = []
 
     def add(label, seconds, ref=None, note=""):
-        figures[label] = seconds
-        ratio = (f"{ref / seconds:,.0f}x" if ref / seconds >= 10 else f"{ref / seconds:.2f}x") if ref else ""
-        rows.append([label, f"{seconds * 1e6:,.1f}", f"{ref * 1e6:,.0f}" if ref else "", ratio, note])
+        recorded.append({"work": label, "lvb_us": seconds * 1e6, "reference_us": ref * 1e6 if ref else None, "how": note})
+        rows.append(host_row(recorded[-1]))
 
     past = S // 2
     # -- masks, lvb vs the reference's loops ---------------------------------------------------
@@ -260,8 +268,10 @@ def main() -> int:
 
     # -- KV bookkeeping --------------------------------------------------------------------
     hb = engine._host
-    k_chunk = np.zeros((1, C, t.num_kv_heads, t.head_dim), np.float32)
-    k_one = np.zeros((1, 1, t.num_kv_heads, t.head_dim), np.float32)
+    # Row shapes from the buffers the Session allocated, so the figures follow the contract's layouts.
+    kv_rows = hb.buffers[Buffers.kv(t.self_attention_layers[0])[0]].shape[2:]
+    k_chunk = np.zeros((1, C, *kv_rows), np.float32)
+    k_one = np.zeros((1, 1, *kv_rows), np.float32)
     hidden_chunk = np.zeros((1, C, t.hidden_size), np.float32)
 
     def store_chunk():
@@ -278,7 +288,9 @@ def main() -> int:
 
     add(f"KV bookkeeping, prefill chunk ({len(t.self_attention_layers)} layers' K+V rows + hidden)", median_seconds(store_chunk, args.reps))
     add(f"KV bookkeeping, decode step", median_seconds(store_one, args.reps))
-    cross_kv = np.zeros((1, V, t.num_kv_heads, t.head_dim), np.float32)
+    cross_name = Buffers.cross_kv(t.cross_attention_layers[0])[0]
+    cross_kv = np.zeros(hb.buffers[cross_name].shape, np.float32)
+    cross_bytes = hb.buffers[cross_name].nbytes  # as held: bf16 bits when the contract keeps the state in bf16
 
     def store_cross():  # what Runner.encode_image stores for every cross layer, once per image
         for layer in t.cross_attention_layers:
@@ -286,7 +298,7 @@ def main() -> int:
                 hb.store(cross_kv, Resident(name))
 
     add(f"cross K/V stored per image ({len(t.cross_attention_layers)} layers x K+V, "
-        f"{2 * len(t.cross_attention_layers) * cross_kv.nbytes / 1e6:.0f} MB)", median_seconds(store_cross, max(10, args.reps // 10)),
+        f"{2 * len(t.cross_attention_layers) * cross_bytes / 1e6:.0f} MB)", median_seconds(store_cross, max(10, args.reps // 10)),
         note="(once per image, by cross_kv_i)")
 
     # -- sampling over the full vocabulary ---------------------------------------------------
@@ -359,6 +371,15 @@ def main() -> int:
           f"{(ref_self_prefill + ref_cross_prefill):.2f} s ({(ref_self_prefill + ref_cross_prefill) / (lvb_self_prefill + lvb_cross_prefill):,.0f}x)")
     print(f"(loop versions: median of {args.loop_reps}; others: median of {args.reps}, whole steps of {args.step_reps}; "
           f"the null engine is called {per_step_calls} times per step)")
+    path = record_result("host_overhead", {
+        "seq": S, "chunk": C, "reps": args.reps, "step_reps": args.step_reps, "loop_reps": args.loop_reps,
+        "numpy": np.__version__, "rows": recorded, "decode_step_ms": decode_s * 1e3, "prefill_chunk_ms": prefill_s * 1e3,
+        "decode_step_share": decode_s / device_step, "image_preprocess_ms": preprocess_s * 1e3,
+        "first_turn_ms": first_turn * 1e3, "net_calls_per_step": per_step_calls,
+        "masks": {"decode": {"lvb_us": mask_lvb * 1e6, "reference_us": mask_ref * 1e6},
+                  "prefill": {"lvb_us": (lvb_self_prefill + lvb_cross_prefill) * 1e6,
+                              "reference_us": (ref_self_prefill + ref_cross_prefill) * 1e6}}})
+    print(f"recorded in {path}")
     return 0
 
 

@@ -40,10 +40,11 @@ from lvb.runtime.memory import CARDS, GiB, MemoryPlan, resident_buffers, scratch
 from lvb.spec import ModelSpec  # noqa: E402
 
 CONFIG = ROOT / "tests" / "data" / "llama-3.2-11b-vision.config.json"
-# The largest ctx_size activation_memory.py read at 11B widths (bench README §6), used when
+# The largest ctx_size activation_memory.py read at 11B widths (bench README §3.1), used when
 # no --activations is given: (bytes, which net, when). It compiled every vision net and
 # cross_kv (the vision head from an export with 5 local layers, so that it reads the 11B's
-# six states); the text blocks' compile needs 10 GB (§1), so theirs is not measured.
+# six states); the text blocks were not compiled for it (their transform needed more memory
+# than the measuring machine gave one process), so theirs is not measured.
 MEASURED = (394_326_016, "vision_head", "2026-11-29")
 
 

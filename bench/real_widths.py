@@ -11,7 +11,7 @@
 2. What the checks add to the 11B compile: the sum of the per-kind check seconds (one check
    per kind, whatever the layer count) against the 11B compile projected as convert_scale
    does (each kind's measured build seconds, check excluded, x its nets in the 11B's plan),
-   and against bench README §1's ≈ 2 h.
+   and against bench README §1.2's ≈ 2 h.
 3. The short stack end to end: lvb's Runner on the simulator (the combined bmodel) and on
    onnxruntime (the export), one picture, greedy tokens: every step's logits cosine and
    whether the simulator picks onnxruntime's token. Both are fed onnxruntime's tokens
@@ -21,7 +21,7 @@
    through its own nets, without a hook in the library.
 
 The vision tower at four tiles is 6432 tokens a layer, hours of simulator per net on two
-cores: `--max-tiles 1` (the default here) keeps every width and runs 1608 (bench README §9).
+cores: `--max-tiles 1` (the default here) keeps every width and runs 1608 (bench README §4.1).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pathlib import Path
 
 from common import BENCH, CONFIGS, LVB, OUT, REPO, geometry_11b, machine, run_paths, save_json, table
 
-README_11B_COMPILE_SECONDS = 2 * 3600  # bench README §1: transform + deploy of every 11B net, no check
+README_11B_COMPILE_SECONDS = 2 * 3600  # bench README §1.2: transform + deploy of every 11B net, no check
 
 
 def run(argv: list, log: Path) -> tuple[int, float]:
@@ -81,7 +81,7 @@ def check_first_nets(work: Path, quant: str, nets: list[str]) -> None:
     from lvb.compile.compiler import Compiler, CompileSettings, NetFailed
     from lvb.toolchain import find_toolchain
 
-    # tpu-mlir's transform of an 11B-width net peaks far above the rest (bench/README §1): two of
+    # tpu-mlir's transform of an 11B-width net peaks far above the rest (bench/README §1.2): two of
     # these processes take turns at it and overlap the simulator runs that follow.
     compiler = Compiler(work, CompileSettings(quant=quant, check=CheckMode.KINDS), find_toolchain(),
                         transform_lock=work.parent / "transform.lock")
@@ -424,7 +424,7 @@ def main() -> int:
         print(f"\nlvb compile wall {bench.get('wall_seconds', '?')} s (transforms included: {bench.get('transforms_included', '?')}); "
               f"checks {cost['check_seconds']} s ({cost['simulator_seconds']} s of it on the simulator); 11B compile "
               f"projected from these builds {cost['projected_11b_compile_seconds'] / 60:.0f} min -> checks add "
-              f"{cost['share_of_projected']:.1%}; against README §1's 2 h: {cost['share_of_readme_2h']:.1%}")
+              f"{cost['share_of_projected']:.1%}; against bench README §1.2's 2 h: {cost['share_of_readme_2h']:.1%}")
 
     if args.tokens:
         quant = quants[0]

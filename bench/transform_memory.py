@@ -4,9 +4,9 @@ bytes, for the two vocabulary-sized nets lvb compiles (the embedding gather and 
 measured at fractions of the 11B's 128256-token vocabulary and extrapolated to all of it.
 
 Why: at real widths `lvb compile` needs far more memory for these nets than for any
-decoder layer (bench/convert_scale.py saw model_transform of `embed`, a 2.1 GB fp32
-table, pass 15.8 GB). This finds how many bytes each tool holds per weight byte, so the
-full-vocabulary figure can be stated without running it on a machine that cannot hold it.
+decoder layer (bench/README §1.3, what convert_scale.py first saw). This finds how many bytes
+each tool holds per weight byte, so the full-vocabulary figure can be stated without
+running it on a machine that cannot hold it.
 
 How: for each --rows, the same modules lvb exports (lvb.export.parts.Embedding, and
 LmHead = RMSNorm + Linear) with hidden 4096 and random fp32 weights are exported to ONNX

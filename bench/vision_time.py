@@ -6,7 +6,7 @@ lvb (`lvb compile --check none`, vision BF16 as in the 11B's default build), the
 bench/device_time.py prices the full 11B turn with these vision-layer estimates in place of an
 earlier build's (`--base`), every other kind as that build measured it.
 
-Minutes instead of the hour and 46 GB of a short stack at every width (bench/README §10).
+Minutes instead of the hour and the disk of a short stack at every width (bench/README §1.1).
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""The README's device-time figures are the ones bench/device_time.py recorded
-(bench/results/device_time.json, committed): a figure changed in one place and not the other
-fails here."""
+"""The READMEs' performance figures are the ones the bench scripts recorded in
+bench/results/*.json (committed): a figure changed in one place and not the other fails here."""
 
 from __future__ import annotations
 
@@ -62,7 +61,7 @@ def flat(text: str) -> str:
 
 @pytest.mark.parametrize("seq", ["512", "1024"])
 def test_readme_memory_plans_are_the_recorded_ones(seq):
-    """bench/memory_plan.py's tables in bench/README §6 and the README's summary, against
+    """bench/memory_plan.py's tables in bench/README §3.1 and the README's summary, against
     bench/results/memory_plan.json."""
     plan, gb = MEMORY_PLAN[seq], lambda n: f"{n / 1e9:.2f} GB"
     overhead = f"{plan['overhead'] / 2**30:.2f} GiB"
@@ -78,7 +77,7 @@ FIRST_TOKEN = json.loads((ROOT / "bench" / "results" / "first_token.json").read_
 
 
 def test_bench_readme_first_token_table_is_the_recorded_one():
-    """bench/README §4's table: per tile count, `--chunk 128` beside `--chunk 16,32,64,128`."""
+    """bench/README §2.1's table: per tile count, `--chunk 128` beside `--chunk 16,32,64,128`."""
     single, buckets = FIRST_TOKEN["chunk 128"]["first_token"], FIRST_TOKEN["chunk 16,32,64,128"]["first_token"]
     for a, b in zip(single, buckets):
         ref = a["reference_flops"]
@@ -161,3 +160,31 @@ def test_a_check_is_priced_from_the_recorded_nets():
     """The plain step bench/speculative.py compares with is device_time.json's own (text turn)."""
     plain = SPECULATIVE["chip"]["plain_step_ms"]["text"]
     assert plain == pytest.approx(RESULTS[SPECULATIVE["chip"]["label"]]["turns"][0]["decode_step_ms"])
+
+
+HOST_OVERHEAD = json.loads((ROOT / "bench" / "results" / "host_overhead.json").read_text())
+
+
+def test_bench_readme_host_work_table_is_the_recorded_one():
+    """bench/README §2.3's table is host_overhead.py's printed one: every recorded row, each
+    figure at the precision the script prints."""
+    printed = flat(BENCH_README)
+    for row in HOST_OVERHEAD["rows"]:
+        lvb, ref = row["lvb_us"], row["reference_us"]
+        cells = [row["work"].strip(), f"{lvb:,.1f}", f"{ref:,.0f}" if ref else "",
+                 (f"{ref / lvb:,.0f}x" if ref / lvb >= 10 else f"{ref / lvb:.2f}x") if ref else "", row["how"]]
+        assert flat("| " + " | ".join(cells) + " |") in printed, row["work"]
+
+
+def test_readme_host_work_summary_is_the_recorded_one():
+    """The README's row and bench/README's bullets: a decode step's and a prefill chunk's host
+    work, and how much faster lvb's masks are than the reference's element loops."""
+    masks = HOST_OVERHEAD["masks"]
+    decode = masks["decode"]["reference_us"] / masks["decode"]["lvb_us"]
+    prefill = masks["prefill"]["reference_us"] / masks["prefill"]["lvb_us"]
+    assert (f"| {HOST_OVERHEAD['decode_step_ms']:.2f} ms / {HOST_OVERHEAD['prefill_chunk_ms']:.1f} ms; "
+            f"masks {decode:.0f}× / {prefill:.0f}× faster") in README
+    assert f"Host work is {HOST_OVERHEAD['decode_step_ms']:.2f} ms per step" in BENCH_README
+    assert f"({decode:.0f}×)" in BENCH_README and f"({prefill:.0f}×)" in BENCH_README
+    assert f"{HOST_OVERHEAD['prefill_chunk_ms']:.1f} ms of host work per 128-token chunk" in BENCH_README
+    assert f"{HOST_OVERHEAD['image_preprocess_ms']:.1f} ms per image" in BENCH_README

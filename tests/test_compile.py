@@ -152,7 +152,7 @@ def test_bf16_and_the_vision_embed_and_head_quantizations_compile_and_pass(quant
 def test_vision_attention_is_one_flash_attention_per_head_group(compile_factory, checkpoint_factory):
     """tpu-mlir fuses each head group of the vision attention (one head each in the session's
     exports) into a flash-attention op, which never holds the scores in device memory; a graph
-    it stopped recognising would hold them again (bench/README.md §6)."""
+    it stopped recognising would hold them again (bench/README.md §3.1)."""
     from lvb.spec import ModelSpec
 
     name = "gqa2-cross-last"
@@ -353,7 +353,7 @@ def test_a_net_one_percent_off_fails_the_compile_check_and_verify(compile_factor
 
 def test_a_k_projection_one_percent_off_fails_the_int8_check(compile_factory, export_factory, checkpoint_factory, tmp_path):
     """A self-attention block's K is one matmul past its input, so at INT8 it sits 10⁻⁵ from
-    its reference at any width (bench/README.md §9), and its own row catches 1 % noise on
+    its reference at any width (bench/README.md §4.1), and its own row catches 1 % noise on
     `k_proj` that the hidden state's row cannot."""
     from lvb.compile.compiler import NetFailed
     from lvb.spec import ModelSpec

@@ -98,14 +98,13 @@ def shortfalls(cosines: Mapping[str, float], need: Mapping[str, float]) -> list[
 
 # Whole answers: token agreement (mean share of each reference answer reproduced before the
 # first difference) with transformers' fp32 generate over verify's five answers, by what runs
-# the blocks. Measured: onnxruntime 1.0 (every fixture); the toy's INT4 bmodel on the
-# simulator 0.9 (1, 1, 0.5, 1, 1: the text-only question, which the toy was not trained on,
-# parts at its third token); its INT8 bmodel 1.0 (tests/test_pipeline.py's INT8 run). Margin:
-# one more answer of the five parting at its first token (0.2). BF16 is not measured yet.
+# the blocks: what each measured (README "Checks and thresholds") less a margin of one more
+# answer of the five parting at its first token. BF16 is not measured yet.
 MIN_AGREEMENT: dict[str, float] = {"onnxruntime": 1.0, "bf16": 0.9, "int8": 0.8, "int4": 0.7}
 # `lvb doctor`'s proof of the toolchain: a W4BF16 64x64 matmul on the simulator against
-# onnxruntime with the same weight quantization: measured 0.999993 (against fp32: 0.9962, the
-# quantization's own error). The margin equals the measured deficit: twice today's error fails.
+# onnxruntime with the same weight quantization (README "Checks and thresholds"; against fp32
+# the quantization's own error would dominate). The margin equals the measured deficit: twice
+# today's error fails.
 DOCTOR_MEASURED_COSINE = 0.999993
 DOCTOR_MIN_COSINE = round(1 - 2 * (1 - DOCTOR_MEASURED_COSINE), 6)
 

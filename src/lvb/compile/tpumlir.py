@@ -15,9 +15,9 @@ DEFAULT_GROUP_SIZE = 64
 
 
 # model_transform.py without its ONNX simplifier, which holds several bytes of memory per weight
-# byte (bench/README.md §1b: more than this machine has for an 11B vocabulary table) and which a
-# net of one stage does not need: its graph is static, and the exporter folds
-# what the converter needs folded (lvb.export.exporter._prepare_for_tpu_mlir).
+# byte (bench/README.md, transform_memory.py: more than this machine has for an 11B vocabulary
+# table) and which a net of one stage does not need: its graph is static, and the exporter
+# folds what the converter needs folded (lvb.export.exporter._prepare_for_tpu_mlir).
 TRANSFORM_OPTIONS = ("--do_onnx_sim", "")
 
 

@@ -302,8 +302,8 @@ def _constant_bytes(node) -> int:
 
 def _prepare_for_tpu_mlir(model) -> None:
     """Rewrite the traced graph so that tpu-mlir's converter reads it without its ONNX
-    simplifier, which held about 11 bytes per weight byte (bench/README.md §1b: 24 GB
-    projected for an 11B vocabulary table, 10.4 GB measured for an 11B decoder layer).
+    simplifier, which holds several times a net's weight bytes and was what set the whole
+    conversion's peak RAM (bench/README.md, transform_memory.py and convert_scale.py).
 
     The converter takes an initializer only as a weight operand. The TorchScript exporter
     leaves two other uses, which the simplifier used to fold: an Identity that feeds a weight

@@ -48,14 +48,12 @@ def aspect_ratio_attention_mask(
 
 
 # At most this many bytes of fp32 attention scores per group of heads. The vision tower
-# attends over every tile's patches at once: at the 11B's four 560-px tiles that is 6432
-# tokens, and its 16 heads' scores are 2.65 GB in fp32, which eager attention holds twice
-# while tracing and again in onnxruntime's check (a 6.8 GB export; tpu-mlir's transform of
-# that graph needed 8.2 GB). 768 MiB splits such a tower into groups of four heads (662 MB of
-# scores at the 11B) and leaves smaller ones, whose scores are a few MB, whole. tpu-mlir fuses
-# each group into one flash-attention op; on its cost model groups of four cost what the whole
-# costs (49.3 ms a layer), one head a group 25 % more (61.8 ms: each op reloads its K/V
-# tiles), bench/README.md §10.
+# attends over every tile's patches at once, so all heads' scores together are the largest
+# tensor of an export, and eager attention holds them twice while tracing and again in
+# onnxruntime's check. The bound splits a real tower into a few groups of heads and leaves
+# small ones whole. tpu-mlir fuses each group into one flash-attention op; each op reloads its
+# K/V tiles, so groups much smaller than this cost more on the chip (bench/README.md, "Time on
+# the chip" and "Converting the model" hold the figures).
 SCORES_BYTES_PER_GROUP = 768 * 2**20
 # Overrides it, to trade export memory against graph size; the tests set 1 so that every
 # fixture's vision attention is exported one head per group (the 11B's is split too).
@@ -120,8 +118,8 @@ def grouped_query_attention(eager: Callable) -> Callable:
     the score matmul. Here the query heads that share a K/V head are stacked on the query
     axis instead ([KV heads, group x queries, d] against [KV heads, keys, d]): the same dot
     products, and no repeated K/V in the graph. On the BM1684X that repeat was a Tile moving
-    4x the K/V (at the 11B's four tiles 105 MB per cross-attention layer and token, against
-    26 MB of real K/V); the grouped matmul reads the K/V once (bench/README.md).
+    the K/V once per query head of a group; the grouped matmul reads the K/V once
+    (bench/README.md, "Time on the chip").
     Other attentions (the vision tower's, or one without shared heads) go on unchanged.
     """
 

@@ -5,9 +5,9 @@ Why `sail.EngineLLM(path, BmrtFlag.BM_RUNTIME_SHARE_MEM, [dev])` and not `sail.E
 - `sail.Engine(path, dev, IOMode.DEVIO)` allocates a device tensor for every input and
   output of every graph at load (engine.cpp:645-660 -> Engine_CC::alloc_tensors,
   engine.cpp:313-330 -> Graph_CC::alloc_tensors, graph.cpp:554-592), which lvb never
-  uses: about 5.3 GiB for the 11B plan. EngineLLM allocates none for a bmodel without
-  io_alone (engine_llm.cpp:836-862; GraphLLM only wraps bmruntime's own I/O memory
-  when addr_mode is 1).
+  uses: for the 11B plan several times lvb's own buffers (bench/README.md, memory_plan.py).
+  EngineLLM allocates none for a bmodel without io_alone (engine_llm.cpp:836-862; GraphLLM
+  only wraps bmruntime's own I/O memory when addr_mode is 1).
 - `Engine.process` only logs a failed launch (graph.cpp:646-648) and returns: the outputs
   keep their old contents and the answer goes on with them. `EngineLLM.process` raises
   (GraphLLM::inference returns SAIL_ERR_ENGINE_INFER, engine_llm.cpp:420-445, and

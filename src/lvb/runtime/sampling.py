@@ -136,7 +136,8 @@ def top_k_filter(scores: np.ndarray, top_k: int) -> np.ndarray:
 
 
 # Tokens top-p sorts before falling back to the whole vocabulary: a language model's
-# nucleus almost always sits inside a few thousand tokens, and sorting 128k costs ~15 ms.
+# nucleus almost always sits inside a few thousand tokens, and a sort of the whole vocabulary
+# costs more than the rest of a host step (bench/host_overhead.py).
 TOP_P_HEAD = 4096
 
 
