@@ -135,6 +135,16 @@ def toy_export(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def toy_draft_export(tmp_path_factory):
+    """Work directory holding the toy's draft's export (models/toy-draft), shaped as toy_export."""
+    from lvb.export.exporter import export
+
+    work = tmp_path_factory.mktemp("work-toy-draft")
+    export(ROOT / "models" / "toy-draft", work, seq=SEQ, chunks=(CHUNK,))
+    return work
+
+
+@pytest.fixture(scope="session")
 def toy_staged_bmodel(tmp_path_factory):
     """The trained toy at INT4 with prefill buckets of 64, 32 and 16 tokens (seq 128), made once
     per session without the per-net simulator check (the tests that use it compare a whole turn

@@ -266,6 +266,29 @@ def test_served_requests_share_decode_steps_and_keep_their_answers(toy_batched, 
     assert any(net == net_name(Kind.EMBED_CACHE) and stage == 0 for net, stage in together)  # a step of 4 rows ran
 
 
+def test_serve_refuses_a_draft_with_a_batched_model(toy_batched, toy_draft_export):
+    """`lvb serve --draft` on the toy exported with --batch 4: one line naming the problem and the
+    fix, exit 1, before the server listens (the port is held: a server that started would fail
+    differently); `lvb run` takes the same draft on the same export (one conversation)."""
+    import socket
+
+    from helpers import one_error_line
+    from lvb.cli import app
+    from typer.testing import CliRunner
+
+    toy, work = toy_batched
+    draft = ["--draft", toy.parent / "toy-draft", "--draft-onnx", toy_draft_export]
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        output = " ".join(one_error_line(["serve", "--model", toy, "--onnx", work, "--port", held.getsockname()[1]]
+                                         + draft).split())
+    assert "--draft takes one conversation at a time, and the model's nets decode 4 at once" in output
+    assert "serve it without --draft for continuous batching, or with --draft from an export with --batch 1" in output
+    result = CliRunner().invoke(app, [str(a) for a in ["run", "--model", toy, "--onnx", work, "--prompt", "Hello",
+                                                        "--max-new-tokens", "3"] + draft])
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.toolchain
 @pytest.mark.slow
 def test_the_simulator_runs_a_batch_of_three_pictures_and_a_chat_without_one(tmp_path_factory):

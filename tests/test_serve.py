@@ -775,12 +775,20 @@ def test_tokenize_and_detokenize(toy):
     assert_refused(*post(server, "/tokenize", {"prompt": "x"}, key=None), 401)
 
 
+def metric_values(server) -> dict[str, float]:
+    """GET /metrics as {series: value}."""
+    code, text = call("GET", server.url + "/metrics")
+    assert code == 200
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.decode().splitlines()
+            if line and not line.startswith("#")}
+
+
 def test_metrics_head_and_error_shapes(toy):
     server, _ = toy
     ask(server.client(), [user("hi")], stream=True, max_tokens=3)
-    code, text = call("GET", server.url + "/metrics")
-    metrics = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.decode().splitlines()
-               if line and not line.startswith("#")}
+    metrics = metric_values(server)
+    assert not any("spec_decode" in name for name in metrics)  # no draft, no draft counts
+    assert json.loads(call("GET", server.url + "/health")[1])["draft"] is None
     assert metrics['lvb_requests_total{outcome="served"}'] >= 1 and metrics["lvb_generation_tokens_total"] >= 3
     for name in ("lvb_time_to_first_token_seconds", "lvb_time_per_output_token_seconds"):
         assert metrics[f'{name}_bucket{{le="+Inf"}}'] == metrics[f"{name}_count"] >= 1
@@ -847,3 +855,109 @@ def test_cors_is_off_unless_an_origin_is_allowed(truncating, toy):
     assert preflight(truncating, "http://app.test") == "http://app.test"
     assert preflight(truncating, "http://evil.test") is None
     assert preflight(toy[0], "http://app.test") is None
+
+
+# -- speculative decoding: `lvb serve --draft` ----------------------------------------------------------------
+
+TOY = Path(__file__).resolve().parent.parent / "models" / "toy"
+TOY_DRAFT = TOY.parent / "toy-draft"
+
+
+@pytest.fixture(scope="module")
+def drafting(toy_export, toy_draft_export):
+    """(server, reference session): the toy served with its draft (models/toy-draft, 3 tokens a
+    check), as `lvb serve --draft` loads it, and `lvb chat --draft`'s session on engines of its own."""
+    toy = Checkpoint.load(TOY)
+
+    def session() -> Session:
+        draft = Checkpoint.load(TOY_DRAFT), open_engine("onnxruntime", onnx_work=toy_draft_export)
+        return Session(toy, open_engine("onnxruntime", onnx_work=toy_export), draft=draft, draft_tokens=3)
+
+    server, reference = Server(session()), session()
+    yield server, reference
+    server.stop()
+    for s in (server.worker.session, reference):
+        s.__exit__(None, None, None)
+
+
+def test_a_draft_changes_no_greedy_answer_and_its_proposals_are_counted(drafting, toy):
+    """Greedy answers of a server with a draft, streamed or not, with a picture or without, and a
+    follow-up that continues the cached conversation, equal a Session's without a draft token for
+    token; each answer's timings, /metrics and /health count the proposals, and agree."""
+    server, _ = drafting
+    plain = toy[1]
+    client = server.client()
+    pictures = sample(3, seed=606)
+    for i, (image, _) in enumerate(pictures):
+        plain.reset()
+        expected = plain.ask(QUESTION, image)
+        text, _, usage, _ = ask(client, [user(QUESTION, image)], stream=i % 2 == 1, temperature=0)
+        assert text == expected.text and usage.completion_tokens == len(expected.tokens), i
+    history = [user(QUESTION, pictures[-1][0]), {"role": "assistant", "content": text}, user("Tell me more.")]
+    expected = plain.ask("Tell me more.", max_new_tokens=10)
+    text, _, usage, headers = ask(client, history, stream=False, temperature=0, max_tokens=10)
+    assert text == expected.text and usage.completion_tokens == len(expected.tokens)
+    assert int(headers["x-lvb-prefilled-tokens"]) < usage.prompt_tokens  # the conversation went on in the cache
+
+    code, reply = post(server, "/v1/chat/completions", {"messages": [user(QUESTION, pictures[0][0])], "temperature": 0})
+    assert code == 200 and reply["choices"][0]["message"]["content"] == pictures[0][1]
+    timings = reply["timings"]  # llama.cpp's names
+    assert 0 < timings["draft_n"] and 0 <= timings["draft_n_accepted"] <= timings["draft_n"]
+    metrics = metric_values(server)
+    proposed = metrics["lvb_spec_decode_num_draft_tokens_total"]
+    accepted = metrics["lvb_spec_decode_num_accepted_tokens_total"]
+    assert proposed >= timings["draft_n"] and metrics["lvb_spec_decode_num_drafts_total"] > 0
+    assert 0 < accepted <= proposed  # the trained draft knows the answers' form: some proposals are kept
+    assert metrics["lvb_spec_decode_draft_acceptance_rate"] == pytest.approx(accepted / proposed)
+    health = json.loads(call("GET", server.url + "/health")[1])["draft"]
+    assert (health["proposed"], health["accepted"], health["draft_tokens"]) == (proposed, accepted, 3)
+
+
+def test_sampled_answers_with_a_draft_are_lvb_chats(drafting, toy):
+    """Seeded sampled requests to a server with a draft get the answers `lvb chat --draft` samples
+    with the same options: the rejection rule runs with the request's sampler. Without a picture the
+    toy's answers are free, and the draft's draws make at least one of them another sample than the
+    model alone draws: a server that left its draft out would not pass."""
+    from lvb.runtime.sampling import SamplingConfig
+
+    server, reference = drafting
+    plain = toy[1]
+    without_draft = []
+    for seed in (11, 12):
+        config = SamplingConfig.from_generation_config(reference.checkpoint.generation_config, do_sample=True,
+                                                       temperature=1.0, top_p=0.9, seed=seed)
+        reference.reset()
+        expected = reference.ask("Hello there", sampling=config, max_new_tokens=6)
+        assert expected.stats.speculative.proposed > 0
+        text, _, usage, _ = ask(server.client(), [user("Hello there")], stream=seed % 2 == 0, temperature=1.0,
+                                top_p=0.9, seed=seed, max_tokens=6)
+        assert text == expected.text and usage.completion_tokens == len(expected.tokens), seed
+        plain.reset()
+        without_draft.append(plain.ask("Hello there", sampling=config, max_new_tokens=6).text != text)
+    assert any(without_draft)
+
+
+def test_serve_refuses_a_bad_draft_before_serving(toy_export, toy_draft_export, tmp_path):
+    """--draft-tokens out of range, a vision model as the draft and a draft with another
+    tokenizer: one line naming the problem and the fix, exit 1, before the server listens (the
+    port is held, so a server that started would fail differently)."""
+    from helpers import one_error_line
+
+    other = tmp_path / "other-tokenizer"
+    other.mkdir()
+    for f in TOY_DRAFT.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["!"], vocab['"'] = vocab['"'], vocab["!"]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        serve = ["serve", "--model", TOY, "--onnx", toy_export, "--port", held.getsockname()[1]]
+        draft = ["--draft", TOY_DRAFT, "--draft-onnx", toy_draft_export]
+        for tokens, words in (("0", "--draft-tokens 0 is out of range"), ("32", "use 1 to 31")):
+            assert words in " ".join(one_error_line(serve + draft + ["--draft-tokens", tokens]).split())
+        output = " ".join(one_error_line(serve + ["--draft", TOY, "--draft-onnx", toy_export]).split())
+        assert "is a vision model; a draft is a Llama text checkpoint" in output
+        output = " ".join(one_error_line(serve + ["--draft", other, "--draft-onnx", toy_draft_export]).split())
+        assert "another tokenizer than the model" in output and "must share the model's tokenizer" in output

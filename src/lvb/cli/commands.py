@@ -354,20 +354,26 @@ def serve(
         session = options.open_session(truncate_history=history is History.TRUNCATE)
     except (LvbError, OSError) as e:
         raise fail(problem(e))
-    import logging
+    with session:  # closes the model's engine and the draft's
+        try:
+            worker = Worker(session, max_queue=max_queue)  # refuses a draft with a batched model
+        except LvbError as e:
+            raise fail(problem(e))
+        import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        say(errors, "note:", "yellow", f"listening on {host} without --api-key: anyone who reaches it can use the model")
-    worker = Worker(session, max_queue=max_queue)
-    name = session.checkpoint.directory.name
-    show(console, f"{session.engine.backend} · seq {session.seq} · model {name} · http://{host}:{port}/", style="dim")
-    try:
-        uvicorn.run(create_app(worker, name, api_key=api_key, allow_origins=tuple(allow_origin or ())), host=host,
-                    port=port, log_level="info")
-    finally:
-        worker.close()
-        session.engine.close()
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+            say(errors, "note:", "yellow", f"listening on {host} without --api-key: anyone who reaches it can use the model")
+        name = session.checkpoint.directory.name
+        draft = (f" · draft {options.draft.resolve().name}, {session.draft_tokens} tokens a check"
+                 if session.draft is not None else "")
+        show(console, f"{session.engine.backend} · seq {session.seq} · model {name}{draft} · http://{host}:{port}/",
+             style="dim")
+        try:
+            uvicorn.run(create_app(worker, name, api_key=api_key, allow_origins=tuple(allow_origin or ())), host=host,
+                        port=port, log_level="info")
+        finally:
+            worker.close()
 
 
 @app.command()

@@ -135,7 +135,8 @@ DraftTokensOption = Annotated[Optional[int], typer.Option("--draft-tokens", help
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """The options of every command that answers (run, chat, serve): which model, where its nets run."""
+    """The options of every command that answers (run, chat, serve): which model, where its nets run,
+    and the draft that proposes its tokens."""
 
     model: RuntimeModelOption = None
     revision: RevisionOption = None
@@ -144,9 +145,15 @@ class ModelOptions:
     onnx: OnnxOption = None
     backend: BackendOption = None
     toolchain: ToolchainOption = None
+    draft: DraftOption = None
+    draft_bmodel: DraftBmodelOption = None
+    draft_onnx: DraftOnnxOption = None
+    draft_tokens: DraftTokensOption = None
 
     def check(self, checkpoint) -> None:
-        """Refuse what the checkpoint makes wrong before an engine is loaded (a subclass's options)."""
+        """Refuse what the checkpoint or the options make wrong before an engine is loaded."""
+        if self.draft is None and (self.draft_bmodel, self.draft_onnx, self.draft_tokens) != (None, None, None):
+            raise LvbError("--draft-bmodel, --draft-onnx and --draft-tokens go with --draft (the draft's checkpoint folder)")
 
     def open_session(self, truncate_history: bool = False):
         from lvb.runtime.backends import default_backend
@@ -181,8 +188,19 @@ class ModelOptions:
             raise
 
     def open_draft(self, backend: Backend) -> dict:
-        """Session's draft arguments (none here: `serve` takes no draft yet)."""
-        return {}
+        """(draft checkpoint, its engine on the model's backend) and --draft-tokens, as Session takes them."""
+        from lvb.runtime.pipeline import Checkpoint
+
+        if self.draft is None:
+            return {}
+        onnx = backend is Backend.ONNXRUNTIME
+        if onnx and self.draft_onnx is None or not onnx and self.draft_bmodel is None:
+            need = "--draft-onnx (its `lvb export` work directory)" if onnx else "--draft-bmodel (its `lvb compile` bmodel)"
+            raise LvbError(f"--draft {self.draft}: the {backend.value} backend runs the draft too; pass {need}")
+        checkpoint = Checkpoint.load(self.draft)
+        engine = self.open_engine(backend, self.draft_bmodel, self.draft_onnx)
+        tokens = {"draft_tokens": self.draft_tokens} if self.draft_tokens is not None else {}
+        return {"draft": (checkpoint, engine)} | tokens
 
     def open_engine(self, backend: Backend, bmodel: Path | None, onnx: Path | None):
         """The model's or the draft's engine on `backend` (the simulator with --toolchain's tpu-mlir)."""
@@ -204,30 +222,10 @@ class ChatOptions(ModelOptions):
     top_p: TopPOption = None
     repetition_penalty: RepetitionPenaltyOption = None
     seed: SeedOption = None
-    draft: DraftOption = None
-    draft_bmodel: DraftBmodelOption = None
-    draft_onnx: DraftOnnxOption = None
-    draft_tokens: DraftTokensOption = None
 
     def check(self, checkpoint) -> None:
         self.sampling(checkpoint)
-        if self.draft is None and (self.draft_bmodel, self.draft_onnx, self.draft_tokens) != (None, None, None):
-            raise LvbError("--draft-bmodel, --draft-onnx and --draft-tokens go with --draft (the draft's checkpoint folder)")
-
-    def open_draft(self, backend: Backend) -> dict:
-        """(draft checkpoint, its engine on the model's backend) and --draft-tokens, as Session takes them."""
-        from lvb.runtime.pipeline import Checkpoint
-
-        if self.draft is None:
-            return {}
-        onnx = backend is Backend.ONNXRUNTIME
-        if onnx and self.draft_onnx is None or not onnx and self.draft_bmodel is None:
-            need = "--draft-onnx (its `lvb export` work directory)" if onnx else "--draft-bmodel (its `lvb compile` bmodel)"
-            raise LvbError(f"--draft {self.draft}: the {backend.value} backend runs the draft too; pass {need}")
-        checkpoint = Checkpoint.load(self.draft)
-        engine = self.open_engine(backend, self.draft_bmodel, self.draft_onnx)
-        tokens = {"draft_tokens": self.draft_tokens} if self.draft_tokens is not None else {}
-        return {"draft": (checkpoint, engine)} | tokens
+        super().check(checkpoint)
 
     def sampling(self, checkpoint):
         from lvb.runtime.sampling import SamplingConfig

@@ -17,7 +17,7 @@ from datetime import datetime
 
 from lvb.runtime.engine import Engine
 from lvb.runtime.pipeline import Answer, Checkpoint, Reply, Session
-from lvb.runtime.runner import Row, Runner
+from lvb.runtime.runner import ChatError, Row, Runner
 from lvb.runtime.sampling import SamplingConfig
 
 
@@ -27,6 +27,11 @@ class Batch:
         """`first`: a session to be slot 0 (its runner, settings and conversation are kept)."""
         tokenizer = checkpoint.tokenizer
         self.runner = first.runner if first else Runner(checkpoint.spec, engine, tokenizer.image_id, tokenizer.pad_id or 0)
+        if first is not None and first.draft is not None and self.runner.slots > 1:
+            # The draft proposes for one conversation and its verify pass is a prefill, not a batched step.
+            raise ChatError(f"--draft takes one conversation at a time, and the model's nets decode {self.runner.slots} "
+                            "at once (`lvb export --batch`); serve it without --draft for continuous batching, or "
+                            "with --draft from an export with --batch 1")
         if first is not None:
             system, today, truncate = first.system, first.today, first.truncate_history
         else:
@@ -56,10 +61,12 @@ class Batch:
         return answer
 
     def step(self) -> dict[int, Reply]:
-        """One token of every running answer, in one batched pass; the replies of the answers
-        that ended, by slot (their slots are free again)."""
+        """One token of every running answer, in one batched pass (with a draft, the tokens of one
+        verify pass); the replies of the answers that ended, by slot (their slots are free again)."""
         if not self.answers:
             return {}
+        if self.sessions[0].draft is not None:  # the one conversation: a verify pass of its draft's proposals
+            return {0: self.finish(0)} if self.sessions[0].advance(self.answers[0]) else {}
         slots = sorted(self.answers)
         sessions = [self.sessions[s] for s in slots]
         answers = [self.answers[s] for s in slots]

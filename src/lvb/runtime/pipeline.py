@@ -264,14 +264,19 @@ class Session:
         ChatError and leaves the conversation as it was when the turn cannot be answered.
         `max_new_tokens` None: until a stop token or a full sequence."""
         answer = self.begin(text, image, sampling, max_new_tokens, on_text)
-        queue: list[int] = []  # tokens a verify pass produced beyond the one in hand
         while answer.stop_reason is None:
-            if not queue:
-                queue = self._step(answer.token, answer.history, answer.sampler,
-                                   answer.limit - len(answer.generated), answer.stats.speculative)
-            token = queue.pop(0)
-            answer.push(token, pending=len(queue))
+            self.advance(answer)
         return answer.end()
+
+    def advance(self, answer: Answer) -> bool:
+        """One decode step of `answer`, or with a draft one verify pass: its token(s) pushed, those
+        after the answer's end dropped. True when the answer has ended."""
+        out = self._step(answer.token, answer.history, answer.sampler, answer.limit - len(answer.generated),
+                         answer.stats.speculative)
+        for i, token in enumerate(out):
+            if answer.push(token, pending=len(out) - 1 - i):
+                return True
+        return False
 
     def begin(
         self,

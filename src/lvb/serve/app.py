@@ -101,10 +101,12 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, limi
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
+        draft = metrics.draft_counts()
         return {"status": "ok", "model": model_name, "backend": worker.session.engine.backend,
                 "busy": worker.busy.locked(), "pending": worker.pending, "running": worker.in_flight,
                 "slots": worker.batch.slots, "tokens_per_second": round(worker.tokens_per_second(), 2),
-                "served": worker.served, "cancelled": worker.cancelled, "failed": worker.failed}
+                "served": worker.served, "cancelled": worker.cancelled, "failed": worker.failed,
+                "draft": None if draft is None else {"draft_tokens": worker.session.draft_tokens, **draft}}
 
     @app.api_route("/metrics", methods=["GET", "HEAD"], dependencies=[Depends(authorized)])
     async def prometheus():

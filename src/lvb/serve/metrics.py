@@ -1,12 +1,16 @@
 """What `GET /metrics` tells Prometheus, in its text format (no client library needed): request
-counts by outcome, the queue, tokens, engine time, and first-token and per-token latency
-histograms, named like vLLM's (with an `lvb_` prefix)."""
+counts by outcome, the queue, tokens, engine time, first-token and per-token latency
+histograms, and with a draft its proposed and kept tokens, named like vLLM's (with an `lvb_`
+prefix)."""
 
 from __future__ import annotations
 
 import bisect
 import threading
 from collections import Counter
+from dataclasses import fields
+
+from lvb.runtime.speculative import DraftStats
 
 # Seconds; a board's first token takes from tens of ms (a cached follow-up) to tens of s (a
 # picture on the simulator), a token from ms to seconds.
@@ -40,8 +44,10 @@ class Histogram:
 class Metrics:
     """Updated by the worker's thread and the event loop; read by /metrics."""
 
-    def __init__(self):
+    def __init__(self, speculative: bool = False):
+        """`speculative`: the server decodes with a draft (`lvb serve --draft`), whose counts are kept."""
         self.lock = threading.Lock()
+        self.draft = DraftStats() if speculative else None
         self.requests: Counter[str] = Counter()  # by outcome
         self.prompt_tokens = self.cached_tokens = self.generation_tokens = 0
         self.engine_seconds = 0.0
@@ -59,6 +65,18 @@ class Metrics:
     def count(self, outcome: str) -> None:
         with self.lock:
             self.requests[outcome] += 1
+
+    def add_draft(self, stats: DraftStats) -> None:
+        """An answer's draft counts into the server's (the caller holds the lock)."""
+        for f in fields(DraftStats):
+            setattr(self.draft, f.name, getattr(self.draft, f.name) + getattr(stats, f.name))
+
+    def draft_counts(self) -> dict | None:
+        """What the draft proposed and the model kept since the start (None without a draft)."""
+        with self.lock:
+            d = self.draft
+            return None if d is None else {"proposed": d.proposed, "accepted": d.accepted, "checks": d.verify_steps,
+                                           "acceptance": round(d.acceptance, 4)}
 
     def render(self, running: int, waiting: int, decoding_pixels: int, tokens_per_second: float = 0.0) -> str:
         with self.lock:
@@ -79,6 +97,17 @@ class Metrics:
                 ("lvb_engine_seconds_total", "counter", "Time the engine spent on requests.", self.engine_seconds),
             ):
                 lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {value!r}"]
+            if self.draft is not None:  # vLLM's names for speculative decoding
+                d = self.draft
+                for name, kind, help, value in (
+                    ("lvb_spec_decode_num_drafts_total", "counter", "Verify passes: the model checking the draft's "
+                     "proposals in one pass.", d.verify_steps),
+                    ("lvb_spec_decode_num_draft_tokens_total", "counter", "Tokens the draft proposed.", d.proposed),
+                    ("lvb_spec_decode_num_accepted_tokens_total", "counter", "Of which the model kept.", d.accepted),
+                    ("lvb_spec_decode_draft_acceptance_rate", "gauge", "Kept over proposed tokens since the start.",
+                     d.acceptance),
+                ):
+                    lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {value!r}"]
             for histogram in (self.first_token, self.per_token, self.queue_time, self.stall, self.e2e):
                 lines += histogram.lines()
         return "\n".join(lines) + "\n"

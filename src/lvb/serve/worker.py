@@ -7,7 +7,8 @@ there is one; its prefill runs between two decode steps of the running answers, 
 them at the next step. At most one newcomer is admitted between two steps, so a running answer
 stalls for at most one prefill (a picture's vision tower and the prompt's chunks;
 `lvb_decode_stall_seconds` measures it). An answer that ends, or whose client has gone, leaves
-at the next step. With B = 1 this is one request at a time.
+at the next step. With B = 1 this is one request at a time, and with a draft (`lvb serve
+--draft`, B = 1 only) each step is a verify pass of its proposals.
 
 Each slot's KV cache outlives requests. A request whose earlier turns are the conversation a
 free slot last answered (same pictures) continues it there, so only its new turn is prefilled;
@@ -33,6 +34,7 @@ from lvb.runtime.image import preprocess
 from lvb.runtime.batch import Batch
 from lvb.runtime.pipeline import Answer, Reply, Session
 from lvb.runtime.sampling import SamplingConfig
+from lvb.runtime.speculative import DraftStats
 from lvb.serve.api import ChatRequest, RequestError, ServedModel
 from lvb.serve.metrics import Metrics
 
@@ -76,13 +78,17 @@ class Result:
     engine_seconds: float  # the whole Session.ask (restoring the history not included)
     decode_seconds: float = 0.0  # after the first token
     notices: list[str] = field(default_factory=list)  # what the session did that the client should know
+    draft: DraftStats | None = None  # with --draft: what it proposed and the model kept
 
     def timings(self) -> dict:
         """The server's own figures, as llama.cpp's server sends them (`timings`), for the page."""
         prefilled = self.prompt_tokens - self.cached_tokens
-        return {"cache_n": self.cached_tokens, "prompt_n": prefilled, "prompt_ms": round(self.first_token_seconds * 1000, 2),
-                "predicted_n": self.completion_tokens, "predicted_ms": round(self.decode_seconds * 1000, 2),
-                "predicted_per_second": round(self.tokens_per_second, 2)}
+        timings = {"cache_n": self.cached_tokens, "prompt_n": prefilled, "prompt_ms": round(self.first_token_seconds * 1000, 2),
+                   "predicted_n": self.completion_tokens, "predicted_ms": round(self.decode_seconds * 1000, 2),
+                   "predicted_per_second": round(self.tokens_per_second, 2)}
+        if self.draft is not None:
+            timings |= {"draft_n": self.draft.proposed, "draft_n_accepted": self.draft.accepted}
+        return timings
 
 
 @dataclass
@@ -135,7 +141,7 @@ class Worker:
     def __init__(self, session: Session, max_queue: int = 16):
         self.session, self.max_queue = session, max_queue
         self.batch = Batch(session.checkpoint, session.engine, first=session)
-        self.metrics = Metrics()
+        self.metrics = Metrics(speculative=session.draft is not None)
         self.slots = [Slot() for _ in range(self.batch.slots)]
         self.running: dict[int, Running] = {}
         self.pending = 0  # queued + running
@@ -262,7 +268,8 @@ class Worker:
                 self._finish(slot, self.running.pop(slot), self.batch.finish(slot, "stopped"))
         if not self.running:
             return
-        rows = len(self.running)
+        answers = [running.answer for running in self.running.values()]
+        before = sum(len(a.generated) for a in answers)  # a verify pass yields one token or several
         try:
             ended = self.batch.step()
         except Exception as e:
@@ -273,7 +280,7 @@ class Worker:
             self.running.clear()
             return
         with self._count:
-            self._tokens.append((time.perf_counter(), rows))
+            self._tokens.append((time.perf_counter(), sum(len(a.generated) for a in answers) - before))
         for slot, reply in ended.items():
             self._finish(slot, self.running.pop(slot), reply)
 
@@ -368,6 +375,8 @@ class Worker:
             m.first_token.observe(s.first_token_seconds)
             if s.generated_tokens > 1:
                 m.per_token.observe(s.decode_seconds / (s.generated_tokens - 1), s.generated_tokens - 1)
+            if s.speculative is not None:
+                m.add_draft(s.speculative)
         request = job.request
         notices = list(reply.notices)
         if request.dropped:
@@ -378,7 +387,7 @@ class Worker:
                  s.generated_tokens, s.first_token_seconds * 1000, s.tokens_per_second, reply.stop_reason)
         finish = "stop" if stops.hit else FINISH_REASONS[reply.stop_reason]
         result = Result(text, finish, s.prompt_tokens, s.prompt_tokens - s.prefilled_tokens, s.generated_tokens,
-                        s.first_token_seconds, s.tokens_per_second, engine_seconds, s.decode_seconds, notices)
+                        s.first_token_seconds, s.tokens_per_second, engine_seconds, s.decode_seconds, notices, s.speculative)
         self.last_result = result
         job.send("done", result)
         self._done(job)
