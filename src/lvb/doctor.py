@@ -7,8 +7,10 @@ the same graph with the same weight quantization.
 
 from __future__ import annotations
 
+import re
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -341,8 +343,216 @@ def libsophon_version() -> str | None:
     return found[-1] if found else None
 
 
-def device_info_lines(device_id: int) -> tuple[list[DeviceCheck], int | None]:
-    """The SDK, driver, libsophon, chip and memory; (checks, free bytes or None)."""
+# -- device memory, per heap ---------------------------------------------------------------------
+#
+# sophon.sail reports one figure for a device: sail.get_dev_stat sums every heap (sophon-sail
+# src/tensor.cpp:73-91 over libsophon's bm_get_stat, bmlib/src/bmlib_runtime.cpp:1333-1363) and
+# has no per-heap call (src/bind.cpp:201-210 is its device-level API). Per heap the doctor reads
+# what the system shows: on an SoC (an SE7) the ION heaps' debugfs summaries, on a PCIe host one
+# sample of bm-smi's memory detail.
+
+ION_ROOT = Path("/sys/kernel/debug/ion")  # sophgo/linux-arm64 drivers/soc/bitmain/ion/ion.c:736
+# The carveout heaps bmlib allocates from, in the order it tries them for an any-heap mask, as
+# bmruntime and sail allocate (libsophon bmlib/src/bmlib_memory.cpp:344-357, 428-440).
+ION_HEAPS = ("npu", "vpp", "vpu")
+# Where libsophon installs bm-smi; its profile script adds the folder to login shells' PATH only
+# (libsophon bmlib/debian-lib/libsophon-bin-path.sh:1).
+BM_SMI = Path("/opt/sophon/libsophon-current/bin/bm-smi")
+# An ION heap's summary begins "[id] name heap size:N bytes, used:M bytes" (sophgo/linux-arm64
+# drivers/soc/bitmain/ion/bitmain/bitmain_ion_debugfs.c:39-43); what follows on the line differs
+# between kernel releases.
+ION_SUMMARY = re.compile(r"\[(\d+)\]\s*(\w+) heap size:(\d+) bytes, used:(\d+) bytes")
+# bm-smi --opmode=display_memory_detail prints a device's heaps on the third line of its block:
+# used/total of heap 0, 1 and 2, then the VPU firmware's, "%4dMB/%4dMB ... %5lldMB/%5lldMB |"
+# (libsophon bm-smi/src/bm_smi_display_memory_detail.cpp:723-737), in MiB (driver/bm_gmem.c:158-160);
+# an SoC build prints N/A there instead (:738-744).
+BM_SMI_HEAPS = re.compile(r"\|\s*" + r"\s+".join([r"(\d+)MB/\s*(\d+)MB"] * 3) + r"\s+-?\d+MB/\s*-?\d+MB\s*\|")
+
+
+@dataclass(frozen=True)
+class Heap:
+    name: str
+    total: int  # bytes
+    free: int
+
+    def __str__(self) -> str:
+        from lvb.runtime.memory import format_bytes
+
+        return f"{self.name} {format_bytes(self.free)} free of {format_bytes(self.total)}"
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    total: int | None  # bytes, every heap together (sail.get_dev_stat), None when the SDK has no figure
+    free: int | None
+    heaps: tuple[Heap, ...]
+    source: str  # where the heaps were read, or why there are none
+
+    @property
+    def free_anywhere(self) -> int | None:
+        """What bmruntime and sail can allocate from: every heap (heap mask 7)."""
+        return self.free if self.free is not None else (sum(h.free for h in self.heaps) if self.heaps else None)
+
+    def heap(self, name: str) -> Heap | None:
+        return next((h for h in self.heaps if h.name == name), None)
+
+
+def parse_ion_summary(text: str) -> Heap | None:
+    found = ION_SUMMARY.search(text)
+    if found is None:
+        return None
+    total, used = int(found[3]), int(found[4])
+    return Heap(found[2], total, total - used)
+
+
+def parse_bm_smi_heaps(text: str) -> tuple[Heap, ...]:
+    """A card's heaps from bm-smi's memory detail; a heap the driver did not make (size 0,
+    driver/bm_gmem.c:66) is left out."""
+    from lvb.runtime.memory import MiB
+
+    found = BM_SMI_HEAPS.search(text)
+    if found is None:
+        return ()
+    mib = [int(x) for x in found.groups()]
+    return tuple(Heap(f"heap{i}", mib[2 * i + 1] * MiB, (mib[2 * i + 1] - mib[2 * i]) * MiB)
+                 for i in range(3) if mib[2 * i + 1])
+
+
+def ion_heaps(root: Path = ION_ROOT) -> tuple[Heap, ...]:
+    """The SoC's heaps from their summaries (root/bm_<name>_heap_dump/summary, made at
+    bitmain_ion_debugfs.c:112-123). PermissionError where debugfs is root's; ValueError when a
+    summary is not in the kernel's format."""
+    heaps = []
+    for name in ION_HEAPS:
+        path = root / f"bm_{name}_heap_dump" / "summary"
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            continue  # no such heap: memory_edit.sh drops a heap it is given no room for (memory_edit.sh:691-707)
+        heap = parse_ion_summary(text)
+        if heap is None:
+            raise ValueError(f"{path} has no \"heap size:\" line")
+        heaps.append(heap)
+    return tuple(heaps)
+
+
+def bm_smi_heaps(device_id: int) -> tuple[Heap, ...]:
+    """A PCIe card's heaps from one bm-smi memory-detail sample written to a file (--noloop,
+    --file, --dev: bm-smi/src/bm_smi_cmdline.cpp:5-17); () when there is no bm-smi or it prints
+    no heaps."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("bm-smi") or (str(BM_SMI) if BM_SMI.is_file() else None)
+    if exe is None:
+        return ()
+    with tempfile.TemporaryDirectory(prefix="lvb-bm-smi-") as tmp:
+        sample = Path(tmp) / "bm-smi.txt"
+        # bm-smi draws with ncurses on stdout and polls stdin; one sample, then it exits.
+        command = [exe, "--opmode=display_memory_detail", f"--dev={device_id}", "--noloop", f"--file={sample}"]
+        try:
+            subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=30, check=False)
+            text = sample.read_text()
+        except (OSError, subprocess.TimeoutExpired):
+            return ()
+    return parse_bm_smi_heaps(text)
+
+
+def device_heaps(device_id: int, ion_root: Path = ION_ROOT) -> tuple[tuple[Heap, ...], str]:
+    """The device's heaps and where they were read, or () and why there are none."""
+    try:
+        heaps = ion_heaps(ion_root)
+    except PermissionError:
+        heaps, denied = (), True
+    except (OSError, ValueError) as e:
+        return (), f"per heap: {e}"
+    else:
+        denied = False
+    if heaps:
+        return heaps, f"{ion_root}/bm_*_heap_dump/summary"
+    if Path("/dev/ion").exists():  # an SoC, whose bmlib opens /dev/ion (bmlib_runtime.cpp:519-523)
+        return (), (f"per heap: {ion_root} is root's; `sudo lvb doctor --device {device_id}` reads the heaps" if denied
+                    else f"per heap: no heap summaries under {ion_root}")
+    heaps = bm_smi_heaps(device_id)
+    if heaps:
+        return heaps, "bm-smi --opmode=display_memory_detail"
+    return (), "per heap: neither ION heap summaries nor bm-smi here"
+
+
+def se7_largest() -> tuple[int, int, int]:
+    """The largest -npu, -vpu and -vpp (MiB) lvb knows an SE7 takes: lvb.runtime.memory.CARDS."""
+    from lvb.runtime.memory import CARDS, MiB
+
+    video = (CARDS["SE7, NPU+VPU+VPP"] - CARDS["SE7, NPU heap"]) // (2 * MiB)
+    return CARDS["SE7, NPU heap"] // MiB, video, video
+
+
+def memory_edit(layout: tuple[int, int, int]) -> str:
+    return "memory_edit.sh -c -npu {} -vpu {} -vpp {}".format(*layout)
+
+
+def se7_layout(need: int, heaps: Mapping[str, Heap]) -> tuple[int, int, int] | None:
+    """memory_edit.sh's -npu, -vpu and -vpp (MiB) for an SE7 whose heaps hold `need` bytes beside
+    what is in use now: the NPU heap grown first, up to the largest an SE7 takes, then the VPU and
+    VPP heaps evenly; no heap shrinks. None when the largest layout is too small."""
+    from lvb.runtime.memory import MiB
+
+    npu_max, video_max, _ = se7_largest()
+    now = {name: (heaps[name].total // MiB if name in heaps else 0) for name in ("npu", "vpu", "vpp")}
+    in_use = sum(h.total - h.free for h in heaps.values())
+    want = -(-(need + in_use) // MiB)
+    npu = max(now["npu"], min(npu_max, want - now["vpu"] - now["vpp"]))
+    short = max(0, want - npu - now["vpu"] - now["vpp"])
+    cap = {name: max(now[name], video_max) for name in ("vpu", "vpp")}
+    # Half the shortfall each; what one heap cannot take goes to the other.
+    vpu = min(cap["vpu"], now["vpu"] + -(-short // 2))
+    vpp = min(cap["vpp"], now["vpp"] + short - (vpu - now["vpu"]))
+    vpu = min(cap["vpu"], vpu + max(0, want - npu - vpu - vpp))
+    return (npu, vpu, vpp) if npu + vpu + vpp >= want else None
+
+
+def plan_check(name: str, need: int, memory: DeviceMemory) -> DeviceCheck:
+    """Whether a memory plan of `need` bytes fits the device's free memory. bmruntime and sail
+    allocate from any heap (heap mask 7: libsophon tpu-runtime/src/bmruntime.cpp:301-310,
+    bmruntime_bmodel.cpp:2046, sophon-sail src/tensor.cpp:697-700), so a plan larger than the NPU
+    heap fits while the VPU and VPP heaps hold the rest; when it does not fit, an SE7 gets the
+    memory_edit.sh layout that holds it."""
+    from lvb.runtime.memory import SE7_FIX, MiB, format_bytes
+
+    free = memory.free_anywhere
+    head = f"{name} needs {format_bytes(need)}"
+    if free is None:
+        return DeviceCheck("plan", True, f"{head}; the device's free memory is unknown ({memory.source})")
+    heaps = {h.name: h for h in memory.heaps}
+    npu = heaps.get("npu")
+    if need <= free:
+        if npu is None or need <= npu.free:
+            where = f"the NPU heap has {format_bytes(npu.free)} free" if npu else f"{format_bytes(free)} free"
+            return DeviceCheck("plan", True, f"{head}; {where}")
+        return DeviceCheck("plan", True, f"{head}, more than the NPU heap's {format_bytes(npu.free)} free: the VPU and "
+                                         f"VPP heaps hold the rest ({format_bytes(free)} free in all), which bmruntime "
+                                         "and sail allocate from too; video decoding on this board shares them")
+    short = f"{head}, more than the {format_bytes(free)} free"
+    if npu is None and memory.heaps:  # a PCIe card's heaps are all the NPU's, sized by its driver
+        return DeviceCheck("plan", False, f"{short} ({'; '.join(map(str, memory.heaps))}); likely cause: the card is "
+                                          "too small for this plan: compile with a smaller --seq")
+    largest = se7_largest()
+    too_large = (f"more than an SE7's heaps hold ({sum(largest)} MiB with {memory_edit(largest)}); likely cause: the "
+                 "plan is too large for an SE7: compile with a smaller --seq")
+    if npu is None:  # heaps unknown
+        return DeviceCheck("plan", False, f"{short}, and {too_large}" if need > sum(largest) * MiB else
+                           f"{short}; likely cause: the heap layout: {SE7_FIX}")
+    layout = se7_layout(need, heaps)
+    now = "; ".join(map(str, memory.heaps))
+    if layout is None:
+        return DeviceCheck("plan", False, f"{short} ({now}), and {too_large}")
+    return DeviceCheck("plan", False, f"{short} ({now}); likely cause: the heap layout: on this SE7, `{memory_edit(layout)}` "
+                                      "holds it beside what is in use now (then copy its emmcboot.itb to /boot and reboot)")
+
+
+def device_info_lines(device_id: int, ion_root: Path = ION_ROOT) -> tuple[list[DeviceCheck], DeviceMemory | None]:
+    """The SDK, driver, libsophon, chip and memory; (checks, the device's memory or None)."""
     from lvb.runtime.memory import format_bytes
     from lvb.runtime.sail import device_memory, device_target, sdk_version
 
@@ -368,23 +578,22 @@ def device_info_lines(device_id: int) -> tuple[list[DeviceCheck], int | None]:
         return checks, None
     checks.append(DeviceCheck("chip", chip.upper() == "BM1684X", f"device {device_id}: {chip}" + (
         "" if chip.upper() == "BM1684X" else "; lvb builds for the BM1684X only")))
-    memory = device_memory(device_id)
-    if memory is None:
-        checks.append(DeviceCheck("memory", True, "device memory: this sophon.sail exposes no figure (sail.get_dev_stat)"))
-        return checks, None
-    total, free = memory
-    checks.append(DeviceCheck("memory", True, f"device memory {format_bytes(total)}, {format_bytes(free)} free (all heaps "
-                              "bmruntime allocates from; per heap: bm-smi)"))
-    return checks, free
+    figures = device_memory(device_id)
+    heaps, source = device_heaps(device_id, ion_root)
+    memory = DeviceMemory(*(figures or (None, None)), heaps, source)
+    checks.append(DeviceCheck("memory", True, (
+        f"device memory {format_bytes(memory.total)}, {format_bytes(memory.free)} free (sail.get_dev_stat: every heap)"
+        if figures else "device memory: this sophon.sail exposes no figure (sail.get_dev_stat)")))
+    checks.append(DeviceCheck("heaps", True, f"heaps: {'; '.join(map(str, heaps))} (from {source})" if heaps else source))
+    return checks, memory
 
 
 def run_device_doctor(device_id: int, toolchain_arg: str | None = None, bmodel: Path | None = None,
                       status=None) -> list[DeviceCheck]:
     """One DeviceCheck per line, in order; the run stops adding checks that depend on a failed one."""
     from lvb.errors import LvbError
-    from lvb.runtime.memory import SE7_FIX, format_bytes
 
-    checks, free = device_info_lines(device_id)
+    checks, memory = device_info_lines(device_id)
     if not all(c.ok for c in checks):
         return checks
     try:
@@ -400,10 +609,8 @@ def run_device_doctor(device_id: int, toolchain_arg: str | None = None, bmodel: 
             need = plan_for_bmodel(inspect_bmodel(Path(bmodel), toolchain)).total
         except LvbError as e:
             return [*checks, DeviceCheck("plan", False, f"{bmodel}: {e}")]
-        fits = free is None or need <= free
-        checks.append(DeviceCheck("plan", fits, f"{Path(bmodel).name} needs {format_bytes(need)}" + (
-            "" if fits else f", more than the {format_bytes(free)} free; likely cause: the heap layout: {SE7_FIX}")))
-        if not fits:
+        checks.append(plan_check(Path(bmodel).name, need, memory))
+        if not checks[-1].ok:
             return checks
     try:
         micro, estimates = build_micro_bmodel(toolchain, status)

@@ -177,17 +177,24 @@ atexit.register(_report)
 
 def get_dev_stat(dev_id: int) -> list[int]:
     """[mem_total, mem_used, tpu_util]: tensor.cpp:73-91 over bm_get_stat, which sums every
-    heap and reports MiB (bmlib_runtime.cpp:1333-1355)."""
+    heap and reports MiB (bmlib_runtime.cpp:1333-1355); no per-heap figure (bind.cpp:201-210).
+    A device that is not there fails bm_dev_request (tensor.cpp:77-81)."""
+    if not 0 <= dev_id < get_available_tpu_num():
+        log.error("bm_dev_request failed")
+        raise SailDeviceError("bm_dev_request failed")
     d = device(dev_id)
     return [d.total >> 20, d.used >> 20, 0]
 
 
-def get_available_tpu_num() -> int:
+def get_available_tpu_num() -> int:  # one chip, device 0
     return 1
 
 
 class Handle:  # bind.cpp:281-285
     def __init__(self, tpu_id: int = 0):
+        if not 0 <= tpu_id < get_available_tpu_num():  # bm_dev_query fails (tensor.cpp:350-356)
+            log.error("bm_dev_query failed. the given TPU id '%d' is invalid!", tpu_id)
+            raise SailDeviceError("init device failure")
         self._tpu_id = tpu_id
         device(tpu_id)
 
