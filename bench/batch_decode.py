@@ -15,7 +15,7 @@ runtime's own launches (lvb.runtime.turn.batch_step_times); a batch without any 
 the cross-attention layers, as one conversation does. Launch overhead is left out, as in
 bench/device_time.py.
 
-Heavy (tpu-mlir's transform of an 11B-width net peaks near 10 GB): run it as
+Heavy (tpu-mlir's transform of an 11B-width net peaks far above the rest of the run, bench/README §1.2): run it as
 `flock /work/heavy.lock python bench/batch_decode.py`; `--clean` deletes the work folder after.
 Writes bench/results/batch_decode.json; prints a table; no timed assertions.
 """
@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
-from common import CONFIGS, OUT, RESULTS, checkpoint_complete, geometry_11b, geometry_tiny, record_result, table  # noqa: E402
+from common import (CONFIGS, OUT, RESULTS, checkpoint_complete, compile_first_of_kinds, geometry_11b, geometry_tiny,  # noqa: E402
+                    lvb_export, record_result, table)
 
 from lvb.contract import Kind, plan  # noqa: E402
 from lvb.devicetime import Estimate, NetEstimates  # noqa: E402
@@ -43,42 +41,6 @@ from lvb.spec import ModelSpec  # noqa: E402
 
 RESULTS_FILE = RESULTS / "batch_decode.json"
 DECODE_KINDS = (Kind.EMBED_CACHE, Kind.SELF_DECODE, Kind.CROSS_DECODE, Kind.LM_HEAD, Kind.GREEDY_HEAD)
-
-
-def export(checkpoint: Path, work: Path, seq: int, chunk: int, batch: list[int]) -> None:
-    """`lvb export` (its own cache skips what is already exported)."""
-    env = os.environ | {"PYTHONPATH": str(REPO / "src")}
-    argv = [sys.executable, "-m", "lvb.cli", "export", "--model", str(checkpoint), "--out", str(work), "--seq", str(seq),
-            "--chunk", str(chunk), "--batch", ",".join(map(str, batch))]
-    print("exporting:", " ".join(argv[3:]), flush=True)
-    subprocess.run(argv, check=True, env=env)
-
-
-def compile_decode_nets(work: Path, quant: str, head_quant: str) -> dict[str, dict]:
-    """The decode nets only, each with its stages (one per B), unchecked: {net: compile result}."""
-    from lvb.compile.compiler import CheckMode, CompileSettings, Compiler, LocalExecutor
-    from lvb.toolchain import find_toolchain
-
-    toolchain = find_toolchain(None)
-    compiler = Compiler(work, CompileSettings(quant=quant, head_quant=head_quant, check=CheckMode.NONE), toolchain)
-    wanted, seen = [], set()
-    for job in compiler.jobs:  # the first net of each decode kind stands for its siblings
-        if job.kind in DECODE_KINDS and job.kind not in seen:
-            seen.add(job.kind)
-            wanted.append(job)
-    log_dir = compiler.dir.logs
-    log_dir.mkdir(parents=True, exist_ok=True)
-    executor = LocalExecutor(toolchain, 1)
-    results = {}
-    try:
-        for job in wanted:
-            started = time.perf_counter()
-            print(f"compiling {job.name} ({job.kind.value}, {len(job.net.stages)} stages) ...", flush=True)
-            results[job.name] = compiler._compile(job, log_dir, executor) | {"kind": job.kind.value}
-            print(f"  {time.perf_counter() - started:.0f} s", flush=True)
-    finally:
-        executor.close()
-    return results
 
 
 def figures(results: dict[str, dict], batch: list[int], seq: int, chunk: int) -> dict:
@@ -124,8 +86,8 @@ def main() -> int:
 
         print(f"writing {checkpoint} ...", flush=True)
         write_streaming_checkpoint(checkpoint, geometry)
-    export(checkpoint, work, args.seq, args.chunk, batch)
-    results = compile_decode_nets(work, args.quant, args.head_quant)
+    lvb_export(checkpoint, work, "--seq", str(args.seq), "--chunk", str(args.chunk), "--batch", ",".join(map(str, batch)))
+    results = compile_first_of_kinds(work, DECODE_KINDS, args.quant, args.head_quant)
     data = {"settings": {"batch": batch, "seq": args.seq, "quant": args.quant, "head_quant": args.head_quant,
                          "geometry": geometry.name, "check": "none"},
             "nets": {name: {"kind": r["kind"], "options": r["options"], "seconds": r["seconds"], "device": r["device"]}

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -315,3 +317,34 @@ def table(rows: list[list], header: list[str]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])
+
+
+def compile_first_of_kinds(work: Path, kinds, quant: str, head_quant: str) -> dict[str, dict]:
+    """The first net of each of `kinds` in an export, each with all its stages, compiled unchecked
+    through `Compiler.compile_net` (cached where `lvb compile` looks): {net: its result, kind and
+    first input's shape at each stage}.
+    One net stands for its siblings: layers of a kind have the same shapes."""
+    from lvb.compile.compiler import CheckMode, CompileSettings, Compiler
+    from lvb.toolchain import find_toolchain
+
+    compiler = Compiler(work, CompileSettings(quant=quant, head_quant=head_quant, check=CheckMode.NONE), find_toolchain(None))
+    wanted = {}
+    for job in compiler.jobs:
+        if job.kind in kinds and job.kind not in wanted:
+            wanted[job.kind] = job
+    results = {}
+    for kind, job in wanted.items():
+        started = time.perf_counter()
+        print(f"compiling {job.name} ({kind.value}, {len(job.net.stages)} stages) ...", flush=True)
+        results[job.name] = compiler.compile_net(job.name) | {
+            "kind": kind.value, "first_input": [list(s.inputs[0].shape) for s in job.net.stages]}
+        print(f"  {time.perf_counter() - started:.0f} s", flush=True)
+    return results
+
+
+def lvb_export(checkpoint: Path, work: Path, *args: str) -> None:
+    """`lvb export` in a subprocess (its own cache skips what is already exported)."""
+    env = os.environ | {"PYTHONPATH": str(REPO / "src")}
+    argv = [sys.executable, "-m", "lvb.cli", "export", "--model", str(checkpoint), "--out", str(work), *args]
+    print("exporting:", " ".join(argv[3:]), flush=True)
+    subprocess.run(argv, check=True, env=env)

@@ -14,12 +14,14 @@
 
    A check of k proposals runs what the runtime launches (Session._step): the draft feeds the
    model's last token (one decode step, or a 2-token prefill chunk after a check that kept
-   everything) and decodes k - 1 more, each with its LM head and greedy head; the model runs its
-   prefill nets once over k + 1 tokens (the chunk-32 estimate: no smaller bucket was priced, so
-   the figure is an upper bound for k + 1 < 32) and its LM head and greedy head once per
-   position up to the first rejected one. With each proposal kept with probability a,
-   independently, a check yields E = (1 - a^(k+1)) / (1 - a) tokens, and the head runs
-   min(kept + 1, k + 1) times: E times on average.
+   everything) and decodes k - 1 more, each with its LM head and greedy head. The model then
+   runs its prefill nets once over k + 1 tokens, priced for two builds:
+   - row at a time: an export without --draft-tokens, at device_time.json's chunk of 32, its
+     LM head and greedy head once per position up to the first rejected one (E times on
+     average, E = (1 - a^(k+1)) / (1 - a) tokens a check, each proposal kept with probability a);
+   - --draft-tokens: the nets bench/check_widths.py priced (bench/results/check_widths.json),
+     the smallest priced chunk that holds k + 1 tokens and each head once over all the rows at
+     its check stage (an upper bound where chunk or stage hold more than k + 1).
 3. Device memory with both models loaded: lvb.runtime.memory's plan of each (the 11B as
    bench/memory_plan.py prices it, the draft from its widths) against an SE7 (NPU heap alone and
    with the VPU/VPP heaps) and SC7 chips of 12 and 16 GB.
@@ -141,8 +143,11 @@ def chip(label: str) -> dict:
     # a chat with a picture: the cross-attention layers run too).
     plain = {"text": kinds["embed_cache"] + n["self"] * kinds["self_decode"] + head}
     plain["picture"] = plain["text"] + n["cross"] * kinds["cross_decode"]
+    # A check row at a time: the export's chunk of 32 tokens, the heads once a row up to the
+    # first rejection (E times on average).
     verify = {"text": kinds["embed"] + n["self"] * kinds["self_prefill"]}
     verify["picture"] = verify["text"] + n["cross"] * kinds["cross_prefill"]
+    built = check_nets()
     draft_head = draft["lm_head"] + draft["greedy_head"]
     draft_step = draft["embed_cache"] + n["draft"] * draft["block_cache_0"] + draft_head
     draft_prefill = draft["embed"] + n["draft"] * draft["block_0"] + draft_head
@@ -153,17 +158,40 @@ def chip(label: str) -> dict:
                 tokens = expected_tokens(a, k)
                 everything = a ** k  # the last check kept every proposal: the draft feeds two tokens
                 drafting = (k - 1) * draft_step + everything * draft_prefill + (1 - everything) * draft_step
-                check = verify[chat] + tokens * head
-                ms = drafting + check
-                grid.append({"chat": chat, "acceptance": a, "k": k, "tokens_per_check": tokens, "draft_ms": drafting,
-                             "check_ms": check, "tokens_per_s": 1000 * tokens / ms,
-                             "plain_tokens_per_s": 1000 / plain[chat], "speedup": plain[chat] * tokens / ms})
+                checks = {"row at a time": verify[chat] + tokens * head}
+                if built is not None:
+                    checks["--draft-tokens"] = built_check(built, n, chat, k, tokens, head)
+                for build, check in checks.items():
+                    ms = drafting + check
+                    grid.append({"build": build, "chat": chat, "acceptance": a, "k": k, "tokens_per_check": tokens,
+                                 "draft_ms": drafting, "check_ms": check, "tokens_per_s": 1000 * tokens / ms,
+                                 "plain_tokens_per_s": 1000 / plain[chat], "speedup": plain[chat] * tokens / ms})
     return {"label": label, "draft_source": source, "plain_step_ms": plain, "verify_pass_ms": verify, "draft_step_ms": draft_step,
-            "draft_prefill_ms": draft_prefill, "head_ms": head, "grid": grid}
+            "draft_prefill_ms": draft_prefill, "head_ms": head, "check_nets": built, "grid": grid}
 
 
-def best(grid: list[dict], chat: str, a: float) -> dict:
-    return max((g for g in grid if g["chat"] == chat and g["acceptance"] == a), key=lambda g: g["speedup"])
+def check_nets() -> dict | None:
+    """The 11B's nets as `lvb export --draft-tokens` builds them (bench/check_widths.py): ms per
+    kind and stage, or None before that script has run."""
+    path = RESULTS / "check_widths.json"
+    return json.loads(path.read_text())["ms"] if path.is_file() else None
+
+
+def built_check(built: dict, n: dict, chat: str, k: int, tokens: float, row_head: float) -> float:
+    """A check of k proposals on a build for it: the smallest priced chunk that holds k + 1 tokens,
+    and the heads once over all rows at their priced check stage, which holds at least k + 1 (an
+    upper bound where it holds more); past it, the row-at-a-time heads."""
+    chunks = sorted(int(c) for c in built["self_prefill"])
+    chunk = str(min(c for c in chunks if c >= k + 1)) if k + 1 <= chunks[-1] else None
+    if chunk is None:
+        raise SystemExit(f"k = {k}: bench/check_widths.py priced chunks up to {chunks[-1]}; run it with a larger --chunk")
+    ms = built["embed"][chunk] + n["self"] * built["self_prefill"][chunk]
+    if chat == "picture":
+        ms += n["cross"] * built["cross_prefill"][chunk]
+    rows = max(int(r.split("x")[1]) for r in built["lm_head"])
+    if k + 1 > rows:
+        return ms + tokens * row_head
+    return ms + built["lm_head"][f"1x{rows}"] + built["greedy_head"][str(rows)]
 
 
 # ----------------------------------------------------------------------------- 3. memory
@@ -231,14 +259,16 @@ def main() -> int:
           f"{estimate['plain_step_ms']['picture']:.1f} ms (picture); check pass {estimate['verify_pass_ms']['text']:.1f} / "
           f"{estimate['verify_pass_ms']['picture']:.1f} ms + {estimate['head_ms']:.2f} ms a head; 1B draft step "
           f"{estimate['draft_step_ms']:.2f} ms")
-    for chat in ("text", "picture"):
-        rows = []
-        for a in ACCEPTANCE:
-            cells = {g["k"]: g for g in estimate["grid"] if g["chat"] == chat and g["acceptance"] == a}
-            rows.append([f"{a:.1f}"] + [f"{cells[k]['tokens_per_s']:.2f} ({cells[k]['speedup']:.2f}x)" for k in DRAFT_TOKENS])
-        plain = 1000 / estimate["plain_step_ms"][chat]
-        print(f"\n{chat} chat, tokens/s (x plain {plain:.2f}) by acceptance and k")
-        print(table(rows, ["acceptance"] + [f"k={k}" for k in DRAFT_TOKENS]))
+    for build in sorted({g["build"] for g in estimate["grid"]}):
+        for chat in ("text", "picture"):
+            rows = []
+            for a in ACCEPTANCE:
+                cells = {g["k"]: g for g in estimate["grid"]
+                         if g["chat"] == chat and g["acceptance"] == a and g["build"] == build}
+                rows.append([f"{a:.1f}"] + [f"{cells[k]['tokens_per_s']:.2f} ({cells[k]['speedup']:.2f}x)" for k in DRAFT_TOKENS])
+            plain = 1000 / estimate["plain_step_ms"][chat]
+            print(f"\n{chat} chat, check {build}: tokens/s (x plain {plain:.2f}) by acceptance and k")
+            print(table(rows, ["acceptance"] + [f"k={k}" for k in DRAFT_TOKENS]))
     print("\ndevice memory, both models loaded (seq 512)")
     rows = [[name, f"{p['weights'] / 1e9:.2f} GB", f"{p['total'] / 1e9:.2f} GB"] for name, p in mem["plans"].items()]
     rows += [["both", "", f"{mem['total'] / 1e9:.2f} GB"]]

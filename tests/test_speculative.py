@@ -93,23 +93,35 @@ def test_greedy_answers_with_a_draft_are_the_models_own(target, draft, checkpoin
     draft_engine.close()
 
 
+CHECKED = "gqa2-cross-last"
+
+
+@pytest.fixture(scope="module")
+def built_for_a_draft(checkpoint_factory, export_factory, tmp_path_factory):
+    """A fixture's export with --draft-tokens 3, over a copy of its plain export (whose cache
+    keeps the nets the two share)."""
+    import shutil
+
+    from lvb.export.exporter import export
+
+    work = tmp_path_factory.mktemp("built-for-a-draft")
+    shutil.copytree(export_factory(CHECKED), work, dirs_exist_ok=True)
+    export(checkpoint_factory(CHECKED), work, seq=SEQ, chunks=chunks_of(CHECKED), draft_tokens=3)
+    return work
+
+
 @pytest.mark.parametrize("draft", ["poor", "good"])
-def test_a_check_scores_its_rows_in_one_launch(draft, checkpoint_factory, export_factory, text_stack_factory, tmp_path):
+def test_a_check_scores_its_rows_in_one_launch(draft, checkpoint_factory, export_factory, text_stack_factory,
+                                               built_for_a_draft):
     """Built with --draft-tokens 3, the model checks a draft's proposals in a prefill chunk of 4
     and one launch of its LM head over those rows: answers stay the model's, greedy and with a
     seeded sampler equal to the plain build's check one row at a time."""
-    import shutil
-
     from lvb.contract import Kind, net_name
-    from lvb.export.exporter import export
 
-    name = "gqa2-cross-last"
-    checkpoint = checkpoint_factory(name)
-    shutil.copytree(export_factory(name), tmp_path, dirs_exist_ok=True)  # its cache keeps the nets the build shares
-    export(checkpoint, tmp_path, seq=SEQ, chunks=chunks_of(name), draft_tokens=3)
-    model, engine = open_model(checkpoint, tmp_path)
-    one_row = open_model(checkpoint, export_factory(name))[1]
-    draft = open_model(*(text_stack_factory(name) if draft == "good" else (checkpoint_factory(POOR), export_factory(POOR))))
+    checkpoint = checkpoint_factory(CHECKED)
+    model, engine = open_model(checkpoint, built_for_a_draft)
+    one_row = open_model(checkpoint, export_factory(CHECKED))[1]
+    draft = open_model(*(text_stack_factory(CHECKED) if draft == "good" else (checkpoint_factory(POOR), export_factory(POOR))))
     session = Session(model, engine, draft=draft)
     assert session.draft_tokens == 3 and 4 in session.chunks  # what the build was made for
     plain = answers(Session(model, engine), CHATS["picture"])

@@ -185,7 +185,7 @@ TOOL_BASE_BYTES = 1.29e9
 @dataclass(frozen=True)
 class MeasuredPeak:
     """Peak RSS of tpu-mlir's tools (model_transform, then model_deploy) for one net of a kind,
-    and that net's ONNX + weight bytes, at Llama-3.2-11B-Vision widths (bench/README.md §1,
+    and that net's ONNX + weight bytes, at Llama-3.2-11B-Vision widths (bench/README.md §1.2,
     measured by bench/convert_scale.py). A kind without weights peaks at its measure.
     `simplified` is the peak with tpu-mlir's ONNX simplifier, which a graph that computes
     shapes (a net with stages) still needs (lvb.compile.build.needs_simplifier)."""
@@ -219,12 +219,12 @@ class KindPolicy:
     bf16_state: bool = True
 
 
-# With layer groups the 11B's vision layer costs 0.66x on tpu-mlir's cost model, and every vision
-# net passes its check with them (the toy, the fixtures, the 11B's widths at a 224-px tile:
-# bench/README.md §10), so they start with them too.
+# Layer groups cut the 11B's vision layer on tpu-mlir's cost model, and every vision net passes
+# its check with them (the toy, the fixtures, the 11B's widths at a 224-px tile: bench/README.md
+# §1.1), so they start with them too.
 _VISION = KindPolicy(QuantGroup.VISION)
 _DECODER = KindPolicy(QuantGroup.DECODER)
-# Measured without the simplifier, as the tables are transformed (bench/README.md §1c).
+# Measured without the simplifier, as the tables are transformed (bench/README.md §1.5).
 _TABLE = KindPolicy(QuantGroup.EMBED, peak=MeasuredPeak(9.81e9, 2.10e9))
 
 POLICY: dict[Kind, KindPolicy] = {
