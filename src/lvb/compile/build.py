@@ -193,6 +193,13 @@ def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: To
     bmodel = stage_bmodels[0]
     if len(stage_bmodels) > 1:
         bmodel = combine(toolchain, stage_bmodels, tmp / f"{job.name}.bmodel", attempt.log)
+    # The deploys' copies of the weights (their weight files, and each stage's bmodel once joined)
+    # would stay in the cache beside the net's bmodel, a copy or two of every weight per stage.
+    for stage_bmodel in stage_bmodels:
+        for bulky in stage_bmodel.parent.glob("*_weight.npz"):
+            bulky.unlink()
+        if stage_bmodel != bmodel:
+            stage_bmodel.unlink()
     device = [e.to_json() for e in estimates] if all(estimates) else None
     if not checks:
         return bmodel, None, device
