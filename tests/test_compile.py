@@ -367,3 +367,31 @@ def test_a_k_projection_one_percent_off_fails_the_int8_check(compile_factory, ex
     with pytest.raises(NetFailed, match=r"block_0: the simulator disagrees with onnxruntime \(options default: k cosine 0\.9999"):
         compiler.run(jobs=1)
     assert not compiler.bmodel.exists()
+
+
+def test_a_truncated_weight_archive_is_never_recorded_nor_reused(tmp_path):
+    """tpu-mlir's npz writer, on a full disk, loses part of the data and still ends the archive
+    with its directory: such a transform is refused rather than recorded, and one recorded before
+    this check is transformed again rather than reused."""
+    import zipfile
+
+    from lvb.compile.build import TRANSFORM_FILES, CompileError, record_transform, truncated_npz
+
+    whole = tmp_path / "whole" / "net_top_f32_all_weight.npz"
+    whole.parent.mkdir()
+    np.savez(whole, table=np.arange(1 << 16, dtype=np.float32))
+    assert not truncated_npz(whole)
+    data = whole.read_bytes()
+    with zipfile.ZipFile(whole) as archive:
+        directory = archive.start_dir
+    short = tmp_path / "short" / whole.name
+    short.parent.mkdir()
+    short.write_bytes(data[:1000] + data[directory:])  # the data cut, the directory kept
+    with zipfile.ZipFile(short) as archive:
+        assert archive.namelist() == ["table.npy"]  # it opens as if whole
+    assert truncated_npz(short)
+    with pytest.raises(CompileError, match="short of what it holds.*free disk space"):
+        record_transform(short.parent)
+    assert not (short.parent / TRANSFORM_FILES).exists()
+    record_transform(whole.parent)
+    assert (whole.parent / TRANSFORM_FILES).is_file()

@@ -27,9 +27,26 @@ from lvb.workdir import COMPILE_VERSION, cache_key, damaged_files, read_manifest
 TRANSFORM_FILES = "files.json"
 
 
+def truncated_npz(path: Path) -> bool:
+    """Whether a weight archive holds less than its own directory says: tpu-mlir's writer goes
+    on past a failed write (a full disk) and ends the archive with a directory that looks whole."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return sum(entry.compress_size for entry in archive.infolist()) > path.stat().st_size
+    except (zipfile.BadZipFile, OSError):
+        return True
+
+
 def record_transform(folder: Path) -> None:
     """Record what model_transform.py wrote in `folder`: the folder is reused only while its
-    files are these."""
+    files are these. A truncated weight archive is refused, never recorded."""
+    for archive in Path(folder).glob("*.npz"):
+        if truncated_npz(archive):
+            free = shutil.disk_usage(folder).free / 1e9
+            raise CompileError(f"tpu-mlir's transform wrote {archive.name} short of what it holds ({free:.1f} GB free "
+                               f"on {folder.parent}): free disk space and compile again")
     files = {p.name: record_file(p) for p in sorted(Path(folder).iterdir()) if p.name != TRANSFORM_FILES}
     write_json(Path(folder) / TRANSFORM_FILES, {"version": COMPILE_VERSION, "files": files})
 
@@ -117,6 +134,7 @@ def _mlir(attempt: Attempt, stage: NetSpec, toolchain: Toolchain, server: ToolSe
     mlir = folder / f"{job.name}.mlir"
     if folder.is_dir():
         damaged = damaged_files(folder, read_manifest(folder / TRANSFORM_FILES, COMPILE_VERSION).get("files"))
+        damaged += [f"{p} is truncated" for p in folder.glob("*.npz") if truncated_npz(p)]  # recorded as written
         if not damaged:
             return mlir
         notes.append(f"{damaged[0]}; transforming {job.name} again")
