@@ -130,7 +130,7 @@ SeedOption = Annotated[Optional[int], typer.Option(help="Seed of the sampler, fo
 DraftOption = Annotated[Optional[Path], typer.Option("--draft", readable=False, help="Speculative decoding: a Llama text checkpoint folder with the model's tokenizer (e.g. Llama-3.2-1B-Instruct) that proposes tokens the model checks several at a time; with --draft-bmodel or --draft-onnx.")]
 DraftBmodelOption = Annotated[Optional[Path], typer.Option("--draft-bmodel", readable=False, help="The draft's bmodel from `lvb compile` (with --bmodel).")]
 DraftOnnxOption = Annotated[Optional[Path], typer.Option("--draft-onnx", readable=False, help="The draft's `lvb export` work directory (with --onnx).")]
-DraftTokensOption = Annotated[Optional[int], typer.Option("--draft-tokens", help="Tokens the draft proposes per check (default 3; below the model's largest prefill chunk).", callback=at_least(1))]
+DraftTokensOption = Annotated[Optional[int], typer.Option("--draft-tokens", help="Tokens the draft proposes per check (default: what the model was exported for with --draft-tokens, else 3; below the model's largest prefill chunk).", callback=at_least(1))]
 
 
 @dataclass(frozen=True)
