@@ -140,6 +140,23 @@ def test_readme_batch_memory_and_serve_figures_are_the_recorded_ones():
     assert f"{sixteen['answered']} answered, {sixteen['refused_429']} refused (429), none lost or mixed up" in README
 
 
+BATCH_DECODE = json.loads((ROOT / "bench" / "results" / "batch_decode.json").read_text())
+
+
+def test_batched_decode_on_the_chip_is_the_recorded_one():
+    """bench/README §2.6's table and the README's row are batch_decode.py's figures, and the
+    goals they claim hold in them."""
+    steps = {(s["B"], s["rows"]): s for s in BATCH_DECODE["steps"]}
+    for (B, rows), s in steps.items():
+        row = (f"| {B} | {rows} | {s['step_ms']:.1f} | {s['aggregate_tokens_per_s']:.2f} | {s['aggregate_vs_B1']:.2f}× | "
+               f"{s['per_conversation_tokens_per_s']:.2f} | {s['per_conversation_vs_B1']:.2f}× |")
+        assert row in BENCH_README, row
+    four = steps[4, "pictures"]
+    assert four["aggregate_vs_B1"] >= 3 and four["per_conversation_vs_B1"] >= 0.75
+    assert (f"{four['aggregate_tokens_per_s']:.2f} tokens/s in all = {four['aggregate_vs_B1']:.2f}× B = 1, "
+            f"{four['per_conversation_tokens_per_s']:.2f} each = {four['per_conversation_vs_B1']:.2f}×") in README
+
+
 SPECULATIVE = json.loads((ROOT / "bench" / "results" / "speculative.json").read_text())
 
 
