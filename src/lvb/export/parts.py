@@ -232,7 +232,10 @@ class LmHead(nn.Module):
         logits = self.head(self.norm(hidden_states))
         # [B, 1, vocab] (a decode batch) or [1, R, vocab] (a check's rows) -> [B * R, vocab]; a
         # staged net's two row axes are symbolic in its graph.
-        return logits.reshape(-1, logits.shape[-1]) if self.staged else logits.reshape(1, -1)
+        # One Flatten: a reshape to logits.shape[-1] would compute its target in the graph (Shape,
+        # Gather, Concat; the vocabulary is a traced stand-in's), which tpu-mlir's transform of an
+        # 11B-width head answers by running out of memory.
+        return logits.flatten(0, 1) if self.staged else logits.reshape(1, -1)
 
 
 class GreedyHead(nn.Module):
@@ -499,6 +502,7 @@ class CrossAttentionPart(Part):
 
 @part(Kind.LM_HEAD)
 class LmHeadPart(Part):
+    revision = 1  # 1: a staged head flattens [B, R, vocab] (stages of [1, R] rows beside [B, 1])
     HEAD = "language_model.lm_head."
     stand_ins = {"head.weight": HEAD + "weight"}
 
