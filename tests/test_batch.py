@@ -2,10 +2,12 @@
 get, token for token, the greedy answer they get alone from the one-conversation nets, whatever
 joins or leaves the batch around them, with or without a picture."""
 
+import threading
 from collections import Counter
 from datetime import datetime
 
 import numpy as np
+import openai
 import pytest
 from PIL import Image
 
@@ -121,6 +123,125 @@ def test_batched_rows_equal_each_conversation_alone(batched):
     while batch.answers:
         collect(batch.step())
     assert got[0] == second.tokens and got[1] == expected[2]
+
+
+class Recorder:
+    """The real engine, noting the nets it runs in the order it runs them; it holds the engine
+    thread in the `hold_at`-th decode step until the test lets it go on, and fails the
+    `fail_at`-th prefill chunk (the server's handling of a failure is under test, not the engine)."""
+
+    def __init__(self, engine, hold_at: int, fail_at: int | None = None):
+        self.engine, self.hold_at, self.fail_at, self.order = engine, hold_at, fail_at, []
+        self.held, self.go = threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def run(self, net, feeds, store=None):
+        from lvb.runtime.engine import EngineError
+
+        self.order.append(net)
+        if net == net_name(Kind.EMBED_CACHE) and self.order.count(net) == self.hold_at:
+            self.held.set()
+            assert self.go.wait(timeout=120)
+        if net == net_name(Kind.EMBED) and self.order.count(net) == self.fail_at:
+            raise EngineError("embed: device returned error 3 (stand-in failure)")
+        return self.engine.run(net, feeds, store)
+
+
+def newcomer_during(server, recorder, running: tuple, newcomer: tuple) -> dict:
+    """Ask `running` (messages, max tokens) streamed, and once the engine is held in its second
+    step, queue `newcomer` and let the engine go on: each one's text, or (status, message) for an
+    error."""
+    from test_serve import ask, wait_for
+
+    client = server.client()
+    got = {}
+
+    def call(name, messages, max_tokens):
+        try:
+            got[name] = ask(client, messages, stream=name == "running", max_tokens=max_tokens, temperature=0)[0]
+        except openai.APIStatusError as e:
+            got[name] = (e.status_code, e.message)
+
+    first = threading.Thread(target=call, args=("running", *running))
+    first.start()
+    assert recorder.held.wait(timeout=120)  # the running answer's second step: the engine waits
+    second = threading.Thread(target=call, args=("newcomer", *newcomer))
+    second.start()
+    wait_for(lambda: server.worker.pending == 2, "the newcomer to queue")
+    recorder.go.set()
+    first.join()
+    second.join()
+    server.idle()
+    return got
+
+
+def test_a_newcomers_prefill_chunks_interleave_with_the_running_answers_steps(batched):
+    """lvb serve on a batched export: a newcomer with a picture and a prompt of several chunks
+    arrives while an answer runs. It comes in a piece per decode step of the running answer (its
+    vision tower, then each prefill chunk, one decode step after each), and both answers are
+    the ones each request gets alone."""
+    from test_serve import LONG, Server, user
+
+    checkpoint, alone, together = batched
+    text, image, _ = CONVERSATIONS[0]
+    long_text, long_image = LONG * 2, picture(4)
+    reference = Session(checkpoint, alone, today=DAY)
+    running = reference.ask(text, image, max_new_tokens=40)
+    assert running.stop_reason == "max new tokens"  # it runs on while the newcomer comes in
+    reference.reset()
+    newcomer = reference.ask(long_text, long_image, max_new_tokens=5)
+    chunks = sum(n for (net, _), n in newcomer.stats.first_token_launches.items() if net == net_name(Kind.EMBED))
+    assert chunks > 2
+
+    recorder = Recorder(together, hold_at=2)
+    server = Server(Session(checkpoint, recorder, today=DAY), max_queue=4)
+    try:
+        got = newcomer_during(server, recorder, ([user(text, image)], 40), ([user(long_text, long_image)], 5))
+    finally:
+        recorder.go.set()
+        server.stop()
+    assert got == {"running": running.text, "newcomer": newcomer.text}
+    nets = recorder.order
+    steps = [i for i, net in enumerate(nets) if net == net_name(Kind.EMBED_CACHE)]
+    pieces = [i for i, net in enumerate(nets) if i > steps[0] and net in (net_name(Kind.VISION_EMBED), net_name(Kind.EMBED))]
+    assert nets[pieces[0]] == net_name(Kind.VISION_EMBED) and len(pieces) == 1 + chunks
+    # One decode step of the running answer between two pieces of the newcomer: not one prefill
+    # of the whole prompt between two steps.
+    for a, b in zip(pieces, pieces[1:]):
+        assert sum(a < i < b for i in steps) == 1, nets[a:b]
+    assert server.worker.metrics.stall.count >= len(pieces)  # the running answer's waits were measured
+
+
+def test_a_chunk_that_fails_fails_only_its_request(batched):
+    """A newcomer's second prefill chunk fails while an answer runs: the newcomer gets a 500
+    naming the failure, the running answer goes on to the one it gets alone, and the same
+    request asked again is answered as it is alone."""
+    from test_serve import LONG, Server, ask, user
+
+    checkpoint, alone, together = batched
+    text, image, _ = CONVERSATIONS[0]
+    reference = Session(checkpoint, alone, today=DAY)
+    running = reference.ask(text, image, max_new_tokens=40)
+    reference.reset()
+    newcomer = reference.ask(LONG, max_new_tokens=5)
+    recorder = Recorder(together, hold_at=2)
+    server = Server(Session(checkpoint, recorder, today=DAY), max_queue=4)
+    try:
+        # The newcomer's second chunk comes after the running answer's prompt's chunks.
+        recorder.fail_at = 2 + sum(n for (net, _), n in running.stats.first_token_launches.items()
+                                   if net == net_name(Kind.EMBED))
+        got = newcomer_during(server, recorder, ([user(text, image)], 40), ([user(LONG)], 5))
+        again = ask(server.client(), [user(LONG)], stream=False, max_tokens=5, temperature=0)[0]
+        assert server.worker.failed == 1 and not server.worker.running and server.worker.newcomer is None
+    finally:
+        recorder.go.set()
+        server.stop()
+    assert got["running"] == running.text
+    status, message = got["newcomer"]
+    assert status == 500 and "device returned error 3" in message
+    assert again == newcomer.text
 
 
 def test_the_greedy_head_picks_each_rows_token(batched):

@@ -19,13 +19,14 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import openai
 import pytest
 import uvicorn
 
-from helpers import SEQ
+from helpers import CHUNK, SEQ
 from lvb.contract import Kind, net_name
 from lvb.runtime.backends import open_engine
 from lvb.runtime.engine import EngineError
@@ -165,6 +166,26 @@ def test_a_conversation_equals_the_sessions_answers_and_reuses_the_cache(toy):
     text, _, usage, headers = ask(client, history, stream=False, max_tokens=12)
     assert text == expected.text and usage.completion_tokens == len(expected.tokens)
     assert int(headers["x-lvb-prefilled-tokens"]) == usage.prompt_tokens  # nothing of it was cached
+
+
+def test_a_restored_picture_that_the_turn_replaces_is_never_encoded(toy):
+    """A history restored with its picture, whose new turn brings another: every token is
+    prefilled against the new picture, so the old one never goes through the vision tower (a
+    newcomer's preparation runs one picture's vision tower at most), and the answer is the one
+    the history restored without its picture gets."""
+    _, reference = toy
+    (old, _), (new, _) = sample(2, seed=5)
+    history = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+               {"role": "assistant", "content": [{"type": "text", "text": "a thing"}]}]
+    runner = reference.runner
+    reference.reset()
+    before = Counter(runner.launches)
+    reference.restore(history, image=old, image_turn=0)
+    reply = reference.ask(QUESTION, image=new, max_new_tokens=8)
+    assert (runner.launches - before)[net_name(Kind.VISION_EMBED), 0] == 1
+    reference.reset()
+    reference.restore(history)
+    assert reference.ask(QUESTION, image=new, max_new_tokens=8).tokens == reply.tokens
 
 
 def test_sampling_options_are_honoured(toy):
@@ -337,6 +358,42 @@ def test_a_client_that_hangs_up_frees_the_engine_within_a_token(babbler):
     assert server.worker.cancelled == 2 and server.worker.last_job.pieces_after_cancel == 0
 
 
+# A prompt of several prefill chunks (the fixtures' tokenizer spells it nearly letter by letter).
+LONG = "Tell me everything you can see in this picture: every colour, every shape and where it sits. "
+
+
+def test_a_client_that_leaves_during_its_prefill_frees_the_slot(babbler):
+    """The engine is held inside the second prefill chunk of a long prompt while its client
+    hangs up: the prompt's later chunks are never run, the slot is free, and the chunks it did
+    prefill stay in the cache for the next request that starts the same way."""
+    server = babbler
+    worker, runner = server.worker, server.worker.session.runner
+    engine = runner.engine
+    cancelled, served = worker.cancelled, worker.served
+    worker.batch.sessions[0].reset()  # an empty cache (the server is idle): all it holds later is this prompt's
+    gated = runner.engine = GatedEngine(engine, after=1, net=net_name(Kind.EMBED))
+    try:
+        body = json.dumps({"model": "toy", "messages": [user(LONG)], "max_tokens": 4, "stream": True}).encode()
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as raw:  # its first token never comes: no reply to read
+            raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            wait_for(lambda: gated.calls == 2, "the second prefill chunk")
+        job = worker.last_job
+        wait_for(job.cancelled.is_set, "the server to notice the hang-up")
+        gated.go.set()
+        server.idle()
+    finally:
+        gated.go.set()
+        runner.engine = engine
+    assert worker.cancelled == cancelled + 1 and worker.served == served
+    assert gated.calls == 2  # no chunk after the hang-up was run
+    assert worker.newcomer is None and not worker.running and worker.batch.free_slot() == 0
+    text, finish, usage, _ = ask(server.client(), [user(LONG)], stream=False, max_tokens=4)
+    assert finish == "length" and usage.completion_tokens == 4
+    assert usage.prompt_tokens > 2 * CHUNK and usage.prompt_tokens_details.cached_tokens == 2 * CHUNK
+
+
 def test_the_lean_runtime_does_not_import_the_server():
     code = ("import sys, lvb.cli, lvb.runtime.pipeline, lvb.runtime.backends; "
             "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'lvb.serve') if m in sys.modules))")
@@ -411,18 +468,18 @@ def test_the_page_answers_a_picture_in_chromium(toy, tmp_path):
 
 
 class GatedEngine:
-    """The real engine, whose LM head stops after a few tokens until the test lets it go on:
-    the Stop button is clicked while the answer is surely still running."""
+    """The real engine, whose LM head (or `net`) stops after a few launches until the test lets
+    it go on: the Stop button is clicked while the answer is surely still running."""
 
-    def __init__(self, engine, after: int):
-        self.engine, self.after, self.calls = engine, after, 0
+    def __init__(self, engine, after: int, net: str = net_name(Kind.LM_HEAD)):
+        self.engine, self.after, self.net, self.calls = engine, after, net, 0
         self.go = threading.Event()
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
     def run(self, net, feeds, store=None):
-        if net == net_name(Kind.LM_HEAD):
+        if net == self.net:
             self.calls += 1
             if self.calls > self.after:
                 assert self.go.wait(timeout=120)

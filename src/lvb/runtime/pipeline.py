@@ -34,7 +34,7 @@ from lvb.runtime.speculative import DEFAULT_DRAFT_TOKENS, Draft, DraftStats, acc
 from lvb.spec import ModelSpec
 from lvb.text import ChatTemplate, Tokenizer, read_json_object
 
-__all__ = ["Answer", "ChatError", "Checkpoint", "Reply", "Session", "Stats"]
+__all__ = ["Answer", "ChatError", "Checkpoint", "Prefill", "Reply", "Session", "Stats"]
 
 
 @dataclass(frozen=True)
@@ -184,6 +184,37 @@ class Answer:
         return Reply(reply, self.generated, stats, self.stop_reason, self.notices)
 
 
+class Prefill:
+    """A turn's prompt on its way into the conversation's cache slot, one chunk per `step`
+    (Runner.prefill_chunk: the smallest compiled chunk that holds the rest, the largest while
+    more remains). The step that prefills the last chunk takes the next token and returns
+    `then(token)` (Session.prepare: the answer); the others return None. `Session.begin` runs
+    the steps back to back; a server decodes its running answers between two of them
+    (lvb.serve.worker), so they wait for one chunk, not for a whole prompt."""
+
+    def __init__(self, session: Session, ids: list[int], start: int, sampler: Sampler,
+                 then: Callable[[int], object], launched: Counter | None = None):
+        """`launched`: what the turn launched before its first chunk (its picture's vision tower)."""
+        self.session, self.ids, self.position, self.sampler, self.then = session, ids, start, sampler, then
+        self.launches = Counter(launched or {})  # this turn's launches so far, not those of other conversations
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to prefill."""
+        return len(self.ids) - self.position
+
+    def step(self):
+        """One chunk into the cache; after the last, `then(token)`."""
+        session, runner = self.session, self.session.runner
+        before = Counter(runner.launches)
+        hidden, count = runner.prefill_chunk(self.ids, self.position, session._tiles(), session.slot)
+        self.position += count
+        session.cached = self.ids[: self.position]  # what the slot holds, should the turn stop here
+        token = runner.next_token(hidden, self.sampler, self.ids) if not self.remaining else None
+        self.launches += runner.launches - before
+        return None if token is None else self.then(token)
+
+
 class Session:
     def __init__(self, checkpoint: Checkpoint, engine: Engine, truncate_history: bool = False,
                  system: str | None = None, today: datetime | None = None, runner: Runner | None = None,
@@ -232,6 +263,7 @@ class Session:
         self.cached: list[int] = []  # token ids whose K/V fill cache slots 0..len-1
         self.image: ProcessedImage | None = None
         self.image_turn: int | None = None  # index in self.messages of the turn that brought it
+        self._unencoded = False  # the image's K/V are not in the slot yet (restore)
         if self.draft is not None:
             self.draft.reset()
 
@@ -242,10 +274,11 @@ class Session:
         A server calls this when a request's history is not the conversation last answered."""
         image = self._process_image(image) if image is not None else None
         if not _same_image(image, self.image):
-            # Every cached token attended to the old picture (or to none): none of them stays.
+            # Every cached token attended to the old picture (or to none): none of them stays. The
+            # new one goes through the vision tower with the next turn, unless that turn brings a
+            # picture of its own, which replaces it for every token then prefilled.
             self.cached = []
-            if image is not None:
-                self.runner.encode_image(image, self.slot)
+            self._unencoded = image is not None
         self.messages = list(messages)
         self.image, self.image_turn = image, image_turn if image is not None else None
 
@@ -288,6 +321,23 @@ class Session:
     ) -> Answer:
         """`ask` up to its first token (the prompt prefilled into this conversation's cache slot):
         the answer to push further tokens into. Raises ChatError as `ask` does."""
+        prefill = self.prepare(text, image, sampling, max_new_tokens, on_text)
+        while (answer := prefill.step()) is None:
+            pass
+        return answer
+
+    def prepare(
+        self,
+        text: str,
+        image=None,
+        sampling: SamplingConfig | None = None,
+        max_new_tokens: int | None = None,
+        on_text: Callable[[str], bool | None] | None = None,
+    ) -> Prefill:
+        """`begin` up to the prompt's prefill: the chat rendered, the turn's picture through the
+        vision tower into this conversation's cross-attention K/V (in one go: the tower is not
+        split), the cached tokens that still agree kept. Its steps prefill the rest, a chunk each,
+        and the last returns the answer. Raises ChatError as `ask` does."""
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ChatError(f"max_new_tokens {max_new_tokens} is out of range: it must be 1 or more")
         started = time.perf_counter()
@@ -309,20 +359,25 @@ class Session:
         if (image is None) == (self.image is None):
             while keep < min(len(self.cached), len(ids) - 1) and self.cached[keep] == ids[keep]:
                 keep += 1
-        if new_image is not None:
-            self.runner.encode_image(new_image, self.slot)
+        if new_image is not None or (self._unencoded and image is not None):
+            self.runner.encode_image(image, self.slot)
+        self._unencoded = False
         self.image, self.image_turn = image, image_turn
         self.cached = self.cached[:keep]
         stats = Stats(prompt_tokens=len(ids), prefilled_tokens=len(ids) - keep)
-        token = self._prefill(ids, keep, sampler)
-        stats.first_token_seconds = time.perf_counter() - started
-        stats.first_token_launches = self.runner.launches - launched
-        answer = Answer(self, messages, ids, sampler, self.seq if max_new_tokens is None else max_new_tokens,
-                        on_text, stats, notices)
-        if self.draft is not None:
-            stats.speculative = DraftStats()
-        answer.push(token)
-        return answer
+
+        def first(token: int) -> Answer:
+            stats.first_token_seconds = time.perf_counter() - started
+            stats.first_token_launches = prefill.launches
+            answer = Answer(self, messages, ids, sampler, self.seq if max_new_tokens is None else max_new_tokens,
+                            on_text, stats, notices)
+            if self.draft is not None:
+                stats.speculative = DraftStats()
+            answer.push(token)
+            return answer
+
+        prefill = Prefill(self, ids, keep, sampler, first, self.runner.launches - launched)
+        return prefill
 
     def _process_image(self, image) -> ProcessedImage:
         if self.spec.text_only:
@@ -375,9 +430,12 @@ class Session:
         return self.image.num_tiles if self.image is not None else None
 
     def _prefill(self, ids: list[int], start: int, sampler: Sampler) -> int:
-        hidden = self.runner.prefill(ids, start, self._tiles(), self.slot)
-        self.cached = list(ids)
-        return self.runner.next_token(hidden, sampler, ids)
+        """ids[start:] into the cache, to the end: the next token (bench/host_overhead.py times a
+        chunk's host work through it)."""
+        prefill = Prefill(self, ids, start, sampler, then=lambda token: token)
+        while (token := prefill.step()) is None:
+            pass
+        return token
 
     def _step(self, token: int, history: list[int], sampler: Sampler, room: int, stats: DraftStats | None) -> list[int]:
         """The next token(s) after `token` (history's last, not in the cache yet): one decode step,

@@ -221,10 +221,23 @@ class Runner:
         return current
 
     def prefill(self, ids: Sequence[int], start: int, tiles: int | None, slot: int = 0) -> Resident:
-        """ids[start:] into cache positions start.. of conversation `slot`, a chunk at a time, each the smallest compiled
-        chunk that holds the rest (the largest while more remains); the last token's hidden state."""
-        last, count = self._chunks(ids, start, tiles, slot)
-        return Resident(last, count - 1, 1)
+        """ids[start:] into cache positions start.. of conversation `slot`, chunk after chunk
+        (prefill_chunk); the last token's hidden state."""
+        position = start
+        while True:
+            hidden, count = self.prefill_chunk(ids, position, tiles, slot)
+            position += count
+            if position == len(ids):
+                return hidden
+
+    def prefill_chunk(self, ids: Sequence[int], position: int, tiles: int | None, slot: int = 0) -> tuple[Resident, int]:
+        """The next chunk of ids[position:] into cache positions position.. of conversation `slot`:
+        the smallest compiled chunk that holds the rest (the largest while more remains). (The
+        hidden state of its last token, its tokens.) A chunk leaves nothing for the next but its
+        K/V rows in the slot's cache, so a batch's running answers may decode between two chunks
+        of a newcomer's prompt."""
+        last, count = self._chunk(ids, position, tiles, slot)
+        return Resident(last, count - 1, 1), count
 
     def verify(self, ids: Sequence[int], start: int, tiles: int | None) -> list[Resident]:
         """ids[start:] (at most the largest chunk) into cache slots start.. in one pass, as a
@@ -233,23 +246,21 @@ class Runner:
         pass's mask stops at its own position."""
         if not 0 < len(ids) - start <= max(self.chunks):
             raise ValueError(f"verify takes 1 to {max(self.chunks)} tokens, got {len(ids) - start}")
-        last, count = self._chunks(ids, start, tiles)
+        last, count = self._chunk(ids, start, tiles)
         return [Resident(last, i, 1) for i in range(count)]
 
-    def _chunks(self, ids: Sequence[int], start: int, tiles: int | None, slot: int = 0) -> tuple[str, int]:
-        """(the buffer holding the last chunk's hidden states, that chunk's real tokens)."""
-        position = start
-        count = 0
-        while position < len(ids):
-            width = chunk_for(len(ids) - position, self.chunks)
-            count = min(width, len(ids) - position)
-            chunk_ids = np.full((1, width), self.pad_id, dtype=np.int32)
-            chunk_ids[0, :count] = ids[position : position + count]
-            stage = self.chunks.index(width)
-            self._run(net_name(Kind.EMBED), {Names.INPUT_IDS: chunk_ids}, {0: Resident(Buffers.HIDDEN)}, stage)
-            last = self._layers((Buffers.HIDDEN, Buffers.HIDDEN_B), position, count, width,
-                                self.sees_image(ids, range(position, position + count)), tiles, stage, slot)
-            position += count
+    def _chunk(self, ids: Sequence[int], position: int, tiles: int | None, slot: int = 0) -> tuple[str, int]:
+        """(the buffer holding the chunk's hidden states, the chunk's real tokens)."""
+        if not 0 <= position < len(ids):
+            raise ValueError(f"nothing to prefill: position {position} of {len(ids)} tokens")
+        width = chunk_for(len(ids) - position, self.chunks)
+        count = min(width, len(ids) - position)
+        chunk_ids = np.full((1, width), self.pad_id, dtype=np.int32)
+        chunk_ids[0, :count] = ids[position : position + count]
+        stage = self.chunks.index(width)
+        self._run(net_name(Kind.EMBED), {Names.INPUT_IDS: chunk_ids}, {0: Resident(Buffers.HIDDEN)}, stage)
+        last = self._layers((Buffers.HIDDEN, Buffers.HIDDEN_B), position, count, width,
+                            self.sees_image(ids, range(position, position + count)), tiles, stage, slot)
         return last, count
 
     def decode(self, token: int, position: int, tiles: int | None, slot: int = 0) -> Resident:

@@ -58,7 +58,7 @@ class Metrics:
         self.queue_time = Histogram("lvb_request_queue_time_seconds", "Time a request waited for the engine.",
                                     REQUEST_BUCKETS)
         self.stall = Histogram("lvb_decode_stall_seconds", "Time between two decode steps of the running answers "
-                               "(a step, and at most one newcomer's prefill).", PER_TOKEN_BUCKETS + (5.0, 10.0, 20.0))
+                               "(at most one piece of a newcomer: its preparation or one prefill chunk).", PER_TOKEN_BUCKETS + (5.0, 10.0, 20.0))
         self.e2e = Histogram("lvb_e2e_request_latency_seconds", "Time from a request's arrival in the queue to its "
                              "last token.", REQUEST_BUCKETS)
 

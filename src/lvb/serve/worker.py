@@ -3,12 +3,17 @@ arrival order from a bounded queue.
 
 Continuous batching: an engine whose decode nets take B rows (`lvb export --batch`) holds B
 conversations, one per cache slot (lvb.runtime.batch). A request takes a free slot as soon as
-there is one; its prefill runs between two decode steps of the running answers, and it joins
-them at the next step. At most one newcomer is admitted between two steps, so a running answer
-stalls for at most one prefill (a picture's vision tower and the prompt's chunks;
-`lvb_decode_stall_seconds` measures it). An answer that ends, or whose client has gone, leaves
-at the next step. With B = 1 this is one request at a time, and with a draft (`lvb serve
---draft`, B = 1 only) each step is a verify pass of its proposals.
+there is one and comes in piece by piece, as vLLM's chunked prefill does: first its turn is
+prepared (its history restored into the slot, the chat rendered, its picture through the vision
+tower, the cached prefix kept), then its prompt is prefilled one chunk at a time (the runner's
+chunk sizes, the smallest that holds the rest); the running answers take a decode step after
+each piece, and after its last chunk it takes its first token and joins them. One newcomer comes
+in at a time, so a running answer stalls between two steps for at most one piece: a prefill
+chunk, or one picture's vision tower, which is not split (`lvb_decode_stall_seconds` measures
+it). An answer that ends, or whose client has gone (before or after its first token), leaves
+at the next step, and a chunk that fails fails only its own request. With B = 1 this is one
+request at a time, and with a draft (`lvb serve --draft`, B = 1 only) each step is a verify
+pass of its proposals.
 
 Each slot's KV cache outlives requests. A request whose earlier turns are the conversation a
 free slot last answered (same pictures) continues it there, so only its new turn is prefilled;
@@ -128,13 +133,23 @@ class Running:
     """A request being answered in a slot."""
 
     job: Job
-    answer: Answer
     stops: StopMatcher
     digests: list[str | None]
     turn: object  # the request's last turn
     continued: bool
     started: float  # when the engine took it
     engine_started: float  # when its turn started (its history restored)
+    answer: Answer | None = None  # None while its prompt is prefilled
+
+
+@dataclass
+class Newcomer:
+    """A request taken from the queue on its way to the running answers: its slot, and once its
+    turn is prepared (Batch.prepare), what it runs as."""
+
+    job: Job
+    slot: int
+    running: Running | None = None
 
 
 class Worker:
@@ -144,12 +159,13 @@ class Worker:
         self.metrics = Metrics(speculative=session.draft is not None)
         self.slots = [Slot() for _ in range(self.batch.slots)]
         self.running: dict[int, Running] = {}
+        self.newcomer: Newcomer | None = None  # the request coming in, a piece between two steps
         self.pending = 0  # queued + running
-        self.admitting = 0  # taken from the queue, not yet running
+        self.admitting = 0  # taken from the queue, not yet running (the newcomer)
         self.served = self.cancelled = self.failed = 0
         self.last_job: Job | None = None
         self.last_result: Result | None = None
-        self.busy = threading.Lock()  # held while the engine works (a prefill or a step)
+        self.busy = threading.Lock()  # held while the engine works (a newcomer's piece or a step)
         self._count = threading.Lock()
         self._durations: deque[float] = deque(maxlen=20)
         self._tokens: deque[tuple[float, int]] = deque()  # (when, tokens) of recent steps, for tokens/s
@@ -159,7 +175,7 @@ class Worker:
 
     @property
     def in_flight(self) -> int:
-        """Requests the engine holds: running answers and the one being admitted."""
+        """Requests the engine holds: running answers and the one coming in."""
         return len(self.running) + self.admitting
 
     def tokens_per_second(self, window: float = 10.0) -> float:
@@ -189,31 +205,25 @@ class Worker:
         last_step = None  # when the running answers last took a step
         while True:
             job = None
-            if not self.running:
+            # One newcomer at a time, and one piece of it between two steps: the running answers' stall bound.
+            wanted = self.newcomer is None and not closing and len(self.running) < self.batch.slots
+            if wanted and not self.running:
                 job = self._jobs.get()  # idle: wait for work
-                last_step = None
-                if job is None:
-                    return
-            elif not closing and len(self.running) < self.batch.slots:
-                # One newcomer between two steps at most: the running answers' stall bound.
+                closing = job is None
+            elif wanted:
                 try:
                     job = self._jobs.get_nowait()
                 except queue.Empty:
                     job = None
                 else:
-                    closing = job is None  # close(): finish the running answers, then stop
+                    closing = job is None  # close(): finish the running answers and the newcomer, then stop
             if job is not None:
-                with self._count:
-                    self.admitting += 1
-                try:
-                    with self.busy:
-                        started = time.perf_counter()
-                        self.metrics.queue_time.observe(started - job.queued_at)
-                        self._admit(job)
-                        self._engine_time(started)
-                finally:
-                    with self._count:
-                        self.admitting -= 1
+                self._take(job)
+            if self.newcomer is not None:
+                with self.busy:
+                    started = time.perf_counter()
+                    self._admit()
+                    self._engine_time(started)
             if self.running:
                 with self.busy:
                     started = time.perf_counter()
@@ -223,8 +233,10 @@ class Worker:
                     self._step()
                     last_step = time.perf_counter()
                     self._engine_time(started)
-            elif closing:
-                return
+            else:
+                last_step = None  # nobody waits for a step
+                if closing and self.newcomer is None:
+                    return
 
     def _engine_time(self, started: float) -> None:
         with self.metrics.lock:
@@ -241,25 +253,56 @@ class Worker:
                 return i
         return free[0]
 
-    def _admit(self, job: Job) -> None:
+    def _take(self, job: Job) -> None:
+        """The next request off the queue becomes the newcomer."""
+        with self._count:
+            self.admitting += 1
+        self.metrics.queue_time.observe(time.perf_counter() - job.queued_at)
         self.last_job = job
+        self.newcomer = Newcomer(job, self._choose(job))
+
+    def _leave(self) -> Newcomer:
+        """The newcomer is no longer coming in (it runs, ended, failed or was cancelled)."""
+        newcomer, self.newcomer = self.newcomer, None
+        with self._count:
+            self.admitting -= 1
+        return newcomer
+
+    def _admit(self) -> None:
+        """One piece of the newcomer: its turn prepared (a picture's vision tower, when it brings
+        one, is the piece; otherwise its first chunk follows), or one prefill chunk of it; after
+        its last, it takes its first token and runs with the others."""
+        job, slot = self.newcomer.job, self.newcomer.slot
         if job.cancelled.is_set():
+            prefilling = self.newcomer.running is not None
+            if prefilling:
+                self.batch.drop(slot)
             self.cancelled += 1
             self.metrics.count("cancelled")
-            log.info("%s: the client left while queued; skipped", job.id)
+            log.info("%s: the client left while %s; slot %d freed", job.id,
+                     "its prompt was prefilled" if prefilling else "queued", slot)
+            self._leave()
             self._done(job)
             return
-        slot = self._choose(job)
         try:
-            running = self._start(job, slot)
+            if self.newcomer.running is None:
+                self.newcomer.running = self._start(job, slot)
+                if self.batch.prefills[slot].launches:  # its picture went through the vision tower
+                    return
+            answer = self.batch.prefill(slot)
         except Exception as e:
+            self._leave()
             self._fail(job, slot, e)
             self._done(job)
             return
-        if running.answer.stop_reason is None:
+        if answer is None:
+            return
+        running = self._leave().running
+        running.answer = answer
+        if answer.stop_reason is None:
             self.running[slot] = running
         else:
-            self._finish(slot, running, running.answer.end())
+            self._finish(slot, running, answer.end())
 
     def _step(self) -> None:
         """One decode step of every running answer; answers whose client left end first."""
@@ -324,7 +367,8 @@ class Worker:
         self.slots[slot] = Slot()
 
     def _start(self, job: Job, slot: int) -> Running:
-        """The request's history restored into the slot, its turn prefilled: its first token."""
+        """The request's history restored into the slot and its turn prepared (Batch.prepare):
+        what it runs as once its prompt is prefilled."""
         request, session, state = job.request, self.batch.sessions[slot], self.slots[slot]
         started = time.perf_counter()
         history, turn = request.turns[:-1], request.turns[-1]
@@ -345,9 +389,11 @@ class Worker:
         state.digests = None  # unknown until the turn completes
         stops = StopMatcher(request.stop, job)
         engine_started = time.perf_counter()
-        answer = self.batch.begin(slot, turn.text, image=turn.image, sampling=sampling,
-                                  max_new_tokens=request.max_tokens, on_text=stops.push)
-        return Running(job, answer, stops, digests, turn, continued, started, engine_started)
+        self.batch.prepare(slot, turn.text, image=turn.image, sampling=sampling, max_new_tokens=request.max_tokens,
+                           on_text=stops.push)
+        if turn.digest is not None:  # the slot holds the turn's picture now, even if the turn goes no further
+            state.image_digest = turn.digest
+        return Running(job, stops, digests, turn, continued, started, engine_started)
 
     def _finish(self, slot: int, running: Running, reply: Reply) -> None:
         job, session, state = running.job, self.batch.sessions[slot], self.slots[slot]
