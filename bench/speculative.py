@@ -160,7 +160,7 @@ def chip(label: str) -> dict:
                 drafting = (k - 1) * draft_step + everything * draft_prefill + (1 - everything) * draft_step
                 checks = {"row at a time": verify[chat] + tokens * head}
                 if built is not None:
-                    checks["--draft-tokens"] = built_check(built, n, chat, k, tokens, head)
+                    checks["--draft-tokens"] = built_check(built, n, chat, k, tokens, head, verify[chat])
                 for build, check in checks.items():
                     ms = drafting + check
                     grid.append({"build": build, "chat": chat, "acceptance": a, "k": k, "tokens_per_check": tokens,
@@ -177,17 +177,19 @@ def check_nets() -> dict | None:
     return json.loads(path.read_text())["ms"] if path.is_file() else None
 
 
-def built_check(built: dict, n: dict, chat: str, k: int, tokens: float, row_head: float) -> float:
-    """A check of k proposals on a build for it: the smallest priced chunk that holds k + 1 tokens,
-    and the heads once over all rows at their priced check stage, which holds at least k + 1 (an
-    upper bound where it holds more); past it, the row-at-a-time heads."""
+def built_check(built: dict, n: dict, chat: str, k: int, tokens: float, row_head: float, chunk32: float) -> float:
+    """A check of k proposals on a build for it: the smallest priced chunk that holds k + 1 tokens
+    (past them, device_time.json's chunk of 32), and the heads once over all rows at their priced
+    check stage, which holds at least k + 1 (an upper bound where it holds more); past it, the
+    row-at-a-time heads."""
     chunks = sorted(int(c) for c in built["self_prefill"])
-    chunk = str(min(c for c in chunks if c >= k + 1)) if k + 1 <= chunks[-1] else None
-    if chunk is None:
-        raise SystemExit(f"k = {k}: bench/check_widths.py priced chunks up to {chunks[-1]}; run it with a larger --chunk")
-    ms = built["embed"][chunk] + n["self"] * built["self_prefill"][chunk]
-    if chat == "picture":
-        ms += n["cross"] * built["cross_prefill"][chunk]
+    if k + 1 <= chunks[-1]:
+        chunk = str(min(c for c in chunks if c >= k + 1))
+        ms = built["embed"][chunk] + n["self"] * built["self_prefill"][chunk]
+        if chat == "picture":
+            ms += n["cross"] * built["cross_prefill"][chunk]
+    else:
+        ms = chunk32
     rows = max(int(r.split("x")[1]) for r in built["lm_head"])
     if k + 1 > rows:
         return ms + tokens * row_head

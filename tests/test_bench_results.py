@@ -161,12 +161,20 @@ SPECULATIVE = json.loads((ROOT / "bench" / "results" / "speculative.json").read_
 
 
 def test_readme_speculative_figures_are_the_recorded_ones():
-    """The README's best-k table and the toy's table are bench/speculative.py's figures."""
+    """The README's best-k table (each build, each chat) and the toy's table are
+    bench/speculative.py's figures; the check build's nets are check_widths.py's."""
     grid = SPECULATIVE["chip"]["grid"]
     for a in (0.3, 0.5, 0.7, 0.9):
+        cells = []
         for chat in ("text", "picture"):
-            best = max((g for g in grid if g["chat"] == chat and g["acceptance"] == a), key=lambda g: g["speedup"])
-            assert f"{best['tokens_per_s']:.2f} ({best['speedup']:.2f}×)" in README, (a, chat)
+            for build in ("row at a time", "--draft-tokens"):
+                best = max((g for g in grid if g["chat"] == chat and g["acceptance"] == a and g["build"] == build),
+                           key=lambda g: g["speedup"])
+                cells.append(f"{best['k']}: {best['tokens_per_s']:.2f} ({best['speedup']:.2f}×)")
+        assert f"| {a} | " + " | ".join(cells) + " |" in README, a
+    checked = json.loads((ROOT / "bench" / "results" / "check_widths.json").read_text())["ms"]
+    assert SPECULATIVE["chip"]["check_nets"] == checked
+    assert f"costs {checked['self_prefill']['4']:.2f} ms" in README and f"{checked['lm_head']['1x8']:.2f} ms" in README
     for k, row in SPECULATIVE["toy"].items():
         assert f"| {k} | {row['same_tokens']}/{row['pictures']} | {row['accepted']}/{row['proposed']} = " \
                f"{row['acceptance']:.2f} | {row['tokens_per_check']:.2f} |" in README
