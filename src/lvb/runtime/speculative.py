@@ -29,9 +29,8 @@ from lvb.runtime.sampling import Sampler, SamplingConfig, softmax
 from lvb.spec import ModelSpec
 from lvb.text import Tokenizer
 
-# What `--draft-tokens` is unless given: on the 11B's device-time estimates (bench/speculative.py)
-# the best k is 2 at acceptance 0.5, 3-4 at 0.7 and more above; 3 is within 5 % of the best
-# from 0.5 to 0.8.
+# What `--draft-tokens` is unless the model was built for a k (`lvb export --draft-tokens`): near
+# the best k of bench/speculative.py's chip estimates over the acceptance rates a useful draft reaches.
 DEFAULT_DRAFT_TOKENS = 3
 
 
