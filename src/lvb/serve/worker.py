@@ -292,8 +292,8 @@ class Worker:
             answer = self.batch.prefill(slot)
         except Exception as e:
             self._leave()
-            self._fail(job, slot, e)
             self._done(job)
+            self._fail(job, slot, e)
             return
         if answer is None:
             return
@@ -318,8 +318,8 @@ class Worker:
         except Exception as e:
             for slot, running in list(self.running.items()):
                 self.batch.answers.pop(slot, None)
-                self._fail(running.job, slot, e)
                 self._done(running.job)
+                self._fail(running.job, slot, e)
             self.running.clear()
             return
         with self._count:
@@ -348,6 +348,8 @@ class Worker:
             job.send("error", (500, f"internal error: {type(e).__name__}: {e}"))
 
     def _done(self, job: Job) -> None:
+        """The job leaves the count; before its reply goes out, so a client that asks /metrics or
+        /health right after its answer never finds it still waiting."""
         ended = time.perf_counter()
         with self._count:
             self.pending -= 1
@@ -435,8 +437,8 @@ class Worker:
         result = Result(text, finish, s.prompt_tokens, s.prompt_tokens - s.prefilled_tokens, s.generated_tokens,
                         s.first_token_seconds, s.tokens_per_second, engine_seconds, s.decode_seconds, notices, s.speculative)
         self.last_result = result
-        job.send("done", result)
         self._done(job)
+        job.send("done", result)
 
     def _sampling(self, request: ChatRequest) -> SamplingConfig:
         """OpenAI's knobs over the checkpoint's generation_config: temperature 0 is greedy, any
