@@ -110,6 +110,7 @@ def built_for_a_draft(checkpoint_factory, export_factory, tmp_path_factory):
     return work
 
 
+@pytest.mark.slow  # a second export of the fixture: CI's, not the inner loop's (make test-fast < 3 min)
 @pytest.mark.parametrize("draft", ["poor", "good"])
 def test_a_check_scores_its_rows_in_one_launch(draft, checkpoint_factory, export_factory, text_stack_factory,
                                                built_for_a_draft):
