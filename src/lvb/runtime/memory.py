@@ -132,10 +132,11 @@ def resident_buffers(nets: Mapping) -> list[TensorInfo]:
     head = nets[net_name(Kind.LM_HEAD)]
     logits = head.outputs[0]
     rows = [next(x for x in stage if x.name == n.HIDDEN).shape[:2] for stage in _stage_inputs(head)]
-    for name, axis in ((b.LOGITS, 0), (b.CHECK_LOGITS, 1)):  # the [B, 1] stages', the [1, R] stages'
-        largest = max((r[axis] for r in rows if r[1 - axis] == 1 and (axis == 0 or r[1] > 1)), default=None)
-        if largest is not None:
-            buffers.append(TensorInfo(name, (largest, logits.shape[-1]), logits.dtype))
+    batch = max(B for B, R in rows if R == 1)  # a decode step's stages: [B, 1]
+    checks = [R for B, R in rows if B == 1 and R > 1]  # a speculative check's: [1, R]
+    buffers.append(TensorInfo(b.LOGITS, (batch, logits.shape[-1]), logits.dtype))
+    if checks:
+        buffers.append(TensorInfo(b.CHECK_LOGITS, (max(checks), logits.shape[-1]), logits.dtype))
     # What every layer of one step reads, one buffer per width (each prefill chunk size, decode).
     for group, names in ((self_layers, (n.POSITION_IDS, n.ATTENTION_MASK)), (cross_layers, (n.CROSS_MASK, n.TEXT_ROW_MASK))):
         if not group:

@@ -188,8 +188,8 @@ class Prefill:
     """A turn's prompt on its way into the conversation's cache slot, one chunk per `step`
     (Runner.prefill_chunk: the smallest compiled chunk that holds the rest, the largest while
     more remains). The step that prefills the last chunk takes the next token and returns
-    `then(token)` (Session.prepare: the answer); the others return None. `Session.begin` runs
-    the steps back to back; a server decodes its running answers between two of them
+    `then(token)` (Session.prepare: the answer); the others return None. `run` takes the steps
+    back to back; a server decodes its running answers between two of them
     (lvb.serve.worker), so they wait for one chunk, not for a whole prompt."""
 
     def __init__(self, session: Session, ids: list[int], start: int, sampler: Sampler,
@@ -213,6 +213,12 @@ class Prefill:
         token = runner.next_token(hidden, self.sampler, self.ids) if not self.remaining else None
         self.launches += runner.launches - before
         return None if token is None else self.then(token)
+
+    def run(self):
+        """Every chunk left, back to back: `then(token)`."""
+        while (result := self.step()) is None:
+            pass
+        return result
 
 
 class Session:
@@ -296,7 +302,7 @@ class Session:
         piece by piece and may return True to end it there (stop reason "stopped"). Raises
         ChatError and leaves the conversation as it was when the turn cannot be answered.
         `max_new_tokens` None: until a stop token or a full sequence."""
-        answer = self.begin(text, image, sampling, max_new_tokens, on_text)
+        answer = self.prepare(text, image, sampling, max_new_tokens, on_text).run()
         while answer.stop_reason is None:
             self.advance(answer)
         return answer.end()
@@ -311,21 +317,6 @@ class Session:
                 return True
         return False
 
-    def begin(
-        self,
-        text: str,
-        image=None,
-        sampling: SamplingConfig | None = None,
-        max_new_tokens: int | None = None,
-        on_text: Callable[[str], bool | None] | None = None,
-    ) -> Answer:
-        """`ask` up to its first token (the prompt prefilled into this conversation's cache slot):
-        the answer to push further tokens into. Raises ChatError as `ask` does."""
-        prefill = self.prepare(text, image, sampling, max_new_tokens, on_text)
-        while (answer := prefill.step()) is None:
-            pass
-        return answer
-
     def prepare(
         self,
         text: str,
@@ -334,7 +325,7 @@ class Session:
         max_new_tokens: int | None = None,
         on_text: Callable[[str], bool | None] | None = None,
     ) -> Prefill:
-        """`begin` up to the prompt's prefill: the chat rendered, the turn's picture through the
+        """`ask` up to the prompt's prefill: the chat rendered, the turn's picture through the
         vision tower into this conversation's cross-attention K/V (in one go: the tower is not
         split), the cached tokens that still agree kept. Its steps prefill the rest, a chunk each,
         and the last returns the answer. Raises ChatError as `ask` does."""
@@ -432,10 +423,7 @@ class Session:
     def _prefill(self, ids: list[int], start: int, sampler: Sampler) -> int:
         """ids[start:] into the cache, to the end: the next token (bench/host_overhead.py times a
         chunk's host work through it)."""
-        prefill = Prefill(self, ids, start, sampler, then=lambda token: token)
-        while (token := prefill.step()) is None:
-            pass
-        return token
+        return Prefill(self, ids, start, sampler, then=lambda token: token).run()
 
     def _step(self, token: int, history: list[int], sampler: Sampler, room: int, stats: DraftStats | None) -> list[int]:
         """The next token(s) after `token` (history's last, not in the cache yet): one decode step,
