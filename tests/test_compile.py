@@ -62,7 +62,7 @@ def test_every_net_compiles_and_matches_onnxruntime_on_the_simulator(name, quant
             assert estimate.cycles >= max(estimate.tiu_cycles, estimate.gdma_cycles) > 0, (net, estimate)
             assert estimate.moved_bytes > 0, (net, estimate)
             if Kind(exported[net]["kind"]) in (Kind.SELF_PREFILL, Kind.SELF_DECODE):
-                # The self-attention is in the form tpu-mlir fuses into flash attention
+                # The self-attention is in a form tpu-mlir fuses into flash attention
                 # (patches.token_major_self_attention): no cache transpose, concat-and-copy.
                 assert "FAttention" in estimate.ops, (net, estimate.ops)
     # Every net's activation memory is read, a multi-stage prefill net's too (the memory plan
@@ -255,7 +255,9 @@ def test_compile_net_builds_one_net_as_run_would(export_factory, checkpoint_fact
     """The public way to build one net ahead of `run` (bench/real_widths.py builds the first net of
     each kind so): checked, cached where `run` looks, its transform taken in turn on the lock. The
     heads of an export for speculative decoding (--draft-tokens 3) pass at each stage: a decode
-    step's one row and a check's four."""
+    step's one row and a check's four; so does a self-attention layer at the check's chunk of
+    four, its query heads stacked per K/V head (patches.STACKED_QUERIES_UP_TO), one flash
+    attention as at the chunk of 32."""
     from lvb.compile.build import CompileError
     from lvb.export.exporter import export
 
@@ -269,6 +271,9 @@ def test_compile_net_builds_one_net_as_run_would(export_factory, checkpoint_fact
         result = compiler.compile_net(head)
         assert result["passed"] and result["check"] is not None and (work / result["bmodel"]).is_file()
         assert len(result["device"]) == 2  # an estimate per stage
+    block = compiler.compile_net("block_0")
+    assert block["passed"] and block["check"] is not None
+    assert [Estimate.from_json(e).ops.keys() >= {"FAttention"} for e in block["device"]] == [True, True]
     assert turns.is_file()  # the transform ran under the lock
     with pytest.raises(CompileError, match="no_such_net is not a net of the export"):
         compiler.compile_net("no_such_net")

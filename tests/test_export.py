@@ -194,23 +194,27 @@ def test_vision_attention_in_head_groups_is_transformers_own(checkpoint_factory,
     assert torch.allclose(whole, split, atol=1e-6)
 
 
+@pytest.mark.parametrize("long_prompt", [False, True], ids=["stacked-queries", "flash-form"])
 @pytest.mark.parametrize("name", ["gqa2-cross-last", "gqa4-cross-pair"])
-def test_grouped_query_attention_is_transformers_own(name, checkpoint_factory):
+def test_grouped_query_attention_is_transformers_own(name, long_prompt, checkpoint_factory):
     """With the text layers' query heads grouped per K/V head (no repeat_kv), transformers'
-    own model gives the logits it gives unpatched, picture and cross-attention included."""
+    own model gives the logits it gives unpatched, picture and cross-attention included: for a
+    prompt short enough that the self-attention stacks its query heads, and a longer one in
+    the flash-attention form."""
     from transformers import MllamaForConditionalGeneration
 
-    from lvb.patches import patched
+    from lvb.patches import STACKED_QUERIES_UP_TO, patched
 
     model = MllamaForConditionalGeneration.from_pretrained(checkpoint_factory(name), attn_implementation="eager").eval()
     config = model.config.vision_config
     generator = torch.Generator().manual_seed(0)
     tiles = config.max_num_tiles
+    tokens = STACKED_QUERIES_UP_TO + 4 if long_prompt else 6
     inputs = dict(
-        input_ids=torch.tensor([[model.config.image_token_index, 5, 6, 7, 8, 9]]),
+        input_ids=torch.tensor([[model.config.image_token_index] + [5 + i for i in range(tokens - 1)]]),
         pixel_values=torch.randn(1, 1, tiles, 3, config.image_size, config.image_size, generator=generator),
         aspect_ratio_ids=torch.tensor([[1]]), aspect_ratio_mask=torch.tensor([[[1] + [0] * (tiles - 1)]]),
-        cross_attention_mask=torch.tensor([[[1] + [0] * (tiles - 1)]]).expand(1, 6, tiles)[:, :, None, :].reshape(1, 6, 1, tiles),
+        cross_attention_mask=torch.tensor([[[1] + [0] * (tiles - 1)]]).expand(1, tokens, tiles)[:, :, None, :].reshape(1, tokens, 1, tiles),
     )
     assert model.config.text_config.num_attention_heads > model.config.text_config.num_key_value_heads
     with torch.no_grad():
@@ -223,8 +227,8 @@ def test_grouped_query_attention_is_transformers_own(name, checkpoint_factory):
 def test_cross_attention_blocks_never_repeat_kv(export_factory):
     """No cross-attention block of a fixture whose query heads share K/V heads copies the
     image's K/V to them (repeat_kv is an Expand): the only copies are of a mask, one row per
-    query head. (The self-attention blocks keep repeat_kv's form, which the compile fuses into
-    flash attention: tests/test_compile.py checks the fused op.)"""
+    query head. (A self-attention block keeps repeat_kv's form but over a short chunk, which the
+    compile fuses into flash attention either way: tests/test_compile.py checks the fused op.)"""
     import onnx
 
     work = export_factory("gqa2-cross-last")

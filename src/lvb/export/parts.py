@@ -425,8 +425,9 @@ class EmbeddingPart(Part):
 
 @part(Kind.SELF_PREFILL, Kind.SELF_DECODE)
 class SelfAttentionPart(Part):
-    revision = 3  # 1: rotary cos/sin looked up in a table (RotaryTable); 2: the table covers a last chunk's padding;
-    # 3: query heads grouped per K/V head (patches.grouped_query_attention)
+    revision = 4  # 1: rotary cos/sin looked up in a table (RotaryTable); 2: the table covers a last chunk's padding;
+    # 3: query heads grouped per K/V head (patches.grouped_query_attention); 4: a short chunk's query heads stacked
+    # per K/V head (patches.STACKED_QUERIES_UP_TO)
 
     def weight_prefixes(self, net, spec):
         return (f"{TEXT}layers.{net.layer}.",)

@@ -145,21 +145,33 @@ def grouped_query_attention(eager: Callable) -> Callable:
     return attention
 
 
+# A chunk of 2 to this many tokens (a speculative check's, a short prefill's) stacks its query
+# heads per K/V head: tpu-mlir then fuses one flash-attention op per K/V head over group x tokens
+# query rows, where the broadcast form's op per query head pays a fixed price that a few tokens do
+# not amortise. One token (a decode step) keeps the broadcast form, which tpu-mlir fuses into its
+# one-row flash attention; stacked, the single row is not fused and the cache gets transposed
+# (bench/README.md §2.7).
+STACKED_QUERIES_UP_TO = 16
+
+
 def token_major_self_attention(self, hidden_states, attention_mask, position_embeddings, cache=None, **kwargs):
     """MllamaTextSelfAttention.forward with its tensors token-major ([batch, tokens, heads, d]).
 
     The same modules and arithmetic as transformers' forward (projections, rotary embedding,
-    cache, scaled dot-product attention, output projection), laid out as lvb keeps its KV cache
-    and as tpu-mlir's flash-attention pattern wants them: the cache is concatenated along the
-    token axis, each K/V head is broadcast to its query heads right before the product, and the
-    transposes meet the matmuls, so the compiled net fuses the attention into one FAttention op
-    (grouped K/V heads included) instead of moving the cache through a transpose, a concat and
-    a 4x copy every step. Only lvb's export cache (token-major) is supported.
+    cache, scaled dot-product attention, output projection), laid out as lvb keeps its KV cache:
+    the cache is concatenated along the token axis and never copied to every query head, and
+    every transpose meets a matmul, so tpu-mlir fuses the attention into flash attention
+    (FAttention) with grouped K/V heads. A decode step or a long chunk broadcasts each K/V head to
+    its query heads right at the product; a short chunk whose query heads share K/V heads
+    (STACKED_QUERIES_UP_TO) stacks them on the query axis instead ([KV heads, tokens x group, d]
+    against [KV heads, keys, d]): the same dot products. Only lvb's export cache (token-major) is
+    supported.
     """
     from transformers.models.mllama.modeling_mllama import apply_rotary_pos_emb
 
     batch, tokens, _ = hidden_states.shape
     heads, kv_heads, dim = self.num_heads, self.num_key_value_heads, self.head_dim
+    group = self.num_key_value_groups
     query = self.q_proj(hidden_states).view(batch, tokens, heads, dim)
     key = self.k_proj(hidden_states).view(batch, tokens, kv_heads, dim)
     value = self.v_proj(hidden_states).view(batch, tokens, kv_heads, dim)
@@ -169,8 +181,21 @@ def token_major_self_attention(self, hidden_states, attention_mask, position_emb
         key, value = cache.update(key, value, self.layer_idx)
     positions = key.shape[1]
 
+    if 1 < tokens <= STACKED_QUERIES_UP_TO and group > 1:
+        # Head h uses K/V head h // group (repeat_kv's order): row t * group + g of K/V head k is
+        # token t of head k * group + g. Token-major like the cache, so every transpose meets a matmul.
+        stacked = query.view(batch, tokens, kv_heads, group, dim).transpose(2, 3).reshape(batch, tokens * group, kv_heads, dim)
+        scores = torch.matmul(stacked.transpose(1, 2), key.transpose(1, 2).transpose(2, 3)) * self.scaling
+        if attention_mask is not None:
+            rows = attention_mask[:, :, :, None, :].expand(-1, -1, -1, group, -1)
+            scores = scores + rows.reshape(batch, attention_mask.shape[1], tokens * group, positions)
+        weights = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        output = torch.matmul(weights, value.transpose(1, 2)).transpose(1, 2)  # [batch, tokens x group, KV, d]
+        output = output.reshape(batch, tokens, group, kv_heads, dim).transpose(2, 3).reshape(batch, tokens, -1)
+        return self.o_proj(output), None
+
     def to_query_heads(x):  # [batch, positions, KV, d] -> [batch, heads, positions, d], repeat_kv's order
-        x = x[:, :, :, None, :].expand(batch, positions, kv_heads, self.num_key_value_groups, dim)
+        x = x[:, :, :, None, :].expand(batch, positions, kv_heads, group, dim)
         return x.reshape(batch, positions, heads, dim).transpose(1, 2)
 
     scores = torch.matmul(query.transpose(1, 2), to_query_heads(key).transpose(2, 3)) * self.scaling
@@ -200,7 +225,8 @@ PATCHES: tuple[Patch, ...] = (
         MODELING,
         "MllamaTextSelfAttention.forward",
         token_major_self_attention,
-        "the text self-attention token-major, as lvb keeps the KV cache, in the form tpu-mlir fuses into flash attention",
+        "the text self-attention token-major, as lvb keeps the KV cache, in a form tpu-mlir fuses into flash "
+        "attention (a short chunk's query heads stacked per K/V head)",
     ),
     Patch(
         MODELING,
