@@ -31,8 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
-from common import (CONFIGS, OUT, RESULTS, checkpoint_complete, compile_first_of_kinds, geometry_11b, geometry_tiny,  # noqa: E402
-                    lvb_export, record_result, table)
+from common import (CONFIGS, OUT, RESULTS, checkpoint_complete, compile_first_of_kinds, first_of_kinds_record,  # noqa: E402
+                    geometry_11b, geometry_tiny, lvb_export, record_result, table)
 
 from lvb.contract import Kind, plan  # noqa: E402
 from lvb.devicetime import Estimate, NetEstimates  # noqa: E402
@@ -90,8 +90,7 @@ def main() -> int:
     results = compile_first_of_kinds(work, DECODE_KINDS, args.quant, args.head_quant)
     data = {"settings": {"batch": batch, "seq": args.seq, "quant": args.quant, "head_quant": args.head_quant,
                          "geometry": geometry.name, "check": "none"},
-            "nets": {name: {"kind": r["kind"], "options": r["options"], "seconds": r["seconds"], "device": r["device"]}
-                     for name, r in results.items()}}
+            "nets": first_of_kinds_record(results)}
     data |= figures(results, batch, args.seq, args.chunk)
     if args.clean:  # only after success: a failed compile's logs and cached stages are kept to look at and resume
         shutil.rmtree(work, ignore_errors=True)

@@ -342,6 +342,12 @@ def compile_first_of_kinds(work: Path, kinds, quant: str, head_quant: str) -> di
     return results
 
 
+def first_of_kinds_record(results: dict[str, dict]) -> dict[str, dict]:
+    """What a results file keeps of compile_first_of_kinds' nets: each one's kind, deploy options and
+    compile seconds, and per stage (largest first) its first input's shape and its estimate."""
+    return {name: {key: r[key] for key in ("kind", "options", "seconds", "first_input", "device")} for name, r in results.items()}
+
+
 def lvb_export(checkpoint: Path, work: Path, *args: str) -> None:
     """`lvb export` in a subprocess (its own cache skips what is already exported)."""
     env = os.environ | {"PYTHONPATH": str(REPO / "src")}
