@@ -15,7 +15,8 @@
    A check of k proposals runs what the runtime launches (Session._step): the draft feeds the
    model's last token (one decode step, or a 2-token prefill chunk after a check that kept
    everything) and decodes k - 1 more, each with its LM head and greedy head. The model then
-   runs its prefill nets once over k + 1 tokens, priced for two builds:
+   runs its prefill nets once over k + 1 tokens: the launches lvb.runtime.turn.check_launches
+   counts from the runtime itself, each priced by lvb.runtime.turn.price, for two builds:
    - row at a time: an export without --draft-tokens, at device_time.json's chunk of 32, its
      LM head and greedy head once per position up to the first rejected one (E times on
      average, E = (1 - a^(k+1)) / (1 - a) tokens a check, each proposal kept with probability a);
@@ -35,6 +36,8 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,9 +45,21 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 from common import OUT, RESULTS, record_result, table  # noqa: E402
 
+from lvb.contract import DEFAULT_BATCH, plan  # noqa: E402
+from lvb.devicetime import Estimate, NetEstimates  # noqa: E402
+from lvb.runtime.turn import check_launches, price  # noqa: E402
+from lvb.spec import ModelSpec  # noqa: E402
+
 RESULTS_FILE = RESULTS / "speculative.json"
 CONFIG_11B = REPO / "tests" / "data" / "llama-3.2-11b-vision.config.json"
+
+
+@cache
+def SPEC_11B() -> ModelSpec:  # noqa: N802 (a constant, read when first used)
+    return ModelSpec.from_config(json.loads(CONFIG_11B.read_text()))
 ACCEPTANCE = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
+SEQ = 512
+CHATS = {"text": None, "picture": 4}  # the picture's tiles
 DRAFT_TOKENS = (1, 2, 3, 4, 5, 6, 8)
 
 
@@ -143,11 +158,18 @@ def chip(label: str) -> dict:
     # a chat with a picture: the cross-attention layers run too).
     plain = {"text": kinds["embed_cache"] + n["self"] * kinds["self_decode"] + head}
     plain["picture"] = plain["text"] + n["cross"] * kinds["cross_decode"]
-    # A check row at a time: the export's chunk of 32 tokens, the heads once a row up to the
-    # first rejection (E times on average).
-    verify = {"text": kinds["embed"] + n["self"] * kinds["self_prefill"]}
-    verify["picture"] = verify["text"] + n["cross"] * kinds["cross_prefill"]
-    built = check_nets()
+    # The two builds' nets: device_time.json's (one prefill chunk of 32, heads of one row) and
+    # the check build's (bench/check_widths.py), each net of the full plan priced as the net of
+    # its kind that was compiled.
+    device = json.loads((RESULTS / "device_time.json").read_text())[label]["kinds"]
+    builds = {"row at a time": CheckBuild.of({kind: entry["stages"] for kind, entry in device.items()}, (32,), 0)}
+    record = check_record()
+    if record is not None:
+        chunks = tuple(shape[1] for shape in next(r for r in record["nets"].values() if r["kind"] == "self_prefill")["first_input"])
+        builds["--draft-tokens"] = CheckBuild.of({r["kind"]: r["device"] for r in record["nets"].values()}, chunks,
+                                                 record["settings"]["draft_tokens"] + 1)
+    # The row-at-a-time check pass without its heads, for the printout.
+    verify = {chat: builds["row at a time"].check(k=1, tiles=tiles, tokens=0.0) for chat, tiles in CHATS.items()}
     draft_head = draft["lm_head"] + draft["greedy_head"]
     draft_step = draft["embed_cache"] + n["draft"] * draft["block_cache_0"] + draft_head
     draft_prefill = draft["embed"] + n["draft"] * draft["block_0"] + draft_head
@@ -158,42 +180,49 @@ def chip(label: str) -> dict:
                 tokens = expected_tokens(a, k)
                 everything = a ** k  # the last check kept every proposal: the draft feeds two tokens
                 drafting = (k - 1) * draft_step + everything * draft_prefill + (1 - everything) * draft_step
-                checks = {"row at a time": verify[chat] + tokens * head}
-                if built is not None:
-                    checks["--draft-tokens"] = built_check(built, n, chat, k, tokens, head, verify[chat])
-                for build, check in checks.items():
+                for build, priced in builds.items():
+                    check = priced.check(k, CHATS[chat], tokens)
                     ms = drafting + check
                     grid.append({"build": build, "chat": chat, "acceptance": a, "k": k, "tokens_per_check": tokens,
                                  "draft_ms": drafting, "check_ms": check, "tokens_per_s": 1000 * tokens / ms,
                                  "plain_tokens_per_s": 1000 / plain[chat], "speedup": plain[chat] * tokens / ms})
     return {"label": label, "draft_source": source, "plain_step_ms": plain, "verify_pass_ms": verify, "draft_step_ms": draft_step,
-            "draft_prefill_ms": draft_prefill, "head_ms": head, "check_nets": built, "grid": grid}
+            "draft_prefill_ms": draft_prefill, "head_ms": head, "check_nets": record and record["ms"], "grid": grid}
 
 
-def check_nets() -> dict | None:
-    """The 11B's nets as `lvb export --draft-tokens` builds them (bench/check_widths.py): ms per
-    kind and stage, or None before that script has run."""
+def check_record() -> dict | None:
+    """The 11B's nets as `lvb export --draft-tokens` builds them (bench/results/check_widths.json),
+    or None before bench/check_widths.py has run."""
     path = RESULTS / "check_widths.json"
-    return json.loads(path.read_text())["ms"] if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
-def built_check(built: dict, n: dict, chat: str, k: int, tokens: float, row_head: float, chunk32: float) -> float:
-    """A check of k proposals on a build for it: the smallest priced chunk that holds k + 1 tokens
-    (past them, device_time.json's chunk of 32), and the heads once over all rows at their priced
-    check stage, which holds at least k + 1 (an upper bound where it holds more); past it, the
-    row-at-a-time heads."""
-    chunks = sorted(int(c) for c in built["self_prefill"])
-    if k + 1 <= chunks[-1]:
-        chunk = str(min(c for c in chunks if c >= k + 1))
-        ms = built["embed"][chunk] + n["self"] * built["self_prefill"][chunk]
-        if chat == "picture":
-            ms += n["cross"] * built["cross_prefill"][chunk]
-    else:
-        ms = chunk32
-    rows = max(int(r.split("x")[1]) for r in built["lm_head"])
-    if k + 1 > rows:
-        return ms + tokens * row_head
-    return ms + built["lm_head"][f"1x{rows}"] + built["greedy_head"][str(rows)]
+@dataclass(frozen=True)
+class CheckBuild:
+    """An 11B build's check, priced from the runtime's own launches (lvb.runtime.turn.check_launches):
+    the prefill nets once over k + 1 tokens at the smallest chunk that holds them, and the heads
+    once over every row at the check's stage, or, without one, once a row."""
+
+    chunks: tuple[int, ...]
+    verify: int  # rows of the heads' check stage, 0 for none
+    estimates: NetEstimates
+
+    @classmethod
+    def of(cls, by_kind: dict[str, list[dict]], chunks: tuple[int, ...], verify: int) -> CheckBuild:
+        stages = {kind: tuple(Estimate.from_json(s) for s in estimates) for kind, estimates in by_kind.items()}
+        nets = plan(SPEC_11B(), SEQ, chunks, DEFAULT_BATCH, verify)
+        return cls(chunks, verify, NetEstimates({n.name: stages[n.kind.value] for n in nets if n.kind.value in stages}, ()))
+
+    def check(self, k: int, tiles: int | None, tokens: float) -> float:
+        """ms of a check of k proposals that yields `tokens` on average: heads that score one row a
+        time run up to the first rejected row, `tokens` times, not all k + 1."""
+        launches = check_launches(SPEC_11B(), SEQ, self.chunks, self.verify, k, tiles)
+        priced = price(launches, self.estimates, launch_us=0.0)
+        if priced.missing:
+            raise SystemExit(f"no estimate for {', '.join(priced.missing)}")
+        calls = sum(c for (net, _), c in launches.items() if net == "lm_head")
+        heads = priced.by_net["lm_head"] + priced.by_net["greedy_head"]
+        return priced.ms - heads + heads * tokens / calls if calls > 1 else priced.ms
 
 
 # ----------------------------------------------------------------------------- 3. memory
