@@ -52,15 +52,16 @@ from lvb.spec import ModelSpec  # noqa: E402
 
 RESULTS_FILE = RESULTS / "speculative.json"
 CONFIG_11B = REPO / "tests" / "data" / "llama-3.2-11b-vision.config.json"
-
-
-@cache
-def SPEC_11B() -> ModelSpec:  # noqa: N802 (a constant, read when first used)
-    return ModelSpec.from_config(json.loads(CONFIG_11B.read_text()))
 ACCEPTANCE = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
 SEQ = 512
 CHATS = {"text": None, "picture": 4}  # the picture's tiles
 DRAFT_TOKENS = (1, 2, 3, 4, 5, 6, 8)
+
+
+@cache
+def spec_11b() -> ModelSpec:
+    """The published 11B config's spec, read once."""
+    return ModelSpec.from_config(json.loads(CONFIG_11B.read_text()))
 
 
 # ----------------------------------------------------------------------------- 1. the toy
@@ -210,13 +211,13 @@ class CheckBuild:
     @classmethod
     def of(cls, by_kind: dict[str, list[dict]], chunks: tuple[int, ...], verify: int) -> CheckBuild:
         stages = {kind: tuple(Estimate.from_json(s) for s in estimates) for kind, estimates in by_kind.items()}
-        nets = plan(SPEC_11B(), SEQ, chunks, DEFAULT_BATCH, verify)
+        nets = plan(spec_11b(), SEQ, chunks, DEFAULT_BATCH, verify)
         return cls(chunks, verify, NetEstimates({n.name: stages[n.kind.value] for n in nets if n.kind.value in stages}, ()))
 
     def check(self, k: int, tiles: int | None, tokens: float) -> float:
         """ms of a check of k proposals that yields `tokens` on average: heads that score one row a
         time run up to the first rejected row, `tokens` times, not all k + 1."""
-        launches = check_launches(SPEC_11B(), SEQ, self.chunks, self.verify, k, tiles)
+        launches = check_launches(spec_11b(), SEQ, self.chunks, self.verify, k, tiles)
         priced = price(launches, self.estimates, launch_us=0.0)
         if priced.missing:
             raise SystemExit(f"no estimate for {', '.join(priced.missing)}")
