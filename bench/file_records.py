@@ -3,7 +3,8 @@
 Writes a file of --mib MiB of random bytes under bench/out (reused), then times, with the
 file in the page cache: SHA-256 (what a record keeps, computed once when lvb writes the
 file), BLAKE2b, CRC32 and a stat (what a reuse costs when the file's time is unchanged),
-and scales each to the 2 GiB of an 11B embedding's weights. Prints a table.
+and scales each to the 2 GiB of an 11B embedding's weights. Prints a table and records it in
+bench/results/file_records.json.
 
     .venv/bin/python bench/file_records.py [--mib 512]
 """
@@ -13,11 +14,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import sys
 import time
 import zlib
 from pathlib import Path
 
-from lvb.workdir import matches_record, record_file
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from common import record_result  # noqa: E402
+
+from lvb.workdir import matches_record, record_file  # noqa: E402
 
 
 def timed(function, repeat: int = 3) -> tuple[float, float]:
@@ -65,6 +70,8 @@ def main() -> None:
             print(f"| {name} | {wall * 1e6:.0f} µs per file | {cpu * 1e6:.0f} µs | - |")
         else:
             print(f"| {name} | {wall * scale:.2f} | {cpu * scale:.2f} | {size / max(cpu, 1e-9) / 1e9:.2f} |")
+    record_result("file_records", {"mib": args.mib, "scaled_to_bytes": 2 << 30, "rows": [
+        {"check": name, "wall_s": wall, "cpu_s": cpu, "per_file": "stat" in name} for name, (wall, cpu) in rows]})
 
 if __name__ == "__main__":
     main()

@@ -213,3 +213,15 @@ def test_readme_host_work_summary_is_the_recorded_one():
     assert f"({decode:.0f}×)" in BENCH_README and f"({prefill:.0f}×)" in BENCH_README
     assert f"{HOST_OVERHEAD['prefill_chunk_ms']:.1f} ms of host work per 128-token chunk" in BENCH_README
     assert f"{HOST_OVERHEAD['image_preprocess_ms']:.1f} ms per image" in BENCH_README
+
+
+def test_bench_readme_cache_check_table_is_the_recorded_one():
+    """bench/README §1.7's table is file_records.py's printed one, every row of the recorded run."""
+    recorded = json.loads((ROOT / "bench" / "results" / "file_records.json").read_text())
+    scale = recorded["scaled_to_bytes"] / (recorded["mib"] << 20)
+    for row in recorded["rows"]:
+        if row["per_file"]:
+            line = f"| {row['check']} | {row['wall_s'] * 1e6:.0f} µs per file | {row['cpu_s'] * 1e6:.0f} µs | - |"
+        else:
+            line = f"| {row['check']} | {row['wall_s'] * scale:.2f} | {row['cpu_s'] * scale:.2f} |"
+        assert line in BENCH_README, line
