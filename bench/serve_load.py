@@ -26,7 +26,8 @@ same export opened a second time in this process to call the engine directly.
    First-token time is taken at the client (send -> first content chunk, streamed
    requests only), p50/p95.
 
-Prints the figures and a Markdown table; exits 1 when a request is lost, mixed up or
+Prints the figures and a Markdown table, and records them in bench/results/serve_load.json; exits 1
+when a request is lost, mixed up or
 failed, or the server is unhealthy after. No timed assertions.
 
 `--batched`: continuous batching instead. The toy exported twice, as above and with
@@ -475,6 +476,9 @@ def main() -> int:
     ]
     print(table(rows, ["figure", "value"]))
     print(f"load average after: {os.getloadavg()[0]:.1f}")
+    record_result("serve_load", {"settings": {"clients": args.clients, "requests": args.requests, "max_queue": args.max_queue,
+                                              "pictures": args.pictures, "seq": args.seq},
+                                 "load_average_after": os.getloadavg()[0], "rows": rows})
     problems = []
     if lost:
         problems.append(f"{lost} request(s) lost: " + "; ".join(outcomes[i].error or str(outcomes[i].status)

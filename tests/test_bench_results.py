@@ -225,3 +225,11 @@ def test_bench_readme_cache_check_table_is_the_recorded_one():
         else:
             line = f"| {row['check']} | {row['wall_s'] * scale:.2f} | {row['cpu_s'] * scale:.2f} |"
         assert line in BENCH_README, line
+
+
+def test_bench_readme_server_overhead_table_is_the_recorded_one():
+    """bench/README §2.5's table is serve_load.py's printed one, every row of the recorded run."""
+    recorded = json.loads((ROOT / "bench" / "results" / "serve_load.json").read_text())
+    printed = flat(BENCH_README)
+    for figure, value in recorded["rows"]:
+        assert f"| {figure} | {value} |" in printed, figure

@@ -354,14 +354,15 @@ def serve(
         session = options.open_session(truncate_history=history is History.TRUNCATE)
     except (LvbError, OSError) as e:
         raise fail(problem(e))
+    import logging
+
+    # Before the worker's thread starts: its first line (its thread id) is logged as it starts.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     with session:  # closes the model's engine and the draft's
         try:
             worker = Worker(session, max_queue=max_queue)  # refuses a draft with a batched model
         except LvbError as e:
             raise fail(problem(e))
-        import logging
-
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
             say(errors, "note:", "yellow", f"listening on {host} without --api-key: anyone who reaches it can use the model")
         name = session.checkpoint.directory.name
