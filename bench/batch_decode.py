@@ -32,10 +32,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 from common import (CONFIGS, OUT, RESULTS, checkpoint_complete, compile_first_of_kinds, first_of_kinds_record,  # noqa: E402
-                    geometry_11b, geometry_tiny, lvb_export, record_result, table)
+                    geometry_11b, geometry_tiny, lvb_export, plan_estimates, record_result, table)
 
 from lvb.contract import Kind, plan  # noqa: E402
-from lvb.devicetime import Estimate, NetEstimates  # noqa: E402
+from lvb.devicetime import Estimate  # noqa: E402
 from lvb.runtime.turn import batch_step_times  # noqa: E402
 from lvb.spec import ModelSpec  # noqa: E402
 
@@ -48,10 +48,10 @@ def figures(results: dict[str, dict], batch: list[int], seq: int, chunk: int) ->
     step is priced from the Runner's own launches (lvb.runtime.turn.batch_step_times)."""
     spec = ModelSpec.from_config(json.loads(CONFIGS["11b"].read_text()))
     full = plan(spec, seq, chunk, batch)
-    by_kind = {result["kind"]: tuple(Estimate.from_json(s) for s in result["device"]) for result in results.values()}
-    estimates = NetEstimates({n.name: by_kind[n.kind.value] for n in full if n.kind.value in by_kind}, ())
+    by_kind = {result["kind"]: result["device"] for result in results.values()}
+    estimates = plan_estimates(full, by_kind)
     rows_of = sorted(batch, reverse=True)  # the stages' order
-    per_net_ms = {kind: {B: e.ms for B, e in zip(rows_of, stages)} for kind, stages in by_kind.items()}
+    per_net_ms = {kind: {B: Estimate.from_json(s).ms for B, s in zip(rows_of, stages)} for kind, stages in by_kind.items()}
     steps = []
     for t in batch_step_times(spec, seq, (chunk,), batch, estimates, launch_us=0.0):
         if t.step.missing:

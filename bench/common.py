@@ -348,6 +348,16 @@ def first_of_kinds_record(results: dict[str, dict]) -> dict[str, dict]:
     return {name: {key: r[key] for key in ("kind", "options", "seconds", "first_input", "device")} for name, r in results.items()}
 
 
+def plan_estimates(nets, by_kind: dict[str, list[dict]]):
+    """Every net of a plan priced as the compiled net of its kind was ({kind: its recorded
+    stages' estimates}, as first_of_kinds_record or device_time.json keep them): one net stands
+    for its siblings. Nets of a kind not in `by_kind` are left out, for price() to name."""
+    from lvb.devicetime import Estimate, NetEstimates
+
+    stages = {kind: tuple(Estimate.from_json(s) for s in rows) for kind, rows in by_kind.items()}
+    return NetEstimates({n.name: stages[n.kind.value] for n in nets if n.kind.value in stages}, ())
+
+
 def lvb_export(checkpoint: Path, work: Path, *args: str) -> None:
     """`lvb export` in a subprocess (its own cache skips what is already exported)."""
     env = os.environ | {"PYTHONPATH": str(REPO / "src")}

@@ -43,10 +43,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
-from common import OUT, RESULTS, record_result, table  # noqa: E402
+from common import OUT, RESULTS, plan_estimates, record_result, table  # noqa: E402
 
 from lvb.contract import DEFAULT_BATCH, plan  # noqa: E402
-from lvb.devicetime import Estimate, NetEstimates  # noqa: E402
+from lvb.devicetime import NetEstimates  # noqa: E402
 from lvb.runtime.turn import check_launches, price  # noqa: E402
 from lvb.spec import ModelSpec  # noqa: E402
 
@@ -198,6 +198,13 @@ def check_record() -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+@cache
+def launches_of(chunks: tuple[int, ...], verify: int, k: int, tiles: int | None) -> dict:
+    """A check's launches depend on the build, k and the picture, not on the acceptance rate:
+    one dry run of the Runner for each."""
+    return check_launches(spec_11b(), SEQ, chunks, verify, k, tiles)
+
+
 @dataclass(frozen=True)
 class CheckBuild:
     """An 11B build's check, priced from the runtime's own launches (lvb.runtime.turn.check_launches):
@@ -210,14 +217,12 @@ class CheckBuild:
 
     @classmethod
     def of(cls, by_kind: dict[str, list[dict]], chunks: tuple[int, ...], verify: int) -> CheckBuild:
-        stages = {kind: tuple(Estimate.from_json(s) for s in estimates) for kind, estimates in by_kind.items()}
-        nets = plan(spec_11b(), SEQ, chunks, DEFAULT_BATCH, verify)
-        return cls(chunks, verify, NetEstimates({n.name: stages[n.kind.value] for n in nets if n.kind.value in stages}, ()))
+        return cls(chunks, verify, plan_estimates(plan(spec_11b(), SEQ, chunks, DEFAULT_BATCH, verify), by_kind))
 
     def check(self, k: int, tiles: int | None, tokens: float) -> float:
         """ms of a check of k proposals that yields `tokens` on average: heads that score one row a
         time run up to the first rejected row, `tokens` times, not all k + 1."""
-        launches = check_launches(spec_11b(), SEQ, self.chunks, self.verify, k, tiles)
+        launches = launches_of(self.chunks, self.verify, k, tiles)
         priced = price(launches, self.estimates, launch_us=0.0)
         if priced.missing:
             raise SystemExit(f"no estimate for {', '.join(priced.missing)}")
