@@ -22,7 +22,9 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 OUT = BENCH / "out"
-LVB = REPO / ".venv" / "bin" / "lvb"
+# The lvb beside the interpreter running the bench (its PYTHONPATH picks the source), so a
+# worktree without a venv of its own runs its own code.
+LVB = Path(sys.executable).with_name("lvb")
 
 # The reference port's measured figures, which every comparison in bench/ is against.
 REFERENCE_FIRST_TOKEN_S = 5.723

@@ -25,6 +25,10 @@ What it does:
    the number of nets of that kind in the 11B's plan (lvb.contract.plan on the published
    config), and its peak RAM is the worst measured net's.
 
+A run that compiled (not --export-only, not --tiny) is recorded in bench/results/convert_scale.json,
+an entry per model: the per-net figures, the extrapolation and the settings. memory_plan.py,
+cluster_scale.py and common.bmodel_int4_bytes read it.
+
 Everything is cached under --out: the checkpoint is reused when complete, lvb's own
 caches make a rerun of export/compile resume where it stopped, and measured stages are
 kept in OUT/results.json (use --remeasure STAGE to measure a stage again from scratch).
@@ -52,7 +56,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CONFIGS, LVB, OUT, REPO, check_loads, checkpoint_complete, gb, geometry_of, geometry_tiny, machine, table  # noqa: E402
-from common import run_paths, save_json, write_streaming_checkpoint  # noqa: E402
+from common import record_result, run_paths, save_json, write_streaming_checkpoint  # noqa: E402
 
 # ----------------------------------------------------------------------------- sampling
 
@@ -532,6 +536,18 @@ def main() -> int:
     results["checkpoint_dir"] = str(checkpoint)
     save()
     report(results, analysis, geometry, args)
+    if not args.tiny and "compile_int4" in results:
+        stages = {stage: {k: results[stage].get(k) for k in ("wall_seconds", "peak_rss_sum", "peak_pss_sum", "peak_rss_during",
+                                                             "resumed", "seconds")}
+                  for stage in ("checkpoint", "export", "compile_int4")}
+        path = record_result("convert_scale", {
+            "settings": {"model": args.model, "layers": args.layers, "vision_layers": args.vision_layers,
+                         "global_layers": args.global_layers, "seq": args.seq, "chunk": args.chunk, "jobs": args.jobs,
+                         "max_tiles": args.max_tiles, "tile": args.tile},
+            "work": work.name, "parameters": results["checkpoint"]["parameters"], "checkpoint_bytes": results["checkpoint"]["bytes"],
+            "digest_bytes_per_s": results["digest_bytes_per_s"], "stages": stages,
+            **{k: v for k, v in analysis.items() if k != "bmodel"}}, label=args.model)
+        print(f"recorded: {path}")
     if any(results[s].get("resumed") for s in ("export", "compile_int4") if s in results):
         print("\nnote: a stage resumed an interrupted run, so its wall time covers only the remainder; "
               "per-net figures come from the manifests and are complete.")

@@ -27,7 +27,8 @@ product page or datasheet with a DRAM bandwidth figure was found in the searchab
 Compared with the reference port's measured tokens/s (common.REFERENCE_TOKENS_PER_S, with its
 source).
 
-Prints a table; exits 0. No timed assertions.
+Prints a table and records it in bench/results/decode_bytes.json (an entry per model whose
+widths the work dir has); exits 0. No timed assertions.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, REFERENCE_SOURCE, REFERENCE_TOKENS_PER_S, full_model, gb, machine, mb, model_of, table  # noqa: E402
+from common import OUT, REFERENCE_SOURCE, REFERENCE_TOKENS_PER_S, full_model, gb, machine, mb, model_of, record_result, table  # noqa: E402
 
 from lvb.bmodel import inspect_bmodel  # noqa: E402
 from lvb.dtypes import value_bytes  # noqa: E402
@@ -175,7 +176,7 @@ def main() -> int:
 
     print(f"\nOne decode step of the full {model.upper()} ({n_self} self + {n_cross} cross layers, lm_head bf16, one embedding row), "
           f"seq {seq}:")
-    rows, totals = [], {}
+    rows, totals, recorded = [], {}, []
     for quant, layers in measured.items():
         weights = n_self * layers["self"]["weights"] + n_cross * layers["cross"]["weights"] + lm_head + embed_row
         for label, kv, cross in (
@@ -185,6 +186,8 @@ def main() -> int:
         ):
             total = weights + kv + cross
             totals[(quant, label)] = total
+            recorded.append({"quant": quant, "layout": label, "weights": weights, "kv": kv, "cross": cross, "total": total,
+                             "tokens_per_s": bandwidth / total, "tokens_per_s_at_util": DDR_UTIL * bandwidth / total})
             rows.append([quant, label, gb(weights), mb(kv), mb(cross), gb(total), f"{bandwidth / total:.1f}",
                          f"{DDR_UTIL * bandwidth / total:.1f}"])
     print(table(rows, ["quant", "layout", "weights", "KV cache", "cross K/V", "bytes / token", f"tok/s at {args.bandwidth:g} GB/s",
@@ -206,13 +209,12 @@ def main() -> int:
           f"{mb(cross_bf16)} at {KV} KV heads in bf16 ({mb(cross_io)} as lvb's {cross_dtype} I/O today)")
     m = machine()
     print(f"(bmodel figures do not depend on the machine; inspected on {m['cpu']}, {m['cores']} cores)")
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"measured": measured, "lm_head": lm_head, "embed_row": embed_row,
-                                                  "kv_io": kv_io, "kv_bf16": kv_bf16, "cross_io": cross_io,
-                                                  "cross_bf16": cross_bf16, "cross_ref": cross_ref,
-                                                  "totals": {f"{q} | {l}": v for (q, l), v in totals.items()},
-                                                  "bandwidth": bandwidth, "seq": seq}, indent=1))
+    layers = {quant: {kind: {k: one[k] for k in ("net", "weights", "kv", "cross", "deploy_s", "inputs")} for kind, one in ls.items()}
+              for quant, ls in measured.items()}
+    path = record_result("decode_bytes", {"work": work.name, "seq": seq, "quants": quants, "bandwidth": bandwidth,
+                                          "ddr_util": DDR_UTIL, "layers": layers, "lm_head": lm_head, "embed_row": embed_row,
+                                          "n_self": n_self, "n_cross": n_cross, "rows": recorded}, label=model)
+    print(f"results: {path}")
     return 0
 
 
