@@ -18,15 +18,15 @@ What it does:
    (export: the exporter's `.NET.tmp-PID` folder; compile: the working directory of the
    tpu-mlir tool, `compile/NET/mlir-*` = model_transform, `compile/NET/<key>` = model_deploy).
 3. Reads per-net seconds from export/manifest.json ("seconds") and the compile manifest
-   (compile/<bmodel>.json, "seconds" = model_deploy only; transform time comes from the
-   sampler), prints a table per net, and extrapolates to the full model. lvb makes one
+   (compile/<bmodel>.json, "seconds" = the net's transform and deploy; the transform's share
+   comes from the sampler), prints a table per net, and extrapolates to the full model. lvb makes one
    net per layer (text and vision alike), so every net of the real 11B has the shape of
    a net measured here: the full model's time is, per net kind, the measured mean times
    the number of nets of that kind in the 11B's plan (lvb.contract.plan on the published
    config), and its peak RAM is the worst measured net's.
 
-A run that compiled (not --export-only, not --tiny) is recorded in bench/results/convert_scale.json,
-an entry per model: the per-net figures, the extrapolation and the settings. memory_plan.py,
+A run of the default stack that compiled (not --export-only, not --tiny) is recorded in
+bench/results/convert_scale.json, an entry per model: the per-net figures, the extrapolation and the settings. memory_plan.py,
 cluster_scale.py and common.bmodel_int4_bytes read it.
 
 Everything is cached under --out: the checkpoint is reused when complete, lvb's own
@@ -295,15 +295,17 @@ def analyse(results: dict, work: Path, args) -> dict:
     for name, entry in nets.items():
         c = compile_manifest.get("nets", {}).get(name, {})
         folder = work / "export" / name
+        transform_s = compile_labels.get(f"transform:{name}", {}).get("seconds", 0.0)
         per_net.append({
             "net": name,
             "kind": entry["kind"],
             "onnx_bytes": onnx_bytes(folder) if folder.is_dir() else 0,
             "export_s": entry.get("seconds", 0.0),
             "export_peak_rss": export_labels.get(f"export:{name}", {}).get("peak_rss", 0),
-            "transform_s": compile_labels.get(f"transform:{name}", {}).get("seconds", 0.0),
+            "transform_s": transform_s,
             "transform_peak_rss": compile_labels.get(f"transform:{name}", {}).get("peak_rss", 0),
-            "deploy_s": c.get("seconds", 0.0),
+            # the manifest's seconds are the net's whole build: its transform (unless cached) and deploy
+            "deploy_s": max(0.0, c.get("seconds", 0.0) - transform_s),
             "deploy_peak_rss": compile_labels.get(f"deploy:{name}", {}).get("peak_rss", 0),
             "options": c.get("options", []),
             "bmodel_bytes": (work / c["bmodel"]).stat().st_size if c.get("bmodel") and (work / c["bmodel"]).is_file() else 0,
@@ -407,7 +409,7 @@ def report(results: dict, analysis: dict, geometry, args) -> None:
     rows = [[r["net"], r["kind"], gb(r["onnx_bytes"]), f"{r['export_s']:.1f}", gb(r["export_peak_rss"]),
              f"{r['transform_s']:.1f}", gb(r["transform_peak_rss"]), f"{r['deploy_s']:.1f}", gb(r["deploy_peak_rss"]),
              " ".join(r["options"]) or "-"] for r in analysis["per_net"]]
-    print("\nPer net (export s from export/manifest.json; deploy s from the compile manifest; transform s and peaks from sampling):")
+    print("\nPer net (export s from export/manifest.json; deploy s: the compile manifest's less the transform; transform s and peaks from sampling):")
     print(table(rows, ["net", "kind", "onnx", "export s", "export peak", "transform s", "transform peak", "deploy s",
                        "deploy peak", "deploy options"]))
 
@@ -536,7 +538,11 @@ def main() -> int:
     results["checkpoint_dir"] = str(checkpoint)
     save()
     report(results, analysis, geometry, args)
-    if not args.tiny and "compile_int4" in results:
+    # One recorded run per model: the default stack's (a smaller or larger one is for a question of its own).
+    shape = ("layers", "vision_layers", "global_layers", "seq", "chunk", "max_tiles", "tile")
+    if args.tiny or any(getattr(args, k) != parser.get_default(k) for k in shape):
+        print("not recorded in bench/results: only the default stack of each model is")
+    elif "compile_int4" in results:
         stages = {stage: {k: results[stage].get(k) for k in ("wall_seconds", "peak_rss_sum", "peak_pss_sum", "peak_rss_during",
                                                              "resumed", "seconds")}
                   for stage in ("checkpoint", "export", "compile_int4")}
