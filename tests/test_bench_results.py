@@ -233,3 +233,109 @@ def test_bench_readme_server_overhead_table_is_the_recorded_one():
     printed = flat(BENCH_README)
     for figure, value in recorded["rows"]:
         assert f"| {figure} | {value} |" in printed, figure
+
+
+def duration(seconds: float) -> str:
+    """Seconds as bench/README's conversion tables print them: 19 s, 3 m 58 s, 2 h 05 m."""
+    h, rest = divmod(int(round(seconds)), 3600)
+    m, s = divmod(rest, 60)
+    return f"{h} h {m:02d} m" if h else f"{m} m {s:02d} s" if m else f"{s} s"
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def result(name: str) -> dict:
+    return json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
+
+
+def test_bench_readme_conversion_tables_are_the_recorded_ones():
+    """bench/README §1.2: the stages, every net, every kind of the 11B's plan and the totals are
+    convert_scale.py's recorded run; the README's rows say the same totals."""
+    run, printed = result("convert_scale")["11b"], flat(BENCH_README)
+    s = run["settings"]
+    assert f"`--seq {s['seq']} --chunk {s['chunk']}`, `lvb compile --quant int4 --check none --jobs {s['jobs']}`" in BENCH_README
+    assert f"{run['parameters'] / 1e9:.2f} B parameters, {gb(run['checkpoint_bytes'])} in bf16" in BENCH_README
+    for stage, label in (("checkpoint", "write checkpoint (`bench/common.py`)"),
+                         ("export", f"`lvb export --seq {s['seq']} --chunk {s['chunk']}`"),
+                         ("compile_int4", f"`lvb compile --quant int4 --seq {s['seq']} --check none --jobs {s['jobs']}`")):
+        r = run["stages"][stage]
+        wall = r["wall_seconds"] if r["wall_seconds"] is not None else r["seconds"]
+        assert f"| {label} | {duration(wall)} | {gb(r['peak_rss_sum'])} |" in printed, stage
+    for r in run["per_net"]:
+        row = (f"| {r['net']} | {r['kind']} | {gb(r['onnx_bytes'])} | {r['export_s']:.1f} | {gb(r['export_peak_rss'])} | "
+               f"{r['transform_s']:.1f} | {gb(r['transform_peak_rss'])} | {r['deploy_s']:.1f} | {gb(r['deploy_peak_rss'])} |")
+        assert row in printed, row
+    for kind, e in run["by_kind"].items():
+        row = (f"| {kind} | {e['measured_nets']} / {e['full_nets']} | {duration(e['export_s'])} | {duration(e['compile_s'])} | "
+               f"{gb(e['export_peak_rss'])} | {gb(e['transform_peak_rss'])} | {gb(e['deploy_peak_rss'])} |")
+        assert row in printed, row
+    assert not run["missing_kinds"]
+    total, peak = run["full_export_s"] + run["full_compile_s"], max(run["full_peak"].values())
+    assert (f"| **total** | | **{duration(run['full_export_s'])}** | **{duration(run['full_compile_s'])}** | "
+            f"**{gb(run['full_peak']['export_peak_rss'])}** | **{gb(run['full_peak']['transform_peak_rss'])}** | "
+            f"**{gb(run['full_peak']['deploy_peak_rss'])}** |") in printed
+    assert f"**≈ {duration(total)}** for export plus INT4 compile" in BENCH_README and f"in **{gb(peak)}** of RAM" in BENCH_README
+    assert f"The INT4 bmodel comes to about {gb(run['bmodel_full_bytes'])}" in BENCH_README
+    assert f"≈ {duration(total)}, `--jobs {s['jobs']}`" in README and f"| **{gb(peak)}**" in README
+    assert f"| INT4 11B bmodel | ≈ {gb(run['bmodel_full_bytes'])} |" in README
+
+
+def test_bench_readme_decode_bytes_tables_are_the_recorded_ones():
+    """bench/README §2.2's two tables are decode_bytes.py's recorded figures, and the README's
+    rows quote its INT4 bytes per token and bound."""
+    run, printed = result("decode_bytes")["11b"], flat(BENCH_README)
+    layers, quants = run["layers"], run["quants"]
+    for kind, label in (("self", "self-attention"), ("cross", "cross-attention")):
+        net = layers[quants[0]][kind]["net"]
+        row = f"| {label} (`{net}`) weights | " + " | ".join(f"{layers[q][kind]['weights'] / 1e6:.1f} MB" for q in quants) + " |"
+        assert row in printed, row
+    assert f"| lm_head (bf16) | {run['lm_head'] / 1e6:.1f} MB |" in printed
+    for r in run["rows"]:
+        row = (f"| {r['quant']} | {r['layout']} | {gb(r['weights'])} | {r['kv'] / 1e6:.1f} MB | {r['cross'] / 1e6:.1f} MB | "
+               f"{gb(r['total'])} | {r['tokens_per_s']:.1f} | {r['tokens_per_s_at_util']:.1f} |")
+        assert row in printed, row
+    int4 = [r for r in run["rows"] if r["quant"] == "int4"]
+    ours, reference = int4[0], int4[-1]
+    assert reference["layout"].startswith("reference layout")
+    assert f"Its layout's bound is {reference['tokens_per_s']:.1f} tokens/s" in BENCH_README
+    assert (f"| bytes per decode token, INT4 11B at seq {run['seq']} | {gb(ours['total'])} with bf16 KV and cross K/V "
+            f"(reference layout {gb(reference['total'])}") in README
+    assert f"| {ours['tokens_per_s']:.1f} tokens/s (reference layout {reference['tokens_per_s']:.1f};" in README
+
+
+def test_bench_readme_activation_memory_is_the_recorded_one():
+    """bench/README §3.1's table is every ctx_size activation_memory.py recorded, and the plan's
+    activations (memory_plan.json) are the largest of them."""
+    printed, recorded = flat(BENCH_README), result("activation_memory")
+    for label, run in recorded.items():
+        for net, size in run["ctx_size"].items():
+            row = f"| {net} | `{label}` | {size:,} B ({gb(size)}) |"
+            assert row in printed, row
+    largest = max(size for run in recorded.values() for size in run["ctx_size"].values())
+    assert all(plan["activations"] == largest for plan in MEMORY_PLAN.values())
+
+
+def test_bench_readme_cluster_tables_are_the_recorded_ones():
+    """bench/README §1.6: Ray's cost per job and the projection on N nodes are cluster_scale.py's
+    recorded run, projected from convert_scale.py's recorded per-net times; the README quotes both."""
+    recorded = result("cluster_scale")
+    m, printed = recorded["measured"], flat(BENCH_README)
+    assert recorded["source"].startswith("bench/results/convert_scale.json")
+    assert f"| loopback cluster of two nodes up | {m['startup_s']:.1f} s |" in printed
+    assert f"round trip | **{m['empty_s'] * 1e3:.1f} ms** |" in printed
+    assert f"| {m['move_s']:.1f} s: put into the object store" in printed
+    assert f"**{m['gap_s'] * 1e3:.0f} ms** between the two jobs, then **{m['receive_s']:.1f} s** writing" in printed
+    assert f"**{m['slot_s']:.2f} s of the node's CPU per job**" in printed
+    for name, model in recorded["models"].items():
+        for p in model["projection"]:
+            row = (f"| {name} | {p['nodes']} | {p['jobs_s'] / 60:.1f} min | {model['link_s'] / 60:.1f} min | "
+                   f"**{p['compile_s'] / 60:.1f} min** | {p['shared_dir_s'] / 60:.1f} min |")
+            assert row in printed, row
+        share = 100 * model["median_overhead_s"] / model["median_job_s"]
+        assert f"{name}: {model['median_overhead_s']:.2f} s per job, {share:.1f} % of the median job" in BENCH_README
+    eleven = recorded["models"]["11B"]
+    ten = next(p for p in eleven["projection"] if p["nodes"] == 10)
+    assert f"{m['empty_s'] * 1e3:.1f} ms to schedule; {m['slot_s']:.2f} s of the node's CPU per 11B decoder net" in README
+    assert f"**{ten['compile_s'] / 60:.1f} min** through the object store, {ten['shared_dir_s'] / 60:.1f} min with" in README
