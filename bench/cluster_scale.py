@@ -21,12 +21,12 @@ What it does:
      writing the pieces to disk. That is the per-job overhead.
 3. Projects the compile of the full 11B and 90B on N nodes: the jobs of each model's
    plan (lvb.contract.plan on tests/data/*.config.json), each lasting its kind's measured
-   transform + deploy seconds at 11B widths (bench/README.md §1.2, or convert_scale.py's
-   results when bench/out holds them), scaled by the net's weight bytes for the 90B's
+   transform + deploy seconds at 11B widths (convert_scale.py's, bench/results/convert_scale.json),
+   scaled by the net's weight bytes for the 90B's
    wider text layers, plus the measured overhead for its bytes. List scheduling, longest
    job first, on nodes of this machine's cores and Ray memory resource, each job asking
-   for lvb's memory requirement (its kind's measured peak, Kind.policy.peak); then the combine where
-   the command runs. The critical path (the longest job) bounds it from below.
+   for lvb's memory requirement (its kind's measured peak, Kind.policy.peak); then the start-up
+   and combine where the command runs (convert_scale.py's, scaled by the bmodel's bytes). The critical path (the longest job) bounds it from below.
 
 No timed assertions: it prints figures and a table, and exits 0.
 """
@@ -44,31 +44,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, REPO, gb, machine, table  # noqa: E402
+from common import REPO, conversion, gb, machine, record_result, table  # noqa: E402
 
 GiB = 1 << 30
-# Per net kind at 11B widths, measured by convert_scale.py (bench/README.md §1.2, idle
-# machine, 2026-11-25; `lvb compile --quant int4 --check none --jobs 1`): mean transform s,
-# mean deploy s, ONNX + weight bytes. Used when bench/out holds no results of that script.
-MEASURED_11B = {
-    "vision_embed": (17.0, 2.5, 0.31e9),
-    "vision_layer": (23.3, 1.1, 0.08e9),
-    "vision_post": (0.4, 0.2, 0.0),
-    "vision_global": (23.4, 1.6, 0.08e9),
-    "vision_head": (13.3, 1.3, 0.13e9),
-    "cross_kv": (2.8, 0.7, 0.03e9),
-    "embed": (27.0, 23.9, 2.10e9),
-    "embed_cache": (27.8, 25.4, 2.10e9),
-    "self_prefill": (67.2, 10.75, 0.87e9),
-    "self_decode": (59.65, 12.1, 0.87e9),
-    "cross_prefill": (61.3, 10.5, 0.84e9),
-    "cross_decode": (59.9, 10.6, 0.84e9),
-    "lm_head": (28.1, 24.1, 2.10e9),
-    "greedy_head": (0.0, 0.2, 0.0),
-}
-# Start-up and `model_tool --combine` of the 11B where the command runs (bench/README.md §1.2:
-# "start-up, weight digest, combine: 1 m"); grows with the bmodel's bytes.
-SERIAL_11B_S = 60.0
 DECODER = {"self_prefill", "self_decode", "cross_prefill", "cross_decode", "cross_kv"}
 
 
@@ -109,18 +87,17 @@ def per_kind(measured: dict, config: Path, base: Path) -> dict[str, dict]:
     return kinds
 
 
-def measured_from_convert_scale() -> tuple[dict, str]:
-    for path in sorted(OUT.glob("results-11b-widths-*.json")):
-        analysis = json.loads(path.read_text()).get("analysis")
-        if not analysis:
-            continue
-        rows: dict[str, list] = {}
-        for r in analysis["per_net"]:
-            rows.setdefault(r["kind"], []).append(r)
-        mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
-        return ({k: (mean(rs, "transform_s"), mean(rs, "deploy_s"), mean(rs, "onnx_bytes")) for k, rs in rows.items()},
-                str(path.relative_to(REPO)))
-    return MEASURED_11B, "bench/README.md §1.2 (convert_scale.py, 2026-11-25)"
+def measured_from_convert_scale() -> tuple[dict, float, str]:
+    """Per net kind at 11B widths, from convert_scale.py's recorded run: mean transform s, mean
+    deploy s, ONNX + weight bytes; and the start-up and combine of the whole 11B's compile."""
+    run = conversion("11b")
+    rows: dict[str, list] = {}
+    for r in run["per_net"]:
+        rows.setdefault(r["kind"], []).append(r)
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    serial = run["compile_overhead_s"] + run["combine_full_s"]
+    return ({k: (mean(rs, "transform_s"), mean(rs, "deploy_s"), mean(rs, "onnx_bytes")) for k, rs in rows.items()}, serial,
+            f"bench/results/convert_scale.json (convert_scale.py, {run['date'][:10]})")
 
 
 # ----------------------------------------------------------------------------- scheduling
@@ -261,8 +238,8 @@ def measure(args) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def project(name: str, config: Path, measured: dict, m: dict, nodes_list, cpus: int, node_memory: float, seq: int,
-            chunk: int) -> tuple[list, dict]:
+def project(name: str, config: Path, measured: dict, serial_11b: float, m: dict, nodes_list, cpus: int, node_memory: float,
+            seq: int, chunk: int) -> tuple[list, dict]:
     from lvb.contract import Kind
 
     base = REPO / "tests" / "data" / "llama-3.2-11b-vision.config.json"
@@ -287,19 +264,21 @@ def project(name: str, config: Path, measured: dict, m: dict, nodes_list, cpus: 
     link = out / r["upload"] + out / r["pull"] + back / r["fetch"]
     bmodel = sum(kinds[k]["bmodel"] * c for k, c in counts.items())
     bmodel_11b = sum(per_kind(measured, base, base)[k]["bmodel"] * c for k, c in plan_counts(base, seq, chunk).items())
-    serial = SERIAL_11B_S * bmodel / bmodel_11b
+    serial = serial_11b * bmodel / bmodel_11b
     largest = max(need for _, need in jobs)
     memory = node_memory if largest <= node_memory else None
-    rows = []
+    rows, per_size = [], []
     star = "" if memory else " *"
     for n in nodes_list:
         scheduled = schedule(jobs, n, cpus, memory or largest)
+        per_size.append({"nodes": n, "jobs_s": scheduled, "compile_s": max(scheduled, link) + serial,
+                         "shared_dir_s": scheduled + serial})
         rows.append([name, n, f"{scheduled / 60:.1f} min{star}", f"{link / 60:.1f} min",
                      f"**{(max(scheduled, link) + serial) / 60:.1f} min**{star}", f"{(scheduled + serial) / 60:.1f} min{star}"])
     summary = {"jobs": len(jobs), "work_s": sum(work), "median_job_s": statistics.median(work),
                "median_overhead_s": statistics.median(overheads), "longest_job_s": max(s for s, _ in jobs),
                "serial_s": serial, "largest_need": largest, "fits": memory is not None, "bmodel": bmodel,
-               "out": out, "back": back, "link_s": link}
+               "out": out, "back": back, "link_s": link, "projection": per_size}
     return rows, summary
 
 
@@ -320,7 +299,7 @@ def main() -> int:
     # Ray's memory resource on an idle node of this size: what is left beside its default
     # object store (30 % of the memory).
     node_memory = 0.7 * info["ram_bytes"]
-    measured, source = measured_from_convert_scale()
+    measured, serial_11b, source = measured_from_convert_scale()
     m = measure(args)
     print(f"machine: {info['cpu']}, {cpus} cores, {gb(info['ram_bytes'])}; load average now {os.getloadavg()[0]:.1f}")
     print(f"loopback cluster of 2 nodes (1 CPU, {args.object_store_mb} MB object store each) up in {m['startup_s']:.1f} s")
@@ -340,8 +319,8 @@ def main() -> int:
     nodes_list = [int(n) for n in args.nodes.split(",")]
     rows, summaries = [], {}
     for name, config in (("11B", "llama-3.2-11b-vision"), ("90B", "llama-3.2-90b-vision")):
-        r, s = project(name, REPO / "tests" / "data" / f"{config}.config.json", measured, m, nodes_list, cpus, node_memory,
-                       args.seq, args.chunk)
+        r, s = project(name, REPO / "tests" / "data" / f"{config}.config.json", measured, serial_11b, m, nodes_list, cpus,
+                       node_memory, args.seq, args.chunk)
         rows += r
         summaries[name] = s
     for name, s in summaries.items():
@@ -356,6 +335,10 @@ def main() -> int:
           f"of Ray memory:\n")
     print(table(rows, ["model", "nodes", "jobs on the nodes (list scheduling)", "the command's transfers",
                        "compile (the larger + combine)", "with --cluster-shared-dir (+ combine)"]))
+    settings = {k: getattr(args, k) for k in ("repeat", "transfers", "busy", "net_gb", "object_store_mb", "nodes", "seq", "chunk")}
+    path = record_result("cluster_scale", {"settings": settings, "cpus": cpus, "node_memory": node_memory, "source": source,
+                                           "serial_11b_s": serial_11b, "measured": m, "models": summaries})
+    print(f"\nresults: {path}")
     return 0
 
 

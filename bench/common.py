@@ -153,6 +153,23 @@ def record_result(name: str, figures: dict, label: str | None = None) -> Path:
     return path
 
 
+def recorded(name: str, script: str) -> dict:
+    """bench/results/<name>.json, or an error naming the script that writes it."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path.relative_to(REPO)} is missing; run `{script}` first (bench/README.md, Rerun order)")
+    return json.loads(path.read_text())
+
+
+def conversion(model: str = "11b") -> dict:
+    """convert_scale.py's recorded run at `model`'s widths: per-net figures and the extrapolation."""
+    script = "bench/convert_scale.py" + ("" if model == "11b" else f" --model {model}")
+    entry = recorded("convert_scale", script).get(model)
+    if entry is None:
+        raise SystemExit(f"error: bench/results/convert_scale.json holds no {model} run; run `{script}` first")
+    return entry
+
+
 def geometry_11b(layers: int = 3, vision_layers: int = 2, global_layers: int = 1, cross: tuple[int, ...] | None = None,
                  max_tiles: int | None = None, tile: int | None = None):
     return geometry_of("11b", layers, vision_layers, global_layers, cross, max_tiles, tile)
