@@ -18,7 +18,7 @@ over the measured sizes gives the figure at 128256 rows. --no-onnxsim adds a run
 model_transform's `--do_onnx_sim ''` (tpu-mlir parses it as False), which lvb does not pass,
 to show what the ONNX simplifier's model copies cost.
 
-Prints a table; exits 0. No timed assertions.
+Prints a table and records it in bench/results/transform_memory.json; exits 0. No timed assertions.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, gb, machine, table  # noqa: E402
+from common import OUT, gb, machine, record_result, table  # noqa: E402
 from convert_scale import run_measured  # noqa: E402
 
 VOCAB = 128256
@@ -68,7 +68,7 @@ def export_onnx(kind: str, rows: int, path: Path) -> int:
 
 def run_work_nets(args, out: Path, results: dict, results_path: Path, tpu_python: Path) -> list[list]:
     """Transform nets of a convert_scale.py work dir with --do_onnx_sim '' and deploy them with lvb's options."""
-    from lvb.contract import CheckMode
+    from lvb.contract import CheckMode, NetSpec
     from lvb.compile.compiler import CompileSettings
     from lvb.compile.tpumlir import DeployOptions, shapes_arg
     from lvb.contract import Kind
@@ -91,7 +91,9 @@ def run_work_nets(args, out: Path, results: dict, results_path: Path, tpu_python
         kind = Kind(entry["kind"])
         quant = settings.quant_of(kind)
         extra = kind.policy.ladder[0]
-        options = DeployOptions(quantize=quant, group_size=settings.group_size, extra=extra)
+        bf16_inputs, bf16_outputs = NetSpec.from_json(entry).bf16_io()  # the net's bf16 state, as lvb compile deploys it
+        options = DeployOptions(quantize=quant, group_size=settings.group_size, extra=extra, bf16_inputs=bf16_inputs,
+                                bf16_outputs=bf16_outputs)
         key = f"work-{net}-no-onnxsim"
         folder = out / key
         if key not in results:
@@ -141,14 +143,16 @@ def main() -> int:
     parser.add_argument("--min-available", type=float, default=1.5, help="GB of MemAvailable below which a run is stopped")
     parser.add_argument("--work", type=Path, default=None,
                         help="work dir of bench/convert_scale.py: also run --work-nets from it with --do_onnx_sim ''")
-    parser.add_argument("--work-nets", default="vision,block_0,block_cache_1",
+    parser.add_argument("--work-nets", default="vision_layer_0,block_0,block_cache_1",
                         help="nets of --work to transform without the ONNX simplifier and deploy as lvb would")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    tpu_python = Path(__file__).resolve().parents[1] / ".venv-tpu" / "bin"
+    from lvb.toolchain import find_toolchain
+
+    tpu_python = find_toolchain().bin_dir  # lvb's own (LVB_TOOLCHAIN first): the tools it compiles with
     env_bin = str(tpu_python)
     sizes = [int(r) for r in args.rows.split(",")]
     runs = [(kind, rows, True) for kind in args.kinds.split(",") for rows in sizes]
@@ -228,6 +232,18 @@ def main() -> int:
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores, {gb(m['ram_bytes'])} RAM")
     results["fits"] = {f"{k}|{s}": v for (k, s), v in fits.items()}
     results_path.write_text(json.dumps(results, indent=1, default=str))
+    keep = ("exit_code", "wall_seconds", "peak_rss_sum", "peak_rss_during", "killed_for_memory")
+    runs = [{**{k: r[k] for k in ("kind", "rows", "weight_bytes", "onnx_bytes", "onnxsim")},
+             **{stage: {k: r[stage].get(k) for k in keep} for stage in ("transform", "deploy") if stage in r}}
+            for key, r in results.items() if key != "fits" and not key.startswith("work-")]
+    work_nets = [{**{k: r.get(k) for k in ("net", "kind", "onnx_bytes", "bmodel_bytes", "deploy_args")},
+                  **{stage: {k: r[stage].get(k) for k in keep} for stage in ("transform", "deploy") if stage in r}}
+                 for key, r in results.items() if key.startswith("work-")]
+    path = record_result("transform_memory", {"hidden": HIDDEN, "vocab": VOCAB, "embed_rows": EMBED_ROWS, "rows": sizes,
+                                              "work": args.work.resolve().name if args.work else None, "runs": runs,
+                                              "fits": [{"kind": k, "stage": s, **f} for (k, s), f in fits.items()],
+                                              "work_nets": work_nets})
+    print(f"results: {path}")
     return 0
 
 

@@ -340,3 +340,25 @@ def test_bench_readme_cluster_tables_are_the_recorded_ones():
     ten = next(p for p in eleven["projection"] if p["nodes"] == 10)
     assert f"{m['empty_s'] * 1e3:.1f} ms to schedule; {m['slot_s']:.2f} s of the node's CPU per 11B decoder net" in README
     assert f"**{ten['compile_s'] / 60:.1f} min** through the object store, {ten['shared_dir_s'] / 60:.1f} min with" in README
+
+
+def test_bench_readme_transform_memory_tables_are_the_recorded_ones():
+    """bench/README §1.4: tpu-mlir's transform and deploy of the vocabulary nets at fractions of the
+    vocabulary, the fit taken to all of it, and the work dir's nets without the simplifier, as
+    transform_memory.py recorded them."""
+    recorded, printed = result("transform_memory"), flat(BENCH_README)
+    for r in recorded["runs"]:
+        t, d = r["transform"], r["deploy"]
+        net = r["kind"] if r["onnxsim"] else f"{r['kind']}, `--do_onnx_sim ''`"
+        row = (f"| {net} | {r['rows']} | {gb(r['weight_bytes'])} | {t['wall_seconds']:.0f} | {gb(t['peak_rss_sum'])} | "
+               f"{t['peak_rss_sum'] / r['weight_bytes']:.1f} | {d['wall_seconds']:.0f} | {gb(d['peak_rss_sum'])} |")
+        assert row in printed, row
+    for f in recorded["fits"]:
+        row = f"| {f['kind']} | {f['stage']} | {f['b']:.2f} | {gb(f['full_peak'])} | {f['full_seconds']:.0f} |"
+        assert row in printed, row
+    for r in recorded["work_nets"]:  # every net converts without the simplifier (§1.5)
+        t, d = r["transform"], r.get("deploy", {})
+        assert t["exit_code"] == 0 and d.get("exit_code") == 0, r["net"]
+        row = (f"| {r['net']} | {r['kind']} | {t['wall_seconds']:.0f} | {gb(t['peak_rss_sum'])} | {d['wall_seconds']:.0f} | "
+               f"{gb(d['peak_rss_sum'])} | {r['bmodel_bytes'] / 1e6:.1f} MB |")
+        assert row in printed, row
