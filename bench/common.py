@@ -37,9 +37,6 @@ REFERENCE_SEQ = 512
 # <|start_header_id|> assistant <|end_header_id|> "\n\n" (no system block when a picture is sent).
 PROMPT_TOKENS = 17
 RESULTS = BENCH / "results"  # committed: what the README's performance tables are read from
-# The 11B INT4 combined bmodel's weights and instructions, extrapolated by convert_scale.py from
-# per-net bmodels at real widths (bench/README §1.2): what the memory plan counts on the device.
-BMODEL_11B_INT4_BYTES = 9.2e9
 
 # The published configs whose widths the bench uses (the weights are synthetic).
 CONFIGS = {name: REPO / "tests" / "data" / f"llama-3.2-{name}-vision.config.json" for name in ("11b", "90b")}
@@ -168,6 +165,12 @@ def conversion(model: str = "11b") -> dict:
     if entry is None:
         raise SystemExit(f"error: bench/results/convert_scale.json holds no {model} run; run `{script}` first")
     return entry
+
+
+def bmodel_11b_int4_bytes() -> float:
+    """The 11B INT4 combined bmodel's weights and instructions, extrapolated by convert_scale.py from
+    per-net bmodels at real widths: what the memory plan counts on the device."""
+    return conversion("11b")["bmodel_full_bytes"]
 
 
 def geometry_11b(layers: int = 3, vision_layers: int = 2, global_layers: int = 1, cross: tuple[int, ...] | None = None,

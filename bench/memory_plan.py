@@ -4,7 +4,7 @@ seq 512 and 1024, against an SE7 and an SC7 chip.
 
 Sources:
 - weights and instructions: the 11B INT4 bmodel's size from convert_scale.py
-  (common.BMODEL_11B_INT4_BYTES, extrapolated from per-net bmodels at real widths), or
+  (bench/results/convert_scale.json, extrapolated from per-net bmodels at real widths), or
   --weights to use another figure (model_tool's `weight` + `instruct` of a real one);
 - engine buffers and scratch I/O: computed by lvb.runtime.memory from the contract's
   nets for the 11B's own config (tests/data/llama-3.2-11b-vision.config.json) in the
@@ -13,8 +13,8 @@ Sources:
 - activations: bmruntime shares one neuron buffer, sized for the largest net. --activations
   takes it from a bmodel (the largest `ctx_size` among its nets, read by
   lvb.bmodel.inspect_bmodel; activation_memory.py compiles nets of the 11B-width export
-  for this) or as a byte count; by default the figure activation_memory.py measured
-  (MEASURED below). The table's title says where the figure came from.
+  for this) or as a byte count; by default the largest figure activation_memory.py recorded
+  (bench/results/activation_memory.json). The table's title says where the figure came from.
 
 Then continuous batching (`lvb export --batch 1,B`): the KV caches, cross-attention K/V and
 per-step buffers grow with B (each conversation has its slot); the largest B whose plan leaves
@@ -33,19 +33,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BMODEL_11B_INT4_BYTES, REPO, record_result, table  # noqa: E402
+from common import REPO, bmodel_11b_int4_bytes, record_result, recorded, table  # noqa: E402
 
 from lvb.contract import plan  # noqa: E402
 from lvb.runtime.memory import CARDS, GiB, MemoryPlan, resident_buffers, scratch_tensors  # noqa: E402
 from lvb.spec import ModelSpec  # noqa: E402
 
 CONFIG = ROOT / "tests" / "data" / "llama-3.2-11b-vision.config.json"
-# The largest ctx_size activation_memory.py read at 11B widths (bench README §3.1), used when
-# no --activations is given: (bytes, which net, when). It compiled every vision net and
-# cross_kv (the vision head from an export with 5 local layers, so that it reads the 11B's
-# six states); the text blocks were not compiled for it (their transform needed more memory
-# than the measuring machine gave one process), so theirs is not measured.
-MEASURED = (394_326_016, "vision_head", "2026-11-29")
+
+
+def measured_activations() -> tuple[int, str, str, str]:
+    """The largest ctx_size activation_memory.py recorded at 11B widths: (bytes, net, work dir, date).
+    It compiles the vision nets and cross_kv (the vision head also from an export with 5 local
+    layers, so that it reads the 11B's six states); the text blocks were not compiled for it
+    (their transform needed more memory than the measuring machine gave one process)."""
+    runs = recorded("activation_memory", "bench/activation_memory.py")
+    return max(((size, net, label, run["date"][:10]) for label, run in runs.items() for net, size in run["ctx_size"].items()),
+               key=lambda m: m[0])
 
 
 def gb(n: float) -> str:
@@ -55,8 +59,8 @@ def gb(n: float) -> str:
 def activations(source: str | None) -> tuple[int, str]:
     """The shared activation memory, and where the figure comes from."""
     if source is None:
-        size, net, when = MEASURED
-        return size, f"{net}'s ctx_size, the largest activation_memory.py measured ({when}, vision nets and cross_kv)"
+        size, net, work, when = measured_activations()
+        return size, f"{net}'s ctx_size ({work}), the largest in bench/results/activation_memory.json ({when})"
     try:
         return int(float(source)), "as given (--activations)"
     except ValueError:
@@ -90,10 +94,12 @@ def batch_fit(spec: ModelSpec, weights: int, activation: int, seq: int, chunk: i
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", type=float, default=BMODEL_11B_INT4_BYTES, help="weights + instructions, bytes")
+    parser.add_argument("--weights", type=float, help="weights + instructions, bytes (default: convert_scale.py's 11B INT4 bmodel)")
     parser.add_argument("--chunk", type=int, default=128)
     parser.add_argument("--activations", help="a bmodel to read the largest net's ctx_size from, or bytes")
     args = parser.parse_args()
+    default_plan = args.weights is None and args.activations is None  # the plan the READMEs show
+    args.weights = bmodel_11b_int4_bytes() if args.weights is None else args.weights
     spec = ModelSpec.from_config(json.loads(CONFIG.read_text()))
     activation, source = activations(args.activations)
     plans = {}
@@ -111,7 +117,7 @@ def main() -> int:
         plans[str(seq)] = {"weights": p.weights, "activations": p.activation, **{f"engine: {n}": b for n, b in p.groups()},
                            "scratch": p.scratch_bytes, "overhead": p.overhead, "total": p.total,
                            "spare": {card: size - p.total for card, size in CARDS.items()}}
-    if args.weights == BMODEL_11B_INT4_BYTES and args.activations is None:  # the plan the READMEs show
+    if default_plan:
         path = record_result("memory_plan", {"chunk": args.chunk, "activations_source": source, "plans": plans})
         print(f"\nresults: {path.relative_to(REPO)}")
     fit = batch_fit(spec, int(args.weights), activation, 512, args.chunk)
@@ -120,7 +126,7 @@ def main() -> int:
     rows = [[card, fit["largest_batch"][card], gb(fit["totals"][str(fit["largest_batch"][card])]),
              gb(fit["cards"][card] - fit["totals"][str(fit["largest_batch"][card])])] for card in BATCH_CARDS]
     print(table(rows, ["chip", f"largest B with >= {gb(SPARE)} spare", "plan", "spare"]))
-    if args.weights == BMODEL_11B_INT4_BYTES and args.activations is None:
+    if default_plan:
         path = record_result("batch_memory", fit | {"activation_source": source})
         print(f"results: {path.relative_to(REPO)}")
     return 0
