@@ -43,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
-from common import OUT, RESULTS, plan_estimates, record_result, table  # noqa: E402
+from common import OUT, RESULTS, bmodel_11b_int4_bytes, plan_estimates, record_result, table  # noqa: E402
 
 from lvb.contract import DEFAULT_BATCH, plan  # noqa: E402
 from lvb.devicetime import NetEstimates  # noqa: E402
@@ -234,7 +234,7 @@ class CheckBuild:
 # ----------------------------------------------------------------------------- 3. memory
 
 
-def memory(draft_weights: float, target_weights: float = 9.2e9, seq: int = 512) -> dict:
+def memory(draft_weights: float, seq: int = 512) -> dict:
     from lvb.contract import plan
     from lvb.runtime.memory import CARDS, MemoryPlan, resident_buffers, scratch_tensors
     from lvb.spec import ModelSpec
@@ -244,7 +244,7 @@ def memory(draft_weights: float, target_weights: float = 9.2e9, seq: int = 512) 
     draft_spec = ModelSpec.from_config(draft_config())
     activation, _ = activations(None)
     plans = {}
-    for name, spec, weights in (("11B INT4", target_spec, target_weights), ("1B draft INT4", draft_spec, draft_weights)):
+    for name, spec, weights in (("11B INT4", target_spec, bmodel_11b_int4_bytes()), ("1B draft INT4", draft_spec, draft_weights)):
         nets = {n.name: n.on_device() for n in plan(spec, seq, 32)}
         # bmruntime shares one activation buffer per loaded bmodel: the 11B's largest (vision_head),
         # and for the draft its own largest, which a text block's chunk of 32 tokens bounds far below.
