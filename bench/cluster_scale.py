@@ -26,9 +26,11 @@ What it does:
    wider text layers, plus the measured overhead for its bytes. List scheduling, longest
    job first, on nodes of this machine's cores and Ray memory resource, each job asking
    for lvb's memory requirement (its kind's measured peak, Kind.policy.peak); then the start-up
-   and combine where the command runs (convert_scale.py's, scaled by the bmodel's bytes). The critical path (the longest job) bounds it from below.
+   and combine where the command runs (convert_scale.py's, scaled by the bmodel's bytes). The
+   critical path (the longest job) bounds it from below.
 
-No timed assertions: it prints figures and a table, and exits 0.
+No timed assertions: it prints figures and a table, records them in bench/results/cluster_scale.json,
+and exits 0.
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ What it does:
    config), and its peak RAM is the worst measured net's.
 
 A run of the default stack that compiled (not --export-only, not --tiny) is recorded in
-bench/results/convert_scale.json, an entry per model: the per-net figures, the extrapolation and the settings. memory_plan.py,
-cluster_scale.py and common.bmodel_int4_bytes read it.
+bench/results/convert_scale.json, an entry per model: the per-net figures, the extrapolation
+and the settings. memory_plan.py, speculative.py and cluster_scale.py read it (common.conversion).
 
 Everything is cached under --out: the checkpoint is reused when complete, lvb's own
 caches make a rerun of export/compile resume where it stopped, and measured stages are
