@@ -353,7 +353,8 @@ class VisionEmbedPart(Part, _VisionGeometry):
 @part(Kind.VISION_LAYER, Kind.VISION_GLOBAL)
 class VisionLayerPart(Part, _VisionGeometry):
     shared_module = False  # local layer j and global layer j are different layers
-    revision = 1  # 1: the mask as a padding channel of queries and keys (patches.PaddedTokens)
+    revision = 2  # 1: the mask as a padding channel of queries and keys (patches.PaddedTokens); 2: each
+    # side of the channel scaled before it is expanded to the heads (patches.padding_channel)
 
     def _prefix(self, net):
         return f"{VISION}{'transformer' if net.kind is Kind.VISION_LAYER else 'global_transformer'}.layers.{net.layer}."

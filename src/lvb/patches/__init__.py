@@ -73,10 +73,16 @@ def padding_channel(query: torch.Tensor, key: torch.Tensor, padded: PaddedTokens
     """Token-major query and key ([batch, tokens, heads, d]) with one channel more, so that
     the scaled scores are eager attention's with the mask added: the query's channel is its
     padding flag, the key's its flag times MASK_VALUE / scaling; their product is MASK_VALUE
-    where both are padding and exactly 0 elsewhere. (The values keep d channels.)"""
+    where both are padding and exactly 0 elsewhere. (The values keep d channels.)
+
+    Each side is scaled before it is expanded to the heads, so that each Expand feeds only its
+    Concat: tpu-mlir's TopFuseTile drops a Tile (ONNX Expand) in front of a Mul, expecting the Mul
+    to broadcast, and a Mul by a scalar then hands the Concat a tensor of one head
+    (bench/repro_vision_channel.py)."""
     batch, tokens, heads, _ = query.shape
-    flag = padded.padding.to(query.dtype).view(batch, tokens, 1, 1).expand(batch, tokens, heads, 1)
-    return torch.cat([query, flag], dim=-1), torch.cat([key, flag * (MASK_VALUE / scaling)], dim=-1)
+    flag = padded.padding.to(query.dtype).view(batch, tokens, 1, 1)
+    query_side, key_side = (side.expand(batch, tokens, heads, 1) for side in (flag, flag * (MASK_VALUE / scaling)))
+    return torch.cat([query, query_side], dim=-1), torch.cat([key, key_side], dim=-1)
 
 
 # At most this many bytes of fp32 attention scores per group of heads. The vision tower
