@@ -2,10 +2,30 @@
 """Minimal reproduction of tpu-mlir miscompiling lvb's vision attention with the padding mask
 as an extra query/key channel (issue #30): a few-op attention core at a fixture's small sizes,
 exported to ONNX, compiled BF16 for bm1684x with lvb's own transform/deploy calls, run on the
-simulator and compared with onnxruntime (cosine). Each variant isolates one ingredient.
+simulator and compared with onnxruntime (cosine; real and padding query rows apart). Each
+variant isolates one ingredient.
 
     PYTHONPATH=$PWD/src LVB_TOOLCHAIN=/work/main/.venv-tpu /work/main/.venv/bin/python \
-        bench/repro_vision_channel.py [--variants a,b] [--out DIR]
+        bench/repro_vision_channel.py [--variants a,b] [--shape ...] [--no-layer-group] [--no-sim]
+
+What triggers it (for a tpu-mlir report; tpu-mlir 1.30.2, bm1684x, BF16, with or without
+--disable_layer_group): one ONNX Expand x[1,N,1,1] -> [1,N,h,1] feeding both a Concat and a
+Mul by a scalar constant, that Mul feeding a second Concat:
+
+    f = Expand(x)                      # [1, N, h, 1]
+    q' = Concat(q, f, axis=-1)         # [1, N, h, d+1]
+    k' = Concat(k, Mul(f, c), axis=-1) # [1, N, h, d+1]
+
+The Top canonicalization TopFuseTile (lib/Dialect/Top/Canonicalize/Tile.cpp) removes the
+Tile for its broadcasting users (Add/Sub/Mul/Min/Max), keeping a copy for the others. A Mul
+whose other operand is a scalar does not broadcast back to [1,N,h,1]: it becomes MulConst with
+output [1,N,1,1], and the second Concat is then built as Concat([1,N,h,d], [1,N,1,1]) ->
+[1,N,h,d+1] with no error (see the top MLIR, `top.Concat(%k, %mulconst)`). Its output's extra
+channel is right for head 0 only and holds stale memory for the other heads (`--concat-only`
+prints it, from the three ops above alone), so in the attention the padding queries (whose
+query channel is 1) see a wrong key channel: their rows come out wrong (cosine 0.67 at the
+default shape) while the real queries' rows (query channel 0) are right. Multiplying before
+the Expand (each Expand then feeds only a Concat) compiles right and costs the same.
 """
 
 from __future__ import annotations
@@ -122,8 +142,40 @@ def run(variant: str, x, folder: Path, extra: tuple[str, ...], toolchain, simula
             "fattention": fused, "ms": estimate.ms if estimate else None}
 
 
+class ConcatOnly(torch.nn.Module):
+    """The trigger alone: one Expand feeding a Concat and a Mul by a scalar, the Mul a Concat."""
+
+    def forward(self, q, k, pad):
+        b, n, h, _ = q.shape
+        flag = pad.view(b, n, 1, 1).expand(b, n, h, 1)
+        return torch.cat([q, flag], -1), torch.cat([k, flag * 7.0], -1)
+
+
+def concat_only(folder: Path, toolchain) -> None:
+    """Prints the key side's extra channel per token and head as the simulator gives it."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    n, h, d = 8, 4, 8
+    g = torch.Generator().manual_seed(0)
+    feeds = {"q": torch.randn(1, n, h, d, generator=g), "k": torch.randn(1, n, h, d, generator=g),
+             "pad": torch.arange(1, n + 1, dtype=torch.float32).view(1, n)}
+    onnx = folder / "concat.onnx"
+    torch.onnx.export(ConcatOnly(), tuple(feeds.values()), str(onnx), opset_version=17, dynamo=False,
+                      input_names=list(feeds), output_names=["q_out", "k_out"])
+    log = folder / "tools.log"
+    mlir = transform(toolchain, onnx, folder, "concat", [tuple(t.shape) for t in feeds.values()], log,
+                     extra=TRANSFORM_OPTIONS)
+    bmodel = deploy(toolchain, mlir, folder, "concat.bmodel", DeployOptions("bf16"), log)
+    with CmodelEngine(bmodel, toolchain) as engine:
+        got = engine.run("concat", {name: t.numpy() for name, t in feeds.items()})
+    key = np.asarray(got[1], dtype=np.float32).reshape(1, n, h, d + 1)[0, :, :, -1]
+    print("key channel, token x head (onnxruntime: 7 x token number in every head):")
+    print(np.array2string(key, precision=3, max_line_width=120))
+
+
 VARIANTS = ["plain", "mask", "zeros_channel", "channel", "channel_small", "channel_qside", "channel_pad1",
-            "channel_pad7", "channel_scale_first"]
+            "channel_pad7", "channel_scale_first", "channel_scale_first_pad7", "channel_scale_first_v",
+            "channel_scale_first_wide"]
 
 
 def main() -> None:
@@ -134,8 +186,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=BENCH / "out" / "repro_vision_channel")
     parser.add_argument("--keep", action="store_true", help="keep each variant's work folder")
     parser.add_argument("--no-sim", action="store_true", help="only compile and price (for sizes the simulator is slow at)")
+    parser.add_argument("--concat-only", action="store_true", help="the trigger alone: print the key side's channel")
     args = parser.parse_args()
     toolchain = find_toolchain()
+    if args.concat_only:
+        concat_only(args.out / "concat_only", toolchain)
+        return
     x = inputs(*map(int, args.shape.split(",")))
     extra = ("--disable_layer_group",) if args.no_layer_group else ()
     for variant in args.variants.split(","):

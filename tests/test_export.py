@@ -244,6 +244,29 @@ def test_cross_attention_blocks_never_repeat_kv(export_factory):
                 masks.update(node.output)
 
 
+def test_vision_padding_channel_expands_feed_only_concats(export_factory):
+    """In every vision layer each Expand of the padding flags to the heads feeds only the Concat
+    that adds it to the queries or keys: tpu-mlir drops an Expand (its Tile) in front of a Mul,
+    and a Mul by a scalar then hands the Concat one head's channel, a miscompile the simulator
+    check shows (bench/repro_vision_channel.py)."""
+    import onnx
+
+    work = export_factory("gqa2-cross-last")
+    nets = json.loads((work / "export" / "manifest.json").read_text())["nets"]
+    vision = [name for name, entry in nets.items() if entry["kind"] in ("vision_layer", "vision_global")]
+    assert vision
+    for name in vision:
+        graph = onnx.load(str(work / "export" / name / f"{name}.onnx"), load_external_data=False).graph
+        users: dict[str, list[str]] = {}
+        for node in graph.node:
+            for value in node.input:
+                users.setdefault(value, []).append(node.op_type)
+        expands = [node for node in graph.node if node.op_type in ("Expand", "Tile")]
+        for node in expands:
+            assert users[node.output[0]] == ["Concat"], (name, node.name, users[node.output[0]])
+        assert len(expands) == 2, (name, [n.name for n in expands])  # the query's side and the key's
+
+
 @pytest.mark.parametrize("groups", ["one head a group", "whole"])
 def test_vision_layer_with_a_padding_channel_is_transformers_own(groups, checkpoint_factory, monkeypatch):
     """lvb's vision layer hands the attention the padding flags (patches.PaddedTokens), which it
