@@ -244,6 +244,61 @@ def test_cross_attention_blocks_never_repeat_kv(export_factory):
                 masks.update(node.output)
 
 
+def test_vision_padding_channel_expands_feed_only_concats(export_factory):
+    """In every vision layer each Expand of the padding flags to the heads feeds only the Concat
+    that adds it to the queries or keys: tpu-mlir drops an Expand (its Tile) in front of a Mul,
+    and a Mul by a scalar then hands the Concat one head's channel, a miscompile the simulator
+    check shows (bench/repro_vision_channel.py)."""
+    import onnx
+
+    work = export_factory("gqa2-cross-last")
+    nets = json.loads((work / "export" / "manifest.json").read_text())["nets"]
+    vision = [name for name, entry in nets.items() if entry["kind"] in ("vision_layer", "vision_global")]
+    assert vision
+    for name in vision:
+        graph = onnx.load(str(work / "export" / name / f"{name}.onnx"), load_external_data=False).graph
+        users: dict[str, list[str]] = {}
+        for node in graph.node:
+            for value in node.input:
+                users.setdefault(value, []).append(node.op_type)
+        expands = [node for node in graph.node if node.op_type in ("Expand", "Tile")]
+        for node in expands:
+            assert users[node.output[0]] == ["Concat"], (name, node.name, users[node.output[0]])
+        assert len(expands) == 2, (name, [n.name for n in expands])  # the query's side and the key's
+
+
+@pytest.mark.parametrize("groups", ["one head a group", "whole"])
+def test_vision_layer_with_a_padding_channel_is_transformers_own(groups, checkpoint_factory, monkeypatch):
+    """lvb's vision layer hands the attention the padding flags (patches.PaddedTokens), which it
+    adds as a channel of the queries and keys: every token's output, padding included, is what
+    transformers' layer gives with its own [tokens, tokens] mask, for a picture whose last tiles
+    are padding."""
+    from transformers.models.mllama import modeling_mllama
+    from transformers.models.mllama.modeling_mllama import MllamaForConditionalGeneration
+
+    from lvb.contract import padded_patches
+    from lvb.export.parts import VisionLayer
+    from lvb.patches import patched
+
+    if groups == "whole":
+        monkeypatch.setenv("LVB_SCORES_BYTES_PER_GROUP", str(2**40))
+    model_dir = checkpoint_factory("gqa4-cross-pair")
+    vision = MllamaForConditionalGeneration.from_pretrained(model_dir, attn_implementation="eager").eval().model.vision_model
+    config = vision.config
+    tiles, patches = config.max_num_tiles, vision.num_patches
+    padded = padded_patches(patches)
+    assert padded > patches and tiles > 1  # both kinds of padding: patches rounding a tile up, and a padded tile
+    tile_flags = torch.tensor([[1] * (tiles - 1) + [0]])
+    hidden = torch.randn(1, tiles * padded, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for layer in (vision.transformer.layers[0], vision.global_transformer.layers[0]):
+        with torch.no_grad():
+            mask = modeling_mllama._prepare_aspect_ratio_attention_mask(tile_flags, patches, padded, torch.float32)
+            expected = layer(hidden, attention_mask=mask)
+            with patched():
+                got = VisionLayer(layer, patches, padded)(hidden, tile_flags.view(1, 1, tiles).int())
+        assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
 def test_heads_per_group_follows_the_budget():
     """The 11B's vision attention (16 heads over 4 x 1608 tokens) goes four heads at a time
     (what tpu-mlir's flash attention costs as if whole); a fixture's, a few KB of scores, stays

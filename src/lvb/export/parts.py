@@ -17,6 +17,7 @@ from torch import nn
 from lvb.contract import Kind, Names, NetSpec
 from lvb.export.weights import CheckpointWeights
 from lvb.masks import cross_attention_mask, self_attention_mask
+from lvb.patches import padded_tokens
 from lvb.spec import ModelSpec
 
 TEXT = "language_model.model."
@@ -91,20 +92,17 @@ class VisionEmbed(nn.Module):
 
 
 class VisionLayer(nn.Module):
-    """One local or global encoder layer; the tile mask is rebuilt from the tile flags."""
+    """One local or global encoder layer; the padding is worked out from the tile flags."""
 
     def __init__(self, layer: nn.Module, patches: int, padded: int):
         super().__init__()
         self.layer, self.patches, self.padded = layer, patches, padded
 
     def forward(self, hidden_states, aspect_ratio_mask):
-        from transformers.models.mllama import modeling_mllama
-
-        mask = modeling_mllama._prepare_aspect_ratio_attention_mask(
-            aspect_ratio_mask.reshape(1, -1).long(), num_patches=self.patches, target_length=self.padded,
-            dtype=hidden_states.dtype,
-        )
-        return self.layer(hidden_states, attention_mask=mask)
+        # The mask as the padding flags, which the patched attention adds as a channel
+        # (patches.PaddedTokens); transformers' layer passes it through untouched.
+        padded = padded_tokens(aspect_ratio_mask.reshape(1, -1).long(), self.patches, self.padded, hidden_states.dtype)
+        return self.layer(hidden_states, attention_mask=padded)
 
 
 class VisionPost(nn.Module):
@@ -355,6 +353,8 @@ class VisionEmbedPart(Part, _VisionGeometry):
 @part(Kind.VISION_LAYER, Kind.VISION_GLOBAL)
 class VisionLayerPart(Part, _VisionGeometry):
     shared_module = False  # local layer j and global layer j are different layers
+    revision = 2  # 1: the mask as a padding channel of queries and keys (patches.PaddedTokens); 2: each
+    # side of the channel scaled before it is expanded to the heads (patches.padding_channel)
 
     def _prefix(self, net):
         return f"{VISION}{'transformer' if net.kind is Kind.VISION_LAYER else 'global_transformer'}.layers.{net.layer}."

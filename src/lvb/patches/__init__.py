@@ -40,11 +40,49 @@ def aspect_ratio_attention_mask(
     pattern (a pair is masked when both its query and key are padding), same
     outputs in PyTorch, with MASK_VALUE and no in-place write.
     """
-    batch, tiles = aspect_ratio_mask.shape
-    real_tile = aspect_ratio_mask.view(batch, tiles, 1, 1).to(dtype)
-    real_patch = (torch.arange(target_length) < num_patches).to(dtype).view(1, 1, target_length, 1)
-    padding = (1 - real_tile * real_patch).reshape(batch, tiles * target_length, 1)
+    padding = padded_tokens(aspect_ratio_mask, num_patches, target_length, dtype).padding.unsqueeze(-1)
     return (padding @ padding.transpose(-1, -2) * MASK_VALUE).unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class PaddedTokens:
+    """The vision tower's attention mask in the form it has: a pair of tokens is masked when
+    both are padding (a padded tile's patches, or the patches that round a tile up to a
+    multiple of 8). `padding` is [batch, tokens], 1 where a token is padding.
+
+    lvb's vision nets hand this to the attention instead of the [tokens, tokens] mask, and
+    the attention adds it as one more channel of the queries and keys (padding_channel):
+    a [tokens, tokens] mask is 83 MB of bf16 at the 11B's four tiles, which the chip reads
+    for every group of heads in every layer; the channel is 13 KB. (bench/README.md §10.)
+    """
+
+    padding: torch.Tensor
+
+
+def padded_tokens(aspect_ratio_mask: torch.Tensor, num_patches: int, target_length: int,
+                  dtype: torch.dtype) -> PaddedTokens:
+    """Which tokens of the vision tower are padding, from the tile flags."""
+    batch, tiles = aspect_ratio_mask.shape
+    real_tile = aspect_ratio_mask.view(batch, tiles, 1).to(dtype)
+    real_patch = (torch.arange(target_length) < num_patches).to(dtype).view(1, 1, target_length)
+    return PaddedTokens((1 - real_tile * real_patch).reshape(batch, tiles * target_length))
+
+
+def padding_channel(query: torch.Tensor, key: torch.Tensor, padded: PaddedTokens,
+                    scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-major query and key ([batch, tokens, heads, d]) with one channel more, so that
+    the scaled scores are eager attention's with the mask added: the query's channel is its
+    padding flag, the key's its flag times MASK_VALUE / scaling; their product is MASK_VALUE
+    where both are padding and exactly 0 elsewhere. (The values keep d channels.)
+
+    Each side is scaled before it is expanded to the heads, so that each Expand feeds only its
+    Concat: tpu-mlir's TopFuseTile drops a Tile (ONNX Expand) in front of a Mul, expecting the Mul
+    to broadcast, and a Mul by a scalar then hands the Concat a tensor of one head
+    (bench/repro_vision_channel.py)."""
+    batch, tokens, heads, _ = query.shape
+    flag = padded.padding.to(query.dtype).view(batch, tokens, 1, 1)
+    query_side, key_side = (side.expand(batch, tokens, heads, 1) for side in (flag, flag * (MASK_VALUE / scaling)))
+    return torch.cat([query, query_side], dim=-1), torch.cat([key, key_side], dim=-1)
 
 
 # At most this many bytes of fp32 attention scores per group of heads. The vision tower
@@ -93,13 +131,17 @@ def attention_in_head_groups(eager: Callable) -> Callable:
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         from transformers.models.mllama.modeling_mllama import MllamaVisionAttention
 
-        batch, heads, queries, dim = query.shape
+        batch, heads, queries, dim = value.shape
+        token_major = [t.transpose(1, 2) for t in (query, key, value)]  # [batch, tokens, heads, dim]
+        if isinstance(attention_mask, PaddedTokens):
+            token_major[:2] = padding_channel(*token_major[:2], attention_mask, module.scaling)
+            query, key = (t.transpose(1, 2) for t in token_major[:2])
+            attention_mask = None
         size = heads_per_group(heads, queries, key.shape[2])
         if not isinstance(module, MllamaVisionAttention) or size >= heads:
             return eager(module, query, key, value, attention_mask, *args, **kwargs)
         if attention_mask is not None and attention_mask.shape[1] != 1:
             raise NotImplementedError("attention in head groups expects one mask for every head")
-        token_major = [t.transpose(1, 2) for t in (query, key, value)]  # [batch, tokens, heads, dim]
         outputs = []
         for first in range(0, heads, size):
             q, k, v = (t[:, :, first:first + size].transpose(1, 2) for t in token_major)
@@ -126,10 +168,12 @@ def grouped_query_attention(eager: Callable) -> Callable:
     def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         from transformers.models.mllama.modeling_mllama import MllamaVisionAttention
 
+        if isinstance(module, MllamaVisionAttention):
+            return eager(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
         batch, heads, queries, dim = query.shape
         kv_heads = key.shape[1]
         masks_per_head = attention_mask is not None and attention_mask.shape[1] != 1
-        if isinstance(module, MllamaVisionAttention) or kv_heads == heads or masks_per_head or module.training:
+        if kv_heads == heads or masks_per_head or module.training:
             return eager(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
         group = heads // kv_heads
         # Head h uses K/V head h // group (repeat_kv's order): heads are outer to queries, so
