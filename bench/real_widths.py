@@ -35,7 +35,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from common import BENCH, CONFIGS, LVB, OUT, REPO, geometry_11b, machine, run_paths, save_json, table
+from common import BENCH, CONFIGS, LVB, OUT, REPO, RESULTS, geometry_11b, record_result, run_paths, table
 
 README_11B_COMPILE_SECONDS = 2 * 3600  # bench README §1.2: transform + deploy of every 11B net, no check
 
@@ -376,12 +376,16 @@ def main() -> int:
     geometry = geometry_11b(args.layers, args.vision_layers, args.global_layers, max_tiles=args.max_tiles, tile=args.tile)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint, work, results_path = run_paths(out, geometry, args.seq, args.chunk, "real_widths")
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    results["machine"] = machine()
+    checkpoint, work, _ = run_paths(out, geometry, args.seq, args.chunk, "real_widths")
+    # One entry per stack in bench/results/real_widths.json; each invocation adds its part
+    # (--per-output, --quantized-only, ...) to what that stack's earlier ones recorded.
+    label = f"{geometry.name}-seq{args.seq}-chunk{args.chunk}"
+    results_path = RESULTS / "real_widths.json"
+    recorded = json.loads(results_path.read_text()).get(label, {}) if results_path.is_file() else {}
+    results = {key: value for key, value in recorded.items() if key not in ("commit", "date", "machine", "load_average")}
 
     def save():
-        save_json(results_path, results)
+        record_result("real_widths", results, label=label)
 
     ensure_export(args, work, out)
     export = json.loads((work / "export" / "manifest.json").read_text())
