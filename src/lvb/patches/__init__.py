@@ -52,8 +52,8 @@ class PaddedTokens:
 
     lvb's vision nets hand this to the attention instead of the [tokens, tokens] mask, and
     the attention adds it as one more channel of the queries and keys (padding_channel):
-    a [tokens, tokens] mask is 83 MB of bf16 at the 11B's four tiles, which the chip reads
-    for every group of heads in every layer; the channel is 13 KB. (bench/README.md §10.)
+    the chip would read a [tokens, tokens] mask for every group of heads in every layer
+    (bench/README.md §1.1).
     """
 
     padding: torch.Tensor
