@@ -25,22 +25,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, gb, record_result  # noqa: E402
+from common import OUT, gb, newest_compile, record_result  # noqa: E402
 
 from lvb.contract import padded_patches  # noqa: E402
 from lvb.spec import ModelSpec  # noqa: E402
 
 DEFAULT_WORK = OUT / "work-11b-widths-L3-V2+1-seq512-chunk128"
-
-
-def int4_compile(work: Path) -> dict:
-    """The compile manifest of the work dir's INT4 build, or an error naming the command that makes it."""
-    for path in sorted((work / "compile").glob("*.json")):
-        data = json.loads(path.read_text())
-        if data.get("settings", {}).get("quant") == "int4":
-            return data
-    raise SystemExit(f"error: {work} holds no INT4 compile; run `lvb compile --work {work} --quant int4 --check none --jobs 1` "
-                     "(or bench/convert_scale.py) first")
 
 
 def main() -> int:
@@ -53,7 +43,7 @@ def main() -> int:
     from lvb.toolchain import find_toolchain
 
     work = args.work.resolve()
-    compiled = int4_compile(work)
+    compiled = newest_compile(work, "int4")
     nets = [n for n in args.nets.split(",") if n] or list(compiled["nets"])
     if missing := [n for n in nets if n not in compiled["nets"]]:
         raise SystemExit(f"error: {work}'s INT4 compile has no net {', '.join(missing)}; nets: {', '.join(compiled['nets'])}")

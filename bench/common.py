@@ -370,6 +370,19 @@ def first_of_kinds_record(results: dict[str, dict]) -> dict[str, dict]:
     return {name: {key: r[key] for key in ("kind", "options", "seconds", "first_input", "device")} for name, r in results.items()}
 
 
+def newest_compile(work: Path, quant: str | None, head_quant: str | None = None) -> dict:
+    """The work dir's newest compile manifest of lvb's version at `quant` and `head_quant` (None:
+    any), or an error naming the command that makes one."""
+    from lvb.workdir import COMPILE_VERSION, WorkDir, read_manifest
+
+    manifests = [read_manifest(p, COMPILE_VERSION) for p in WorkDir(work).compile_manifests()]
+    manifests = [m for m in manifests if m and (quant is None or m["settings"]["quant"] == quant)
+                 and (head_quant is None or m["settings"]["head_quant"] == head_quant)]
+    if not manifests:
+        raise SystemExit(f"{work} holds no such compile (--quant {quant}, --head-quant {head_quant}); run lvb compile --check none first")
+    return max(manifests, key=lambda m: (WorkDir(work).root / m["bmodel"]).stat().st_mtime)
+
+
 def plan_estimates(nets, by_kind: dict[str, list[dict]]):
     """Every net of a plan priced as the compiled net of its kind was ({kind: its recorded
     stages' estimates}, as first_of_kinds_record or device_time.json keep them): one net stands

@@ -30,13 +30,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 from common import (CONFIGS, PROMPT_TOKENS, REFERENCE_FIRST_TOKEN_S, REFERENCE_SOURCE, REFERENCE_TOKENS_PER_S,  # noqa: E402
-                    RESULTS, model_of, record_result, table)
+                    RESULTS, model_of, newest_compile, record_result, table)
 
 from lvb.contract import Kind, plan  # noqa: E402
 from lvb.devicetime import Estimate, NetEstimates, from_manifest  # noqa: E402
 from lvb.runtime.turn import turn_times  # noqa: E402
 from lvb.spec import ModelSpec  # noqa: E402
-from lvb.workdir import COMPILE_VERSION, WorkDir, read_manifest  # noqa: E402
+from lvb.workdir import WorkDir  # noqa: E402
 
 REFERENCE_FILE = RESULTS / "reference_layout.json"
 
@@ -51,15 +51,6 @@ def full_config(short: dict, model: str) -> dict:
             if key in published[section]:
                 config[section][key] = published[section][key]
     return config
-
-
-def newest_compile(work: Path, quant: str | None, head_quant: str | None) -> dict:
-    manifests = [read_manifest(p, COMPILE_VERSION) for p in WorkDir(work).compile_manifests()]
-    manifests = [m for m in manifests if m and (quant is None or m["settings"]["quant"] == quant)
-                 and (head_quant is None or m["settings"]["head_quant"] == head_quant)]
-    if not manifests:
-        raise SystemExit(f"{work} holds no such compile (--quant {quant}, --head-quant {head_quant}); run lvb compile --check none first")
-    return max(manifests, key=lambda m: (WorkDir(work).root / m["bmodel"]).stat().st_mtime)
 
 
 def measured_kinds(work: Path, quant: str | None, head_quant: str | None) -> tuple[dict, dict, dict, dict]:

@@ -44,9 +44,8 @@ CONFIG = ROOT / "tests" / "data" / "llama-3.2-11b-vision.config.json"
 
 def measured_activations() -> tuple[int, str, str, str]:
     """The largest ctx_size activation_memory.py recorded at 11B widths: (bytes, net, work dir, date).
-    It compiles the vision nets and cross_kv (the vision head also from an export with 5 local
-    layers, so that it reads the 11B's six states); the text blocks were not compiled for it
-    (their transform needed more memory than the measuring machine gave one process)."""
+    It reads every net of a short stack's INT4 compile (the vision head also from an export with
+    5 local layers, so that it reads the 11B's six states)."""
     runs = recorded("activation_memory", "bench/activation_memory.py")
     return max(((size, net, label, run["date"][:10]) for label, run in runs.items() for net, size in run["ctx_size"].items()),
                key=lambda m: m[0])

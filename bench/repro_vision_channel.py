@@ -41,6 +41,7 @@ from lvb.check import compare, run_once
 from lvb.compile.tpumlir import DeployOptions, TRANSFORM_OPTIONS, deploy, transform
 from lvb.contract import MASK_VALUE
 from lvb.devicetime import read_profile
+from lvb.patches import padded_tokens
 from lvb.runtime.cmodel import CmodelEngine
 from lvb.toolchain import find_toolchain
 
@@ -97,33 +98,37 @@ class Core(torch.nn.Module):
 
 def inputs(tiles: int, per_tile: int, real: int, heads: int, dim: int, real_tiles: int):
     g = torch.Generator().manual_seed(0)
-    n = tiles * per_tile
-    q, k, v = (torch.randn(1, n, heads, dim, generator=g) for _ in range(3))
-    real_tile = (torch.arange(tiles) < real_tiles).float().view(tiles, 1)
-    real_patch = (torch.arange(per_tile) < real).float().view(1, per_tile)
-    pad = (1 - real_tile * real_patch).reshape(1, n)
-    return q, k, v, pad
+    q, k, v = (torch.randn(1, tiles * per_tile, heads, dim, generator=g) for _ in range(3))
+    flags = (torch.arange(tiles) < real_tiles).long().view(1, tiles)
+    return q, k, v, padded_tokens(flags, real, per_tile, torch.float32).padding
+
+
+def build(module: torch.nn.Module, feeds: dict[str, torch.Tensor], outputs: list[str], folder: Path, name: str,
+          extra: tuple[str, ...], toolchain) -> tuple[Path, Path, dict[str, np.ndarray]]:
+    """`module` to ONNX and a BF16 bm1684x bmodel as lvb transforms and deploys: (onnx, bmodel,
+    the feeds the ONNX kept: the exporter drops an unused input)."""
+    import onnx as onnx_lib
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    onnx = folder / f"{name}.onnx"
+    torch.onnx.export(module, tuple(feeds.values()), str(onnx), opset_version=17, dynamo=False,
+                      input_names=list(feeds), output_names=outputs)
+    kept = {i.name for i in onnx_lib.load(str(onnx)).graph.input}
+    arrays = {key: t.numpy() for key, t in feeds.items() if key in kept}
+    log = folder / "tools.log"
+    mlir = transform(toolchain, onnx, folder, name, [a.shape for a in arrays.values()], log, extra=TRANSFORM_OPTIONS)
+    return onnx, deploy(toolchain, mlir, folder, f"{name}.bmodel", DeployOptions("bf16", extra=extra), log), arrays
 
 
 def run(variant: str, x, folder: Path, extra: tuple[str, ...], toolchain, simulate: bool = True) -> dict:
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
     dim = x[0].shape[-1]
     module = Core(variant, dim ** -0.5)
     expected = Core("mask", dim ** -0.5)(*x)
     with torch.no_grad():
         got_torch = module(*x)
     exact = float((got_torch - expected).abs().max()) if got_torch.shape == expected.shape else float("nan")
-    onnx = folder / "core.onnx"
-    names = ["q", "k", "v", "pad"]
-    torch.onnx.export(module, x, str(onnx), opset_version=17, dynamo=False, input_names=names, output_names=["o"])
-    import onnx as onnx_lib
-
-    kept = [i.name for i in onnx_lib.load(str(onnx)).graph.input]  # an unused input is dropped
-    feeds = {name: t.numpy() for name, t in zip(names, x) if name in kept}
-    log = folder / "tools.log"
-    mlir = transform(toolchain, onnx, folder, "core", [a.shape for a in feeds.values()], log, extra=TRANSFORM_OPTIONS)
-    bmodel = deploy(toolchain, mlir, folder, "core.bmodel", DeployOptions("bf16", extra=extra), log)
+    onnx, bmodel, feeds = build(module, dict(zip(["q", "k", "v", "pad"], x)), ["o"], folder, "core", extra, toolchain)
     estimate = read_profile(folder)
     final = next(folder.glob("*_final.mlir"), None)
     fused = final.read_text().count('"tpu.FAttention"') if final else -1
@@ -153,21 +158,13 @@ class ConcatOnly(torch.nn.Module):
 
 def concat_only(folder: Path, toolchain) -> None:
     """Prints the key side's extra channel per token and head as the simulator gives it."""
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
     n, h, d = 8, 4, 8
     g = torch.Generator().manual_seed(0)
     feeds = {"q": torch.randn(1, n, h, d, generator=g), "k": torch.randn(1, n, h, d, generator=g),
              "pad": torch.arange(1, n + 1, dtype=torch.float32).view(1, n)}
-    onnx = folder / "concat.onnx"
-    torch.onnx.export(ConcatOnly(), tuple(feeds.values()), str(onnx), opset_version=17, dynamo=False,
-                      input_names=list(feeds), output_names=["q_out", "k_out"])
-    log = folder / "tools.log"
-    mlir = transform(toolchain, onnx, folder, "concat", [tuple(t.shape) for t in feeds.values()], log,
-                     extra=TRANSFORM_OPTIONS)
-    bmodel = deploy(toolchain, mlir, folder, "concat.bmodel", DeployOptions("bf16"), log)
+    _, bmodel, arrays = build(ConcatOnly(), feeds, ["q_out", "k_out"], folder, "concat", (), toolchain)
     with CmodelEngine(bmodel, toolchain) as engine:
-        got = engine.run("concat", {name: t.numpy() for name, t in feeds.items()})
+        got = engine.run("concat", arrays)
     key = np.asarray(got[1], dtype=np.float32).reshape(1, n, h, d + 1)[0, :, :, -1]
     print("key channel, token x head (onnxruntime: 7 x token number in every head):")
     print(np.array2string(key, precision=3, max_line_width=120))

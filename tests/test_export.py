@@ -224,19 +224,23 @@ def test_grouped_query_attention_is_transformers_own(name, long_prompt, checkpoi
     assert torch.allclose(plain, grouped, atol=1e-5), (plain - grouped).abs().max()
 
 
+def exported_graphs(work, kinds: tuple[str, ...]):
+    """(name, ONNX graph without its weights) of every exported net of `kinds`; at least one."""
+    import onnx
+
+    nets = json.loads((work / "export" / "manifest.json").read_text())["nets"]
+    names = [name for name, entry in nets.items() if entry["kind"] in kinds]
+    assert names, kinds
+    for name in names:
+        yield name, onnx.load(str(work / "export" / name / f"{name}.onnx"), load_external_data=False).graph
+
+
 def test_cross_attention_blocks_never_repeat_kv(export_factory):
     """No cross-attention block of a fixture whose query heads share K/V heads copies the
     image's K/V to them (repeat_kv is an Expand): the only copies are of a mask, one row per
     query head. (A self-attention block keeps repeat_kv's form but over a short chunk, which the
     compile fuses into flash attention either way: tests/test_compile.py checks the fused op.)"""
-    import onnx
-
-    work = export_factory("gqa2-cross-last")
-    nets = json.loads((work / "export" / "manifest.json").read_text())["nets"]
-    cross = [name for name, entry in nets.items() if entry["kind"] in ("cross_prefill", "cross_decode")]
-    assert cross
-    for name in cross:
-        graph = onnx.load(str(work / "export" / name / f"{name}.onnx"), load_external_data=False).graph
+    for name, graph in exported_graphs(export_factory("gqa2-cross-last"), ("cross_prefill", "cross_decode")):
         masks = {i.name for i in graph.input if "mask" in i.name}
         for node in graph.node:
             if node.op_type in ("Expand", "Tile"):
@@ -249,14 +253,7 @@ def test_vision_padding_channel_expands_feed_only_concats(export_factory):
     that adds it to the queries or keys: tpu-mlir drops an Expand (its Tile) in front of a Mul,
     and a Mul by a scalar then hands the Concat one head's channel, a miscompile the simulator
     check shows (bench/repro_vision_channel.py)."""
-    import onnx
-
-    work = export_factory("gqa2-cross-last")
-    nets = json.loads((work / "export" / "manifest.json").read_text())["nets"]
-    vision = [name for name, entry in nets.items() if entry["kind"] in ("vision_layer", "vision_global")]
-    assert vision
-    for name in vision:
-        graph = onnx.load(str(work / "export" / name / f"{name}.onnx"), load_external_data=False).graph
+    for name, graph in exported_graphs(export_factory("gqa2-cross-last"), ("vision_layer", "vision_global")):
         users: dict[str, list[str]] = {}
         for node in graph.node:
             for value in node.input:
