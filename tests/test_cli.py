@@ -101,11 +101,12 @@ def test_export_names_a_bad_chunk_list(chunk, problem, checkpoint_factory, tmp_p
 
 BAD_CHOICES = {  # every choice option, refused in lvb's one style before any work: one line, exit 1
     "compile --check": (["compile", "--work", "{tmp}", "--check", "foo"], "--check foo is not one of all, kinds, none"),
-    "compile --quant": (["compile", "--work", "{tmp}", "--quant", "int3"], "--quant int3 is not one of int4, int8, bf16"),
-    "compile --head-quant": (["compile", "--work", "{tmp}", "--head-quant", "fp8"], "--head-quant fp8 is not one of int4, int8, bf16"),
+    "compile --quant": (["compile", "--work", "{tmp}", "--quant", "int3"], "--quant int3 is not one of int4, int8, bf16, w8a8"),
+    "compile --head-quant": (["compile", "--work", "{tmp}", "--head-quant", "fp8"], "--head-quant fp8 is not one of int4, int8, bf16, w8a8"),
+    "compile --quant w8a8": (["compile", "--work", "{tmp}", "--quant", "w8a8"], "--quant w8a8 is for --vision-quant only"),
     "compile --chip": (["compile", "--work", "{tmp}", "--chip", "bm1688"], "--chip bm1688 is not one of bm1684x"),
     "compile --jobs (not a number)": (["compile", "--work", "{tmp}", "--jobs", "two"], "--jobs two:"),
-    "pack --quant": (["pack", "{tmp}", "--out", "{tmp}/package", "--quant", "banana"], "--quant banana is not one of int4, int8, bf16"),
+    "pack --quant": (["pack", "{tmp}", "--out", "{tmp}/package", "--quant", "banana"], "--quant banana is not one of int4, int8, bf16, w8a8"),
     "verify --backend": (["verify", "--model", "{tmp}", "--work", "{tmp}", "--backend", "tpu"],
                          "--backend tpu is not one of cmodel, sail, onnxruntime"),
     "verify --pictures": (["verify", "--model", "{tmp}/no-model", "--work", "{tmp}", "--pictures", "0"], "--pictures 0 is out of range"),
@@ -128,7 +129,7 @@ def test_the_library_refuses_a_bad_choice_in_the_same_words():
     from lvb.contract import ChoiceError, Quant
     from lvb.runtime.backends import open_engine
 
-    with pytest.raises(ChoiceError, match="^--vision-quant f32 is not one of int4, int8, bf16$"):
+    with pytest.raises(ChoiceError, match="^--vision-quant f32 is not one of int4, int8, bf16, w8a8$"):
         CompileSettings(quant="int4", vision_quant="f32")
     with pytest.raises(ChoiceError, match="^--backend tpu is not one of cmodel, sail, onnxruntime$"):
         open_engine("tpu")

@@ -84,16 +84,32 @@ class Choice(str, Enum):
 
 class Quant(Choice):
     """How a group of nets is compiled (`--quant`, `--vision-quant`, `--embed-quant`, `--head-quant`):
-    INT4 or INT8 weights with bf16 activations (tpu-mlir's W4BF16, W8BF16), or bf16 throughout."""
+    INT4 or INT8 weights with bf16 activations (tpu-mlir's W4BF16, W8BF16), bf16 throughout, or
+    (the vision tower only) INT8 weights and activations at calibrated thresholds (tpu-mlir's INT8,
+    lvb.compile.calibration)."""
 
     INT4 = "int4"
     INT8 = "int8"
     BF16 = "bf16"
+    W8A8 = "w8a8"
 
     @property
     def grouped(self) -> bool:
         """Whether its weights share one scale per `--group-size` inputs."""
-        return self is not Quant.BF16
+        return self in (Quant.INT4, Quant.INT8)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether its activations are INT8 too, at thresholds measured on pictures."""
+        return self is Quant.W8A8
+
+    @classmethod
+    def of_weights(cls, value: object, option: str) -> Quant:
+        """As `of`, for the options that take a weight quantization only (all but --vision-quant)."""
+        quant = cls.of(value, option)
+        if quant.calibrated:
+            raise ChoiceError(f"{option} {quant} is for --vision-quant only (the vision tower); use int4, int8 or bf16")
+        return quant
 
 
 class Backend(Choice):
@@ -289,12 +305,16 @@ def is_state(name: str) -> bool:
     return name in _STATE or Names.kept_layer_index(name) is not None
 
 
-def device_dtype(kind: Kind, tensor: TensorInfo) -> str:
-    """The dtype a net of `kind` takes or gives `tensor` in on the device (the ONNX graph's is
-    tensor.dtype): bf16 for float32 state where the kind's policy says so."""
-    if kind.policy.bf16_state and tensor.dtype == "float32" and is_state(tensor.name):
-        return BF16
-    return tensor.dtype
+def device_dtype(kind: Kind, tensor: TensorInfo, quant: str | None = None) -> str:
+    """The dtype a net of `kind`, compiled as `quant`, takes or gives `tensor` in on the device
+    (the ONNX graph's is tensor.dtype): bf16 for float32 state where the kind's policy says so.
+    An INT8 (w8a8) net cannot take bf16 (tpu-mlir would make such an input INT8), so the w8a8
+    vision nets hand each other float32 and only the cross-attention states leave them as bf16."""
+    if not (kind.policy.bf16_state and tensor.dtype == "float32" and is_state(tensor.name)):
+        return tensor.dtype
+    if quant == Quant.W8A8 and tensor.name != Names.CROSS_STATES:
+        return tensor.dtype
+    return BF16
 
 
 # How the nets that exist once per layer are named; the others are named after their kind.
@@ -343,18 +363,18 @@ class NetSpec:
     # stages that share its weights. `inputs` and `outputs` are the largest stage's.
     smaller: tuple[NetSpec, ...] = ()
 
-    def on_device(self) -> NetSpec:
-        """The net as a bmodel declares it: each tensor in its device dtype."""
+    def on_device(self, quant: str | None = None) -> NetSpec:
+        """The net as a bmodel declares it, compiled as `quant`: each tensor in its device dtype."""
         def device(tensors):
-            return tuple(replace(t, dtype=device_dtype(self.kind, t)) for t in tensors)
+            return tuple(replace(t, dtype=device_dtype(self.kind, t, quant)) for t in tensors)
 
         return replace(self, inputs=device(self.inputs), outputs=device(self.outputs),
-                       smaller=tuple(s.on_device() for s in self.smaller))
+                       smaller=tuple(s.on_device(quant) for s in self.smaller))
 
-    def bf16_io(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def bf16_io(self, quant: str | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The 1-based positions of the inputs and outputs the device takes as bf16, as
         model_deploy's --quant_input_list/--quant_output_list count them."""
-        device = self.on_device()
+        device = self.on_device(quant)
         return (tuple(i + 1 for i, t in enumerate(device.inputs) if t.dtype == BF16),
                 tuple(i + 1 for i, t in enumerate(device.outputs) if t.dtype == BF16))
 

@@ -117,7 +117,7 @@ def pack(work: Path, out: Path, quant: str | None = None, checkpoint: Path | Non
     """Write the package of work directory `work` to `out` (replacing an older package there).
     `checkpoint` overrides the folder the export was made from (for its small files)."""
     work, out = Path(work), Path(os.path.abspath(out))  # `--out .` names the folder it is run in
-    quant = Quant.of(quant, "--quant") if quant is not None else None
+    quant = Quant.of_weights(quant, "--quant") if quant is not None else None
     if out.resolve() == work.resolve() or out.resolve() in work.resolve().parents or work.resolve() in out.resolve().parents:
         raise PackageError(f"--out {out} overlaps the work directory {work}; pass a folder outside it")
     try:  # what every reader checks: finished, and each net's files the recorded ones

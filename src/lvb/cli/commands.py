@@ -154,7 +154,9 @@ def compile_(
     group_size: Annotated[int, typer.Option(help="INT4/INT8 weights share one scale per this many inputs.", callback=at_least(1))] = DEFAULT_GROUP_SIZE,
     chip: Annotated[Chip, typer.Option(help="Target chip.")] = Chip.BM1684X,
     jobs: Annotated[Optional[int], typer.Option(help="Parallel compile jobs (default: from cores and free memory).", callback=at_least(1))] = None,
-    vision_quant: Annotated[Quant, typer.Option(help="Vision tower: bf16, int8 or int4.")] = Quant.BF16,
+    vision_quant: Annotated[Quant, typer.Option(
+        help="Vision tower: bf16, int8 or int4 (weights only), or w8a8 (INT8 weights and activations, calibrated on "
+             "scikit-image's photos; the attention core stays bf16).")] = Quant.BF16,
     embed_quant: Annotated[Quant, typer.Option(help="Embedding: bf16, int8 or int4.")] = Quant.BF16,
     head_quant: Annotated[Quant, typer.Option(help="LM head: bf16, int8 or int4.")] = Quant.BF16,
     check: Annotated[CheckMode, typer.Option(

@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from lvb.cli.output import console, errors, fail, show
-from lvb.contract import Backend, Choice, not_one_of
+from lvb.contract import Backend, Choice, ChoiceError, not_one_of
 from lvb.errors import LvbError
 
 
@@ -37,6 +37,8 @@ class OneLineErrors(TyperGroup):
             return super().invoke(ctx)
         except typer.BadParameter as e:
             raise fail(bad_value(e)) from None
+        except ChoiceError as e:  # a choice the Enum takes but the option does not (--quant w8a8)
+            raise fail(str(e)) from None
 
 
 def bad_value(error: typer.BadParameter) -> str:

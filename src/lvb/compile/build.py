@@ -15,7 +15,8 @@ from pathlib import Path
 
 from lvb.bmodel import declared_tensors
 from lvb.check import load_check, onnx_vs_bmodel, shortfalls
-from lvb.compile.tpumlir import TRANSFORM_OPTIONS, DeployOptions, combine, deploy, transform
+from lvb.compile.calibration import write_tables
+from lvb.compile.tpumlir import TRANSFORM_OPTIONS, DeployOptions, calibrate, combine, deploy, transform
 from lvb.contract import Kind, NetSpec
 from lvb.devicetime import read_profile
 from lvb.errors import LvbError
@@ -69,6 +70,7 @@ class NetJob:
     export_key: str
     quant: str
     options: DeployOptions
+    calibration: Path | None = None  # w8a8: this net's inputs over the calibration pictures (<i>.npz)
     result: dict = field(default_factory=dict)
 
     @property
@@ -147,6 +149,36 @@ def _mlir(attempt: Attempt, stage: NetSpec, toolchain: Toolchain, server: ToolSe
     return mlir
 
 
+def _tables(attempt: Attempt, mlir: Path, toolchain: Toolchain, server: ToolServer | None,
+            notes: list[str]) -> tuple[Path, Path]:
+    """A w8a8 stage's calibration and quantize tables (lvb.compile.calibration), measured on the
+    net's calibration inputs once per MLIR and calibration set, and shared by its deploys."""
+    job = attempt.job
+    folder = attempt.net_folder / f"cali-{cache_key(mlir.parent.name, job.options.calibration)}"
+    table, qtable = folder / "calibration_table", folder / "quantize_table"
+    if folder.is_dir():
+        damaged = damaged_files(folder, read_manifest(folder / TRANSFORM_FILES, COMPILE_VERSION).get("files"))
+        if not damaged:
+            return table, qtable
+        notes.append(f"{damaged[0]}; calibrating {job.name} again")
+    inputs = sorted(job.calibration.glob("*.npz")) if job.calibration else []
+    if not inputs:
+        raise CompileError(f"{job.name}: no calibration inputs in {job.calibration}; delete compile/calibration and "
+                           "compile again")
+    tmp = scratch(folder)
+    for needed in mlir.parent.iterdir():  # run_calibration.py reads the MLIR's weight file from its own folder
+        (tmp / needed.name).symlink_to(needed)
+    measured = calibrate(toolchain, mlir, tmp, job.calibration, len(inputs), "measured_table", attempt.log, server)
+    for link in [p for p in tmp.iterdir() if p.is_symlink()]:
+        link.unlink()
+    write_tables(job.onnx, measured, tmp / table.name, tmp / qtable.name)
+    files = {p.name: record_file(p) for p in sorted(tmp.iterdir())}
+    write_json(tmp / TRANSFORM_FILES, {"version": COMPILE_VERSION, "files": files})
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return table, qtable
+
+
 @contextmanager
 def _turn(lock: Path | None) -> Iterator[None]:
     """Wait until no other holder of `lock` (flock) is inside; no lock, no waiting."""
@@ -176,12 +208,12 @@ def _simulate(job: NetJob, stage: NetSpec, check_file: Path, bmodel: Path, toolc
     return check | {"simulator_seconds": round(simulator_seconds, 2), "seconds": round(time.perf_counter() - started, 2)}
 
 
-def dtype_exceptions(bmodel: Path, net: NetSpec, toolchain: Toolchain) -> dict[str, str]:
+def dtype_exceptions(bmodel: Path, net: NetSpec, quant: str, toolchain: Toolchain) -> dict[str, str]:
     """The tensors a bmodel declares in another dtype than the contract gives the device
     (NetSpec.on_device), by name. Seen once: tpu-mlir keeping the float32 cast of a
     vision-head input it unsqueezes first. The runtime and the memory plan read dtypes from
     the bmodel, so the net still runs right (the host converts that input); the manifest says which."""
-    found, want = declared_tensors(bmodel, toolchain)[net.name], net.on_device()
+    found, want = declared_tensors(bmodel, toolchain)[net.name], net.on_device(quant)
     inputs = {t.name: t.dtype for t in found.inputs}
     exceptions = {t.name: inputs[t.name] for t in want.inputs if inputs.get(t.name, t.dtype) != t.dtype}
     return exceptions | {t.name: o.dtype for t, o in zip(want.outputs, found.outputs) if o.dtype != t.dtype}
@@ -201,7 +233,8 @@ def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: To
         folder.mkdir(exist_ok=True)
         for needed in mlir.parent.iterdir():  # deploy reads the MLIR's weight file from its own folder
             (folder / needed.name).symlink_to(needed)
-        bmodel = deploy(toolchain, mlir, folder, f"{job.name}.bmodel", attempt.options, attempt.log, server)
+        tables = _tables(attempt, mlir, toolchain, server, notes) if job.calibration is not None else None
+        bmodel = deploy(toolchain, mlir, folder, f"{job.name}.bmodel", attempt.options, attempt.log, server, tables)
         for link in [p for p in folder.iterdir() if p.is_symlink()]:
             link.unlink()
         estimates.append(read_profile(folder))
@@ -235,7 +268,7 @@ def build_attempt(attempt: Attempt, toolchain: Toolchain, server: ToolServer | N
     started = time.perf_counter()
     notes: list[str] = []
     bmodel, check, device = _deploy_stages(attempt, tmp, toolchain, server, notes)
-    exceptions = dtype_exceptions(bmodel, job.net, toolchain)
+    exceptions = dtype_exceptions(bmodel, job.net, job.quant, toolchain)
     seconds = time.perf_counter() - started
     passed = check is None or not shortfalls(check["cosines"], attempt.thresholds)
     result = {"version": COMPILE_VERSION, "net": job.name, "quant": job.quant, "options": list(attempt.options.extra),

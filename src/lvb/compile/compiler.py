@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import lvb
+from lvb.compile import calibration
 from lvb.compile.build import Attempt, CompileError, NetFailed, NetJob, build_attempt, memory_need
 from lvb.compile.tpumlir import DEFAULT_GROUP_SIZE, DeployOptions, combine
 from lvb.check import shortfalls, thresholds
@@ -48,9 +49,9 @@ class CompileSettings:
     check: CheckMode = CheckMode.ALL
 
     def __post_init__(self):
-        for name, kind in (("quant", Quant), ("vision_quant", Quant), ("embed_quant", Quant), ("head_quant", Quant),
-                           ("chip", Chip), ("check", CheckMode)):
-            object.__setattr__(self, name, kind.of(getattr(self, name), "--" + name.replace("_", "-")))
+        for name, of in (("quant", Quant.of_weights), ("vision_quant", Quant.of), ("embed_quant", Quant.of_weights),
+                         ("head_quant", Quant.of_weights), ("chip", Chip.of), ("check", CheckMode.of)):
+            object.__setattr__(self, name, of(getattr(self, name), "--" + name.replace("_", "-")))
 
     def quant_of(self, kind: Kind) -> str:
         """The net's key of tpumlir.QUANTIZE."""
@@ -179,6 +180,7 @@ class Compiler:
         self.out = self.dir.compile
         self.out.mkdir(parents=True, exist_ok=True)
         self.toolchain_version = toolchain.tpu_mlir_version
+        self.calibration = self._calibration_set() if settings.vision_quant.calibrated else None
         self.jobs = [self._job(name, entry) for name, entry in self.export["nets"].items()]
         model_name = self.export["model"]["name"]
         chunks = "-".join(map(str, sorted(self.chunks)))
@@ -187,10 +189,29 @@ class Compiler:
         self.bmodel = self.dir.bmodel(f"{model_name}_{settings.tag()}_seq{self.seq}_chunk{chunks}{batch}{verify}_{settings.chip}.bmodel")
         self._cancel = threading.Event()
 
+    def _calibration_set(self) -> tuple[str, Path, list[Path]]:
+        """(key, folder, pictures) of the pictures' vision inputs a w8a8 tower is calibrated on."""
+        pictures = calibration.photos()
+        key = calibration.set_key(self.export, pictures)
+        return key, self.out / "calibration" / key, pictures
+
+    def _ensure_calibration(self) -> None:
+        """Make the calibration set when a w8a8 net will need it and it is not on disk whole."""
+        if self.calibration is None:
+            return
+        _, folder, pictures = self.calibration
+        try:
+            calibration.ensure_set(folder, Path(self.export["model"]["dir"]), self.export, self.dir.onnx, pictures,
+                                   progress=lambda i, n: self.notify(f"w8a8: the vision tower's inputs on calibration "
+                                                                     f"picture {i + 1} of {n} (onnxruntime)"))
+        except calibration.CalibrationError as e:
+            raise CompileError(str(e)) from None
+
     def _job(self, name: str, entry: dict) -> NetJob:
         net = NetSpec.from_json(entry)
         quant = self.settings.quant_of(net.kind)
-        bf16_inputs, bf16_outputs = net.bf16_io()
+        bf16_inputs, bf16_outputs = net.bf16_io(quant)
+        calibrated = quant != "f32" and Quant(quant).calibrated
         return NetJob(
             net=net,
             onnx=self.dir.onnx(entry),
@@ -198,7 +219,9 @@ class Compiler:
             export_key=entry["key"],
             quant=quant,
             options=DeployOptions(quantize=quant, chip=self.settings.chip.value, group_size=self.settings.group_size,
-                                  bf16_inputs=bf16_inputs, bf16_outputs=bf16_outputs),
+                                  bf16_inputs=bf16_inputs, bf16_outputs=bf16_outputs,
+                                  calibration=self.calibration[0] if calibrated else ""),
+            calibration=self.calibration[1] / name if calibrated else None,
         )
 
     # -- one net ---------------------------------------------------------------
@@ -246,6 +269,8 @@ class Compiler:
         job = next((j for j in self.jobs if j.name == name), None)
         if job is None:
             raise CompileError(f"{name} is not a net of the export in {self.work}")
+        if job.calibration is not None:
+            self._ensure_calibration()
         self.dir.logs.mkdir(exist_ok=True)
         executor = LocalExecutor(self.toolchain, 1)
         try:
@@ -283,7 +308,11 @@ class Compiler:
         remove_stale_scratch(self.work)  # a killed combine's bmodel, even when all else is cached
         if self.cached():
             return read_manifest(self._manifest_path(), COMPILE_VERSION)
+        if cluster is not None and self.calibration is not None and cluster.shared_dir is None:
+            raise CompileError("--vision-quant w8a8 on a cluster needs --cluster-shared-dir: the nodes read the "
+                               "calibration inputs from the work directory")
         remove_stale_scratch(self.out, levels=1)
+        self._ensure_calibration()
         log_dir = self.dir.logs
         log_dir.mkdir(exist_ok=True)
         for stale in log_dir.glob("*.log"):

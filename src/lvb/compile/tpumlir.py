@@ -9,7 +9,7 @@ from lvb.contract import Quant
 from lvb.toolchain import Toolchain, ToolServer
 
 # --quantize values of model_deploy.py, by lvb's names (f32: the nets always kept in float32).
-QUANTIZE = {Quant.INT4: "W4BF16", Quant.INT8: "W8BF16", Quant.BF16: "BF16", "f32": "F32"}
+QUANTIZE = {Quant.INT4: "W4BF16", Quant.INT8: "W8BF16", Quant.BF16: "BF16", Quant.W8A8: "INT8", "f32": "F32"}
 # INT4/INT8 weights share one scale and zero point per this many inputs.
 DEFAULT_GROUP_SIZE = 64
 
@@ -34,15 +34,26 @@ class DeployOptions:
     # is ignored, the flag alone strips every input's or output's cast.
     bf16_inputs: tuple[int, ...] = ()
     bf16_outputs: tuple[int, ...] = ()
+    # w8a8: the key of the calibration set its tables are measured on (lvb.compile.calibration),
+    # so that a deploy on other pictures or another export is another cache entry.
+    calibration: str = ""
 
-    def args(self) -> list[str]:
+    def args(self, tables: tuple[Path, Path] | None = None) -> list[str]:
+        """`tables`: a w8a8 deploy's calibration and quantize tables."""
         args = ["--quantize", QUANTIZE[self.quantize], "--chip", self.chip]
+        calibrated = self.quantize != "f32" and Quant(self.quantize).calibrated
         if self.quantize != "f32" and Quant(self.quantize).grouped:
             args += ["--q_group_size", str(self.group_size)]
+        if calibrated:
+            if tables is None:
+                raise ValueError("a w8a8 deploy needs its calibration and quantize tables")
+            args += ["--calibration_table", str(tables[0]), "--quantize_table", str(tables[1])]
         if self.bf16_inputs:
             args += ["--quant_input", "--quant_input_list", ",".join(map(str, self.bf16_inputs))]
         if self.bf16_outputs:
-            args += ["--quant_output", "--quant_output_list", ",".join(map(str, self.bf16_outputs))]
+            # An INT8 net's stripped output would be INT8: it is cast to bf16 instead (all its outputs).
+            args += ["--quant_output_bf16"] if calibrated else ["--quant_output", "--quant_output_list",
+                                                                   ",".join(map(str, self.bf16_outputs))]
         return args + list(self.extra)
 
 
@@ -61,11 +72,21 @@ def transform(toolchain: Toolchain, onnx_path: Path, work: Path, name: str, inpu
 
 
 def deploy(toolchain: Toolchain, mlir: Path, work: Path, bmodel_name: str, options: DeployOptions, log: Path,
-           server: ToolServer | None = None) -> Path:
-    """Top-level MLIR -> bmodel for one quantization."""
+           server: ToolServer | None = None, tables: tuple[Path, Path] | None = None) -> Path:
+    """Top-level MLIR -> bmodel for one quantization (w8a8: with its calibration and quantize tables)."""
     bmodel = work / bmodel_name
-    toolchain.python_tool("model_deploy.py", ["--mlir", mlir.name, "--model", bmodel.name, *options.args()], work, log, server)
+    toolchain.python_tool("model_deploy.py", ["--mlir", mlir.name, "--model", bmodel.name, *options.args(tables)], work,
+                          log, server)
     return bmodel
+
+
+def calibrate(toolchain: Toolchain, mlir: Path, work: Path, dataset: Path, count: int, table_name: str, log: Path,
+              server: ToolServer | None = None) -> Path:
+    """run_calibration.py in `work` (which holds the MLIR's files): each tensor's threshold over the
+    `count` input files in `dataset`."""
+    toolchain.python_tool("run_calibration.py", [mlir.name, "--dataset", str(dataset.resolve()), "--input_num", str(count),
+                                                 "-o", table_name], work, log, server)
+    return work / table_name
 
 
 def combine(toolchain: Toolchain, bmodels: list[Path], out: Path, log: Path) -> Path:

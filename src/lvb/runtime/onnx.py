@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +22,11 @@ class OnnxEngine(Engine):
     backend = "onnxruntime"
 
     def __init__(self, files: Mapping[str, str | Path], threads: int | None = None,
-                 specs: Mapping[str, NetSpec] | None = None):
+                 specs: Mapping[str, NetSpec] | None = None,
+                 record: Callable[[str, dict[str, np.ndarray]], object] | None = None):
         """`specs`: the nets as exported; a net exported for several prefill chunks has a
-        symbolic chunk axis in its graph, and its stages' shapes come from here."""
+        symbolic chunk axis in its graph, and its stages' shapes come from here. `record`: told
+        each net run and a copy of what it was fed (a calibration set is made so)."""
         try:
             import onnxruntime
         except ImportError as e:
@@ -34,7 +36,7 @@ class OnnxEngine(Engine):
         missing = [str(p) for p in self._files.values() if not p.is_file()]
         if missing:
             raise EngineError(f"missing ONNX files: {', '.join(missing)}; run `lvb export` again")
-        self._threads = threads
+        self._threads, self._record = threads, record
         self._sessions = {}
         self._buffers = HostBuffers()
         self._nets = {name: self._info(name) for name in self._files}
@@ -88,6 +90,8 @@ class OnnxEngine(Engine):
             shapes = [tuple(inputs[t.name].shape) for t in info.inputs]
             if shapes not in [[t.shape for t in stage] for stage in (info.inputs, *info.smaller)]:
                 raise EngineError(f"{net}: no stage takes inputs of shapes {shapes}")
+        if self._record is not None:
+            self._record(net, {name: array.copy() for name, array in inputs.items()})
         try:
             outputs = self._session(net).run(None, inputs)
         except Exception as e:  # e.g. a weights file truncated after the session mapped it

@@ -25,7 +25,7 @@ def check_options(quant: str, backend: str, pictures: int) -> tuple[Quant, Backe
     (which may download it)."""
     if pictures < 1:
         raise VerifyError(f"--pictures {pictures} is out of range: it must be 1 or more")
-    return Quant.of(quant, "--quant"), Backend.of(backend, "--backend"), pictures
+    return Quant.of_weights(quant, "--quant"), Backend.of(backend, "--backend"), pictures
 
 
 def verify(model_dir: Path, work: Path, quant: str = "int4", backend: str = "cmodel", pictures: int = 100,

@@ -1,0 +1,110 @@
+"""--vision-quant w8a8 before tpu-mlir: who may ask for it, what the deploy is told, the tables
+lvb hands tpu-mlir, and the calibration set's cache. The compile itself, calibration to answers,
+runs in test_pipeline (the toy's INT8 run)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lvb.compile import calibration
+from lvb.compile.compiler import CompileSettings
+from lvb.compile.tpumlir import DeployOptions
+from lvb.contract import ChoiceError, Kind, Names, TensorInfo, device_dtype
+from lvb.dtypes import BF16
+from lvb.workdir import WorkDir
+
+
+@pytest.mark.parametrize("option", ["quant", "embed_quant", "head_quant"])
+def test_w8a8_is_for_the_vision_tower_only(option):
+    with pytest.raises(ChoiceError, match=f"^--{option.replace('_', '-')} w8a8 is for --vision-quant only"):
+        CompileSettings(**{"quant": "int4", option: "w8a8"})
+    settings = CompileSettings(quant="int4", vision_quant="w8a8")
+    assert settings.tag() == "int4_g64_vision-w8a8" and not settings.vision_quant.grouped
+
+
+def test_the_deploy_gets_its_tables_and_bf16_only_where_it_leaves_the_tower():
+    hidden = TensorInfo(Names.HIDDEN, (1, 8, 4), "float32")
+    states = TensorInfo(Names.CROSS_STATES, (1, 8, 4), "float32")
+    # INT8 nets hand each other float32; the cross-attention states leave the tower as bf16.
+    assert device_dtype(Kind.VISION_LAYER, hidden, "w8a8") == "float32"
+    assert device_dtype(Kind.VISION_LAYER, hidden, "bf16") == device_dtype(Kind.VISION_HEAD, states, "w8a8") == BF16
+    options = DeployOptions("w8a8", bf16_outputs=(1,), calibration="key")
+    args = options.args(("cali", "qtable"))
+    assert args[:2] == ["--quantize", "INT8"] and "--q_group_size" not in args
+    assert args[args.index("--calibration_table") + 1] == "cali" and args[args.index("--quantize_table") + 1] == "qtable"
+    assert "--quant_output_bf16" in args and "--quant_output_list" not in args
+    with pytest.raises(ValueError, match="tables"):
+        options.args()
+
+
+def _measured(path, rows: dict[str, float]):
+    path.write_text("# mlir version: x\n# op_name    threshold    min    max\n"
+                    + "".join(f"{name} {value:.7f} {-value:.7f} {value:.7f}\n" for name, value in rows.items()))
+    return path
+
+
+def test_a_bf16_concat_passes_on_its_int8_inputs_range_not_the_masks(toy_export, tmp_path):
+    """tpu-mlir gives a Concat's inputs the Concat's threshold: the keys' Concat, which holds the
+    padding channel (the mask's large value), must carry the keys' range, or the INT8 key
+    projection rounds every key to zero (seen: cosine 0.49 for a toy vision layer)."""
+    import onnx
+
+    onnx_path = WorkDir(toy_export).net_dir("vision_layer_0") / "vision_layer_0.onnx"
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    named = {f"{out}_{n.op_type}": n for n in graph.node for out in n.output[:1] if n.op_type != "Constant"}
+    core = calibration.bf16_ops(onnx_path)
+    assert core and all(name in named for name in core)
+    assert not [n for n in core if any(p in n for p in calibration.PROJECTIONS)]  # the projections are INT8
+    assert {named[n].op_type for n in core} >= {"MatMul", "Softmax", "Concat"}
+    # Every op gets a threshold of its own: the core's a huge one, as the mask channel gives it, the
+    # padding flag's (made outside the layer) 1, the layer's others their own.
+    rows = {name: 40000.0 if name in core else 3.0 + i / 100 if name.startswith("/layer/") else 1.0
+            for i, name in enumerate(named)}
+    table, qtable = tmp_path / "table", tmp_path / "qtable"
+    calibration.write_tables(onnx_path, _measured(tmp_path / "measured", rows), table, qtable)
+    written = {line.split()[0]: float(line.split()[1]) for line in table.read_text().splitlines() if not line.startswith("#")}
+    assert set(written) == set(rows)
+    assert [line.split() for line in qtable.read_text().splitlines()] == [[name, "BF16"] for name in core]
+    producer = {out: n for n in graph.node for out in n.output}
+
+    def projection(tensor):  # the q/k projection whose values `tensor` holds, through reshapes
+        node = producer[tensor]
+        while node.op_type == "Reshape":
+            node = producer[node.input[0]]
+        return f"{node.output[0]}_MatMul" if "_proj/" in node.name else None
+
+    concats = {n: projection(named[n].input[0]) for n in core if named[n].op_type == "Concat"}
+    assert sorted(p.split("/")[-2] for p in concats.values() if p) == ["k_proj", "q_proj"]  # the keys' too
+    for name, source in concats.items():  # the head groups' Concat (the tests split the attention) keeps its own
+        assert written[name] == (rows[source] if source else rows[name]), name
+    assert {n: written[n] for n in written if n not in concats} == {n: rows[n] for n in written if n not in concats}
+
+
+def test_the_calibration_set_is_each_vision_nets_inputs_and_is_reused_only_whole(toy_export, tmp_path):
+    directory = WorkDir(toy_export)
+    export = directory.read_export()
+    pictures = calibration.photos()[:2]
+    folder = tmp_path / "set"
+    calibration.ensure_set(folder, export["model"]["dir"], export, directory.onnx, pictures)
+    nets = calibration.vision_nets(export)
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == sorted(nets)
+    for net in nets:
+        inputs = [t["name"] for t in export["nets"][net]["inputs"]]
+        for i in range(len(pictures)):
+            with np.load(folder / net / f"{i}.npz") as saved:
+                assert sorted(saved.files) == sorted(inputs), net
+    # Each picture gives a net other inputs.
+    with np.load(folder / nets[1] / "0.npz") as one, np.load(folder / nets[1] / "1.npz") as other:
+        assert not np.array_equal(one[Names.HIDDEN], other[Names.HIDDEN])
+    damaged = folder / nets[0] / "0.npz"
+    made = damaged.stat().st_mtime_ns
+    calibration.ensure_set(folder, export["model"]["dir"], export, directory.onnx, pictures)
+    assert damaged.stat().st_mtime_ns == made  # whole: reused
+    damaged.write_bytes(b"not an archive")
+    calibration.ensure_set(folder, export["model"]["dir"], export, directory.onnx, pictures)
+    with np.load(damaged) as again:
+        assert again.files  # damaged: made again
+    assert json.loads((folder / calibration.RECORD).read_text())["files"]
+    # Another picture, another set.
+    assert calibration.set_key(export, pictures) != calibration.set_key(export, calibration.photos()[1:3])
