@@ -5,11 +5,12 @@ the simulator with transformers' generate, per fixture and quantization.
 
 How: every test fixture (lvb.testing.checkpoints.GEOMETRIES, random weights) and the
 trained toy (models/toy) is exported at the tests' --seq 160 --chunk 32 and compiled
-with `--quant int4`, `int8` and `bf16` (the simulator check on, the thresholds of the
-code the script runs with: a net below them would stop the compile, so run it with the
-thresholds loose when measuring anew). The compile manifest holds each net's cosine
-against its reference (fp32 ONNX for bf16 nets, ONNX with tpu-mlir's weight
-quantization for int4/int8 ones, lvb.check.quantized_reference) and against fp32. Then lvb
+with `--quant int4`, `int8` and `bf16`, the vision tower as --vision-quant says (the
+simulator check on, the thresholds of the code the script runs with: a net below them would
+stop the compile, so run it with the thresholds loose when measuring anew). The compile
+manifest holds each net's cosine against its reference (fp32 ONNX for bf16 and w8a8 nets, ONNX
+with tpu-mlir's weight quantization for int4/int8 ones, lvb.check.quantized_reference) and
+against fp32. Then lvb
 verify's answer check (lvb.verify.checks.check_answers: four chats, 16 new tokens, on
 the simulator) gives each fixture's token agreement.
 
@@ -50,7 +51,7 @@ def fixtures(out: Path, names: list[str]) -> dict[str, Path]:
     return found
 
 
-def measure(name: str, model: Path, out: Path, quants: list[str], answers: bool) -> dict:
+def measure(name: str, model: Path, out: Path, quants: list[str], answers: bool, vision_quant: str = "bf16") -> dict:
     from lvb.compile.compiler import CompileSettings, Compiler
     from lvb.export.exporter import export
     from lvb.runtime.backends import open_engine
@@ -64,8 +65,9 @@ def measure(name: str, model: Path, out: Path, quants: list[str], answers: bool)
     saved = out / f"{name}.json"  # earlier runs' other quantizations are kept
     result = json.loads(saved.read_text()) if saved.is_file() else {"nets": {}, "answers": {}}
     for quant in quants:
-        compiler = Compiler(work, CompileSettings(quant=quant), toolchain)
+        compiler = Compiler(work, CompileSettings(quant=quant, vision_quant=vision_quant), toolchain)
         manifest = compiler.run(jobs=1)
+        quant = quant if vision_quant == "bf16" else f"{quant}+vision-{vision_quant}"  # this build's key in the results
         result["nets"][quant] = {net: {"kind": job.kind.value, "quant": r["quant"], "cosine": r["check"]["cosine"],
                                        "cosine_fp32": r["check"]["cosine_fp32"], "max_abs_err": r["check"]["max_abs_err"],
                                        "cosines": r["check"].get("cosines", {})}
@@ -156,6 +158,7 @@ def main() -> None:
     parser.add_argument("--fixtures", nargs="*", default=[*sorted(GEOMETRIES), "toy"])
     parser.add_argument("--quants", nargs="+", default=list(QUANTS))
     parser.add_argument("--no-answers", action="store_true", help="only the per-net checks")
+    parser.add_argument("--vision-quant", default="bf16", help="the vision tower's quantization in every compile (e.g. w8a8)")
     parser.add_argument("--write", action="store_true", help=f"write this run's minima into {TABLE.relative_to(REPO)}")
     parser.add_argument("--also", nargs="*", type=Path, default=[],
                         help="more compile manifests (WORK/compile/<bmodel>.json, e.g. the tests' work dirs) to include")
@@ -163,7 +166,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, model in fixtures(args.out, args.fixtures).items():
-        results[name] = measure(name, model, args.out, args.quants, not args.no_answers)
+        results[name] = measure(name, model, args.out, args.quants, not args.no_answers, args.vision_quant)
     for manifest in args.also:
         results[f"{manifest.parent.parent.name}/{manifest.stem}"] = from_manifest(manifest)
     (args.out / "measured.json").write_text(json.dumps(results, indent=1))

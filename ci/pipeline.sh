@@ -8,8 +8,8 @@
 #   MODEL=path/to/checkpoint ci/pipeline.sh
 #
 # Settings (environment): MODEL (required), WORK (default work/<model name>),
-# QUANT (int4), SEQ (512), CHUNK (128, or SEQ when shorter), BACKEND (sail), PICTURES (100, for a
-# checkpoint that declares a task), LVB (the lvb command, default .venv/bin/lvb),
+# QUANT (int4), VISION_QUANT (bf16), SEQ (512), CHUNK (128, or SEQ when shorter), BACKEND (sail),
+# PICTURES (100, for a checkpoint that declares a task), LVB (the lvb command, default .venv/bin/lvb),
 # DEVICE (0: the card's device id, BACKEND=sail only), CHECK (all: which nets the compile checks on the
 # simulator; verify checks every net whatever it is).
 set -euo pipefail
@@ -17,6 +17,7 @@ set -euo pipefail
 : "${MODEL:?set MODEL to the checkpoint folder}"
 WORK=${WORK:-work/$(basename "$MODEL")}
 QUANT=${QUANT:-int4}
+VISION_QUANT=${VISION_QUANT:-bf16}
 SEQ=${SEQ:-512}
 CHUNK=${CHUNK:-$(( SEQ < 128 ? SEQ : 128 ))}  # lvb refuses a chunk longer than the sequence
 BACKEND=${BACKEND:-sail}
@@ -31,7 +32,7 @@ if [ "$BACKEND" = sail ]; then
     "$LVB" doctor --device "$DEVICE"
 fi
 "$LVB" export --model "$MODEL" --out "$WORK" --seq "$SEQ" --chunk "$CHUNK"
-"$LVB" compile --work "$WORK" --quant "$QUANT" --seq "$SEQ" --check "$CHECK"
+"$LVB" compile --work "$WORK" --quant "$QUANT" --vision-quant "$VISION_QUANT" --seq "$SEQ" --check "$CHECK"
 if [ "$BACKEND" = sail ]; then
     # Before the card runs anything: the SDK version, the device, the memory plan of this
     # bmodel and the preflight against the device's free memory (exits 1 when it cannot fit).

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CHUNK, PIPELINE_PICTURES, SEQ, chunks_of
+from helpers import CHUNK, PIPELINE_PICTURES, PIPELINE_VISION_QUANT, SEQ, chunks_of
 from lvb.testing.checkpoints import GEOMETRIES, LLAMA_GEOMETRIES, write_checkpoint, write_llama_checkpoint
 
 # Fixtures whose users need the toolchain: they are marked without being named twice.
@@ -112,6 +112,7 @@ def toy_pipeline(tmp_path_factory):
             # INT8 with --check kinds, as for a large model: verify must then check the nets the
             # compile trusted (INT4 checks every net at compile time, the default).
             env = dict(os.environ, MODEL=str(ROOT / "models" / "toy"), WORK=str(work), QUANT=quant, SEQ="128",
+                       VISION_QUANT=PIPELINE_VISION_QUANT[quant],
                        CHUNK="32", BACKEND="cmodel", PICTURES=str(PIPELINE_PICTURES[quant]),
                        CHECK="kinds" if quant == "int8" else "all",
                        LVB=str(Path(sys.executable).parent / "lvb"))

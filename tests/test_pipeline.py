@@ -1,11 +1,12 @@
 """ci/pipeline.sh on the trained toy with the BM1684X simulator: the same commands a
 PCIe-card runner uses with BACKEND=sail. The toy must answer at least 95 % of its fresh
-pictures exactly right through its INT4 bmodel (50) and its INT8 bmodel (20)."""
+pictures exactly right through its INT4 bmodel (50) and its INT8 bmodel (20), whose vision tower
+is INT8 in its activations too (--vision-quant w8a8)."""
 
 import json
 
 import pytest
-from helpers import PIPELINE_PICTURES
+from helpers import PIPELINE_PICTURES, PIPELINE_VISION_QUANT
 
 # The whole toolchain, end to end: the longest tests of the suite.
 pytestmark = [pytest.mark.toolchain, pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -15,7 +16,11 @@ pytestmark = [pytest.mark.toolchain, pytest.mark.slow, pytest.mark.timeout(3600)
 def test_pipeline_on_the_toy_with_the_simulator(quant, toy_pipeline):
     toy_work, result = toy_pipeline(quant)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    bmodel = f"toy_{quant}_g64_seq128_chunk32_bm1684x"
+    from lvb.compile.compiler import CompileSettings
+    from lvb.contract import Kind, QuantGroup
+
+    vision = PIPELINE_VISION_QUANT[quant]
+    bmodel = f"toy_{CompileSettings(quant=quant, vision_quant=vision).tag()}_seq128_chunk32_bm1684x"
     report = json.loads((toy_work / "verify" / bmodel / "report.json").read_text())
     assert report["ok"] and report["backend"] == "cmodel"
     assert report["task"]["pictures"] == PIPELINE_PICTURES[quant] and report["task"]["accuracy"] >= 0.95
@@ -23,3 +28,4 @@ def test_pipeline_on_the_toy_with_the_simulator(quant, toy_pipeline):
     # a sibling's check too.
     assert all(p["onnx_vs_bmodel"] is not None and not p["misses"] for p in report["parts"])
     assert any(p["compile_check"].startswith("as ") for p in report["parts"]) == (quant == "int8")
+    assert {p["quant"] for p in report["parts"] if Kind(p["kind"]).policy.quant is QuantGroup.VISION} == {vision}
