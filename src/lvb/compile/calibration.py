@@ -68,11 +68,11 @@ def ensure_set(folder: Path, model_dir: Path, export: dict, onnx: Callable[[dict
         raise CalibrationError("--vision-quant w8a8 needs pictures to calibrate on, and scikit-image's photos are "
                                "missing: reinstall scikit-image")
     tmp = scratch(folder)
-    with _recorded(model_dir, export, onnx) as (encode, record_inputs):
+    with _vision_inputs(model_dir, export, onnx) as inputs_of:
         for index, picture in enumerate(pictures):
             if progress:
                 progress(index, len(pictures))
-            for net, inputs in record_inputs(encode, picture):
+            for net, inputs in inputs_of(picture):
                 (tmp / net).mkdir(exist_ok=True)
                 np.savez(tmp / net / f"{index}.npz", **inputs)
     files = {str(p.relative_to(tmp)): record_file(p) for p in sorted(tmp.rglob("*.npz"))}
@@ -83,8 +83,8 @@ def ensure_set(folder: Path, model_dir: Path, export: dict, onnx: Callable[[dict
 
 
 @contextmanager
-def _recorded(model_dir: Path, export: dict, onnx: Callable[[dict], Path]) -> Iterator:
-    """The runtime over the exported nets on onnxruntime, recording what each vision net is fed."""
+def _vision_inputs(model_dir: Path, export: dict, onnx: Callable[[dict], Path]) -> Iterator[Callable]:
+    """picture -> [(vision net, what it was fed)], by the runtime over the exported nets on onnxruntime."""
     from PIL import Image
 
     from lvb.contract import NetSpec
@@ -102,17 +102,17 @@ def _recorded(model_dir: Path, export: dict, onnx: Callable[[dict], Path]) -> It
     with engine:
         runner = Runner(checkpoint.spec, engine, checkpoint.tokenizer.image_id, checkpoint.tokenizer.pad_id or 0)
 
-        def record_inputs(encode, picture: Path):
+        def inputs_of(picture: Path) -> list[tuple[str, dict[str, np.ndarray]]]:
             fed.clear()
-            encode(preprocess(Image.open(picture).convert("RGB"), checkpoint.image_config))
+            runner.encode_image(preprocess(Image.open(picture).convert("RGB"), checkpoint.image_config))
             return list(fed)
 
-        yield runner.encode_image, record_inputs
+        yield inputs_of
 
 
-def bf16_ops(onnx_path: Path) -> dict[str, str]:
+def bf16_ops(onnx_path: Path) -> dict:
     """The vision attention's core, by the names tpu-mlir gives its ops (output name + "_" + op
-    type): the ops a w8a8 deploy keeps in bf16."""
+    type), each with its ONNX node: the ops a w8a8 deploy keeps in bf16."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
