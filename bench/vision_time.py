@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--label", required=True, help="the name the new figures are kept under in device_time.json")
     parser.add_argument("--vision-quant", default="bf16", choices=["bf16", "int8", "int4", "w8a8"])
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--jobs", type=int, default=1, help="lvb compile --jobs: w8a8's calibration of one vision layer "
+                        "at four tiles takes tens of GB")
     args = parser.parse_args()
 
     geometry = replace(geometry_11b(layers=2, vision_layers=1, global_layers=1), **SMALL_TEXT)
@@ -49,7 +51,8 @@ def main() -> None:
         print(f"writing {checkpoint} ...", flush=True)
         write_streaming_checkpoint(checkpoint, geometry)
     run([LVB, "export", "--model", checkpoint, "--out", work, "--seq", 512, "--chunk", 32])
-    run([LVB, "compile", "--work", work, "--quant", "int4", "--vision-quant", args.vision_quant, "--check", "none"])
+    run([LVB, "compile", "--work", work, "--quant", "int4", "--vision-quant", args.vision_quant, "--check", "none",
+         "--jobs", args.jobs])
     kinds = KINDS if args.vision_quant == "bf16" else VISION_KINDS
     run([sys.executable, BENCH / "device_time.py", "--work", work, "--base", args.base, "--kinds", kinds,
          "--label", args.label])

@@ -168,7 +168,10 @@ def _tables(attempt: Attempt, mlir: Path, toolchain: Toolchain, server: ToolServ
     tmp = scratch(folder)
     for needed in mlir.parent.iterdir():  # run_calibration.py reads the MLIR's weight file from its own folder
         (tmp / needed.name).symlink_to(needed)
-    measured = calibrate(toolchain, mlir, tmp, job.calibration, len(inputs), "measured_table", attempt.log, server)
+    # tpu-mlir's calibration holds every tensor of the net in memory (tens of GB for a vision layer
+    # at the 11B's four tiles): the jobs of this machine calibrate one at a time.
+    with _turn(job.calibration.parent.parent / "turns.lock"):
+        measured = calibrate(toolchain, mlir, tmp, job.calibration, len(inputs), "measured_table", attempt.log, server)
     for link in [p for p in tmp.iterdir() if p.is_symlink()]:
         link.unlink()
     write_tables(job.onnx, measured, tmp / table.name, tmp / qtable.name)
