@@ -108,3 +108,21 @@ def test_the_calibration_set_is_each_vision_nets_inputs_and_is_reused_only_whole
     assert json.loads((folder / calibration.RECORD).read_text())["files"]
     # Another picture, another set.
     assert calibration.set_key(export, pictures) != calibration.set_key(export, calibration.photos()[1:3])
+
+
+@pytest.mark.toolchain
+def test_a_cluster_without_a_shared_dir_is_refused_before_the_calibration(toy_export, tmp_path):
+    """The nodes read the calibration set from the work directory: through the object store they
+    would not find it, so the compile stops in one line before making it."""
+    import shutil
+
+    from lvb.compile.build import CompileError
+    from lvb.compile.cluster import ClusterSettings
+    from lvb.compile.compiler import Compiler
+    from lvb.toolchain import find_toolchain
+
+    shutil.copytree(WorkDir(toy_export).export, tmp_path / "export")
+    compiler = Compiler(tmp_path, CompileSettings(quant="int4", vision_quant="w8a8"), find_toolchain())
+    with pytest.raises(CompileError, match="^--vision-quant w8a8 on a cluster needs --cluster-shared-dir"):
+        compiler.run(cluster=ClusterSettings("auto"))
+    assert not (tmp_path / "compile" / "calibration").exists()
