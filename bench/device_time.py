@@ -109,11 +109,19 @@ def substituted_layout(work: Path, base_label: str, kinds: list[str], prompt_tok
     """An earlier build's figures (device_time.json[base_label]) with `kinds` estimated again from
     the compile in `work`, priced over the full model again: for a change to a few kinds, compiled
     in a checkpoint that has only those at the real widths (bench/vision_time.py)."""
+    record, config, measured, same = measured_kinds(work, None, None)
+    return substituted(base_label, kinds, measured, same, config, prompt_tokens, {"work": str(work), "bmodel": record["bmodel"]})
+
+
+def substituted(base_label: str, kinds: list[str], measured: dict, same: dict, config: dict, prompt_tokens: int,
+                source: dict) -> dict:
+    """device_time.json[base_label] with `kinds` taken from `measured` (per kind, as measured_kinds
+    gives them) of a checkpoint with `config`; `source` says where they were built."""
     results = json.loads((RESULTS / "device_time.json").read_text())
     if base_label not in results:
         raise SystemExit(f"--base {base_label}: not in bench/results/device_time.json ({', '.join(results)})")
     base = results[base_label]
-    record, config, measured, same = measured_kinds(work, None, None)
+    work = source["work"]
     published = json.loads(CONFIGS[base["model"]].read_text())
     differs = [k for k in VISION_GEOMETRY if config["vision_config"].get(k) != published["vision_config"].get(k)]
     if any(k.startswith("vision") for k in kinds) and differs:
@@ -124,7 +132,7 @@ def substituted_layout(work: Path, base_label: str, kinds: list[str], prompt_tok
     per_kind = base["kinds"] | {k: measured[k] for k in kinds}
     spec = ModelSpec.from_config(published)
     settings = base["settings"]
-    return {"work": str(work), "bmodel": record["bmodel"], "base": base_label, "substituted": kinds,
+    return source | {"base": base_label, "substituted": kinds,
             "settings": settings, "model": base["model"], "prompt_tokens": prompt_tokens, "kinds": per_kind,
             "same_kind_equal": base["same_kind_equal"] | {k: v for k, v in same.items() if k in kinds},
             "turns": price(spec, settings["seq"], settings["chunks"], per_kind, prompt_tokens)}

@@ -17,7 +17,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from common import BENCH, LVB, OUT, REPO, checkpoint_complete, geometry_11b, write_streaming_checkpoint
+from common import BENCH, LVB, OUT, PROMPT_TOKENS, REPO, checkpoint_complete, geometry_11b, write_streaming_checkpoint
 
 # What the text model may be: small, so that its nets compile in seconds; their estimates are
 # not used (only the vision layers' are).
@@ -42,7 +42,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--jobs", type=int, default=1, help="lvb compile --jobs: w8a8's calibration of one vision layer "
                         "at four tiles takes tens of GB")
+    parser.add_argument("--uniform-thresholds", action="store_true",
+                        help="w8a8 without lvb's calibration (which needs more memory and hours than this host has for a "
+                             "4-tile layer): each vision net of the BF16 build deployed as lvb deploys w8a8, with lvb's "
+                             "quantize table and every threshold 1; the estimate reads no threshold")
     args = parser.parse_args()
+    if args.uniform_thresholds and args.vision_quant != "w8a8":
+        raise SystemExit("--uniform-thresholds is for --vision-quant w8a8")
 
     geometry = replace(geometry_11b(layers=2, vision_layers=1, global_layers=1), **SMALL_TEXT)
     geometry = replace(geometry, name=f"11b-vision-small-text-V1+1")
@@ -51,11 +57,66 @@ def main() -> None:
         print(f"writing {checkpoint} ...", flush=True)
         write_streaming_checkpoint(checkpoint, geometry)
     run([LVB, "export", "--model", checkpoint, "--out", work, "--seq", 512, "--chunk", 32])
+    if args.uniform_thresholds:
+        run([LVB, "compile", "--work", work, "--quant", "int4", "--check", "none", "--jobs", args.jobs])  # the transforms
+        uniform_w8a8(work, args.base, args.label)
+        return
     run([LVB, "compile", "--work", work, "--quant", "int4", "--vision-quant", args.vision_quant, "--check", "none",
          "--jobs", args.jobs])
     kinds = KINDS if args.vision_quant == "bf16" else VISION_KINDS
     run([sys.executable, BENCH / "device_time.py", "--work", work, "--base", args.base, "--kinds", kinds,
          "--label", args.label])
+
+
+def uniform_w8a8(work: Path, base: str, label: str) -> None:
+    """Every vision net deployed with lvb's w8a8 options and tables (lvb.compile.calibration.write_tables)
+    over a uniform measured table, its estimate substituted into `base` as device_time.py does."""
+    import json
+    import re
+    import shutil
+    import tempfile
+
+    from device_time import compare, print_layout, substituted, REFERENCE_FILE
+
+    from common import record_result
+    from lvb.compile.build import Attempt, _mlir
+    from lvb.compile.calibration import write_tables
+    from lvb.compile.compiler import CompileSettings, Compiler
+    from lvb.compile.tpumlir import deploy
+    from lvb.contract import QuantGroup
+    from lvb.devicetime import read_profile
+    from lvb.toolchain import find_toolchain
+
+    toolchain = find_toolchain()
+    compiler = Compiler(work, CompileSettings(quant="int4", vision_quant="w8a8", check="none"), toolchain)
+    measured = {}
+    for job in compiler.jobs:
+        if job.kind.policy.quant is not QuantGroup.VISION:
+            continue
+        with tempfile.TemporaryDirectory(dir=work) as scratch:
+            folder = Path(scratch)
+            attempt = Attempt(job=job, options=job.options, net_folder=compiler.dir.compile_net(job.name), folder=folder,
+                              log=folder / "log", check=False, thresholds={}, bmodel="")
+            mlir = _mlir(attempt, job.net, toolchain, None, [])  # the BF16 build's transform, cached
+            for needed in mlir.parent.iterdir():
+                (folder / needed.name).symlink_to(needed)
+            names = sorted(set(re.findall(r'loc\("([^"]+)"\)', mlir.read_text())))  # every tensor tpu-mlir names
+            (folder / "uniform").write_text("".join(f"{name} 1.0 -1.0 1.0\n" for name in names))
+            write_tables(job.onnx, folder / "uniform", folder / "table", folder / "qtable")
+            print(f"deploying {job.name} (w8a8, uniform thresholds) ...", flush=True)
+            deploy(toolchain, mlir, folder, f"{job.name}.bmodel", job.options, folder / "log", None,
+                   (folder / "table", folder / "qtable"))
+            estimate = read_profile(folder)
+            shutil.copy(folder / "log", work / f"uniform-w8a8-{job.name}.log")
+        measured.setdefault(job.kind.value, {"net": job.name, "quant": job.quant, "options": [],
+                                             "stages": [estimate.to_json()]})
+    config = json.loads((Path(compiler.export["model"]["dir"]) / "config.json").read_text())
+    result = substituted(base, list(measured), measured, {}, config, PROMPT_TOKENS,
+                         {"work": str(work), "bmodel": "w8a8 vision nets, uniform thresholds (bench/vision_time.py)"})
+    print_layout(label, result)
+    reference = json.loads(REFERENCE_FILE.read_text()) if REFERENCE_FILE.is_file() else None
+    result["against_reference"] = compare(result, reference)
+    print(f"\nresults: {record_result('device_time', result, label=label)} [{label}]")
 
 
 if __name__ == "__main__":

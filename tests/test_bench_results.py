@@ -20,7 +20,7 @@ def four_tiles(label: str) -> dict:
     return RESULTS[label]["turns"][-1]
 
 
-@pytest.mark.parametrize("label", ["lvb", "lvb-head-int4", "before"])
+@pytest.mark.parametrize("label", ["lvb", "lvb-head-int4", "lvb-vision-w8a8", "before"])
 def test_readme_decode_step_and_first_token_are_the_recorded_ones(label):
     turn = four_tiles(label)
     step, tps = f"{turn['decode_step_ms']:.1f} ms", f"{turn['tokens_per_second']:.2f}"
