@@ -166,20 +166,29 @@ def _tables(attempt: Attempt, mlir: Path, toolchain: Toolchain, server: ToolServ
         raise CompileError(f"{job.name}: no calibration inputs in {job.calibration}; delete compile/calibration and "
                            "compile again")
     tmp = scratch(folder)
-    for needed in mlir.parent.iterdir():  # run_calibration.py reads the MLIR's weight file from its own folder
-        (tmp / needed.name).symlink_to(needed)
     # tpu-mlir's calibration holds every tensor of the net in memory (tens of GB for a vision layer
     # at the 11B's four tiles): the jobs of this machine calibrate one at a time.
-    with _turn(job.calibration.parent.parent / "turns.lock"):
+    with _turn(job.calibration.parent.parent / "turns.lock"), _mlir_files(mlir, tmp):
         measured = calibrate(toolchain, mlir, tmp, job.calibration, len(inputs), "measured_table", attempt.log, server)
-    for link in [p for p in tmp.iterdir() if p.is_symlink()]:
-        link.unlink()
     write_tables(job.onnx, measured, tmp / table.name, tmp / qtable.name)
-    files = {p.name: record_file(p) for p in sorted(tmp.iterdir())}
-    write_json(tmp / TRANSFORM_FILES, {"version": COMPILE_VERSION, "files": files})
+    record_transform(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return table, qtable
+
+
+@contextmanager
+def _mlir_files(mlir: Path, folder: Path) -> Iterator[None]:
+    """The MLIR's folder linked into `folder` while a tool runs there: deploy and calibration read
+    the MLIR's weight file from their own working directory."""
+    links = [folder / needed.name for needed in mlir.parent.iterdir()]
+    for link in links:
+        link.symlink_to(mlir.parent / link.name)
+    try:
+        yield
+    finally:
+        for link in links:
+            link.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -234,12 +243,9 @@ def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: To
         mlir = _mlir(attempt, stage, toolchain, server, notes)
         folder = tmp / f"stage{index}" if len(job.net.stages) > 1 else tmp
         folder.mkdir(exist_ok=True)
-        for needed in mlir.parent.iterdir():  # deploy reads the MLIR's weight file from its own folder
-            (folder / needed.name).symlink_to(needed)
         tables = _tables(attempt, mlir, toolchain, server, notes) if job.calibration is not None else None
-        bmodel = deploy(toolchain, mlir, folder, f"{job.name}.bmodel", attempt.options, attempt.log, server, tables)
-        for link in [p for p in folder.iterdir() if p.is_symlink()]:
-            link.unlink()
+        with _mlir_files(mlir, folder):
+            bmodel = deploy(toolchain, mlir, folder, f"{job.name}.bmodel", attempt.options, attempt.log, server, tables)
         estimates.append(read_profile(folder))
         stage_bmodels.append(bmodel)
         if attempt.check:
