@@ -110,6 +110,58 @@ def test_the_calibration_set_is_each_vision_nets_inputs_and_is_reused_only_whole
     assert calibration.set_key(export, pictures) != calibration.set_key(export, calibration.photos()[1:3])
 
 
+def test_the_calibration_loads_only_the_nets_it_runs(toy_export, tmp_path):
+    """It runs the vision tower (and the cross K/V after it) on onnxruntime: the decoder blocks and
+    the head, most of an 11B export's bytes, are never loaded; a decoder block that cannot be
+    loaded at all does not stop it."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(WorkDir(toy_export).export, work / "export")
+    directory = WorkDir(work)
+    export = directory.read_export()
+    for name, entry in export["nets"].items():
+        if name not in calibration.vision_nets(export) and not name.startswith("cross_kv"):
+            directory.onnx(entry).write_bytes(b"not a graph")
+    folder = tmp_path / "set"
+    calibration.ensure_set(folder, export["model"]["dir"], export, directory.onnx, calibration.photos()[:1])
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == sorted(calibration.vision_nets(export))
+
+
+def test_calibration_images_are_a_folder_of_pictures_each_one_readable(toy_export, tmp_path):
+    """--calibration-images: the pictures of a folder, by name; every way it can be wrong is one
+    line naming the folder or file, before a calibration set is trusted."""
+    from PIL import Image
+
+    with pytest.raises(calibration.CalibrationError, match="is not a folder; give a folder of pictures"):
+        calibration.pictures(tmp_path / "absent")
+    (tmp_path / "notes.txt").write_text("not a picture")
+    with pytest.raises(calibration.CalibrationError, match="holds no pictures .*drop the option"):
+        calibration.pictures(tmp_path)
+    for name, size in (("b.PNG", (40, 30)), ("a.jpg", (30, 40))):
+        Image.new("RGB", size, (200, 100, 50)).save(tmp_path / name, format="PNG" if name.endswith("PNG") else "JPEG")
+    assert [p.name for p in calibration.pictures(tmp_path)] == ["a.jpg", "b.PNG"]
+    assert calibration.pictures(None) == calibration.photos() and len(calibration.photos()) == len(calibration.PHOTOS)
+    directory = WorkDir(toy_export)
+    export = directory.read_export()
+    (tmp_path / "c.png").write_bytes(b"\x89PNG but cut short")
+    folder = tmp_path / "set"
+    with pytest.raises(calibration.CalibrationError, match=r"c\.png is not a picture PIL can read"):
+        calibration.ensure_set(folder, export["model"]["dir"], export, directory.onnx, calibration.pictures(tmp_path))
+    assert not list(tmp_path.glob("*set*"))  # nothing a later compile would trust, no scratch left
+    # The pictures' bytes are the set's key: a picture changed in place is another set.
+    (tmp_path / "c.png").unlink()
+    before = calibration.set_key(export, calibration.pictures(tmp_path))
+    Image.new("RGB", (30, 40), (0, 100, 50)).save(tmp_path / "a.jpg", format="JPEG")
+    assert calibration.set_key(export, calibration.pictures(tmp_path)) != before
+
+
+def test_calibration_images_are_for_w8a8_only():
+    with pytest.raises(ChoiceError, match="^--calibration-images is for --vision-quant w8a8 .*add --vision-quant w8a8"):
+        CompileSettings(quant="int4", calibration_images="pictures")
+    assert CompileSettings(quant="int4", vision_quant="w8a8", calibration_images="pictures").calibration_images
+
+
 @pytest.mark.toolchain
 def test_a_cluster_without_a_shared_dir_is_refused_before_the_calibration(toy_export, tmp_path):
     """The nodes read the calibration set from the work directory: through the object store they

@@ -180,6 +180,12 @@ class Kind(str, Enum):
         return POLICY[self]
 
 
+def is_calibrated(quant: str) -> bool:
+    """Whether a net's quantization (a Quant's value, or "f32" for the nets always kept in float32)
+    quantizes its activations at calibrated thresholds (w8a8)."""
+    return quant != "f32" and Quant(quant).calibrated
+
+
 class QuantGroup(str, Enum):
     """Which `lvb compile` option sets a net's quantization."""
 

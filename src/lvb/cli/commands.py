@@ -156,7 +156,10 @@ def compile_(
     jobs: Annotated[Optional[int], typer.Option(help="Parallel compile jobs (default: from cores and free memory).", callback=at_least(1))] = None,
     vision_quant: Annotated[Quant, typer.Option(
         help="Vision tower: bf16, int8 or int4 (weights only), or w8a8 (INT8 weights and activations, calibrated on "
-             "scikit-image's photos; the attention core stays bf16).")] = Quant.BF16,
+             "--calibration-images; the attention core stays bf16).")] = Quant.BF16,
+    calibration_images: Annotated[Optional[Path], typer.Option(
+        readable=False, help="A folder of pictures like the ones the model will see (.jpg, .png, ...) to calibrate "
+                             "--vision-quant w8a8 on (default: scikit-image's eight photographs).")] = None,
     embed_quant: Annotated[Quant, typer.Option(help="Embedding: bf16, int8 or int4.")] = Quant.BF16,
     head_quant: Annotated[Quant, typer.Option(help="LM head: bf16, int8 or int4.")] = Quant.BF16,
     check: Annotated[CheckMode, typer.Option(
@@ -176,7 +179,8 @@ def compile_(
     from lvb.compile.compiler import CompileSettings, NetFailed
 
     settings = CompileSettings(quant=quant, group_size=group_size, chip=chip, vision_quant=vision_quant,
-                               embed_quant=embed_quant, head_quant=head_quant, check=check)
+                               embed_quant=embed_quant, head_quant=head_quant, check=check,
+                               calibration_images=str(calibration_images.resolve()) if calibration_images else None)
     if cluster_shared_dir is not None and not cluster:
         raise fail("--cluster-shared-dir needs --cluster (or LVB_CLUSTER)")
     try:

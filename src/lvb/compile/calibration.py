@@ -27,6 +27,8 @@ RECORD = "files.json"
 # scikit-image's colour photographs: real scenes, shipped with a dependency, the same everywhere.
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg",
           "ihc.png", "retina.jpg")
+# What --calibration-images takes from its folder (PIL reads them all).
+PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # The vision attention's core (scores, their softmax, the padding channel of lvb.patches.padding_channel)
 # stays bf16: the padding channel holds the mask's large value, which no INT8 scale shared with the
 # keys survives; the projections around it are INT8. ONNX node names, as the exporter traces them.
@@ -52,6 +54,22 @@ def photos() -> list[Path]:
     return [folder / name for name in PHOTOS if (folder / name).is_file()]
 
 
+def pictures(folder: Path | str | None) -> list[Path]:
+    """What a w8a8 tower is calibrated on: the pictures in `folder` (--calibration-images, by name),
+    or scikit-image's photographs."""
+    if folder is None:
+        return photos()
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CalibrationError(f"--calibration-images {folder} is not a folder; give a folder of pictures "
+                               f"({', '.join(PICTURE_SUFFIXES)})")
+    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PICTURE_SUFFIXES)
+    if not found:
+        raise CalibrationError(f"--calibration-images {folder} holds no pictures ({', '.join(PICTURE_SUFFIXES)}); "
+                               "add some, or drop the option to calibrate on scikit-image's photos")
+    return found
+
+
 def set_key(export: dict, pictures: Sequence[Path]) -> str:
     """What a calibration set is made from: the vision nets' exports and the pictures' bytes."""
     return cache_key(CALIBRATION_VERSION, [(n, export["nets"][n]["key"]) for n in vision_nets(export)],
@@ -68,13 +86,17 @@ def ensure_set(folder: Path, model_dir: Path, export: dict, onnx: Callable[[dict
         raise CalibrationError("--vision-quant w8a8 needs pictures to calibrate on, and scikit-image's photos are "
                                "missing: reinstall scikit-image")
     tmp = scratch(folder)
-    with _vision_inputs(model_dir, export, onnx) as inputs_of:
-        for index, picture in enumerate(pictures):
-            if progress:
-                progress(index, len(pictures))
-            for net, inputs in inputs_of(picture):
-                (tmp / net).mkdir(exist_ok=True)
-                np.savez(tmp / net / f"{index}.npz", **inputs)
+    try:
+        with _vision_inputs(model_dir, export, onnx) as inputs_of:
+            for index, picture in enumerate(pictures):
+                if progress:
+                    progress(index, len(pictures))
+                for net, inputs in inputs_of(picture):
+                    (tmp / net).mkdir(exist_ok=True)
+                    np.savez(tmp / net / f"{index}.npz", **inputs)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     files = {str(p.relative_to(tmp)): record_file(p) for p in sorted(tmp.rglob("*.npz"))}
     write_json(tmp / RECORD, {"version": CALIBRATION_VERSION, "files": files})
     shutil.rmtree(folder, ignore_errors=True)
@@ -103,8 +125,13 @@ def _vision_inputs(model_dir: Path, export: dict, onnx: Callable[[dict], Path]) 
         runner = Runner(checkpoint.spec, engine, checkpoint.tokenizer.image_id, checkpoint.tokenizer.pad_id or 0)
 
         def inputs_of(picture: Path) -> list[tuple[str, dict[str, np.ndarray]]]:
+            try:
+                image = Image.open(picture).convert("RGB")
+            except OSError as e:  # PIL's "cannot identify image file" too
+                raise CalibrationError(f"{picture} is not a picture PIL can read ({e.__class__.__name__}); remove it "
+                                       "from the calibration folder") from None
             fed.clear()
-            runner.encode_image(preprocess(Image.open(picture).convert("RGB"), checkpoint.image_config))
+            runner.encode_image(preprocess(image, checkpoint.image_config))
             return list(fed)
 
         yield inputs_of

@@ -25,7 +25,7 @@ from lvb.compile import calibration
 from lvb.compile.build import Attempt, CompileError, NetFailed, NetJob, build_attempt, memory_need
 from lvb.compile.tpumlir import DEFAULT_GROUP_SIZE, DeployOptions, combine
 from lvb.check import shortfalls, thresholds
-from lvb.contract import DEFAULT_BATCH, CheckMode, Chip, Kind, NetSpec, Quant, QuantGroup, batch_sizes, plan
+from lvb.contract import DEFAULT_BATCH, CheckMode, Chip, ChoiceError, Kind, NetSpec, Quant, QuantGroup, batch_sizes, is_calibrated, plan
 from lvb.spec import ModelSpec
 from lvb.toolchain import Toolchain, ToolchainError, ToolFailed, ToolServer
 from lvb.workdir import (COMPILE_VERSION, WorkDir, WorkDirError, cache_key, matches_record, read_manifest, record_file,
@@ -47,11 +47,15 @@ class CompileSettings:
     embed_quant: Quant = Quant.BF16
     head_quant: Quant = Quant.BF16
     check: CheckMode = CheckMode.ALL
+    calibration_images: str | None = None  # a folder of pictures a w8a8 tower is calibrated on
 
     def __post_init__(self):
         for name, of in (("quant", Quant.of_weights), ("vision_quant", Quant.of), ("embed_quant", Quant.of_weights),
                          ("head_quant", Quant.of_weights), ("chip", Chip.of), ("check", CheckMode.of)):
             object.__setattr__(self, name, of(getattr(self, name), "--" + name.replace("_", "-")))
+        if self.calibration_images is not None and not self.vision_quant.calibrated:
+            raise ChoiceError(f"--calibration-images is for --vision-quant w8a8 (the INT8 tower is calibrated on them, "
+                              f"not --vision-quant {self.vision_quant}); add --vision-quant w8a8 or drop it")
 
     def quant_of(self, kind: Kind) -> str:
         """The net's key of tpumlir.QUANTIZE."""
@@ -191,7 +195,10 @@ class Compiler:
 
     def _calibration_set(self) -> tuple[str, Path, list[Path]]:
         """(key, folder, pictures) of the pictures' vision inputs a w8a8 tower is calibrated on."""
-        pictures = calibration.photos()
+        try:
+            pictures = calibration.pictures(self.settings.calibration_images)
+        except calibration.CalibrationError as e:
+            raise CompileError(str(e)) from None
         key = calibration.set_key(self.export, pictures)
         return key, self.out / "calibration" / key, pictures
 
@@ -211,7 +218,7 @@ class Compiler:
         net = NetSpec.from_json(entry)
         quant = self.settings.quant_of(net.kind)
         bf16_inputs, bf16_outputs = net.bf16_io(quant)
-        calibrated = quant != "f32" and Quant(quant).calibrated
+        calibrated = is_calibrated(quant)
         return NetJob(
             net=net,
             onnx=self.dir.onnx(entry),
@@ -300,7 +307,10 @@ class Compiler:
         return self.dir.compile_manifest(self.bmodel)
 
     def _combined_key(self) -> str:
-        return cache_key([(j.name, j.export_key) for j in self.jobs], vars(self.settings), self.toolchain_version, lvb.__version__)
+        # The calibration set's key holds its pictures' bytes: new pictures in the same folder are another bmodel.
+        calibrated = self.calibration[0] if self.calibration else None
+        return cache_key([(j.name, j.export_key) for j in self.jobs], vars(self.settings), calibrated,
+                         self.toolchain_version, lvb.__version__)
 
     def run(self, jobs: int | None = None, progress: Callable[[int, int, list[str]], None] | None = None,
             cluster: ClusterSettings | None = None) -> dict:

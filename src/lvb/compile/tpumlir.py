@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from lvb.contract import Quant
+import numpy as np
+
+from lvb.contract import Quant, is_calibrated
 from lvb.toolchain import Toolchain, ToolServer
 
 # --quantize values of model_deploy.py, by lvb's names (f32: the nets always kept in float32).
@@ -41,7 +44,7 @@ class DeployOptions:
     def args(self, tables: tuple[Path, Path] | None = None) -> list[str]:
         """`tables`: a w8a8 deploy's calibration and quantize tables."""
         args = ["--quantize", QUANTIZE[self.quantize], "--chip", self.chip]
-        calibrated = self.quantize != "f32" and Quant(self.quantize).calibrated
+        calibrated = is_calibrated(self.quantize)
         if self.quantize != "f32" and Quant(self.quantize).grouped:
             args += ["--q_group_size", str(self.group_size)]
         if calibrated:

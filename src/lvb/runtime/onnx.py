@@ -24,8 +24,10 @@ class OnnxEngine(Engine):
     def __init__(self, files: Mapping[str, str | Path], threads: int | None = None,
                  specs: Mapping[str, NetSpec] | None = None,
                  record: Callable[[str, dict[str, np.ndarray]], object] | None = None):
-        """`specs`: the nets as exported; a net exported for several prefill chunks has a
-        symbolic chunk axis in its graph, and its stages' shapes come from here. `record`: told
+        """`specs`: the nets as exported, which then say each net's inputs, outputs and stages (a
+        net exported for several prefill chunks has a symbolic chunk axis in its graph), and a net
+        is loaded only when it first runs: a caller that runs a few nets of an 11B export (the
+        calibration runs the vision tower) does not hold the rest in memory. `record`: told
         each net run and a copy of what it was fed (a calibration set is made so)."""
         try:
             import onnxruntime
@@ -39,10 +41,10 @@ class OnnxEngine(Engine):
         self._threads, self._record = threads, record
         self._sessions = {}
         self._buffers = HostBuffers()
-        self._nets = {name: self._info(name) for name in self._files}
-        for name, spec in (specs or {}).items():
-            if spec.smaller and name in self._nets:
-                self._nets[name] = NetInfo(name, spec.inputs, spec.outputs, tuple(s.inputs for s in spec.smaller))
+        specs = specs or {}
+        self._nets = {name: NetInfo(name, specs[name].inputs, specs[name].outputs,
+                                    tuple(s.inputs for s in specs[name].smaller))
+                      if name in specs else self._info(name) for name in self._files}
 
     def _session(self, name: str):
         if name not in self._sessions:
