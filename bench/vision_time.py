@@ -79,7 +79,7 @@ def uniform_w8a8(work: Path, base: str, label: str) -> None:
     from device_time import compare, print_layout, substituted, REFERENCE_FILE
 
     from common import record_result
-    from lvb.compile.build import Attempt, _mlir, _mlir_files
+    from lvb.compile.build import Attempt, mlir_files, stage_mlir
     from lvb.compile.calibration import write_tables
     from lvb.compile.compiler import CompileSettings, Compiler
     from lvb.compile.tpumlir import deploy
@@ -97,12 +97,12 @@ def uniform_w8a8(work: Path, base: str, label: str) -> None:
             folder = Path(scratch)
             attempt = Attempt(job=job, options=job.options, net_folder=compiler.dir.compile_net(job.name), folder=folder,
                               log=folder / "log", check=False, thresholds={}, bmodel="")
-            mlir = _mlir(attempt, job.net, toolchain, None, [])  # the BF16 build's transform, cached
+            mlir = stage_mlir(attempt, job.net, toolchain, None, [])  # the BF16 build's transform, cached
             names = sorted(set(re.findall(r'loc\("([^"]+)"\)', mlir.read_text())))  # every tensor tpu-mlir names
             (folder / "uniform").write_text("".join(f"{name} 1.0 -1.0 1.0\n" for name in names))
             write_tables(job.onnx, folder / "uniform", folder / "table", folder / "qtable")
             print(f"deploying {job.name} (w8a8, uniform thresholds) ...", flush=True)
-            with _mlir_files(mlir, folder):
+            with mlir_files(mlir, folder):
                 deploy(toolchain, mlir, folder, f"{job.name}.bmodel", job.options, folder / "log", None,
                        (folder / "table", folder / "qtable"))
             estimate = read_profile(folder)

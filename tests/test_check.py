@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lvb.check import MEASURED_MIN_COSINE, MEASURED_MIN_COSINE_KV, MIN_AGREEMENT, TORCH_VS_ONNX, min_cosine
+from lvb.check import (INTERPRETER, MEASURED_MIN_COSINE, MEASURED_MIN_COSINE_INTERPRETER, MEASURED_MIN_COSINE_KV, MIN_AGREEMENT,
+                       TORCH_VS_ONNX, min_cosine)
 from lvb.contract import Kind, Names
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -26,13 +27,16 @@ def test_bmodel_thresholds_in_the_readme_are_the_table():
     stated = {}
     for line in section("Checks and thresholds").splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 4 and (row := re.fullmatch(r"`(\w+)`( k, v)?", cells[0])):
-            stated[row[1], cells[1], bool(row[2])] = (cells[2], cells[3])
-    expected = {(kind.value, quant, False): (f"{min_cosine(kind, quant):.6f}", f"{measured:.6f}")
+        if len(cells) == 4 and (row := re.fullmatch(r"`(\w+)`( k, v| vs tpu-mlir)?", cells[0])):
+            stated[row[1], cells[1], (row[2] or "").strip()] = (cells[2], cells[3])
+    expected = {(kind.value, quant, ""): (f"{min_cosine(kind, quant):.6f}", f"{measured:.6f}")
                 for (kind, quant), measured in MEASURED_MIN_COSINE.items()}
-    expected |= {(kind.value, quant, True): (f"{min_cosine(kind, quant, Names.K):.6f}", f"{measured:.6f}")
+    expected |= {(kind.value, quant, "k, v"): (f"{min_cosine(kind, quant, Names.K):.6f}", f"{measured:.6f}")
                  for (kind, quant), measured in MEASURED_MIN_COSINE_KV.items()}
-    assert stated.pop(("greedy_head", "f32", False)) == ("exact token", "exact") and min_cosine(Kind.GREEDY_HEAD, "f32") == 1.0
+    expected |= {(kind.value, quant, "vs tpu-mlir"): (f"{min_cosine(kind, quant, Names.HIDDEN + INTERPRETER):.6f}",
+                                                      f"{measured:.6f}")
+                 for (kind, quant), measured in MEASURED_MIN_COSINE_INTERPRETER.items()}
+    assert stated.pop(("greedy_head", "f32", "")) == ("exact token", "exact") and min_cosine(Kind.GREEDY_HEAD, "f32") == 1.0
     assert stated == expected
     # K and V share their row, and are judged tighter than the hidden state they come with.
     for kind, quant in MEASURED_MIN_COSINE_KV:
@@ -65,6 +69,26 @@ def test_an_output_is_judged_on_its_own_threshold():
     assert shortfalls({Names.HIDDEN: 1.0, Names.K: between, Names.V: 1.0}, need) == [f"k cosine {between:.6f} < {need[Names.K]}"]
 
 
+def test_a_w8a8_compile_judges_each_output_against_tpu_mlirs_interpreter_too():
+    """At compile, a w8a8 net's outputs are judged against fp32 (the rows verify uses too) and,
+    on rows of their own, against tpu-mlir's INT8 interpreter; verify asks only for the first."""
+    from lvb.check import shortfalls, thresholds
+    from lvb.contract import NetSpec, TensorInfo
+
+    hidden = TensorInfo(Names.HIDDEN, (1, 8, 4), "float32")
+    net = NetSpec("vision_embed", Kind.VISION_EMBED, 0, (hidden,), (hidden,))
+    assert thresholds(net, "w8a8") == {Names.HIDDEN: min_cosine(Kind.VISION_EMBED, "w8a8")}
+    need = thresholds(net, "w8a8", interpreter=True)
+    interpreted = Names.HIDDEN + INTERPRETER
+    measured = MEASURED_MIN_COSINE_INTERPRETER[Kind.VISION_EMBED, "w8a8"]
+    assert need[interpreted] == round(1 - 2 * (1 - measured), 6) > need[Names.HIDDEN]
+    # Inside fp32's threshold, outside the interpreter's: a miscompile the fp32 row alone lets through.
+    between = (need[Names.HIDDEN] + need[interpreted]) / 2
+    assert shortfalls({Names.HIDDEN: between, interpreted: between}, need) == [
+        f"{interpreted} cosine {between:.6f} < {need[interpreted]}"]
+    assert shortfalls({Names.HIDDEN: 1.0}, need) == [f"{interpreted} cosine nan < {need[interpreted]}"]
+
+
 def test_the_table_is_what_bench_thresholds_writes(tmp_path):
     """lvb.check loads src/lvb/thresholds.json, which bench/thresholds.py --write writes from its
     measurements: the committed file is byte for byte what the bench writes from the values in
@@ -83,13 +107,18 @@ def test_the_table_is_what_bench_thresholds_writes(tmp_path):
     rows = json.loads(table.read_text())["rows"]
     own = [r for r in rows if SOURCE in r["measured"]]
     nets = {}
+    def own_row(r, outputs):
+        return next((k["measured"][SOURCE] for k in own if k["outputs"] == outputs and (k["kind"], k["quant"]) == (r["kind"], r["quant"])), None)
+
     for i, r in enumerate(r for r in own if r["outputs"] == "all"):
-        kv = next((k["measured"][SOURCE] for k in own if k["outputs"] == "k, v" and (k["kind"], k["quant"]) == (r["kind"], r["quant"])), None)
+        kv, interpreted = own_row(r, "k, v"), own_row(r, "tpu-mlir")
         nets[f"net{i}"] = {"kind": r["kind"], "quant": r["quant"], "cosine": r["measured"][SOURCE],
-                           "cosines": {} if kv is None else {"k": kv, "v": 1.0}}
+                           "cosines": ({} if kv is None else {"k": kv, "v": 1.0})
+                           | ({} if interpreted is None else {"out" + INTERPRETER: interpreted})}
     write_table({"fixture": {"nets": {"int4": nets}}}, table)
     assert table.read_text() == MEASURED_TABLE.read_text()
     assert measured_minima("all", table) == MEASURED_MIN_COSINE and measured_minima("k, v", table) == MEASURED_MIN_COSINE_KV
+    assert measured_minima("tpu-mlir", table) == MEASURED_MIN_COSINE_INTERPRETER
 
     # The cross K/V INT4 row: the 11B's widths set it; a fixture measured lower takes over, one
     # measured higher leaves it.

@@ -29,3 +29,14 @@ def test_pipeline_on_the_toy_with_the_simulator(quant, toy_pipeline):
     assert all(p["onnx_vs_bmodel"] is not None and not p["misses"] for p in report["parts"])
     assert any(p["compile_check"].startswith("as ") for p in report["parts"]) == (quant == "int8")
     assert {p["quant"] for p in report["parts"] if Kind(p["kind"]).policy.quant is QuantGroup.VISION} == {vision}
+    # A w8a8 net the compile checked was judged against tpu-mlir's INT8 interpreter too, on its own row.
+    from lvb.check import INTERPRETER
+    from lvb.workdir import WorkDir
+
+    compiled = json.loads(WorkDir(toy_work).compile_manifest(toy_work / f"{bmodel}.bmodel").read_text())["nets"]
+    checked = {n: r for n, r in compiled.items() if r["quant"] == "w8a8" and r["check"] is not None}
+    assert bool(checked) == (vision == "w8a8")
+    for name, r in checked.items():
+        interpreted = {o: c for o, c in r["check"]["cosines"].items() if o.endswith(INTERPRETER)}
+        assert interpreted and set(interpreted) <= set(r["thresholds"]), name
+        assert all(c >= r["thresholds"][o] for o, c in interpreted.items()), name

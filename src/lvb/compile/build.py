@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lvb.bmodel import declared_tensors
-from lvb.check import load_check, onnx_vs_bmodel, shortfalls
+from lvb.check import INTERPRETER, load_check, onnx_vs_bmodel, shortfalls
 from lvb.compile.calibration import write_tables
-from lvb.compile.tpumlir import TRANSFORM_OPTIONS, DeployOptions, calibrate, combine, deploy, transform
+from lvb.compile.tpumlir import TRANSFORM_OPTIONS, DeployOptions, calibrate, combine, deploy, interpreted_outputs, transform
 from lvb.contract import Kind, NetSpec
 from lvb.devicetime import read_profile
 from lvb.errors import LvbError
-from lvb.numerics import lowest
+from lvb.numerics import compare, lowest
 from lvb.toolchain import Toolchain, ToolServer
 from lvb.workdir import COMPILE_VERSION, cache_key, damaged_files, read_manifest, record_file, scratch, write_json
 
@@ -126,7 +126,7 @@ def memory_need(job: NetJob) -> int:
     return job.kind.policy.peak.need(weight_bytes, simplified=job.simplified)
 
 
-def _mlir(attempt: Attempt, stage: NetSpec, toolchain: Toolchain, server: ToolServer | None, notes: list[str]) -> Path:
+def stage_mlir(attempt: Attempt, stage: NetSpec, toolchain: Toolchain, server: ToolServer | None, notes: list[str]) -> Path:
     """One stage's MLIR (a net without smaller stages has one): the ONNX graph at that
     stage's input shapes, made once and shared by the net's deploys."""
     job = attempt.job
@@ -149,7 +149,7 @@ def _mlir(attempt: Attempt, stage: NetSpec, toolchain: Toolchain, server: ToolSe
     return mlir
 
 
-def _tables(attempt: Attempt, mlir: Path, toolchain: Toolchain, server: ToolServer | None,
+def stage_tables(attempt: Attempt, mlir: Path, toolchain: Toolchain, server: ToolServer | None,
             notes: list[str]) -> tuple[Path, Path]:
     """A w8a8 stage's calibration and quantize tables (lvb.compile.calibration), measured on the
     net's calibration inputs once per MLIR and calibration set, and shared by its deploys."""
@@ -168,7 +168,7 @@ def _tables(attempt: Attempt, mlir: Path, toolchain: Toolchain, server: ToolServ
     tmp = scratch(folder)
     # tpu-mlir's calibration holds every tensor of the net in memory (tens of GB for a vision layer
     # at the 11B's four tiles): the jobs of this machine calibrate one at a time.
-    with _turn(job.calibration.parent.parent / "turns.lock"), _mlir_files(mlir, tmp):
+    with _turn(job.calibration.parent.parent / "turns.lock"), mlir_files(mlir, tmp):
         measured = calibrate(toolchain, mlir, tmp, job.calibration, len(inputs), "measured_table", attempt.log, server)
     write_tables(job.onnx, measured, tmp / table.name, tmp / qtable.name)
     record_transform(tmp)
@@ -178,7 +178,7 @@ def _tables(attempt: Attempt, mlir: Path, toolchain: Toolchain, server: ToolServ
 
 
 @contextmanager
-def _mlir_files(mlir: Path, folder: Path) -> Iterator[None]:
+def mlir_files(mlir: Path, folder: Path) -> Iterator[None]:
     """The MLIR's folder linked into `folder` while a tool runs there: deploy and calibration read
     the MLIR's weight file from their own working directory."""
     links = [folder / needed.name for needed in mlir.parent.iterdir()]
@@ -204,17 +204,22 @@ def _turn(lock: Path | None) -> Iterator[None]:
         yield
 
 
-def _simulate(job: NetJob, stage: NetSpec, check_file: Path, bmodel: Path, toolchain: Toolchain) -> dict:
-    """One stage's bmodel on the simulator against onnxruntime on the export's check inputs."""
+def _simulate(job: NetJob, stage: NetSpec, feeds: dict, fp32: list, bmodel: Path, toolchain: Toolchain,
+              interpreted: Path | None) -> dict:
+    """One stage's bmodel on the simulator against onnxruntime on the export's check inputs, and
+    against tpu-mlir's interpreter where the deploy in `interpreted` ran it."""
     from lvb.runtime.cmodel import CmodelEngine
 
     started = time.perf_counter()
-    feeds, fp32 = load_check(check_file)
     with CmodelEngine(bmodel, toolchain) as simulator:
         simulated = time.perf_counter()
         got = simulator.run(job.name, feeds)
         simulator_seconds = time.perf_counter() - simulated
     check, _ = onnx_vs_bmodel(stage, job.onnx, feeds, fp32, got, job.quant, job.options.group_size)
+    if interpreted is not None:
+        names = [t.name for t in declared_tensors(bmodel, toolchain)[job.name].outputs]
+        against = compare(interpreted_outputs(interpreted, names), got)["cosines"]
+        check["cosines"] |= {t.name + INTERPRETER: cosine for t, cosine in zip(stage.outputs, against)}
     # What a check costs (bench/real_widths.py weighs --check kinds against the compile):
     # the simulator's run, and the whole check with loading and the quantized reference.
     return check | {"simulator_seconds": round(simulator_seconds, 2), "seconds": round(time.perf_counter() - started, 2)}
@@ -239,24 +244,28 @@ def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: To
     Also each stage's device-time estimate, which the deploy leaves in its folder."""
     job = attempt.job
     stage_bmodels, checks, estimates = [], [], []
+    interpret = attempt.check and job.calibration is not None  # a w8a8 net: its quantization-aware reference
     for index, (stage, check_file) in enumerate(zip(job.net.stages, job.check_files)):
-        mlir = _mlir(attempt, stage, toolchain, server, notes)
+        mlir = stage_mlir(attempt, stage, toolchain, server, notes)
         folder = tmp / f"stage{index}" if len(job.net.stages) > 1 else tmp
         folder.mkdir(exist_ok=True)
-        tables = _tables(attempt, mlir, toolchain, server, notes) if job.calibration is not None else None
-        with _mlir_files(mlir, folder):
-            bmodel = deploy(toolchain, mlir, folder, f"{job.name}.bmodel", attempt.options, attempt.log, server, tables)
+        tables = stage_tables(attempt, mlir, toolchain, server, notes) if job.calibration is not None else None
+        feeds, fp32 = load_check(check_file) if attempt.check else ({}, [])
+        with mlir_files(mlir, folder):
+            bmodel = deploy(toolchain, mlir, folder, f"{job.name}.bmodel", attempt.options, attempt.log, server, tables,
+                            feeds if interpret else None)
         estimates.append(read_profile(folder))
         stage_bmodels.append(bmodel)
         if attempt.check:
-            checks.append(_simulate(job, stage, check_file, bmodel, toolchain))
+            checks.append(_simulate(job, stage, feeds, fp32, bmodel, toolchain, folder if interpret else None))
     bmodel = stage_bmodels[0]
     if len(stage_bmodels) > 1:
         bmodel = combine(toolchain, stage_bmodels, tmp / f"{job.name}.bmodel", attempt.log)
     # The deploys' copies of the weights (their weight files, and each stage's bmodel once joined)
-    # would stay in the cache beside the net's bmodel, a copy or two of every weight per stage.
+    # would stay in the cache beside the net's bmodel, a copy or two of every weight per stage; so
+    # would the interpreter's inputs and outputs.
     for stage_bmodel in stage_bmodels:
-        for bulky in stage_bmodel.parent.glob("*_weight.npz"):
+        for bulky in stage_bmodel.parent.glob("*.npz"):
             bulky.unlink()
         if stage_bmodel != bmodel:
             stage_bmodel.unlink()

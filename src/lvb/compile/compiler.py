@@ -236,14 +236,16 @@ class Compiler:
     def _compile(self, job: NetJob, log_dir: Path, executor: Executor, like: NetJob | None = None) -> dict:
         """Deploy with the first option set whose bmodel passes the simulator check; with `like`
         (a checked net of the same kind, --check kinds), unchecked with the options it passed with."""
-        need = thresholds(job.net, job.quant)
         net_folder = self.dir.compile_net(job.name)
         check = self.settings.check is CheckMode.ALL or (self.settings.check is CheckMode.KINDS and like is None)
+        interpret = check and job.calibration is not None  # also against tpu-mlir's interpreter (lvb.check.INTERPRETER)
+        need = thresholds(job.net, job.quant, interpreter=interpret)
         ladder = job.kind.policy.ladder if like is None else (tuple(like.result["options"]),)
         tried = []
         for extra in ladder:
             options = replace(job.options, extra=extra)
-            folder = net_folder / cache_key(job.export_key, self.toolchain_version, vars(options), check)
+            folder = net_folder / cache_key(job.export_key, self.toolchain_version, vars(options), check,
+                                            *(["tpu-mlir"] if interpret else []))
             result = read_manifest(folder / "result.json", COMPILE_VERSION)
             problem = result and matches_record(self.work / result["bmodel"], result.get("file"))
             if result and problem is None:

@@ -75,12 +75,32 @@ def transform(toolchain: Toolchain, onnx_path: Path, work: Path, name: str, inpu
 
 
 def deploy(toolchain: Toolchain, mlir: Path, work: Path, bmodel_name: str, options: DeployOptions, log: Path,
-           server: ToolServer | None = None, tables: tuple[Path, Path] | None = None) -> Path:
-    """Top-level MLIR -> bmodel for one quantization (w8a8: with its calibration and quantize tables)."""
+           server: ToolServer | None = None, tables: tuple[Path, Path] | None = None,
+           interpret: Mapping[str, np.ndarray] | None = None) -> Path:
+    """Top-level MLIR -> bmodel for one quantization (w8a8: with its calibration and quantize tables).
+    `interpret`: inputs tpu-mlir's interpreter runs the quantized MLIR on (interpreted_outputs)."""
     bmodel = work / bmodel_name
-    toolchain.python_tool("model_deploy.py", ["--mlir", mlir.name, "--model", bmodel.name, *options.args(tables)], work,
-                          log, server)
+    args = ["--mlir", mlir.name, "--model", bmodel.name, *options.args(tables)]
+    if interpret is not None:
+        np.savez(work / INTERPRETER_INPUTS, **interpret)
+        # model_deploy compares its interpreter with --test_reference before building and with the
+        # bmodel after; lvb compares itself, so the reference holds none of the net's tensors and
+        # the bmodel run is skipped (lvb's check runs it). --cache_skip keeps the outputs' file.
+        np.savez(work / NOTHING, lvb_nothing=np.zeros(1, np.float32))
+        args += ["--test_input", INTERPRETER_INPUTS, "--test_reference", NOTHING, "--skip_validation", "--cache_skip"]
+    toolchain.python_tool("model_deploy.py", args, work, log, server)
     return bmodel
+
+
+INTERPRETER_INPUTS, NOTHING = "interpreter_inputs.npz", "nothing.npz"
+
+
+def interpreted_outputs(work: Path, names: list[str]) -> list[np.ndarray]:
+    """The interpreter's outputs of a deploy with `interpret`, in the order of the bmodel's output
+    `names`: the quantized MLIR's names, less the suffix of a cast added after it
+    (--quant_output_bf16's "_bf16")."""
+    with np.load(next(work.glob("*_tpu_outputs.npz"))) as interpreted:
+        return [interpreted[max((k for k in interpreted.files if name.startswith(k)), key=len)] for name in names]
 
 
 def calibrate(toolchain: Toolchain, mlir: Path, work: Path, dataset: Path, count: int, table_name: str, log: Path,
