@@ -168,13 +168,18 @@ def stage_tables(attempt: Attempt, mlir: Path, toolchain: Toolchain, server: Too
     tmp = scratch(folder)
     # tpu-mlir's calibration holds every tensor of the net in memory (tens of GB for a vision layer
     # at the 11B's four tiles): the jobs of this machine calibrate one at a time.
-    with _turn(job.calibration.parent.parent / "turns.lock"), mlir_files(mlir, tmp):
+    with _turn(_calibration_turns(job)), mlir_files(mlir, tmp):
         measured = calibrate(toolchain, mlir, tmp, job.calibration, len(inputs), "measured_table", attempt.log, server)
     write_tables(job.onnx, measured, tmp / table.name, tmp / qtable.name)
     record_transform(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return table, qtable
+
+
+def _calibration_turns(job: NetJob) -> Path:
+    """The lock a machine's w8a8 jobs take turns on for tpu-mlir's memory-hungry steps."""
+    return job.calibration.parent.parent / "turns.lock"
 
 
 @contextmanager
@@ -251,7 +256,8 @@ def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: To
         folder.mkdir(exist_ok=True)
         tables = stage_tables(attempt, mlir, toolchain, server, notes) if job.calibration is not None else None
         feeds, fp32 = load_check(check_file) if attempt.check else ({}, [])
-        with mlir_files(mlir, folder):
+        # tpu-mlir's interpreter, like its calibration, holds every tensor of the net: the same turns.
+        with _turn(_calibration_turns(job) if interpret else None), mlir_files(mlir, folder):
             bmodel = deploy(toolchain, mlir, folder, f"{job.name}.bmodel", attempt.options, attempt.log, server, tables,
                             feeds if interpret else None)
         estimates.append(read_profile(folder))
