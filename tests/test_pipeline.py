@@ -40,3 +40,6 @@ def test_pipeline_on_the_toy_with_the_simulator(quant, toy_pipeline):
         interpreted = {o: c for o, c in r["check"]["cosines"].items() if o.endswith(INTERPRETER)}
         assert interpreted and set(interpreted) <= set(r["thresholds"]), name
         assert all(c >= r["thresholds"][o] for o, c in interpreted.items()), name
+    # ...and verify held the bmodel to the interpreter's outputs the compile kept.
+    held = [p for p in report["parts"] if p["net"] in checked]
+    assert len(held) == len(checked) and all(p["bmodel_vs_interpreter"] is not None for p in held)

@@ -70,3 +70,41 @@ def test_prompts_longer_than_the_sequence_are_listed_as_misses(checkpoint_factor
     assert len(unchecked) == 2 and "'text only'" in unchecked[0] and "'two turns, turn 2'" in unchecked[1]
     assert all("tokens and the model holds 40" in m for m in unchecked)
     assert [a["name"] for a in report["answers"] if a["agreement"] is not None] == ["photo", "synthetic", "two turns, turn 1"]
+
+
+def test_a_w8a8_net_is_held_to_the_interpreters_outputs_the_compile_kept(tmp_path):
+    """On any backend (the card has no tpu-mlir), a w8a8 net's outputs against what tpu-mlir's
+    interpreter gave the compile on the same inputs, on the interpreter's rows: a small error the
+    fp32 row lets through is a miss, and so is a kept file changed since the compile."""
+    import numpy as np
+
+    from lvb.check import INTERPRETED, INTERPRETER, min_cosine, save_interpreted
+    from lvb.contract import Kind, Names, NetSpec, TensorInfo
+    from lvb.verify.checks import PartResult, _against_interpreter
+    from lvb.workdir import WorkDir, record_file
+
+    hidden = TensorInfo(Names.HIDDEN, (1, 64, 8), "float32")
+    net = NetSpec("vision_embed", Kind.VISION_EMBED, 0, (hidden,), (hidden,))
+    folder = tmp_path / "compile" / "vision_embed" / "attempt"
+    folder.mkdir(parents=True)
+    interpreted = np.random.default_rng(0).standard_normal((1, 64, 8)).astype(np.float32)
+    save_interpreted(folder / INTERPRETED, net, [interpreted])
+    compiled = {"quant": "w8a8", "bmodel": "compile/vision_embed/attempt/vision_embed.bmodel",
+                "interpreted": record_file(folder / INTERPRETED)}
+    directory = WorkDir(tmp_path)
+
+    def misses(got):
+        result = PartResult(net.name, net.kind.value, 0, "w8a8", 1.0)
+        return result, _against_interpreter(result, directory, compiled, net, [got])
+
+    result, missed = misses(interpreted)
+    assert missed == [] and result.bmodel_vs_interpreter == pytest.approx(1.0)
+    off = interpreted + 0.01 * np.random.default_rng(1).standard_normal(interpreted.shape).astype(np.float32)
+    result, missed = misses(off)
+    assert min_cosine(net.kind, "w8a8") < result.bmodel_vs_interpreter < min_cosine(net.kind, "w8a8", "x" + INTERPRETER)
+    assert len(missed) == 1 and missed[0].startswith("vision_embed: bmodel vs tpu-mlir's interpreter (w8a8) hidden_states vs tpu-mlir cosine")
+    save_interpreted(folder / INTERPRETED, net, [off])
+    _, missed = misses(off)
+    assert len(missed) == 1 and str(folder / INTERPRETED) in missed[0] and "lvb compile" in missed[0]
+    assert misses(off)[1] == missed and not _against_interpreter(PartResult(net.name, net.kind.value, 0, "w8a8", 1.0),
+                                                                 directory, {"quant": "w8a8", "bmodel": ""}, net, [off])

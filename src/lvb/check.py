@@ -137,6 +137,21 @@ def load_check(path: Path) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     return feeds, outputs
 
 
+# In a checked w8a8 net's compile folder, beside its bmodel, recorded in its result's "interpreted".
+INTERPRETED = "interpreted.npz"
+
+
+def save_interpreted(path: Path, net: NetSpec, outputs: list[np.ndarray]) -> None:
+    """tpu-mlir's interpreter's outputs of a w8a8 net on its check inputs, which the compile keeps
+    beside the bmodel: `lvb verify` judges the bmodel on any backend against them."""
+    np.savez(path, **{t.name: o for t, o in zip(net.outputs, outputs)})
+
+
+def load_interpreted(path: Path, net: NetSpec) -> list[np.ndarray]:
+    with np.load(path) as saved:
+        return [saved[t.name] for t in net.outputs]
+
+
 # -- the three runs ----------------------------------------------------------------
 
 
@@ -213,6 +228,12 @@ def quantized_reference(onnx_path: Path, feeds: Mapping[str, np.ndarray], quant:
 
 
 # -- the two hops ----------------------------------------------------------------------
+
+
+def against_interpreter(net: NetSpec, interpreted: list[np.ndarray], got: list[np.ndarray]) -> dict[str, float]:
+    """A w8a8 bmodel's outputs against tpu-mlir's interpreter: "<output> vs tpu-mlir" -> cosine,
+    judged on thresholds(net, quant, interpreter=True)."""
+    return {t.name + INTERPRETER: c for t, c in zip(net.outputs, compare(interpreted, got)["cosines"])}
 
 
 def torch_vs_onnx(net: NetSpec, torch_outputs: list[np.ndarray], onnx_outputs: list[np.ndarray]) -> tuple[dict, str | None]:

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lvb.bmodel import declared_tensors
-from lvb.check import INTERPRETER, load_check, onnx_vs_bmodel, shortfalls
+from lvb.check import INTERPRETED, against_interpreter, load_check, onnx_vs_bmodel, save_interpreted, shortfalls
 from lvb.compile.calibration import write_tables
 from lvb.compile.tpumlir import TRANSFORM_OPTIONS, DeployOptions, calibrate, combine, deploy, interpreted_outputs, transform
 from lvb.contract import Kind, NetSpec
 from lvb.devicetime import read_profile
 from lvb.errors import LvbError
-from lvb.numerics import compare, lowest
+from lvb.numerics import lowest
 from lvb.toolchain import Toolchain, ToolServer
 from lvb.workdir import COMPILE_VERSION, cache_key, damaged_files, read_manifest, record_file, scratch, write_json
 
@@ -210,9 +210,9 @@ def _turn(lock: Path | None) -> Iterator[None]:
 
 
 def _simulate(job: NetJob, stage: NetSpec, feeds: dict, fp32: list, bmodel: Path, toolchain: Toolchain,
-              interpreted: Path | None) -> dict:
+              interpreted: list | None) -> dict:
     """One stage's bmodel on the simulator against onnxruntime on the export's check inputs, and
-    against tpu-mlir's interpreter where the deploy in `interpreted` ran it."""
+    against tpu-mlir's interpreter's outputs where its deploy ran it."""
     from lvb.runtime.cmodel import CmodelEngine
 
     started = time.perf_counter()
@@ -222,9 +222,7 @@ def _simulate(job: NetJob, stage: NetSpec, feeds: dict, fp32: list, bmodel: Path
         simulator_seconds = time.perf_counter() - simulated
     check, _ = onnx_vs_bmodel(stage, job.onnx, feeds, fp32, got, job.quant, job.options.group_size)
     if interpreted is not None:
-        names = [t.name for t in declared_tensors(bmodel, toolchain)[job.name].outputs]
-        against = compare(interpreted_outputs(interpreted, names), got)["cosines"]
-        check["cosines"] |= {t.name + INTERPRETER: cosine for t, cosine in zip(stage.outputs, against)}
+        check["cosines"] |= against_interpreter(stage, interpreted, got)
     # What a check costs (bench/real_widths.py weighs --check kinds against the compile):
     # the simulator's run, and the whole check with loading and the quantized reference.
     return check | {"simulator_seconds": round(simulator_seconds, 2), "seconds": round(time.perf_counter() - started, 2)}
@@ -250,6 +248,7 @@ def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: To
     job = attempt.job
     stage_bmodels, checks, estimates = [], [], []
     interpret = attempt.check and job.calibration is not None  # a w8a8 net: its quantization-aware reference
+    kept = None
     for index, (stage, check_file) in enumerate(zip(job.net.stages, job.check_files)):
         mlir = stage_mlir(attempt, stage, toolchain, server, notes)
         folder = tmp / f"stage{index}" if len(job.net.stages) > 1 else tmp
@@ -263,7 +262,11 @@ def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: To
         estimates.append(read_profile(folder))
         stage_bmodels.append(bmodel)
         if attempt.check:
-            checks.append(_simulate(job, stage, feeds, fp32, bmodel, toolchain, folder if interpret else None))
+            names = [t.name for t in declared_tensors(bmodel, toolchain)[job.name].outputs] if interpret else []
+            interpreted = interpreted_outputs(folder, names) if interpret else None
+            if interpreted is not None and index == 0:  # the stage verify runs (the check inputs')
+                kept = interpreted
+            checks.append(_simulate(job, stage, feeds, fp32, bmodel, toolchain, interpreted))
     bmodel = stage_bmodels[0]
     if len(stage_bmodels) > 1:
         bmodel = combine(toolchain, stage_bmodels, tmp / f"{job.name}.bmodel", attempt.log)
@@ -275,6 +278,8 @@ def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: To
             bulky.unlink()
         if stage_bmodel != bmodel:
             stage_bmodel.unlink()
+    if kept is not None:
+        save_interpreted(tmp / INTERPRETED, job.net, kept)
     device = [e.to_json() for e in estimates] if all(estimates) else None
     if not checks:
         return bmodel, None, device
@@ -299,6 +304,8 @@ def build_attempt(attempt: Attempt, toolchain: Toolchain, server: ToolServer | N
               "check": check, "thresholds": attempt.thresholds, "passed": passed, "seconds": round(seconds, 2),
               "bmodel": attempt.bmodel, "file": record_file(bmodel), "dtype_exceptions": exceptions,
               "device": device}
+    if (tmp / INTERPRETED).is_file():
+        result["interpreted"] = record_file(tmp / INTERPRETED)
     shutil.copy(attempt.log, tmp / "compile.log")
     write_json(tmp / "result.json", result)
     shutil.rmtree(attempt.folder, ignore_errors=True)

@@ -34,6 +34,8 @@ class PartResult:
     torch_vs_onnx: float
     onnx_vs_bmodel: float | None = None
     bmodel_vs_fp32: float | None = None
+    # A w8a8 net the compile checked: the bmodel against tpu-mlir's interpreter's outputs it kept.
+    bmodel_vs_interpreter: float | None = None
     max_abs_err: float | None = None
     # What `lvb compile` did with it: "checked", "as <net>" (--check kinds trusted it on a
     # sibling's check), "unchecked" (--check none); None on onnxruntime.
@@ -115,8 +117,29 @@ def check_parts(model_dir: Path, work: Path, engine, compiled: dict | None, prog
                 result.max_abs_err = hop2["max_abs_err"]
                 result.bmodel_vs_fp32 = hop2["cosine_fp32"]
                 result.misses += [miss] if miss else []
+                result.misses += _against_interpreter(result, directory, compiled["nets"][name], net, got)
             results.append(result)
     return results
+
+
+def _against_interpreter(result: PartResult, directory, compiled_net: dict, net, got: list) -> list[str]:
+    """A w8a8 net's outputs on this backend against what tpu-mlir's interpreter gave the compile
+    on the same inputs (kept beside the bmodel for each net the compile checked): the misses."""
+    from lvb.check import INTERPRETED, against_interpreter, load_interpreted, shortfalls, thresholds
+    from lvb.numerics import lowest
+    from lvb.workdir import matches_record
+
+    record = compiled_net.get("interpreted")
+    if record is None:
+        return []
+    path = (directory.root / compiled_net["bmodel"]).parent / INTERPRETED
+    if (problem := matches_record(path, record)) is not None:
+        return [f"{net.name}: {problem}; run `lvb compile` again to remake it"]
+    cosines = against_interpreter(net, load_interpreted(path, net), got)
+    result.bmodel_vs_interpreter = lowest(cosines.values())
+    need = {name: t for name, t in thresholds(net, compiled_net["quant"], interpreter=True).items() if name in cosines}
+    missed = shortfalls(cosines, need)
+    return [f"{net.name}: bmodel vs tpu-mlir's interpreter ({compiled_net['quant']}) {'; '.join(missed)}"] if missed else []
 
 
 def compile_check(net: dict) -> str:
