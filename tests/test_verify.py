@@ -108,3 +108,26 @@ def test_a_w8a8_net_is_held_to_the_interpreters_outputs_the_compile_kept(tmp_pat
     assert len(missed) == 1 and str(folder / INTERPRETED) in missed[0] and "lvb compile" in missed[0]
     assert misses(off)[1] == missed and not _against_interpreter(PartResult(net.name, net.kind.value, 0, "w8a8", 1.0),
                                                                  directory, {"quant": "w8a8", "bmodel": ""}, net, [off])
+
+
+def test_the_interpreter_column_shows_where_a_net_has_the_reference(tmp_path, capsys):
+    """verify's tables: "bmodel vs tpu-mlir" beside the other hops when a w8a8 net was held to the
+    interpreter (in report.html always, blank elsewhere); a build without one keeps its old table."""
+    from lvb.cli import output
+    from lvb.verify.checks import PartResult, Report
+    from lvb.verify.report import write_reports
+
+    part = PartResult("vision_embed", "vision_embed", None, "w8a8", 1.0, 0.995, 0.995, bmodel_vs_interpreter=0.9999871)
+    report = Report("toy", "cmodel", "toy.bmodel", "int4", parts=[part, PartResult("embed", "embed", None, "bf16", 1.0, 0.99)],
+                    agreement=1.0, min_agreement=0.7)
+    data = write_reports(report, tmp_path) | {"directory": str(tmp_path)}
+    assert "<th>bmodel vs tpu-mlir</th>" in (tmp_path / "report.html").read_text()
+    assert "<td>0.999987</td>" in (tmp_path / "report.html").read_text()
+    with output.console.capture() as seen:
+        output.print_verify_report(data)
+    assert "tpu-mlir" in seen.get() and "0.999987" in seen.get()
+    for p in data["parts"]:
+        p["bmodel_vs_interpreter"] = None
+    with output.console.capture() as seen:
+        output.print_verify_report(data)
+    assert "tpu-mlir" not in seen.get()

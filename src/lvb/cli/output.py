@@ -219,14 +219,18 @@ def print_nets(bmodel: Path, info, estimates) -> None:
 def print_verify_report(data: dict) -> None:
     """verify's tables: per net, the answers, the task; and where the reports are."""
     table = Table(title=plain(f"per net: cosine similarity ({data['backend']}{', ' + data['bmodel'] if data['bmodel'] else ''})"))
-    for column in ("net", "quant", "compile check", "PyTorch vs ORT", "ORT vs bmodel", "bmodel vs fp32"):
+    # tpu-mlir's interpreter is a reference for w8a8 nets only: its column only where one has it.
+    interpreted = any(part.get("bmodel_vs_interpreter") is not None for part in data["parts"])
+    for column in ("net", "quant", "compile check", "PyTorch vs ORT", "ORT vs bmodel", "bmodel vs fp32",
+                   *(["bmodel vs tpu-mlir"] if interpreted else [])):
         table.add_column(column)
     fmt = lambda v: "-" if v is None else f"{v:.6f}"  # noqa: E731
     for part in data["parts"]:
         style = "red" if part["misses"] else None
-        table.add_row(*map(plain, (part["net"], part["quant"] or "-", part.get("compile_check") or "-",
-                                   fmt(part["torch_vs_onnx"]), fmt(part["onnx_vs_bmodel"]), fmt(part["bmodel_vs_fp32"]))),
-                      style=style)
+        cells = (part["net"], part["quant"] or "-", part.get("compile_check") or "-", fmt(part["torch_vs_onnx"]),
+                 fmt(part["onnx_vs_bmodel"]), fmt(part["bmodel_vs_fp32"]),
+                 *([fmt(part.get("bmodel_vs_interpreter"))] if interpreted else []))
+        table.add_row(*map(plain, cells), style=style)
     console.print(table)
     answers = Table(title=f"answers vs transformers' generate: agreement {data['agreement']:.2f} (needs {data['min_agreement']})")
     for column in ("prompt", "agreement", "answer"):

@@ -228,6 +228,11 @@ def _simulate(job: NetJob, stage: NetSpec, feeds: dict, fp32: list, bmodel: Path
     return check | {"simulator_seconds": round(simulator_seconds, 2), "seconds": round(time.perf_counter() - started, 2)}
 
 
+def _interpreted(folder: Path, bmodel: Path, job: NetJob, toolchain: Toolchain) -> list:
+    """The outputs tpu-mlir's interpreter gave the deploy in `folder`, in the bmodel's order."""
+    return interpreted_outputs(folder, [t.name for t in declared_tensors(bmodel, toolchain)[job.name].outputs])
+
+
 def dtype_exceptions(bmodel: Path, net: NetSpec, quant: str, toolchain: Toolchain) -> dict[str, str]:
     """The tensors a bmodel declares in another dtype than the contract gives the device
     (NetSpec.on_device), by name. Seen once: tpu-mlir keeping the float32 cast of a
@@ -262,9 +267,8 @@ def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: To
         estimates.append(read_profile(folder))
         stage_bmodels.append(bmodel)
         if attempt.check:
-            names = [t.name for t in declared_tensors(bmodel, toolchain)[job.name].outputs] if interpret else []
-            interpreted = interpreted_outputs(folder, names) if interpret else None
-            if interpreted is not None and index == 0:  # the stage verify runs (the check inputs')
+            interpreted = _interpreted(folder, bmodel, job, toolchain) if interpret else None
+            if index == 0:  # the stage verify runs, on the same check inputs
                 kept = interpreted
             checks.append(_simulate(job, stage, feeds, fp32, bmodel, toolchain, interpreted))
     bmodel = stage_bmodels[0]

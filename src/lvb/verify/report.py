@@ -51,7 +51,8 @@ def write_reports(report: Report, directory: Path, extra: dict | None = None) ->
         f"<tr{' class=miss' if p.misses else ''}><td>{html.escape(p.net)}</td><td>{p.kind}</td><td>{'' if p.layer is None else p.layer}</td>"
         f"<td>{p.quant or ''}</td><td>{html.escape(p.compile_check or '')}</td><td>{p.torch_vs_onnx:.6f}</td>"
         f"<td>{'' if p.onnx_vs_bmodel is None else f'{p.onnx_vs_bmodel:.6f}'}</td>"
-        f"<td>{'' if p.bmodel_vs_fp32 is None else f'{p.bmodel_vs_fp32:.6f}'}</td></tr>"
+        f"<td>{'' if p.bmodel_vs_fp32 is None else f'{p.bmodel_vs_fp32:.6f}'}</td>"
+        f"<td>{'' if p.bmodel_vs_interpreter is None else f'{p.bmodel_vs_interpreter:.6f}'}</td></tr>"
         for p in report.parts
     )
     answer_rows = "".join(
@@ -72,7 +73,7 @@ Result: <b>{"all thresholds met" if report.ok else f"{len(report.misses)} thresh
 <h2>Similarity per part and layer</h2>
 <p><span style="color:#3498db">■</span> PyTorch vs onnxruntime &nbsp; <span style="color:#e67e22">■</span> onnxruntime vs bmodel (same weight quantization); longer is closer (axis: 1 - cosine).</p>
 {_chart(report)}
-<table><tr><th>net</th><th>kind</th><th>layer</th><th>quant</th><th>compile check</th><th>PyTorch vs ORT</th><th>ORT vs bmodel</th><th>bmodel vs fp32</th></tr>{part_rows}</table>
+<table><tr><th>net</th><th>kind</th><th>layer</th><th>quant</th><th>compile check</th><th>PyTorch vs ORT</th><th>ORT vs bmodel</th><th>bmodel vs fp32</th><th>bmodel vs tpu-mlir</th></tr>{part_rows}</table>
 <h2>Answers against transformers' generate</h2>
 <p>Token agreement {'' if report.agreement is None else f'{report.agreement:.2f}'} (needs {report.min_agreement}).</p>
 <table><tr><th>prompt</th><th>agreement</th><th>answer</th></tr>{answer_rows}</table>
