@@ -27,10 +27,9 @@ from common import record_result
 def interpreter_and_bmodel(job, compiler, toolchain, folder: Path, extra: tuple[str, ...]):
     """(the interpreter's outputs, the bmodel's outputs on the simulator, fp32's) for one net's
     first stage, deployed in `folder`."""
-    from lvb.bmodel import declared_tensors
     from lvb.check import load_check
-    from lvb.compile.build import Attempt, mlir_files, stage_mlir, stage_tables
-    from lvb.compile.tpumlir import deploy, interpreted_outputs
+    from lvb.compile.build import Attempt, interpreted, mlir_files, stage_mlir, stage_tables
+    from lvb.compile.tpumlir import deploy
     from lvb.runtime.cmodel import CmodelEngine
 
     feeds, fp32 = load_check(job.check_files[0])
@@ -41,7 +40,7 @@ def interpreter_and_bmodel(job, compiler, toolchain, folder: Path, extra: tuple[
     with mlir_files(mlir, folder):
         bmodel = deploy(toolchain, mlir, folder, f"{job.name}.bmodel", replace(job.options, extra=extra), folder / "log",
                         None, tables, interpret=feeds)
-    interpreter = interpreted_outputs(folder, [t.name for t in declared_tensors(bmodel, toolchain)[job.name].outputs])
+    interpreter = interpreted(folder, bmodel, job, toolchain)
     with CmodelEngine(bmodel, toolchain) as simulator:
         got = simulator.run(job.name, feeds)
     return interpreter, got, fp32

@@ -228,7 +228,13 @@ def _simulate(job: NetJob, stage: NetSpec, feeds: dict, fp32: list, bmodel: Path
     return check | {"simulator_seconds": round(simulator_seconds, 2), "seconds": round(time.perf_counter() - started, 2)}
 
 
-def _interpreted(folder: Path, bmodel: Path, job: NetJob, toolchain: Toolchain) -> list:
+def interprets(job: NetJob, check: bool) -> bool:
+    """Whether a checked deploy of `job` also runs tpu-mlir's interpreter, the quantization-aware
+    reference of a w8a8 net (lvb.check.INTERPRETER)."""
+    return check and job.calibration is not None
+
+
+def interpreted(folder: Path, bmodel: Path, job: NetJob, toolchain: Toolchain) -> list:
     """The outputs tpu-mlir's interpreter gave the deploy in `folder`, in the bmodel's order."""
     return interpreted_outputs(folder, [t.name for t in declared_tensors(bmodel, toolchain)[job.name].outputs])
 
@@ -252,7 +258,7 @@ def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: To
     Also each stage's device-time estimate, which the deploy leaves in its folder."""
     job = attempt.job
     stage_bmodels, checks, estimates = [], [], []
-    interpret = attempt.check and job.calibration is not None  # a w8a8 net: its quantization-aware reference
+    interpret = interprets(job, attempt.check)
     kept = None
     for index, (stage, check_file) in enumerate(zip(job.net.stages, job.check_files)):
         mlir = stage_mlir(attempt, stage, toolchain, server, notes)
@@ -267,10 +273,10 @@ def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: To
         estimates.append(read_profile(folder))
         stage_bmodels.append(bmodel)
         if attempt.check:
-            interpreted = _interpreted(folder, bmodel, job, toolchain) if interpret else None
+            reference = interpreted(folder, bmodel, job, toolchain) if interpret else None
             if index == 0:  # the stage verify runs, on the same check inputs
-                kept = interpreted
-            checks.append(_simulate(job, stage, feeds, fp32, bmodel, toolchain, interpreted))
+                kept = reference
+            checks.append(_simulate(job, stage, feeds, fp32, bmodel, toolchain, reference))
     bmodel = stage_bmodels[0]
     if len(stage_bmodels) > 1:
         bmodel = combine(toolchain, stage_bmodels, tmp / f"{job.name}.bmodel", attempt.log)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import lvb
 from lvb.compile import calibration
-from lvb.compile.build import Attempt, CompileError, NetFailed, NetJob, build_attempt, memory_need
+from lvb.compile.build import Attempt, CompileError, NetFailed, NetJob, build_attempt, interprets, memory_need
 from lvb.compile.tpumlir import DEFAULT_GROUP_SIZE, DeployOptions, combine
 from lvb.check import shortfalls, thresholds
 from lvb.contract import DEFAULT_BATCH, CheckMode, Chip, ChoiceError, Kind, NetSpec, Quant, QuantGroup, batch_sizes, is_calibrated, plan
@@ -238,7 +238,7 @@ class Compiler:
         (a checked net of the same kind, --check kinds), unchecked with the options it passed with."""
         net_folder = self.dir.compile_net(job.name)
         check = self.settings.check is CheckMode.ALL or (self.settings.check is CheckMode.KINDS and like is None)
-        interpret = check and job.calibration is not None  # also against tpu-mlir's interpreter (lvb.check.INTERPRETER)
+        interpret = interprets(job, check)
         need = thresholds(job.net, job.quant, interpreter=interpret)
         ladder = job.kind.policy.ladder if like is None else (tuple(like.result["options"]),)
         tried = []

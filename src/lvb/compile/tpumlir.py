@@ -74,6 +74,10 @@ def transform(toolchain: Toolchain, onnx_path: Path, work: Path, name: str, inpu
     return mlir
 
 
+# What a deploy with `interpret` writes for model_deploy.py: the inputs, and a reference of nothing.
+INTERPRETER_INPUTS, NOTHING = "interpreter_inputs.npz", "nothing.npz"
+
+
 def deploy(toolchain: Toolchain, mlir: Path, work: Path, bmodel_name: str, options: DeployOptions, log: Path,
            server: ToolServer | None = None, tables: tuple[Path, Path] | None = None,
            interpret: Mapping[str, np.ndarray] | None = None) -> Path:
@@ -90,9 +94,6 @@ def deploy(toolchain: Toolchain, mlir: Path, work: Path, bmodel_name: str, optio
         args += ["--test_input", INTERPRETER_INPUTS, "--test_reference", NOTHING, "--skip_validation", "--cache_skip"]
     toolchain.python_tool("model_deploy.py", args, work, log, server)
     return bmodel
-
-
-INTERPRETER_INPUTS, NOTHING = "interpreter_inputs.npz", "nothing.npz"
 
 
 def interpreted_outputs(work: Path, names: list[str]) -> list[np.ndarray]:

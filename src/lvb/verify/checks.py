@@ -125,7 +125,7 @@ def check_parts(model_dir: Path, work: Path, engine, compiled: dict | None, prog
 def _against_interpreter(result: PartResult, directory, compiled_net: dict, net, got: list) -> list[str]:
     """A w8a8 net's outputs on this backend against what tpu-mlir's interpreter gave the compile
     on the same inputs (kept beside the bmodel for each net the compile checked): the misses."""
-    from lvb.check import INTERPRETED, against_interpreter, load_interpreted, shortfalls, thresholds
+    from lvb.check import INTERPRETED, against_interpreter, load_interpreted, min_cosine, shortfalls
     from lvb.numerics import lowest
     from lvb.workdir import matches_record
 
@@ -137,8 +137,7 @@ def _against_interpreter(result: PartResult, directory, compiled_net: dict, net,
         return [f"{net.name}: {problem}; run `lvb compile` again to remake it"]
     cosines = against_interpreter(net, load_interpreted(path, net), got)
     result.bmodel_vs_interpreter = lowest(cosines.values())
-    need = {name: t for name, t in thresholds(net, compiled_net["quant"], interpreter=True).items() if name in cosines}
-    missed = shortfalls(cosines, need)
+    missed = shortfalls(cosines, {name: min_cosine(net.kind, compiled_net["quant"], name) for name in cosines})
     return [f"{net.name}: bmodel vs tpu-mlir's interpreter ({compiled_net['quant']}) {'; '.join(missed)}"] if missed else []
 
 
