@@ -183,7 +183,12 @@ class Kind(str, Enum):
 def is_calibrated(quant: str) -> bool:
     """Whether a net's quantization (a Quant's value, or "f32" for the nets always kept in float32)
     quantizes its activations at calibrated thresholds (w8a8)."""
-    return quant != "f32" and Quant(quant).calibrated
+    return quant != QuantGroup.F32.value and Quant(quant).calibrated
+
+
+def is_grouped(quant: str) -> bool:
+    """Whether a net's quantization (as for is_calibrated) shares a weight scale per `--group-size` inputs."""
+    return quant != QuantGroup.F32.value and Quant(quant).grouped
 
 
 class QuantGroup(str, Enum):

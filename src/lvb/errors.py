@@ -8,3 +8,8 @@ runtime raises these too.
 
 class LvbError(Exception):
     pass
+
+
+class CompileError(LvbError, RuntimeError):
+    """A compile that cannot go on; the message names the net or setting. Here, not in
+    lvb.compile.build, so that the compile's helpers (the calibration) raise it too."""

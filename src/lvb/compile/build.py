@@ -19,7 +19,7 @@ from lvb.compile.calibration import write_tables
 from lvb.compile.tpumlir import TRANSFORM_OPTIONS, DeployOptions, calibrate, combine, deploy, interpreted_outputs, transform
 from lvb.contract import Kind, NetSpec
 from lvb.devicetime import read_profile
-from lvb.errors import LvbError
+from lvb.errors import CompileError
 from lvb.numerics import lowest
 from lvb.toolchain import Toolchain, ToolServer
 from lvb.workdir import COMPILE_VERSION, cache_key, damaged_files, read_manifest, record_file, scratch, write_json
@@ -50,10 +50,6 @@ def record_transform(folder: Path) -> None:
                                f"on {folder.parent}): free disk space and compile again")
     files = {p.name: record_file(p) for p in sorted(Path(folder).iterdir()) if p.name != TRANSFORM_FILES}
     write_json(Path(folder) / TRANSFORM_FILES, {"version": COMPILE_VERSION, "files": files})
-
-
-class CompileError(LvbError, RuntimeError):
-    """A compile that cannot go on; the message names the net or setting."""
 
 
 class NetFailed(CompileError):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lvb.contract import Kind, QuantGroup
-from lvb.errors import LvbError
+from lvb.errors import CompileError
 from lvb.workdir import cache_key, damaged_files, read_manifest, record_file, scratch, sha256_of, write_json
 
 CALIBRATION_VERSION = 1
@@ -38,7 +38,7 @@ PROJECTIONS = ("q_proj/", "k_proj/", "v_proj/", "o_proj/")
 _MOVES = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Cast", "Slice", "Split"})
 
 
-class CalibrationError(LvbError, RuntimeError):
+class CalibrationError(CompileError):
     pass
 
 

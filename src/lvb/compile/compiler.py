@@ -195,10 +195,7 @@ class Compiler:
 
     def _calibration_set(self) -> tuple[str, Path, list[Path]]:
         """(key, folder, pictures) of the pictures' vision inputs a w8a8 tower is calibrated on."""
-        try:
-            pictures = calibration.pictures(self.settings.calibration_images)
-        except calibration.CalibrationError as e:
-            raise CompileError(str(e)) from None
+        pictures = calibration.pictures(self.settings.calibration_images)
         key = calibration.set_key(self.export, pictures)
         return key, self.out / "calibration" / key, pictures
 
@@ -207,12 +204,9 @@ class Compiler:
         if self.calibration is None:
             return
         _, folder, pictures = self.calibration
-        try:
-            calibration.ensure_set(folder, Path(self.export["model"]["dir"]), self.export, self.dir.onnx, pictures,
-                                   progress=lambda i, n: self.notify(f"w8a8: the vision tower's inputs on calibration "
-                                                                     f"picture {i + 1} of {n} (onnxruntime)"))
-        except calibration.CalibrationError as e:
-            raise CompileError(str(e)) from None
+        calibration.ensure_set(folder, Path(self.export["model"]["dir"]), self.export, self.dir.onnx, pictures,
+                               progress=lambda i, n: self.notify(f"w8a8: the vision tower's inputs on calibration "
+                                                                 f"picture {i + 1} of {n} (onnxruntime)"))
 
     def _job(self, name: str, entry: dict) -> NetJob:
         net = NetSpec.from_json(entry)

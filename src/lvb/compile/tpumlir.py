@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lvb.contract import Quant, is_calibrated
+from lvb.contract import Quant, is_calibrated, is_grouped
 from lvb.toolchain import Toolchain, ToolServer
 
 # --quantize values of model_deploy.py, by lvb's names (f32: the nets always kept in float32).
@@ -45,7 +45,7 @@ class DeployOptions:
         """`tables`: a w8a8 deploy's calibration and quantize tables."""
         args = ["--quantize", QUANTIZE[self.quantize], "--chip", self.chip]
         calibrated = is_calibrated(self.quantize)
-        if self.quantize != "f32" and Quant(self.quantize).grouped:
+        if is_grouped(self.quantize):
             args += ["--q_group_size", str(self.group_size)]
         if calibrated:
             if tables is None:
