@@ -370,17 +370,25 @@ def first_of_kinds_record(results: dict[str, dict]) -> dict[str, dict]:
     return {name: {key: r[key] for key in ("kind", "options", "seconds", "first_input", "device")} for name, r in results.items()}
 
 
-def newest_compile(work: Path, quant: str | None, head_quant: str | None = None) -> dict:
-    """The work dir's newest compile manifest of lvb's version at `quant` and `head_quant` (None:
-    any), or an error naming the command that makes one."""
+def compiles(work: Path, **settings) -> list[dict]:
+    """The work dir's compile manifests of lvb's version whose settings have these values (e.g.
+    quant="int4", check="kinds"), each with its "path", the newest bmodel last."""
     from lvb.workdir import COMPILE_VERSION, WorkDir, read_manifest
 
-    manifests = [read_manifest(p, COMPILE_VERSION) for p in WorkDir(work).compile_manifests()]
-    manifests = [m for m in manifests if m and (quant is None or m["settings"]["quant"] == quant)
-                 and (head_quant is None or m["settings"]["head_quant"] == head_quant)]
-    if not manifests:
+    folder = WorkDir(work)
+    found = [m | {"path": str(p)} for p in folder.compile_manifests() if (m := read_manifest(p, COMPILE_VERSION))
+             and all(m["settings"].get(k) == v for k, v in settings.items())]
+    made = lambda m: (folder.root / m["bmodel"]).stat().st_mtime if (folder.root / m["bmodel"]).is_file() else 0.0
+    return sorted(found, key=made)
+
+
+def newest_compile(work: Path, quant: str | None, head_quant: str | None = None) -> dict:
+    """The work dir's newest compile manifest at `quant` and `head_quant` (None: any), or an error
+    naming the command that makes one."""
+    wanted = {k: v for k, v in (("quant", quant), ("head_quant", head_quant)) if v is not None}
+    if not (found := compiles(work, **wanted)):
         raise SystemExit(f"{work} holds no such compile (--quant {quant}, --head-quant {head_quant}); run lvb compile --check none first")
-    return max(manifests, key=lambda m: (WorkDir(work).root / m["bmodel"]).stat().st_mtime)
+    return found[-1]
 
 
 def plan_estimates(nets, by_kind: dict[str, list[dict]]):

@@ -35,7 +35,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from common import BENCH, CONFIGS, LVB, OUT, REPO, RESULTS, geometry_11b, record_result, run_paths, table
+from common import BENCH, CONFIGS, LVB, OUT, REPO, RESULTS, compiles, geometry_11b, record_result, run_paths, table
 
 README_11B_COMPILE_SECONDS = 2 * 3600  # bench README §1.2: transform + deploy of every 11B net, no check
 
@@ -62,13 +62,8 @@ def ensure_export(args, work: Path, out: Path) -> None:
 
 def compile_manifest(work: Path, quant: str) -> dict | None:
     """The compile manifest of `--quant quant --check kinds` with the other settings at their defaults."""
-    for path in sorted((work / "compile").glob("*.json")):
-        data = json.loads(path.read_text())
-        s = data.get("settings", {})
-        if (s.get("quant"), s.get("check"), s.get("vision_quant"), s.get("embed_quant"), s.get("head_quant")) == (
-                quant, "kinds", "bf16", "bf16", "bf16"):
-            return data | {"path": str(path)}
-    return None
+    found = compiles(work, quant=quant, check="kinds", vision_quant="bf16", embed_quant="bf16", head_quant="bf16")
+    return found[-1] if found else None
 
 
 def check_first_nets(work: Path, quant: str, nets: list[str]) -> None:

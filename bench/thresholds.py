@@ -16,8 +16,8 @@ the simulator) gives each fixture's token agreement.
 
 Writes out/thresholds/measured.json and prints the tables; exits 0. With --write, also
 the table the checks load (src/lvb/thresholds.json): its bench/thresholds.py column becomes
-this run's minimum per net kind and quantization (run it over every fixture and quantization),
-the other benches' columns stay. Cached: an export or compile that exists is reused (lvb's own
+this run's minimum per net kind and quantization it measured (a run over some of the fixtures
+only lowers a row), the other benches' columns stay. Cached: an export or compile that exists is reused (lvb's own
 caches).
 """
 
@@ -140,9 +140,11 @@ def minima(results: dict[str, dict]) -> dict[tuple[str, str, str], float]:
     return found
 
 
-def write_table(results: dict[str, dict], path: Path = TABLE) -> None:
+def write_table(results: dict[str, dict], path: Path = TABLE, complete: bool = True) -> None:
     """This run's minima into the table's bench/thresholds.py column. A "k, v" row is kept only
-    where the table has one (K and V take their kind's row unless both widths were measured)."""
+    where the table has one (K and V take their kind's row unless both widths were measured).
+    A run over some of the fixtures (not `complete`) only lowers a row: a fixture it did not run
+    may be the one that set it."""
     table = json.loads(path.read_text())
     rows = {(r["kind"], r["quant"], r["outputs"]): r for r in table["rows"]}
     for (kind, quant, outputs), value in minima(results).items():
@@ -150,7 +152,8 @@ def write_table(results: dict[str, dict], path: Path = TABLE) -> None:
             rows[kind, quant, outputs] = {"kind": kind, "quant": quant, "outputs": outputs, "measured": {}}
             table["rows"].append(rows[kind, quant, outputs])
         if (kind, quant, outputs) in rows:
-            rows[kind, quant, outputs]["measured"][SOURCE] = value
+            measured = rows[kind, quant, outputs]["measured"]
+            measured[SOURCE] = value if complete else min(value, measured.get(SOURCE, 1.0))
     lines = ",\n".join("  " + json.dumps(row) for row in table["rows"])
     path.write_text(f'{{\n "about": {json.dumps(table["about"])},\n "rows": [\n{lines}\n ]\n}}\n')
 
@@ -176,7 +179,7 @@ def main() -> None:
         results[f"{manifest.parent.parent.name}/{manifest.stem}"] = from_manifest(manifest)
     (args.out / "measured.json").write_text(json.dumps(results, indent=1))
     if args.write:
-        write_table(results)
+        write_table(results, complete=set(GEOMETRIES) | {"toy"} <= set(args.fixtures))
     print(tables(results))
 
 
