@@ -27,6 +27,13 @@ KINDS = "vision_layer,vision_global"
 VISION_KINDS = "vision_embed,vision_layer,vision_global,vision_post,vision_head"
 
 
+GEOMETRY = replace(geometry_11b(layers=2, vision_layers=1, global_layers=1), **SMALL_TEXT, name="11b-vision-small-text-V1+1")
+
+
+def work_dir(out: Path = OUT) -> Path:
+    return out / f"work-{GEOMETRY.name}"
+
+
 def run(argv: list) -> None:
     print("$", " ".join(map(str, argv)), flush=True)
     code = subprocess.call([str(a) for a in argv], cwd=REPO)
@@ -50,9 +57,8 @@ def main() -> None:
     if args.uniform_thresholds and args.vision_quant != "w8a8":
         raise SystemExit("--uniform-thresholds is for --vision-quant w8a8")
 
-    geometry = replace(geometry_11b(layers=2, vision_layers=1, global_layers=1), **SMALL_TEXT)
-    geometry = replace(geometry, name=f"11b-vision-small-text-V1+1")
-    checkpoint, work = args.out / f"ckpt-{geometry.name}", args.out / f"work-{geometry.name}"
+    geometry = GEOMETRY
+    checkpoint, work = args.out / f"ckpt-{geometry.name}", work_dir(args.out)
     if not checkpoint_complete(checkpoint):
         print(f"writing {checkpoint} ...", flush=True)
         write_streaming_checkpoint(checkpoint, geometry)
@@ -68,44 +74,65 @@ def main() -> None:
          "--label", args.label])
 
 
-def uniform_w8a8(work: Path, base: str, label: str) -> None:
-    """Every vision net deployed with lvb's w8a8 options and tables (lvb.compile.calibration.write_tables)
-    over a uniform measured table, its estimate substituted into `base` as device_time.py does."""
-    import json
+def deploy_uniform(compiler, job, folder: Path, keep_bf16=None, extra: tuple[str, ...] = ()):
+    """`job` deployed into `folder` as lvb deploys w8a8 (its options and tables, lvb.compile.calibration.write_tables)
+    over the BF16 build's cached transform and a table that sets every tensor to 1: the cost model reads no
+    threshold. `keep_bf16`: which of the quantize table's ops stay bf16 (a filter of their names); `extra`: more
+    model_deploy.py options. Returns the estimate and the profile's text."""
     import re
+    from dataclasses import replace
+
+    from lvb.compile.build import Attempt, mlir_files, stage_mlir
+    from lvb.compile.calibration import write_tables
+    from lvb.compile.tpumlir import deploy
+    from lvb.devicetime import PROFILE_FILE, parse_profile
+
+    toolchain = compiler.toolchain
+    attempt = Attempt(job=job, options=job.options, net_folder=compiler.dir.compile_net(job.name), folder=folder,
+                      log=folder / "log", check=False, thresholds={}, bmodel="")
+    mlir = stage_mlir(attempt, job.net, toolchain, None, [])  # the BF16 build's transform, cached
+    names = sorted(set(re.findall(r'loc\("([^"]+)"\)', mlir.read_text())))  # every tensor tpu-mlir names
+    (folder / "uniform").write_text("".join(f"{name} 1.0 -1.0 1.0\n" for name in names))
+    write_tables(job.onnx, folder / "uniform", folder / "table", folder / "qtable")
+    if keep_bf16 is not None:
+        kept = [line for line in (folder / "qtable").read_text().splitlines() if keep_bf16(line.split()[0])]
+        (folder / "qtable").write_text("".join(f"{line}\n" for line in kept))
+    with mlir_files(mlir, folder):
+        deploy(toolchain, mlir, folder, f"{job.name}.bmodel", replace(job.options, extra=job.options.extra + extra),
+               folder / "log", None, (folder / "table", folder / "qtable"))
+    text = (folder / PROFILE_FILE).read_text(errors="replace")
+    return parse_profile(text), text
+
+
+def uniform_compiler(work: Path):
+    """lvb's w8a8 compile of vision_time.py's work dir, for deploy_uniform (its BF16 build must exist)."""
+    from lvb.compile.compiler import CompileSettings, Compiler
+    from lvb.toolchain import find_toolchain
+
+    return Compiler(work, CompileSettings(quant="int4", vision_quant="w8a8", check="none"), find_toolchain())
+
+
+def uniform_w8a8(work: Path, base: str, label: str) -> None:
+    """Every vision net deployed with lvb's w8a8 options and tables over a uniform measured table
+    (deploy_uniform), its estimate substituted into `base` as device_time.py does."""
+    import json
     import shutil
     import tempfile
 
     from device_time import compare, print_layout, substituted, REFERENCE_FILE
 
     from common import record_result
-    from lvb.compile.build import Attempt, mlir_files, stage_mlir
-    from lvb.compile.calibration import write_tables
-    from lvb.compile.compiler import CompileSettings, Compiler
-    from lvb.compile.tpumlir import deploy
     from lvb.contract import QuantGroup
-    from lvb.devicetime import read_profile
-    from lvb.toolchain import find_toolchain
 
-    toolchain = find_toolchain()
-    compiler = Compiler(work, CompileSettings(quant="int4", vision_quant="w8a8", check="none"), toolchain)
+    compiler = uniform_compiler(work)
     measured = {}
     for job in compiler.jobs:
         if job.kind.policy.quant is not QuantGroup.VISION:
             continue
         with tempfile.TemporaryDirectory(dir=work) as scratch:
             folder = Path(scratch)
-            attempt = Attempt(job=job, options=job.options, net_folder=compiler.dir.compile_net(job.name), folder=folder,
-                              log=folder / "log", check=False, thresholds={}, bmodel="")
-            mlir = stage_mlir(attempt, job.net, toolchain, None, [])  # the BF16 build's transform, cached
-            names = sorted(set(re.findall(r'loc\("([^"]+)"\)', mlir.read_text())))  # every tensor tpu-mlir names
-            (folder / "uniform").write_text("".join(f"{name} 1.0 -1.0 1.0\n" for name in names))
-            write_tables(job.onnx, folder / "uniform", folder / "table", folder / "qtable")
             print(f"deploying {job.name} (w8a8, uniform thresholds) ...", flush=True)
-            with mlir_files(mlir, folder):
-                deploy(toolchain, mlir, folder, f"{job.name}.bmodel", job.options, folder / "log", None,
-                       (folder / "table", folder / "qtable"))
-            estimate = read_profile(folder)
+            estimate, _ = deploy_uniform(compiler, job, folder)
             shutil.copy(folder / "log", work / f"uniform-w8a8-{job.name}.log")
         measured.setdefault(job.kind.value, {"net": job.name, "quant": job.quant, "options": [],
                                              "stages": [estimate.to_json()]})
