@@ -36,7 +36,7 @@ def interpreter_and_bmodel(job, compiler, toolchain, folder: Path, extra: tuple[
     attempt = Attempt(job=job, options=job.options, net_folder=compiler.dir.compile_net(job.name), folder=folder,
                       log=folder / "log", check=False, thresholds={}, bmodel="")
     mlir = stage_mlir(attempt, job.net.stages[0], toolchain, None, [])
-    tables = stage_tables(attempt, mlir, toolchain, None, [])
+    tables = stage_tables(attempt, mlir, toolchain, [])
     with mlir_files(mlir, folder):
         bmodel = deploy(toolchain, mlir, folder, f"{job.name}.bmodel", replace(job.options, extra=extra), folder / "log",
                         None, tables, interpret=feeds)

@@ -178,3 +178,41 @@ def test_a_cluster_without_a_shared_dir_is_refused_before_the_calibration(toy_ex
     with pytest.raises(CompileError, match="^--vision-quant w8a8 on a cluster needs --cluster-shared-dir"):
         compiler.run(cluster=ClusterSettings("auto"))
     assert not (tmp_path / "compile" / "calibration").exists()
+
+
+@pytest.mark.toolchain
+def test_lvbs_calibration_writes_the_table_tpu_mlirs_tool_writes(toy_export, tmp_path):
+    """lvb.compile.calibrate_tool runs run_calibration.py with its throwaway interpreters freed and
+    its statistics taken one tensor at a time: for memory only, so the table is the tool's own,
+    line for line but the timestamp."""
+    import shutil
+
+    from lvb.compile.build import Attempt, mlir_files, stage_mlir
+    from lvb.compile.compiler import Compiler
+    from lvb.compile.tpumlir import calibrate
+    from lvb.toolchain import find_toolchain
+
+    shutil.copytree(WorkDir(toy_export).export, tmp_path / "export")
+    toolchain = find_toolchain()
+    compiler = Compiler(tmp_path, CompileSettings(quant="int4", vision_quant="w8a8"), toolchain)
+    job = next(j for j in compiler.jobs if j.kind is Kind.VISION_LAYER)
+    export = compiler.export
+    calibration.ensure_set(job.calibration.parent, export["model"]["dir"], export, compiler.dir.onnx,
+                           calibration.photos()[:2])
+    tables = {}
+    for tool in ("tpu-mlir", "lvb"):
+        folder = tmp_path / tool
+        folder.mkdir()
+        attempt = Attempt(job=job, options=job.options, net_folder=compiler.dir.compile_net(job.name), folder=folder,
+                          log=folder / "log", check=False, thresholds={}, bmodel="")
+        mlir = stage_mlir(attempt, job.net, toolchain, None, [])
+        with mlir_files(mlir, folder):
+            if tool == "lvb":
+                table = calibrate(toolchain, mlir, folder, job.calibration, 2, "table", folder / "log")
+            else:
+                toolchain.run([str(toolchain.tool("run_calibration.py")), mlir.name, "--dataset", str(job.calibration),
+                               "--input_num", "2", "-o", "table"], folder, folder / "log")
+                table = folder / "table"
+        tables[tool] = [line for line in table.read_text().splitlines() if not line.startswith("# genetated time")]
+    assert "lvb.compile.calibrate_tool" in (tmp_path / "lvb" / "log").read_text()
+    assert len(tables["lvb"]) > 20 and tables["lvb"] == tables["tpu-mlir"]

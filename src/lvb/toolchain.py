@@ -108,13 +108,14 @@ class Toolchain:
         env.setdefault("OMP_NUM_THREADS", "1")
         return env
 
-    def run(self, args: list[str], cwd: Path, log: Path) -> None:
-        """Run one tool with its output appended to `log`; raise naming the tool and the log's last lines."""
+    def run(self, args: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None, name: str = "") -> None:
+        """Run one tool with its output appended to `log`; raise naming the tool (`name`, else its
+        program's) and the log's last lines."""
         with open(log, "a") as out:
             out.write(f"$ {' '.join(args)}\n")
             out.flush()
             # Its own process group: the tools start helpers of their own, and kill_all must reach them.
-            process = subprocess.Popen(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True)
+            process = subprocess.Popen(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env or self.env(), start_new_session=True)
             with _LIVE_LOCK:
                 _LIVE.add(process)
             try:
@@ -123,7 +124,7 @@ class Toolchain:
                 with _LIVE_LOCK:
                     _LIVE.discard(process)
         if code != 0:
-            raise ToolFailed(Path(args[0]).name, code, log)
+            raise ToolFailed(name or Path(args[0]).name, code, log)
 
     def python_tool(self, tool: str, args: list[str], cwd: Path, log: Path, server: ToolServer | None = None) -> None:
         """Run model_transform.py or model_deploy.py, from a warm ToolServer when given one."""
@@ -131,6 +132,10 @@ class Toolchain:
             server.run(tool, args, cwd, log)
         else:
             self.run([str(self.tool(tool)), *args], cwd, log)
+
+    def lvb_tool(self, module: str, args: list[str], cwd: Path, log: Path) -> None:
+        """Run one of lvb's own tools that runs in the toolchain's Python (`python -m module`), as run."""
+        self.run([str(self.python), "-m", module, *args], cwd, log, self.worker_env(), name=module)
 
     def worker_env(self) -> dict[str, str]:
         """For our own processes in the toolchain's Python: tpu-mlir's libraries must be on

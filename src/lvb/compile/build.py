@@ -145,8 +145,7 @@ def stage_mlir(attempt: Attempt, stage: NetSpec, toolchain: Toolchain, server: T
     return mlir
 
 
-def stage_tables(attempt: Attempt, mlir: Path, toolchain: Toolchain, server: ToolServer | None,
-            notes: list[str]) -> tuple[Path, Path]:
+def stage_tables(attempt: Attempt, mlir: Path, toolchain: Toolchain, notes: list[str]) -> tuple[Path, Path]:
     """A w8a8 stage's calibration and quantize tables (lvb.compile.calibration), measured on the
     net's calibration inputs once per MLIR and calibration set, and shared by its deploys."""
     job = attempt.job
@@ -165,7 +164,7 @@ def stage_tables(attempt: Attempt, mlir: Path, toolchain: Toolchain, server: Too
     # tpu-mlir's calibration holds every tensor of the net in memory (tens of GB for a vision layer
     # at the 11B's four tiles): the jobs of this machine calibrate one at a time.
     with _turn(_calibration_turns(job)), mlir_files(mlir, tmp):
-        measured = calibrate(toolchain, mlir, tmp, job.calibration, len(inputs), "measured_table", attempt.log, server)
+        measured = calibrate(toolchain, mlir, tmp, job.calibration, len(inputs), "measured_table", attempt.log)
     write_tables(job.onnx, measured, tmp / table.name, tmp / qtable.name)
     record_transform(tmp)
     shutil.rmtree(folder, ignore_errors=True)
@@ -260,7 +259,7 @@ def _deploy_stages(attempt: Attempt, tmp: Path, toolchain: Toolchain, server: To
         mlir = stage_mlir(attempt, stage, toolchain, server, notes)
         folder = tmp / f"stage{index}" if len(job.net.stages) > 1 else tmp
         folder.mkdir(exist_ok=True)
-        tables = stage_tables(attempt, mlir, toolchain, server, notes) if job.calibration is not None else None
+        tables = stage_tables(attempt, mlir, toolchain, notes) if job.calibration is not None else None
         feeds, fp32 = load_check(check_file) if attempt.check else ({}, [])
         # tpu-mlir's interpreter, like its calibration, holds every tensor of the net: the same turns.
         with _turn(_calibration_turns(job) if interpret else None), mlir_files(mlir, folder):

@@ -104,12 +104,11 @@ def interpreted_outputs(work: Path, names: list[str]) -> list[np.ndarray]:
         return [interpreted[max((k for k in interpreted.files if name.startswith(k)), key=len)] for name in names]
 
 
-def calibrate(toolchain: Toolchain, mlir: Path, work: Path, dataset: Path, count: int, table_name: str, log: Path,
-              server: ToolServer | None = None) -> Path:
-    """run_calibration.py in `work` (which holds the MLIR's files): each tensor's threshold over the
-    `count` input files in `dataset`."""
-    toolchain.python_tool("run_calibration.py", [mlir.name, "--dataset", str(dataset.resolve()), "--input_num", str(count),
-                                                 "-o", table_name], work, log, server)
+def calibrate(toolchain: Toolchain, mlir: Path, work: Path, dataset: Path, count: int, table_name: str, log: Path) -> Path:
+    """run_calibration.py in `work` (which holds the MLIR's files), through lvb.compile.calibrate_tool
+    (the same tables in less memory): each tensor's threshold over the `count` input files in `dataset`."""
+    toolchain.lvb_tool("lvb.compile.calibrate_tool", [mlir.name, "--dataset", str(dataset.resolve()), "--input_num",
+                                                      str(count), "-o", table_name], work, log)
     return work / table_name
 
 
