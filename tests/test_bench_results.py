@@ -401,3 +401,24 @@ def test_bench_readme_w8a8_variants_are_the_recorded_ones():
     assert f"busy {built['tiu_ms']:.2f} of its {built['ms']:.3f} ms" in prose
     assert (f"matmuls {built['ops_ms']['MatMul']['tiu']:.2f} ms" in prose
             and f"softmax {built['ops_ms']['Softmax']['tiu']:.2f} ms" in prose)
+
+
+def test_bench_readme_calibration_memory_is_the_recorded_one():
+    """bench/README §1.8: calibrating an 11B-width vision layer, tpu-mlir's tool as lvb ran it
+    before against lvb's calibrate_tool, as calibration_memory.py recorded them; where both
+    finished, lvb's took less memory, and without tuning the four-tile layer fits."""
+    recorded, printed = result("calibration_memory"), flat(BENCH_README)
+    for entry in recorded.values():
+        for r in entry["rows"]:
+            finished = "yes" if r["finished"] else f"no: stopped past {entry['limit_gb']:.0f} GB"
+            row = f"| {entry['tiles']} | {r['run']} | {finished} | {r['peak_rss'] / 1e9:.2f} GB | {r['seconds']:.0f} |"
+            assert row in printed, row
+        before, now, untuned = entry["rows"]
+        if before["finished"] and now["finished"]:
+            assert now["peak_rss"] < before["peak_rss"]
+        assert untuned["finished"] and untuned["peak_rss"] < now["peak_rss"]
+    readme = " ".join(README.split())
+    two, four = recorded["2 tiles"]["rows"], recorded["4 tiles"]["rows"]
+    assert f"that is {two[1]['peak_rss'] / 1e9:.2f} GB at peak instead of {two[0]['peak_rss'] / 1e9:.2f} GB" in readme
+    assert f"without tuning the layer calibrates in {four[2]['peak_rss'] / 1e9:.2f} GB" in readme
+    assert f"layer fits in {four[2]['peak_rss'] / 1e9:.2f} GB" in " ".join(BENCH_README.split())
