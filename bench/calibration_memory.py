@@ -88,13 +88,13 @@ def main() -> None:
         "the same without threshold tuning (--tune_num 0)": ([str(toolchain.python), "-m", "lvb.compile.calibrate_tool",
                                                              "--tune_num", "0"], toolchain.worker_env()),
     }
+    attempt = Attempt(job=job, options=job.options, net_folder=compiler.dir.compile_net(job.name), folder=work,
+                      log=work / "calibration-memory-transform.log", check=False, thresholds={}, bmodel="")
+    mlir = stage_mlir(attempt, job.net, toolchain, None, [])  # cached by the compile's own key
     rows = []
     for label, (runner, env) in runs.items():
         with tempfile.TemporaryDirectory(dir=work) as scratch:
             tmp = Path(scratch)
-            attempt = Attempt(job=job, options=job.options, net_folder=compiler.dir.compile_net(job.name), folder=tmp,
-                              log=tmp / "log", check=False, thresholds={}, bmodel="")
-            mlir = stage_mlir(attempt, job.net, toolchain, None, [])
             print(f"calibrating {NET} on {args.pictures} pictures: {label} ...", flush=True)
             with mlir_files(mlir, tmp):
                 result = measure([*runner, mlir.name, *common, "-o", "table"], tmp, env, int(args.limit_gb * 1e9))

@@ -17,8 +17,8 @@ the simulator) gives each fixture's token agreement.
 Writes out/thresholds/measured.json and prints the tables; exits 0. With --write, also
 the table the checks load (src/lvb/thresholds.json): its bench/thresholds.py column becomes
 this run's minimum per net kind and quantization it measured (a run over some of the fixtures
-only lowers a row), the other benches' columns stay. Cached: an export or compile that exists is reused (lvb's own
-caches).
+only lowers a row), the other benches' columns stay. Cached: an export or compile that exists
+is reused (lvb's own caches).
 """
 
 from __future__ import annotations
@@ -163,7 +163,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=OUT / "thresholds")
-    parser.add_argument("--fixtures", nargs="*", default=[*sorted(GEOMETRIES), "toy"])
+    every = [*sorted(GEOMETRIES), "toy"]
+    parser.add_argument("--fixtures", nargs="*", default=every)
     parser.add_argument("--quants", nargs="+", default=list(QUANTS))
     parser.add_argument("--no-answers", action="store_true", help="only the per-net checks")
     parser.add_argument("--vision-quant", default="bf16", help="the vision tower's quantization in every compile (e.g. w8a8)")
@@ -179,7 +180,7 @@ def main() -> None:
         results[f"{manifest.parent.parent.name}/{manifest.stem}"] = from_manifest(manifest)
     (args.out / "measured.json").write_text(json.dumps(results, indent=1))
     if args.write:
-        write_table(results, complete=set(GEOMETRIES) | {"toy"} <= set(args.fixtures))
+        write_table(results, complete=set(every) <= set(args.fixtures))
     print(tables(results))
 
 

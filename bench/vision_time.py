@@ -78,14 +78,14 @@ def deploy_uniform(compiler, job, folder: Path, keep_bf16=None, extra: tuple[str
     """`job` deployed into `folder` as lvb deploys w8a8 (its options and tables, lvb.compile.calibration.write_tables)
     over the BF16 build's cached transform and a table that sets every tensor to 1: the cost model reads no
     threshold. `keep_bf16`: which of the quantize table's ops stay bf16 (a filter of their names); `extra`: more
-    model_deploy.py options. Returns the estimate and the profile's text."""
+    model_deploy.py options."""
     import re
     from dataclasses import replace
 
     from lvb.compile.build import Attempt, mlir_files, stage_mlir
     from lvb.compile.calibration import write_tables
     from lvb.compile.tpumlir import deploy
-    from lvb.devicetime import PROFILE_FILE, parse_profile
+    from lvb.devicetime import read_profile
 
     toolchain = compiler.toolchain
     attempt = Attempt(job=job, options=job.options, net_folder=compiler.dir.compile_net(job.name), folder=folder,
@@ -100,8 +100,7 @@ def deploy_uniform(compiler, job, folder: Path, keep_bf16=None, extra: tuple[str
     with mlir_files(mlir, folder):
         deploy(toolchain, mlir, folder, f"{job.name}.bmodel", replace(job.options, extra=job.options.extra + extra),
                folder / "log", None, (folder / "table", folder / "qtable"))
-    text = (folder / PROFILE_FILE).read_text(errors="replace")
-    return parse_profile(text), text
+    return read_profile(folder)
 
 
 def uniform_compiler(work: Path):
@@ -132,7 +131,7 @@ def uniform_w8a8(work: Path, base: str, label: str) -> None:
         with tempfile.TemporaryDirectory(dir=work) as scratch:
             folder = Path(scratch)
             print(f"deploying {job.name} (w8a8, uniform thresholds) ...", flush=True)
-            estimate, _ = deploy_uniform(compiler, job, folder)
+            estimate = deploy_uniform(compiler, job, folder)
             shutil.copy(folder / "log", work / f"uniform-w8a8-{job.name}.log")
         measured.setdefault(job.kind.value, {"net": job.name, "quant": job.quant, "options": [],
                                              "stages": [estimate.to_json()]})

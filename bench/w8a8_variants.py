@@ -30,7 +30,7 @@ def attention_matmuls(onnx_path: Path) -> tuple[set[str], set[str]]:
     apart by the graph: a score matmul reaches a Softmax through element-wise ops, the other reads one."""
     import onnx
 
-    from lvb.compile.calibration import _op_name
+    from lvb.compile.calibration import op_name
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     producer = {out: node for node in graph.node for out in node.output}
@@ -46,8 +46,8 @@ def attention_matmuls(onnx_path: Path) -> tuple[set[str], set[str]]:
         after = consumers.get(softmax.output[0], [])
         while len(after) == 1 and after[0].op_type != "MatMul":  # the casts around transformers' fp32 softmax
             after = consumers.get(after[0].output[0], [])
-        scores |= {_op_name(node)} if node is not None else set()
-        values |= {_op_name(n) for n in after if n.op_type == "MatMul"}
+        scores |= {op_name(node)} if node is not None else set()
+        values |= {op_name(n) for n in after if n.op_type == "MatMul"}
     return scores, values
 
 
@@ -80,9 +80,9 @@ def main() -> None:
     if not scores or len(scores) != len(values):
         raise SystemExit(f"error: {job.onnx} has {len(scores)} score and {len(values)} value matmuls; the exporter "
                          "changed the attention core, and this script with it")
-    turn = next(t for t in recorded("device_time", "bench/device_time.py")[BASE]["turns"] if t["tiles"] == 4)
-    ratio = next(r for r in recorded("device_time", "bench/device_time.py")[BASE]["against_reference"]["rows"]
-                 if r["tiles"] == 4)["first_token_ratio"]
+    base = recorded("device_time", "bench/device_time.py")[BASE]
+    turn = next(t for t in base["turns"] if t["tiles"] == 4)
+    ratio = next(r for r in base["against_reference"]["rows"] if r["tiles"] == 4)["first_token_ratio"]
     reference_ms = turn["first_token_ms"] / ratio
     vision = json.loads(CONFIGS["11b"].read_text())["vision_config"]
     layers = vision["num_hidden_layers"] + vision["num_global_layers"]
@@ -92,7 +92,7 @@ def main() -> None:
     for variant in variants(scores, values):
         with tempfile.TemporaryDirectory(dir=work) as scratch:
             print(f"deploying {NET}: {variant['label']} ...", flush=True)
-            estimate, _ = deploy_uniform(compiler, job, Path(scratch), variant["keep"], variant["extra"])
+            estimate = deploy_uniform(compiler, job, Path(scratch), variant["keep"], variant["extra"])
         first = turn["first_token_ms"] + layers * (estimate.ms - base_ms)
         rows.append({"variant": variant["label"], "what": variant["what"], "ms": estimate.ms,
                      "tiu_ms": estimate.tiu_cycles / 1e6, "gdma_ms": estimate.gdma_cycles / 1e6,

@@ -143,12 +143,13 @@ def bf16_ops(onnx_path: Path) -> dict:
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    return {_op_name(node): node for node in graph.node
+    return {op_name(node): node for node in graph.node
             if node.op_type != "Constant" and node.name.startswith(ATTENTION_SCOPE)
             and not any(node.name.startswith(ATTENTION_SCOPE + p) for p in PROJECTIONS)}
 
 
-def _op_name(node) -> str:
+def op_name(node) -> str:
+    """The name tpu-mlir gives an ONNX node's op in its tables: its output, "_", its type."""
     return f"{node.output[0]}_{node.op_type}"
 
 
@@ -171,14 +172,14 @@ def write_tables(onnx_path: Path, measured: Path, table: Path, qtable: Path) -> 
         node = producer.get(tensor)
         while node is not None and node.op_type in _MOVES:
             node = producer.get(node.input[0])
-        return None if node is None or _op_name(node) in core else node
+        return None if node is None or op_name(node) in core else node
 
     for name, node in core.items():
         if node.op_type != "Concat" or name not in rows:
             continue
-        sources = [s for tensor in node.input if (s := int8_source(tensor)) is not None and _op_name(s) in rows]
+        sources = [s for tensor in node.input if (s := int8_source(tensor)) is not None and op_name(s) in rows]
         if sources:
-            rows[name] = max(rows[_op_name(s)] for s in sources)
+            rows[name] = max(rows[op_name(s)] for s in sources)
     lines = []
     for line in measured.read_text().splitlines():
         fields = line.split()
