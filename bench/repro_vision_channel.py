@@ -51,9 +51,9 @@ BENCH = Path(__file__).resolve().parent
 class Core(torch.nn.Module):
     """Token-major q, k, v [1, N, h, d] and the padding flags [1, N] -> attention [1, N, h*d]."""
 
-    def __init__(self, variant: str, scaling: float):
+    def __init__(self, variant: str, scaling: float, normalize: str = "softmax"):
         super().__init__()
-        self.variant, self.scaling = variant, scaling
+        self.variant, self.scaling, self.normalize = variant, scaling, normalize
 
     def forward(self, q, k, v, pad):
         b, n, h, d = q.shape
@@ -91,9 +91,20 @@ class Core(torch.nn.Module):
         scores = torch.matmul(q, k.transpose(2, 3)) * s
         if mask is not None:
             scores = scores + mask
-        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(weights, v).transpose(1, 2)[..., :d].reshape(b, n, h * d)
-        return out
+        if self.normalize == "softmax":
+            out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
+        else:  # NORMALIZE's other forms: exp, the values' matmul, then the division by the exponentials' sum
+            if self.normalize == "after_values":
+                scores = scores - scores.amax(dim=-1, keepdim=True)
+            weights = torch.exp(scores)
+            out = torch.matmul(weights, v) / weights.sum(dim=-1, keepdim=True)
+        return out.transpose(1, 2)[..., :d].reshape(b, n, h * d)
+
+
+# How Core turns scores into the values' weights: transformers' softmax; the same normalized
+# after the values' matmul (exact); and without the row maximum (the same arithmetic, but a
+# large score overflows: for cost only).
+NORMALIZE = ("softmax", "after_values", "exp_only")
 
 
 def inputs(tiles: int, per_tile: int, real: int, heads: int, dim: int, real_tiles: int):

@@ -8,7 +8,9 @@ deploys w8a8 over a uniform table (vision_time.deploy_uniform: the estimate read
 the quantize table or the deploy options changed as the variant says. The first token it implies
 replaces the 40 vision layers of the recorded `lvb-vision-w8a8` turn (device_time.json). Run
 `bench/vision_time.py --vision-quant w8a8 --uniform-thresholds --label lvb-vision-w8a8 --base lvb`
-first (its BF16 build is the transform every variant deploys).
+first (its BF16 build is the transform every variant deploys). Then the floor: the first token with
+every vision layer at its compute engine's time, and one head group's attention core alone
+(repro_vision_channel.Core) with its softmax in each of NORMALIZE's forms.
 """
 
 from __future__ import annotations
@@ -67,6 +69,35 @@ def variants(scores: set[str], values: set[str]) -> list[dict]:
     ]
 
 
+def softmax_forms(onnx_path: Path, folder: Path, toolchain) -> list[dict]:
+    """The attention core of one of the layer's head groups as lvb exports it (the padding channel scaled
+    before it is expanded: repro_vision_channel's `channel_scale_first`) at the 11B's widths, BF16 as
+    w8a8's quantize table keeps it, with its scores turned into weights in each of NORMALIZE's forms."""
+    import onnx
+
+    from repro_vision_channel import NORMALIZE, Core, build, inputs
+
+    from lvb.contract import padded_patches
+    from lvb.devicetime import read_profile
+    from lvb.spec import ModelSpec
+
+    vision = ModelSpec.from_config(json.loads(CONFIGS["11b"].read_text())).vision
+    groups = sum(n.op_type == "Softmax" for n in onnx.load(str(onnx_path), load_external_data=False).graph.node)
+    heads, dim = vision.num_heads // groups, vision.hidden_size // vision.num_heads
+    x = inputs(vision.max_num_tiles, padded_patches(vision.patches_per_tile), vision.patches_per_tile, heads, dim,
+               vision.max_num_tiles)
+    rows = []
+    for normalize in NORMALIZE:
+        print(f"deploying one head group's attention core: {normalize} ...", flush=True)
+        build(Core("channel_scale_first", dim ** -0.5, normalize), dict(zip(["q", "k", "v", "pad"], x)), ["o"],
+              folder / normalize, "core", (), toolchain)
+        estimate = read_profile(folder / normalize)
+        rows.append({"form": normalize, "groups": groups, "heads": heads, "ms": estimate.ms,
+                     "tiu_ms": estimate.tiu_cycles / 1e6, "gdma_ms": estimate.gdma_cycles / 1e6,
+                     "ops_ms": {op: {"tiu": c["tiu"] / 1e6, "gdma": c["gdma"] / 1e6} for op, c in estimate.ops.items()}})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.parse_args()
@@ -105,8 +136,20 @@ def main() -> None:
     for row in rows[:3]:
         print(f"\n{row['variant']}, the busiest op types (ms compute / memory engine): "
               + ", ".join(f"{op} {c['tiu']:.2f} / {c['gdma']:.2f}" for op, c in row["ops_ms"].items()))
+
+    # The first token if every vision layer took only its compute engine's time: no schedule of
+    # the same ops does better.
+    compute_bound = turn["first_token_ms"] + layers * (rows[0]["tiu_ms"] - base_ms)
+    print(f"\nevery vision layer at its compute engine's {rows[0]['tiu_ms']:.2f} ms (memory transfers all hidden): "
+          f"first token {compute_bound:,.1f} ms, {compute_bound / reference_ms:.3f} of the reference layout's")
+    with tempfile.TemporaryDirectory(dir=work) as scratch:
+        forms = softmax_forms(job.onnx, Path(scratch), compiler.toolchain)
+    print(table([[f["form"], f"{f['ms']:.3f}", f"{f['tiu_ms']:.3f}", f"{f['gdma_ms']:.3f}",
+                  ", ".join(f"{op} {c['tiu']:.3f}" for op, c in f["ops_ms"].items() if c["tiu"] >= 0.05)]
+                 for f in forms],
+                ["one head group's core", "ms", "compute busy ms", "memory busy ms", "compute by op type (ms)"]))
     result = {"net": NET, "base": BASE, "layers": layers, "base_layer_ms": base_ms, "reference_ms": reference_ms,
-              "rows": rows}
+              "rows": rows, "compute_bound_first_token_ms": compute_bound, "softmax_forms": forms}
     print(f"\nresults: {record_result('w8a8_variants', result)}")
 
 
