@@ -382,13 +382,19 @@ def compiles(work: Path, **settings) -> list[dict]:
     return sorted(found, key=made)
 
 
+def latest_compile(work: Path, **settings) -> dict:
+    """The newest of compiles(work, **settings), or {} when there is none."""
+    found = compiles(work, **settings)
+    return found[-1] if found else {}
+
+
 def newest_compile(work: Path, quant: str | None, head_quant: str | None = None) -> dict:
     """The work dir's newest compile manifest at `quant` and `head_quant` (None: any), or an error
     naming the command that makes one."""
     wanted = {k: v for k, v in (("quant", quant), ("head_quant", head_quant)) if v is not None}
-    if not (found := compiles(work, **wanted)):
+    if not (found := latest_compile(work, **wanted)):
         raise SystemExit(f"{work} holds no such compile (--quant {quant}, --head-quant {head_quant}); run lvb compile --check none first")
-    return found[-1]
+    return found
 
 
 def plan_estimates(nets, by_kind: dict[str, list[dict]]):

@@ -56,7 +56,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CONFIGS, LVB, OUT, REPO, check_loads, checkpoint_complete, gb, geometry_of, geometry_tiny, machine, table  # noqa: E402
-from common import compiles, record_result, run_paths, save_json, write_streaming_checkpoint  # noqa: E402
+from common import latest_compile, record_result, run_paths, save_json, write_streaming_checkpoint  # noqa: E402
 
 # ----------------------------------------------------------------------------- sampling
 
@@ -283,7 +283,7 @@ def analyse(results: dict, work: Path, args) -> dict:
     net of its kind, so its time is (mean seconds of the kind) x (nets of the kind in the
     11B) and its peak RAM is the measured peak of the kind."""
     nets = json.loads((work / "export" / "manifest.json").read_text())["nets"]
-    compile_manifest = (compiles(work, quant="int4") or [{}])[-1]
+    compile_manifest = latest_compile(work, quant="int4")
     export_labels = results.get("export", {}).get("labels", {})
     compile_labels = results.get("compile_int4", {}).get("labels", {})
 

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, REFERENCE_SOURCE, REFERENCE_TOKENS_PER_S, compiles, full_model, gb, machine, mb, model_of, record_result, table  # noqa: E402
+from common import OUT, REFERENCE_SOURCE, REFERENCE_TOKENS_PER_S, latest_compile, full_model, gb, machine, mb, model_of, record_result, table  # noqa: E402
 
 from lvb.bmodel import inspect_bmodel  # noqa: E402
 from lvb.dtypes import value_bytes  # noqa: E402
@@ -64,7 +64,7 @@ def default_work() -> Path | None:
 
 def bmodel_for(work: Path, net: str, quant: str, out: Path, toolchain) -> tuple[Path, float | None]:
     """The per-net bmodel of `net` at `quant`: lvb compile's when it made one, else deployed here."""
-    manifest = (compiles(work, quant=quant) or [{}])[-1]
+    manifest = latest_compile(work, quant=quant)
     entry = manifest.get("nets", {}).get(net)
     if entry and (work / entry["bmodel"]).is_file():
         return work / entry["bmodel"], entry.get("seconds")
@@ -121,7 +121,7 @@ def main() -> int:
     bandwidth = args.bandwidth * 1e9
 
     # The LM head and one embedding row: bf16, from lvb compile's int4 build (they are bf16 there).
-    int4 = (compiles(work, quant="int4") or [{}])[-1]
+    int4 = latest_compile(work, quant="int4")
     if not int4:
         raise SystemExit(f"{work}: no int4 compile; run bench/convert_scale.py first")
     head_info = inspect_bmodel(work / int4["nets"]["lm_head"]["bmodel"], toolchain)

@@ -180,15 +180,20 @@ class Kind(str, Enum):
         return POLICY[self]
 
 
+def _quant(quant: str) -> Quant | None:
+    """A net's quantization by its value: a Quant, or None for "f32" (the nets always kept in float32)."""
+    return None if quant == QuantGroup.F32.value else Quant(quant)
+
+
 def is_calibrated(quant: str) -> bool:
-    """Whether a net's quantization (a Quant's value, or "f32" for the nets always kept in float32)
-    quantizes its activations at calibrated thresholds (w8a8)."""
-    return quant != QuantGroup.F32.value and Quant(quant).calibrated
+    """Whether a net's quantization (a Quant's value, or "f32") quantizes its activations at calibrated
+    thresholds (w8a8)."""
+    return (q := _quant(quant)) is not None and q.calibrated
 
 
 def is_grouped(quant: str) -> bool:
     """Whether a net's quantization (as for is_calibrated) shares a weight scale per `--group-size` inputs."""
-    return quant != QuantGroup.F32.value and Quant(quant).grouped
+    return (q := _quant(quant)) is not None and q.grouped
 
 
 class QuantGroup(str, Enum):
