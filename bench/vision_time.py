@@ -74,11 +74,11 @@ def main() -> None:
          "--label", args.label])
 
 
-def deploy_uniform(compiler, job, folder: Path, keep_bf16=None, extra: tuple[str, ...] = ()):
+def deploy_uniform(compiler, job, folder: Path, keep=None, extra: tuple[str, ...] = (), core: str = "BF16"):
     """`job` deployed into `folder` as lvb deploys w8a8 (its options and tables, lvb.compile.calibration.write_tables)
     over the BF16 build's cached transform and a table that sets every tensor to 1: the cost model reads no
-    threshold. `keep_bf16`: which of the quantize table's ops stay bf16 (a filter of their names); `extra`: more
-    model_deploy.py options."""
+    threshold. `keep`: which of the quantize table's ops stay out of INT8 (a filter of their names); `extra`: more
+    model_deploy.py options; `core`: the quantize table's mode for the ops it keeps out of INT8."""
     import re
     from dataclasses import replace
 
@@ -94,9 +94,8 @@ def deploy_uniform(compiler, job, folder: Path, keep_bf16=None, extra: tuple[str
     names = sorted(set(re.findall(r'loc\("([^"]+)"\)', mlir.read_text())))  # every tensor tpu-mlir names
     (folder / "uniform").write_text("".join(f"{name} 1.0 -1.0 1.0\n" for name in names))
     write_tables(job.onnx, folder / "uniform", folder / "table", folder / "qtable")
-    if keep_bf16 is not None:
-        kept = [line for line in (folder / "qtable").read_text().splitlines() if keep_bf16(line.split()[0])]
-        (folder / "qtable").write_text("".join(f"{line}\n" for line in kept))
+    kept = [line.split()[0] for line in (folder / "qtable").read_text().splitlines()]
+    (folder / "qtable").write_text("".join(f"{op} {core}\n" for op in kept if keep is None or keep(op)))
     with mlir_files(mlir, folder):
         deploy(toolchain, mlir, folder, f"{job.name}.bmodel", replace(job.options, extra=job.options.extra + extra),
                folder / "log", None, (folder / "table", folder / "qtable"))

@@ -388,25 +388,30 @@ def test_bench_readme_w8a8_variants_are_the_recorded_ones():
     turn = four_tiles(recorded["base"])
     assert recorded["base_layer_ms"] * recorded["layers"] == pytest.approx(
         turn["first_token_by_kind"]["vision_layer"] + turn["first_token_by_kind"]["vision_global"])
-    built, scores, every = recorded["rows"][:3]
+    built, f16, scores, every = recorded["rows"][:4]
     assert built["ms"] == pytest.approx(recorded["base_layer_ms"], abs=1e-3)  # the same build, priced again
     for r in recorded["rows"]:
         row = (f"| {r['variant']} | {r['what']} | {r['ms']:.3f} | {r['tiu_ms']:.2f} | {r['gdma_ms']:.2f} | "
-               f"{r['read_mb']:.1f} | {r['first_token_ms']:,.1f} | {r['first_token_ratio']:.3f} |")
+               f"{r['read_mb']:.1f} | {r['first_token_ms']:,.1f} | {r['first_token_ratio']:.3f} | {r['compute_bound_ratio']:.3f} |")
         assert row in printed, row
         assert r["first_token_ms"] == pytest.approx(turn["first_token_ms"] + recorded["layers"] * (r["ms"] - built["ms"]))
+        assert r["compute_bound_first_token_ms"] == pytest.approx(
+            r["first_token_ms"] - recorded["layers"] * (r["ms"] - r["tiu_ms"]), abs=0.1)
         assert r["first_token_ratio"] > 0.5, r["variant"]
     assert scores["ms"] > built["ms"] and every["ms"] < built["ms"]
     prose = " ".join(BENCH_README.split())
     assert f"busy {built['tiu_ms']:.2f} of its {built['ms']:.3f} ms" in prose
     assert (f"matmuls {built['ops_ms']['MatMul']['tiu']:.2f} ms" in prose
             and f"softmax {built['ops_ms']['Softmax']['tiu']:.2f} ms" in prose)
-    # The floor: every vision layer at its compute engine's time still misses 0.5.
-    bound = recorded["compute_bound_first_token_ms"]
-    assert bound == pytest.approx(turn["first_token_ms"] + recorded["layers"] * (built["tiu_ms"] - built["ms"]), abs=0.1)
-    assert bound / recorded["reference_ms"] > 0.5
-    assert f"would be {bound:,.1f} ms, {bound / recorded['reference_ms']:.3f}x" in prose
-    assert f"hiding every memory transfer: {bound / recorded['reference_ms']:.3f}× with tpu-mlir's bf16 softmax" in README
+    # The floor: every vision layer as built at its compute engine's time still misses 0.5; the F16
+    # core's cheaper softmax dips under it only there.
+    bound = built["compute_bound_first_token_ms"]
+    assert built["compute_bound_ratio"] > 0.5 and f16["compute_bound_ratio"] < 0.5 < f16["first_token_ratio"]
+    assert f"would be {bound:,.1f} ms, {built['compute_bound_ratio']:.3f}x" in prose
+    assert f"({f16['compute_bound_ratio']:.3f}x; as built {f16['first_token_ratio']:.3f}x)" in prose
+    f16_softmax = f16["ops_ms"]["Softmax"]["tiu"] / built["ops_ms"]["Softmax"]["tiu"]
+    assert f"(a softmax {100 * (1 - f16_softmax):.0f} % cheaper)" in prose
+    assert f"hiding every memory transfer: {built['compute_bound_ratio']:.3f}× with tpu-mlir's bf16 softmax" in README
     softmax, *written = recorded["softmax_forms"]
     assert softmax["form"] == "softmax" and softmax["groups"] * softmax["ops_ms"]["Softmax"]["tiu"] == pytest.approx(
         built["ops_ms"]["Softmax"]["tiu"], rel=1e-3)  # the core alone prices the layer's softmax
