@@ -181,10 +181,18 @@ def test_a_cluster_without_a_shared_dir_is_refused_before_the_calibration(toy_ex
 
 
 @pytest.mark.toolchain
+def test_calibration_tuning_is_for_w8a8_only():
+    with pytest.raises(ChoiceError, match="^--no-calibration-tuning is for --vision-quant w8a8 .*add --vision-quant w8a8"):
+        CompileSettings(quant="int4", calibration_tuning=False)
+    settings = CompileSettings(quant="int4", vision_quant="w8a8", calibration_tuning=False)
+    assert not settings.calibration_tuning
+
+
 def test_lvbs_calibration_writes_the_table_tpu_mlirs_tool_writes(toy_export, tmp_path):
     """lvb.compile.calibrate_tool runs run_calibration.py with its throwaway interpreters freed and
     its statistics taken one tensor at a time: for memory only, so the table is the tool's own,
-    line for line but the timestamp."""
+    line for line but the timestamp; with tuning off (--no-calibration-tuning) too, and that table
+    is another."""
     import shutil
 
     from lvb.compile.build import Attempt, mlir_files, stage_mlir
@@ -200,19 +208,22 @@ def test_lvbs_calibration_writes_the_table_tpu_mlirs_tool_writes(toy_export, tmp
     calibration.ensure_set(job.calibration.parent, export["model"]["dir"], export, compiler.dir.onnx,
                            calibration.photos()[:2])
     tables = {}
-    for tool in ("tpu-mlir", "lvb"):
-        folder = tmp_path / tool
+    for tool, tune in (("tpu-mlir", True), ("lvb", True), ("tpu-mlir", False), ("lvb", False)):
+        folder = tmp_path / f"{tool}-{tune}"
         folder.mkdir()
         attempt = Attempt(job=job, options=job.options, net_folder=compiler.dir.compile_net(job.name), folder=folder,
                           log=folder / "log", check=False, thresholds={}, bmodel="")
         mlir = stage_mlir(attempt, job.net, toolchain, None, [])
         with mlir_files(mlir, folder):
             if tool == "lvb":
-                table = calibrate(toolchain, mlir, folder, job.calibration, 2, "table", folder / "log")
+                table = calibrate(toolchain, mlir, folder, job.calibration, 2, "table", folder / "log", tune)
             else:
                 toolchain.run([str(toolchain.tool("run_calibration.py")), mlir.name, "--dataset", str(job.calibration),
-                               "--input_num", "2", "-o", "table"], folder, folder / "log")
+                               "--input_num", "2", "-o", "table", *(() if tune else ("--tune_num", "0"))],
+                              folder, folder / "log")
                 table = folder / "table"
-        tables[tool] = [line for line in table.read_text().splitlines() if not line.startswith("# genetated time")]
-    assert "lvb.compile.calibrate_tool" in (tmp_path / "lvb" / "log").read_text()
-    assert len(tables["lvb"]) > 20 and tables["lvb"] == tables["tpu-mlir"]
+        tables[tool, tune] = [line for line in table.read_text().splitlines() if not line.startswith("# genetated time")]
+    assert "lvb.compile.calibrate_tool" in (tmp_path / "lvb-True" / "log").read_text()
+    for tune in (True, False):
+        assert len(tables["lvb", tune]) > 20 and tables["lvb", tune] == tables["tpu-mlir", tune]
+    assert tables["lvb", False] != tables["lvb", True]

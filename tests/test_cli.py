@@ -106,6 +106,8 @@ BAD_CHOICES = {  # every choice option, refused in lvb's one style before any wo
     "compile --quant w8a8": (["compile", "--work", "{tmp}", "--quant", "w8a8"], "--quant w8a8 is for --vision-quant only"),
     "compile --calibration-images": (["compile", "--work", "{tmp}", "--calibration-images", "{tmp}"],
                                      "--calibration-images is for --vision-quant w8a8"),
+    "compile --no-calibration-tuning": (["compile", "--work", "{tmp}", "--no-calibration-tuning"],
+                                        "--no-calibration-tuning is for --vision-quant w8a8"),
     "compile --chip": (["compile", "--work", "{tmp}", "--chip", "bm1688"], "--chip bm1688 is not one of bm1684x"),
     "compile --jobs (not a number)": (["compile", "--work", "{tmp}", "--jobs", "two"], "--jobs two:"),
     "pack --quant": (["pack", "{tmp}", "--out", "{tmp}/package", "--quant", "banana"], "--quant banana is not one of int4, int8, bf16, w8a8"),

@@ -160,6 +160,10 @@ def compile_(
     calibration_images: Annotated[Optional[Path], typer.Option(
         readable=False, help="A folder of pictures like the ones the model will see (.jpg, .png, ...) to calibrate "
                              "--vision-quant w8a8 on (default: scikit-image's eight photographs).")] = None,
+    calibration_tuning: Annotated[bool, typer.Option(
+        "--calibration-tuning/--no-calibration-tuning",
+        help="--vision-quant w8a8: tune the calibration's thresholds (tpu-mlir's default). Without, a large tower "
+             "calibrates in about half the host memory; the checks still judge the result.")] = True,
     embed_quant: Annotated[Quant, typer.Option(help="Embedding: bf16, int8 or int4.")] = Quant.BF16,
     head_quant: Annotated[Quant, typer.Option(help="LM head: bf16, int8 or int4.")] = Quant.BF16,
     check: Annotated[CheckMode, typer.Option(
@@ -180,7 +184,8 @@ def compile_(
 
     settings = CompileSettings(quant=quant, group_size=group_size, chip=chip, vision_quant=vision_quant,
                                embed_quant=embed_quant, head_quant=head_quant, check=check,
-                               calibration_images=str(calibration_images.resolve()) if calibration_images else None)
+                               calibration_images=str(calibration_images.resolve()) if calibration_images else None,
+                               calibration_tuning=calibration_tuning)
     if cluster_shared_dir is not None and not cluster:
         raise fail("--cluster-shared-dir needs --cluster (or LVB_CLUSTER)")
     try:

@@ -149,7 +149,7 @@ def stage_tables(attempt: Attempt, mlir: Path, toolchain: Toolchain, notes: list
     """A w8a8 stage's calibration and quantize tables (lvb.compile.calibration), measured on the
     net's calibration inputs once per MLIR and calibration set, and shared by its deploys."""
     job = attempt.job
-    folder = attempt.net_folder / f"cali-{cache_key(mlir.parent.name, job.options.calibration)}"
+    folder = attempt.net_folder / f"cali-{cache_key(mlir.parent.name, job.options.calibration, job.options.calibration_tuning)}"
     table, qtable = folder / "calibration_table", folder / "quantize_table"
     if folder.is_dir():
         damaged = damaged_files(folder, read_manifest(folder / TRANSFORM_FILES, COMPILE_VERSION).get("files"))
@@ -164,7 +164,8 @@ def stage_tables(attempt: Attempt, mlir: Path, toolchain: Toolchain, notes: list
     # tpu-mlir's calibration holds every tensor of the net in memory (tens of GB for a vision layer
     # at the 11B's four tiles): the jobs of this machine calibrate one at a time.
     with _turn(_calibration_turns(job)), mlir_files(mlir, tmp):
-        measured = calibrate(toolchain, mlir, tmp, job.calibration, len(inputs), "measured_table", attempt.log)
+        measured = calibrate(toolchain, mlir, tmp, job.calibration, len(inputs), "measured_table", attempt.log,
+                             job.options.calibration_tuning)
     write_tables(job.onnx, measured, tmp / table.name, tmp / qtable.name)
     record_transform(tmp)
     shutil.rmtree(folder, ignore_errors=True)

@@ -48,6 +48,9 @@ class CompileSettings:
     head_quant: Quant = Quant.BF16
     check: CheckMode = CheckMode.ALL
     calibration_images: str | None = None  # a folder of pictures a w8a8 tower is calibrated on
+    # Whether that calibration tunes its thresholds: off, a 4-tile 11B layer calibrates in about half
+    # the host memory (bench/README.md §1.8), and the checks judge what it gives.
+    calibration_tuning: bool = True
 
     def __post_init__(self):
         for name, of in (("quant", Quant.of_weights), ("vision_quant", Quant.of), ("embed_quant", Quant.of_weights),
@@ -56,6 +59,9 @@ class CompileSettings:
         if self.calibration_images is not None and not self.vision_quant.calibrated:
             raise ChoiceError(f"--calibration-images is for --vision-quant w8a8 (the INT8 tower is calibrated on them, "
                               f"not --vision-quant {self.vision_quant}); add --vision-quant w8a8 or drop it")
+        if not self.calibration_tuning and not self.vision_quant.calibrated:
+            raise ChoiceError(f"--no-calibration-tuning is for --vision-quant w8a8 (nothing is calibrated with "
+                              f"--vision-quant {self.vision_quant}); add --vision-quant w8a8 or drop it")
 
     def quant_of(self, kind: Kind) -> str:
         """The net's key of tpumlir.QUANTIZE."""
@@ -221,7 +227,8 @@ class Compiler:
             quant=quant,
             options=DeployOptions(quantize=quant, chip=self.settings.chip.value, group_size=self.settings.group_size,
                                   bf16_inputs=bf16_inputs, bf16_outputs=bf16_outputs,
-                                  calibration=self.calibration[0] if calibrated else ""),
+                                  calibration=self.calibration[0] if calibrated else "",
+                                  calibration_tuning=self.settings.calibration_tuning or not calibrated),
             calibration=self.calibration[1] / name if calibrated else None,
         )
 

@@ -40,6 +40,8 @@ class DeployOptions:
     # w8a8: the key of the calibration set its tables are measured on (lvb.compile.calibration),
     # so that a deploy on other pictures or another export is another cache entry.
     calibration: str = ""
+    # w8a8: whether that calibration tunes its thresholds (--no-calibration-tuning).
+    calibration_tuning: bool = True
 
     def args(self, tables: tuple[Path, Path] | None = None) -> list[str]:
         """`tables`: a w8a8 deploy's calibration and quantize tables."""
@@ -104,11 +106,14 @@ def interpreted_outputs(work: Path, names: list[str]) -> list[np.ndarray]:
         return [interpreted[max((k for k in interpreted.files if name.startswith(k)), key=len)] for name in names]
 
 
-def calibrate(toolchain: Toolchain, mlir: Path, work: Path, dataset: Path, count: int, table_name: str, log: Path) -> Path:
+def calibrate(toolchain: Toolchain, mlir: Path, work: Path, dataset: Path, count: int, table_name: str, log: Path,
+              tune: bool = True) -> Path:
     """run_calibration.py in `work` (which holds the MLIR's files), through lvb.compile.calibrate_tool
-    (the same tables in less memory): each tensor's threshold over the `count` input files in `dataset`."""
+    (the same tables in less memory): each tensor's threshold over the `count` input files in `dataset`.
+    `tune` False skips the tool's threshold tuning (--tune_num 0), its most memory-hungry step."""
     toolchain.lvb_tool("lvb.compile.calibrate_tool", [mlir.name, "--dataset", str(dataset.resolve()), "--input_num",
-                                                      str(count), "-o", table_name], work, log)
+                                                      str(count), "-o", table_name, *(() if tune else ("--tune_num", "0"))],
+                       work, log)
     return work / table_name
 
 
