@@ -180,7 +180,6 @@ def test_a_cluster_without_a_shared_dir_is_refused_before_the_calibration(toy_ex
     assert not (tmp_path / "compile" / "calibration").exists()
 
 
-@pytest.mark.toolchain
 def test_calibration_tuning_is_for_w8a8_only():
     with pytest.raises(ChoiceError, match="^--no-calibration-tuning is for --vision-quant w8a8 .*add --vision-quant w8a8"):
         CompileSettings(quant="int4", calibration_tuning=False)
@@ -188,6 +187,27 @@ def test_calibration_tuning_is_for_w8a8_only():
     assert not settings.calibration_tuning
 
 
+@pytest.mark.toolchain
+def test_a_net_calibrated_untuned_that_fails_its_check_names_the_option(toy_export, tmp_path, monkeypatch):
+    """A w8a8 net whose untuned calibration misses its thresholds (here thresholds no net meets: the
+    table is not what is tested) fails in one line that names --no-calibration-tuning as the fix."""
+    import shutil
+
+    import lvb.compile.compiler as compiler_module
+    from lvb.compile.compiler import Compiler, NetFailed
+    from lvb.toolchain import find_toolchain
+
+    shutil.copytree(WorkDir(toy_export).export, tmp_path / "export")
+    real = compiler_module.thresholds
+    monkeypatch.setattr(compiler_module, "thresholds", lambda *a, **k: {o: 1.0 for o in real(*a, **k)})
+    compiler = Compiler(tmp_path, CompileSettings(quant="int4", vision_quant="w8a8", calibration_tuning=False),
+                        find_toolchain())
+    with pytest.raises(NetFailed, match=r"^vision_post: the simulator disagrees .*; its calibration was not tuned: "
+                                        r"drop --no-calibration-tuning"):
+        compiler.compile_net("vision_post")
+
+
+@pytest.mark.toolchain
 def test_lvbs_calibration_writes_the_table_tpu_mlirs_tool_writes(toy_export, tmp_path):
     """lvb.compile.calibrate_tool runs run_calibration.py with its throwaway interpreters freed and
     its statistics taken one tensor at a time: for memory only, so the table is the tool's own,

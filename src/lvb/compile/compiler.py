@@ -270,7 +270,9 @@ class Compiler:
             tried.append(result)
         summary = "; ".join(f"options {r['options'] or 'default'}: {', '.join(shortfalls(r['check']['cosines'], need))}"
                             for r in tried)
-        raise NetFailed(job.name, f"the simulator disagrees with onnxruntime ({summary})")
+        untuned = ("; its calibration was not tuned: drop --no-calibration-tuning on a host with the memory for the tuning"
+                   if not job.options.calibration_tuning else "")
+        raise NetFailed(job.name, f"the simulator disagrees with onnxruntime ({summary}){untuned}")
 
     def compile_net(self, name: str) -> dict:
         """Build one net here as `run` would (checked when `--check` asks for it: under kinds, when it
