@@ -72,32 +72,32 @@ def main() -> None:
     run([LVB, "export", "--model", checkpoint, "--out", work, "--seq", 512, "--chunk", 32])
     from lvb.compile import calibration
     from lvb.compile.build import Attempt, mlir_files, stage_mlir
+    from lvb.compile.tpumlir import CALIBRATE_TOOL, calibration_args
 
     compiler = uniform_compiler(work)
     toolchain = compiler.toolchain
     _, folder, pictures = compiler.calibration
     calibration.ensure_set(folder, Path(compiler.export["model"]["dir"]), compiler.export, compiler.dir.onnx, pictures)
     job = next(j for j in compiler.jobs if j.name == NET)
-    common = ["--dataset", str(job.calibration), "--input_num", str(args.pictures)]
-    runs = {
-        "run_calibration.py (lvb before)": ([str(toolchain.tool("run_calibration.py"))], toolchain.env()),
-        "lvb.compile.calibrate_tool (lvb now)": ([str(toolchain.python), "-m", "lvb.compile.calibrate_tool"],
-                                                toolchain.worker_env()),
-        # What tpu-mlir's threshold tuning costs (two interpreters of its own): lvb keeps it, as
-        # a fixture's post-norm missed its threshold without it (bench/README.md §1.8).
-        "the same without threshold tuning (--tune_num 0)": ([str(toolchain.python), "-m", "lvb.compile.calibrate_tool",
-                                                             "--tune_num", "0"], toolchain.worker_env()),
-    }
     attempt = Attempt(job=job, options=job.options, net_folder=compiler.dir.compile_net(job.name), folder=work,
                       log=work / "calibration-memory-transform.log", check=False, thresholds={}, bmodel="")
     mlir = stage_mlir(attempt, job.net, toolchain, None, [])  # cached by the compile's own key
+    tuned, untuned = (calibration_args(mlir, job.calibration, args.pictures, "table", tune) for tune in (True, False))
+    runs = {
+        "run_calibration.py (lvb before)": ([str(toolchain.tool("run_calibration.py")), *tuned], toolchain.env()),
+        "lvb.compile.calibrate_tool (lvb now)": (toolchain.lvb_command(CALIBRATE_TOOL, tuned), toolchain.worker_env()),
+        # What tpu-mlir's threshold tuning costs (two interpreters of its own): lvb keeps it by
+        # default, as a fixture's post-norm missed its threshold without it (bench/README.md §1.8).
+        "the same without threshold tuning (--tune_num 0)": (toolchain.lvb_command(CALIBRATE_TOOL, untuned),
+                                                             toolchain.worker_env()),
+    }
     rows = []
-    for label, (runner, env) in runs.items():
+    for label, (argv, env) in runs.items():
         with tempfile.TemporaryDirectory(dir=work) as scratch:
             tmp = Path(scratch)
             print(f"calibrating {NET} on {args.pictures} pictures: {label} ...", flush=True)
             with mlir_files(mlir, tmp):
-                result = measure([*runner, mlir.name, *common, "-o", "table"], tmp, env, int(args.limit_gb * 1e9))
+                result = measure(argv, tmp, env, int(args.limit_gb * 1e9))
             if result["finished"]:
                 shutil.copy(tmp / "log", work / f"calibration-memory-{len(rows)}.log")
         rows.append({"run": label} | result)

@@ -94,8 +94,8 @@ def deploy_uniform(compiler, job, folder: Path, keep=None, extra: tuple[str, ...
     names = sorted(set(re.findall(r'loc\("([^"]+)"\)', mlir.read_text())))  # every tensor tpu-mlir names
     (folder / "uniform").write_text("".join(f"{name} 1.0 -1.0 1.0\n" for name in names))
     write_tables(job.onnx, folder / "uniform", folder / "table", folder / "qtable")
-    kept = [line.split()[0] for line in (folder / "qtable").read_text().splitlines()]
-    (folder / "qtable").write_text("".join(f"{op} {core}\n" for op in kept if keep is None or keep(op)))
+    ops = [line.split()[0] for line in (folder / "qtable").read_text().splitlines()]
+    (folder / "qtable").write_text("".join(f"{op} {core}\n" for op in ops if keep is None or keep(op)))
     with mlir_files(mlir, folder):
         deploy(toolchain, mlir, folder, f"{job.name}.bmodel", replace(job.options, extra=job.options.extra + extra),
                folder / "log", None, (folder / "table", folder / "qtable"))

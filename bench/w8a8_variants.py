@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from common import CONFIGS, record_result, recorded, table
+from lvb.spec import ModelSpec
 from vision_time import deploy_uniform, uniform_compiler, work_dir
 
 BASE = "lvb-vision-w8a8"  # device_time.json's turn the variants change the vision layers of
@@ -71,20 +72,21 @@ def variants(scores: set[str], values: set[str]) -> list[dict]:
     ]
 
 
-def softmax_forms(onnx_path: Path, folder: Path, toolchain) -> list[dict]:
-    """The attention core of one of the layer's head groups as lvb exports it (the padding channel scaled
-    before it is expanded: repro_vision_channel's `channel_scale_first`) at the 11B's widths, BF16 as
-    w8a8's quantize table keeps it, with its scores turned into weights in each of NORMALIZE's forms."""
-    import onnx
+def figures(estimate) -> dict:
+    """An estimate's times in ms: the whole, each engine's busy time, and each op type's."""
+    return {"ms": estimate.ms, "tiu_ms": estimate.tiu_cycles / 1e6, "gdma_ms": estimate.gdma_cycles / 1e6,
+            "ops_ms": {op: {"tiu": c["tiu"] / 1e6, "gdma": c["gdma"] / 1e6} for op, c in estimate.ops.items()}}
 
+
+def softmax_forms(vision, groups: int, folder: Path, toolchain) -> list[dict]:
+    """The attention core of one of the layer's `groups` head groups as lvb exports it (the padding channel
+    scaled before it is expanded: repro_vision_channel's `channel_scale_first`) at `vision`'s widths, BF16
+    as w8a8's quantize table keeps it, with its scores turned into weights in each of NORMALIZE's forms."""
     from repro_vision_channel import NORMALIZE, Core, build, inputs
 
     from lvb.contract import padded_patches
     from lvb.devicetime import read_profile
-    from lvb.spec import ModelSpec
 
-    vision = ModelSpec.from_config(json.loads(CONFIGS["11b"].read_text())).vision
-    groups = sum(n.op_type == "Softmax" for n in onnx.load(str(onnx_path), load_external_data=False).graph.node)
     heads, dim = vision.num_heads // groups, vision.hidden_size // vision.num_heads
     x = inputs(vision.max_num_tiles, padded_patches(vision.patches_per_tile), vision.patches_per_tile, heads, dim,
                vision.max_num_tiles)
@@ -93,10 +95,7 @@ def softmax_forms(onnx_path: Path, folder: Path, toolchain) -> list[dict]:
         print(f"deploying one head group's attention core: {normalize} ...", flush=True)
         build(Core("channel_scale_first", dim ** -0.5, normalize), dict(zip(["q", "k", "v", "pad"], x)), ["o"],
               folder / normalize, "core", (), toolchain)
-        estimate = read_profile(folder / normalize)
-        rows.append({"form": normalize, "groups": groups, "heads": heads, "ms": estimate.ms,
-                     "tiu_ms": estimate.tiu_cycles / 1e6, "gdma_ms": estimate.gdma_cycles / 1e6,
-                     "ops_ms": {op: {"tiu": c["tiu"] / 1e6, "gdma": c["gdma"] / 1e6} for op, c in estimate.ops.items()}})
+        rows.append({"form": normalize, "groups": groups, "heads": heads} | figures(read_profile(folder / normalize)))
     return rows
 
 
@@ -117,8 +116,8 @@ def main() -> None:
     turn = next(t for t in base["turns"] if t["tiles"] == 4)
     ratio = next(r for r in base["against_reference"]["rows"] if r["tiles"] == 4)["first_token_ratio"]
     reference_ms = turn["first_token_ms"] / ratio
-    vision = json.loads(CONFIGS["11b"].read_text())["vision_config"]
-    layers = vision["num_hidden_layers"] + vision["num_global_layers"]
+    vision = ModelSpec.from_config(json.loads(CONFIGS["11b"].read_text())).vision
+    layers = vision.num_layers + vision.num_global_layers
     base_ms = (turn["first_token_by_kind"]["vision_layer"] + turn["first_token_by_kind"]["vision_global"]) / layers
 
     rows = []
@@ -131,12 +130,10 @@ def main() -> None:
         # The same with every vision layer at its compute engine's time, its memory transfers all
         # hidden: no schedule of the same ops does better.
         floor = turn["first_token_ms"] + layers * (estimate.tiu_cycles / 1e6 - base_ms)
-        rows.append({"variant": variant["label"], "what": variant["what"], "ms": estimate.ms,
-                     "tiu_ms": estimate.tiu_cycles / 1e6, "gdma_ms": estimate.gdma_cycles / 1e6,
-                     "read_mb": estimate.read_bytes / 1e6, "write_mb": estimate.write_bytes / 1e6,
-                     "ops_ms": {op: {"tiu": c["tiu"] / 1e6, "gdma": c["gdma"] / 1e6} for op, c in estimate.ops.items()},
-                     "first_token_ms": first, "first_token_ratio": first / reference_ms,
-                     "compute_bound_first_token_ms": floor, "compute_bound_ratio": floor / reference_ms})
+        rows.append({"variant": variant["label"], "what": variant["what"]} | figures(estimate)
+                    | {"read_mb": estimate.read_bytes / 1e6, "write_mb": estimate.write_bytes / 1e6,
+                       "first_token_ms": first, "first_token_ratio": first / reference_ms,
+                       "compute_bound_first_token_ms": floor, "compute_bound_ratio": floor / reference_ms})
     print(table([[r["variant"], f"{r['ms']:.3f}", f"{r['tiu_ms']:.2f}", f"{r['gdma_ms']:.2f}", f"{r['read_mb']:.1f}",
                   f"{r['first_token_ms']:,.1f}", f"{r['first_token_ratio']:.3f}", f"{r['compute_bound_ratio']:.3f}"]
                  for r in rows],
@@ -147,7 +144,7 @@ def main() -> None:
               + ", ".join(f"{op} {c['tiu']:.2f} / {c['gdma']:.2f}" for op, c in row["ops_ms"].items()))
 
     with tempfile.TemporaryDirectory(dir=work) as scratch:
-        forms = softmax_forms(job.onnx, Path(scratch), compiler.toolchain)
+        forms = softmax_forms(vision, len(scores), Path(scratch), compiler.toolchain)  # a score matmul a head group
     print(table([[f["form"], f"{f['ms']:.3f}", f"{f['tiu_ms']:.3f}", f"{f['gdma_ms']:.3f}",
                   ", ".join(f"{op} {c['tiu']:.3f}" for op, c in f["ops_ms"].items() if c["tiu"] >= 0.05)]
                  for f in forms],

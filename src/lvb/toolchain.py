@@ -133,9 +133,13 @@ class Toolchain:
         else:
             self.run([str(self.tool(tool)), *args], cwd, log)
 
+    def lvb_command(self, module: str, args: list[str]) -> list[str]:
+        """The command line of one of lvb's own tools that runs in the toolchain's Python (with worker_env)."""
+        return [str(self.python), "-m", module, *args]
+
     def lvb_tool(self, module: str, args: list[str], cwd: Path, log: Path) -> None:
-        """Run one of lvb's own tools that runs in the toolchain's Python (`python -m module`), as run."""
-        self.run([str(self.python), "-m", module, *args], cwd, log, self.worker_env(), name=module)
+        """Run lvb_command(module, args), as run."""
+        self.run(self.lvb_command(module, args), cwd, log, self.worker_env(), name=module)
 
     def worker_env(self) -> dict[str, str]:
         """For our own processes in the toolchain's Python: tpu-mlir's libraries must be on

@@ -149,7 +149,8 @@ def stage_tables(attempt: Attempt, mlir: Path, toolchain: Toolchain, notes: list
     """A w8a8 stage's calibration and quantize tables (lvb.compile.calibration), measured on the
     net's calibration inputs once per MLIR and calibration set, and shared by its deploys."""
     job = attempt.job
-    folder = attempt.net_folder / f"cali-{cache_key(mlir.parent.name, job.options.calibration, job.options.calibration_tuning)}"
+    key = cache_key(mlir.parent.name, job.options.calibration, job.options.calibration_tuning)
+    folder = attempt.net_folder / f"cali-{key}"
     table, qtable = folder / "calibration_table", folder / "quantize_table"
     if folder.is_dir():
         damaged = damaged_files(folder, read_manifest(folder / TRANSFORM_FILES, COMPILE_VERSION).get("files"))

@@ -106,14 +106,22 @@ def interpreted_outputs(work: Path, names: list[str]) -> list[np.ndarray]:
         return [interpreted[max((k for k in interpreted.files if name.startswith(k)), key=len)] for name in names]
 
 
+# run_calibration.py with less memory and the same tables; it takes the tool's arguments.
+CALIBRATE_TOOL = "lvb.compile.calibrate_tool"
+
+
+def calibration_args(mlir: Path, dataset: Path, count: int, table_name: str, tune: bool = True) -> list[str]:
+    """run_calibration.py's arguments: each tensor's threshold over the `count` input files in `dataset`,
+    into `table_name`. `tune` False skips the threshold tuning (--tune_num 0), its most memory-hungry step."""
+    return [mlir.name, "--dataset", str(dataset.resolve()), "--input_num", str(count), "-o", table_name,
+            *(() if tune else ("--tune_num", "0"))]
+
+
 def calibrate(toolchain: Toolchain, mlir: Path, work: Path, dataset: Path, count: int, table_name: str, log: Path,
               tune: bool = True) -> Path:
-    """run_calibration.py in `work` (which holds the MLIR's files), through lvb.compile.calibrate_tool
-    (the same tables in less memory): each tensor's threshold over the `count` input files in `dataset`.
-    `tune` False skips the tool's threshold tuning (--tune_num 0), its most memory-hungry step."""
-    toolchain.lvb_tool("lvb.compile.calibrate_tool", [mlir.name, "--dataset", str(dataset.resolve()), "--input_num",
-                                                      str(count), "-o", table_name, *(() if tune else ("--tune_num", "0"))],
-                       work, log)
+    """run_calibration.py in `work` (which holds the MLIR's files), through CALIBRATE_TOOL, as
+    calibration_args says."""
+    toolchain.lvb_tool(CALIBRATE_TOOL, calibration_args(mlir, dataset, count, table_name, tune), work, log)
     return work / table_name
 
 
